@@ -1,0 +1,30 @@
+# Two commands on a fresh machine (python3 >= 3.11 and make):
+#   make demo   set up .venv and run the main job
+#   make test   set up .venv and run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+THREADS ?= 2
+
+.PHONY: setup demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	# torch first, pinned exactly: the machine's local CPU build satisfies it; an open range would
+	# pull a CUDA build of several GB.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/illusions analyze dyck --simplify svd --rank 4 --threads $(THREADS)
+
+test: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks cli.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+from illusions.cli import app
+
+app(prog_name="illusions")

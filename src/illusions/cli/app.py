@@ -1,0 +1,84 @@
+"""The Typer app object and the error boundary every command goes through."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+
+from illusions import __version__
+from illusions.errors import IllusionsError
+
+app = typer.Typer(
+    name="illusions",
+    help="Does a simplified explanation of a transformer still describe it out of distribution?",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_USAGE = 2
+
+
+def fail(message: str) -> NoReturn:
+    """Print a one-line error to stderr and exit with code 2."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(EXIT_USAGE)
+
+
+def command(name: str | None = None, **kwargs: Any) -> Callable[[F], F]:
+    """Register a Typer command whose user-facing errors become one line and exit code 2."""
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kw: Any) -> Any:
+            try:
+                return fn(*args, **kw)
+            except IllusionsError as exc:
+                fail(str(exc))
+            except KeyboardInterrupt:
+                typer.echo("interrupted", err=True)
+                raise typer.Exit(130) from None
+
+        app.command(name, **kwargs)(wrapper)
+        return fn
+
+    return decorate
+
+
+def not_built(what: str, issue: int) -> NoReturn:
+    """Exit 2 for a capability that does not exist yet: one line, no fake output."""
+    fail(f"{what} is not built yet (tracked in issue #{issue})")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"illusions {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Does a simplified explanation of a transformer still describe it out of distribution?"""
+
+
+def set_threads(threads: int) -> None:
+    """Set torch's intra-op thread count (OpenMP collapses when threads outnumber free cores)."""
+    if threads < 1:
+        fail(f"--threads must be at least 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def stderr_is_tty() -> bool:
+    return sys.stderr.isatty()

@@ -1,0 +1,60 @@
+"""Explicit registries: name -> class for tasks and simplifiers.
+
+Plain dicts filled by explicit ``register_*`` lines in :func:`_fill`. Lookups of unknown names raise
+an :class:`IllusionsError` listing the known ones; registering a name twice raises. Entries are stored
+as ``"module:attr"`` strings so that listing names (``illusions list``, CLI choices) imports nothing
+heavy; :func:`get_task` / :func:`get_simplifier` import the class on demand.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from illusions.errors import IllusionsError
+
+TASKS: dict[str, str] = {}
+SIMPLIFIERS: dict[str, str] = {}
+# One line of description per entry, shown by `illusions list`.
+DESCRIPTIONS: dict[tuple[str, str], str] = {}
+
+
+def _register(table: dict[str, str], kind: str, name: str, target: str, description: str) -> None:
+    if name in table:
+        raise ValueError(f"{kind} {name!r} is registered twice ({table[name]} and {target})")
+    table[name] = target
+    DESCRIPTIONS[(kind, name)] = description
+
+
+def register_task(name: str, target: str, description: str) -> None:
+    _register(TASKS, "task", name, target, description)
+
+
+def register_simplifier(name: str, target: str, description: str) -> None:
+    _register(SIMPLIFIERS, "simplifier", name, target, description)
+
+
+def _load(table: dict[str, str], kind: str, name: str) -> Any:
+    if name not in table:
+        known = ", ".join(sorted(table)) or "none registered"
+        raise IllusionsError(f"unknown {kind} {name!r}; known {kind}s: {known}")
+    module, attr = table[name].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def get_task(name: str) -> Any:
+    """The task class registered under ``name``."""
+    return _load(TASKS, "task", name)
+
+
+def get_simplifier(name: str) -> Any:
+    """The simplifier class registered under ``name``."""
+    return _load(SIMPLIFIERS, "simplifier", name)
+
+
+def _fill() -> None:
+    # Tasks and simplifiers register here, one explicit line each, as they are built.
+    pass
+
+
+_fill()

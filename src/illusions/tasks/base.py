@@ -1,0 +1,130 @@
+"""What every task provides: a vocabulary, named splits of padded token arrays, and scored positions.
+
+Tasks are numpy-only (no torch import), so data commands stay fast.
+
+Conventions shared by all tasks:
+    * sequences start with a beginning token (``vocab.bos_id``) and are padded on the **right** with
+      ``vocab.pad_id`` (learned absolute positions would shift otherwise);
+    * ``logits[b, p]`` predicts ``tokens[b, p + 1]``; a scored position is the *query* position ``p``
+      whose prediction is checked against the true next token;
+    * the prediction at a scored position is the argmax over ``task.candidates`` (e.g. the 20 closing
+      brackets for Dyck), or over the whole vocabulary when ``candidates`` is None.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Vocab:
+    """A fixed token vocabulary: ``tokens[i]`` is the readable form of id ``i``."""
+
+    tokens: tuple[str, ...]
+    pad_id: int
+    bos_id: int
+
+    def __post_init__(self) -> None:
+        if len(set(self.tokens)) != len(self.tokens):
+            raise ValueError("vocabulary tokens must be unique")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def index(self) -> dict[str, int]:
+        return {t: i for i, t in enumerate(self.tokens)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Scored:
+    """The positions of one split that a metric looks at, one entry per scored prediction.
+
+    Attributes:
+        seq: ``[n]`` row of the split's token array.
+        pos: ``[n]`` query position; the model's output there predicts ``tokens[seq, pos + 1]``.
+        target: ``[n]`` the true next token id.
+        meta: per-position columns (each ``[n]``), e.g. ``distance``, ``depth``, ``key_depth``,
+            ``key_pos`` (position of the token the answer depends on, for attention metrics),
+            ``length``; used for breakdowns.
+    """
+
+    seq: np.ndarray
+    pos: np.ndarray
+    target: np.ndarray
+    meta: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.seq.shape[0])
+
+    def subset(self, keep: np.ndarray) -> Scored:
+        """The entries where boolean ``keep`` is true (or at integer indices ``keep``)."""
+        return Scored(
+            seq=self.seq[keep],
+            pos=self.pos[keep],
+            target=self.target[keep],
+            meta={k: v[keep] for k, v in self.meta.items()},
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One named split: padded tokens, true lengths and scored positions.
+
+    Attributes:
+        name: split name, e.g. ``iid`` or ``unseen_depth``.
+        tokens: ``[batch, pos]`` int64, right-padded with the pad id.
+        lengths: ``[batch]`` number of non-PAD tokens of each row.
+        scored: positions to score under the task's default filter.
+        description: one sentence saying how the split is defined.
+    """
+
+    name: str
+    tokens: np.ndarray
+    lengths: np.ndarray
+    scored: Scored
+    description: str = ""
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def rows(self, index: np.ndarray | Sequence[int]) -> Split:
+        """A split holding only the given rows (scored positions renumbered to match)."""
+        index = np.asarray(index, dtype=np.int64)
+        remap = np.full(len(self), -1, dtype=np.int64)
+        remap[index] = np.arange(index.shape[0])
+        keep = remap[self.scored.seq] >= 0
+        sc = self.scored.subset(keep)
+        sc = dataclasses.replace(sc, seq=remap[sc.seq])
+        width = int(self.lengths[index].max()) if index.size else self.tokens.shape[1]
+        return Split(self.name, self.tokens[index, :width], self.lengths[index], sc, self.description)
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A task: vocabulary, splits and scoring.
+
+    Implementations are constructed from their frozen config (``Task(config)``) and register a name
+    in :mod:`illusions.registry`.
+    """
+
+    name: ClassVar[str]
+    vocab: Vocab
+    config: Any
+
+    @property
+    def candidates(self) -> np.ndarray | None:
+        """Token ids the prediction argmax ranges over at scored positions (None = all)."""
+        ...
+
+    def splits(self) -> dict[str, Split]:
+        """All splits, including ``train``, built once and cached on disk."""
+        ...
+
+    def meta(self) -> dict[str, Any]:
+        """JSON data saved beside a model trained on this task (name, config, vocabulary)."""
+        ...

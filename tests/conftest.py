@@ -1,0 +1,46 @@
+"""Shared fixtures: seeded generators and a tiny random HookedTransformer.
+
+Only fixtures seed anything; library code takes generators or seeds as arguments.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np
+import pytest
+import torch
+
+from illusions.models import ModelConfig, build_model
+
+torch.set_num_threads(1)
+
+TINY = ModelConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=24, d_vocab=13)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+@pytest.fixture
+def torch_gen() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def tiny_config() -> ModelConfig:
+    return TINY
+
+
+@pytest.fixture
+def tiny_model():
+    return build_model(TINY, seed=0)
+
+
+@pytest.fixture
+def tiny_tokens(torch_gen) -> torch.Tensor:
+    """``[batch=6, pos=16]`` random tokens from the tiny vocabulary."""
+    return torch.randint(0, TINY.d_vocab, (6, 16), generator=torch_gen)

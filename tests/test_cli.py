@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from illusions import __version__
+from illusions.cli import app
+
+runner = CliRunner()
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert __version__ in result.stdout
+
+
+def test_list_runs():
+    result = runner.invoke(app, ["list"])
+    assert result.exit_code == 0, result.output
+    assert "tasks" in result.stdout and "simplifiers" in result.stdout
+
+
+def test_help_and_list_do_not_import_heavy_libraries():
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from illusions.cli import app\n"
+        "r = CliRunner()\n"
+        "assert r.invoke(app, ['--help']).exit_code == 0\n"
+        "assert r.invoke(app, ['list']).exit_code == 0\n"
+        "heavy = [m for m in ('torch', 'transformer_lens', 'sklearn', 'circuitsvis', 'matplotlib') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"heavy modules imported at start-up: {out.stdout.strip()}"
+
+
+def test_python_m_and_shim_run_the_same_app():
+    for argv in ([sys.executable, "-m", "illusions", "--version"], [sys.executable, str(Path(__file__).parents[1] / "cli.py"), "--version"]):
+        out = subprocess.run(argv, capture_output=True, text=True, check=True)
+        assert __version__ in out.stdout

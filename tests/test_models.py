@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from illusions.errors import IllusionsError
+from illusions.models import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    ModelConfig,
+    build_model,
+    load_model,
+    model_config_of,
+    save_model,
+)
+
+
+def test_round_trip_gives_bit_identical_logits(tiny_model, tiny_tokens, tmp_path):
+    save_model(tiny_model, tmp_path / "ckpt", meta={"task": "toy"})
+    loaded, meta = load_model(tmp_path / "ckpt")
+    assert meta == {"task": "toy"}
+    with torch.no_grad():
+        assert torch.equal(tiny_model(tiny_tokens), loaded(tiny_tokens))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+
+
+def test_attention_only_round_trip(tiny_tokens, tmp_path):
+    cfg = ModelConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, d_mlp=0, n_ctx=20, d_vocab=13,
+                      normalization="none")
+    model = build_model(cfg, seed=3)
+    assert model_config_of(model) == cfg
+    save_model(model, tmp_path / "m")
+    loaded, _ = load_model(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(model(tiny_tokens), loaded(tiny_tokens))
+
+
+def test_same_seed_same_weights_and_global_rng_untouched(tiny_config):
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    a = build_model(tiny_config, seed=7)
+    after = torch.rand(3)
+    assert torch.equal(before, after), "build_model must not consume or reseed the global RNG"
+    b = build_model(tiny_config, seed=7)
+    c = build_model(tiny_config, seed=8)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+    assert not torch.equal(a.W_E, c.W_E)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(IllusionsError, match="does not exist"):
+        load_model(tmp_path / "nope")
+
+
+def test_missing_config(tiny_model, tmp_path):
+    save_model(tiny_model, tmp_path / "m")
+    (tmp_path / "m" / CONFIG_FILE).unlink()
+    with pytest.raises(IllusionsError, match=CONFIG_FILE):
+        load_model(tmp_path / "m")
+
+
+def test_missing_weights(tiny_model, tmp_path):
+    save_model(tiny_model, tmp_path / "m")
+    (tmp_path / "m" / WEIGHTS_FILE).unlink()
+    with pytest.raises(IllusionsError, match=WEIGHTS_FILE):
+        load_model(tmp_path / "m")
+
+
+def test_corrupt_config(tiny_model, tmp_path):
+    save_model(tiny_model, tmp_path / "m")
+    (tmp_path / "m" / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(IllusionsError, match=f"{CONFIG_FILE} is not valid JSON"):
+        load_model(tmp_path / "m")
+
+
+def test_corrupt_weights(tiny_model, tmp_path):
+    save_model(tiny_model, tmp_path / "m")
+    path = tmp_path / "m" / WEIGHTS_FILE
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(IllusionsError, match=f"{WEIGHTS_FILE} is not a readable safetensors"):
+        load_model(tmp_path / "m")
+
+
+def test_unknown_config_key_names_key_and_file(tiny_model, tmp_path):
+    save_model(tiny_model, tmp_path / "m")
+    path = tmp_path / "m" / CONFIG_FILE
+    data = json.loads(path.read_text())
+    data["model"]["n_experts"] = 8
+    path.write_text(json.dumps(data))
+    with pytest.raises(IllusionsError, match=rf"n_experts.*{CONFIG_FILE}"):
+        load_model(tmp_path / "m")
+
+
+def test_weights_that_do_not_match_config(tiny_model, tmp_path):
+    save_model(tiny_model, tmp_path / "m")
+    path = tmp_path / "m" / CONFIG_FILE
+    data = json.loads(path.read_text())
+    data["model"]["d_mlp"] = 128
+    path.write_text(json.dumps(data))
+    with pytest.raises(IllusionsError, match="does not match"):
+        load_model(tmp_path / "m")
+
+
+def test_invalid_config_value():
+    with pytest.raises(IllusionsError, match="normalization"):
+        ModelConfig.from_dict({"normalization": "batchnorm"})
+    with pytest.raises(IllusionsError, match="must be an integer"):
+        ModelConfig.from_dict({"d_model": "wide"})
