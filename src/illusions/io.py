@@ -12,6 +12,12 @@ from pathlib import Path
 from typing import Any
 
 
+def cache_root() -> Path:
+    """Where generated data is cached: ``$ILLUSIONS_CACHE`` or ``~/.cache/illusions``."""
+    env = os.environ.get("ILLUSIONS_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "illusions"
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
     path = Path(path)

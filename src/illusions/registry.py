@@ -53,8 +53,22 @@ def get_simplifier(name: str) -> Any:
 
 
 def _fill() -> None:
-    # Tasks and simplifiers register here, one explicit line each, as they are built.
-    pass
+    register_task("dyck", "illusions.tasks.dyck:DyckTask",
+                  "Dyck-(20,10) brackets; splits: iid, seen/unseen structures, unseen depths")
+    register_task("code", "illusions.tasks.code:CodeTask",
+                  "character-level code completion; splits: held-out Python, other languages, deep nesting")
+    register_simplifier("svd", "illusions.simplifiers.svd:SVD",
+                        "queries/keys projected onto their top-r principal directions, per head")
+    register_simplifier("kmeans", "illusions.simplifiers.kmeans:KMeans",
+                        "queries/keys replaced by the nearest of k centroids, per head")
+    register_simplifier("onehot", "illusions.simplifiers.onehot:OneHot",
+                        "hard attention on the highest-scoring key (data-free)")
+    register_simplifier("resid-svd", "illusions.simplifiers.resid:ResidSVD",
+                        "residual stream projected onto its top-r principal directions")
+    register_simplifier("resid-kmeans", "illusions.simplifiers.resid:ResidKMeans",
+                        "residual stream replaced by the nearest of k centroids")
+    register_simplifier("weight-svd", "illusions.simplifiers.weight_svd:WeightSVD",
+                        "each head's query-key bilinear form truncated to rank r (data-free)")
 
 
 _fill()
