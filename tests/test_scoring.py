@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from illusions.scoring import accuracy_on_split, gather_scored, iter_batches, restricted_argmax
+from illusions.tasks.base import Scored, Split
+
+
+def _split() -> Split:
+    # Four rows of different lengths, right-padded with 0; scored positions spread over rows.
+    tokens = np.array([[1, 5, 6, 2, 0, 0], [1, 7, 2, 0, 0, 0], [1, 5, 5, 6, 6, 2], [1, 3, 0, 0, 0, 0]])
+    lengths = np.array([4, 3, 6, 2])
+    seq = np.array([0, 0, 1, 2, 2, 2])
+    pos = np.array([1, 2, 1, 2, 3, 4])
+    target = tokens[seq, pos + 1]
+    return Split("toy", tokens, lengths, Scored(seq, pos, target, {"tag": np.arange(6)}))
+
+
+def test_batches_cover_every_scored_position_once_and_map_back():
+    split = _split()
+    seen = []
+    for batch in iter_batches(split, 3):
+        assert batch.tokens.shape[1] == split.lengths[batch.rows].max()
+        # the local scored entries point at the same tokens as the split's entries they map back to
+        np.testing.assert_array_equal(
+            batch.tokens[batch.scored.seq, batch.scored.pos + 1], split.scored.target[batch.index]
+        )
+        np.testing.assert_array_equal(batch.scored.meta["tag"], batch.index)
+        seen.extend(batch.index.tolist())
+    assert sorted(seen) == list(range(6))
+
+
+def test_restricted_argmax_ignores_non_candidates():
+    logits = torch.tensor([[0.0, 9.0, 1.0, 2.0], [0.0, 9.0, 3.0, 2.0]])
+    assert restricted_argmax(logits, None).tolist() == [1, 1]
+    assert restricted_argmax(logits, np.array([2, 3])).tolist() == [3, 2]
+
+
+def test_gather_and_accuracy_with_an_oracle_model():
+    split = _split()
+
+    class Oracle(torch.nn.Module):
+        # Puts all mass on the true next token (row-wise lookup of the full token table).
+        def forward(self, tokens):
+            nxt = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)
+            return torch.nn.functional.one_hot(nxt, 8).float()
+
+    acc, n = accuracy_on_split(Oracle(), split, None, batch_size=2)
+    assert (acc, n) == (1.0, 6)
+    logits = Oracle()(torch.as_tensor(split.tokens))
+    assert gather_scored(logits, split.scored).argmax(-1).tolist() == split.scored.target.tolist()
+    acc, _ = accuracy_on_split(Oracle(), split, np.array([3, 4]), batch_size=2)
+    assert acc == 0.0
