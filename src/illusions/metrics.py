@@ -1,0 +1,187 @@
+"""Faithfulness metrics: pure functions on tensors and arrays, and bootstrap intervals over sequences.
+
+Per scored position ``i`` (a query position whose next token the task checks), with ``y_i`` the true
+next token, ``o_i`` / ``s_i`` the original / simplified model's prediction (argmax over the task's
+candidate tokens), ``P_i`` / ``Q_i`` their next-token distributions over the whole vocabulary and
+``A_ih`` / ``B_ih`` the attention distributions of simplified head ``h`` at that query position:
+
+    accuracy          mean_i [o_i = y_i]              (original)   and   mean_i [s_i = y_i] (proxy)
+    agreement         mean_i [o_i = s_i]
+    attention JSD     mean_i mean_h JSD(A_ih, B_ih),  JSD(A, B) = 1/2 KL(A || M) + 1/2 KL(B || M),
+                      M = (A + B) / 2, in bits (log base 2), so 0 <= JSD <= 1
+    KL                mean_i KL(P_i || Q_i) = sum_v P_iv (log P_iv - log Q_iv), in nats
+
+Every metric is a mean of per-position values. Positions within one sequence are not independent,
+so intervals come from a bootstrap over *sequences* (cluster bootstrap): each replicate draws the
+split's sequences with replacement and recomputes the position-weighted mean
+``sum_j w_j S_j / sum_j w_j N_j`` from per-sequence sums ``S_j`` and counts ``N_j``. The percentile
+interval of the replicates is reported (95% by default). Replicate weights are drawn once per split
+and shared by every metric and proxy, so comparisons between proxies on one split are paired.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from jaxtyping import Float
+    from torch import Tensor
+
+LOG2 = float(np.log(2.0))
+
+
+def kl_divergence(
+    logits_p: Float[Tensor, "n d_vocab"], logits_q: Float[Tensor, "n d_vocab"]
+) -> Float[Tensor, " n"]:
+    """KL(P || Q) in nats between the softmax distributions of two logit tensors, per row."""
+    import torch
+
+    logp = torch.log_softmax(logits_p.double(), dim=-1)
+    logq = torch.log_softmax(logits_q.double(), dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)
+
+
+def js_divergence(p: Float[Tensor, "... k"], q: Float[Tensor, "... k"]) -> Float[Tensor, "..."]:
+    """Jensen-Shannon divergence in bits between probability vectors along the last axis.
+
+    Zero entries contribute nothing (0 log 0 = 0), so masked (future) keys with probability 0 in both
+    distributions are harmless.
+    """
+    import torch
+
+    p = p.double()
+    q = q.double()
+    m = 0.5 * (p + q)
+
+    def _kl(a: Tensor, b: Tensor) -> Tensor:
+        ratio = torch.where(a > 0, a / torch.where(b > 0, b, torch.ones_like(b)), torch.ones_like(a))
+        return (a * torch.log(ratio)).sum(-1)
+
+    return (0.5 * _kl(p, m) + 0.5 * _kl(q, m)).clamp(0.0, LOG2) / LOG2
+
+
+def accuracy(pred: np.ndarray, target: np.ndarray) -> float:
+    """Fraction of positions where the prediction equals the target."""
+    return float(np.mean(pred == target)) if pred.size else float("nan")
+
+
+def agreement(pred_a: np.ndarray, pred_b: np.ndarray) -> float:
+    """Fraction of positions where two models make the same prediction."""
+    return float(np.mean(pred_a == pred_b)) if pred_a.size else float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """A point estimate with a percentile interval; ``n`` positions, ``n_seqs`` sequences behind it."""
+
+    value: float
+    low: float
+    high: float
+    n: int
+    n_seqs: int
+
+    def as_json(self) -> dict[str, object]:
+        return {"value": _f(self.value), "ci": [_f(self.low), _f(self.high)]}
+
+
+def _f(x: float) -> float | None:
+    return None if not np.isfinite(x) else float(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resampler:
+    """Bootstrap replicate weights over the sequences of one split.
+
+    ``weights[b, j]`` is how often sequence ``j`` is drawn in replicate ``b`` (a multinomial draw of
+    ``n_seqs`` out of ``n_seqs``). Built once per split from a seeded generator.
+    """
+
+    weights: np.ndarray  # [n_boot, n_seqs] float64
+    level: float = 0.95
+
+    @classmethod
+    def draw(cls, n_seqs: int, rng: np.random.Generator, n_boot: int = 1000, level: float = 0.95) -> Resampler:
+        if n_seqs == 0:
+            return cls(np.zeros((n_boot, 0)), level)
+        weights = rng.multinomial(n_seqs, np.full(n_seqs, 1.0 / n_seqs), size=n_boot).astype(np.float64)
+        return cls(weights, level)
+
+    @property
+    def n_seqs(self) -> int:
+        return int(self.weights.shape[1])
+
+    def replicates(self, values: np.ndarray, seq: np.ndarray) -> tuple[float, np.ndarray]:
+        """Point estimate and bootstrap replicates of the mean of ``values`` (per position).
+
+        Args:
+            values: ``[n]`` per-position values.
+            seq: ``[n]`` sequence index (0..n_seqs-1) of each position.
+        """
+        values = np.asarray(values, dtype=np.float64)
+        sums = np.bincount(seq, weights=values, minlength=self.n_seqs)
+        counts = np.bincount(seq, minlength=self.n_seqs).astype(np.float64)
+        point = sums.sum() / counts.sum() if counts.sum() else np.nan
+        with np.errstate(invalid="ignore", divide="ignore"):
+            reps = (self.weights @ sums) / (self.weights @ counts)
+        return float(point), reps
+
+    def interval(self, reps: np.ndarray) -> tuple[float, float]:
+        reps = reps[np.isfinite(reps)]
+        if reps.size == 0:
+            return float("nan"), float("nan")
+        alpha = (1.0 - self.level) / 2
+        lo, hi = np.quantile(reps, [alpha, 1.0 - alpha])
+        return float(lo), float(hi)
+
+    def estimate(self, values: np.ndarray, seq: np.ndarray) -> Estimate:
+        """Mean of per-position ``values`` with its bootstrap interval."""
+        point, reps = self.replicates(values, seq)
+        lo, hi = self.interval(reps)
+        return Estimate(point, lo, hi, int(np.asarray(values).shape[0]), int(np.unique(seq).shape[0]))
+
+    def stratified(
+        self, values: np.ndarray, seq: np.ndarray, strata: np.ndarray, target_share: np.ndarray
+    ) -> tuple[float, np.ndarray]:
+        """Mean of ``values`` re-weighted so strata carry ``target_share`` of the weight.
+
+        ``strata[i]`` is the stratum (e.g. a length bin) of position ``i``; the result is
+        ``sum_s target_share[s] * mean(values | stratum s)``, over strata present in this split (shares
+        renormalised over those). Returns the point value and its bootstrap replicates.
+        """
+        n_strata = target_share.shape[0]
+        present = np.bincount(strata, minlength=n_strata) > 0
+        share = np.where(present, target_share, 0.0)
+        if share.sum() == 0:
+            return float("nan"), np.full(self.weights.shape[0], np.nan)
+        share = share / share.sum()
+        point = 0.0
+        reps = np.zeros(self.weights.shape[0])
+        for s in np.flatnonzero(share):
+            keep = strata == s
+            p, r = self.replicates(values[keep], seq[keep])
+            point += share[s] * p
+            reps += share[s] * r
+        return float(point), reps
+
+
+def difference(
+    a: tuple[float, np.ndarray], b: tuple[float, np.ndarray], level: float = 0.95
+) -> Estimate:
+    """``a - b`` for two (point, replicates) pairs drawn independently, with a percentile interval."""
+    diff = a[1] - b[1]
+    diff = diff[np.isfinite(diff)]
+    if diff.size == 0:
+        lo = hi = float("nan")
+    else:
+        alpha = (1.0 - level) / 2
+        lo, hi = (float(x) for x in np.quantile(diff, [alpha, 1.0 - alpha]))
+    return Estimate(a[0] - b[0], lo, hi, 0, 0)
+
+
+def length_share(strata: np.ndarray, n_strata: int) -> np.ndarray:
+    """The share of positions in each stratum."""
+    counts = np.bincount(strata, minlength=n_strata).astype(np.float64)
+    return counts / counts.sum() if counts.sum() else counts

@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from illusions.metrics import (
+    Resampler,
+    accuracy,
+    agreement,
+    difference,
+    js_divergence,
+    kl_divergence,
+)
+
+
+def test_kl_against_hand_computed_value():
+    p = torch.tensor([[0.5, 0.5]]).log()
+    q = torch.tensor([[0.25, 0.75]]).log()
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    torch.testing.assert_close(kl_divergence(p, q), torch.tensor([expected], dtype=torch.float64))
+    torch.testing.assert_close(kl_divergence(p, p), torch.zeros(1, dtype=torch.float64))
+
+
+def test_jsd_in_bits_bounds_and_hand_value():
+    a = torch.tensor([1.0, 0.0, 0.0])
+    b = torch.tensor([0.0, 1.0, 0.0])
+    assert js_divergence(a, b).item() == pytest.approx(1.0)  # disjoint supports: 1 bit
+    assert js_divergence(a, a).item() == pytest.approx(0.0)
+    p = torch.tensor([0.5, 0.5, 0.0])
+    q = torch.tensor([1.0, 0.0, 0.0])
+    expected = 0.5 * (0.5 * np.log2(0.5 / 0.75) + 0.5 * np.log2(0.5 / 0.25)) + 0.5 * np.log2(1 / 0.75)
+    assert js_divergence(p, q).item() == pytest.approx(expected)
+    # symmetric
+    assert js_divergence(q, p).item() == pytest.approx(expected)
+
+
+def test_accuracy_and_agreement():
+    assert accuracy(np.array([1, 2, 3, 4]), np.array([1, 2, 0, 0])) == 0.5
+    assert agreement(np.array([1, 2, 3]), np.array([1, 0, 3])) == pytest.approx(2 / 3)
+    assert math.isnan(accuracy(np.array([]), np.array([])))
+
+
+def test_bootstrap_point_is_position_weighted_mean_and_interval_brackets_it():
+    rng = np.random.default_rng(0)
+    seq = np.repeat(np.arange(50), 4)
+    values = (rng.random(200) < 0.7).astype(float)
+    sampler = Resampler.draw(50, np.random.default_rng(1), n_boot=500)
+    est = sampler.estimate(values, seq)
+    assert est.value == pytest.approx(values.mean())
+    assert est.low < est.value < est.high
+    assert (est.n, est.n_seqs) == (200, 50)
+
+
+def test_bootstrap_over_sequences_is_wider_than_over_positions_when_sequences_cluster():
+    # Each sequence is all-right or all-wrong: positions are not independent, and the interval over
+    # sequences must reflect 20 effective samples, not 2000.
+    seq = np.repeat(np.arange(20), 100)
+    values = np.repeat((np.arange(20) % 2).astype(float), 100)
+    est = Resampler.draw(20, np.random.default_rng(0), n_boot=1000).estimate(values, seq)
+    naive_half_width = 1.96 * math.sqrt(0.25 / 2000)
+    assert (est.high - est.low) / 2 > 5 * naive_half_width
+
+
+def test_constant_values_give_degenerate_interval():
+    est = Resampler.draw(10, np.random.default_rng(0), n_boot=100).estimate(np.ones(30), np.arange(30) % 10)
+    assert (est.value, est.low, est.high) == (1.0, 1.0, 1.0)
+
+
+def test_stratified_mean_reweights_strata():
+    # Stratum 0 has mean 0, stratum 1 mean 1; equal shares -> 0.5 whatever the raw counts.
+    seq = np.arange(40)
+    values = np.r_[np.zeros(30), np.ones(10)]
+    strata = np.r_[np.zeros(30, int), np.ones(10, int)]
+    sampler = Resampler.draw(40, np.random.default_rng(0), n_boot=200)
+    point, reps = sampler.stratified(values, seq, strata, np.array([0.5, 0.5]))
+    assert point == pytest.approx(0.5)
+    assert np.nanmean(reps) == pytest.approx(0.5, abs=0.02)
+    point, _ = sampler.stratified(values, seq, strata, np.array([0.0, 1.0]))
+    assert point == pytest.approx(1.0)
+
+
+def test_difference_of_replicates():
+    a = (0.9, np.full(100, 0.9))
+    b = (0.6, np.full(100, 0.6))
+    d = difference(a, b)
+    assert (d.value, d.low, d.high) == pytest.approx((0.3, 0.3, 0.3))
