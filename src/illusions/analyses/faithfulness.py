@@ -1,0 +1,274 @@
+"""Faithfulness of simplified proxies, split by split: the paper's method as one function.
+
+:func:`analyze` reads like the method section: pick the fitting sequences, collect activations at
+the simplifiers' hook points, fit each simplifier into a proxy, run the original model once per split
+and every proxy against it, and summarise the per-position records into estimates with intervals.
+
+Works with any ``HookedTransformer`` and any splits a user brings (:class:`illusions.tasks.Split`):
+nothing here knows about brackets or code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from illusions.errors import IllusionsError
+from illusions.metrics import js_divergence, kl_divergence
+from illusions.scoring import gather_scored, iter_batches, restricted_argmax
+from illusions.tasks.base import Split
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from illusions.simplifiers.base import Proxy, Simplifier
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Records:
+    """Per-position outcomes of one proxy on one split (all arrays ``[n]``).
+
+    ``seq`` indexes the evaluated sequences of the split (``rows[seq]`` is the split row);
+    ``attention_jsd`` is NaN when the proxy leaves every attention pattern unchanged by construction
+    (no targeted head).
+    """
+
+    rows: np.ndarray
+    seq: np.ndarray
+    pos: np.ndarray
+    target: np.ndarray
+    original_pred: np.ndarray
+    proxy_pred: np.ndarray
+    attention_jsd: np.ndarray
+    kl: np.ndarray
+    meta: Mapping[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return int(self.seq.shape[0])
+
+    def per_position(self) -> dict[str, np.ndarray]:
+        """The per-position value of each metric (its mean over positions is the metric)."""
+        return {
+            "original_accuracy": (self.original_pred == self.target).astype(np.float64),
+            "proxy_accuracy": (self.proxy_pred == self.target).astype(np.float64),
+            "agreement": (self.original_pred == self.proxy_pred).astype(np.float64),
+            "attention_jsd": self.attention_jsd,
+            "kl": self.kl,
+        }
+
+
+METRICS = ("original_accuracy", "proxy_accuracy", "agreement", "attention_jsd", "kl")
+
+
+@dataclasses.dataclass
+class AnalysisResult:
+    """Everything an analysis produced: fitted proxies, evaluated rows and per-position records."""
+
+    proxies: list[Proxy]
+    labels: list[str]
+    split_rows: dict[str, np.ndarray]
+    records: dict[tuple[str, int], Records]
+    fit_rows: np.ndarray
+
+
+def proxy_label(proxy: Proxy) -> str:
+    """A short readable name: ``svd(rank=4)``, ``kmeans(k=16)``, ``onehot``."""
+    main = {k: v for k, v in proxy.params.items() if k in ("rank", "k")}
+    inner = ",".join(f"{k}={v}" for k, v in main.items())
+    return f"{proxy.simplifier}({inner})" if inner else proxy.simplifier
+
+
+def select_rows(n: int, limit: int | None, rng: np.random.Generator) -> np.ndarray:
+    """``limit`` distinct rows out of ``n`` drawn with ``rng`` (all rows, in order, when limit is None)."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.sort(rng.choice(n, size=limit, replace=False))
+
+
+def analyze(
+    model: HookedTransformer,
+    splits: Mapping[str, Split],
+    simplifiers: Sequence[Simplifier],
+    *,
+    candidates: np.ndarray | None,
+    fit_split: str = "train",
+    fit_n: int = 1000,
+    eval_splits: Sequence[str] | None = None,
+    max_seqs: int | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: Progress | None = None,
+) -> AnalysisResult:
+    """Fit each simplifier on ``fit_n`` sequences of ``fit_split`` and evaluate it on every split.
+
+    Args:
+        model: the original model.
+        splits: named splits; ``fit_split`` must be among them.
+        simplifiers: configured simplifiers (e.g. several ranks of one method, for a sweep).
+        candidates: token ids the prediction argmax ranges over (None: whole vocabulary).
+        fit_split: the split whose sequences the proxies are fitted on.
+        fit_n: number of fitting sequences (the paper fits on about 1,000 training sequences).
+        eval_splits: splits to evaluate (default: every split except ``fit_split``).
+        max_seqs: evaluate at most this many sequences per split (drawn with ``seed``).
+        seed: seeds the choice of fitting and evaluation sequences.
+        batch_size: sequences per forward pass.
+        progress: called as ``progress(stage, done, total)``.
+
+    Returns:
+        The fitted proxies and per-position records for every (split, proxy) pair.
+    """
+    if fit_split not in splits:
+        raise IllusionsError(f"fit split {fit_split!r} not found; splits: {', '.join(splits)}")
+    if eval_splits is None:
+        eval_splits = [name for name in splits if name != fit_split]
+    unknown = [s for s in eval_splits if s not in splits]
+    if unknown:
+        raise IllusionsError(f"unknown split(s) {', '.join(unknown)}; splits: {', '.join(splits)}")
+    if fit_n < 1:
+        raise IllusionsError(f"--fit-n must be at least 1, got {fit_n}")
+    if not simplifiers:
+        raise IllusionsError("no simplifier given")
+
+    rng = np.random.default_rng(seed)
+    fit_rows = select_rows(len(splits[fit_split]), fit_n, rng)
+    proxies = fit_proxies(model, splits[fit_split], fit_rows, simplifiers, batch_size=batch_size)
+    split_rows = {name: select_rows(len(splits[name]), max_seqs, rng) for name in eval_splits}
+    records: dict[tuple[str, int], Records] = {}
+    for i, name in enumerate(eval_splits):
+        if progress:
+            progress(name, i, len(eval_splits))
+        for j, rec in enumerate(evaluate_split(model, splits[name], split_rows[name], proxies,
+                                               candidates=candidates, batch_size=batch_size)):
+            records[(name, j)] = rec
+    if progress:
+        progress("done", len(eval_splits), len(eval_splits))
+    return AnalysisResult(proxies, [proxy_label(p) for p in proxies], split_rows, records, fit_rows)
+
+
+def fit_proxies(
+    model: HookedTransformer,
+    split: Split,
+    rows: np.ndarray,
+    simplifiers: Sequence[Simplifier],
+    *,
+    batch_size: int = 64,
+) -> list[Proxy]:
+    """Collect activations once for all simplifiers' hook points, then fit each one."""
+    import torch
+
+    from illusions.activations import collect
+
+    names = sorted({name for s in simplifiers for name in s.hook_names(model)})
+    acts: dict[str, Any] = {}
+    if names:
+        tokens = torch.as_tensor(split.tokens[rows, : int(split.lengths[rows].max())])
+        mask = torch.as_tensor(np.arange(tokens.shape[1])[None, :] < split.lengths[rows][:, None])
+        acts = collect(model, tokens, names, mask, batch_size=batch_size)
+    return [s.fit(model, {n: acts[n] for n in s.hook_names(model)}) for s in simplifiers]
+
+
+def evaluate_split(
+    model: HookedTransformer,
+    split: Split,
+    rows: np.ndarray,
+    proxies: Sequence[Proxy],
+    *,
+    candidates: np.ndarray | None,
+    batch_size: int = 64,
+) -> list[Records]:
+    """Run the original model once over ``rows`` of a split and every proxy against it.
+
+    Each proxy runs from its first simplified layer (``start_at_layer``) on the original residual
+    stream cached at that layer, so the shared prefix is computed once per batch for all proxies.
+    """
+    import torch
+
+    first_layers = sorted({p.first_layer for p in proxies})
+    pattern_layers = sorted({layer for p in proxies for layer, _ in p.heads})
+    cache_names = [f"blocks.{layer}.hook_resid_pre" for layer in first_layers] + [
+        f"blocks.{layer}.attn.hook_pattern" for layer in pattern_layers
+    ]
+    local_seq = np.full(len(split), -1, dtype=np.int64)
+    local_seq[rows] = np.arange(rows.shape[0])
+    parts: list[list[dict[str, np.ndarray]]] = [[] for _ in proxies]
+
+    with torch.inference_mode():
+        for batch in iter_batches(split, batch_size, rows=rows):
+            if len(batch.scored) == 0:
+                continue
+            tokens = torch.as_tensor(batch.tokens)
+            logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in cache_names)
+            sc = batch.scored
+            seq_t = torch.as_tensor(sc.seq)
+            pos_t = torch.as_tensor(sc.pos)
+            clean_logits = gather_scored(logits, sc)
+            clean_pred = restricted_argmax(clean_logits, candidates)
+            for j, proxy in enumerate(proxies):
+                captured: dict[int, torch.Tensor] = {}
+                layers = sorted({layer for layer, _ in proxy.heads})
+                capture_hooks = [
+                    (f"blocks.{layer}.attn.hook_pattern", _capture(captured, layer)) for layer in layers
+                ]
+                resid = cache[f"blocks.{proxy.first_layer}.hook_resid_pre"]
+                proxy_logits_full = model.run_with_hooks(
+                    resid,
+                    start_at_layer=proxy.first_layer,
+                    fwd_hooks=list(proxy.fwd_hooks) + capture_hooks,
+                )
+                proxy_logits = gather_scored(proxy_logits_full, sc)
+                jsd = torch.full((len(sc),), float("nan"), dtype=torch.float64)
+                if proxy.heads:
+                    per_head = []
+                    for layer, head in proxy.heads:
+                        clean_pat = cache[f"blocks.{layer}.attn.hook_pattern"][seq_t, head, pos_t]  # [n, key_pos]
+                        proxy_pat = captured[layer][seq_t, head, pos_t]  # [n, key_pos]
+                        per_head.append(js_divergence(clean_pat, proxy_pat))
+                    jsd = torch.stack(per_head, dim=0).mean(0)  # [n]
+                parts[j].append(
+                    {
+                        "rows": batch.rows[sc.seq],
+                        "pos": sc.pos,
+                        "target": sc.target,
+                        "original_pred": clean_pred.cpu().numpy(),
+                        "proxy_pred": restricted_argmax(proxy_logits, candidates).cpu().numpy(),
+                        "attention_jsd": jsd.cpu().numpy(),
+                        "kl": kl_divergence(clean_logits, proxy_logits).cpu().numpy(),
+                        "meta:seq_len": split.lengths[batch.rows[sc.seq]],
+                        **{f"meta:{k}": v for k, v in sc.meta.items()},
+                    }
+                )
+    out = []
+    for chunks in parts:
+        joined = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
+        if not joined:
+            empty = np.zeros(0, dtype=np.int64)
+            out.append(Records(empty, empty, empty, empty, empty, empty, np.zeros(0), np.zeros(0), {}))
+            continue
+        out.append(
+            Records(
+                rows=joined["rows"],
+                seq=local_seq[joined["rows"]],
+                pos=joined["pos"],
+                target=joined["target"],
+                original_pred=joined["original_pred"],
+                proxy_pred=joined["proxy_pred"],
+                attention_jsd=joined["attention_jsd"],
+                kl=joined["kl"],
+                meta={k.removeprefix("meta:"): v for k, v in joined.items() if k.startswith("meta:")},
+            )
+        )
+    return out
+
+
+def _capture(store: dict[int, Any], layer: int) -> Callable[..., Any]:
+    def hook(pattern: Any, hook: Any) -> Any:
+        store[layer] = pattern
+        return pattern
+
+    return hook
+

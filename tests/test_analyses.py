@@ -1,0 +1,137 @@
+"""The analysis engine on a tiny random model, with proxies written here against the Proxy interface."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+import torch
+
+from illusions.analyses.faithfulness import analyze, evaluate_split
+from illusions.analyses.summary import overall, summarize, to_json
+from illusions.errors import IllusionsError
+from illusions.tasks.base import Scored, Split
+
+
+def make_split(name: str, rng: np.random.Generator, n: int = 12, width: int = 16, vocab: int = 13) -> Split:
+    lengths = rng.integers(6, width + 1, size=n)
+    tokens = rng.integers(1, vocab, size=(n, width))
+    tokens[np.arange(width)[None, :] >= lengths[:, None]] = 0
+    seq, pos = zip(*[(i, p) for i in range(n) for p in range(1, int(lengths[i]) - 1)], strict=True)
+    seq, pos = np.array(seq), np.array(pos)
+    scored = Scored(seq, pos, tokens[seq, pos + 1], {"depth": pos % 3, "length": lengths[seq],
+                                                      "distance": pos})
+    return Split(name, tokens, lengths, scored)
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryScale:
+    """Multiplies one layer's queries by ``scale`` (1 = identity); a stand-in proxy."""
+
+    scale: float
+    layer: int = 1
+    hook_name: str = "blocks.1.attn.hook_q"
+
+    def __call__(self, activation: torch.Tensor, hook: Any) -> torch.Tensor:
+        return activation * self.scale
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeProxy:
+    scale: float
+    simplifier: str = "scale"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"rank": self.scale}
+
+    @property
+    def fwd_hooks(self):
+        return [("blocks.1.attn.hook_q", QueryScale(self.scale))]
+
+    first_layer: int = 1
+    heads: tuple = ((1, 0), (1, 1), (1, 2), (1, 3))
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeSimplifier:
+    scale: float
+    name: ClassVar[str] = "scale"
+    data_free: ClassVar[bool] = True
+
+    def hook_names(self, model) -> list[str]:
+        return []
+
+    def fit(self, model, activations) -> FakeProxy:
+        return FakeProxy(self.scale)
+
+
+@pytest.fixture
+def splits(rng):
+    return {name: make_split(name, rng) for name in ("train", "iid", "ood")}
+
+
+def test_identity_proxy_is_perfectly_faithful(tiny_model, splits):
+    result = analyze(tiny_model, splits, [FakeSimplifier(1.0)], candidates=None, fit_n=4, seed=0)
+    for split in ("iid", "ood"):
+        rec = result.records[(split, 0)]
+        assert len(rec) == len(splits[split].scored)
+        np.testing.assert_array_equal(rec.original_pred, rec.proxy_pred)
+        assert np.abs(rec.kl).max() < 1e-9
+        assert np.abs(rec.attention_jsd).max() < 1e-9
+    rows = overall(summarize(result, n_boot=50))
+    by = {(r["split"], r["metric"]): r for r in rows}
+    assert by[("ood", "agreement")]["value"] == 1.0
+    assert by[("ood", "agreement")]["gap_vs_ref"] == 0.0
+    assert by[("ood", "proxy_accuracy")]["value"] == by[("ood", "original_accuracy")]["value"]
+
+
+def test_proxy_from_start_at_layer_matches_a_full_hooked_run(tiny_model, splits):
+    split = splits["ood"]
+    proxy = FakeProxy(0.0)  # uniform attention in layer 1
+    (rec,) = evaluate_split(tiny_model, split, np.arange(len(split)), [proxy], candidates=None, batch_size=5)
+    with torch.no_grad():
+        logits = tiny_model.run_with_hooks(torch.as_tensor(split.tokens), fwd_hooks=proxy.fwd_hooks)
+        clean = tiny_model(torch.as_tensor(split.tokens))
+    order = np.lexsort((rec.pos, rec.rows))
+    want = logits[split.scored.seq, split.scored.pos].argmax(-1).numpy()
+    want_clean = clean[split.scored.seq, split.scored.pos].argmax(-1).numpy()
+    ref = np.lexsort((split.scored.pos, split.scored.seq))
+    np.testing.assert_array_equal(rec.proxy_pred[order], want[ref])
+    np.testing.assert_array_equal(rec.original_pred[order], want_clean[ref])
+    assert np.nanmean(rec.attention_jsd) > 0.01
+    assert rec.kl.mean() > 0
+
+
+def test_summary_rows_breakdowns_and_json(tiny_model, splits):
+    result = analyze(tiny_model, splits, [FakeSimplifier(1.0), FakeSimplifier(0.0)], candidates=None,
+                     fit_n=4, seed=0)
+    rows = summarize(result, n_boot=50)
+    assert {r["proxy"] for r in rows} == {"scale(rank=1.0)", "scale(rank=0.0)"}
+    depth_rows = [r for r in rows if r["group_by"] == "depth" and r["metric"] == "agreement"]
+    assert {r["group"] for r in depth_rows} == {"0", "1", "2"}
+    total = sum(r["n_positions"] for r in depth_rows if r["split"] == "ood" and r["proxy"] == "scale(rank=0.0)")
+    assert total == len(splits["ood"].scored)
+    doc = to_json(rows, task="toy", model="tiny",
+                  proxies=[{"label": p, "simplifier": "scale", "params": {}} for p in result.labels])
+    ood = doc["splits"]["ood"]
+    assert set(ood) >= {"n_positions", "original_accuracy", "proxy_accuracy", "agreement", "attention_jsd", "kl"}
+    assert ood["agreement"]["value"] == 1.0 and len(ood["agreement"]["ci"]) == 2
+    assert "vs_length_matched_iid" in ood["gaps"]["agreement"]
+    assert len(doc["proxies"]) == 2
+
+
+def test_same_seed_same_rows(tiny_model, splits):
+    a = summarize(analyze(tiny_model, splits, [FakeSimplifier(0.5)], candidates=None, fit_n=4, max_seqs=8, seed=3), n_boot=50, seed=3)
+    b = summarize(analyze(tiny_model, splits, [FakeSimplifier(0.5)], candidates=None, fit_n=4, max_seqs=8, seed=3), n_boot=50, seed=3)
+    assert a == b or all(
+        (x == y) or (isinstance(x, float) and np.isnan(x) and np.isnan(y))
+        for ra, rb in zip(a, b, strict=True) for x, y in zip(ra.values(), rb.values(), strict=True)
+    )
+
+
+def test_unknown_split_is_a_clear_error(tiny_model, splits):
+    with pytest.raises(IllusionsError, match="unknown split"):
+        analyze(tiny_model, splits, [FakeSimplifier(1.0)], candidates=None, eval_splits=["nope"])
