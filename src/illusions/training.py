@@ -1,0 +1,601 @@
+"""The training loop for any task: next-token loss, AdamW, checkpoints, and bit-exact resume.
+
+One call, :func:`train`, does the whole job:
+
+1. build the task's splits and a fresh model (``build_model(model_cfg, seed=train_cfg.seed)``);
+2. draw length-grouped batches from the ``train`` split (rows of similar length share a batch, so
+   padding stays small) with a numpy Generator seeded from ``train_cfg.seed``;
+3. minimise next-token cross-entropy with PAD targets ignored, using AdamW, a linear warmup then
+   cosine (or linear) decay to a floor, and gradient-norm clipping;
+4. every ``eval_every`` steps, score a fixed subset of every split with
+   :func:`illusions.scoring.accuracy_on_split`;
+5. every ``checkpoint_every`` steps, on Ctrl-C and at the end, write the run directory atomically.
+
+A run directory holds fixed files, none of them pickled:
+
+    config.json            the model config and meta (task meta, recipe, step, accuracies)
+    model.safetensors      the weights (``illusions.models.load_model`` reads these two)
+    optimizer.safetensors  AdamW state, one tensor per ``<parameter name>.<state key>``
+    trainer.json           step, data-order RNG state, schedule, loss/eval history
+
+Resuming reloads all four and continues with the same batches, learning rates and optimizer state, so
+an interrupted and resumed run ends with the same weights as an uninterrupted one (bit-exact for a
+fixed thread count on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from illusions.config import Config, read_json
+from illusions.errors import IllusionsError
+from illusions.io import atomic_write_json, staged_dir
+from illusions.models import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
+
+if TYPE_CHECKING:
+    import torch
+    from jaxtyping import Float, Int
+    from torch import Tensor
+
+    from illusions.tasks.base import Split, Task
+
+OPTIMIZER_FILE = "optimizer.safetensors"
+TRAINER_FILE = "trainer.json"
+TRAINER_FORMAT = "illusions-trainer/1"
+OPTIMIZER_FORMAT = "illusions-optimizer/1"
+RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, OPTIMIZER_FILE, TRAINER_FILE)
+
+# The evaluation subset depends only on the split's size, never on the training seed, so runs with
+# different seeds (and the bundled model's test) are scored on the same rows.
+EVAL_SUBSET_SEED = 20240101
+
+_DECAYS = ("cosine", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Config):
+    """Optimiser, schedule, batching, evaluation and checkpointing of one training run.
+
+    Attributes:
+        steps: number of optimizer updates.
+        batch_size: sequences per update.
+        lr: peak learning rate, reached at the end of warmup.
+        min_lr_ratio: the learning-rate floor as a fraction of ``lr``, reached at the last step.
+        warmup_steps: updates of linear warmup from ``lr / warmup_steps``.
+        decay: ``cosine`` or ``linear`` decay from ``lr`` to the floor after warmup.
+        weight_decay: AdamW decoupled weight decay, applied to matrices (not biases or norms).
+        betas: AdamW moment coefficients.
+        eps: AdamW epsilon.
+        grad_clip: maximum global gradient norm; 0 disables clipping.
+        bucket_width: rows whose lengths fall into the same ``bucket_width``-wide bin share batches.
+        log_every: steps between points of the recorded loss curve.
+        eval_every: steps between evaluations (0: only at the end).
+        eval_rows: rows of each split in the fixed evaluation subset.
+        eval_batch_size: sequences per evaluation forward pass.
+        checkpoint_every: steps between checkpoints (0: only at the end and on Ctrl-C).
+        seed: seeds the model initialisation and the batch order.
+    """
+
+    steps: int = 4000
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 200
+    decay: str = "cosine"
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    bucket_width: int = 8
+    log_every: int = 25
+    eval_every: int = 500
+    eval_rows: int = 256
+    eval_batch_size: int = 128
+    checkpoint_every: int = 1000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "bucket_width", "log_every", "eval_rows", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        if self.decay not in _DECAYS:
+            raise ValueError(f"decay must be one of {', '.join(_DECAYS)}, got {self.decay!r}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or not self.eps > 0:
+            raise ValueError("weight_decay and grad_clip must be 0 or more and eps positive")
+        if len(self.betas) != 2 or not all(isinstance(b, int | float) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
+        object.__setattr__(self, "betas", (float(self.betas[0]), float(self.betas[1])))
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """What the loop reports to a ``progress`` callback after every step.
+
+    Attributes:
+        step: updates done so far.
+        steps: the step budget.
+        loss: training loss of the last step.
+        lr: learning rate used by the last step.
+        tokens_per_s: non-PAD target tokens per second of training steps so far in this session.
+        accuracies: the latest evaluation, split name -> accuracy (empty before the first one).
+        event: ``step``, ``eval`` (an evaluation just finished) or ``checkpoint`` (one was written).
+    """
+
+    step: int
+    steps: int
+    loss: float
+    lr: float
+    tokens_per_s: float
+    accuracies: Mapping[str, float]
+    event: str = "step"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """The outcome of :func:`train`.
+
+    Attributes:
+        out_dir: the run directory (a loadable model checkpoint plus optimizer and trainer state).
+        step: updates done; equals ``train_cfg.steps`` unless ``interrupted``.
+        interrupted: True when Ctrl-C stopped the run (a checkpoint was saved; resume continues it).
+        accuracies: split name -> ``{"accuracy", "n_positions"}`` on the **full** non-train splits,
+            measured at the end; empty when interrupted.
+        subset_accuracies: the same on the fixed evaluation subsets (:func:`eval_subset_rows`).
+        history: ``{"loss": [[step, loss, lr], ...], "eval": [{"step", "accuracies", ...}, ...]}``.
+        train_tokens: non-PAD target tokens trained on in this session.
+        train_seconds: wall time of the training steps in this session (evaluation and I/O excluded).
+        wall_seconds: wall time of the whole call.
+    """
+
+    out_dir: Path
+    step: int
+    interrupted: bool
+    accuracies: dict[str, dict[str, float]]
+    subset_accuracies: dict[str, dict[str, float]]
+    history: dict[str, list[Any]]
+    train_tokens: int
+    train_seconds: float
+    wall_seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.train_tokens / self.train_seconds if self.train_seconds > 0 else float("nan")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of update number ``step`` (0-based): linear warmup, then decay to the floor."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    floor = cfg.lr * cfg.min_lr_ratio
+    span = max(1, cfg.steps - 1 - cfg.warmup_steps)
+    frac = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.decay == "cosine":
+        return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    return floor + (cfg.lr - floor) * (1.0 - frac)
+
+
+def length_grouped_batches(
+    lengths: np.ndarray, batch_size: int, bucket_width: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """One epoch of batches in which rows of similar length travel together.
+
+    Rows are shuffled, stably sorted by length bucket (``length // bucket_width``), cut into batches
+    of ``batch_size`` consecutive rows, and the batches are shuffled; every row appears exactly once.
+
+    Args:
+        lengths: ``[n]`` true length of every training row.
+        batch_size: rows per batch (the last batch of the epoch may be smaller).
+        bucket_width: width of the length bins.
+        rng: the generator that decides the order (consumed: two permutations).
+
+    Returns:
+        The batches, each an array of row indices.
+    """
+    perm = rng.permutation(lengths.shape[0])
+    perm = perm[np.argsort(lengths[perm] // bucket_width, kind="stable")]
+    batches = [perm[i : i + batch_size] for i in range(0, perm.shape[0], batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+class BatchStream:
+    """Endless length-grouped batches whose position can be saved and restored exactly.
+
+    The state is the generator state at the start of the current epoch plus the batch index within
+    it, so resuming regenerates the same epoch and skips to the same batch.
+    """
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, bucket_width: int, seed: int) -> None:
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.bucket_width = bucket_width
+        self.rng = np.random.default_rng(seed)
+        self.epoch = 0
+        self.index = 0
+        self._start_epoch()
+
+    def _start_epoch(self) -> None:
+        self.epoch_state = self.rng.bit_generator.state
+        self.batches = length_grouped_batches(self.lengths, self.batch_size, self.bucket_width, self.rng)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        if self.index == len(self.batches):
+            self.epoch += 1
+            self.index = 0
+            self._start_epoch()
+        batch = self.batches[self.index]
+        self.index += 1
+        return batch
+
+    def state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "index": self.index, "rng_state": self.epoch_state}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        self.rng.bit_generator.state = dict(state["rng_state"])
+        self.epoch = int(state["epoch"])
+        self.index = int(state["index"])
+        self._start_epoch()
+
+
+def eval_subset_rows(n_rows: int, k: int) -> np.ndarray:
+    """The fixed evaluation subset of a split with ``n_rows`` rows: ``min(k, n_rows)`` sorted rows."""
+    if k >= n_rows:
+        return np.arange(n_rows)
+    return np.sort(np.random.default_rng(EVAL_SUBSET_SEED).choice(n_rows, size=k, replace=False))
+
+
+def next_token_loss(
+    logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch pos"], pad_id: int
+) -> Float[Tensor, ""]:
+    """Mean cross-entropy of predicting ``tokens[:, 1:]`` from ``logits[:, :-1]``, PAD targets ignored."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1),  # [batch * (pos - 1), d_vocab]
+        tokens[:, 1:].flatten(),  # [batch * (pos - 1)]
+        ignore_index=pad_id,
+    )
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.optim.AdamW, list[list[str]]]:
+    """AdamW with weight decay on matrices only; also the parameter names of each group, in order."""
+    import torch
+
+    decay: list[str] = []
+    no_decay: list[str] = []
+    for name, p in model.named_parameters():
+        # Biases and normalisation gains are vectors; decaying them only fights the fit.
+        (decay if p.ndim >= 2 else no_decay).append(name)
+    params = dict(model.named_parameters())
+    groups = [
+        {"params": [params[n] for n in decay], "weight_decay": cfg.weight_decay},
+        {"params": [params[n] for n in no_decay], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=lr_at(0, cfg), betas=cfg.betas, eps=cfg.eps)
+    return opt, [decay, no_decay]
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer, names: list[list[str]]) -> dict[str, torch.Tensor]:
+    """The optimizer's state as a flat ``{"<parameter name>.<state key>": tensor}`` mapping."""
+    flat_names = [n for group in names for n in group]
+    out = {}
+    for index, state in opt.state_dict()["state"].items():
+        for key, value in state.items():
+            out[f"{flat_names[index]}.{key}"] = value.detach().cpu().contiguous().clone()
+    return out
+
+
+def load_optimizer_tensors(
+    opt: torch.optim.Optimizer, names: list[list[str]], tensors: Mapping[str, torch.Tensor]
+) -> None:
+    """Inverse of :func:`optimizer_tensors`: put saved state back into ``opt``."""
+    flat_names = [n for group in names for n in group]
+    state: dict[int, dict[str, Any]] = {}
+    known = set()
+    for index, name in enumerate(flat_names):
+        entry = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == name}
+        known.update(f"{name}.{k}" for k in entry)
+        if entry:
+            state[index] = entry
+    unknown = sorted(set(tensors) - known)
+    if unknown:
+        raise IllusionsError(f"optimizer state names unknown parameters: {', '.join(unknown[:3])}")
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
+def evaluate(
+    model: torch.nn.Module,
+    splits: Mapping[str, Split],
+    candidates: np.ndarray | None,
+    rows: Mapping[str, np.ndarray | None],
+    *,
+    batch_size: int = 128,
+) -> dict[str, dict[str, float]]:
+    """Accuracy at the scored positions of the given rows of each split (all rows where None).
+
+    Args:
+        model: the model, switched to eval mode for the call.
+        splits: split name -> split.
+        candidates: the task's candidate token ids for the restricted argmax.
+        rows: split name -> rows to score (None: the whole split); splits not named are skipped.
+        batch_size: sequences per forward pass.
+
+    Returns:
+        split name -> ``{"accuracy": float, "n_positions": int}``.
+    """
+    from illusions.scoring import accuracy_on_split
+
+    was_training = model.training
+    model.eval()
+    try:
+        out = {}
+        for name, index in rows.items():
+            acc, n = accuracy_on_split(model, splits[name], candidates, batch_size=batch_size, rows=index)
+            out[name] = {"accuracy": acc, "n_positions": n}
+        return out
+    finally:
+        model.train(was_training)
+
+
+class _StopFlag:
+    """Set by SIGINT while training, so Ctrl-C ends the run between two steps, never inside one."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    @contextlib.contextmanager
+    def catching_sigint(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            self.requested = True
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def is_run_dir(directory: Path) -> bool:
+    """Whether ``directory`` holds a training run written by :func:`train`."""
+    return (Path(directory) / TRAINER_FILE).is_file()
+
+
+def _check_out_dir(out_dir: Path, resume: bool) -> None:
+    if resume:
+        if not is_run_dir(out_dir):
+            raise IllusionsError(f"cannot resume: {out_dir} holds no training run ({TRAINER_FILE} is missing)")
+        return
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        what = "a training run" if is_run_dir(out_dir) else "other files"
+        raise IllusionsError(
+            f"{out_dir} already holds {what}; pass --resume to continue a run or choose another --out"
+        )
+
+
+def _check_task_fits(task: Task, model_cfg: ModelConfig, train_split: Split) -> None:
+    if model_cfg.d_vocab != len(task.vocab):
+        raise IllusionsError(
+            f"model d_vocab is {model_cfg.d_vocab} but task {task.name!r} has {len(task.vocab)} tokens; "
+            f"set d_vocab = {len(task.vocab)} in the recipe's [model]"
+        )
+    longest = int(train_split.lengths.max())
+    if longest > model_cfg.n_ctx:
+        raise IllusionsError(
+            f"training sequences reach {longest} tokens but the model's n_ctx is {model_cfg.n_ctx}; "
+            "raise n_ctx in the recipe's [model]"
+        )
+
+
+def _read_trainer_state(out_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict[str, Any]:
+    path = out_dir / TRAINER_FILE
+    state = read_json(path)
+    if not isinstance(state, dict) or state.get("format") != TRAINER_FORMAT:
+        raise IllusionsError(f"{path} is not an illusions trainer state (expected format {TRAINER_FORMAT!r})")
+    for key, cfg in (("model", model_cfg), ("train", train_cfg)):
+        saved = state.get(key, {})
+        diff = sorted(k for k, v in cfg.to_dict().items() if saved.get(k) != v)
+        if diff:
+            raise IllusionsError(
+                f"cannot resume {out_dir}: its [{key}] settings differ in {', '.join(diff)}; "
+                "resume with the recipe and options the run started with"
+            )
+    return state
+
+
+def train(
+    task: Task,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    out_dir: Path,
+    *,
+    resume: bool = False,
+    progress: Callable[[Progress], None] | None = None,
+    device: str = "cpu",
+    recipe: Mapping[str, Any] | None = None,
+) -> TrainResult:
+    """Train a fresh model on ``task`` (or resume the run in ``out_dir``) and checkpoint it there.
+
+    Args:
+        task: any :class:`~illusions.tasks.base.Task`; its ``train`` split is trained on and every
+            split is evaluated.
+        model_cfg: the architecture; ``d_vocab`` must equal the task's vocabulary size.
+        train_cfg: optimiser, schedule, batching, evaluation and checkpoint settings.
+        out_dir: the run directory; must be absent or empty unless ``resume``.
+        resume: continue the run saved in ``out_dir`` (same configs required).
+        progress: called after every step (and after each evaluation and checkpoint).
+        device: torch device for the model and batches.
+        recipe: JSON data saved in the checkpoint's meta (the resolved recipe that made this run).
+
+    Returns:
+        A :class:`TrainResult`. On Ctrl-C the run is checkpointed and returned with
+        ``interrupted=True`` instead of raising.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from illusions.models import build_model, save_model
+
+    wall_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, resume)
+    saved = _read_trainer_state(out_dir, model_cfg, train_cfg) if resume else None
+
+    splits = task.splits()
+    if "train" not in splits:
+        raise IllusionsError(f"task {task.name!r} has no 'train' split")
+    train_split = splits["train"]
+    _check_task_fits(task, model_cfg, train_split)
+    pad_id = task.vocab.pad_id
+    candidates = task.candidates
+    eval_rows = {name: eval_subset_rows(len(s), train_cfg.eval_rows) for name, s in splits.items()}
+
+    model = build_model(model_cfg, seed=train_cfg.seed, device=device)
+    opt, names = make_optimizer(model, train_cfg)
+    stream = BatchStream(train_split.lengths, train_cfg.batch_size, train_cfg.bucket_width, train_cfg.seed)
+    history: dict[str, list[Any]] = {"loss": [], "eval": []}
+    step = 0
+    # Steps since the last loss-curve point, saved so a resumed run records the same curve.
+    loss_sum, loss_n = 0.0, 0
+    if saved is not None:
+        weights = load_file(str(out_dir / WEIGHTS_FILE), device=device)
+        model.load_state_dict(weights, strict=True)
+        load_optimizer_tensors(opt, names, load_file(str(out_dir / OPTIMIZER_FILE), device=device))
+        stream.restore(saved["data"])
+        history = saved["history"]
+        step = int(saved["step"])
+        loss_sum, loss_n = float(saved["loss_window"][0]), int(saved["loss_window"][1])
+    model.train()
+
+    latest: dict[str, dict[str, float]] = dict(history["eval"][-1]["accuracies"]) if history["eval"] else {}
+    stop = _StopFlag()
+    train_tokens = 0
+    train_seconds = 0.0
+    last_saved = step if saved is not None else -1
+    task_meta = task.meta()
+
+    def report(loss: float, lr: float, event: str) -> None:
+        if progress is not None:
+            acc = {k: v["accuracy"] for k, v in latest.items()}
+            tps = train_tokens / train_seconds if train_seconds > 0 else 0.0
+            progress(Progress(step, train_cfg.steps, loss, lr, tps, acc, event))
+
+    def checkpoint(extra_meta: Mapping[str, Any] | None = None) -> None:
+        nonlocal last_saved
+        meta = {
+            "task": task_meta,
+            "recipe": dict(recipe) if recipe is not None else None,
+            "train": train_cfg.to_dict(),
+            "step": step,
+            "finished": step >= train_cfg.steps,
+            "accuracies_step": history["eval"][-1]["step"] if history["eval"] else None,
+            "subset_accuracies": latest,
+            **(extra_meta or {}),
+        }
+        trainer = {
+            "format": TRAINER_FORMAT,
+            "step": step,
+            "model": model_cfg.to_dict(),
+            "train": train_cfg.to_dict(),
+            "data": stream.state(),
+            "scheduler": {"kind": f"warmup+{train_cfg.decay}", "next_step": step, "next_lr": lr_at(step, train_cfg)},
+            "param_names": names,
+            "loss_window": [loss_sum, loss_n],
+            "history": history,
+        }
+        with staged_dir(out_dir) as stage:
+            save_model(model, stage, meta=meta)
+            save_file(optimizer_tensors(opt, names), str(stage / OPTIMIZER_FILE),
+                      metadata={"format": OPTIMIZER_FORMAT, "step": str(step)})
+            atomic_write_json(stage / TRAINER_FILE, trainer)
+        last_saved = step
+
+    loss_value, lr = float("nan"), lr_at(step, train_cfg)
+    with stop.catching_sigint():
+        while step < train_cfg.steps and not stop.requested:
+            t0 = time.perf_counter()
+            rows = next(stream)
+            width = int(train_split.lengths[rows].max())
+            tokens = torch.as_tensor(train_split.tokens[rows, :width], device=device)  # [batch, pos]
+            lr = lr_at(step, train_cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss = next_token_loss(model(tokens), tokens, pad_id)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if train_cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+            opt.step()
+            loss_value = float(loss.item())
+            train_seconds += time.perf_counter() - t0
+            train_tokens += int((tokens[:, 1:] != pad_id).sum())
+            step += 1
+            loss_sum += loss_value
+            loss_n += 1
+            if step % train_cfg.log_every == 0 or step == train_cfg.steps:
+                history["loss"].append([step, loss_sum / loss_n, lr])
+                loss_sum, loss_n = 0.0, 0
+            report(loss_value, lr, "step")
+            if train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < train_cfg.steps:
+                latest = evaluate(model, splits, candidates, eval_rows, batch_size=train_cfg.eval_batch_size)
+                history["eval"].append({"step": step, "accuracies": latest})
+                report(loss_value, lr, "eval")
+            if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0 and step < train_cfg.steps:
+                checkpoint()
+                report(loss_value, lr, "checkpoint")
+
+        interrupted = step < train_cfg.steps
+        full: dict[str, dict[str, float]] = {}
+        if interrupted:
+            if last_saved != step:
+                checkpoint()
+        else:
+            latest = evaluate(model, splits, candidates, eval_rows, batch_size=train_cfg.eval_batch_size)
+            history["eval"].append({"step": step, "accuracies": latest})
+            full_rows = {name: None for name in splits if name != "train"}
+            full = evaluate(model, splits, candidates, full_rows, batch_size=train_cfg.eval_batch_size)
+            checkpoint({"accuracies": full, "eval_rows": train_cfg.eval_rows})
+            report(loss_value, lr, "checkpoint")
+
+    return TrainResult(
+        out_dir=out_dir,
+        step=step,
+        interrupted=interrupted,
+        accuracies=full,
+        subset_accuracies=latest,
+        history=history,
+        train_tokens=train_tokens,
+        train_seconds=train_seconds,
+        wall_seconds=time.perf_counter() - wall_start,
+    )
+
+
+def load_history(out_dir: Path) -> dict[str, list[Any]]:
+    """The loss curve and evaluation history recorded in a run directory's ``trainer.json``."""
+    state = read_json(Path(out_dir) / TRAINER_FILE)
+    if not isinstance(state, dict) or state.get("format") != TRAINER_FORMAT:
+        raise IllusionsError(f"{Path(out_dir) / TRAINER_FILE} is not an illusions trainer state")
+    return state["history"]
+
