@@ -1,0 +1,222 @@
+"""One analysis run, end to end: spec -> model and splits -> engine -> summary -> run directory.
+
+An :class:`AnalysisSpec` is what an analysis recipe (``analyses/*.toml``) or the ``analyze`` /
+``sweep`` commands hold. :func:`run_analysis` does the work and :func:`write_run` writes the fixed
+files of ``runs/<name>/`` atomically (a failed run leaves no directory behind):
+
+    config.json     the fully resolved spec, model description, package version, seed
+    metrics.json    per split: metrics with intervals and gaps; breakdowns; every proxy
+    metrics.csv     tidy: one row per split x proxy x parameter x group x metric
+    proxies/        each fitted proxy (safetensors + JSON), so a report can be rebuilt
+    records.npz     per-position records (predictions, JSD, KL, meta) for reports and re-analysis
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from illusions import __version__, registry
+from illusions.analyses.summary import BREAKDOWNS, ROW_FIELDS, summarize, to_json
+from illusions.config import Config
+from illusions.errors import IllusionsError
+from illusions.io import atomic_write_bytes, atomic_write_json, atomic_write_text, staged_dir
+
+RESULT_FILES = ("config.json", "metrics.json", "metrics.csv", "records.npz")
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalysisSpec(Config):
+    """Everything that determines an analysis run.
+
+    ``ranks`` / ``clusters`` hold one value for ``analyze`` and several for a sweep. An empty
+    ``model`` means the bundled reference model of ``task``. ``layers`` empty means the last layer;
+    ``heads`` empty means every head of the targeted layers.
+    """
+
+    task: str = "dyck"
+    model: str = ""
+    simplifier: str = "svd"
+    ranks: tuple[int, ...] = ()
+    clusters: tuple[int, ...] = ()
+    layers: tuple[int, ...] = ()
+    heads: tuple[int, ...] = ()
+    target: str = "qk"
+    resid: str = "resid_pre"
+    centered: bool = True
+    basis: str = "separate"
+    fit_split: str = "train"
+    fit_n: int = 1000
+    splits: tuple[str, ...] = ()
+    max_seqs: int = 1000
+    seed: int = 0
+    n_boot: int = 1000
+    batch_size: int = 64
+    breakdowns: tuple[str, ...] = BREAKDOWNS
+
+    def sweep_values(self) -> tuple[str, tuple[int, ...]]:
+        """The swept parameter's name and values: ``("rank", ...)``, ``("k", ...)`` or none."""
+        if self.ranks and self.clusters:
+            raise IllusionsError("give ranks or clusters, not both")
+        if self.ranks:
+            return "rank", self.ranks
+        if self.clusters:
+            return "k", self.clusters
+        return "", ()
+
+    def default_name(self) -> str:
+        param, values = self.sweep_values()
+        tag = "" if not values else f"-{param}{'_'.join(str(v) for v in values)}"
+        layer = "" if not self.layers else "-L" + "_".join(str(x) for x in self.layers)
+        return f"{self.task}-{self.simplifier}{tag}{layer}"
+
+
+@dataclasses.dataclass
+class RunResult:
+    spec: AnalysisSpec
+    model_description: str
+    model_source: str
+    rows: list[dict[str, Any]]
+    document: dict[str, Any]
+    analysis: Any  # AnalysisResult: proxies, evaluated rows per split, per-position records
+    task_meta: dict[str, Any]
+    task: Any = None  # the Task (its splits are cached, so task.splits() is cheap again)
+    model: Any = None  # the original HookedTransformer
+
+
+def build_simplifiers(spec: AnalysisSpec) -> list[Any]:
+    """One configured simplifier per swept value (one for a data-free method with no parameter)."""
+    from illusions.simplifiers import make_simplifier
+
+    param, values = spec.sweep_values()
+    common: dict[str, Any] = {"layers": spec.layers, "heads": spec.heads, "target": spec.target,
+                              "resid": spec.resid, "centered": spec.centered, "basis": spec.basis,
+                              "seed": spec.seed}
+    if not values:
+        return [make_simplifier(spec.simplifier, **common)]
+    return [make_simplifier(spec.simplifier, **{param: v}, **common) for v in values]
+
+
+def load_task_and_model(spec: AnalysisSpec) -> tuple[Any, Any, str, str]:
+    """The task (configured as the model was trained) and the model: ``(task, model, source, desc)``."""
+    from illusions.bundled import bundled_model_dir
+    from illusions.models import describe, load_model
+
+    task_cls = registry.get_task(spec.task)
+    model_dir = Path(spec.model) if spec.model else bundled_model_dir(spec.task)
+    model, meta = load_model(model_dir)
+    task_meta = meta.get("task") or {}
+    trained_on = task_meta.get("name")
+    if trained_on is not None and trained_on != spec.task:
+        raise IllusionsError(f"model {model_dir} was trained on task {trained_on!r}, not {spec.task!r}")
+    config = task_cls.Config.from_dict(task_meta.get("config", {}), source=str(model_dir / "config.json"))
+    task = task_cls(config)
+    if len(task.vocab) != model.cfg.d_vocab:
+        raise IllusionsError(
+            f"model {model_dir} has a vocabulary of {model.cfg.d_vocab} tokens but task {spec.task!r} "
+            f"has {len(task.vocab)}"
+        )
+    source = "bundled" if not spec.model else str(model_dir)
+    return task, model, source, describe(model)
+
+
+def run_analysis(spec: AnalysisSpec, *, progress: Callable[[str, int, int], None] | None = None) -> RunResult:
+    """Load, fit, evaluate and summarise: the whole analysis for one spec."""
+    from illusions.analyses.faithfulness import analyze
+
+    simplifiers = build_simplifiers(spec)
+    task, model, source, desc = load_task_and_model(spec)
+    splits = task.splits()
+    eval_splits = list(spec.splits) or [s for s in splits if s != spec.fit_split]
+    unknown = [s for s in eval_splits if s not in splits]
+    if unknown:
+        raise IllusionsError(f"unknown split(s) {', '.join(unknown)}; {spec.task} splits: {', '.join(splits)}")
+    result = analyze(
+        model, splits, simplifiers, candidates=task.candidates, fit_split=spec.fit_split,
+        fit_n=spec.fit_n, eval_splits=eval_splits, max_seqs=spec.max_seqs, seed=spec.seed,
+        batch_size=spec.batch_size, progress=progress,
+    )
+    rows = summarize(result, breakdowns=spec.breakdowns, n_boot=spec.n_boot, seed=spec.seed)
+    proxies = [{"label": label, "simplifier": p.simplifier, "params": p.params}
+               for label, p in zip(result.labels, result.proxies, strict=True)]
+    doc = to_json(rows, task=spec.task, model=source, proxies=proxies)
+    return RunResult(spec, desc, source, rows, doc, result, task.meta(), task=task, model=model)
+
+
+def rows_to_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(ROW_FIELDS), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _csv_value(row[k]) for k in ROW_FIELDS})
+    return buf.getvalue()
+
+
+def _csv_value(x: Any) -> Any:
+    if isinstance(x, float):
+        return "" if not np.isfinite(x) else repr(round(x, 10))
+    return x
+
+
+def check_writable(out: Path) -> None:
+    """Fail early, before any work, if the run directory cannot be created."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise IllusionsError(f"--out {out} exists and is not a directory")
+    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise IllusionsError(f"cannot create {out}: {parent} is not a directory")
+    import os
+
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise IllusionsError(f"cannot write to {out}: {parent} is not writable")
+
+
+def write_run(run: RunResult, out: Path, *, extra_files: Callable[[Path], None] | None = None) -> Path:
+    """Write the run directory atomically; ``extra_files(stage)`` may add e.g. the report."""
+    out = Path(out)
+    config = {
+        "illusions_version": __version__,
+        "spec": run.spec.to_dict(),
+        "model": {"source": run.model_source, "architecture": run.model_description},
+        "task": run.task_meta,
+        "fit_rows": int(run.analysis.fit_rows.shape[0]),
+        "evaluated_sequences": {k: int(v.shape[0]) for k, v in run.analysis.split_rows.items()},
+    }
+    try:
+        with staged_dir(out) as stage:
+            atomic_write_json(stage / "config.json", config)
+            atomic_write_json(stage / "metrics.json", run.document)
+            atomic_write_text(stage / "metrics.csv", rows_to_csv(run.rows))
+            atomic_write_bytes(stage / "records.npz", _records_npz(run.analysis))
+            for i, proxy in enumerate(run.analysis.proxies):
+                proxy.save(stage / "proxies" / f"{i:02d}")
+            if extra_files is not None:
+                extra_files(stage)
+    except PermissionError as exc:
+        raise IllusionsError(f"cannot write {out}: {exc.strerror}") from None
+    return out
+
+
+def _records_npz(result: Any) -> bytes:
+    arrays: dict[str, np.ndarray] = {}
+    for (split, j), rec in result.records.items():
+        prefix = f"{split}/{j}/"
+        for field in ("rows", "pos", "target", "original_pred", "proxy_pred", "attention_jsd", "kl"):
+            arrays[prefix + field] = getattr(rec, field)
+        for k, v in rec.meta.items():
+            arrays[prefix + "meta/" + k] = v
+    for split, rows in result.split_rows.items():
+        arrays[f"{split}/evaluated_rows"] = rows
+    arrays["fit_rows"] = result.fit_rows
+    arrays["labels"] = np.array(json.dumps(result.labels))
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
