@@ -1,0 +1,243 @@
+"""Building the Dyck splits relative to the training set, and caching them on disk without pickle.
+
+Every split draws from its own child of ``np.random.SeedSequence(seed)`` (spawned in the order of
+:data:`SPLIT_NAMES`), so the splits are independent and each is reproducible from the seed alone.
+Evaluation splits are rejection samples from the training distribution: fresh strings are drawn
+from the same sampler and kept when they meet the split's definition; the acceptance rates are
+recorded beside the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from illusions.io import atomic_write_bytes
+from illusions.tasks.base import Scored, Split
+from illusions.tasks.dyck_sampler import sample
+from illusions.tasks.dyck_structure import META_COLUMNS, score, segment_keys, string_keys
+
+if TYPE_CHECKING:
+    from illusions.tasks.dyck import DyckConfig
+
+log = logging.getLogger(__name__)
+
+SPLIT_NAMES = (
+    "train",
+    "iid",
+    "seen_struct",
+    "unseen_struct_short",
+    "unseen_struct_long",
+    "unseen_depth",
+)
+
+DESCRIPTIONS = {
+    "train": "strings sampled from the Dyck process as drawn (duplicates kept)",
+    "iid": "fresh samples from the training distribution whose exact string is not in train",
+    "seen_struct": "fresh samples not in train whose every top-level segment structure occurs in train",
+    "unseen_struct_short": "fresh samples with a segment structure absent from train, at most "
+    "short_max_brackets brackets",
+    "unseen_struct_long": "fresh samples with a segment structure absent from train, more than "
+    "short_max_brackets brackets",
+    "unseen_depth": "samples of the same process with the depth limit raised to ood_depth_max, kept "
+    "when their maximum depth is in [ood_depth_min, ood_depth_max]",
+}
+
+# Bump when the sampler, the split definitions or the file layout change: old caches are ignored.
+CACHE_FORMAT = 1
+
+Progress = Callable[[str], None]
+
+
+def cache_key(config: DyckConfig) -> str:
+    """A short hash of the config (and the cache format) naming the cache file."""
+    blob = json.dumps({"format": CACHE_FORMAT, **config.to_dict()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class TrainIndex:
+    """Exact membership tests against a training set: whole strings and segment structures."""
+
+    def __init__(self, tokens: np.ndarray, config: DyckConfig) -> None:
+        self.config = config
+        self.width = config.max_len
+        self.strings = set(string_keys(tokens, self.width).tolist())
+        self.segments = set(segment_keys(tokens, config.n_types, self.width)[0].tolist())
+
+    def in_train(self, tokens: np.ndarray) -> np.ndarray:
+        """``[batch]`` whether each row is exactly a training string."""
+        keys = string_keys(tokens, self.width).tolist()
+        return np.fromiter((k in self.strings for k in keys), dtype=bool, count=len(keys))
+
+    def unseen_segments(self, tokens: np.ndarray) -> np.ndarray:
+        """``[batch]`` how many of each row's segments have a structure absent from train."""
+        keys, row = segment_keys(tokens, self.config.n_types, self.width)
+        seen = np.fromiter((k in self.segments for k in keys.tolist()), dtype=bool, count=len(keys))
+        return np.bincount(row[~seen], minlength=tokens.shape[0])
+
+
+def _accept_rule(name: str, config: DyckConfig, index: TrainIndex) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    def rule(tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        if name == "iid":
+            return ~index.in_train(tokens)
+        unseen = index.unseen_segments(tokens)
+        if name == "seen_struct":
+            return (unseen == 0) & ~index.in_train(tokens)
+        short = lengths - 2 <= config.short_max_brackets
+        return (unseen > 0) & (short if name == "unseen_struct_short" else ~short)
+
+    return rule
+
+
+def _rejection(
+    rng: np.random.Generator,
+    want: int,
+    accept: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    sampler_kwargs: dict[str, int],
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Sample from the process in rounds until ``want`` strings pass ``accept``, in draw order."""
+    toks: list[np.ndarray] = []
+    lens: list[np.ndarray] = []
+    have = candidates = kept = drawn = 0
+    rate = 0.5
+    while have < want:
+        m = min(int((want - have) / rate * 1.2) + 256, 400_000)
+        batch = sample(rng, m, **sampler_kwargs)
+        keep = accept(batch.tokens, batch.lengths)
+        candidates += m
+        kept += int(keep.sum())
+        drawn += batch.drawn
+        have += int(keep.sum())
+        rate = max(kept / candidates, 1e-4)
+        toks.append(batch.tokens[keep])
+        lens.append(batch.lengths[keep])
+    stats = {"candidates": candidates, "kept": kept, "acceptance": kept / candidates if candidates else 1.0}
+    return np.concatenate(toks)[:want], np.concatenate(lens)[:want], stats
+
+
+def build(config: DyckConfig, progress: Progress | None = None) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
+    """Sample the training set and every evaluation split.
+
+    Args:
+        config: the task config.
+        progress: called with a short message before each stage (for a CLI status line).
+
+    Returns:
+        ``(data, stats)``: ``data[name] = (tokens uint8 [n, pos], lengths int64 [n])`` for each name of
+        :data:`SPLIT_NAMES`, and per-split sampling statistics (candidates drawn, acceptance rate).
+    """
+    say = progress or (lambda _msg: None)
+    rngs = [np.random.default_rng(c) for c in np.random.SeedSequence(config.seed).spawn(len(SPLIT_NAMES))]
+    kw = {
+        "n_types": config.n_types,
+        "max_depth": config.max_depth,
+        "max_len": config.max_len,
+        "min_brackets": config.min_brackets,
+    }
+    say(f"sampling {config.n_train:,} training strings")
+    train = sample(rngs[0], config.n_train, **kw)
+    data = {"train": (train.tokens, train.lengths)}
+    stats: dict[str, Any] = {
+        "train": {"candidates": config.n_train, "kept": config.n_train, "acceptance": 1.0,
+                  "sampler_acceptance": train.accepted / train.drawn},
+    }
+    say("indexing training strings and segment structures")
+    index = TrainIndex(train.tokens, config)
+    for name, rng in zip(SPLIT_NAMES[1:5], rngs[1:5], strict=True):
+        say(f"sampling {name}")
+        tokens, lengths, st = _rejection(rng, config.n_eval, _accept_rule(name, config, index), kw)
+        data[name] = (tokens, lengths)
+        stats[name] = st
+    say("sampling unseen_depth")
+    deep_kw = {**kw, "max_depth": config.ood_depth_max}
+
+    def deep_enough(tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        depth = np.cumsum((tokens >= 3) & (tokens < 3 + config.n_types), axis=1, dtype=np.int16)
+        depth -= np.cumsum(tokens >= 3 + config.n_types, axis=1, dtype=np.int16)
+        return depth.max(axis=1) >= config.ood_depth_min
+
+    tokens, lengths, st = _rejection(rngs[5], config.n_eval, deep_enough, deep_kw)
+    data["unseen_depth"] = (tokens, lengths)
+    stats["unseen_depth"] = st
+    # Trim each split to its longest row.
+    data = {k: (t[:, : int(ln.max()) if ln.size else 2], ln) for k, (t, ln) in data.items()}
+    return data, stats
+
+
+def _to_split(name: str, tokens: np.ndarray, lengths: np.ndarray, scored: Scored, config: DyckConfig) -> Split:
+    description = DESCRIPTIONS[name].replace("short_max_brackets", str(config.short_max_brackets))
+    description = description.replace("ood_depth_min", str(config.ood_depth_min))
+    description = description.replace("ood_depth_max", str(config.ood_depth_max))
+    return Split(name, tokens.astype(np.int64), lengths.astype(np.int64), scored, description)
+
+
+def save(path: Path, config: DyckConfig, data: dict[str, tuple[np.ndarray, np.ndarray]], scored: dict[str, Scored], stats: dict[str, Any]) -> None:
+    """Write all splits to one ``.npz`` (compact dtypes, no object arrays), atomically."""
+    arrays: dict[str, np.ndarray] = {
+        "config": np.array(json.dumps(config.to_dict())),
+        "stats": np.array(json.dumps(stats)),
+    }
+    for name, (tokens, lengths) in data.items():
+        sc = scored[name]
+        arrays[f"{name}.tokens"] = tokens.astype(np.uint8)
+        arrays[f"{name}.lengths"] = lengths.astype(np.int32)
+        arrays[f"{name}.seq"] = sc.seq.astype(np.int32)
+        arrays[f"{name}.pos"] = sc.pos.astype(np.int32)
+        arrays[f"{name}.target"] = sc.target.astype(np.uint8)
+        for col in META_COLUMNS:
+            arrays[f"{name}.meta.{col}"] = sc.meta[col].astype(np.int32)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load(path: Path, config: DyckConfig) -> tuple[dict[str, Split], dict[str, Any]] | None:
+    """Read the splits written by :func:`save`; None when the file is missing, corrupt or foreign."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if json.loads(str(z["config"])) != config.to_dict():
+                log.warning("ignoring cache %s: it was written for another config", path)
+                return None
+            stats = json.loads(str(z["stats"]))
+            splits = {}
+            for name in SPLIT_NAMES:
+                sc = Scored(
+                    seq=z[f"{name}.seq"].astype(np.int64),
+                    pos=z[f"{name}.pos"].astype(np.int64),
+                    target=z[f"{name}.target"].astype(np.int64),
+                    meta={c: z[f"{name}.meta.{c}"].astype(np.int64) for c in META_COLUMNS},
+                )
+                splits[name] = _to_split(name, z[f"{name}.tokens"], z[f"{name}.lengths"], sc, config)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        log.warning("ignoring unreadable cache %s (%s); regenerating", path, exc)
+        return None
+    return splits, stats
+
+
+def build_splits(config: DyckConfig, path: Path, progress: Progress | None = None) -> tuple[dict[str, Split], dict[str, Any]]:
+    """The splits from the cache at ``path``, or built, scored and written there first."""
+    cached = load(path, config)
+    if cached is not None:
+        return cached
+    data, stats = build(config, progress)
+    if progress:
+        progress("scoring closing brackets")
+    scored = {
+        name: score(tokens, lengths, min_distance=config.min_distance, n_types=config.n_types)
+        for name, (tokens, lengths) in data.items()
+    }
+    if progress:
+        progress(f"writing {path}")
+    save(path, config, data, scored, stats)
+    splits = {name: _to_split(name, t, ln, scored[name], config) for name, (t, ln) in data.items()}
+    return splits, stats
