@@ -538,7 +538,7 @@ def train(
             t0 = time.perf_counter()
             rows = next(stream)
             width = int(train_split.lengths[rows].max())
-            tokens = torch.as_tensor(train_split.tokens[rows, :width], device=device)  # [batch, pos]
+            tokens = torch.as_tensor(train_split.tokens[rows, :width], device=device).long()  # [batch, pos]
             lr = lr_at(step, train_cfg)
             for group in opt.param_groups:
                 group["lr"] = lr

@@ -2,10 +2,123 @@
 
 from __future__ import annotations
 
-from illusions.cli.app import command, not_built
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from illusions.cli.app import command, set_threads
+
+
+def _saved_train_settings(out: Path) -> dict[str, Any]:
+    """The [train] settings a run in ``out`` started with (empty when there is none)."""
+    from illusions.config import read_json
+    from illusions.training import TRAINER_FILE
+
+    state = read_json(out / TRAINER_FILE) if (out / TRAINER_FILE).is_file() else {}
+    return dict(state.get("train", {})) if isinstance(state, dict) else {}
 
 
 @command("train")
-def train(task: str) -> None:
-    """Train a model on a task or a TOML recipe."""
-    not_built("`illusions train`", 4)
+def train(
+    task: Annotated[str, typer.Argument(help="A task name (its bundled recipe, e.g. dyck) or a recipe file (tasks/dyck.toml).")],
+    out: Annotated[Path | None, typer.Option("--out", help="Run folder (default runs/train-<task>).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Override the recipe's step budget.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Override the recipe's training seed (init and batch order).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out.")] = False,
+    threads: Annotated[int, typer.Option("--threads", help="Torch CPU threads (results are exact for a fixed count).")] = 2,
+    device: Annotated[str, typer.Option("--device", help="Torch device, e.g. cpu or cuda.")] = "cpu",
+) -> None:
+    """Train a model on a task or a TOML recipe; Ctrl-C saves a checkpoint that --resume continues."""
+    set_threads(threads)
+    import time
+
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+    from rich.table import Table
+
+    from illusions.models import ModelConfig
+    from illusions.recipes import resolve_recipe
+    from illusions.training import TrainConfig
+    from illusions.training import train as run_training
+
+    err = Console(stderr=True)
+    recipe = resolve_recipe(task, {"model": ModelConfig, "train": TrainConfig})
+    out = out if out is not None else Path("runs") / f"train-{recipe.task_name}"
+    changes: dict[str, Any] = {}
+    if resume:
+        # Resuming continues the run as it started, so its --steps/--seed need not be repeated.
+        saved = _saved_train_settings(out)
+        changes.update({k: saved[k] for k in ("steps", "seed") if k in saved})
+    if steps is not None:
+        changes["steps"] = steps
+    if seed is not None:
+        changes["seed"] = seed
+    if changes:
+        recipe = recipe.replace("train", **changes)
+    model_cfg: ModelConfig = recipe["model"]
+    train_cfg: TrainConfig = recipe["train"]
+
+    err.print(f"[dim]recipe {recipe.source}; building {recipe.task_name} splits (cached after the first run)[/]")
+    t0 = time.perf_counter()
+    task_obj = recipe.make_task()
+    task_obj.splits()
+    err.print(f"[dim]splits ready in {time.perf_counter() - t0:.1f}s; training {train_cfg.steps} steps into {out}[/]")
+
+    columns = (
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[tps]} tok/s"),
+        TextColumn("{task.fields[acc]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=False) as bar:
+        handle = bar.add_task("train", total=train_cfg.steps, loss="-", tps="-", acc="")
+
+        def progress(p: Any) -> None:
+            acc = " ".join(f"{k} {v:.3f}" for k, v in p.accuracies.items())
+            bar.update(handle, completed=p.step, loss=f"{p.loss:.4f}", tps=f"{p.tokens_per_s:,.0f}", acc=acc)
+
+        result = run_training(
+            task_obj,
+            model_cfg,
+            train_cfg,
+            out,
+            resume=resume,
+            progress=progress,
+            device=device,
+            recipe={**recipe.to_dict(), "source": recipe.source},
+        )
+
+    console = Console()
+    if result.interrupted:
+        err.print(
+            f"interrupted at step {result.step}/{train_cfg.steps}; checkpoint saved in {out}. "
+            f"Continue with: illusions train {task} --out {out} --resume"
+        )
+        raise typer.Exit(130)
+    table = Table(title=f"accuracy at step {result.step} (scored positions)", title_justify="left")
+    for col in ("split", "accuracy", "positions", f"subset ({train_cfg.eval_rows} rows)"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for name, sub in result.subset_accuracies.items():
+        full = result.accuracies.get(name)
+        table.add_row(
+            name,
+            f"{full['accuracy']:.4f}" if full else "-",
+            f"{full['n_positions']}" if full else "-",
+            f"{sub['accuracy']:.4f}",
+        )
+    console.print(table)
+    console.print(
+        f"{result.train_tokens:,} tokens in {result.train_seconds:.0f}s of training "
+        f"({result.tokens_per_s:,.0f} tok/s), {result.wall_seconds:.0f}s in all"
+    )
+    console.print(f"checkpoint: {out}")

@@ -1,0 +1,78 @@
+"""The reference models shipped inside the package, under ``illusions/assets/<task>/``.
+
+Each task's folder holds fixed files:
+
+    recipe.toml         the recipe that trained it (a copy of the repository's tasks/<task>.toml)
+    config.json         model config + meta (task meta, recipe, final accuracies), as written by
+    model.safetensors   ``illusions.models.save_model``
+    metrics.json        per-split accuracies on the full splits and on the fixed evaluation subsets
+    training_log.json   the loss curve and the evaluations made during training
+
+Commands that need a model default to :func:`bundled_model_dir` of their task.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from illusions.config import read_json
+from illusions.errors import IllusionsError
+from illusions.models import CONFIG_FILE, WEIGHTS_FILE
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+RECIPE_FILE = "recipe.toml"
+METRICS_FILE = "metrics.json"
+LOG_FILE = "training_log.json"
+
+
+def bundled_tasks() -> list[str]:
+    """Names of the tasks that ship a trained reference model."""
+    if not ASSETS.is_dir():
+        return []
+    return sorted(p.name for p in ASSETS.iterdir() if (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file())
+
+
+def bundled_model_dir(task: str) -> Path:
+    """The checkpoint folder of the reference model bundled for ``task``.
+
+    Args:
+        task: a task name, e.g. ``dyck``.
+
+    Returns:
+        A folder that :func:`illusions.models.load_model` reads.
+
+    Raises:
+        IllusionsError: no model is bundled for ``task``.
+    """
+    directory = ASSETS / task
+    if not ((directory / CONFIG_FILE).is_file() and (directory / WEIGHTS_FILE).is_file()):
+        have = ", ".join(bundled_tasks()) or "none"
+        raise IllusionsError(
+            f"no bundled model for task {task!r} (bundled: {have}); train one with `illusions train {task}` "
+            "and pass its folder with --model"
+        )
+    return directory
+
+
+def bundled_recipe_path(task: str) -> Path:
+    """The recipe shipped for ``task`` (what ``illusions train <task>`` runs)."""
+    path = ASSETS / task / RECIPE_FILE
+    if not path.is_file():
+        raise IllusionsError(f"no bundled recipe for task {task!r}; pass a recipe file such as tasks/{task}.toml")
+    return path
+
+
+def bundled_metrics(task: str) -> dict[str, Any]:
+    """The recorded accuracies of the bundled model of ``task`` (its ``metrics.json``)."""
+    return read_json(bundled_model_dir(task) / METRICS_FILE)
+
+
+def load_bundled(task: str, *, device: str = "cpu") -> tuple[HookedTransformer, dict[str, Any]]:
+    """Load the bundled reference model of ``task``: ``(model, meta)``."""
+    from illusions.models import load_model
+
+    return load_model(bundled_model_dir(task), device=device)
