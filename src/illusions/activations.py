@@ -1,0 +1,172 @@
+"""Collect activations at named hook points, in batches, with padding positions dropped.
+
+The layout of what :func:`collect` returns, one entry per hook name:
+
+    ``blocks.L.attn.hook_q`` / ``hook_k`` (and any other per-head hook ``[batch, pos, head_index, x]``)
+        -> ``[n, head_index, d_head]``: every head at once; a simplifier picks its heads by indexing
+        the middle axis, so one collection serves any choice of heads.
+    ``blocks.L.hook_resid_pre|mid|post`` (and any other ``[batch, pos, x]`` hook)
+        -> ``[n, d_model]``.
+
+``n`` runs over the kept (non-PAD) positions in row-major order: all kept positions of sequence 0
+in position order, then those of sequence 1, and so on. Attention patterns
+(``[batch, head_index, query_pos, key_pos]``) have no single position axis and are refused.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from illusions.errors import IllusionsError
+
+if TYPE_CHECKING:
+    import numpy as np
+    from jaxtyping import Bool, Float, Int
+    from torch import Tensor
+    from transformer_lens import HookedTransformer
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+# Hooks that run before block 0: collecting only these needs the embedding and nothing else.
+_BEFORE_BLOCKS = ("hook_embed", "hook_pos_embed", "hook_tokens")
+# [batch, head_index, query_pos, key_pos] hooks: no per-position vector to gather.
+_PATTERN_HOOKS = ("hook_attn_scores", "hook_pattern")
+
+
+def hook_layer(name: str) -> int | None:
+    """The block index a hook name belongs to (``blocks.3.attn.hook_q`` -> 3), None outside blocks."""
+    match = _BLOCK.match(name)
+    return int(match.group(1)) if match else None
+
+
+def check_hook_names(model: HookedTransformer, names: list[str] | tuple[str, ...]) -> None:
+    """Raise :class:`IllusionsError` unless every name is a hook point of ``model``.
+
+    The message names the closest valid hooks, so ``blocks.1.attn.hook_query`` points at
+    ``blocks.1.attn.hook_q``.
+    """
+    import difflib
+
+    for name in names:
+        if name in model.hook_dict:
+            continue
+        close = difflib.get_close_matches(name, list(model.hook_dict), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise IllusionsError(
+            f"unknown hook {name!r} for this {model.cfg.n_layers}-layer model (layers 0.."
+            f"{model.cfg.n_layers - 1}){hint}"
+        )
+
+
+def mask_from_lengths(lengths: Any, width: int) -> Bool[Tensor, "batch pos"]:
+    """``mask[b, p] = p < lengths[b]``: the non-PAD positions of right-padded sequences."""
+    import torch
+
+    lengths = torch.as_tensor(lengths, dtype=torch.long)
+    if lengths.ndim != 1:
+        raise IllusionsError(f"lengths must be one number per sequence, got shape {tuple(lengths.shape)}")
+    if lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > width):
+        raise IllusionsError(f"lengths must lie in 0..{width} (the padded width), got {int(lengths.min())}.."
+                             f"{int(lengths.max())}")
+    return torch.arange(width)[None, :] < lengths[:, None]
+
+
+def as_mask(tokens: Int[Tensor, "batch pos"], lengths_or_mask: Any) -> Bool[Tensor, "batch pos"]:
+    """A boolean ``[batch, pos]`` mask from either per-sequence lengths ``[batch]`` or a mask."""
+    import torch
+
+    value = torch.as_tensor(lengths_or_mask)
+    if value.ndim == 1:
+        mask = mask_from_lengths(value, tokens.shape[1])
+    elif value.ndim == 2:
+        mask = value.bool()
+    else:
+        raise IllusionsError(f"expected lengths [batch] or a mask [batch, pos], got shape {tuple(value.shape)}")
+    if tuple(mask.shape) != tuple(tokens.shape):
+        raise IllusionsError(
+            f"the mask covers {tuple(mask.shape)} positions but the tokens are {tuple(tokens.shape)}"
+        )
+    return mask
+
+
+def stop_layer(model: HookedTransformer, names: list[str] | tuple[str, ...]) -> int | None:
+    """One past the deepest block any of ``names`` lives in (None: the whole model must run)."""
+    deepest = -1
+    for name in names:
+        layer = hook_layer(name)
+        if layer is None:
+            if name.split(".")[0] not in _BEFORE_BLOCKS:
+                return None
+        else:
+            deepest = max(deepest, layer)
+    return deepest + 1
+
+
+def collect(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"] | np.ndarray,
+    hook_names: list[str] | tuple[str, ...],
+    mask: Bool[Tensor, "batch pos"] | Any,
+    *,
+    batch_size: int = 64,
+) -> dict[str, Tensor]:
+    """Activations of ``model`` at ``hook_names`` on ``tokens``, PAD positions dropped.
+
+    Runs under ``torch.no_grad`` in batches of ``batch_size`` sequences, each batch trimmed to its
+    longest kept position (right padding, causal attention: trimming never changes a kept position),
+    and stops after the deepest block that holds a requested hook.
+
+    Args:
+        model: a ``HookedTransformer``; its hooks are left exactly as they were.
+        tokens: ``[batch, pos]`` token ids (a numpy array is accepted).
+        hook_names: hook points, spelled out (``blocks.1.attn.hook_q``); validated against
+            ``model.hook_dict``.
+        mask: ``[batch, pos]`` true at positions to keep, or ``[batch]`` lengths of right-padded rows.
+        batch_size: sequences per forward pass.
+
+    Returns:
+        ``{hook_name: tensor}`` on the CPU: ``[n, head_index, d_head]`` for per-head hooks such as
+        ``hook_q``/``hook_k``, ``[n, d_model]`` for residual hooks; ``n = mask.sum()`` in row-major
+        order.
+    """
+    import torch
+
+    names = list(dict.fromkeys(hook_names))
+    if not names:
+        return {}
+    check_hook_names(model, names)
+    for name in names:
+        if name.rsplit(".", 1)[-1] in _PATTERN_HOOKS:
+            raise IllusionsError(f"cannot collect {name!r}: attention patterns have no single position axis")
+    if batch_size < 1:
+        raise IllusionsError(f"batch_size must be at least 1, got {batch_size}")
+    device = model.cfg.device
+    tokens = torch.as_tensor(tokens, dtype=torch.long)
+    if tokens.ndim != 2:
+        raise IllusionsError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
+    mask = as_mask(tokens, mask)
+    stop = stop_layer(model, names)
+    parts: dict[str, list[Tensor]] = {name: [] for name in names}
+    with torch.no_grad():
+        for start in range(0, tokens.shape[0], batch_size):
+            batch_mask = mask[start : start + batch_size]
+            kept = batch_mask.any(dim=0).nonzero()
+            if kept.numel() == 0:
+                continue
+            width = int(kept.max()) + 1
+            batch_mask = batch_mask[:, :width]
+            batch_tokens = tokens[start : start + batch_size, :width].to(device)
+            _, cache = model.run_with_cache(
+                batch_tokens, names_filter=names, stop_at_layer=stop, return_cache_object=False
+            )
+            keep = batch_mask.to(device)
+            for name in names:
+                # [batch, pos, ...] indexed by a [batch, pos] mask -> [n_batch, ...], row-major
+                parts[name].append(cache[name][keep].cpu())
+    out = {}
+    for name in names:
+        if parts[name]:
+            out[name] = torch.cat(parts[name])
+        else:
+            raise IllusionsError("the mask keeps no positions, so there is nothing to collect")
+    return out
