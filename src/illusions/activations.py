@@ -22,7 +22,7 @@ from illusions.errors import IllusionsError
 
 if TYPE_CHECKING:
     import numpy as np
-    from jaxtyping import Bool, Float, Int
+    from jaxtyping import Bool, Int
     from torch import Tensor
     from transformer_lens import HookedTransformer
 
