@@ -1,0 +1,557 @@
+"""Character-level code completion with out-of-distribution splits (the paper's Task 2).
+
+A sequence is ``BOS`` followed by the first ``n_ctx - 1`` characters of one function: long functions
+are **truncated**, not windowed, so every sequence starts at a signature whose names the body goes on
+to repeat (windows from the middle would cut copying targets from their first occurrence). The
+tokens are characters; the vocabulary is ``<pad>``, ``<bos>``, ``<unk>`` and the characters seen at
+least ``min_char_count`` times in the training split (at most ``max_vocab`` of them, most frequent
+first); any other character becomes ``<unk>``. The vocabulary goes into :meth:`CodeTask.meta`, so it is
+saved beside every model trained on the task.
+
+Splits (functions are deduplicated on the truncated text the model sees, so no ``train`` sequence
+appears in any other split):
+
+* ``train`` / ``iid``: disjoint random samples of the training language's functions (Python) whose
+  nesting depth stays below the deep threshold ``D``;
+* ``deep_nesting``: functions of the training language whose maximum depth is at least ``D``, hence
+  deeper than every training function;
+* one split per other language of the corpus (e.g. ``java``, ``javascript``), any depth.
+
+``D`` is ``deep_depth`` when set, else the smallest depth reached by at most a ``deep_fraction`` of the
+training language's functions (see :func:`deep_threshold`).
+
+Every position ``p`` of a sequence predicts the character at ``p + 1``; all of them are scored (up to
+``max_scored`` per split, a seeded uniform subsample beyond that). Each scored position carries, for
+its **target** character: ``category`` (an index into :data:`CATEGORIES`), ``depth`` (see
+:func:`label`), ``key_pos`` and ``distance`` (for copying characters: the token position of the same
+character in the identifier's previous occurrence, and how far back that is; else -1), ``length``
+(the row's number of tokens, BOS included).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import keyword
+import re
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from illusions.config import Config
+from illusions.errors import IllusionsError
+from illusions.io import atomic_write_bytes, cache_root
+from illusions.tasks.base import Scored, Split, Vocab
+from illusions.tasks.code_corpus import Corpus, load_corpus
+
+CATEGORIES = ("bracket", "whitespace", "copy", "identifier", "other")
+"""Names of the ``category`` codes 0..4 of a target character:
+
+* ``bracket``: one of ``()[]{}``;
+* ``whitespace``: space, tab or newline (indentation included);
+* ``copy``: a character after the first of an identifier that already occurred earlier in the same
+  sequence (the same whole word, language keywords excluded): it can be copied from context;
+* ``identifier``: any other character of an identifier (``[A-Za-z_$][A-Za-z0-9_$]*``), including the
+  first character of a repeated one and keywords;
+* ``other``: everything else (operators, punctuation, digits, non-ASCII).
+"""
+BRACKET, WHITESPACE, COPY, IDENTIFIER, OTHER = range(5)
+
+PAD, BOS, UNK = "<pad>", "<bos>", "<unk>"
+CACHE_FORMAT = 1
+SPLIT_ORDER = ("train", "iid", "deep_nesting")
+
+_IDENT = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*|[0-9][A-Za-z0-9_$]*")
+_OPEN, _CLOSE = "([{", ")]}"
+_TAB = 8
+
+KEYWORDS: dict[str, frozenset[str]] = {
+    "python": frozenset(keyword.kwlist) | frozenset(keyword.softkwlist),
+    "java": frozenset(
+        "abstract assert boolean break byte case catch char class const continue default do double "
+        "else enum extends final finally float for goto if implements import instanceof int interface "
+        "long native new package private protected public return short static strictfp super switch "
+        "synchronized this throw throws transient try void volatile while var record yield sealed "
+        "permits true false null".split()
+    ),
+    "javascript": frozenset(
+        "await break case catch class const continue debugger default delete do else export extends "
+        "false finally for function if import in instanceof let new null return static super switch "
+        "this throw true try typeof var void while with yield async of get set undefined".split()
+    ),
+    "go": frozenset(
+        "break case chan const continue default defer else fallthrough for func go goto if import "
+        "interface map package range return select struct switch type var nil true false".split()
+    ),
+    "ruby": frozenset(
+        "BEGIN END alias and begin break case class def defined? do else elsif end ensure false for if "
+        "in module next nil not or redo rescue retry return self super then true undef unless until "
+        "when while yield".split()
+    ),
+    "php": frozenset(
+        "abstract and array as break callable case catch class clone const continue declare default do "
+        "echo else elseif empty enddeclare endfor endforeach endif endswitch endwhile extends final "
+        "finally fn for foreach function global goto if implements include instanceof insteadof "
+        "interface isset list match namespace new or print private protected public require return "
+        "static switch throw trait try unset use var while xor yield null true false self this".split()
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeConfig(Config):
+    """Settings of the code-completion task.
+
+    Attributes:
+        corpus: CodeSearchNet JSONL file or folder; ``""`` for the machine corpus (Python stdlib, JDK
+            ``src.zip``, npm's JavaScript).
+        train_language: language of ``train``, ``iid`` and ``deep_nesting``.
+        n_ctx: tokens per sequence including BOS; functions are truncated to ``n_ctx - 1`` characters.
+        n_train, n_iid, n_ood, n_deep: functions per split (at most; ``n_ood`` per other language).
+            When the training language has too few shallow functions, ``iid`` keeps at most a fifth.
+        min_chars, max_chars: functions outside this length (before truncation) are not used.
+        min_char_count, max_vocab: vocabulary = characters seen at least ``min_char_count`` times in
+            ``train``, the ``max_vocab`` most frequent at most.
+        vocab_chars: if not empty, exactly these characters form the vocabulary (to share one across
+            corpora).
+        deep_depth: threshold ``D`` of ``deep_nesting`` (0 = automatic from ``deep_fraction``).
+        deep_fraction: automatic ``D`` leaves at most this fraction of functions in ``deep_nesting``.
+        max_scored: scored positions per split at most (seeded subsample beyond).
+        max_functions_per_language: cap on the corpus per language (hash-ordered sample; 0 = none).
+        seed: seed of every random choice (split sampling, subsampling).
+    """
+
+    corpus: str = ""
+    train_language: str = "python"
+    n_ctx: int = 256
+    n_train: int = 4000
+    n_iid: int = 500
+    n_ood: int = 500
+    n_deep: int = 500
+    min_chars: int = 40
+    max_chars: int = 5000
+    min_char_count: int = 20
+    max_vocab: int = 120
+    vocab_chars: str = ""
+    deep_depth: int = 0
+    deep_fraction: float = 0.05
+    max_scored: int = 20000
+    max_functions_per_language: int = 20000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_ctx < 3:
+            raise ValueError(f"n_ctx must be at least 3, got {self.n_ctx}")
+        for name in ("n_train", "n_iid", "n_ood", "n_deep", "min_chars", "max_scored"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_chars < self.min_chars:
+            raise ValueError(f"max_chars ({self.max_chars}) is below min_chars ({self.min_chars})")
+        if self.min_char_count < 1 or self.max_vocab < 1:
+            raise ValueError("min_char_count and max_vocab must be at least 1")
+        if len(set(self.vocab_chars)) != len(self.vocab_chars):
+            raise ValueError("vocab_chars holds a character twice")
+        if self.deep_depth < 0 or not 0.0 < self.deep_fraction < 1.0:
+            raise ValueError("deep_depth must be >= 0 and deep_fraction strictly between 0 and 1")
+        if self.max_functions_per_language < 0:
+            raise ValueError("max_functions_per_language must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Labels:
+    """Per-character labels of one text (index ``i`` is the character at token position ``i + 1``)."""
+
+    category: np.ndarray  # [chars] int64, codes of CATEGORIES
+    depth: np.ndarray  # [chars] int64
+    key_pos: np.ndarray  # [chars] int64 token position, -1 unless category is COPY
+
+
+def _bracket_scan(text: str) -> tuple[np.ndarray, np.ndarray]:
+    around = np.zeros(len(text), dtype=np.int64)
+    before = np.zeros(len(text), dtype=np.int64)
+    d = 0
+    for i, c in enumerate(text):
+        before[i] = d
+        if c in _CLOSE:
+            d = max(d - 1, 0)
+        around[i] = d
+        if c in _OPEN:
+            d += 1
+    return around, before
+
+
+def bracket_depths(text: str) -> np.ndarray:
+    """Brackets ``()[]{}`` open around each character, unmatched closers clamped at zero.
+
+    An opening bracket and its closing bracket both get the depth *outside* them (the opener counts
+    what is open before it, the closer what is open after it); brackets inside strings and comments
+    count like any other (the labels read characters, they do not parse).
+    """
+    return _bracket_scan(text)[0]
+
+
+def label(text: str, language: str) -> Labels:
+    """Category, nesting depth and copy source of every character of ``text``.
+
+    ``depth = brackets + indent``: ``brackets`` is :func:`bracket_depths`; ``indent`` is the
+    indentation level of the *logical* line holding the character. A logical line starts at a
+    physical line that begins outside any bracket; continuation lines (begun inside a bracket) and
+    whitespace-only lines keep the level of the logical line before them. A level is the line's
+    leading whitespace width (tabs to multiples of 8) divided by the function's indentation unit, the
+    smallest positive width among its logical line starts (4 if none). So Python block nesting counts
+    through indentation and Java/JavaScript block nesting through braces (their bodies lie inside
+    ``{``, so only the signature and the closing line start logical lines), each once.
+
+    Args:
+        text: one function (or its truncated prefix).
+        language: its language, for the keywords excluded from copying.
+
+    Returns:
+        The labels; ``key_pos`` counts token positions (BOS is position 0, ``text[i]`` is ``i + 1``).
+    """
+    n = len(text)
+    category = np.full(n, OTHER, dtype=np.int64)
+    key_pos = np.full(n, -1, dtype=np.int64)
+    for i, c in enumerate(text):
+        if c in _OPEN or c in _CLOSE:
+            category[i] = BRACKET
+        elif c in " \t\n\r\f\v":
+            category[i] = WHITESPACE
+    keywords = KEYWORDS.get(language, frozenset())
+    last: dict[str, int] = {}
+    for m in _IDENT.finditer(text):
+        word, s, e = m.group(), m.start(), m.end()
+        if word[0].isdigit():
+            continue  # a number: stays OTHER
+        category[s:e] = IDENTIFIER
+        if word in keywords:
+            continue
+        if word in last:
+            category[s + 1 : e] = COPY
+            key_pos[s + 1 : e] = np.arange(last[word] + 1, last[word] + len(word)) + 1
+        last[word] = s
+
+    brackets, before = _bracket_scan(text)
+    lines = text.split("\n")
+    widths: list[int | None] = []  # leading width of each logical line start, None otherwise
+    starts = []
+    offset = 0
+    for line in lines:
+        starts.append(offset)
+        continuation = offset < n and before[offset] > 0
+        expanded = line.expandtabs(_TAB)
+        blank = not expanded.strip()
+        widths.append(None if continuation or blank else len(expanded) - len(expanded.lstrip()))
+        offset += len(line) + 1
+    positive = [w for w in widths if w]
+    unit = min(positive) if positive else 4
+    indent = np.zeros(n, dtype=np.int64)
+    level = 0
+    for line, start, w in zip(lines, starts, widths, strict=True):
+        if w is not None:
+            level = w // unit
+        indent[start : min(start + len(line) + 1, n)] = level
+    return Labels(category, brackets + indent, key_pos)
+
+
+def deep_threshold(max_depths: np.ndarray, fraction: float) -> int:
+    """Smallest depth ``D`` with ``0 < #(max_depth >= D) <= fraction * n``.
+
+    Falls back to the largest depth when no such ``D`` exists (many functions tie at the maximum), so
+    that ``deep_nesting`` is never empty while some depth difference exists.
+    """
+    n = max_depths.shape[0]
+    top = int(max_depths.max())
+    for d in range(1, top + 1):
+        if 0 < int((max_depths >= d).sum()) <= fraction * n:
+            return d
+    return top
+
+
+class CodeTask:
+    """Character-level code completion: Python training data, held-out Python, other languages, deep nesting.
+
+    Building is lazy: the corpus is read and the splits made on first use of :attr:`vocab`,
+    :meth:`splits` or :meth:`meta`, then cached under ``cache_dir`` (default
+    ``illusions.io.cache_root() / "code"``) in one ``.npz`` keyed by the config and the corpus
+    fingerprint.
+    """
+
+    name: ClassVar[str] = "code"
+    Config: ClassVar[type[CodeConfig]] = CodeConfig
+
+    def __init__(self, config: CodeConfig | None = None, *, cache_dir: Path | None = None) -> None:
+        self.config = config if config is not None else CodeConfig()
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "code"
+        self._built: tuple[Vocab, dict[str, Split], dict[str, Any]] | None = None
+
+    # ------------------------------------------------------------------ protocol
+
+    @property
+    def vocab(self) -> Vocab:
+        return self._build()[0]
+
+    @property
+    def unk_id(self) -> int:
+        return self.vocab.index[UNK]
+
+    @property
+    def candidates(self) -> np.ndarray | None:
+        return None
+
+    def splits(self) -> dict[str, Split]:
+        """``train``, ``iid``, ``deep_nesting`` and one split per other language."""
+        return dict(self._build()[1])
+
+    def meta(self) -> dict[str, Any]:
+        """Task name, config, vocabulary, corpus fingerprint and split facts, as JSON data."""
+        vocab, _, info = self._build()
+        return {
+            "task": self.name,
+            "config": self.config.to_dict(),
+            "vocab": list(vocab.tokens),
+            "pad_id": vocab.pad_id,
+            "bos_id": vocab.bos_id,
+            "unk_id": vocab.index[UNK],
+            "categories": list(CATEGORIES),
+            **info,
+        }
+
+    # ------------------------------------------------------------------ helpers
+
+    def encode(self, text: str) -> np.ndarray:
+        """``[BOS] + characters`` of ``text`` as int64 ids (unknown characters -> ``<unk>``)."""
+        index, unk = self.vocab.index, self.unk_id
+        return np.array([self.vocab.bos_id] + [index.get(c, unk) for c in text], dtype=np.int64)
+
+    def decode(self, ids: np.ndarray) -> str:
+        """Characters of ``ids``, without PAD and BOS (``<unk>`` shown as U+FFFD)."""
+        toks = self.vocab.tokens
+        skip = {self.vocab.pad_id, self.vocab.bos_id}
+        return "".join("\ufffd" if toks[i] == UNK else toks[i] for i in np.asarray(ids).tolist() if i not in skip)
+
+    def corpus(self) -> Corpus:
+        """The corpus this task reads (cached after the first read)."""
+        c = self.config
+        return load_corpus(c.corpus, cache_dir=self.cache_dir, max_per_language=c.max_functions_per_language)
+
+    # ------------------------------------------------------------------ building
+
+    def _build(self) -> tuple[Vocab, dict[str, Split], dict[str, Any]]:
+        if self._built is not None:
+            return self._built
+        corpus = self.corpus()
+        key = hashlib.sha256(
+            json.dumps([CACHE_FORMAT, self.config.to_dict(), corpus.fingerprint], sort_keys=True).encode()
+        ).hexdigest()[:16]
+        path = self.cache_dir / f"splits-{key}.npz"
+        built = _load_npz(path)
+        if built is None:
+            built = build_splits(self.config, corpus)
+            _save_npz(path, *built)
+        self._built = built
+        return built
+
+
+def _windows(texts: list[str], n_ctx: int) -> list[str]:
+    return [t[: n_ctx - 1] for t in texts]
+
+
+def _sample(rng: np.random.Generator, items: list[str], n: int) -> list[str]:
+    if len(items) <= n:
+        return list(items)
+    idx = np.sort(rng.choice(len(items), size=n, replace=False))
+    return [items[i] for i in idx]
+
+
+def _split_name(language: str) -> str:
+    name = re.sub(r"[^a-z0-9_]+", "_", language.lower()).strip("_") or "unknown"
+    return f"lang_{name}" if name in SPLIT_ORDER else name
+
+
+def make_vocab(texts: list[str], *, min_count: int, max_size: int, chars: str = "") -> Vocab:
+    """``<pad>, <bos>, <unk>`` + characters (sorted by code point).
+
+    Args:
+        texts: training texts to count characters in (unused when ``chars`` is given).
+        min_count: characters seen fewer times become ``<unk>``.
+        max_size: at most this many characters, the most frequent (ties: lower code point).
+        chars: if not empty, exactly these characters.
+
+    Returns:
+        The vocabulary; PAD is id 0, BOS id 1, UNK id 2.
+    """
+    if not chars:
+        counts: dict[str, int] = {}
+        for t in texts:
+            for c in t:
+                counts[c] = counts.get(c, 0) + 1
+        kept = sorted((c for c, k in counts.items() if k >= min_count), key=lambda c: (-counts[c], c))
+        chars = "".join(kept[:max_size])
+    return Vocab(tokens=(PAD, BOS, UNK, *sorted(chars)), pad_id=0, bos_id=1)
+
+
+def _encode_rows(texts: list[str], vocab: Vocab, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
+    index, unk = vocab.index, vocab.index[UNK]
+    lengths = np.array([len(t) + 1 for t in texts], dtype=np.int64)
+    width = int(lengths.max()) if texts else 1
+    tokens = np.full((len(texts), width), vocab.pad_id, dtype=np.int64)  # [batch, pos]
+    for r, t in enumerate(texts):
+        tokens[r, 0] = vocab.bos_id
+        tokens[r, 1 : len(t) + 1] = [index.get(c, unk) for c in t]
+    return tokens, lengths
+
+
+def make_split(
+    name: str, texts: list[str], language: str, vocab: Vocab, config: CodeConfig, rng: np.random.Generator,
+    description: str,
+) -> Split:
+    """Tokens and scored positions (all, or a ``max_scored`` subsample) of one split's texts."""
+    tokens, lengths = _encode_rows(texts, vocab, config.n_ctx)
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("seq", "pos", "category", "depth", "key_pos")}
+    for r, t in enumerate(texts):
+        lab = label(t, language)
+        # Query p in 0..len(t)-1 predicts text[p] (token p + 1).
+        cols["seq"].append(np.full(len(t), r, dtype=np.int64))
+        cols["pos"].append(np.arange(len(t), dtype=np.int64))
+        cols["category"].append(lab.category)
+        cols["depth"].append(lab.depth)
+        cols["key_pos"].append(lab.key_pos)
+    flat = {k: np.concatenate(v) if v else np.zeros(0, dtype=np.int64) for k, v in cols.items()}
+    if flat["seq"].shape[0] > config.max_scored:
+        keep = np.sort(rng.choice(flat["seq"].shape[0], size=config.max_scored, replace=False))
+        flat = {k: v[keep] for k, v in flat.items()}
+    seq, pos = flat["seq"], flat["pos"]
+    key_pos = flat["key_pos"]
+    distance = np.where(key_pos >= 0, pos + 1 - key_pos, -1)
+    meta = {
+        "category": flat["category"],
+        "depth": flat["depth"],
+        "key_pos": key_pos,
+        "distance": distance,
+        "length": lengths[seq],
+    }
+    scored = Scored(seq=seq, pos=pos, target=tokens[seq, pos + 1], meta=meta)
+    return Split(name, tokens, lengths, scored, description)
+
+
+def build_splits(config: CodeConfig, corpus: Corpus) -> tuple[Vocab, dict[str, Split], dict[str, Any]]:
+    """Make the vocabulary, every split, and the facts recorded in :meth:`CodeTask.meta`.
+
+    Args:
+        config: task settings.
+        corpus: the functions to draw from.
+
+    Returns:
+        ``(vocab, splits, info)``; ``info`` holds the corpus fingerprint, the deep threshold and the
+        number of functions per split.
+    """
+    c = config
+    by_lang: dict[str, list[str]] = {}
+    seen: set[tuple[str, str]] = set()
+    for f in corpus.functions:
+        if not c.min_chars <= len(f.text) <= c.max_chars:
+            continue
+        w = f.text[: c.n_ctx - 1]
+        if (f.language, w) in seen:  # same visible prefix: the model could not tell them apart
+            continue
+        seen.add((f.language, w))
+        by_lang.setdefault(f.language, []).append(w)
+    where = c.corpus or "machine"
+    pool = by_lang.pop(c.train_language, [])
+    if len(pool) < 3:
+        raise IllusionsError(
+            f"corpus {where} has {len(pool)} usable {c.train_language} functions "
+            f"({c.min_chars}..{c.max_chars} characters); at least 3 are needed"
+        )
+    max_depth = np.array([int(label(t, c.train_language).depth.max()) for t in pool])
+    threshold = c.deep_depth or deep_threshold(max_depth, c.deep_fraction)
+    shallow = [t for t, d in zip(pool, max_depth, strict=True) if d < threshold]
+    deep = [t for t, d in zip(pool, max_depth, strict=True) if d >= threshold]
+    if len(shallow) < 2 or not deep:
+        raise IllusionsError(
+            f"corpus {where}: deep threshold {threshold} leaves {len(shallow)} {c.train_language} "
+            f"functions for train/iid and {len(deep)} for deep_nesting; need at least 2 and 1"
+        )
+    rng = np.random.default_rng(c.seed)
+    order = rng.permutation(len(shallow))
+    n_iid = c.n_iid if len(shallow) >= c.n_train + c.n_iid else min(c.n_iid, max(1, len(shallow) // 5))
+    iid = [shallow[i] for i in np.sort(order[:n_iid])]
+    train = [shallow[i] for i in np.sort(order[n_iid : n_iid + c.n_train])]
+    deep = _sample(rng, deep, c.n_deep)
+    ood = {lang: _sample(rng, texts, c.n_ood) for lang, texts in sorted(by_lang.items())}
+
+    vocab = make_vocab(train, min_count=c.min_char_count, max_size=c.max_vocab, chars=c.vocab_chars)
+    lang = c.train_language
+    specs = [
+        ("train", train, lang, f"{len(train)} {lang} functions with nesting depth < {threshold}"),
+        ("iid", iid, lang, f"{len(iid)} held-out {lang} functions with nesting depth < {threshold}"),
+        ("deep_nesting", deep, lang, f"{len(deep)} {lang} functions reaching nesting depth >= {threshold}"),
+    ]
+    specs += [(_split_name(o), texts, o, f"{len(texts)} {o} functions (any depth)") for o, texts in ood.items()]
+    splits: dict[str, Split] = {}
+    for k, (name, texts, language, desc) in enumerate(specs):
+        # One generator per split, so adding a language leaves the others' subsamples unchanged.
+        split_rng = np.random.default_rng([c.seed, k + 1])
+        splits[name] = make_split(name, texts, language, vocab, c, split_rng, desc)
+    info = {
+        "corpus_fingerprint": corpus.fingerprint,
+        "corpus_source": corpus.source,
+        "corpus_languages": corpus.languages(),
+        "deep_depth": int(threshold),
+        "split_languages": {name: language for name, _, language, _ in specs},
+        "split_functions": {name: len(texts) for name, texts, _, _ in specs},
+    }
+    return vocab, splits, info
+
+
+# ---------------------------------------------------------------------- npz cache (no pickle)
+
+
+def _save_npz(path: Path, vocab: Vocab, splits: dict[str, Split], info: dict[str, Any]) -> None:
+    arrays: dict[str, np.ndarray] = {}
+    header = {
+        "format": CACHE_FORMAT,
+        "vocab": list(vocab.tokens),
+        "pad_id": vocab.pad_id,
+        "bos_id": vocab.bos_id,
+        "info": info,
+        "splits": [{"name": n, "description": s.description, "meta": sorted(s.scored.meta)} for n, s in splits.items()],
+    }
+    # JSON as a unicode array: numpy stores it without pickle.
+    arrays["header"] = np.array(json.dumps(header))
+    for i, s in enumerate(splits.values()):
+        arrays[f"{i}.tokens"] = s.tokens
+        arrays[f"{i}.lengths"] = s.lengths
+        arrays[f"{i}.seq"] = s.scored.seq
+        arrays[f"{i}.pos"] = s.scored.pos
+        arrays[f"{i}.target"] = s.scored.target
+        for k, v in s.scored.meta.items():
+            arrays[f"{i}.meta.{k}"] = v
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_npz(path: Path) -> tuple[Vocab, dict[str, Split], dict[str, Any]] | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            header = json.loads(str(z["header"]))
+            if header.get("format") != CACHE_FORMAT:
+                return None
+            vocab = Vocab(tuple(header["vocab"]), header["pad_id"], header["bos_id"])
+            splits = {}
+            for i, spec in enumerate(header["splits"]):
+                meta = {k: z[f"{i}.meta.{k}"] for k in spec["meta"]}
+                scored = Scored(z[f"{i}.seq"], z[f"{i}.pos"], z[f"{i}.target"], meta)
+                splits[spec["name"]] = Split(
+                    spec["name"], z[f"{i}.tokens"], z[f"{i}.lengths"], scored, spec["description"]
+                )
+            return vocab, splits, header["info"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # damaged cache: rebuild
