@@ -115,7 +115,11 @@ class DyckConfig(Config):
         )
         need(self.n_train >= 1, f"n_train must be at least 1, got {self.n_train}")
         need(self.n_eval >= 1, f"n_eval must be at least 1, got {self.n_eval}")
-        need(self.short_max_brackets >= 0, f"short_max_brackets must be >= 0, got {self.short_max_brackets}")
+        need(
+            self.min_brackets <= self.short_max_brackets < self.max_len - 2,
+            f"short_max_brackets must be in min_brackets..max_len - 3 ({self.min_brackets}.."
+            f"{self.max_len - 3}), got {self.short_max_brackets}",
+        )
         need(
             self.max_depth < self.ood_depth_min <= self.ood_depth_max,
             f"need max_depth < ood_depth_min <= ood_depth_max, got {self.max_depth}, "

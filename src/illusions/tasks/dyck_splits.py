@@ -20,10 +20,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from illusions.errors import IllusionsError
 from illusions.io import atomic_write_bytes
 from illusions.tasks.base import Scored, Split
 from illusions.tasks.dyck_sampler import sample
-from illusions.tasks.dyck_structure import META_COLUMNS, score, segment_keys, string_keys
+from illusions.tasks.dyck_structure import (
+    META_COLUMNS,
+    depth_after,
+    score,
+    segment_keys,
+    string_keys,
+)
 
 if TYPE_CHECKING:
     from illusions.tasks.dyck import DyckConfig
@@ -97,29 +104,40 @@ def _accept_rule(name: str, config: DyckConfig, index: TrainIndex) -> Callable[[
     return rule
 
 
+# Candidate rounds double from FIRST_ROUND up to MAX_ROUND strings; the schedule does not depend on how
+# many strings are wanted, so a larger n_eval extends a split without changing its first rows.
+FIRST_ROUND = 1024
+MAX_ROUND = 262_144
+# Give up (with a clear error) after this many candidates: the config makes the split (nearly) empty.
+MAX_CANDIDATES = 4_000_000
+
+
 def _rejection(
     rng: np.random.Generator,
     want: int,
     accept: Callable[[np.ndarray, np.ndarray], np.ndarray],
     sampler_kwargs: dict[str, int],
+    name: str,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Sample from the process in rounds until ``want`` strings pass ``accept``, in draw order."""
     toks: list[np.ndarray] = []
     lens: list[np.ndarray] = []
-    have = candidates = kept = drawn = 0
-    rate = 0.5
-    while have < want:
-        m = min(int((want - have) / rate * 1.2) + 256, 400_000)
+    kept = candidates = 0
+    m = FIRST_ROUND
+    while kept < want:
+        if candidates >= MAX_CANDIDATES:
+            raise IllusionsError(
+                f"split {name} found only {kept} of {want} strings in {candidates:,} samples; "
+                "the config leaves it (nearly) empty"
+            )
         batch = sample(rng, m, **sampler_kwargs)
         keep = accept(batch.tokens, batch.lengths)
         candidates += m
         kept += int(keep.sum())
-        drawn += batch.drawn
-        have += int(keep.sum())
-        rate = max(kept / candidates, 1e-4)
         toks.append(batch.tokens[keep])
         lens.append(batch.lengths[keep])
-    stats = {"candidates": candidates, "kept": kept, "acceptance": kept / candidates if candidates else 1.0}
+        m = min(2 * m, MAX_ROUND)
+    stats = {"candidates": candidates, "kept": kept, "acceptance": kept / candidates}
     return np.concatenate(toks)[:want], np.concatenate(lens)[:want], stats
 
 
@@ -153,18 +171,16 @@ def build(config: DyckConfig, progress: Progress | None = None) -> tuple[dict[st
     index = TrainIndex(train.tokens, config)
     for name, rng in zip(SPLIT_NAMES[1:5], rngs[1:5], strict=True):
         say(f"sampling {name}")
-        tokens, lengths, st = _rejection(rng, config.n_eval, _accept_rule(name, config, index), kw)
+        tokens, lengths, st = _rejection(rng, config.n_eval, _accept_rule(name, config, index), kw, name)
         data[name] = (tokens, lengths)
         stats[name] = st
     say("sampling unseen_depth")
     deep_kw = {**kw, "max_depth": config.ood_depth_max}
 
     def deep_enough(tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        depth = np.cumsum((tokens >= 3) & (tokens < 3 + config.n_types), axis=1, dtype=np.int16)
-        depth -= np.cumsum(tokens >= 3 + config.n_types, axis=1, dtype=np.int16)
-        return depth.max(axis=1) >= config.ood_depth_min
+        return depth_after(tokens, config.n_types).max(axis=1) >= config.ood_depth_min
 
-    tokens, lengths, st = _rejection(rngs[5], config.n_eval, deep_enough, deep_kw)
+    tokens, lengths, st = _rejection(rngs[5], config.n_eval, deep_enough, deep_kw, "unseen_depth")
     data["unseen_depth"] = (tokens, lengths)
     stats["unseen_depth"] = st
     # Trim each split to its longest row.
