@@ -41,6 +41,19 @@ EXAMPLES = [
         closers=[(2, 2, 1, 2, "b"), (3, 1, 3, 1, "a")],
     ),
     dict(
+        # Same length as the next one, different structure: their segment keys must differ.
+        text="(a (b (c c) b) a)",
+        depths=[1, 2, 3, 2, 1, 0],
+        segments=[(1, 2, 3, 2, 1, 0)],
+        closers=[(3, 3, 1, 3, "c"), (4, 2, 3, 2, "b"), (5, 1, 5, 1, "a")],
+    ),
+    dict(
+        text="(a (b b) (c c) a)",
+        depths=[1, 2, 1, 2, 1, 0],
+        segments=[(1, 2, 1, 2, 1, 0)],
+        closers=[(2, 2, 1, 2, "b"), (4, 4, 1, 2, "c"), (5, 1, 5, 1, "a")],
+    ),
+    dict(
         text="(c (a a) (b (d d) b) c) (e e)",
         depths=[1, 2, 1, 2, 3, 2, 1, 0, 1, 0],
         segments=[(1, 2, 1, 2, 3, 2, 1, 0), (1, 0)],
@@ -137,7 +150,7 @@ def test_score_default_filter_keeps_distance_at_least_ten(task):
     sc = task.score(tokens, lengths)
     want = [(i, c[0]) for i, ex in enumerate(EXAMPLES) for c in ex["closers"] if c[2] >= 10]
     assert list(zip(sc.seq.tolist(), sc.pos.tolist(), strict=True)) == want
-    assert len(want) == 6  # one in the fourth example, five in the fifth
+    assert len(want) == 6  # one in the sixth example, five in the last
 
 
 @pytest.mark.parametrize(
