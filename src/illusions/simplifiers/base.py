@@ -1,0 +1,476 @@
+"""What every simplifier shares: targets, the fitted-hook base class, the proxy and its file format.
+
+A *simplifier* is a frozen configuration (``SVD(rank=4)``); ``fit`` turns it and a dict of collected
+activations into a :class:`Proxy`, a bundle of :class:`FittedHook` objects, each a frozen callable
+``(activation, hook) -> activation`` that TransformerLens runs at one hook point:
+
+    proxy = fit_proxy(model, SVD(rank=4), tokens, lengths)
+    logits = model.run_with_hooks(tokens, fwd_hooks=proxy.fwd_hooks)
+
+A proxy is saved as a directory with two fixed files, ``proxy.json`` (simplifier name, parameters,
+hook descriptions) and ``proxy.safetensors`` (the fitted tensors); nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self, runtime_checkable
+
+from illusions.activations import hook_layer
+from illusions.config import Config, read_json
+from illusions.errors import IllusionsError
+from illusions.io import atomic_write_json, staged_dir
+
+if TYPE_CHECKING:
+    from torch import Tensor
+    from transformer_lens import HookedTransformer
+
+PROXY_CONFIG_FILE = "proxy.json"
+PROXY_WEIGHTS_FILE = "proxy.safetensors"
+PROXY_FORMAT = "illusions-proxy/1"
+
+QK_CHOICES = ("q", "k", "qk")
+RESID_CHOICES = ("resid_pre", "resid_mid", "resid_post")
+
+
+def _int_tuple(value: Any, what: str) -> tuple[int, ...] | str:
+    """Normalise a layers/heads value: "all", an int, or a sequence of non-negative ints."""
+    if isinstance(value, str):
+        if value == "all":
+            return value
+        raise IllusionsError(f"{what} must be a list of integers or 'all', got {value!r}")
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise IllusionsError(f"{what} must be a list of integers or 'all', got {value!r}") from None
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int) or item < 0:
+            raise IllusionsError(f"{what} must be non-negative integers or 'all', got {value!r}")
+    if len(set(items)) != len(items):
+        raise IllusionsError(f"{what} lists a value twice: {list(items)}")
+    return tuple(sorted(items))
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedTargets:
+    """Targets checked against one model: explicit layers, heads and q/k sides."""
+
+    layers: tuple[int, ...]
+    heads: tuple[int, ...]
+    qk: tuple[str, ...]  # ("q",), ("k",) or ("q", "k")
+    resid: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Targets(Config):
+    """Where a simplifier acts.
+
+    Attributes:
+        layers: block indices; ``()`` means the last layer, ``"all"`` every layer.
+        heads: head indices within each targeted layer; ``()`` or ``"all"`` means every head.
+        qk: for query/key methods, which side is simplified: ``"q"``, ``"k"`` or ``"qk"`` (both).
+        resid: for residual methods, the hook: ``resid_pre``, ``resid_mid`` or ``resid_post``.
+    """
+
+    layers: tuple[int, ...] | str = ()
+    heads: tuple[int, ...] | str = ()
+    qk: str = "qk"
+    resid: str = "resid_pre"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", _int_tuple(self.layers, "layers"))
+        object.__setattr__(self, "heads", _int_tuple(self.heads, "heads"))
+        if self.qk not in QK_CHOICES:
+            raise IllusionsError(f"qk must be one of {', '.join(QK_CHOICES)}, got {self.qk!r}")
+        if self.resid not in RESID_CHOICES:
+            raise IllusionsError(f"resid must be one of {', '.join(RESID_CHOICES)}, got {self.resid!r}")
+
+    def resolve(self, model: HookedTransformer) -> ResolvedTargets:
+        """Explicit layers and heads for ``model``; out-of-range values raise with the valid range."""
+        n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+        if self.layers == "all":
+            layers = tuple(range(n_layers))
+        elif self.layers == ():
+            layers = (n_layers - 1,)
+        else:
+            layers = self.layers
+        for layer in layers:
+            if layer >= n_layers:
+                raise IllusionsError(f"layer {layer} does not exist; this model has layers 0..{n_layers - 1}")
+        heads = tuple(range(n_heads)) if self.heads in ("all", ()) else self.heads
+        for head in heads:
+            if head >= n_heads:
+                raise IllusionsError(f"head {head} does not exist; this model has heads 0..{n_heads - 1}")
+        qk = ("q", "k") if self.qk == "qk" else (self.qk,)
+        return ResolvedTargets(layers=layers, heads=heads, qk=qk, resid=self.resid)
+
+
+class SimplifierConfig(Config):
+    """Base of the simplifier dataclasses: a nested :class:`Targets` given as a dict is accepted."""
+
+    name: ClassVar[str]
+    data_free: ClassVar[bool]
+
+    def __post_init__(self) -> None:
+        targets = getattr(self, "targets", None)
+        if isinstance(targets, Mapping):
+            object.__setattr__(self, "targets", Targets.from_dict(dict(targets)))
+        elif not isinstance(targets, Targets):
+            raise IllusionsError(f"{self.name} targets must be a Targets or a table of them, got {targets!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str | None = None) -> Self:
+        data = dict(data)
+        if isinstance(data.get("targets"), Mapping):
+            data["targets"] = Targets.from_dict(dict(data["targets"]), source=source)
+        return super().from_dict(data, source=source)
+
+    def resolved_params(self, targets: ResolvedTargets) -> dict[str, Any]:
+        """JSON parameters with the targets written out for the model they were resolved on."""
+        params = self.to_dict()
+        params["targets"] = {
+            "layers": list(targets.layers),
+            "heads": list(targets.heads),
+            "qk": "".join(targets.qk),
+            "resid": targets.resid,
+        }
+        return params
+
+
+def check_positive(value: int, what: str, upper: int | None = None) -> None:
+    """Raise unless ``1 <= value`` (and ``value <= upper`` when given), stating the valid range."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise IllusionsError(f"{what} must be an integer, got {value!r}")
+    if value < 1 or (upper is not None and value > upper):
+        valid = f"1..{upper}" if upper is not None else "at least 1"
+        raise IllusionsError(f"{what} must be in {valid}, got {value}")
+
+
+@runtime_checkable
+class Simplifier(Protocol):
+    """A frozen configuration that fits a :class:`Proxy` from collected activations."""
+
+    name: ClassVar[str]
+    data_free: ClassVar[bool]
+
+    def hook_names(self, model: HookedTransformer) -> list[str]:
+        """Validated hook points whose activations :meth:`fit` needs (``[]`` when data-free)."""
+        ...
+
+    def fit(self, model: HookedTransformer, activations: dict[str, Tensor]) -> Proxy:
+        """The fitted proxy; ``activations = collect(model, tokens, self.hook_names(model), mask)``."""
+        ...
+
+
+class FittedHook:
+    """Base of fitted hooks: frozen dataclasses called as ``hook(activation, hook=hook_point)``.
+
+    Subclasses are frozen dataclasses with a ``hook_name`` field; tensor fields are declared with
+    ``repr=False`` because TransformerLens names a hook by its repr, which must stay short and cheap.
+    Fields that are tensors go to safetensors when saved, the others to JSON.
+    """
+
+    hook_name: str
+
+    def __call__(self, activation: Tensor, hook: Any = None) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def layer(self) -> int:
+        layer = hook_layer(self.hook_name)
+        if layer is None:
+            raise ValueError(f"{self.hook_name} is not inside a block")
+        return layer
+
+    def tensors(self) -> dict[str, Tensor]:
+        import torch
+
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+
+    def json_fields(self) -> dict[str, Any]:
+        import torch
+
+        out = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                continue
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def to(self, device: Any) -> Self:
+        """A copy whose tensors live on ``device``."""
+        return dataclasses.replace(self, **{k: v.to(device) for k, v in self.tensors().items()})  # type: ignore[type-var]
+
+    def __repr__(self) -> str:
+        bits = [repr(self.hook_name)]
+        for key, value in self.json_fields().items():
+            if key != "hook_name":
+                bits.append(f"{key}={value}")
+        for key, value in self.tensors().items():
+            bits.append(f"{key}{list(value.shape)}")
+        return f"{type(self).__name__}({', '.join(bits)})"
+
+
+def head_rows(heads: tuple[int, ...] | None, n_heads: int) -> slice | list[int]:
+    """An index for the ``head_index`` axis: a full slice when every head is targeted."""
+    if heads is None or tuple(heads) == tuple(range(n_heads)):
+        return slice(None)
+    return list(heads)
+
+
+def replace_heads(activation: Tensor, heads: slice | list[int], new: Tensor, axis: int) -> Tensor:
+    """``activation`` with the heads at ``heads`` along ``axis`` replaced by ``new`` (out of place)."""
+    if isinstance(heads, slice):
+        return new
+    out = activation.clone()
+    index = [slice(None)] * activation.ndim
+    index[axis] = heads
+    out[tuple(index)] = new
+    return out
+
+
+# Filled by the modules that define hooks, so that Proxy.load can rebuild them by class name.
+HOOK_KINDS: dict[str, type] = {}
+
+
+def register_hook_kind(cls: type) -> type:
+    """Class decorator: make a fitted-hook class loadable by :meth:`Proxy.load`."""
+    HOOK_KINDS[cls.__name__] = cls
+    return cls
+
+
+@dataclasses.dataclass(frozen=True)
+class Proxy:
+    """A fitted simplifier: hooks to run the simplified model with, and how they were made.
+
+    Attributes:
+        simplifier: registry name (``svd``, ``kmeans``, ...).
+        params: JSON parameters of the simplifier, targets resolved for the fitted model.
+        hooks: the fitted hooks, each with its ``hook_name``.
+        attention_heads: ``(layer, head)`` pairs whose attention the proxy changes directly (see
+            :attr:`heads`).
+        info: JSON diagnostics of the fit (number of fitted vectors, explained variance, inertia).
+    """
+
+    simplifier: str
+    params: dict[str, Any]
+    hooks: tuple[Any, ...]
+    attention_heads: tuple[tuple[int, int], ...] = ()
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def fwd_hooks(self) -> list[tuple[str, Callable]]:
+        """``[(hook_name, hook)]`` for ``model.run_with_hooks(..., fwd_hooks=...)``/``model.hooks``."""
+        return [(h.hook_name, h) for h in self.hooks]
+
+    @property
+    def first_layer(self) -> int:
+        """The earliest block any hook acts in: run ``model(resid, start_at_layer=first_layer)``
+        with the *clean* ``blocks.{first_layer}.hook_resid_pre`` and every hook still fires."""
+        if not self.hooks:
+            raise ValueError("this proxy has no hooks")
+        return min(h.layer for h in self.hooks)
+
+    @property
+    def heads(self) -> list[tuple[int, int]]:
+        """``(layer, head)`` pairs whose attention the proxy changes directly.
+
+        Query/key methods, one-hot and weight-svd: the targeted heads. Residual methods: every head
+        of the first attention layer that reads the simplified stream, i.e. layer L for
+        ``resid_pre`` of layer L, and layer L+1 for ``resid_mid``/``resid_post`` of layer L (none
+        when L is the last layer). Later layers change too, through their inputs.
+        """
+        return [tuple(p) for p in self.attention_heads]  # type: ignore[misc]
+
+    @property
+    def label(self) -> str:
+        """A short name for tables: ``svd(rank=4)``."""
+        keys = ("rank", "k")
+        bits = [f"{k}={self.params[k]}" for k in keys if k in self.params]
+        return f"{self.simplifier}({', '.join(bits)})"
+
+    def to(self, device: Any) -> Proxy:
+        """A copy whose hook tensors live on ``device``."""
+        return dataclasses.replace(self, hooks=tuple(h.to(device) for h in self.hooks))
+
+    def check(self, model: HookedTransformer) -> None:
+        """Raise :class:`IllusionsError` unless every hook point exists in ``model``."""
+        from illusions.activations import check_hook_names
+
+        check_hook_names(model, [h.hook_name for h in self.hooks])
+
+    def save(self, directory: Path) -> Path:
+        """Write ``proxy.json`` + ``proxy.safetensors`` into ``directory`` atomically."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        tensors = {}
+        described = []
+        for i, hook in enumerate(self.hooks):
+            for key, value in hook.tensors().items():
+                tensors[f"{i}.{key}"] = value.detach().cpu().contiguous()
+            described.append({"kind": type(hook).__name__, **hook.json_fields()})
+        data = {
+            "format": PROXY_FORMAT,
+            "simplifier": self.simplifier,
+            "params": self.params,
+            "attention_heads": [list(p) for p in self.attention_heads],
+            "info": self.info,
+            "hooks": described,
+        }
+        with staged_dir(directory) as stage:
+            save_file(tensors, str(stage / PROXY_WEIGHTS_FILE), metadata={"format": PROXY_FORMAT})
+            atomic_write_json(stage / PROXY_CONFIG_FILE, data)
+        return directory
+
+    @classmethod
+    def load(cls, directory: Path) -> Proxy:
+        """Read a proxy written by :meth:`save`; a missing or foreign file raises one clear error."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        # Importing the method modules registers their hook classes.
+        from illusions.simplifiers import kmeans, onehot, svd, weight_svd  # noqa: F401
+
+        directory = Path(directory)
+        path = directory / PROXY_CONFIG_FILE
+        data = read_json(path)
+        if not isinstance(data, dict) or data.get("format") != PROXY_FORMAT:
+            raise IllusionsError(f"{path} is not an illusions proxy (expected format {PROXY_FORMAT!r})")
+        weights = directory / PROXY_WEIGHTS_FILE
+        try:
+            tensors = load_file(str(weights))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise IllusionsError(f"{weights} is not a readable safetensors file ({exc})") from None
+        hooks = []
+        for i, entry in enumerate(data.get("hooks", [])):
+            entry = dict(entry)
+            kind = HOOK_KINDS.get(entry.pop("kind", None))
+            if kind is None:
+                raise IllusionsError(f"{path} names an unknown hook kind; known: {', '.join(sorted(HOOK_KINDS))}")
+            kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()}
+            prefix = f"{i}."
+            kwargs.update({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            try:
+                hooks.append(kind(**kwargs))
+            except TypeError as exc:
+                raise IllusionsError(f"{path} does not match {weights}: {exc}") from None
+        return cls(
+            simplifier=data["simplifier"],
+            params=data["params"],
+            hooks=tuple(hooks),
+            attention_heads=tuple(tuple(p) for p in data.get("attention_heads", [])),
+            info=data.get("info", {}),
+        )
+
+
+def fit_proxy(
+    model: HookedTransformer,
+    simplifier: Simplifier,
+    tokens: Any,
+    lengths_or_mask: Any,
+    *,
+    batch_size: int = 64,
+) -> Proxy:
+    """Collect the activations ``simplifier`` needs on ``tokens`` and fit it: one call.
+
+    Args:
+        model: the model to simplify.
+        simplifier: a configured simplifier, e.g. ``SVD(rank=4)``.
+        tokens: ``[batch, pos]`` right-padded token ids (torch or numpy).
+        lengths_or_mask: ``[batch]`` true lengths, or a ``[batch, pos]`` mask of positions to fit on.
+        batch_size: sequences per forward pass while collecting.
+
+    Returns:
+        The fitted :class:`Proxy`.
+    """
+    from illusions.activations import collect
+
+    names = simplifier.hook_names(model)
+    activations = collect(model, tokens, names, lengths_or_mask, batch_size=batch_size) if names else {}
+    return simplifier.fit(model, activations)
+
+
+_TARGET_KEYS = ("layers", "heads", "qk", "resid")
+
+
+def _parse_ints(value: Any, what: str) -> Any:
+    if isinstance(value, str):
+        text = value.strip()
+        if text in ("all", ""):
+            return "all" if text == "all" else ()
+        try:
+            return tuple(int(v) for v in text.replace(" ", "").strip("[]()").split(",") if v)
+        except ValueError:
+            raise IllusionsError(f"{what} must be comma-separated integers or 'all', got {value!r}") from None
+    return value
+
+
+def _coerce(value: Any, default: Any, what: str) -> Any:
+    """Turn a CLI string into the type of the field's default (bool, int, float); keep others."""
+    if not isinstance(value, str):
+        return value
+    if isinstance(default, bool):
+        lowered = value.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise IllusionsError(f"{what} must be true or false, got {value!r}")
+    if isinstance(default, int):
+        try:
+            return int(value)
+        except ValueError:
+            raise IllusionsError(f"{what} must be an integer, got {value!r}") from None
+    if isinstance(default, float):
+        try:
+            return float(value)
+        except ValueError:
+            raise IllusionsError(f"{what} must be a number, got {value!r}") from None
+    return value
+
+
+def make_simplifier(name: str, **params: Any) -> Simplifier:
+    """Build a registered simplifier from flat, CLI-style parameters.
+
+    ``make_simplifier("svd", rank="4", layers="0,1", heads="all", qk="q")``: target keys
+    (``layers``, ``heads``, ``qk``, ``resid``) go into :class:`Targets`; strings are converted to the
+    type of each field; unknown keys raise an error listing the known ones.
+    """
+    from illusions.registry import get_simplifier
+
+    cls = get_simplifier(name)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    target_params = {k: params.pop(k) for k in _TARGET_KEYS if k in params}
+    if "targets" in params:
+        given = params.pop("targets")
+        if isinstance(given, Targets):
+            given = given.to_dict()
+        target_params = {**dict(given), **target_params}
+    for key in ("layers", "heads"):
+        if key in target_params:
+            target_params[key] = _parse_ints(target_params[key], key)
+    kwargs = {}
+    for key, value in params.items():
+        if key in fields:
+            default = fields[key].default
+            value = _coerce(value, default, f"{name} {key}")
+        kwargs[key] = value
+    kwargs["targets"] = Targets.from_dict(target_params)
+    return cls.from_dict(kwargs)
+
+
+def iter_targets(targets: ResolvedTargets) -> Iterable[tuple[int, str]]:
+    """``(layer, side)`` for every targeted layer and q/k side."""
+    for layer in targets.layers:
+        for side in targets.qk:
+            yield layer, side

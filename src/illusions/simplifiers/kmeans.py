@@ -1,0 +1,217 @@
+"""``kmeans``: each query/key replaced by the nearest of k centroids, per head.
+
+For one head with fitted vectors ``X`` (``[n, d_head]``, PAD positions dropped), k-means finds
+centroids ``c_1..c_k`` minimising ``sum_i min_j |x_i - c_j|^2``; the hook maps
+
+    x  ->  c_{j*},   j* = argmin_j |x - c_j|^2 = argmin_j (|c_j|^2 - 2 x . c_j)
+
+(the second form drops ``|x|^2``, constant in j, and is one matrix product in torch; ties go to
+the lowest centroid index). With at least as many clusters as distinct fitted points every fitted
+vector is its own centroid, so the proxy is exact on the fitting data; asking for more clusters than
+distinct fitted vectors is an error.
+
+Fitting uses scikit-learn, seeded through ``random_state=seed`` (the same seed for every head),
+with ``init="k-means++"``: up to ``minibatch_above`` vectors (default 100,000) ``KMeans`` (Lloyd)
+with ``n_init=1`` (k-means++ seeding is already close to a good solution; more restarts multiply
+the time, and sweeps over k matter more than restarts), above it ``MiniBatchKMeans`` with batches
+of 4,096 vectors, which fits 10^6 vectors of width 32 with k=64 in seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from illusions.errors import IllusionsError
+from illusions.simplifiers.base import (
+    FittedHook,
+    Proxy,
+    SimplifierConfig,
+    Targets,
+    check_positive,
+    head_rows,
+    register_hook_kind,
+    replace_heads,
+)
+from illusions.simplifiers.svd import qk_hook_name, require
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+MINIBATCH_ABOVE = 100_000
+MINIBATCH_SIZE = 4096
+
+
+def distinct_rows(x: Float[Tensor, "n d"], enough: int) -> int:
+    """The number of distinct rows of ``x``, or a lower bound once it reaches ``enough``.
+
+    A strided subsample is counted first: when it already has ``enough`` distinct rows the full
+    sort of ``x`` is skipped (any subset's count is a lower bound of the whole's).
+    """
+    n = x.shape[0]
+    sample = max(16 * enough, 8192)
+    if n > sample:
+        found = torch.unique(x[:: n // sample], dim=0).shape[0]
+        if found >= enough:
+            return found
+    return torch.unique(x, dim=0).shape[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class CentroidFit:
+    """k-means result on ``[n, d]`` data: ``centroids [k, d]`` (float32) and its inertia."""
+
+    centroids: Float[Tensor, "k d"]
+    inertia: float
+    algorithm: str
+    n: int
+
+
+def fit_centroids(
+    x: Float[Tensor, "n d"],
+    k: int,
+    *,
+    seed: int,
+    n_init: int = 1,
+    max_iter: int = 300,
+    minibatch_above: int = MINIBATCH_ABOVE,
+    where: str = "the fitted data",
+) -> CentroidFit:
+    """k-means centroids of ``x`` (maths and algorithm choice in the module docstring).
+
+    Raises:
+        IllusionsError: when ``k`` exceeds the number of distinct rows of ``x``.
+    """
+    import numpy as np
+    from sklearn.cluster import KMeans as SkKMeans
+    from sklearn.cluster import MiniBatchKMeans
+
+    n = x.shape[0]
+    distinct = distinct_rows(x, k)
+    if k > distinct:
+        raise IllusionsError(
+            f"k={k} exceeds the {distinct} distinct vectors fitted at {where}; k must be in 1..{distinct}"
+        )
+    data = np.ascontiguousarray(x.detach().cpu().float().numpy())
+    if n <= minibatch_above:
+        algorithm = "kmeans"
+        model = SkKMeans(n_clusters=k, init="k-means++", n_init=n_init, max_iter=max_iter, random_state=seed)
+    else:
+        algorithm = "minibatch"
+        model = MiniBatchKMeans(
+            n_clusters=k,
+            init="k-means++",
+            n_init=n_init,
+            batch_size=MINIBATCH_SIZE,
+            random_state=seed,
+        )
+    model.fit(data)
+    centroids = torch.as_tensor(model.cluster_centers_, dtype=torch.float32)
+    inertia = float(getattr(model, "inertia_", float("nan")))
+    return CentroidFit(centroids=centroids, inertia=inertia, algorithm=algorithm, n=int(n))
+
+
+def nearest(x: Float[Tensor, "h n d"], centroids: Float[Tensor, "h k d"]) -> Float[Tensor, "h n d"]:
+    """Each row of ``x`` replaced by its nearest centroid (per leading ``h``)."""
+    # |x - c|^2 = |x|^2 - 2 x.c + |c|^2; the first term is the same for every c.
+    scores = (centroids * centroids).sum(-1)[:, None, :] - 2 * x @ centroids.transpose(1, 2)  # [h n k]
+    index = scores.argmin(dim=-1)  # [h n]
+    return torch.gather(centroids, 1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+@register_hook_kind
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class CentroidHook(FittedHook):
+    """Replace each vector at one hook point by its nearest centroid.
+
+    With ``heads`` (``[batch, pos, head_index, d_head]`` hooks) ``centroids`` is
+    ``[len(heads), k, d_head]`` and other heads pass through; with ``heads=None`` (residual hooks,
+    ``[batch, pos, d_model]``) it is ``[k, d_model]``.
+    """
+
+    hook_name: str
+    heads: tuple[int, ...] | None
+    centroids: Tensor = dataclasses.field(repr=False)
+
+    def __call__(self, activation: Tensor, hook: Any = None) -> Tensor:
+        centroids = self.centroids.to(device=activation.device, dtype=activation.dtype)
+        if self.heads is None:
+            flat = activation.reshape(1, -1, activation.shape[-1])  # [1 batch*pos d_model]
+            return nearest(flat, centroids[None]).reshape(activation.shape)
+        rows = head_rows(self.heads, activation.shape[2])
+        x = activation[:, :, rows]  # [batch pos heads d_head]
+        batch, pos, heads, d = x.shape
+        flat = x.permute(2, 0, 1, 3).reshape(heads, batch * pos, d)  # [heads batch*pos d_head]
+        new = nearest(flat, centroids).reshape(heads, batch, pos, d).permute(1, 2, 0, 3)  # [batch pos heads d_head]
+        return replace_heads(activation, rows, new, axis=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class KMeans(SimplifierConfig):
+    """Queries/keys replaced by the nearest of ``k`` centroids, per head.
+
+    Maths and fitting choices in the module docstring. Attributes:
+        k: clusters per head and side, 1..(distinct fitted vectors).
+        seed: ``random_state`` of scikit-learn.
+        n_init: k-means++ restarts (best inertia kept).
+        max_iter: Lloyd iterations of the exact algorithm.
+        minibatch_above: fitted vectors above which MiniBatchKMeans is used.
+        targets: layers, heads and which of q/k are replaced.
+    """
+
+    name: ClassVar[str] = "kmeans"
+    data_free: ClassVar[bool] = False
+
+    k: int = 8
+    seed: int = 0
+    n_init: int = 1
+    max_iter: int = 300
+    minibatch_above: int = MINIBATCH_ABOVE
+    targets: Targets = Targets()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive(self.k, "k")
+        check_positive(self.n_init, "n_init")
+        check_positive(self.max_iter, "max_iter")
+        check_positive(self.minibatch_above, "minibatch_above")
+
+    def hook_names(self, model: HookedTransformer) -> list[str]:
+        targets = self.targets.resolve(model)
+        return [qk_hook_name(layer, side) for layer in targets.layers for side in targets.qk]
+
+    def centroids(self, x: Float[Tensor, "n d"], where: str) -> CentroidFit:
+        return fit_centroids(
+            x, self.k, seed=self.seed, n_init=self.n_init, max_iter=self.max_iter,
+            minibatch_above=self.minibatch_above, where=where,
+        )
+
+    def fit(self, model: HookedTransformer, activations: dict[str, Tensor]) -> Proxy:
+        targets = self.targets.resolve(model)
+        hooks = []
+        inertia: dict[str, list[float]] = {}
+        algorithms = set()
+        n_fitted = 0
+        for name in self.hook_names(model):
+            data = require(activations, name, self.name)
+            fits = [self.centroids(data[:, head], f"{name} head {head}") for head in targets.heads]
+            hooks.append(CentroidHook(
+                hook_name=name,
+                heads=targets.heads,
+                centroids=torch.stack([f.centroids for f in fits]).contiguous(),  # [heads k d_head]
+            ))
+            inertia[name] = [f.inertia for f in fits]
+            algorithms.update(f.algorithm for f in fits)
+            n_fitted = fits[0].n
+        return Proxy(
+            simplifier=self.name,
+            params=self.resolved_params(targets),
+            hooks=tuple(hooks),
+            attention_heads=tuple((layer, head) for layer in targets.layers for head in targets.heads),
+            info={"n_fitted": n_fitted, "inertia": inertia, "algorithm": sorted(algorithms)},
+        )
+

@@ -1,0 +1,89 @@
+"""``onehot``: hard attention on the highest-scoring allowed key (data-free).
+
+At ``blocks.L.attn.hook_pattern`` (``[batch, head_index, query_pos, key_pos]``) each targeted
+head's attention row ``a`` (a softmax over the allowed, causal keys; masked keys are exactly 0) is
+replaced by
+
+    a' = e_{j*},   j* = argmax_j a_j
+
+The softmax is monotone, so ``j*`` is also the highest-scoring allowed key. **Ties go to the earliest
+key** (``torch.argmax`` returns the first maximum), e.g. a row attending equally to keys 0 and 2
+becomes one-hot on key 0. A row that is all zeros (every key masked) stays all zeros. A one-hot
+pattern is a fixed point: applying the hook to it changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from illusions.simplifiers.base import (
+    FittedHook,
+    Proxy,
+    SimplifierConfig,
+    Targets,
+    head_rows,
+    register_hook_kind,
+    replace_heads,
+)
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+
+def hard_attention(
+    pattern: Float[Tensor, "batch head_index query_pos key_pos"],
+) -> Float[Tensor, "batch head_index query_pos key_pos"]:
+    """One-hot on the argmax key of every row (earliest key on ties; all-zero rows kept)."""
+    index = pattern.argmax(dim=-1, keepdim=True)  # [batch heads query_pos 1]
+    hard = torch.zeros_like(pattern).scatter_(-1, index, 1.0)
+    alive = pattern.amax(dim=-1, keepdim=True) > 0
+    return torch.where(alive, hard, torch.zeros_like(hard))
+
+
+@register_hook_kind
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class OneHotPatternHook(FittedHook):
+    """Hard attention for ``heads`` at one ``hook_pattern``; other heads pass through."""
+
+    hook_name: str
+    heads: tuple[int, ...]
+
+    def __call__(self, activation: Tensor, hook: Any = None) -> Tensor:
+        rows = head_rows(self.heads, activation.shape[1])
+        return replace_heads(activation, rows, hard_attention(activation[:, rows]), axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class OneHot(SimplifierConfig):
+    """Hard attention on the targeted heads (maths and tie rule in the module docstring).
+
+    Attributes:
+        targets: layers and heads; ``qk`` and ``resid`` play no part.
+    """
+
+    name: ClassVar[str] = "onehot"
+    data_free: ClassVar[bool] = True
+
+    targets: Targets = Targets()
+
+    def hook_names(self, model: HookedTransformer) -> list[str]:
+        self.targets.resolve(model)
+        return []
+
+    def fit(self, model: HookedTransformer, activations: dict[str, Tensor] | None = None) -> Proxy:
+        targets = self.targets.resolve(model)
+        hooks = tuple(
+            OneHotPatternHook(hook_name=f"blocks.{layer}.attn.hook_pattern", heads=targets.heads)
+            for layer in targets.layers
+        )
+        return Proxy(
+            simplifier=self.name,
+            params=self.resolved_params(targets),
+            hooks=hooks,
+            attention_heads=tuple((layer, head) for layer in targets.layers for head in targets.heads),
+        )

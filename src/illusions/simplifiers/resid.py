@@ -1,0 +1,178 @@
+"""``resid-svd`` and ``resid-kmeans``: the svd and kmeans maths on a residual-stream hook.
+
+The hook is ``blocks.L.hook_resid_pre``, ``hook_resid_mid`` or ``hook_resid_post`` (``targets.resid``)
+of every targeted layer; vectors are whole (``[batch, pos, d_model]``), so ``targets.heads`` and
+``targets.qk`` play no part.
+
+    resid-svd:     x -> mu + (x - mu) V_r V_r^T   (V_r: top-r right singular vectors of X - mu)
+    resid-kmeans:  x -> c_{j*},  j* = argmin_j |x - c_j|^2
+
+See :mod:`illusions.simplifiers.svd` and :mod:`illusions.simplifiers.kmeans` for the details.
+``Proxy.heads`` lists every head of the first attention layer that reads the simplified stream:
+layer L for ``resid_pre`` of layer L, layer L+1 for ``resid_mid``/``resid_post`` (none after the
+last layer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, ClassVar
+
+from torch import Tensor
+
+from illusions.errors import IllusionsError
+from illusions.simplifiers.base import (
+    Proxy,
+    ResolvedTargets,
+    SimplifierConfig,
+    Targets,
+    check_positive,
+)
+from illusions.simplifiers.kmeans import MINIBATCH_ABOVE, CentroidHook, fit_centroids
+from illusions.simplifiers.svd import PCAFit, ProjectionHook, pca, require
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+
+def resid_hook_names(model: HookedTransformer, targets: ResolvedTargets) -> list[str]:
+    """``blocks.L.hook_<resid>`` for each targeted layer, checked against ``model.hook_dict``."""
+    names = [f"blocks.{layer}.hook_{targets.resid}" for layer in targets.layers]
+    for name in names:
+        if name not in model.hook_dict:
+            have = sorted({n.split(".", 2)[2] for n in model.hook_dict if n.startswith("blocks.0.hook_resid")})
+            valid = ", ".join(h.removeprefix("hook_") for h in have)
+            raise IllusionsError(f"this model has no {name} (an attention-only model has no resid_mid); "
+                                 f"valid resid values: {valid}")
+    return names
+
+
+def resid_heads(model: HookedTransformer, targets: ResolvedTargets) -> tuple[tuple[int, int], ...]:
+    """Heads of the first attention layer reading each simplified stream (see module docstring)."""
+    first = {layer if targets.resid == "resid_pre" else layer + 1 for layer in targets.layers}
+    return tuple((layer, head) for layer in sorted(first) if layer < model.cfg.n_layers
+                 for head in range(model.cfg.n_heads))
+
+
+def _params(config: SimplifierConfig, targets: ResolvedTargets) -> dict:
+    params = config.to_dict()
+    params["targets"] = {"layers": list(targets.layers), "resid": targets.resid}
+    return params
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidSVD(SimplifierConfig):
+    """Residual stream projected onto its top-``rank`` principal directions.
+
+    Attributes:
+        rank: directions kept, 1..d_model.
+        centered: subtract the fitted mean first (PCA).
+        targets: layers and ``resid`` (resid_pre, resid_mid or resid_post).
+    """
+
+    name: ClassVar[str] = "resid-svd"
+    data_free: ClassVar[bool] = False
+
+    rank: int = 4
+    centered: bool = True
+    targets: Targets = Targets()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive(self.rank, "rank")
+
+    def hook_names(self, model: HookedTransformer) -> list[str]:
+        check_positive(self.rank, "rank", model.cfg.d_model)
+        return resid_hook_names(model, self.targets.resolve(model))
+
+    def fit(self, model: HookedTransformer, activations: dict[str, Tensor]) -> Proxy:
+        return self.fit_ranks(model, activations, [self.rank])[self.rank]
+
+    def fit_ranks(
+        self, model: HookedTransformer, activations: dict[str, Tensor], ranks: list[int]
+    ) -> dict[int, Proxy]:
+        """One proxy per rank from a single decomposition per hook (for sweeps).
+
+        Args:
+            model: the model the activations came from.
+            activations: ``collect(model, tokens, self.hook_names(model), mask)``.
+            ranks: ranks to build, each in 1..d_model.
+
+        Returns:
+            ``{rank: proxy}``.
+        """
+        ranks = list(dict.fromkeys(ranks))
+        for rank in ranks:
+            check_positive(rank, "rank", model.cfg.d_model)
+        targets = self.targets.resolve(model)
+        names = resid_hook_names(model, targets)
+        fits: dict[str, PCAFit] = {
+            name: pca(require(activations, name, self.name), centered=self.centered) for name in names
+        }
+        out = {}
+        for rank in ranks:
+            hooks = tuple(
+                ProjectionHook(hook_name=name, heads=None, mean=fits[name].mean,
+                               basis=fits[name].basis(rank).contiguous())
+                for name in names
+            )
+            out[rank] = Proxy(
+                simplifier=self.name,
+                params=_params(self.replace(rank=rank), targets),
+                hooks=hooks,
+                attention_heads=resid_heads(model, targets),
+                info={"n_fitted": fits[names[0]].n,
+                      "explained_variance": {name: fits[name].explained(rank) for name in names}},
+            )
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidKMeans(SimplifierConfig):
+    """Residual stream replaced by the nearest of ``k`` centroids.
+
+    Attributes:
+        k: clusters, 1..(distinct fitted vectors).
+        seed, n_init, max_iter, minibatch_above: as for :class:`~illusions.simplifiers.kmeans.KMeans`.
+        targets: layers and ``resid``.
+    """
+
+    name: ClassVar[str] = "resid-kmeans"
+    data_free: ClassVar[bool] = False
+
+    k: int = 8
+    seed: int = 0
+    n_init: int = 1
+    max_iter: int = 300
+    minibatch_above: int = MINIBATCH_ABOVE
+    targets: Targets = Targets()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("k", "n_init", "max_iter", "minibatch_above"):
+            check_positive(getattr(self, name), name)
+
+    def hook_names(self, model: HookedTransformer) -> list[str]:
+        return resid_hook_names(model, self.targets.resolve(model))
+
+    def fit(self, model: HookedTransformer, activations: dict[str, Tensor]) -> Proxy:
+        targets = self.targets.resolve(model)
+        hooks = []
+        inertia = {}
+        fit = None
+        for name in resid_hook_names(model, targets):
+            fit = fit_centroids(
+                require(activations, name, self.name), self.k, seed=self.seed, n_init=self.n_init,
+                max_iter=self.max_iter, minibatch_above=self.minibatch_above, where=name,
+            )
+            hooks.append(CentroidHook(hook_name=name, heads=None, centroids=fit.centroids))
+            inertia[name] = fit.inertia
+        assert fit is not None
+        return Proxy(
+            simplifier=self.name,
+            params=_params(self, targets),
+            hooks=tuple(hooks),
+            attention_heads=resid_heads(model, targets),
+            info={"n_fitted": fit.n, "inertia": inertia, "algorithm": fit.algorithm},
+        )
+

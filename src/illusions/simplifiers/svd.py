@@ -1,0 +1,237 @@
+"""``svd``: queries and keys projected onto their top-r principal directions, per head.
+
+For one head with fitted vectors ``X`` (``[n, d_head]``, PAD positions dropped), mean ``mu`` (zero
+when ``centered=False``) and ``V_r`` the top-r right singular vectors of ``X - mu``:
+
+    x  ->  mu + (x - mu) V_r V_r^T
+
+an (affine) orthogonal projection: full rank is the identity, and applying it twice is applying it
+once. ``basis="separate"`` fits queries and keys each their own ``mu``/``V_r``; ``basis="joint"``
+fits one ``mu``/``V_r`` per head on the queries and keys stacked together (``[2n, d_head]``) and
+uses it for both. The SVD is computed as the eigendecomposition of the ``d x d`` scatter matrix in
+float64, accumulated in chunks, so 10^6 vectors take well under a second; :meth:`SVD.fit_ranks`
+reuses one decomposition for a whole list of ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from illusions.errors import IllusionsError
+from illusions.simplifiers.base import (
+    FittedHook,
+    Proxy,
+    SimplifierConfig,
+    Targets,
+    check_positive,
+    head_rows,
+    register_hook_kind,
+    replace_heads,
+)
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+BASES = ("separate", "joint")
+# Rows per chunk when accumulating the scatter matrix: bounds the float64 copy to ~16 MB at d=32.
+_CHUNK = 1 << 16
+
+
+@dataclasses.dataclass(frozen=True)
+class PCAFit:
+    """Principal directions of ``[n, d]`` data.
+
+    Attributes:
+        mean: ``[d]`` the centre (zeros when fitted uncentred).
+        singular_values: ``[d]`` singular values of the centred data, descending.
+        components: ``[d, d]``; column ``j`` is the j-th right singular vector.
+        n: number of fitted vectors.
+    """
+
+    mean: Float[Tensor, " d"]
+    singular_values: Float[Tensor, " d"]
+    components: Float[Tensor, "d d"]
+    n: int
+
+    def basis(self, rank: int) -> Float[Tensor, "d rank"]:
+        return self.components[:, :rank]
+
+    def explained(self, rank: int) -> float:
+        """Fraction of the (centred) sum of squares the top ``rank`` directions keep."""
+        power = self.singular_values.double() ** 2
+        total = float(power.sum())
+        return float(power[:rank].sum()) / total if total > 0 else 1.0
+
+
+def pca(x: Float[Tensor, "n d"], *, centered: bool = True) -> PCAFit:
+    """Mean and right singular vectors of ``x`` (centred first unless ``centered=False``).
+
+    Computed from the float64 scatter matrix ``(x - mu)^T (x - mu)`` by ``eigh``; its eigenvectors
+    are the right singular vectors and the square roots of its eigenvalues the singular values.
+    Returned tensors are float32.
+    """
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise IllusionsError(f"cannot fit on {tuple(x.shape)} activations: need at least one vector")
+    n, d = x.shape
+    if centered:
+        mean = torch.zeros(d, dtype=torch.float64)
+        for start in range(0, n, _CHUNK):
+            mean += x[start : start + _CHUNK].double().sum(dim=0)
+        mean /= n
+    else:
+        mean = torch.zeros(d, dtype=torch.float64)
+    scatter = torch.zeros(d, d, dtype=torch.float64)
+    for start in range(0, n, _CHUNK):
+        chunk = x[start : start + _CHUNK].double() - mean
+        scatter += chunk.T @ chunk
+    eigvals, eigvecs = torch.linalg.eigh(scatter)  # ascending
+    order = torch.arange(d - 1, -1, -1)
+    singular = eigvals[order].clamp_min(0).sqrt()
+    return PCAFit(
+        mean=mean.float(),
+        singular_values=singular.float(),
+        components=eigvecs[:, order].float().contiguous(),
+        n=int(n),
+    )
+
+
+@register_hook_kind
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class ProjectionHook(FittedHook):
+    """``x -> mean + (x - mean) basis basis^T`` at one hook point.
+
+    With ``heads`` (``hook_q``/``hook_k``, ``[batch, pos, head_index, d_head]``): ``mean`` is
+    ``[len(heads), d_head]`` and ``basis`` ``[len(heads), d_head, rank]``; other heads pass through.
+    With ``heads=None`` (a residual hook, ``[batch, pos, d_model]``): ``mean`` ``[d_model]`` and
+    ``basis`` ``[d_model, rank]``.
+    """
+
+    hook_name: str
+    heads: tuple[int, ...] | None
+    mean: Tensor = dataclasses.field(repr=False)
+    basis: Tensor = dataclasses.field(repr=False)
+
+    def __call__(self, activation: Tensor, hook: Any = None) -> Tensor:
+        mean = self.mean.to(device=activation.device, dtype=activation.dtype)
+        basis = self.basis.to(device=activation.device, dtype=activation.dtype)
+        if self.heads is None:
+            coords = (activation - mean) @ basis  # [batch pos rank]
+            return mean + coords @ basis.T
+        rows = head_rows(self.heads, activation.shape[2])
+        x = activation[:, :, rows]  # [batch pos heads d_head]
+        coords = torch.einsum("bphd,hdr->bphr", x - mean, basis)
+        new = torch.einsum("bphr,hdr->bphd", coords, basis) + mean
+        return replace_heads(activation, rows, new, axis=2)
+
+
+def qk_hook_name(layer: int, side: str) -> str:
+    return f"blocks.{layer}.attn.hook_{side}"
+
+
+def require(activations: dict[str, Tensor], name: str, simplifier: str) -> Tensor:
+    """The collected activations at ``name``, or a clear error saying they are missing."""
+    if name not in activations:
+        have = ", ".join(sorted(activations)) or "none"
+        raise IllusionsError(
+            f"{simplifier} needs activations at {name} (collect simplifier.hook_names(model)); got {have}"
+        )
+    return activations[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class SVD(SimplifierConfig):
+    """Queries/keys projected onto their top-``rank`` principal directions, per head.
+
+    Maths in the module docstring. Attributes:
+        rank: directions kept, 1..d_head.
+        centered: subtract the fitted mean first (PCA); ``False`` projects through the origin.
+        basis: ``separate`` (queries and keys each their own) or ``joint`` (one per head on both).
+        targets: layers, heads and which of q/k are replaced.
+    """
+
+    name: ClassVar[str] = "svd"
+    data_free: ClassVar[bool] = False
+
+    rank: int = 4
+    centered: bool = True
+    basis: str = "separate"
+    targets: Targets = Targets()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive(self.rank, "rank")
+        if self.basis not in BASES:
+            raise IllusionsError(f"basis must be one of {', '.join(BASES)}, got {self.basis!r}")
+
+    def _check_rank(self, model: HookedTransformer, ranks: list[int]) -> None:
+        for rank in ranks:
+            check_positive(rank, "rank", model.cfg.d_head)
+
+    def hook_names(self, model: HookedTransformer) -> list[str]:
+        self._check_rank(model, [self.rank])
+        targets = self.targets.resolve(model)
+        sides = ("q", "k") if self.basis == "joint" else targets.qk
+        return [qk_hook_name(layer, side) for layer in targets.layers for side in sides]
+
+    def fit(self, model: HookedTransformer, activations: dict[str, Tensor]) -> Proxy:
+        return self.fit_ranks(model, activations, [self.rank])[self.rank]
+
+    def fit_ranks(
+        self, model: HookedTransformer, activations: dict[str, Tensor], ranks: list[int]
+    ) -> dict[int, Proxy]:
+        """One proxy per rank from a single decomposition per head (for sweeps).
+
+        Args:
+            model: the model the activations came from.
+            activations: ``collect(model, tokens, self.hook_names(model), mask)``.
+            ranks: ranks to build, each in 1..d_head.
+
+        Returns:
+            ``{rank: proxy}``; each proxy equals ``self.replace(rank=rank).fit(...)``.
+        """
+        ranks = list(dict.fromkeys(ranks))
+        self._check_rank(model, ranks)
+        targets = self.targets.resolve(model)
+        fits: dict[tuple[str, int], PCAFit] = {}
+        for layer in targets.layers:
+            for head in targets.heads:
+                if self.basis == "joint":
+                    q = require(activations, qk_hook_name(layer, "q"), self.name)[:, head]
+                    k = require(activations, qk_hook_name(layer, "k"), self.name)[:, head]
+                    joint = pca(torch.cat([q, k]), centered=self.centered)  # [2n, d_head]
+                    for side in targets.qk:
+                        fits[(qk_hook_name(layer, side), head)] = joint
+                else:
+                    for side in targets.qk:
+                        name = qk_hook_name(layer, side)
+                        fits[(name, head)] = pca(require(activations, name, self.name)[:, head],
+                                                 centered=self.centered)
+        names = [qk_hook_name(layer, side) for layer in targets.layers for side in targets.qk]
+        heads = [(layer, head) for layer in targets.layers for head in targets.heads]
+        out = {}
+        for rank in ranks:
+            hooks = []
+            explained = {}
+            for name in names:
+                per_head = [fits[(name, head)] for head in targets.heads]
+                hooks.append(ProjectionHook(
+                    hook_name=name,
+                    heads=targets.heads,
+                    mean=torch.stack([f.mean for f in per_head]),  # [heads d_head]
+                    basis=torch.stack([f.basis(rank) for f in per_head]).contiguous(),  # [heads d_head rank]
+                ))
+                explained[name] = [f.explained(rank) for f in per_head]
+            config = self.replace(rank=rank)
+            out[rank] = Proxy(
+                simplifier=self.name,
+                params=config.resolved_params(targets),
+                hooks=tuple(hooks),
+                attention_heads=tuple(heads),
+                info={"n_fitted": fits[(names[0], targets.heads[0])].n, "explained_variance": explained},
+            )
+        return out
