@@ -8,6 +8,7 @@ and are refused for other tasks. A task may offer ``split_stats(split)`` for its
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -53,10 +54,10 @@ def _show(console: Any, task: Any, name: str, split: Any, n: int) -> None:
     per_line = 24
     for i in range(min(n, len(split))):
         ids = split.tokens[i, : split.lengths[i]]
-        words = [task.vocab.tokens[int(t)] for t in ids]
         if not hasattr(task, "depths"):
-            console.print(Text(f"  [{i}] " + " ".join(words)))
+            console.print(Text(f"  [{i}] {task.decode(ids)!r}"))
             continue
+        words = [task.vocab.tokens[int(t)] for t in ids]
         depths = task.depths(ids)
         console.print(Text(f"  [{i}] {len(ids) - 2} brackets, max depth {int(depths.max())}"))
         width = max(len(w) for w in words) + 1
@@ -155,7 +156,8 @@ def data(
         if check is not None:
             _check(t, check, as_json, progress)
             return
-        splits = t.splits(progress=progress)
+        takes_progress = "progress" in inspect.signature(t.splits).parameters
+        splits = t.splits(progress=progress) if takes_progress else t.splits()
 
     stats = {name: (t.split_stats(s) if hasattr(t, "split_stats") else _generic_stats(s)) for name, s in splits.items()}
     sampling = t.sampling_stats() if hasattr(t, "sampling_stats") else {}
