@@ -146,8 +146,8 @@ def check_positive(value: int, what: str, upper: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise IllusionsError(f"{what} must be an integer, got {value!r}")
     if value < 1 or (upper is not None and value > upper):
-        valid = f"1..{upper}" if upper is not None else "at least 1"
-        raise IllusionsError(f"{what} must be in {valid}, got {value}")
+        valid = f"be in 1..{upper}" if upper is not None else "be at least 1"
+        raise IllusionsError(f"{what} must {valid}, got {value}")
 
 
 @runtime_checkable

@@ -1,0 +1,143 @@
+"""Bad simplifier input: one IllusionsError each, stating the valid range; CLI-style construction."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from illusions.errors import IllusionsError
+from illusions.models import build_model
+from illusions.simplifiers import (
+    SVD,
+    KMeans,
+    OneHot,
+    Proxy,
+    ResidKMeans,
+    ResidSVD,
+    Targets,
+    WeightSVD,
+    fit_proxy,
+    make_simplifier,
+)
+
+LENGTHS = torch.tensor([16, 10, 12, 5, 16, 8])
+
+
+@pytest.mark.parametrize(
+    ("simplifier", "message"),
+    [
+        (SVD(rank=9), r"rank must be in 1\.\.8, got 9"),
+        (WeightSVD(rank=9), r"rank must be in 1\.\.8, got 9"),
+        (ResidSVD(rank=33), r"rank must be in 1\.\.32, got 33"),
+        (SVD(targets=Targets(layers=(2,))), r"layer 2 does not exist; this model has layers 0\.\.1"),
+        (KMeans(targets=Targets(heads=(0, 4))), r"head 4 does not exist; this model has heads 0\.\.3"),
+        (OneHot(targets=Targets(layers=(5,))), r"layers 0\.\.1"),
+    ],
+    ids=lambda v: v.name if hasattr(v, "name") else "",
+)
+def test_out_of_range_against_the_model(tiny_model, simplifier, message):
+    with pytest.raises(IllusionsError, match=message):
+        simplifier.hook_names(tiny_model)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: SVD(rank=0), r"rank must be at least 1, got 0"),
+        (lambda: KMeans(k=0), r"k must be at least 1, got 0"),
+        (lambda: SVD(basis="shared"), r"basis must be one of separate, joint"),
+        (lambda: Targets(qk="v"), r"qk must be one of q, k, qk, got 'v'"),
+        (lambda: Targets(resid="resid_final"), r"resid must be one of resid_pre, resid_mid, resid_post"),
+        (lambda: Targets(heads=(-1,)), r"heads must be non-negative integers or 'all'"),
+        (lambda: Targets(layers="last"), r"layers must be a list of integers or 'all'"),
+        (lambda: Targets(heads=(1, 1)), r"heads lists a value twice"),
+        (lambda: SVD(targets=42), r"targets must be a Targets"),
+    ],
+)
+def test_bad_values_raise_at_construction(build, message):
+    with pytest.raises(IllusionsError, match=message):
+        build()
+
+
+def test_more_clusters_than_distinct_points(tiny_model, tiny_tokens):
+    # Layer-0 queries depend only on (token, position): count the distinct ones, ask for one more.
+    from illusions.activations import collect
+
+    name = "blocks.0.attn.hook_q"
+    acts = collect(tiny_model, tiny_tokens, [name], LENGTHS)[name]
+    distinct = torch.unique(acts[:, 0], dim=0).shape[0]
+    assert distinct < int(LENGTHS.sum())
+    with pytest.raises(IllusionsError, match=rf"k={distinct + 1} exceeds the {distinct} distinct .* 1\.\.{distinct}"):
+        fit_proxy(tiny_model, KMeans(k=distinct + 1, targets=Targets(layers=(0,), heads=(0,), qk="q")),
+                  tiny_tokens, LENGTHS)
+    with pytest.raises(IllusionsError, match=r"k=1000 exceeds"):
+        fit_proxy(tiny_model, ResidKMeans(k=1000), tiny_tokens, LENGTHS)
+
+
+def test_resid_mid_on_an_attention_only_model(tiny_config):
+    model = build_model(tiny_config.replace(d_mlp=0), seed=0)
+    with pytest.raises(IllusionsError, match=r"no blocks.1.hook_resid_mid.*valid resid values: resid_post, resid_pre"):
+        ResidSVD(targets=Targets(resid="resid_mid")).hook_names(model)
+
+
+def test_weight_svd_refuses_rotary(tiny_config):
+    model = build_model(tiny_config.replace(positional_embedding="rotary"), seed=0)
+    with pytest.raises(IllusionsError, match="rotary"):
+        WeightSVD(rank=2).fit(model)
+
+
+def test_fit_without_the_needed_activations(tiny_model):
+    with pytest.raises(IllusionsError, match=r"svd needs activations at blocks.1.attn.hook_q"):
+        SVD().fit(tiny_model, {})
+
+
+def test_make_simplifier_from_cli_strings():
+    s = make_simplifier("svd", rank="4", centered="false", layers="0,1", heads="all", qk="q")
+    assert s == SVD(rank=4, centered=False, targets=Targets(layers=(0, 1), heads="all", qk="q"))
+    assert make_simplifier("kmeans", k=16, seed="3", heads=[2, 0]) == KMeans(k=16, seed=3, targets=Targets(heads=(0, 2)))
+    assert make_simplifier("onehot", targets={"heads": [1]}) == OneHot(targets=Targets(heads=(1,)))
+    assert make_simplifier("resid-svd", rank=8, resid="resid_post").targets.resid == "resid_post"
+    assert make_simplifier("weight-svd").data_free
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        ("pca", {}, r"unknown simplifier 'pca'; known simplifiers: kmeans, onehot, resid-kmeans, resid-svd, svd, weight-svd"),
+        ("svd", {"ranks": 4}, r"unknown SVD key\(s\) ranks; known keys: rank, centered, basis, targets"),
+        ("svd", {"rank": "four"}, r"svd rank must be an integer, got 'four'"),
+        ("svd", {"centered": "maybe"}, r"svd centered must be true or false"),
+        ("svd", {"layers": "0,x"}, r"layers must be comma-separated integers or 'all'"),
+        ("kmeans", {"k": 2.5}, r"KMeans.k must be an integer"),
+        ("svd", {"targets": {"head": [1]}}, r"unknown Targets key\(s\) head"),
+    ],
+)
+def test_make_simplifier_errors(name, params, message):
+    with pytest.raises(IllusionsError, match=message):
+        make_simplifier(name, **params)
+
+
+def test_params_round_trip_through_from_dict(tiny_model, tiny_tokens):
+    proxy = fit_proxy(tiny_model, SVD(rank=2, targets=Targets(heads=(1, 3))), tiny_tokens, LENGTHS)
+    params = json.loads(json.dumps(proxy.params))
+    assert params["targets"] == {"layers": [1], "heads": [1, 3], "qk": "qk", "resid": "resid_pre"}
+    rebuilt = SVD.from_dict(params)
+    assert rebuilt == SVD(rank=2, targets=Targets(layers=(1,), heads=(1, 3)))
+    refit = fit_proxy(tiny_model, rebuilt, tiny_tokens, LENGTHS)
+    a = tiny_model.run_with_hooks(tiny_tokens, fwd_hooks=proxy.fwd_hooks)
+    assert torch.equal(a, tiny_model.run_with_hooks(tiny_tokens, fwd_hooks=refit.fwd_hooks))
+
+
+def test_loading_something_that_is_not_a_proxy(tmp_path, tiny_model):
+    with pytest.raises(IllusionsError, match="does not exist"):
+        Proxy.load(tmp_path / "missing")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "proxy.json").write_text('{"format": "something-else"}')
+    with pytest.raises(IllusionsError, match="is not an illusions proxy"):
+        Proxy.load(tmp_path / "bad")
+    OneHot().fit(tiny_model).save(tmp_path / "ok")
+    (tmp_path / "ok" / "proxy.safetensors").write_bytes(b"garbage")
+    with pytest.raises(IllusionsError, match="not a readable safetensors file"):
+        Proxy.load(tmp_path / "ok")
