@@ -61,8 +61,12 @@ def from_cache(config: DyckConfig, folder: Path) -> float:
     A fresh process matters: in the building process the allocator reuses memory it already holds,
     which hides the page faults of materialising the int64 token arrays.
     """
-    out = subprocess.run([sys.executable, "-c", LOAD, json.dumps(config.to_dict()), str(folder)],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD, json.dumps(config.to_dict()), str(folder)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return float(out.stdout.strip())
 
 
@@ -90,22 +94,34 @@ def main() -> None:
         for folder in folders:
             shutil.rmtree(folder, ignore_errors=True)
 
-    print(f"config: n_train={config.n_train:,} n_eval={config.n_eval:,} (per split), repeats={args.repeats}")
-    print(f"(a) from scratch: median {statistics.median(scratch):.2f} s  "
-          f"(runs: {', '.join(f'{s:.2f}' for s in scratch)}; target <= 10 s)")
-    best = stage_runs[scratch.index(statistics.median(scratch))] if args.repeats % 2 else stage_runs[0]
+    print(
+        f"config: n_train={config.n_train:,} n_eval={config.n_eval:,} (per split), repeats={args.repeats}"
+    )
+    print(
+        f"(a) from scratch: median {statistics.median(scratch):.2f} s  "
+        f"(runs: {', '.join(f'{s:.2f}' for s in scratch)}; target <= 10 s)"
+    )
+    best = (
+        stage_runs[scratch.index(statistics.median(scratch))] if args.repeats % 2 else stage_runs[0]
+    )
     for name, seconds in best:
         print(f"      {seconds:6.2f} s  {name}")
-    print(f"(b) from cache:   median {statistics.median(cached):.3f} s  "
-          f"(runs: {', '.join(f'{s:.3f}' for s in cached)}; target <= 1 s)")
+    print(
+        f"(b) from cache:   median {statistics.median(cached):.3f} s  "
+        f"(runs: {', '.join(f'{s:.3f}' for s in cached)}; target <= 1 s)"
+    )
     print(f"(c) cache file:   {size / 1e6:.1f} MB")
     if "sampler_acceptance" in stats["train"]:
-        print(f"      sampler acceptance (>= {config.min_brackets} brackets, <= {config.max_len} tokens): "
-              f"{100 * stats['train']['sampler_acceptance']:.1f}%")
+        print(
+            f"      sampler acceptance (>= {config.min_brackets} brackets, <= {config.max_len} tokens): "
+            f"{100 * stats['train']['sampler_acceptance']:.1f}%"
+        )
     for name, s in stats.items():
         if name != "train":
-            print(f"      {name:<20} kept {s['kept']:>6,} of {s['candidates']:>7,} candidates "
-                  f"({100 * s['acceptance']:.1f}%)")
+            print(
+                f"      {name:<20} kept {s['kept']:>6,} of {s['candidates']:>7,} candidates "
+                f"({100 * s['acceptance']:.1f}%)"
+            )
 
 
 if __name__ == "__main__":

@@ -57,23 +57,44 @@ EXAMPLES = [
         text="(c (a a) (b (d d) b) c) (e e)",
         depths=[1, 2, 1, 2, 3, 2, 1, 0, 1, 0],
         segments=[(1, 2, 1, 2, 3, 2, 1, 0), (1, 0)],
-        closers=[(2, 2, 1, 2, "a"), (5, 5, 1, 3, "d"), (6, 4, 3, 2, "b"), (7, 1, 7, 1, "c"), (9, 9, 1, 1, "e")],
+        closers=[
+            (2, 2, 1, 2, "a"),
+            (5, 5, 1, 3, "d"),
+            (6, 4, 3, 2, "b"),
+            (7, 1, 7, 1, "c"),
+            (9, 9, 1, 1, "e"),
+        ],
     ),
     dict(
         text="(a (b b) (c c) (d d) (e e) (f f) a)",
         depths=[1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1, 0],
         segments=[(1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1, 0)],
-        closers=[(2, 2, 1, 2, "b"), (4, 4, 1, 2, "c"), (6, 6, 1, 2, "d"), (8, 8, 1, 2, "e"),
-                 (10, 10, 1, 2, "f"), (11, 1, 11, 1, "a")],
+        closers=[
+            (2, 2, 1, 2, "b"),
+            (4, 4, 1, 2, "c"),
+            (6, 6, 1, 2, "d"),
+            (8, 8, 1, 2, "e"),
+            (10, 10, 1, 2, "f"),
+            (11, 1, 11, 1, "a"),
+        ],
     ),
     dict(
         # Ten deep (the training limit): the j-th closer (j=1..10) sits at 10+j, its opener at 11-j.
         text="(t (s (r (q (p (o (n (m (l (k k) l) m) n) o) p) q) r) s) t)",
         depths=[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0],
         segments=[(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)],
-        closers=[(10, 10, 1, 10, "k"), (11, 9, 3, 9, "l"), (12, 8, 5, 8, "m"), (13, 7, 7, 7, "n"),
-                 (14, 6, 9, 6, "o"), (15, 5, 11, 5, "p"), (16, 4, 13, 4, "q"), (17, 3, 15, 3, "r"),
-                 (18, 2, 17, 2, "s"), (19, 1, 19, 1, "t")],
+        closers=[
+            (10, 10, 1, 10, "k"),
+            (11, 9, 3, 9, "l"),
+            (12, 8, 5, 8, "m"),
+            (13, 7, 7, 7, "n"),
+            (14, 6, 9, 6, "o"),
+            (15, 5, 11, 5, "p"),
+            (16, 4, 13, 4, "q"),
+            (17, 3, 15, 3, "r"),
+            (18, 2, 17, 2, "s"),
+            (19, 1, 19, 1, "t"),
+        ],
     ),
 ]
 
@@ -132,9 +153,16 @@ def test_score_all_closers_matches_table(task):
     sc = score(tokens, lengths, min_distance=1, n_types=K)
     for i, ex in enumerate(EXAMPLES):
         mine = sc.seq == i
-        got = list(zip(sc.pos[mine].tolist(), sc.meta["key_pos"][mine].tolist(),
-                       sc.meta["distance"][mine].tolist(), sc.meta["depth"][mine].tolist(),
-                       sc.target[mine].tolist(), strict=True))
+        got = list(
+            zip(
+                sc.pos[mine].tolist(),
+                sc.meta["key_pos"][mine].tolist(),
+                sc.meta["distance"][mine].tolist(),
+                sc.meta["depth"][mine].tolist(),
+                sc.target[mine].tolist(),
+                strict=True,
+            )
+        )
         want = [(q, o, d, dep, closer(c)) for q, o, d, dep, c in ex["closers"]]
         assert got == want
         assert sc.meta["key_depth"][mine].tolist() == [c[3] for c in ex["closers"]]
@@ -178,7 +206,9 @@ def test_segment_keys_ignore_types_and_separate_structures(task):
     flat = [s for e in EXAMPLES for s in e["segments"]]
     key_of: dict[tuple[int, ...], bytes] = {}
     for structure, key in zip(flat, keys.tolist(), strict=True):
-        assert key_of.setdefault(structure, key) == key  # same structure, same key, whatever the types
+        assert (
+            key_of.setdefault(structure, key) == key
+        )  # same structure, same key, whatever the types
     assert len(set(key_of.values())) == len(key_of)  # different structures, different keys
     assert flat.count((1, 0)) == 3
 
@@ -200,7 +230,10 @@ def test_depth_after_repeats_depth_on_non_brackets():
     [
         ("(a (b b)", r"unbalanced: '\(a' at token 1 \(character 1\) is never closed"),
         ("(a a) a)", r"unbalanced: 'a\)' at token 3 \(character 7\) has no open bracket"),
-        ("(a (b a) b)", r"mismatched: 'a\)' at token 3 \(character 7\) closes '\(b' opened at token 2"),
+        (
+            "(a (b a) b)",
+            r"mismatched: 'a\)' at token 3 \(character 7\) closes '\(b' opened at token 2",
+        ),
         ("(a x)", r"unknown token 'x\)' at character 4"),
         ("(a u)", r"unknown token 'u\)' at character 4"),  # only a..t with 20 types
         ("(a a) ?? (b", r"unknown token '\?\?' at character 7"),
@@ -218,8 +251,16 @@ def test_parse_reports_first_problem_and_position(task, text, message):
 
 
 def test_parse_limits_follow_the_config():
-    small = DyckTask(DyckConfig(n_types=2, max_depth=2, max_len=8, short_max_brackets=4, ood_depth_min=3,
-                                ood_depth_max=3))
+    small = DyckTask(
+        DyckConfig(
+            n_types=2,
+            max_depth=2,
+            max_len=8,
+            short_max_brackets=4,
+            ood_depth_min=3,
+            ood_depth_max=3,
+        )
+    )
     assert small.parse("(a (b b) a) (a a)").tolist() == [1, 3, 4, 6, 5, 3, 5, 2]
     with pytest.raises(IllusionsError, match="unknown token"):
         small.parse("(c c)")

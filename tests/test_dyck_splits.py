@@ -22,15 +22,25 @@ SMALL = DyckConfig(n_train=3000, n_eval=60, max_len=64, short_max_brackets=20, o
     max_len=st.integers(8, 48),
     min_brackets=st.sampled_from([0, 2, 4, 6]),
 )
-def test_every_sampled_string_is_balanced_within_depth_and_length(seed, n_types, max_depth, max_len, min_brackets):
-    s = sample(np.random.default_rng(seed), 40, n_types=n_types, max_depth=max_depth, max_len=max_len,
-               min_brackets=min_brackets)
+def test_every_sampled_string_is_balanced_within_depth_and_length(
+    seed, n_types, max_depth, max_len, min_brackets
+):
+    s = sample(
+        np.random.default_rng(seed),
+        40,
+        n_types=n_types,
+        max_depth=max_depth,
+        max_len=max_len,
+        min_brackets=min_brackets,
+    )
     tokens, lengths = s.tokens.astype(np.int64), s.lengths
     assert tokens.shape == (40, max_len) and s.accepted >= 40 and s.drawn >= s.accepted
     rows = np.arange(40)
     assert np.all(tokens[:, 0] == 1) and np.all(tokens[rows, lengths - 1] == 2)
     assert np.all(lengths <= max_len) and np.all(lengths - 2 >= min_brackets)
-    sc = score(tokens, lengths, min_distance=1, n_types=n_types)  # raises unless balanced and matching
+    sc = score(
+        tokens, lengths, min_distance=1, n_types=n_types
+    )  # raises unless balanced and matching
     assert len(sc) * 2 == (lengths - 2).sum()
     assert np.all(sc.meta["max_depth"] <= max_depth)
 
@@ -47,7 +57,10 @@ def test_sampling_law_of_short_strings():
         ((1, 2), 1 / 2),  # END at once
         ((1, 3, 5, 2), 1 / 4 * 1 / 2 * 1 / 2),  # (a a)
         ((1, 4, 6, 2), 1 / 4 * 1 / 2 * 1 / 2),  # (b b)
-        ((1, 3, 4, 6, 5, 2), 1 / 4 * 1 / 4 * 1 * 1 / 2 * 1 / 2),  # (a (b b) a): forced close at depth 2
+        (
+            (1, 3, 4, 6, 5, 2),
+            1 / 4 * 1 / 4 * 1 * 1 / 2 * 1 / 2,
+        ),  # (a (b b) a): forced close at depth 2
         ((1, 3, 5, 3, 5, 2), (1 / 4 * 1 / 2) ** 2 * 1 / 2),  # (a a) (a a)
     ]:
         freq = texts.count(string) / n
@@ -120,9 +133,13 @@ def test_scored_positions_use_the_configured_filter(small):
         sc = split.scored
         assert np.all(sc.meta["distance"] >= SMALL.min_distance)
         np.testing.assert_array_equal(split.tokens[sc.seq, sc.pos + 1], sc.target)
-        np.testing.assert_array_equal(split.tokens[sc.seq, sc.meta["key_pos"]] + SMALL.n_types, sc.target)
+        np.testing.assert_array_equal(
+            split.tokens[sc.seq, sc.meta["key_pos"]] + SMALL.n_types, sc.target
+        )
         np.testing.assert_array_equal(sc.meta["depth"], sc.meta["key_depth"])
-        again = score(split.tokens, split.lengths, min_distance=SMALL.min_distance, n_types=SMALL.n_types)
+        again = score(
+            split.tokens, split.lengths, min_distance=SMALL.min_distance, n_types=SMALL.n_types
+        )
         np.testing.assert_array_equal(again.pos, sc.pos)
 
 
@@ -143,8 +160,10 @@ def test_each_split_has_its_own_generator(small, tmp_path):
     _, splits = small
     more = DyckTask(SMALL.replace(n_eval=80), cache_dir=tmp_path).splits()
     np.testing.assert_array_equal(more["train"].tokens, splits["train"].tokens)
-    np.testing.assert_array_equal(more["unseen_depth"].tokens[:60, : splits["unseen_depth"].tokens.shape[1]],
-                                  splits["unseen_depth"].tokens)
+    np.testing.assert_array_equal(
+        more["unseen_depth"].tokens[:60, : splits["unseen_depth"].tokens.shape[1]],
+        splits["unseen_depth"].tokens,
+    )
 
 
 def test_cache_is_reused_and_keyed_by_config(small, tmp_path):
@@ -157,8 +176,13 @@ def test_cache_is_reused_and_keyed_by_config(small, tmp_path):
     loaded = reloaded.splits(progress=lambda msg: pytest.fail(f"regenerated: {msg}"))
     assert _same(splits, loaded)
     for n in SPLIT_NAMES:
-        np.testing.assert_array_equal(loaded[n].scored.meta["distance"], splits[n].scored.meta["distance"])
-    assert DyckTask(SMALL.replace(min_distance=1), cache_dir=task.cache_dir).cache_path != task.cache_path
+        np.testing.assert_array_equal(
+            loaded[n].scored.meta["distance"], splits[n].scored.meta["distance"]
+        )
+    assert (
+        DyckTask(SMALL.replace(min_distance=1), cache_dir=task.cache_dir).cache_path
+        != task.cache_path
+    )
 
 
 def test_corrupt_cache_is_rebuilt(small, tmp_path):
@@ -181,7 +205,9 @@ def test_sampling_stats_report_acceptance(small):
         assert s["acceptance"] == pytest.approx(s["kept"] / s["candidates"])
 
 
-@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(seed=st.integers(0, 10_000))
 def test_membership_holds_for_other_seeds(seed, tmp_path):
     cfg = SMALL.replace(seed=seed, n_train=1500, n_eval=30)
@@ -191,7 +217,9 @@ def test_membership_holds_for_other_seeds(seed, tmp_path):
     for name in SPLIT_NAMES[1:]:
         assert not train & set(_strings(task, splits[name]))
     for name in ("seen_struct", "unseen_struct_short", "unseen_struct_long"):
-        assert {task.classify(splits[name].tokens[i, : splits[name].lengths[i]]) for i in range(30)} == {name}
+        assert {
+            task.classify(splits[name].tokens[i, : splits[name].lengths[i]]) for i in range(30)
+        } == {name}
 
 
 def test_an_empty_split_fails_with_a_clear_error(tmp_path, monkeypatch):

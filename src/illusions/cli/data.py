@@ -63,9 +63,13 @@ def _show(console: Any, task: Any, name: str, split: Any, n: int) -> None:
         width = max(len(w) for w in words) + 1
         for start in range(0, len(words), per_line):
             chunk = slice(start, start + per_line)
-            console.print(Text("    " + "".join(w.rjust(width) for w in words[chunk])), soft_wrap=True)
             console.print(
-                Text("    " + "".join(str(int(d)).rjust(width) for d in depths[chunk]), style="dim"),
+                Text("    " + "".join(w.rjust(width) for w in words[chunk])), soft_wrap=True
+            )
+            console.print(
+                Text(
+                    "    " + "".join(str(int(d)).rjust(width) for d in depths[chunk]), style="dim"
+                ),
                 soft_wrap=True,
             )
 
@@ -110,19 +114,24 @@ def data(
     n_train: Annotated[int | None, typer.Option(help="Training strings.")] = None,
     n_eval: Annotated[int | None, typer.Option(help="Strings per evaluation split.")] = None,
     cache_dir: Annotated[
-        Path | None, typer.Option(help="Cache folder (default: $ILLUSIONS_CACHE or ~/.cache/illusions).")
+        Path | None,
+        typer.Option(help="Cache folder (default: $ILLUSIONS_CACHE or ~/.cache/illusions)."),
     ] = None,
     show: Annotated[int, typer.Option(help="Print this many examples per split.", min=0)] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the statistics as JSON.")] = False,
     check: Annotated[
         str | None,
-        typer.Option(help='Validate one string, e.g. "(a (b b) a)": exit 0 if valid, 2 with the reason.',
-                     rich_help_panel=DYCK),
+        typer.Option(
+            help='Validate one string, e.g. "(a (b b) a)": exit 0 if valid, 2 with the reason.',
+            rich_help_panel=DYCK,
+        ),
     ] = None,
     min_distance: Annotated[
         int | None,
-        typer.Option(help="Score closers at least this far from their opener (1: every closer).",
-                     rich_help_panel=DYCK),
+        typer.Option(
+            help="Score closers at least this far from their opener (1: every closer).",
+            rich_help_panel=DYCK,
+        ),
     ] = None,
 ) -> None:
     """Generate a task's splits (cached after the first run) and print their statistics."""
@@ -148,7 +157,9 @@ def data(
     err = Console(stderr=True)
     out = Console(highlight=False)
     cached = t.is_cached() if hasattr(t, "is_cached") else False
-    with err.status(f"{task}: {'loading cached splits' if cached else 'generating splits'}") as status:
+    with err.status(
+        f"{task}: {'loading cached splits' if cached else 'generating splits'}"
+    ) as status:
 
         def progress(message: str) -> None:
             status.update(f"{task}: {message}")
@@ -159,14 +170,22 @@ def data(
         takes_progress = "progress" in inspect.signature(t.splits).parameters
         splits = t.splits(progress=progress) if takes_progress else t.splits()
 
-    stats = {name: (t.split_stats(s) if hasattr(t, "split_stats") else _generic_stats(s)) for name, s in splits.items()}
+    stats = {
+        name: (t.split_stats(s) if hasattr(t, "split_stats") else _generic_stats(s))
+        for name, s in splits.items()
+    }
     sampling = t.sampling_stats() if hasattr(t, "sampling_stats") else {}
     for name, s in stats.items():
         if name in sampling:
             s["acceptance"] = sampling[name]["acceptance"]
     cache = str(getattr(t, "cache_path", "")) or None
     if as_json:
-        typer.echo(json.dumps({"task": task, "config": config.to_dict(), "cache": cache, "splits": stats}, indent=2))
+        typer.echo(
+            json.dumps(
+                {"task": task, "config": config.to_dict(), "cache": cache, "splits": stats},
+                indent=2,
+            )
+        )
         return
 
     unit = "len: length in brackets" if task_cls.name == "dyck" else "len: length in tokens"
@@ -177,17 +196,30 @@ def data(
     if sampling:
         caption += "; kept: share of sampled candidates meeting the split's definition"
     table = Table(
-        title=f"{task} splits", title_justify="left", caption=caption, caption_justify="left",
-        box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
+        title=f"{task} splits",
+        title_justify="left",
+        caption=caption,
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
     )
     columns = ["split", "n", "len\nmean", "len\nmed", "len\nmax"]
     columns += ["depth\nmean", "depth\nmax"] if has_depth else []
     columns += ["scored"] + (["kept"] if sampling else [])
     for col in columns:
         left = col == "split"
-        table.add_column(col, justify="left" if left else "right", style="bold" if left else None, no_wrap=True)
+        table.add_column(
+            col, justify="left" if left else "right", style="bold" if left else None, no_wrap=True
+        )
     for name, s in stats.items():
-        row = [name, f"{s['n']:,}", f"{s['length_mean']:.1f}", f"{s['length_median']:.0f}", str(s["length_max"])]
+        row = [
+            name,
+            f"{s['n']:,}",
+            f"{s['length_mean']:.1f}",
+            f"{s['length_median']:.0f}",
+            str(s["length_max"]),
+        ]
         if has_depth:
             row += [f"{s['depth_mean']:.2f}", str(s["depth_max"])]
         row.append(f"{s['scored']:,}")

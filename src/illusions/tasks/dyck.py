@@ -133,7 +133,9 @@ class DyckConfig(Config):
         need(self.seed >= 0, f"seed must be non-negative, got {self.seed}")
 
 
-def score(tokens: np.ndarray, lengths: np.ndarray, *, min_distance: int, n_types: int = 20) -> Scored:
+def score(
+    tokens: np.ndarray, lengths: np.ndarray, *, min_distance: int, n_types: int = 20
+) -> Scored:
     """The closers to score in any padded array of Dyck strings (see :func:`.dyck_structure.score`).
 
     Args:
@@ -236,10 +238,14 @@ class DyckTask:
         for n, (tok, char) in enumerate(self._lex(text)):
             where = f"token {len(out)} (character {char})"
             if ended:
-                raise IllusionsError(f"{self.vocab.tokens[tok]!r} at character {char} comes after END")
+                raise IllusionsError(
+                    f"{self.vocab.tokens[tok]!r} at character {char} comes after END"
+                )
             if tok == START:
                 if n:
-                    raise IllusionsError(f"START may only begin the string, found at character {char}")
+                    raise IllusionsError(
+                        f"START may only begin the string, found at character {char}"
+                    )
                 continue
             if tok == END:
                 ended = True
@@ -292,7 +298,9 @@ class DyckTask:
         brackets = ids[(ids >= FIRST_OPENER) & (ids < FIRST_OPENER + 2 * k)]
         return segments(depth_sequence(brackets, k))
 
-    def score(self, tokens: np.ndarray, lengths: np.ndarray, *, min_distance: int | None = None) -> Scored:
+    def score(
+        self, tokens: np.ndarray, lengths: np.ndarray, *, min_distance: int | None = None
+    ) -> Scored:
         """:func:`score` with this task's bracket types; ``min_distance`` defaults to the config's."""
         md = self.config.min_distance if min_distance is None else min_distance
         return score(tokens, lengths, min_distance=md, n_types=self.config.n_types)
@@ -326,7 +334,11 @@ class DyckTask:
     def split_stats(self, split: Split) -> dict[str, Any]:
         """Summary of one split: size, length in brackets, string maximum depth, scored positions."""
         brackets = split.lengths - 2
-        depth = depth_after(split.tokens, self.config.n_types).max(axis=1) if len(split) else np.zeros(1)
+        depth = (
+            depth_after(split.tokens, self.config.n_types).max(axis=1)
+            if len(split)
+            else np.zeros(1)
+        )
         return {
             "n": len(split),
             "length_mean": float(brackets.mean()) if len(split) else 0.0,
@@ -357,4 +369,8 @@ class DyckTask:
 
     def meta(self) -> dict[str, Any]:
         """JSON data saved beside a model trained on this task."""
-        return {"task": self.name, "config": self.config.to_dict(), "vocab": list(self.vocab.tokens)}
+        return {
+            "task": self.name,
+            "config": self.config.to_dict(),
+            "vocab": list(self.vocab.tokens),
+        }

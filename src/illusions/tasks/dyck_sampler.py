@@ -39,7 +39,13 @@ class Sampled:
 
 
 def _simulate(
-    rng: np.random.Generator, m: int, *, n_types: int, max_depth: int, max_len: int, min_brackets: int
+    rng: np.random.Generator,
+    m: int,
+    *,
+    n_types: int,
+    max_depth: int,
+    max_len: int,
+    min_brackets: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run ``m`` strings of the process; returns all rows and a mask of the accepted ones."""
     tokens = np.zeros((m, max_len), dtype=np.uint8)

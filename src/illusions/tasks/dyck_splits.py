@@ -91,7 +91,9 @@ class TrainIndex:
         return np.bincount(row[~seen], minlength=tokens.shape[0])
 
 
-def _accept_rule(name: str, config: DyckConfig, index: TrainIndex) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+def _accept_rule(
+    name: str, config: DyckConfig, index: TrainIndex
+) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     def rule(tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         if name == "iid":
             return ~index.in_train(tokens)
@@ -141,7 +143,9 @@ def _rejection(
     return np.concatenate(toks)[:want], np.concatenate(lens)[:want], stats
 
 
-def build(config: DyckConfig, progress: Progress | None = None) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
+def build(
+    config: DyckConfig, progress: Progress | None = None
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
     """Sample the training set and every evaluation split.
 
     Args:
@@ -153,7 +157,10 @@ def build(config: DyckConfig, progress: Progress | None = None) -> tuple[dict[st
         :data:`SPLIT_NAMES`, and per-split sampling statistics (candidates drawn, acceptance rate).
     """
     say = progress or (lambda _msg: None)
-    rngs = [np.random.default_rng(c) for c in np.random.SeedSequence(config.seed).spawn(len(SPLIT_NAMES))]
+    rngs = [
+        np.random.default_rng(c)
+        for c in np.random.SeedSequence(config.seed).spawn(len(SPLIT_NAMES))
+    ]
     kw = {
         "n_types": config.n_types,
         "max_depth": config.max_depth,
@@ -164,14 +171,20 @@ def build(config: DyckConfig, progress: Progress | None = None) -> tuple[dict[st
     train = sample(rngs[0], config.n_train, **kw)
     data = {"train": (train.tokens, train.lengths)}
     stats: dict[str, Any] = {
-        "train": {"candidates": config.n_train, "kept": config.n_train, "acceptance": 1.0,
-                  "sampler_acceptance": train.accepted / train.drawn},
+        "train": {
+            "candidates": config.n_train,
+            "kept": config.n_train,
+            "acceptance": 1.0,
+            "sampler_acceptance": train.accepted / train.drawn,
+        },
     }
     say("indexing training strings and segment structures")
     index = TrainIndex(train.tokens, config)
     for name, rng in zip(SPLIT_NAMES[1:5], rngs[1:5], strict=True):
         say(f"sampling {name}")
-        tokens, lengths, st = _rejection(rng, config.n_eval, _accept_rule(name, config, index), kw, name)
+        tokens, lengths, st = _rejection(
+            rng, config.n_eval, _accept_rule(name, config, index), kw, name
+        )
         data[name] = (tokens, lengths)
         stats[name] = st
     say("sampling unseen_depth")
@@ -188,14 +201,22 @@ def build(config: DyckConfig, progress: Progress | None = None) -> tuple[dict[st
     return data, stats
 
 
-def _to_split(name: str, tokens: np.ndarray, lengths: np.ndarray, scored: Scored, config: DyckConfig) -> Split:
+def _to_split(
+    name: str, tokens: np.ndarray, lengths: np.ndarray, scored: Scored, config: DyckConfig
+) -> Split:
     description = DESCRIPTIONS[name].replace("short_max_brackets", str(config.short_max_brackets))
     description = description.replace("ood_depth_min", str(config.ood_depth_min))
     description = description.replace("ood_depth_max", str(config.ood_depth_max))
     return Split(name, tokens.astype(np.int64), lengths.astype(np.int64), scored, description)
 
 
-def save(path: Path, config: DyckConfig, data: dict[str, tuple[np.ndarray, np.ndarray]], scored: dict[str, Scored], stats: dict[str, Any]) -> None:
+def save(
+    path: Path,
+    config: DyckConfig,
+    data: dict[str, tuple[np.ndarray, np.ndarray]],
+    scored: dict[str, Scored],
+    stats: dict[str, Any],
+) -> None:
     """Write all splits to one ``.npz`` (compact dtypes, no object arrays), atomically."""
     arrays: dict[str, np.ndarray] = {
         "config": np.array(json.dumps(config.to_dict())),
@@ -233,14 +254,18 @@ def load(path: Path, config: DyckConfig) -> tuple[dict[str, Split], dict[str, An
                     target=z[f"{name}.target"].astype(np.int64),
                     meta={c: z[f"{name}.meta.{c}"].astype(np.int64) for c in META_COLUMNS},
                 )
-                splits[name] = _to_split(name, z[f"{name}.tokens"], z[f"{name}.lengths"], sc, config)
+                splits[name] = _to_split(
+                    name, z[f"{name}.tokens"], z[f"{name}.lengths"], sc, config
+                )
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         log.warning("ignoring unreadable cache %s (%s); regenerating", path, exc)
         return None
     return splits, stats
 
 
-def build_splits(config: DyckConfig, path: Path, progress: Progress | None = None) -> tuple[dict[str, Split], dict[str, Any]]:
+def build_splits(
+    config: DyckConfig, path: Path, progress: Progress | None = None
+) -> tuple[dict[str, Split], dict[str, Any]]:
     """The splits from the cache at ``path``, or built, scored and written there first."""
     cached = load(path, config)
     if cached is not None:

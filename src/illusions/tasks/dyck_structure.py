@@ -184,7 +184,11 @@ def score(
         raise IllusionsError(f"row {bad} has non-PAD tokens beyond its length {int(lengths[bad])}")
     if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= FIRST_OPENER + 2 * n_types):
         raise IllusionsError(f"token ids must lie in 0..{FIRST_OPENER + 2 * n_types - 1}")
-    opener_lo, closer_lo, closer_hi = FIRST_OPENER, FIRST_OPENER + n_types, FIRST_OPENER + 2 * n_types
+    opener_lo, closer_lo, closer_hi = (
+        FIRST_OPENER,
+        FIRST_OPENER + n_types,
+        FIRST_OPENER + 2 * n_types,
+    )
     # Lockstep over positions, rows sorted longest first and tokens made position-major so that step
     # t reads a contiguous prefix; each row's stack holds the positions of its open brackets.
     order = np.argsort(-lengths, kind="stable")
@@ -206,12 +210,16 @@ def score(
         d = depth[rows]
         if np.any(d == 0):
             bad = int(order[rows[np.flatnonzero(d == 0)[0]]])
-            raise IllusionsError(f"row {bad} is not balanced: the closer at token {t} has no opener")
+            raise IllusionsError(
+                f"row {bad} is not balanced: the closer at token {t} has no opener"
+            )
         key = stack[rows, d]
         wrong = tok_t[key, rows].astype(np.int64) + n_types != col[rows]
         if np.any(wrong):
             bad = int(order[rows[np.flatnonzero(wrong)[0]]])
-            raise IllusionsError(f"row {bad} is not balanced: the closer at token {t} does not match its opener")
+            raise IllusionsError(
+                f"row {bad} is not balanced: the closer at token {t} does not match its opener"
+            )
         depth[rows] = d - 1
         keep = t - key >= min_distance
         found.append((rows[keep], np.full(int(keep.sum()), t), key[keep].astype(np.int64), d[keep]))
@@ -219,12 +227,19 @@ def score(
         bad = int(order[np.flatnonzero(depth != 0)[0]])
         raise IllusionsError(f"row {bad} is not balanced: some brackets are never closed")
     if found:
-        sorted_row, close, opener, query_depth = (np.concatenate(c) for c in zip(*found, strict=True))
+        sorted_row, close, opener, query_depth = (
+            np.concatenate(c) for c in zip(*found, strict=True)
+        )
     else:
         sorted_row = close = opener = query_depth = np.zeros(0, dtype=np.int64)
     seq = order[sorted_row]
     by_row = np.lexsort((close, seq))
-    seq, close, opener, query_depth = seq[by_row], close[by_row], opener[by_row], query_depth[by_row]
+    seq, close, opener, query_depth = (
+        seq[by_row],
+        close[by_row],
+        opener[by_row],
+        query_depth[by_row],
+    )
     string_depth = np.empty(batch, dtype=np.int64)
     string_depth[order] = top
     n_brackets = ((tokens >= opener_lo) & (tokens < closer_hi)).sum(axis=1, dtype=np.int64)
