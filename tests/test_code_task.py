@@ -193,7 +193,9 @@ def test_task_splits_membership_and_scoring(corpus_dir, tmp_path):
         assert set(np.unique(sc.meta["category"])) <= set(range(len(CATEGORIES)))
         copy = sc.meta["category"] == COPY
         assert (s.tokens[sc.seq[copy], sc.meta["key_pos"][copy]] == sc.target[copy]).all()
-        assert (sc.meta["distance"][copy] > 1).all() and (sc.meta["key_pos"][~copy] == -1).all()
+        back = sc.pos[copy] + 1 - sc.meta["distance"][copy]  # distance: from the target back to its source
+        assert (s.tokens[sc.seq[copy], back] == sc.target[copy]).all() and (sc.meta["distance"][copy] > 1).all()
+        assert (sc.meta["key_pos"][~copy] == -1).all() and (sc.meta["distance"][~copy] == -1).all()
         assert len(sc) <= 500
     assert len(splits["train"].scored) == 500  # subsampled: 20 functions of >= 60 characters
     assert meta["vocab"] == list(task.vocab.tokens) and meta["corpus_fingerprint"] == task.corpus().fingerprint
@@ -245,3 +247,25 @@ def test_config_rejects_bad_values():
     with pytest.raises(IllusionsError, match="n_ctx must be at least 3"):
         CodeConfig.from_dict({"n_ctx": 2})
     assert CodeConfig.from_dict(CodeConfig().to_dict()) == CodeConfig()
+
+
+def test_functions_the_model_cannot_tell_apart_appear_once(corpus_dir, tmp_path):
+    # Two functions equal in their first n_ctx - 1 characters give one sequence, not one per split.
+    twin = _python_function(99, 2)
+    extra = [{"code": twin + "\n  # tail " + "x" * k, "language": "python"} for k in (300, 301)]
+    _write_jsonl(corpus_dir / "twins.jsonl", extra)
+    cfg = _small(corpus_dir, n_ctx=len(twin) + 5, n_train=100, n_deep=100)
+    task = CodeTask(cfg, cache_dir=tmp_path / "cache")
+    rows = [task.decode(r) for name in ("train", "iid", "deep_nesting") for r in task.splits()[name].tokens]
+    assert len(rows) == len(set(rows)) == 41
+    assert sum(r.startswith("def fn_99(") for r in rows) == 1
+
+
+def test_a_changed_corpus_is_read_again_not_served_from_cache(corpus_dir, tmp_path):
+    before = CodeTask(_small(corpus_dir), cache_dir=tmp_path / "cache").meta()["corpus_fingerprint"]
+    # Edited in place: same file names, new content.
+    with open(corpus_dir / "python_train_0.jsonl", "a") as fh:
+        fh.write(json.dumps({"code": _python_function(77, 1), "language": "python"}) + "\n")
+    after = CodeTask(_small(corpus_dir), cache_dir=tmp_path / "cache")
+    assert after.meta()["corpus_fingerprint"] != before
+    assert after.meta()["corpus_languages"]["python"] == 41

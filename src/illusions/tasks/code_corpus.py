@@ -231,8 +231,11 @@ _JAVA_BLANK = re.compile(
     r'//[^\n]*|/\*.*?\*/|"""(?:\\.|[^\\])*?"""|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'',
     re.S,
 )
+# The last alternative is a regex literal: a "/" right after one of ( , = : [ ! & | ? { } ; (where a
+# division cannot stand), up to the next unescaped "/" outside a character class, on one line.
 _JS_BLANK = re.compile(
-    r'//[^\n]*|/\*.*?\*/|`(?:\\.|[^`\\])*`|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'',
+    r'//[^\n]*|/\*.*?\*/|`(?:\\.|[^`\\])*`|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\''
+    r"|(?<=[(,=:\[!&|?{};])[ \t]*/(?![/*])(?:\\.|\[(?:\\.|[^\]\\\n])*\]|[^/\\\n\[])+/",
     re.S,
 )
 _JAVA_MODIFIERS = r"(?:(?:public|protected|private|static|final|synchronized|abstract|native|default|strictfp)\s+)*"
