@@ -59,7 +59,7 @@ DESCRIPTIONS = {
 }
 
 # Bump when the sampler, the split definitions or the file layout change: old caches are ignored.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 Progress = Callable[[str], None]
 
