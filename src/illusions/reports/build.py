@@ -1,0 +1,337 @@
+"""Assemble a run's report from a live :class:`RunResult` or from a saved run directory.
+
+Both paths go through :class:`ReportInputs` built from the same saved forms (rows as they read back
+from ``metrics.csv``, records as stored in ``records.npz``, ``config.json``), so rebuilding a
+report from disk gives the bytes ``analyze`` wrote, and the same run always gives the same report.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from illusions.analyses.summary import ROW_FIELDS
+from illusions.config import read_json
+from illusions.errors import IllusionsError
+from illusions.io import atomic_write_bytes, atomic_write_text
+
+REPORT_FILE = "report.html"
+# Sequences per split used for the query/key scatter, and heads drawn there.
+PCA_SEQS = 200
+PCA_HEADS = 4
+_INT_FIELDS = ("n_positions", "n_sequences")
+_TEXT_FIELDS = ("split", "proxy", "simplifier", "param", "group_by", "group", "metric")
+
+
+@dataclasses.dataclass
+class ReportInputs:
+    """What a report is drawn from.
+
+    Attributes:
+        spec: the run's :class:`illusions.analyses.run.AnalysisSpec`.
+        config: the resolved configuration (``config.json``).
+        rows: tidy rows (fields of ``summary.ROW_FIELDS``).
+        proxies: fitted proxies, in label order.
+        labels: proxy labels.
+        split_rows: evaluated split rows per split, in evaluation order.
+        records: ``(split, proxy_index) -> Records``.
+        fit_rows: rows of the fitting split the proxies were fitted on.
+        task: the task (``splits()``, ``vocab``).
+        model: the original HookedTransformer.
+    """
+
+    spec: Any
+    config: dict[str, Any]
+    rows: list[dict[str, Any]]
+    proxies: list[Any]
+    labels: list[str]
+    split_rows: dict[str, np.ndarray]
+    records: dict[tuple[str, int], Any]
+    fit_rows: np.ndarray
+    task: Any
+    model: Any
+
+
+def rows_from_csv(text: str) -> list[dict[str, Any]]:
+    """Tidy rows read back from ``metrics.csv`` text (empty cells become NaN)."""
+    out = []
+    for raw in csv.DictReader(io.StringIO(text)):
+        missing = [f for f in ROW_FIELDS if f not in raw]
+        if missing:
+            raise IllusionsError(f"metrics.csv lacks column(s) {', '.join(missing)}")
+        row: dict[str, Any] = {}
+        for field in ROW_FIELDS:
+            value = raw[field]
+            if field in _TEXT_FIELDS:
+                row[field] = value
+            elif field == "param_value":
+                row[field] = _number(value) if value != "" else ""
+            elif field in _INT_FIELDS:
+                row[field] = int(float(value)) if value != "" else 0
+            else:
+                row[field] = float(value) if value != "" else float("nan")
+        out.append(row)
+    return out
+
+
+def _number(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text
+
+
+def run_config(run: Any) -> dict[str, Any]:
+    """The ``config.json`` document of a run, as :func:`illusions.analyses.run.write_run` writes it."""
+    from illusions import __version__
+
+    return {
+        "illusions_version": __version__,
+        "spec": run.spec.to_dict(),
+        "model": {"source": run.model_source, "architecture": run.model_description},
+        "task": run.task_meta,
+        "fit_rows": int(run.analysis.fit_rows.shape[0]),
+        "evaluated_sequences": {k: int(v.shape[0]) for k, v in run.analysis.split_rows.items()},
+    }
+
+
+def inputs_from_run(run: Any, directory: Path | None = None) -> ReportInputs:
+    """Report inputs of a live run; rows pass through their CSV form so a rebuild matches exactly."""
+    from illusions.analyses.run import rows_to_csv
+
+    config_path = Path(directory) / "config.json" if directory is not None else None
+    config = read_json(config_path) if config_path is not None and config_path.is_file() else run_config(run)
+    result = run.analysis
+    return ReportInputs(
+        spec=run.spec, config=config, rows=rows_from_csv(rows_to_csv(run.rows)), proxies=list(result.proxies),
+        labels=list(result.labels), split_rows=dict(result.split_rows), records=dict(result.records),
+        fit_rows=result.fit_rows, task=run.task, model=run.model,
+    )
+
+
+def read_records(path: Path) -> tuple[dict[tuple[str, int], Any], dict[str, np.ndarray], np.ndarray, list[str]]:
+    """``records.npz`` back as ``(records, split_rows, fit_rows, labels)`` (no pickle involved)."""
+    from illusions.analyses.faithfulness import Records
+
+    try:
+        npz = np.load(path, allow_pickle=False)
+        arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as exc:
+        raise IllusionsError(f"{path} is not a readable records file ({exc})") from None
+    if "fit_rows" not in arrays or "labels" not in arrays:
+        raise IllusionsError(f"{path} is not an illusions records file (no fit_rows/labels)")
+    labels = json.loads(str(arrays["labels"]))
+    split_rows: dict[str, np.ndarray] = {}
+    fields: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+    for key, value in arrays.items():
+        parts = key.split("/")
+        if len(parts) == 2 and parts[1] == "evaluated_rows":
+            split_rows[parts[0]] = value
+        elif len(parts) >= 3:
+            fields.setdefault((parts[0], int(parts[1])), {})["/".join(parts[2:])] = value
+    records = {}
+    for (split, j), f in fields.items():
+        evaluated = split_rows[split]
+        order = np.argsort(evaluated, kind="stable")
+        seq = order[np.searchsorted(evaluated, f["rows"], sorter=order)] if len(f["rows"]) else f["rows"]
+        records[(split, j)] = Records(
+            rows=f["rows"], seq=seq, pos=f["pos"], target=f["target"], original_pred=f["original_pred"],
+            proxy_pred=f["proxy_pred"], attention_jsd=f["attention_jsd"], kl=f["kl"],
+            meta={k.removeprefix("meta/"): v for k, v in f.items() if k.startswith("meta/")},
+        )
+    # npz keys come back sorted; the evaluation order is the one metrics.json lists.
+    return records, split_rows, arrays["fit_rows"], labels
+
+
+def inputs_from_dir(run_dir: Path, task: Any = None, model: Any = None) -> ReportInputs:
+    """Report inputs from a saved run directory; the task and model are loaded unless given."""
+    from illusions.analyses.run import RESULT_FILES, AnalysisSpec
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise IllusionsError(f"{run_dir} is not a directory")
+    missing = [f for f in RESULT_FILES if not (run_dir / f).is_file()]
+    if missing:
+        raise IllusionsError(f"{run_dir} is not an analysis run directory (missing {', '.join(missing)})")
+    config = read_json(run_dir / "config.json")
+    if not isinstance(config, dict) or not isinstance(config.get("spec"), dict):
+        raise IllusionsError(f"{run_dir / 'config.json'} has no analysis spec")
+    spec = AnalysisSpec.from_dict(config["spec"], source=str(run_dir / "config.json"))
+    rows = rows_from_csv((run_dir / "metrics.csv").read_text(encoding="utf-8"))
+    records, split_rows, fit_rows, labels = read_records(run_dir / "records.npz")
+    metrics = read_json(run_dir / "metrics.json")
+    order = list(config.get("evaluated_sequences") or metrics.get("splits") or split_rows)
+    split_rows = {s: split_rows[s] for s in order if s in split_rows}
+    proxies = _load_proxies(run_dir / "proxies", len(labels))
+    if task is None or model is None:
+        from illusions.analyses.run import load_task_and_model
+
+        task, model, _, _ = load_task_and_model(spec)
+    return ReportInputs(spec=spec, config=config, rows=rows, proxies=proxies, labels=labels,
+                        split_rows=split_rows, records=records, fit_rows=fit_rows, task=task, model=model)
+
+
+def _load_proxies(directory: Path, n: int) -> list[Any]:
+    from illusions.simplifiers.base import Proxy
+
+    found = sorted(p for p in directory.iterdir() if p.is_dir()) if directory.is_dir() else []
+    if len(found) != n:
+        raise IllusionsError(f"{directory} holds {len(found)} proxies but the run has {n}")
+    return [Proxy.load(p) for p in found]
+
+
+def focus_proxy(rows: list[dict[str, Any]], labels: list[str]) -> int:
+    """The proxy drawn in detail: for a sweep, the one whose agreement varies most across splits."""
+    if len(labels) == 1:
+        return 0
+    spread = []
+    for label in labels:
+        values = [r["value"] for r in rows if r["group_by"] == "all" and r["proxy"] == label
+                  and r["metric"] == "agreement" and math.isfinite(r["value"])]
+        spread.append(max(values) - min(values) if values else -1.0)
+    return int(np.argmax(spread))
+
+
+def build_report(inputs: ReportInputs) -> tuple[str, list[Any]]:
+    """The report page and its static figures.
+
+    Returns:
+        ``(html, figures)``; each figure also goes beside the page as ``<name>.png``.
+    """
+    from illusions.reports import attention, geometry, html, plots
+
+    spec = inputs.spec
+    splits = list(inputs.split_rows)
+    all_splits = inputs.task.splits()
+    j = focus_proxy(inputs.rows, inputs.labels)
+    label = inputs.labels[j]
+    proxy = inputs.proxies[j]
+    figures: list[Any] = []
+    sections: list[Any] = []
+
+    model_cfg = inputs.config.get("model", {})
+    sections.append(html.Section("configuration", "Configuration", (
+        "<p>The fully resolved run configuration (<code>config.json</code>).</p>"
+        + html.config_block(inputs.config))))
+
+    acc = plots.accuracy_figure(inputs.rows, label, splits)
+    figures.append(acc)
+    defs = "".join(f"<li><b>{html.esc(s)}</b>: {html.esc(all_splits[s].description or 'no description')}</li>"
+                   for s in splits if s in all_splits)
+    sections.append(html.Section("summary", "Per-split summary", (
+        html.summary_tables(inputs.rows, splits, inputs.labels)
+        + html.figure(acc, f"Original accuracy, proxy accuracy and agreement of {html.esc(label)} per split.")
+        + (f"<h3>Split definitions</h3><ul>{defs}</ul>" if defs else ""))))
+
+    if len(inputs.labels) > 1:
+        sweep = plots.sweep_figure(inputs.rows, splits)
+        figures.append(sweep)
+        sections.append(html.Section("sweep", "Sweep", html.figure(
+            sweep, "Agreement, attention JSD and accuracy against the swept parameter, one line per split "
+                   "(bars: 95% intervals).")))
+
+    examples = attention.build_examples(
+        inputs.model, all_splits, {s: inputs.records[(s, j)] for s in splits}, proxy, inputs.task.vocab.tokens)
+    worst = max(range(len(examples)), key=lambda i: (examples[i].choice.disagreements,
+                                                     _nan_low(examples[i].choice.mean_jsd), -i), default=None)
+    intro = (f"<p>Attention of the simplified heads of <b>{html.esc(label)}</b>, original model (left) beside "
+             "the proxy (right), for the sequence of each split where they disagree most (most changed "
+             "predictions, then highest attention JSD). Hover a head to zoom, click to lock.")
+    if worst is not None:
+        c = examples[worst].choice
+        intro += (f" The example with most disagreement overall is from <b>{html.esc(c.split)}</b> "
+                  f"(row {c.row}, {c.disagreements} changed predictions).")
+    intro += "</p>"
+    if not examples:
+        intro += "<p class=note>This proxy changes no attention head directly, so there is nothing to draw.</p>"
+    attn_html, attn_data = html.attention_section(examples, intro)
+    sections.append(html.Section("attention", "Attention patterns", attn_html))
+
+    agreement = {s: next((r["value"] for r in inputs.rows if r["group_by"] == "all" and r["proxy"] == label
+                          and r["split"] == s and r["metric"] == "agreement"), float("nan")) for s in splits}
+    ood = geometry.pick_ood_split(agreement)
+    heads = [tuple(h) for h in proxy.heads][:PCA_HEADS]
+    if ood is not None and heads and spec.fit_split in all_splits:
+        fit = geometry.sample_rows(all_splits[spec.fit_split], inputs.fit_rows, PCA_SEQS)
+        far = geometry.sample_rows(all_splits[ood], inputs.split_rows[ood], PCA_SEQS)
+        panels = geometry.qk_panels(inputs.model, fit, far, heads, seed=spec.seed)
+        pca = plots.scatter_figure(panels, spec.fit_split, ood)
+        figures.append(pca)
+        body = html.figure(pca, (
+            f"Queries (at scored positions) and keys (at the attended position) of {len(heads)} simplified "
+            f"head(s), projected on the first two principal directions of the {len(fit)} "
+            f"{html.esc(spec.fit_split)} sequences' vectors. Circles: {html.esc(spec.fit_split)} "
+            f"(in distribution); triangles: {html.esc(ood)} ({len(far)} sequences; the split where the proxy "
+            "agrees least). At most 200 points per split and panel."))
+    else:
+        body = "<p class=note>No simplified attention head or no out-of-distribution split to project.</p>"
+    sections.append(html.Section("qk-pca", "Queries and keys (2-D PCA)", body))
+
+    breakdown = plots.breakdown_figure(inputs.rows, label, splits, by="key_depth")
+    if breakdown is not None:
+        figures.append(breakdown)
+        body = html.figure(breakdown, (
+            f"Agreement and accuracy of {html.esc(label)} by the depth of the attended bracket "
+            "(key_depth), one line per split (bars: 95% intervals)."))
+    else:
+        body = "<p class=note>This task records no key_depth column, so there is no key-depth breakdown.</p>"
+    sections.append(html.Section("key-depth", "Agreement by key depth", body))
+
+    title = f"{spec.task}: how faithful is {label.split('(')[0]} out of distribution?"
+    subtitle = [
+        f"model: {html.esc(model_cfg.get('source', ''))} ({html.esc(model_cfg.get('architecture', ''))})",
+        f"proxies: {html.esc(', '.join(inputs.labels))}; fitted on {len(inputs.fit_rows)} "
+        f"{html.esc(spec.fit_split)} sequences; seed {spec.seed}"
+        + (f"; detailed figures show {html.esc(label)} (agreement varies most across splits)"
+           if len(inputs.labels) > 1 else ""),
+    ]
+    page = html.render_page(title=title, subtitle=subtitle, sections=sections, attention_data=attn_data)
+    return page, figures
+
+
+def _nan_low(x: float) -> float:
+    return x if math.isfinite(x) else -1.0
+
+
+def write_files(inputs: ReportInputs, directory: Path) -> Path:
+    """Write ``report.html`` and the figures' PNGs into ``directory`` (each file atomically)."""
+    page, figures = build_report(inputs)
+    directory = Path(directory)
+    for fig in figures:
+        atomic_write_bytes(directory / f"{fig.name}.png", fig.png)
+    atomic_write_text(directory / REPORT_FILE, page)
+    return directory / REPORT_FILE
+
+
+def write_report_files(run: Any, directory: Path) -> None:
+    """Write ``report.html`` and ``fig_*.png`` for a finished run into ``directory``.
+
+    Args:
+        run: an :class:`illusions.analyses.run.RunResult` (with its task and model).
+        directory: the run's (staging) directory.
+    """
+    write_files(inputs_from_run(run, directory), directory)
+
+
+def rebuild_report(run_dir: Path, *, task: Any = None, model: Any = None) -> Path:
+    """Rebuild ``report.html`` (and its PNGs) from a saved run directory.
+
+    Args:
+        run_dir: a directory written by ``illusions analyze`` / ``sweep``.
+        task: the task, when the caller has it (default: loaded as the run's spec says).
+        model: the original model, likewise.
+
+    Returns:
+        The path of the rewritten report.
+    """
+    return write_files(inputs_from_dir(run_dir, task=task, model=model), run_dir)
+

@@ -1,0 +1,253 @@
+"""The report page: one self-contained HTML file that opens from ``file://`` with no network.
+
+The CircuitsVis browser bundle shipped in the installed wheel (``circuitsvis/dist/cdn/iife.js``) is
+inlined once in a classic ``<script>`` (module scripts are blocked on ``file://``); each attention
+figure is drawn by ``CircuitsVis.render(elementId, CircuitsVis.AttentionHeads, props)`` from a
+classic script, with element ids derived from the example's position in the report (CircuitsVis'
+own helpers use random uuids and load JavaScript from a CDN). A strict Content-Security-Policy makes
+any network fetch impossible. Static figures are inline SVG.
+
+Two hooks for automated checks, harmless for a reader: ``report.html#only-attention`` shows only the
+attention section at the top of the page, and after drawing, ``<pre id="render-status">`` holds a
+JSON note of every canvas the figures drew (with its position on the page) and any script error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from illusions.reports.attention import SCALE, AttentionExample
+from illusions.reports.plots import StaticFigure
+
+CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:"
+# Marks the inlined bundle so tests can count it; appears once per page.
+BUNDLE_MARK = "/* circuitsvis bundle */"
+
+_STYLE = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 0 24px 48px;
+       color: #222; max-width: 1400px; }
+header h1 { font-size: 1.5em; margin: 18px 0 4px; }
+header p { margin: 2px 0; color: #555; }
+nav { margin: 10px 0 18px; } nav a { margin-right: 14px; color: #1f5fa8; }
+section { margin: 26px 0; } h2 { font-size: 1.2em; border-bottom: 1px solid #ddd; padding-bottom: 3px; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 8px 0 12px; }
+th, td { border: 1px solid #ddd; padding: 3px 7px; text-align: right; white-space: nowrap; }
+th { background: #f4f4f4; } td.l, th.l { text-align: left; }
+pre.config { background: #f7f7f7; padding: 10px; font-size: 0.8em; max-height: 420px; overflow: auto; }
+.note { color: #555; font-size: 0.9em; } .sig { color: #b00; font-weight: bold; }
+figure { margin: 10px 0; } figure svg { max-width: 100%; height: auto; }
+figcaption { color: #444; font-size: 0.88em; margin-top: 4px; }
+.example { margin: 18px 0 30px; } .pair { display: grid; grid-template-columns: 1fr 1fr; gap: 18px; }
+.pair > div { min-width: 0; } .cv canvas { max-width: 100%; } .scroll { overflow-x: auto; }
+.cv { position: relative; min-height: 200px; border: 1px solid #eee; padding: 4px; }
+.cv h4 { margin: 2px 0 6px; }
+html.only-attention header, html.only-attention nav,
+html.only-attention section:not(#attention) { display: none; }
+html.only-attention body { margin-top: 0; }
+"""
+
+# Runs before the bundle: collects script errors and honours #only-attention.
+_HEAD_SCRIPT = """
+window.__report = {errors: [], figures: []};
+window.addEventListener("error", function (e) { window.__report.errors.push(String(e.message)); });
+if (location.hash === "#only-attention") { document.documentElement.classList.add("only-attention"); }
+"""
+
+_RENDER_SCRIPT = """
+(function () {
+  var state = window.__report;
+  var node = document.getElementById("attention-data");
+  var data = node ? JSON.parse(node.textContent) : {scale: 1, examples: []};
+  function expand(tri) {
+    var n = tri.length;
+    return tri.map(function (row) {
+      var out = new Array(n);
+      for (var j = 0; j < n; j++) { out[j] = j < row.length ? row[j] / data.scale : 0; }
+      return out;
+    });
+  }
+  data.examples.forEach(function (ex) {
+    ["original", "proxy"].forEach(function (kind) {
+      var id = ex.id + "-" + kind;
+      try {
+        CircuitsVis.render(id, CircuitsVis.AttentionHeads, {
+          attention: ex[kind].map(expand),
+          tokens: ex.tokens,
+          attentionHeadNames: ex.heads,
+          maskUpperTri: true
+        });
+        state.figures.push(id);
+      } catch (err) { state.errors.push(id + ": " + String(err)); }
+    });
+  });
+  setTimeout(function () {
+    var canvases = [];
+    state.figures.forEach(function (id) {
+      document.getElementById(id).querySelectorAll("canvas").forEach(function (c) {
+        var r = c.getBoundingClientRect();
+        canvases.push({figure: id, x: r.left, y: r.top, width: r.width, height: r.height});
+      });
+    });
+    document.getElementById("render-status").textContent = JSON.stringify(
+      {figures: state.figures, canvases: canvases, errors: state.errors});
+  }, 3000);
+})();
+"""
+
+
+def circuitsvis_bundle() -> str:
+    """The CircuitsVis browser bundle from the installed wheel, safe to inline in ``<script>``."""
+    import circuitsvis
+
+    path = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
+    text = path.read_text(encoding="utf-8")
+    # The source map is not shipped beside the page; drop the pointer to it.
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("//# sourceMappingURL="))
+    # "</script" would end the element early; "<\/" is the same string to JavaScript.
+    return text.replace("</script", "<\\/script").replace("</SCRIPT", "<\\/SCRIPT")
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def fmt_ci(row: dict[str, Any], digits: int = 3) -> str:
+    """``value [low, high]``, or ``-`` when there is no estimate."""
+    v, lo, hi = row.get("value"), row.get("ci_low"), row.get("ci_high")
+    if not _finite(v):
+        return "-"
+    if not (_finite(lo) and _finite(hi)):
+        return f"{v:.{digits}f}"
+    return f"{v:.{digits}f} <span class=note>[{lo:.{digits}f}, {hi:.{digits}f}]</span>"
+
+
+def fmt_gap(row: dict[str, Any] | None, key: str) -> str:
+    """Signed gap with its interval; red when the interval excludes 0."""
+    if row is None:
+        return "-"
+    v, lo, hi = row.get(key), row.get(f"{key}_low"), row.get(f"{key}_high")
+    if not _finite(v):
+        return "-"
+    if not (_finite(lo) and _finite(hi)):
+        return f"{v:+.3f}"
+    text = f"{v:+.3f}<br><span class=note>[{lo:+.3f}, {hi:+.3f}]</span>"
+    return f"<span class=sig>{text}</span>" if not lo <= 0 <= hi else text
+
+
+def _table(header: Sequence[str], body: Sequence[Sequence[str]], left: int = 1) -> str:
+    """An HTML table; ``header`` is escaped, ``body`` cells are trusted HTML; first ``left`` columns left-aligned."""
+    cls = lambda i: " class=l" if i < left else ""  # noqa: E731
+    head = "".join(f"<th{cls(i)}>{esc(h)}</th>" for i, h in enumerate(header))
+    rows = "".join("<tr>" + "".join(f"<td{cls(i)}>{c}</td>" for i, c in enumerate(r)) + "</tr>" for r in body)
+    return f"<div class=scroll><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>"
+
+
+def summary_tables(rows: Sequence[dict[str, Any]], splits: Sequence[str], proxies: Sequence[str],
+                   reference: str = "iid") -> str:
+    """Two tables from the overall rows: estimates with 95% intervals, then gaps to the reference."""
+    cell = {(r["proxy"], r["split"], r["metric"]): r for r in rows if r["group_by"] == "all"}
+    many = len(proxies) > 1
+    lead = ["proxy"] if many else []
+    est_body, gap_body = [], []
+    for proxy in proxies:
+        for split in splits:
+            m = {k: cell.get((proxy, split, k)) for k in
+                 ("original_accuracy", "proxy_accuracy", "agreement", "attention_jsd", "kl")}
+            if m["agreement"] is None:
+                continue
+            first = [esc(proxy)] if many else []
+            est_body.append(first + [esc(split), str(int(m["agreement"]["n_positions"])),
+                                     str(int(m["agreement"]["n_sequences"]))]
+                            + [fmt_ci(m[k]) for k in ("original_accuracy", "proxy_accuracy", "agreement",
+                                                      "attention_jsd")]
+                            + [fmt_ci(m["kl"], 4)])
+            if split == reference:
+                continue
+            cov = m["agreement"].get("matched_coverage")
+            gap_body.append(first + [esc(split)]
+                            + [fmt_gap(m[k], g) for k in ("agreement", "proxy_accuracy", "original_accuracy")
+                               for g in ("gap_vs_ref", "gap_vs_matched")]
+                            + [f"{cov:.0%}" if _finite(cov) else "-"])
+    est = _table(lead + ["split", "positions", "sequences", "original acc", "proxy acc", "agreement",
+                         "attn JSD (bits)", "KL (nats)"], est_body, left=len(lead) + 1)
+    gaps = _table(lead + ["split", f"Δagreement vs {reference}", "Δagreement vs len-matched",
+                          f"Δproxy acc vs {reference}", "Δproxy acc vs len-matched",
+                          f"Δoriginal acc vs {reference}", "Δoriginal acc vs len-matched",
+                          "len-matched coverage"], gap_body, left=len(lead) + 1)
+    return (f"<h3>Estimates (95% bootstrap intervals over sequences)</h3>{est}"
+            f"<h3>Gaps: split minus {esc(reference)}, and minus a length-matched {esc(reference)} control"
+            f"</h3>{gaps}<p class=note>Red: the interval excludes 0. The length-matched control re-weights "
+            f"{esc(reference)} positions to the split's length distribution; coverage is the share of the "
+            f"split's positions whose length bin occurs in {esc(reference)}.</p>")
+
+
+def figure(fig: StaticFigure, caption: str) -> str:
+    """An inline SVG figure with a caption naming its PNG copy."""
+    return (f'<figure id="{esc(fig.name)}">{fig.svg}<figcaption>{caption} '
+            f"<span class=note>(PNG: {esc(fig.name)}.png)</span></figcaption></figure>")
+
+
+def attention_section(examples: Sequence[AttentionExample], intro: str) -> tuple[str, str]:
+    """The attention section's HTML and the JSON payload its script draws from."""
+    blocks, payload = [], []
+    for i, ex in enumerate(examples):
+        ident = f"attn-{i}"
+        c = ex.choice
+        jsd = f"{c.mean_jsd:.4f} bits" if _finite(c.mean_jsd) else "n/a"
+        changed = ", ".join(f"{p} ({esc(ex.tokens[p])})" for p in c.changed_pos[:20])
+        more = f" … and {len(c.changed_pos) - 20} more" if len(c.changed_pos) > 20 else ""
+        hidden = (f" Not drawn: {esc(', '.join(ex.hidden_heads))}." if ex.hidden_heads else "")
+        blocks.append(
+            f'<div class="example" id="{ident}"><h3>{esc(c.split)}: row {c.row}</h3>'
+            f"<p class=note>{len(ex.tokens)} tokens, {c.n_scored} scored positions, "
+            f"{c.disagreements} changed predictions, mean attention JSD {jsd}."
+            f"{' Changed at query positions: ' + changed + more + '.' if changed else ''}{hidden}</p>"
+            f'<div class="pair"><div class="cv"><h4>original model</h4><div id="{ident}-original"></div></div>'
+            f'<div class="cv"><h4>proxy</h4><div id="{ident}-proxy"></div></div></div></div>'
+        )
+        payload.append({"id": ident, "tokens": list(ex.tokens), "heads": list(ex.head_names),
+                        "original": ex.original, "proxy": ex.proxy})
+    data = json.dumps({"scale": SCALE, "examples": payload}, separators=(",", ":"), ensure_ascii=True)
+    # Inside <script> the HTML parser only looks for "<"-sequences; "\u003c" is "<" to JSON.
+    data = data.replace("<", "\\u003c")
+    return intro + "".join(blocks), data
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    ident: str
+    title: str
+    body: str
+
+
+def render_page(*, title: str, subtitle: Sequence[str], sections: Sequence[Section],
+                attention_data: str) -> str:
+    """The complete page: sections in order, the bundle once, then the drawing script."""
+    nav = "".join(f'<a href="#{esc(s.ident)}">{esc(s.title)}</a>' for s in sections)
+    body = "".join(f'<section id="{esc(s.ident)}"><h2>{esc(s.title)}</h2>{s.body}</section>' for s in sections)
+    sub = "".join(f"<p>{line}</p>" for line in subtitle)
+    return (
+        "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+        '<meta name=viewport content="width=device-width, initial-scale=1">'
+        f"<title>{esc(title)}</title><style>{_STYLE}</style><script>{_HEAD_SCRIPT}</script></head>\n"
+        f"<body><header><h1>{esc(title)}</h1>{sub}</header><nav>{nav}</nav>{body}"
+        '<pre id="render-status" hidden></pre>'
+        f'<script type="application/json" id="attention-data">{attention_data}</script>\n'
+        f"<script>{BUNDLE_MARK}\n{circuitsvis_bundle()}\n</script>\n"
+        f"<script>{_RENDER_SCRIPT}</script>\n</body></html>\n"
+    )
+
+
+def config_block(config: dict[str, Any]) -> str:
+    return f"<pre class=config>{esc(json.dumps(config, indent=2))}</pre>"

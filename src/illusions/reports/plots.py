@@ -1,0 +1,277 @@
+"""Static figures for the report: matplotlib on the Agg canvas, written as inline SVG and as PNG.
+
+Every function takes plain rows/arrays and returns a :class:`StaticFigure`. Output is deterministic:
+figures are built with the object-oriented API (no pyplot state), text is drawn as paths, the SVG
+hash salt is fixed per figure and no date is written, so the same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+# Split colours follow the order splits appear in the rows, so a split keeps its colour everywhere.
+_PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+            "#bcbd22", "#17becf")
+_PNG_DPI = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticFigure:
+    """One rendered figure.
+
+    Attributes:
+        name: file stem, e.g. ``fig_accuracy`` (the PNG is written as ``fig_accuracy.png``).
+        svg: an ``<svg>`` element ready to inline in HTML (no XML prolog, no metadata).
+        png: the same figure as PNG bytes.
+    """
+
+    name: str
+    svg: str
+    png: bytes
+
+
+def split_colors(splits: Sequence[str]) -> dict[str, str]:
+    """A fixed colour per split, in the given order."""
+    return {s: _PALETTE[i % len(_PALETTE)] for i, s in enumerate(splits)}
+
+
+def render(fig: Figure, name: str) -> StaticFigure:
+    """SVG and PNG bytes of ``fig``, reproducible byte for byte."""
+    import matplotlib
+
+    with matplotlib.rc_context({"svg.hashsalt": f"illusions-{name}", "svg.fonttype": "path"}):
+        buf = io.StringIO()
+        # dpi only affects rasterized artists (dense scatters), embedded in the SVG as PNG.
+        fig.savefig(buf, format="svg", dpi=_PNG_DPI, metadata={"Date": None, "Creator": None})
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=_PNG_DPI, metadata={"Software": None})
+    return StaticFigure(name=name, svg=_inline_svg(buf.getvalue()), png=png.getvalue())
+
+
+def _inline_svg(text: str) -> str:
+    """Strip what an inline ``<svg>`` does not need: the prolog, the RDF metadata, namespace URLs.
+
+    The HTML parser puts ``<svg>`` and ``xlink:href`` in their namespaces by itself, so dropping the
+    ``xmlns`` attributes leaves the drawing unchanged and the page free of external-looking URLs.
+    """
+    start = text.index("<svg")
+    text = text[start:]
+    text = re.sub(r"<metadata>.*?</metadata>\s*", "", text, flags=re.S)
+    text = re.sub(r'\s+xmlns(:\w+)?="[^"]*"', "", text)
+    return text.strip()
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+def _errors(rows: Sequence[dict[str, Any]]) -> np.ndarray:
+    """``[2, n]`` distances from each value down to ci_low and up to ci_high (0 where missing)."""
+    lo = [r["value"] - r["ci_low"] if _finite(r["ci_low"]) else 0.0 for r in rows]
+    hi = [r["ci_high"] - r["value"] if _finite(r["ci_high"]) else 0.0 for r in rows]
+    return np.clip(np.array([lo, hi], dtype=np.float64), 0.0, None)
+
+
+def accuracy_figure(rows: Sequence[dict[str, Any]], proxy: str, splits: Sequence[str]) -> StaticFigure:
+    """Per split: original accuracy, proxy accuracy and agreement with 95% intervals.
+
+    Args:
+        rows: tidy rows (``group_by == "all"`` are used).
+        proxy: the proxy label to plot.
+        splits: split order on the x axis.
+
+    Returns:
+        The figure ``fig_accuracy``.
+    """
+    cell = {(r["split"], r["metric"]): r for r in rows if r["group_by"] == "all" and r["proxy"] == proxy}
+    fig = _new_figure(max(5.0, 1.1 * len(splits) + 2.0), 3.4)
+    ax = fig.add_subplot()
+    x = np.arange(len(splits), dtype=np.float64)
+    styles = (("original_accuracy", "original accuracy", "o", "#444444", -0.2),
+              ("proxy_accuracy", "proxy accuracy", "s", "#d62728", 0.0),
+              ("agreement", "agreement", "D", "#1f77b4", 0.2))
+    for metric, label, marker, color, dx in styles:
+        mine = [cell.get((s, metric)) for s in splits]
+        keep = [i for i, r in enumerate(mine) if r is not None and _finite(r["value"])]
+        if not keep:
+            continue
+        sel = [mine[i] for i in keep]
+        ax.errorbar(x[keep] + dx, [r["value"] for r in sel], yerr=_errors(sel), fmt=marker, color=color,
+                    label=label, capsize=3, markersize=5, linestyle="none")
+    ax.set_xticks(x, list(splits), rotation=20, ha="right")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("fraction of scored positions")
+    ax.set_title(f"{proxy}: accuracy and agreement per split (95% intervals)", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    return render(fig, "fig_accuracy")
+
+
+def sweep_figure(rows: Sequence[dict[str, Any]], splits: Sequence[str]) -> StaticFigure:
+    """Agreement, attention JSD and proxy accuracy against the swept parameter, one line per split.
+
+    Args:
+        rows: tidy rows of a sweep (several proxies sharing one ``param``).
+        splits: split order (and colours).
+
+    Returns:
+        The figure ``fig_sweep``.
+    """
+    overall = [r for r in rows if r["group_by"] == "all"]
+    param = next((r["param"] for r in overall if r["param"]), "parameter")
+    colors = split_colors(splits)
+    panels = (("agreement", "agreement"), ("attention_jsd", "attention JSD (bits)"),
+              ("proxy_accuracy", "accuracy"))
+    fig = _new_figure(12.0, 3.6)
+    axes = fig.subplots(1, 3)
+    values = sorted({float(r["param_value"]) for r in overall if _finite(r["param_value"])})
+    for ax, (metric, label) in zip(axes, panels, strict=True):
+        for split in splits:
+            mine = sorted((r for r in overall if r["split"] == split and r["metric"] == metric
+                           and _finite(r["value"]) and _finite(r["param_value"])),
+                          key=lambda r: float(r["param_value"]))
+            if not mine:
+                continue
+            xs = [float(r["param_value"]) for r in mine]
+            ax.errorbar(xs, [r["value"] for r in mine], yerr=_errors(mine), color=colors[split],
+                        marker="o", markersize=4, capsize=2, label=split)
+            if metric == "proxy_accuracy":
+                orig = [r for r in overall if r["split"] == split and r["metric"] == "original_accuracy"
+                        and _finite(r["value"])]
+                if orig:
+                    ax.axhline(orig[0]["value"], color=colors[split], linestyle=":", linewidth=1)
+        if values and values[0] > 0 and values[-1] / values[0] >= 8:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(values, [f"{v:g}" for v in values])
+        ax.minorticks_off()
+        ax.set_xlabel(param)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[2].set_title("proxy (solid) vs original (dotted)", fontsize=9)
+    axes[0].legend(fontsize=8)
+    return render(fig, "fig_sweep")
+
+
+def _group_value(label: str) -> float:
+    head = label.split("-")[0]
+    try:
+        return float(head)
+    except ValueError:
+        return float("nan")
+
+
+def breakdown_figure(rows: Sequence[dict[str, Any]], proxy: str, splits: Sequence[str],
+                     by: str = "key_depth") -> StaticFigure | None:
+    """Agreement and accuracy per value of one breakdown column, one line per split.
+
+    Args:
+        rows: tidy rows; those with ``group_by == by`` and ``proxy == proxy`` are plotted.
+        proxy: the proxy label to plot.
+        splits: split order (and colours).
+        by: the breakdown column (``key_depth``: depth of the attended bracket).
+
+    Returns:
+        The figure ``fig_{by}``, or None when the rows hold no such breakdown.
+    """
+    mine = [r for r in rows if r["group_by"] == by and r["proxy"] == proxy and _finite(r["value"])]
+    if not mine:
+        return None
+    colors = split_colors(splits)
+    fig = _new_figure(11.0, 3.6)
+    left, right = fig.subplots(1, 2, sharex=True)
+    for split in splits:
+        for ax, metric, style in ((left, "agreement", "-"), (right, "proxy_accuracy", "-"),
+                                  (right, "original_accuracy", ":")):
+            sel = sorted((r for r in mine if r["split"] == split and r["metric"] == metric),
+                         key=lambda r: _group_value(r["group"]))
+            if not sel:
+                continue
+            xs = [_group_value(r["group"]) for r in sel]
+            ax.errorbar(xs, [r["value"] for r in sel], yerr=_errors(sel), color=colors[split],
+                        linestyle=style, marker="o" if style == "-" else None, markersize=4, capsize=2,
+                        label=split if metric != "original_accuracy" else None)
+    label = by.replace("_", " ")
+    left.set_title(f"{proxy}: agreement by {label}", fontsize=10)
+    right.set_title("proxy accuracy (solid) vs original (dotted)", fontsize=10)
+    for ax in (left, right):
+        ax.set_xlabel(label)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    return render(fig, f"fig_{by}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScatterPanel:
+    """Points of one head and side projected on the first two principal directions of the fit data.
+
+    Attributes:
+        title: e.g. ``L1H0 queries``.
+        xy: ``[n, 2]`` coordinates.
+        color: ``[n]`` value that colours each point (depth, key depth or position).
+        color_label: what ``color`` is.
+        in_dist: ``[n]`` true for points from the fitting split, false for the out-of-distribution one.
+        explained: fraction of the fit data's variance the two directions hold.
+    """
+
+    title: str
+    xy: np.ndarray
+    color: np.ndarray
+    color_label: str
+    in_dist: np.ndarray
+    explained: float
+
+
+def scatter_figure(panels: Sequence[ScatterPanel], id_name: str, ood_name: str) -> StaticFigure:
+    """A grid of 2-D PCA scatters, two panels (queries, keys) per head, coloured by depth.
+
+    Circles are in-distribution points (the fitting split), triangles out-of-distribution ones.
+    """
+    from matplotlib.lines import Line2D
+
+    n_cols = 2
+    n_rows = max(1, math.ceil(len(panels) / n_cols))
+    fig = _new_figure(10.0, 3.3 * n_rows)
+    axes = np.atleast_1d(fig.subplots(n_rows, n_cols, squeeze=False)).reshape(-1)
+    for ax, panel in zip(axes, panels, strict=False):
+        lo = float(panel.color.min()) if panel.color.size else 0.0
+        hi = float(panel.color.max()) if panel.color.size else 1.0
+        mappable = None
+        for mask, marker in ((panel.in_dist, "o"), (~panel.in_dist, "^")):
+            if not mask.any():
+                continue
+            mappable = ax.scatter(panel.xy[mask, 0], panel.xy[mask, 1], c=panel.color[mask], cmap="viridis",
+                                  vmin=lo, vmax=max(hi, lo + 1e-9), marker=marker, s=12, alpha=0.75,
+                                  linewidths=0, rasterized=True)
+        ax.set_title(f"{panel.title} (PC1+PC2: {panel.explained:.0%} of fit variance)", fontsize=9)
+        ax.set_xlabel("PC1", fontsize=8)
+        ax.set_ylabel("PC2", fontsize=8)
+        ax.tick_params(labelsize=7)
+        # Neutral legend markers: colour encodes depth, shape encodes the split.
+        handles = [Line2D([], [], marker=m, color="#555555", linestyle="none", markersize=5,
+                          label=f"{name} ({int(mask.sum())})")
+                   for mask, m, name in ((panel.in_dist, "o", id_name), (~panel.in_dist, "^", ood_name))]
+        ax.legend(handles=handles, fontsize=7, loc="best")
+        if mappable is not None:
+            bar = fig.colorbar(mappable, ax=ax, shrink=0.9)
+            bar.set_label(panel.color_label, fontsize=8)
+            bar.ax.tick_params(labelsize=7)
+    for ax in axes[len(panels):]:
+        ax.set_axis_off()
+    return render(fig, "fig_qk_pca")

@@ -1,0 +1,344 @@
+"""The HTML report: built by the real engine on a tiny model and a small bracket task, checked in bytes,
+in content and in a real headless browser (skipped, with the reason, where no Chromium is installed)."""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+
+from illusions.analyses.faithfulness import analyze
+from illusions.analyses.run import AnalysisSpec, RunResult, write_run
+from illusions.analyses.summary import summarize, to_json
+from illusions.errors import IllusionsError
+from illusions.models import ModelConfig, build_model, describe
+from illusions.reports import rebuild_report, write_report_files
+from illusions.reports.attention import SCALE, choose_example, lower_triangle
+from illusions.reports.html import BUNDLE_MARK, CSP
+from illusions.simplifiers.base import Targets
+from illusions.simplifiers.svd import SVD
+from illusions.tasks.base import Scored, Split, Vocab
+
+# A 5-bracket language small enough for a 2-layer model of width 32; 13 tokens like conftest's TINY.
+TOKENS = ("PAD", "START", "END", "(", ")", "[", "]", "{", "}", "<", ">", "a", "A")
+OPENERS = np.array([3, 5, 7, 9, 11])
+MODEL = ModelConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=64, d_vocab=13)
+
+
+def bracket_split(name: str, rng: np.random.Generator, n: int, max_depth: int, min_depth: int = 1,
+                  max_len: int = 60) -> Split:
+    """Random bracket strings; scored positions are those before a closer, with depth meta."""
+    seqs, metas = [], []
+    while len(seqs) < n:
+        toks, stack, meta = [1], [], []
+        deepest = 0
+        while len(toks) < max_len - len(stack) - 1:
+            if stack and (len(stack) >= max_depth or rng.random() < 0.45):
+                opener_pos = stack.pop()
+                meta.append((len(toks) - 1, opener_pos, len(stack) + 1))
+                toks.append(toks[opener_pos] + 1)
+            elif not stack and len(toks) > 6 and rng.random() < 0.3:
+                break
+            else:
+                stack.append(len(toks))
+                toks.append(int(rng.choice(OPENERS)))
+                deepest = max(deepest, len(stack))
+        while stack:
+            opener_pos = stack.pop()
+            meta.append((len(toks) - 1, opener_pos, len(stack) + 1))
+            toks.append(toks[opener_pos] + 1)
+        toks.append(2)
+        if deepest >= min_depth:
+            seqs.append(toks)
+            metas.append(meta)
+    width = max(len(s) for s in seqs)
+    tokens = np.zeros((n, width), dtype=np.int64)
+    lengths = np.array([len(s) for s in seqs])
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)] = s
+    seq = np.array([i for i, m in enumerate(metas) for _ in m])
+    pos, key_pos, depth = (np.array([e[k] for m in metas for e in m]) for k in range(3))
+    scored = Scored(seq, pos, tokens[seq, pos + 1], {
+        "depth": depth, "key_depth": depth, "key_pos": key_pos, "distance": pos + 1 - key_pos,
+        "length": lengths[seq]})
+    return Split(name, tokens, lengths, scored, f"brackets nested at most {max_depth} deep")
+
+
+@dataclasses.dataclass
+class BracketTask:
+    name: ClassVar[str] = "brackets"
+    splits_: dict[str, Split]
+    vocab: Vocab = Vocab(TOKENS, pad_id=0, bos_id=1)
+    config: Any = None
+
+    @property
+    def candidates(self) -> np.ndarray:
+        return OPENERS + 1
+
+    def splits(self) -> dict[str, Split]:
+        return self.splits_
+
+    def meta(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+
+def make_task() -> BracketTask:
+    rng = np.random.default_rng(0)
+    return BracketTask({"train": bracket_split("train", rng, 80, 4), "iid": bracket_split("iid", rng, 30, 4),
+                        "deep": bracket_split("deep", rng, 30, 8, min_depth=6)})
+
+
+def make_run(ranks: tuple[int, ...] = (2,)) -> RunResult:
+    task = make_task()
+    model = build_model(MODEL, seed=0)
+    spec = AnalysisSpec(task="brackets", model="tiny", simplifier="svd", ranks=ranks, fit_n=60, max_seqs=25,
+                        n_boot=50, seed=0)
+    simplifiers = [SVD(rank=r, targets=Targets()) for r in ranks]
+    result = analyze(model, task.splits(), simplifiers, candidates=task.candidates, fit_n=spec.fit_n,
+                     max_seqs=spec.max_seqs, seed=spec.seed)
+    rows = summarize(result, n_boot=spec.n_boot, seed=spec.seed)
+    proxies = [{"label": label, "simplifier": p.simplifier, "params": p.params}
+               for label, p in zip(result.labels, result.proxies, strict=True)]
+    doc = to_json(rows, task=spec.task, model="tiny", proxies=proxies)
+    return RunResult(spec, describe(model), "tiny", rows, doc, result, task.meta(), task=task, model=model)
+
+
+@pytest.fixture(scope="module")
+def run() -> RunResult:
+    return make_run()
+
+
+@pytest.fixture(scope="module")
+def run_dir(run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "brackets-svd"
+    write_run(run, out, extra_files=lambda stage: write_report_files(run, stage))
+    return out
+
+
+def script_free(page: str) -> str:
+    """The page without the inlined bundle (whose source quotes namespace and error-page URLs)."""
+    start = page.index(BUNDLE_MARK)
+    return page[:start] + page[page.index("</script>", start):]
+
+
+def test_report_is_written_with_png_figures_and_every_section(run_dir):
+    page = (run_dir / "report.html").read_text(encoding="utf-8")
+    for ident in ("configuration", "summary", "attention", "qk-pca", "key-depth"):
+        assert f'<section id="{ident}">' in page
+    pngs = sorted(p.name for p in run_dir.glob("fig_*.png"))
+    assert pngs == ["fig_accuracy.png", "fig_key_depth.png", "fig_qk_pca.png"]
+    for name in pngs:
+        assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f'<figure id="{name[:-4]}"><svg' in page
+    # The resolved configuration is the run's config.json, verbatim.
+    config = json.loads((run_dir / "config.json").read_text())
+    assert html.escape(json.dumps(config, indent=2)) in page
+    # Each evaluated split has its summary row and its attention example.
+    for split in ("iid", "deep"):
+        assert f"<td class=l>{split}</td>" in page
+        assert re.search(rf"<h3>{split}: row \d+</h3>", page)
+
+
+def test_bundle_inlined_once_no_network_references_and_strict_csp(run_dir):
+    page = (run_dir / "report.html").read_text(encoding="utf-8")
+    assert page.count(BUNDLE_MARK) == 1
+    assert page.count("var CircuitsVis=") == 1
+    assert f'<meta http-equiv="Content-Security-Policy" content="{CSP}">' in page.split("</head>")[0]
+    assert CSP.startswith("default-src 'none'; script-src 'unsafe-inline';")
+    assert "sourceMappingURL" not in page
+    assert not re.search(r"<script[^>]*\bsrc=", page, flags=re.I)
+    markup = script_free(page)
+    assert not re.search(r"<link\b|<img\b|<iframe\b|<object\b|url\((?!#)", markup, flags=re.I)
+    assert not re.search(r"https?://", markup), "URL outside the CircuitsVis bundle"
+    assert "CircuitsVis.render(id, CircuitsVis.AttentionHeads" in page
+    assert "type=\"module\"" not in page
+
+
+def test_same_run_gives_byte_identical_report_and_rebuild_matches(run, run_dir, tmp_path):
+    first = (run_dir / "report.html").read_bytes()
+    write_report_files(run, tmp_path)
+    assert (tmp_path / "report.html").read_bytes() == first
+    for png in run_dir.glob("fig_*.png"):
+        assert (tmp_path / png.name).read_bytes() == png.read_bytes()
+    # From disk (metrics.csv, records.npz, proxies/): the same bytes again.
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "report.html").unlink()
+    path = rebuild_report(copy, task=run.task, model=run.model)
+    assert path == copy / "report.html"
+    assert path.read_bytes() == first
+
+
+def test_attention_example_is_the_most_disagreeing_sequence(run):
+    rec = run.analysis.records[("deep", 0)]
+    choice = choose_example("deep", rec)
+    changed = rec.original_pred != rec.proxy_pred
+    per_row = {int(r): int(changed[rec.rows == r].sum()) for r in np.unique(rec.rows)}
+    assert choice.disagreements == max(per_row.values()) == per_row[choice.row]
+    assert choice.n_scored == int((rec.rows == choice.row).sum())
+    assert choice.disagreements > 0, "rank-2 SVD on a random model should change some prediction"
+
+
+def test_patterns_in_the_page_are_the_models_attention(run, run_dir):
+    import torch
+
+    page = (run_dir / "report.html").read_text(encoding="utf-8")
+    blob = re.search(r'<script type="application/json" id="attention-data">(.*?)</script>', page, re.S)
+    data = json.loads(blob.group(1))
+    ex = data["examples"][0]
+    split, row = re.search(r'<h3>(\w+): row (\d+)</h3>', page).groups()
+    tokens = run.task.splits()[split].tokens[int(row)]
+    tokens = tokens[: run.task.splits()[split].lengths[int(row)]]
+    assert ex["tokens"] == [TOKENS[t] for t in tokens]
+    assert ex["heads"] == ["L1H0", "L1H1", "L1H2", "L1H3"]
+    _, cache = run.model.run_with_cache(torch.as_tensor(tokens)[None])
+    want = lower_triangle(cache["blocks.1.attn.hook_pattern"][0].numpy())
+    assert ex["original"] == want
+    assert ex["proxy"] != ex["original"]
+    # Lower triangle in thousandths: each query's row sums to about SCALE.
+    sums = np.array([sum(r) for r in ex["proxy"][0]])
+    assert np.abs(sums - SCALE).max() <= len(tokens)
+
+
+def test_sweep_report_has_curves_and_focuses_one_proxy(tmp_path):
+    sweep = make_run(ranks=(1, 2, 4))
+    write_report_files(sweep, tmp_path)
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert (tmp_path / "fig_sweep.png").is_file()
+    assert '<section id="sweep">' in page
+    for rank in (1, 2, 4):
+        assert f"<td class=l>svd(rank={rank})</td>" in page
+    assert "detailed figures show svd(rank=" in page
+
+
+def test_report_of_full_length_examples_stays_small():
+    """The main job's worst case: an example per split, 128 tokens, 8 patterns, all non-zero."""
+    from illusions.reports.attention import AttentionExample, ExampleChoice
+    from illusions.reports.html import attention_section, render_page
+
+    n = 128
+    causal = np.tril(np.ones((n, n))) / np.arange(1, n + 1)[:, None]  # [pos, key_pos]
+    rng = np.random.default_rng(0)
+    examples = []
+    for i in range(6):
+        noisy = causal * rng.uniform(0.5, 1.5, size=(4, n, n))
+        noisy /= noisy.sum(-1, keepdims=True)
+        tri = lower_triangle(noisy)
+        examples.append(AttentionExample(ExampleChoice(f"split{i}", i, 40, 3, 0.1, (5, 9)),
+                                         tuple("(" for _ in range(n)), ("a", "b", "c", "d"), tri, tri))
+    body, data = attention_section(examples, "")
+    page = render_page(title="t", subtitle=[], sections=[], attention_data=data)
+    assert len(page.encode()) < 4_000_000, len(page.encode())
+
+
+def test_rebuild_refuses_a_directory_that_is_not_a_run(tmp_path):
+    with pytest.raises(IllusionsError, match="not an analysis run directory"):
+        rebuild_report(tmp_path)
+    with pytest.raises(IllusionsError, match="is not a directory"):
+        rebuild_report(tmp_path / "missing")
+
+
+def test_cli_report_on_a_non_run_is_one_line_and_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from illusions.cli import app
+
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.stderr.strip().count("\n") == 0 and "not an analysis run directory" in result.stderr
+
+
+# --- the real browser ------------------------------------------------------------------------------
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run",
+                  "--virtual-time-budget=20000", "--run-all-compositor-stages-before-draw",
+                  "--force-device-scale-factor=1", "--hide-scrollbars")
+# Log lines that mean the page tried the network: a request, or one the CSP blocked.
+NETWORK_LOG = re.compile(r"NotifyBeforeURLRequest: https?://|URLRequest.*https?://|Content Security Policy",
+                         re.I)
+
+
+def chromium() -> str | None:
+    for name in ("chromium-headless-shell", "chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    for path in ("/usr/lib/chromium/chromium-headless-shell", "/usr/lib/chromium/chromium"):
+        if Path(path).is_file():
+            return path
+    return None
+
+
+def render_in_browser(page: Path, workdir: Path, fragment: str = "", height: int = 1400) -> dict[str, Any]:
+    """Screenshot ``page`` headless; return the PNG as an array, the render status and the log."""
+    from PIL import Image
+
+    binary = chromium()
+    if binary is None:
+        pytest.skip("no headless Chromium installed (.ci/run installs chromium-headless-shell as root)")
+    shot = workdir / "shot.png"
+    cmd = [binary, *CHROMIUM_FLAGS, f"--user-data-dir={workdir / 'profile'}", f"--screenshot={shot}",
+           "--dump-dom", f"--window-size=1200,{height}", "--enable-logging=stderr", "--v=1",
+           page.resolve().as_uri() + fragment]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    status = re.search(r'<pre id="render-status" hidden="">(.*?)</pre>', proc.stdout, re.S)
+    assert status is not None and status.group(1), "the page's drawing script never reported"
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(np.int64)  # [height, width, 3]
+    return {"status": json.loads(status.group(1)), "pixels": pixels, "log": proc.stderr}
+
+
+def canvas_pixels(result: dict[str, Any], canvas: dict[str, float]) -> np.ndarray:
+    x, y = int(round(canvas["x"])), int(round(canvas["y"]))
+    w, h = int(canvas["width"]), int(canvas["height"])
+    return result["pixels"][y + 2 : y + h - 2, x + 2 : x + w - 2].reshape(-1, 3)
+
+
+@pytest.mark.browser
+def test_attention_panel_draws_in_a_real_browser_with_no_network(run_dir, tmp_path):
+    result = render_in_browser(run_dir / "report.html", tmp_path, fragment="#only-attention")
+    status = result["status"]
+    assert status["errors"] == []
+    n_examples = len(re.findall(r'class="example"', (run_dir / "report.html").read_text()))
+    assert len(status["figures"]) == 2 * n_examples
+    first = [c for c in status["canvases"] if c["figure"] == "attn-0-original"]
+    # Four head thumbnails and the zoomed pattern.
+    assert len(first) == 5
+    zoomed = max(first, key=lambda c: c["width"] * c["height"])
+    height = result["pixels"].shape[0]
+    assert zoomed["y"] + zoomed["height"] <= height, "the zoomed pattern is below the screenshot"
+    for canvas in first:
+        px = canvas_pixels(result, canvas)
+        assert px.size, canvas
+        drawn = (np.abs(px - 255).max(axis=1) > 24).mean()
+        assert drawn > 0.2, (canvas, drawn)
+    # Attention cells are shades of blue (grey marks the masked upper triangle): strongly blue pixels
+    # in the zoomed pattern mean the data was drawn, not just an empty frame.
+    px = canvas_pixels(result, zoomed)
+    assert ((px[:, 2] - px[:, 0]) > 60).sum() >= 50
+    assert not NETWORK_LOG.search(result["log"]), NETWORK_LOG.search(result["log"]).group(0)
+    assert "FileURLLoader::Start: file://" in result["log"], "logging is off, so the network check saw nothing"
+
+
+@pytest.mark.browser
+def test_browser_check_catches_a_network_request_and_a_blank_panel(run_dir, tmp_path):
+    """The browser test's two detectors fire on a page that fetches and on one that never draws."""
+    page = (run_dir / "report.html").read_text(encoding="utf-8")
+    fetching = tmp_path / "fetching.html"
+    fetching.write_text(page.replace("<body>", '<body><img src="https://example.invalid/x.png">', 1))
+    (tmp_path / "a").mkdir()
+    assert NETWORK_LOG.search(render_in_browser(fetching, tmp_path / "a")["log"])
+    blank = tmp_path / "blank.html"
+    blank.write_text(page.replace("CircuitsVis.render(id,", "(function(){})(id,", 1))
+    (tmp_path / "b").mkdir()
+    status = render_in_browser(blank, tmp_path / "b", fragment="#only-attention")["status"]
+    assert status["canvases"] == []
