@@ -255,3 +255,46 @@ def test_train_config_rejects_bad_values():
     with pytest.raises(IllusionsError, match="unknown"):
         TrainConfig.from_dict({"learning_rate": 1e-3})
     assert TrainConfig.from_dict({"betas": [0.8, 0.9]}).betas == (0.8, 0.9)
+
+
+SMALL_DYCK = """
+[task]
+name = "dyck"
+n_train = 300
+n_eval = 20
+[model]
+n_layers = 1
+d_model = 16
+n_heads = 2
+d_head = 8
+d_mlp = 32
+[train]
+steps = 50
+batch_size = 8
+eval_every = 2
+eval_rows = 8
+"""
+
+
+def test_train_command_end_to_end_on_a_small_dyck_recipe(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from illusions.cli import app
+
+    monkeypatch.setenv("ILLUSIONS_CACHE", str(tmp_path / "cache"))
+    recipe = tmp_path / "small.toml"
+    recipe.write_text(SMALL_DYCK)
+    out = tmp_path / "run"
+    runner = CliRunner()
+    args = ["train", str(recipe), "--out", str(out), "--steps", "4", "--seed", "5", "--threads", "1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"checkpoint: {out}" in result.stdout and "unseen_depth" in result.stdout
+    _, meta = load_model(out)
+    assert meta["step"] == 4 and meta["recipe"]["train"]["steps"] == 4 and meta["recipe"]["train"]["seed"] == 5
+    assert meta["recipe"]["task"]["n_train"] == 300 and meta["task"]["config"]["n_train"] == 300
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "already holds a training run" in again.output
+    # --resume takes the run's own --steps/--seed, so they need not be repeated.
+    resumed = runner.invoke(app, ["train", str(recipe), "--out", str(out), "--resume", "--threads", "1"])
+    assert resumed.exit_code == 0, resumed.output

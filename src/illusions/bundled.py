@@ -76,3 +76,46 @@ def load_bundled(task: str, *, device: str = "cpu") -> tuple[HookedTransformer, 
     from illusions.models import load_model
 
     return load_model(bundled_model_dir(task), device=device)
+
+
+def export_run(run_dir: Path, task: str, *, recipe_file: Path, assets: Path = ASSETS) -> Path:
+    """Copy a finished training run into ``assets/<task>/`` as the bundled reference model.
+
+    Writes the model's ``config.json`` and ``model.safetensors`` (no optimizer state), the recipe,
+    ``metrics.json`` (full-split and subset accuracies, timing) and ``training_log.json`` (loss curve
+    and evaluations), all at once: the folder is replaced only when everything is written.
+
+    Args:
+        run_dir: a run directory written by :func:`illusions.training.train`, finished.
+        task: the task name, i.e. the folder under ``assets``.
+        recipe_file: the TOML recipe that trained it, copied byte for byte.
+        assets: the assets root (the package's by default).
+
+    Returns:
+        The bundled model's folder.
+    """
+    import shutil
+
+    from illusions.io import atomic_write_json, staged_dir
+    from illusions.models import read_checkpoint_config
+    from illusions.training import load_history
+
+    run_dir = Path(run_dir)
+    _, meta = read_checkpoint_config(run_dir)
+    if not meta.get("finished") or "accuracies" not in meta:
+        raise IllusionsError(f"{run_dir} is not a finished training run; finish it with --resume first")
+    metrics = {
+        "task": task,
+        "step": meta["step"],
+        "accuracies": meta["accuracies"],
+        "subset_accuracies": meta["subset_accuracies"],
+        "eval_rows": meta["eval_rows"],
+        **meta.get("timing", {}),
+    }
+    with staged_dir(Path(assets) / task) as stage:
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            shutil.copyfile(run_dir / name, stage / name)
+        shutil.copyfile(recipe_file, stage / RECIPE_FILE)
+        atomic_write_json(stage / METRICS_FILE, metrics)
+        atomic_write_json(stage / LOG_FILE, load_history(run_dir))
+    return Path(assets) / task

@@ -479,6 +479,8 @@ def train(
     step = 0
     # Steps since the last loss-curve point, saved so a resumed run records the same curve.
     loss_sum, loss_n = 0.0, 0
+    # Kept apart from the history, which must not depend on the machine's speed.
+    timing_before = {"train_seconds": 0.0, "train_tokens": 0, "wall_seconds": 0.0, "threads": None}
     if saved is not None:
         weights = load_file(str(out_dir / WEIGHTS_FILE), device=device)
         model.load_state_dict(weights, strict=True)
@@ -487,6 +489,7 @@ def train(
         history = saved["history"]
         step = int(saved["step"])
         loss_sum, loss_n = float(saved["loss_window"][0]), int(saved["loss_window"][1])
+        timing_before = dict(saved.get("timing", timing_before))
     model.train()
 
     latest: dict[str, dict[str, float]] = dict(history["eval"][-1]["accuracies"]) if history["eval"] else {}
@@ -502,6 +505,15 @@ def train(
             tps = train_tokens / train_seconds if train_seconds > 0 else 0.0
             progress(Progress(step, train_cfg.steps, loss, lr, tps, acc, event))
 
+    def timing() -> dict[str, Any]:
+        return {
+            "train_seconds": timing_before["train_seconds"] + train_seconds,
+            "train_tokens": timing_before["train_tokens"] + train_tokens,
+            "wall_seconds": timing_before["wall_seconds"] + time.perf_counter() - wall_start,
+            "threads": torch.get_num_threads(),
+            "device": str(device),
+        }
+
     def checkpoint(extra_meta: Mapping[str, Any] | None = None) -> None:
         nonlocal last_saved
         meta = {
@@ -512,6 +524,7 @@ def train(
             "finished": step >= train_cfg.steps,
             "accuracies_step": history["eval"][-1]["step"] if history["eval"] else None,
             "subset_accuracies": latest,
+            "timing": timing(),
             **(extra_meta or {}),
         }
         trainer = {
@@ -524,6 +537,7 @@ def train(
             "param_names": names,
             "loss_window": [loss_sum, loss_n],
             "history": history,
+            "timing": timing(),
         }
         with staged_dir(out_dir) as stage:
             save_model(model, stage, meta=meta)

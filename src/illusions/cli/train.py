@@ -86,6 +86,9 @@ def train(
         def progress(p: Any) -> None:
             acc = " ".join(f"{k} {v:.3f}" for k, v in p.accuracies.items())
             bar.update(handle, completed=p.step, loss=f"{p.loss:.4f}", tps=f"{p.tokens_per_s:,.0f}", acc=acc)
+            if p.event == "eval":
+                # Also a plain line per evaluation, so logs of non-interactive runs show the curve.
+                bar.console.print(f"step {p.step}: loss {p.loss:.4f} lr {p.lr:.2e} {p.tokens_per_s:,.0f} tok/s | {acc}")
 
         result = run_training(
             task_obj,
