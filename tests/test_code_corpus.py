@@ -27,6 +27,11 @@ class Box:
 \t\treturn inner()
 
 async def later(): await x
+class Text:
+    def show(self):
+        return """
+first
+"""
 def semi(): return 1  # trailing comments are not part of the node
 '''
 
@@ -109,6 +114,7 @@ def test_python_extractor_takes_every_def_dedented_without_decorators():
         "def inner():\n\treturn 1",
         "async def later(): await x",
         "def semi(): return 1",
+        'def show(self):\n    return """\nfirst\n"""',  # a column-0 string does not block the dedent
     ])
 
 

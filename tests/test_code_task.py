@@ -130,7 +130,7 @@ def corpus_dir(tmp_path) -> Path:
 
 
 def _small(corpus: Path, **kw) -> CodeConfig:
-    base = dict(corpus=str(corpus), n_ctx=256, n_train=20, n_iid=5, n_ood=10, n_deep=10, min_chars=10,
+    base = dict(corpus=str(corpus), n_ctx=256, n_train=20, n_eval=10, min_chars=10,
                 min_char_count=2, max_scored=500)
     return CodeConfig(**{**base, **kw})
 
@@ -254,7 +254,7 @@ def test_functions_the_model_cannot_tell_apart_appear_once(corpus_dir, tmp_path)
     twin = _python_function(99, 2)
     extra = [{"code": twin + "\n  # tail " + "x" * k, "language": "python"} for k in (300, 301)]
     _write_jsonl(corpus_dir / "twins.jsonl", extra)
-    cfg = _small(corpus_dir, n_ctx=len(twin) + 5, n_train=100, n_deep=100)
+    cfg = _small(corpus_dir, n_ctx=len(twin) + 5, n_train=100, n_eval=100)
     task = CodeTask(cfg, cache_dir=tmp_path / "cache")
     rows = [task.decode(r) for name in ("train", "iid", "deep_nesting") for r in task.splits()[name].tokens]
     assert len(rows) == len(set(rows)) == 41
@@ -269,3 +269,24 @@ def test_a_changed_corpus_is_read_again_not_served_from_cache(corpus_dir, tmp_pa
     after = CodeTask(_small(corpus_dir), cache_dir=tmp_path / "cache")
     assert after.meta()["corpus_fingerprint"] != before
     assert after.meta()["corpus_languages"]["python"] == 41
+
+
+def test_stats_cache_state_and_progress_for_the_data_command(corpus_dir, tmp_path):
+    task = CodeTask(_small(corpus_dir), cache_dir=tmp_path / "cache")
+    assert not task.is_cached()
+    messages: list[str] = []
+    splits = task.splits(progress=messages.append)
+    assert messages[0].startswith("reading corpus") and any("building splits" in m for m in messages)
+    assert task.is_cached() and task.cache_path.is_file()
+    fresh = CodeTask(_small(corpus_dir), cache_dir=tmp_path / "cache")
+    assert fresh.is_cached()
+    messages.clear()
+    fresh.splits(progress=messages.append)
+    assert not any("building" in m for m in messages)
+    stats = task.split_stats(splits["deep_nesting"])
+    texts = [task.decode(r) for r in splits["deep_nesting"].tokens]
+    assert stats["n"] == len(texts) and stats["length_max"] == max(len(t) for t in texts)
+    assert stats["depth_max"] == max(int(label(t, "python").depth.max()) for t in texts)
+    assert stats["depth_max"] >= task.meta()["deep_depth"]
+    assert sum(stats[f"share_{c}"] for c in CATEGORIES) == pytest.approx(1.0)
+    assert stats["unk"] == 0.0 and task.split_stats(splits["java"])["unk"] > 0

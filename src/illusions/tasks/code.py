@@ -36,6 +36,7 @@ import io
 import json
 import keyword
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -45,7 +46,9 @@ from illusions.config import Config
 from illusions.errors import IllusionsError
 from illusions.io import atomic_write_bytes, cache_root
 from illusions.tasks.base import Scored, Split, Vocab
-from illusions.tasks.code_corpus import Corpus, load_corpus
+from illusions.tasks.code_corpus import Corpus, corpus_cache_path, load_corpus
+
+Progress = Callable[[str], None]
 
 CATEGORIES = ("bracket", "whitespace", "copy", "identifier", "other")
 """Names of the ``category`` codes 0..4 of a target character:
@@ -110,8 +113,9 @@ class CodeConfig(Config):
             ``src.zip``, npm's JavaScript).
         train_language: language of ``train``, ``iid`` and ``deep_nesting``.
         n_ctx: tokens per sequence including BOS; functions are truncated to ``n_ctx - 1`` characters.
-        n_train, n_iid, n_ood, n_deep: functions per split (at most; ``n_ood`` per other language).
-            When the training language has too few shallow functions, ``iid`` keeps at most a fifth.
+        n_train: functions in ``train`` (at most).
+        n_eval: functions per evaluation split (``iid``, ``deep_nesting``, each other language), at
+            most; when the training language has too few shallow functions, ``iid`` keeps a fifth.
         min_chars, max_chars: functions outside this length (before truncation) are not used.
         min_char_count, max_vocab: vocabulary = characters seen at least ``min_char_count`` times in
             ``train``, the ``max_vocab`` most frequent at most.
@@ -128,9 +132,7 @@ class CodeConfig(Config):
     train_language: str = "python"
     n_ctx: int = 256
     n_train: int = 4000
-    n_iid: int = 500
-    n_ood: int = 500
-    n_deep: int = 500
+    n_eval: int = 500
     min_chars: int = 40
     max_chars: int = 5000
     min_char_count: int = 20
@@ -145,7 +147,7 @@ class CodeConfig(Config):
     def __post_init__(self) -> None:
         if self.n_ctx < 3:
             raise ValueError(f"n_ctx must be at least 3, got {self.n_ctx}")
-        for name in ("n_train", "n_iid", "n_ood", "n_deep", "min_chars", "max_scored"):
+        for name in ("n_train", "n_eval", "min_chars", "max_scored"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_chars < self.min_chars:
@@ -193,17 +195,44 @@ def bracket_depths(text: str) -> np.ndarray:
     return _bracket_scan(text)[0]
 
 
-def label(text: str, language: str) -> Labels:
-    """Category, nesting depth and copy source of every character of ``text``.
+def depths(text: str) -> np.ndarray:
+    """Nesting depth of every character of ``text``: ``brackets + indent``.
 
-    ``depth = brackets + indent``: ``brackets`` is :func:`bracket_depths`; ``indent`` is the
-    indentation level of the *logical* line holding the character. A logical line starts at a
-    physical line that begins outside any bracket; continuation lines (begun inside a bracket) and
-    whitespace-only lines keep the level of the logical line before them. A level is the line's
-    leading whitespace width (tabs to multiples of 8) divided by the function's indentation unit, the
-    smallest positive width among its logical line starts (4 if none). So Python block nesting counts
-    through indentation and Java/JavaScript block nesting through braces (their bodies lie inside
-    ``{``, so only the signature and the closing line start logical lines), each once.
+    ``brackets`` is :func:`bracket_depths`; ``indent`` is the indentation level of the *logical* line
+    holding the character. A logical line starts at a physical line that begins outside any bracket;
+    continuation lines (begun inside a bracket) and whitespace-only lines keep the level of the
+    logical line before them. A level is the line's leading whitespace width (tabs to multiples of 8)
+    divided by the function's indentation unit, the smallest positive width among its logical line
+    starts (4 if none). So Python block nesting counts through indentation and Java/JavaScript block
+    nesting through braces (their bodies lie inside ``{``, so only the signature starts a logical
+    line), each once.
+    """
+    n = len(text)
+    brackets, before = _bracket_scan(text)
+    lines = text.split("\n")
+    widths: list[int | None] = []  # leading width of each logical line start, None otherwise
+    starts = []
+    offset = 0
+    for line in lines:
+        starts.append(offset)
+        continuation = offset < n and before[offset] > 0
+        expanded = line.expandtabs(_TAB)
+        blank = not expanded.strip()
+        widths.append(None if continuation or blank else len(expanded) - len(expanded.lstrip()))
+        offset += len(line) + 1
+    positive = [w for w in widths if w]
+    unit = min(positive) if positive else 4
+    indent = np.zeros(n, dtype=np.int64)
+    level = 0
+    for line, start, w in zip(lines, starts, widths, strict=True):
+        if w is not None:
+            level = w // unit
+        indent[start : min(start + len(line) + 1, n)] = level
+    return brackets + indent
+
+
+def label(text: str, language: str) -> Labels:
+    """Category, nesting depth (:func:`depths`) and copy source of every character of ``text``.
 
     Args:
         text: one function (or its truncated prefix).
@@ -233,28 +262,7 @@ def label(text: str, language: str) -> Labels:
             category[s + 1 : e] = COPY
             key_pos[s + 1 : e] = np.arange(last[word] + 1, last[word] + len(word)) + 1
         last[word] = s
-
-    brackets, before = _bracket_scan(text)
-    lines = text.split("\n")
-    widths: list[int | None] = []  # leading width of each logical line start, None otherwise
-    starts = []
-    offset = 0
-    for line in lines:
-        starts.append(offset)
-        continuation = offset < n and before[offset] > 0
-        expanded = line.expandtabs(_TAB)
-        blank = not expanded.strip()
-        widths.append(None if continuation or blank else len(expanded) - len(expanded.lstrip()))
-        offset += len(line) + 1
-    positive = [w for w in widths if w]
-    unit = min(positive) if positive else 4
-    indent = np.zeros(n, dtype=np.int64)
-    level = 0
-    for line, start, w in zip(lines, starts, widths, strict=True):
-        if w is not None:
-            level = w // unit
-        indent[start : min(start + len(line) + 1, n)] = level
-    return Labels(category, brackets + indent, key_pos)
+    return Labels(category, depths(text), key_pos)
 
 
 def deep_threshold(max_depths: np.ndarray, fraction: float) -> int:
@@ -283,7 +291,7 @@ class CodeTask:
     name: ClassVar[str] = "code"
     Config: ClassVar[type[CodeConfig]] = CodeConfig
 
-    def __init__(self, config: CodeConfig | None = None, *, cache_dir: Path | None = None) -> None:
+    def __init__(self, config: CodeConfig | None = None, *, cache_dir: Path | str | None = None) -> None:
         self.config = config if config is not None else CodeConfig()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "code"
         self._built: tuple[Vocab, dict[str, Split], dict[str, Any]] | None = None
@@ -302,9 +310,13 @@ class CodeTask:
     def candidates(self) -> np.ndarray | None:
         return None
 
-    def splits(self) -> dict[str, Split]:
-        """``train``, ``iid``, ``deep_nesting`` and one split per other language."""
-        return dict(self._build()[1])
+    def splits(self, progress: Progress | None = None) -> dict[str, Split]:
+        """``train``, ``iid``, ``deep_nesting`` and one split per other language.
+
+        Args:
+            progress: optional callback given a short message before each building stage.
+        """
+        return dict(self._build(progress)[1])
 
     def meta(self) -> dict[str, Any]:
         """Task name, config, vocabulary, corpus fingerprint and split facts, as JSON data."""
@@ -333,6 +345,46 @@ class CodeTask:
         skip = {self.vocab.pad_id, self.vocab.bos_id}
         return "".join("\ufffd" if toks[i] == UNK else toks[i] for i in np.asarray(ids).tolist() if i not in skip)
 
+    @property
+    def cache_path(self) -> Path:
+        """The ``.npz`` holding this config's splits (reads the corpus, from its cache if there)."""
+        return self.cache_dir / f"splits-{cache_key(self.config, self.corpus().fingerprint)}.npz"
+
+    def is_cached(self) -> bool:
+        """Whether both the corpus and the splits are cached, so that nothing has to be built."""
+        if self._built is not None:
+            return True
+        c = self.config
+        corpus = corpus_cache_path(c.corpus, self.cache_dir, max_per_language=c.max_functions_per_language)
+        return corpus.is_file() and self.cache_path.is_file()
+
+    def split_stats(self, split: Split) -> dict[str, Any]:
+        """Size, length in characters, maximum depth per function, scored positions and their mix.
+
+        Returns:
+            ``n``, ``length_mean``/``_median``/``_max`` (characters, BOS excluded), ``depth_mean`` and
+            ``depth_max`` (of each function's maximum depth), ``scored``, ``unk`` (share of ``<unk>``
+            characters) and ``share_<category>`` over the scored positions.
+        """
+        chars = split.lengths - 1
+        row_depth = np.array([int(depths(self.decode(r)).max(initial=0)) for r in split.tokens])
+        n = len(split)
+        body = split.tokens[:, 1:][np.arange(split.tokens.shape[1] - 1) < chars[:, None]]
+        stats: dict[str, Any] = {
+            "n": n,
+            "length_mean": float(chars.mean()) if n else 0.0,
+            "length_median": float(np.median(chars)) if n else 0.0,
+            "length_max": int(chars.max()) if n else 0,
+            "depth_mean": float(row_depth.mean()) if n else 0.0,
+            "depth_max": int(row_depth.max()) if n else 0,
+            "scored": len(split.scored),
+            "unk": float((body == self.unk_id).mean()) if body.size else 0.0,
+        }
+        counts = np.bincount(split.scored.meta["category"], minlength=len(CATEGORIES))
+        total = max(int(counts.sum()), 1)
+        stats |= {f"share_{name}": float(k / total) for name, k in zip(CATEGORIES, counts, strict=True)}
+        return stats
+
     def corpus(self) -> Corpus:
         """The corpus this task reads (cached after the first read)."""
         c = self.config
@@ -340,20 +392,27 @@ class CodeTask:
 
     # ------------------------------------------------------------------ building
 
-    def _build(self) -> tuple[Vocab, dict[str, Split], dict[str, Any]]:
+    def _build(self, progress: Progress | None = None) -> tuple[Vocab, dict[str, Split], dict[str, Any]]:
         if self._built is not None:
             return self._built
+        say = progress or (lambda message: None)
+        say(f"reading corpus {self.config.corpus or '(machine: stdlib, JDK, npm)'}")
         corpus = self.corpus()
-        key = hashlib.sha256(
-            json.dumps([CACHE_FORMAT, self.config.to_dict(), corpus.fingerprint], sort_keys=True).encode()
-        ).hexdigest()[:16]
-        path = self.cache_dir / f"splits-{key}.npz"
+        path = self.cache_dir / f"splits-{cache_key(self.config, corpus.fingerprint)}.npz"
         built = _load_npz(path)
         if built is None:
+            say(f"building splits from {len(corpus.functions):,} functions")
             built = build_splits(self.config, corpus)
+            say("writing the cache")
             _save_npz(path, *built)
         self._built = built
         return built
+
+
+def cache_key(config: CodeConfig, corpus_fingerprint: str) -> str:
+    """Hash of the config and the corpus fingerprint: the name of the cached splits."""
+    data = json.dumps([CACHE_FORMAT, config.to_dict(), corpus_fingerprint], sort_keys=True)
+    return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
 def _windows(texts: list[str], n_ctx: int) -> list[str]:
@@ -467,7 +526,7 @@ def build_splits(config: CodeConfig, corpus: Corpus) -> tuple[Vocab, dict[str, S
             f"corpus {where} has {len(pool)} usable {c.train_language} functions "
             f"({c.min_chars}..{c.max_chars} characters); at least 3 are needed"
         )
-    max_depth = np.array([int(label(t, c.train_language).depth.max()) for t in pool])
+    max_depth = np.array([int(depths(t).max()) for t in pool])
     threshold = c.deep_depth or deep_threshold(max_depth, c.deep_fraction)
     shallow = [t for t, d in zip(pool, max_depth, strict=True) if d < threshold]
     deep = [t for t, d in zip(pool, max_depth, strict=True) if d >= threshold]
@@ -478,11 +537,11 @@ def build_splits(config: CodeConfig, corpus: Corpus) -> tuple[Vocab, dict[str, S
         )
     rng = np.random.default_rng(c.seed)
     order = rng.permutation(len(shallow))
-    n_iid = c.n_iid if len(shallow) >= c.n_train + c.n_iid else min(c.n_iid, max(1, len(shallow) // 5))
+    n_iid = c.n_eval if len(shallow) >= c.n_train + c.n_eval else min(c.n_eval, max(1, len(shallow) // 5))
     iid = [shallow[i] for i in np.sort(order[:n_iid])]
     train = [shallow[i] for i in np.sort(order[n_iid : n_iid + c.n_train])]
-    deep = _sample(rng, deep, c.n_deep)
-    ood = {lang: _sample(rng, texts, c.n_ood) for lang, texts in sorted(by_lang.items())}
+    deep = _sample(rng, deep, c.n_eval)
+    ood = {lang: _sample(rng, texts, c.n_eval) for lang, texts in sorted(by_lang.items())}
 
     vocab = make_vocab(train, min_count=c.min_char_count, max_size=c.max_vocab, chars=c.vocab_chars)
     lang = c.train_language

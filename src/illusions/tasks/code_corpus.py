@@ -46,7 +46,7 @@ from illusions.errors import IllusionsError
 from illusions.io import atomic_write_bytes
 
 # Bumped whenever extraction changes what a source yields, so stale caches are not reused.
-EXTRACTOR_VERSION = 1
+EXTRACTOR_VERSION = 2
 
 CODE_FIELDS = ("code", "original_string", "whole_func_string", "func_code_string", "function")
 LANGUAGE_FIELDS = ("language", "lang")
@@ -95,6 +95,20 @@ def normalize(text: str) -> str:
     """Unix line ends, no trailing whitespace at the end, common indentation removed."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     return textwrap.dedent(text).strip("\n").rstrip()
+
+
+def strip_indent(text: str) -> str:
+    """Remove the first line's indentation from every line that starts with it, then :func:`normalize`.
+
+    Plain dedenting removes nothing when a multi-line string literal in the body has lines at column
+    0; the first line (the signature) says what the function's own indentation was.
+    """
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    first = text.lstrip("\n")
+    prefix = first[: len(first) - len(first.lstrip(" \t"))]
+    if prefix:
+        text = "\n".join(ln[len(prefix) :] if ln.startswith(prefix) else ln for ln in text.split("\n"))
+    return normalize(text)
 
 
 def fingerprint(functions: Iterable[Function]) -> str:
@@ -184,7 +198,7 @@ def read_jsonl(path: Path) -> Iterator[tuple[Function, str]]:
                         f"corpus line {where} has no code field ({', '.join(CODE_FIELDS)}) "
                         f"or no language field ({', '.join(LANGUAGE_FIELDS)})"
                     )
-                text = normalize(code)
+                text = strip_indent(code)
                 if text:
                     yield Function(lang.strip().lower(), text), str(path)
     except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
@@ -211,7 +225,7 @@ def python_functions(source: str) -> list[str]:
         prefix = seg[0][: node.col_offset]
         # Keep the real indentation of the def line so dedent lines it up with the body.
         seg[0] = (prefix if not prefix.strip() else b" " * len(prefix)) + seg[0][node.col_offset :]
-        out.append(normalize(b"".join(seg).decode("utf-8")))
+        out.append(strip_indent(b"".join(seg).decode("utf-8")))
     return out
 
 
@@ -320,7 +334,7 @@ def brace_functions(text: str, language: str) -> list[str]:
         # The pattern may begin on blanked comment lines above the signature: start at its own line.
         first = m.start() + len(code[m.start() : m.end()]) - len(code[m.start() : m.end()].lstrip())
         start = code.rfind("\n", 0, first) + 1
-        out.append(normalize(text[start : end + 1]))
+        out.append(strip_indent(text[start : end + 1]))
         pos = end + 1
 
 
@@ -456,6 +470,26 @@ def _read_cache(path: Path) -> Corpus | None:
         return None  # missing or damaged cache: rebuild
 
 
+def _corpus_key(path: str, max_per_language: int) -> tuple[str, list[Path]]:
+    if path:
+        files = jsonl_files(Path(path))
+        try:
+            key_data: Any = [_stat_key(p) for p in files]
+        except OSError as exc:
+            raise IllusionsError(f"cannot read corpus {path} ({exc})") from None
+    else:
+        files, key_data = [], machine_sources()
+    key = hashlib.sha256(
+        json.dumps([EXTRACTOR_VERSION, path, max_per_language, key_data]).encode("utf-8")
+    ).hexdigest()[:16]
+    return key, files
+
+
+def corpus_cache_path(path: str, cache_dir: Path, *, max_per_language: int = 0) -> Path:
+    """Where :func:`load_corpus` caches this corpus (keyed by its sources' sizes and mtimes)."""
+    return Path(cache_dir) / f"corpus-{_corpus_key(path, max_per_language)[0]}.json.gz"
+
+
 def load_corpus(path: str, *, cache_dir: Path | None = None, max_per_language: int = 0) -> Corpus:
     """The corpus at ``path`` (a JSONL file or folder), or the machine corpus when ``path`` is empty.
 
@@ -470,17 +504,7 @@ def load_corpus(path: str, *, cache_dir: Path | None = None, max_per_language: i
     Raises:
         IllusionsError: the path is missing, unreadable or malformed, or yields no function.
     """
-    if path:
-        files = jsonl_files(Path(path))
-        try:
-            key_data: Any = [_stat_key(p) for p in files]
-        except OSError as exc:
-            raise IllusionsError(f"cannot read corpus {path} ({exc})") from None
-    else:
-        key_data = machine_sources()
-    key = hashlib.sha256(
-        json.dumps([EXTRACTOR_VERSION, path, max_per_language, key_data]).encode("utf-8")
-    ).hexdigest()[:16]
+    key, files = _corpus_key(path, max_per_language)
     cache = Path(cache_dir) / f"corpus-{key}.json.gz" if cache_dir is not None else None
     if cache is not None and (hit := _read_cache(cache)) is not None:
         return hit
