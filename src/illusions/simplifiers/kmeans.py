@@ -115,12 +115,16 @@ def fit_centroids(
     return CentroidFit(centroids=centroids, inertia=inertia, algorithm=algorithm, n=int(n))
 
 
-def nearest(x: Float[Tensor, "h n d"], centroids: Float[Tensor, "h k d"]) -> Float[Tensor, "h n d"]:
-    """Each row of ``x`` replaced by its nearest centroid (per leading ``h``)."""
+def nearest(
+    x: Float[Tensor, "h n d"], centroids: Float[Tensor, "h k d"], sq_norms: Float[Tensor, "h k"] | None = None
+) -> Float[Tensor, "h n d"]:
+    """Each row of ``x`` replaced by its nearest centroid (per leading ``h``; lowest index on ties)."""
+    if sq_norms is None:
+        sq_norms = (centroids * centroids).sum(-1)
     # |x - c|^2 = |x|^2 - 2 x.c + |c|^2; the first term is the same for every c.
-    scores = (centroids * centroids).sum(-1)[:, None, :] - 2 * x @ centroids.transpose(1, 2)  # [h n k]
+    scores = torch.baddbmm(sq_norms[:, None, :], x, centroids.transpose(1, 2), alpha=-2)  # [h n k]
     index = scores.argmin(dim=-1)  # [h n]
-    return torch.gather(centroids, 1, index[..., None].expand(-1, -1, x.shape[-1]))
+    return centroids[torch.arange(centroids.shape[0], device=x.device)[:, None], index]
 
 
 @register_hook_kind
@@ -137,16 +141,20 @@ class CentroidHook(FittedHook):
     heads: tuple[int, ...] | None
     centroids: Tensor = dataclasses.field(repr=False)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_sq_norms", (self.centroids * self.centroids).sum(-1))  # [heads k] or [k]
+
     def __call__(self, activation: Tensor, hook: Any = None) -> Tensor:
         centroids = self.centroids.to(device=activation.device, dtype=activation.dtype)
+        sq_norms = self._sq_norms.to(device=activation.device, dtype=activation.dtype)
         if self.heads is None:
             flat = activation.reshape(1, -1, activation.shape[-1])  # [1 batch*pos d_model]
-            return nearest(flat, centroids[None]).reshape(activation.shape)
+            return nearest(flat, centroids[None], sq_norms[None]).reshape(activation.shape)
         rows = head_rows(self.heads, activation.shape[2])
         x = activation[:, :, rows]  # [batch pos heads d_head]
         batch, pos, heads, d = x.shape
         flat = x.permute(2, 0, 1, 3).reshape(heads, batch * pos, d)  # [heads batch*pos d_head]
-        new = nearest(flat, centroids).reshape(heads, batch, pos, d).permute(1, 2, 0, 3)  # [batch pos heads d_head]
+        new = nearest(flat, centroids, sq_norms).view(heads, batch, pos, d).permute(1, 2, 0, 3)  # [batch pos heads d_head]
         return replace_heads(activation, rows, new, axis=2)
 
 

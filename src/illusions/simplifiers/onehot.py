@@ -7,7 +7,7 @@ replaced by
     a' = e_{j*},   j* = argmax_j a_j
 
 The softmax is monotone, so ``j*`` is also the highest-scoring allowed key. **Ties go to the earliest
-key** (``torch.argmax`` returns the first maximum), e.g. a row attending equally to keys 0 and 2
+key** (``torch.max`` returns the first maximum), e.g. a row attending equally to keys 0 and 2
 becomes one-hot on key 0. A row that is all zeros (every key masked) stays all zeros. A one-hot
 pattern is a fixed point: applying the hook to it changes nothing.
 """
@@ -39,10 +39,8 @@ def hard_attention(
     pattern: Float[Tensor, "batch head_index query_pos key_pos"],
 ) -> Float[Tensor, "batch head_index query_pos key_pos"]:
     """One-hot on the argmax key of every row (earliest key on ties; all-zero rows kept)."""
-    index = pattern.argmax(dim=-1, keepdim=True)  # [batch heads query_pos 1]
-    hard = torch.zeros_like(pattern).scatter_(-1, index, 1.0)
-    alive = pattern.amax(dim=-1, keepdim=True) > 0
-    return torch.where(alive, hard, torch.zeros_like(hard))
+    top, index = pattern.max(dim=-1, keepdim=True)  # [batch heads query_pos 1], first maximum
+    return torch.zeros_like(pattern).scatter_(-1, index, (top > 0).to(pattern.dtype))
 
 
 @register_hook_kind

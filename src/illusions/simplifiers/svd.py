@@ -116,16 +116,21 @@ class ProjectionHook(FittedHook):
     mean: Tensor = dataclasses.field(repr=False)
     basis: Tensor = dataclasses.field(repr=False)
 
+    def __post_init__(self) -> None:
+        # x -> x P + (mu - mu P) with P = V V^T: one product per call whatever the rank (derived
+        # from the fields, so kept out of them and out of the saved file).
+        proj = self.basis @ self.basis.transpose(-1, -2)  # [heads d d] or [d d]
+        offset = self.mean - (self.mean.unsqueeze(-2) @ proj).squeeze(-2)  # [heads d] or [d]
+        object.__setattr__(self, "_proj", proj)
+        object.__setattr__(self, "_offset", offset)
+
     def __call__(self, activation: Tensor, hook: Any = None) -> Tensor:
-        mean = self.mean.to(device=activation.device, dtype=activation.dtype)
-        basis = self.basis.to(device=activation.device, dtype=activation.dtype)
+        proj = self._proj.to(device=activation.device, dtype=activation.dtype)
+        offset = self._offset.to(device=activation.device, dtype=activation.dtype)
         if self.heads is None:
-            coords = (activation - mean) @ basis  # [batch pos rank]
-            return mean + coords @ basis.T
+            return activation @ proj + offset
         rows = head_rows(self.heads, activation.shape[2])
-        x = activation[:, :, rows]  # [batch pos heads d_head]
-        coords = torch.einsum("bphd,hdr->bphr", x - mean, basis)
-        new = torch.einsum("bphr,hdr->bphd", coords, basis) + mean
+        new = torch.einsum("bphd,hde->bphe", activation[:, :, rows], proj) + offset
         return replace_heads(activation, rows, new, axis=2)
 
 
