@@ -290,3 +290,23 @@ def test_stats_cache_state_and_progress_for_the_data_command(corpus_dir, tmp_pat
     assert stats["depth_max"] >= task.meta()["deep_depth"]
     assert sum(stats[f"share_{c}"] for c in CATEGORIES) == pytest.approx(1.0)
     assert stats["unk"] == 0.0 and task.split_stats(splits["java"])["unk"] > 0
+
+
+def test_from_meta_rebuilds_the_training_task_with_its_vocabulary(corpus_dir, tmp_path):
+    task = CodeTask(_small(corpus_dir), cache_dir=tmp_path / "cache")
+    meta = json.loads(json.dumps(task.meta()))  # as read back from a checkpoint's config.json
+    again = CodeTask.from_meta(meta, cache_dir=tmp_path / "cache")
+    assert again.vocab == task.vocab
+    for name, split in task.splits().items():
+        np.testing.assert_array_equal(again.splits()[name].tokens, split.tokens)
+    # The saved vocabulary wins over the one the corpus would give.
+    fewer = dict(meta, vocab=meta["vocab"][:-1])
+    assert CodeTask.from_meta(fewer, cache_dir=tmp_path / "cache").vocab.tokens == tuple(fewer["vocab"])
+    with open(corpus_dir / "java.jsonl", "a") as fh:
+        fh.write(json.dumps({"code": "def g(): return 1", "language": "python"}) + "\n")
+    with pytest.raises(IllusionsError, match="fingerprint"):
+        CodeTask.from_meta(meta, cache_dir=tmp_path / "cache")
+    loose = CodeTask.from_meta(meta, cache_dir=tmp_path / "cache", strict=False)
+    assert loose.vocab == task.vocab
+    with pytest.raises(IllusionsError, match="code task"):
+        CodeTask.from_meta({"task": "dyck"})

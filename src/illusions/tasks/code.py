@@ -296,6 +296,39 @@ class CodeTask:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "code"
         self._built: tuple[Vocab, dict[str, Split], dict[str, Any]] | None = None
 
+    @classmethod
+    def from_meta(
+        cls, meta: dict[str, Any], *, cache_dir: Path | str | None = None, strict: bool = True
+    ) -> CodeTask:
+        """The task a model was trained on, from the ``meta`` saved beside it (:meth:`meta`).
+
+        The vocabulary is pinned to the saved one, so token ids match the model's embedding even where
+        the corpus has changed.
+
+        Args:
+            meta: the checkpoint's task metadata.
+            cache_dir: as for the constructor.
+            strict: raise if this machine's corpus differs from the one the model was trained on.
+
+        Raises:
+            IllusionsError: ``meta`` is not from this task, or (strict) the corpus fingerprint differs.
+        """
+        if meta.get("task") != cls.name or "config" not in meta or "vocab" not in meta:
+            raise IllusionsError("model metadata does not describe a code task (no task/config/vocab)")
+        saved = list(meta["vocab"])
+        if saved[:3] != [PAD, BOS, UNK]:
+            raise IllusionsError("model metadata holds a vocabulary that does not start with <pad>, <bos>, <unk>")
+        config = CodeConfig.from_dict(dict(meta["config"]), source="the model's metadata")
+        task = cls(config.replace(vocab_chars="".join(saved[3:])), cache_dir=cache_dir)
+        want = meta.get("corpus_fingerprint")
+        if strict and want and task.corpus().fingerprint != want:
+            raise IllusionsError(
+                f"the corpus {config.corpus or '(machine)'} here has fingerprint "
+                f"{task.corpus().fingerprint[:12]}, the model was trained on {want[:12]}; "
+                "point at the same corpus or pass strict=False"
+            )
+        return task
+
     # ------------------------------------------------------------------ protocol
 
     @property
