@@ -141,3 +141,30 @@ def test_loading_something_that_is_not_a_proxy(tmp_path, tiny_model):
     (tmp_path / "ok" / "proxy.safetensors").write_bytes(b"garbage")
     with pytest.raises(IllusionsError, match="not a readable safetensors file"):
         Proxy.load(tmp_path / "ok")
+
+
+def test_a_proxy_checks_the_model_it_runs_on(tiny_model, tiny_tokens, tiny_config):
+    for simplifier in (SVD(rank=2), ResidSVD(rank=2), KMeans(k=3), WeightSVD(rank=2), OneHot()):
+        proxy = fit_proxy(tiny_model, simplifier, tiny_tokens, LENGTHS)
+        proxy.check(tiny_model)
+    narrow = build_model(tiny_config.replace(d_head=4), seed=0)
+    with pytest.raises(IllusionsError, match=r"fitted on 8-wide vectors at blocks.1.attn.hook_q, but the model's are 4-wide"):
+        fit_proxy(tiny_model, SVD(rank=2), tiny_tokens, LENGTHS).check(narrow)
+    with pytest.raises(IllusionsError, match=r"fitted on 32-wide vectors"):
+        fit_proxy(tiny_model, ResidSVD(rank=2), tiny_tokens, LENGTHS).check(build_model(tiny_config.replace(d_model=16), seed=0))
+    two_heads = build_model(tiny_config.replace(n_heads=2, d_model=16), seed=0)
+    with pytest.raises(IllusionsError, match=r"acts on head 3 at blocks.1.attn.hook_pattern.*heads 0\.\.1"):
+        OneHot().fit(tiny_model).check(two_heads)
+    one_layer = build_model(tiny_config.replace(n_layers=1), seed=0)
+    with pytest.raises(IllusionsError, match=r"unknown hook 'blocks.1.attn.hook_q'.*layers 0\.\.0"):
+        fit_proxy(tiny_model, SVD(rank=2), tiny_tokens, LENGTHS).check(one_layer)
+
+
+def test_every_method_satisfies_the_protocol():
+    from illusions.registry import SIMPLIFIERS, get_simplifier
+    from illusions.simplifiers import Simplifier
+
+    for name in SIMPLIFIERS:
+        cls = get_simplifier(name)
+        assert cls.name == name and isinstance(cls(), Simplifier)
+        assert cls.data_free == (name in ("onehot", "weight-svd"))

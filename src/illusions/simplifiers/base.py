@@ -180,6 +180,11 @@ class FittedHook:
         raise NotImplementedError
 
     @property
+    def width(self) -> int | None:
+        """Width of the vectors this hook replaces (None when it does not replace vectors)."""
+        return None
+
+    @property
     def layer(self) -> int:
         layer = hook_layer(self.hook_name)
         if layer is None:
@@ -303,10 +308,22 @@ class Proxy:
         return dataclasses.replace(self, hooks=tuple(h.to(device) for h in self.hooks))
 
     def check(self, model: HookedTransformer) -> None:
-        """Raise :class:`IllusionsError` unless every hook point exists in ``model``."""
+        """Raise :class:`IllusionsError` unless ``model`` has every hook point, head and width the
+        proxy was fitted for (e.g. before running a loaded proxy on a model)."""
         from illusions.activations import check_hook_names
 
         check_hook_names(model, [h.hook_name for h in self.hooks])
+        cfg = model.cfg
+        for hook in self.hooks:
+            heads = getattr(hook, "heads", None)
+            if heads and max(heads) >= cfg.n_heads:
+                raise IllusionsError(f"this proxy acts on head {max(heads)} at {hook.hook_name}, but the model "
+                                     f"has heads 0..{cfg.n_heads - 1}")
+            leaf = hook.hook_name.rsplit(".", 1)[-1]
+            expected = cfg.d_model if leaf.startswith("hook_resid") else cfg.d_head if leaf in ("hook_q", "hook_k") else None
+            if expected is not None and hook.width is not None and hook.width != expected:
+                raise IllusionsError(f"this proxy was fitted on {hook.width}-wide vectors at {hook.hook_name}, "
+                                     f"but the model's are {expected}-wide")
 
     def save(self, directory: Path) -> Path:
         """Write ``proxy.json`` + ``proxy.safetensors`` into ``directory`` atomically."""

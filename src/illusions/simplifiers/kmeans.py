@@ -144,6 +144,10 @@ class CentroidHook(FittedHook):
     def __post_init__(self) -> None:
         object.__setattr__(self, "_sq_norms", (self.centroids * self.centroids).sum(-1))  # [heads k] or [k]
 
+    @property
+    def width(self) -> int:
+        return int(self.centroids.shape[-1])
+
     def __call__(self, activation: Tensor, hook: Any = None) -> Tensor:
         centroids = self.centroids.to(device=activation.device, dtype=activation.dtype)
         sq_norms = self._sq_norms.to(device=activation.device, dtype=activation.dtype)

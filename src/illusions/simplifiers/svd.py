@@ -124,6 +124,10 @@ class ProjectionHook(FittedHook):
         object.__setattr__(self, "_proj", proj)
         object.__setattr__(self, "_offset", offset)
 
+    @property
+    def width(self) -> int:
+        return int(self.mean.shape[-1])
+
     def __call__(self, activation: Tensor, hook: Any = None) -> Tensor:
         proj = self._proj.to(device=activation.device, dtype=activation.dtype)
         offset = self._offset.to(device=activation.device, dtype=activation.dtype)

@@ -93,6 +93,10 @@ class LinearMapHook(FittedHook):
     heads: tuple[int, ...]
     matrix: Tensor = dataclasses.field(repr=False)
 
+    @property
+    def width(self) -> int:
+        return int(self.matrix.shape[-1])
+
     def __call__(self, activation: Tensor, hook: Any = None) -> Tensor:
         matrix = self.matrix.to(device=activation.device, dtype=activation.dtype)
         rows = head_rows(self.heads, activation.shape[2])
