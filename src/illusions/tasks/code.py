@@ -448,10 +448,6 @@ def cache_key(config: CodeConfig, corpus_fingerprint: str) -> str:
     return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
-def _windows(texts: list[str], n_ctx: int) -> list[str]:
-    return [t[: n_ctx - 1] for t in texts]
-
-
 def _sample(rng: np.random.Generator, items: list[str], n: int) -> list[str]:
     if len(items) <= n:
         return list(items)
