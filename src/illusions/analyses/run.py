@@ -113,11 +113,18 @@ def load_task_and_model(spec: AnalysisSpec) -> tuple[Any, Any, str, str]:
     model_dir = Path(spec.model) if spec.model else bundled_model_dir(spec.task)
     model, meta = load_model(model_dir)
     task_meta = meta.get("task") or {}
-    trained_on = task_meta.get("name")
+    trained_on = task_meta.get("task")
     if trained_on is not None and trained_on != spec.task:
         raise IllusionsError(f"model {model_dir} was trained on task {trained_on!r}, not {spec.task!r}")
-    config = task_cls.Config.from_dict(task_meta.get("config", {}), source=str(model_dir / "config.json"))
-    task = task_cls(config)
+    # Splits are defined relative to the training set, so the task is rebuilt exactly as trained.
+    if hasattr(task_cls, "from_meta"):
+        task = task_cls.from_meta(task_meta)
+    else:
+        config = task_cls.Config.from_dict(task_meta.get("config", {}), source=str(model_dir / "config.json"))
+        task = task_cls(config)
+    saved_vocab = task_meta.get("vocab")
+    if saved_vocab is not None and list(saved_vocab) != list(task.vocab.tokens):
+        raise IllusionsError(f"model {model_dir} was trained with a different {spec.task} vocabulary")
     if len(task.vocab) != model.cfg.d_vocab:
         raise IllusionsError(
             f"model {model_dir} has a vocabulary of {model.cfg.d_vocab} tokens but task {spec.task!r} "

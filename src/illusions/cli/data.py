@@ -19,6 +19,7 @@ from illusions.cli.app import command
 from illusions.errors import IllusionsError
 
 DYCK = "Dyck options"
+CODE = "Code options"
 
 
 def _config(task_cls: Any, overrides: dict[str, Any]) -> Any:
@@ -133,6 +134,13 @@ def data(
             rich_help_panel=DYCK,
         ),
     ] = None,
+    corpus: Annotated[
+        Path | None,
+        typer.Option(
+            help="CodeSearchNet JSONL file or folder (.jsonl / .jsonl.gz); default: this machine's source.",
+            rich_help_panel=CODE,
+        ),
+    ] = None,
 ) -> None:
     """Generate a task's splits (cached after the first run) and print their statistics."""
     from rich import box
@@ -145,12 +153,13 @@ def data(
         task_cls = get_task(task)
     except ModuleNotFoundError:
         raise IllusionsError(f"task {task!r} is registered but not built yet") from None
-    specific = {"--check": check, "--min-distance": min_distance}
-    if task_cls.name != "dyck":
-        given = [flag for flag, value in specific.items() if value is not None]
-        if given:
-            raise IllusionsError(f"{', '.join(given)} only apply to the dyck task")
-    overrides = {"seed": seed, "n_train": n_train, "n_eval": n_eval, "min_distance": min_distance}
+    specific = {"dyck": {"--check": check, "--min-distance": min_distance}, "code": {"--corpus": corpus}}
+    for owner, flags in specific.items():
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given and task_cls.name != owner:
+            raise IllusionsError(f"{', '.join(given)} can only be used with the {owner} task")
+    overrides = {"seed": seed, "n_train": n_train, "n_eval": n_eval, "min_distance": min_distance,
+                 "corpus": str(corpus) if corpus is not None else None}
     config = _config(task_cls, overrides)
     t = task_cls(config, cache_dir=cache_dir) if cache_dir is not None else task_cls(config)
 
@@ -179,10 +188,12 @@ def data(
         if name in sampling:
             s["acceptance"] = sampling[name]["acceptance"]
     cache = str(getattr(t, "cache_path", "")) or None
+    meta = t.meta()
+    corpus_facts = {k: meta[k] for k in ("corpus_fingerprint", "corpus_languages", "deep_depth") if k in meta}
     if as_json:
         typer.echo(
             json.dumps(
-                {"task": task, "config": config.to_dict(), "cache": cache, "splits": stats},
+                {"task": task, "config": config.to_dict(), "cache": cache, **corpus_facts, "splits": stats},
                 indent=2,
             )
         )
@@ -230,5 +241,7 @@ def data(
     for name, split in splits.items():
         if show:
             _show(out, t, name, split, show)
+    for key, value in corpus_facts.items():
+        out.print(f"{key.replace('_', ' ')}: {value}")
     if cache:
         out.print(f"cache: {cache}")
