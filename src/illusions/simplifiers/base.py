@@ -361,7 +361,7 @@ class Proxy:
         directory = Path(directory)
         path = directory / PROXY_CONFIG_FILE
         data = read_json(path)
-        if not isinstance(data, dict) or data.get("format") != PROXY_FORMAT:
+        if not isinstance(data, dict) or data.get("format") != PROXY_FORMAT or not {"simplifier", "params"} <= set(data):
             raise IllusionsError(f"{path} is not an illusions proxy (expected format {PROXY_FORMAT!r})")
         weights = directory / PROXY_WEIGHTS_FILE
         try:
