@@ -100,6 +100,19 @@ def test_make_simplifier_from_cli_strings():
     assert make_simplifier("onehot", targets={"heads": [1]}) == OneHot(targets=Targets(heads=(1,)))
     assert make_simplifier("resid-svd", rank=8, resid="resid_post").targets.resid == "resid_post"
     assert make_simplifier("weight-svd").data_free
+    assert make_simplifier("svd", target="k").targets.qk == "k"
+
+
+def test_make_simplifier_takes_one_option_set_for_every_method():
+    """What a CLI with one set of options passes: other methods' defaults are ignored."""
+    common = {"layers": (), "heads": (), "target": "qk", "resid": "resid_pre", "centered": True,
+              "basis": "separate", "seed": 0}
+    assert make_simplifier("kmeans", k=4, **common) == KMeans(k=4)
+    assert make_simplifier("onehot", **common) == OneHot()
+    assert make_simplifier("weight-svd", rank=2, **common) == WeightSVD(rank=2)
+    assert make_simplifier("resid-svd", rank=2, **(common | {"centered": "false"})) == ResidSVD(rank=2, centered=False)
+    assert make_simplifier("svd", rank=2, **(common | {"seed": 5})) == SVD(rank=2)  # svd is deterministic
+    assert make_simplifier("kmeans", k=4, **(common | {"seed": 5})).seed == 5
 
 
 @pytest.mark.parametrize(
@@ -112,6 +125,9 @@ def test_make_simplifier_from_cli_strings():
         ("svd", {"layers": "0,x"}, r"layers must be comma-separated integers or 'all'"),
         ("kmeans", {"k": 2.5}, r"KMeans.k must be an integer"),
         ("svd", {"targets": {"head": [1]}}, r"unknown Targets key\(s\) head"),
+        ("kmeans", {"centered": False}, r"kmeans does not take centered=False \(centered belongs to resid-svd, svd\)"),
+        ("onehot", {"rank": 3}, r"onehot does not take rank=3 .*known keys of onehot: targets"),
+        ("svd", {"target": "q", "qk": "k"}, r"target='q' and qk='k' disagree"),
     ],
 )
 def test_make_simplifier_errors(name, params, message):

@@ -456,17 +456,37 @@ def _coerce(value: Any, default: Any, what: str) -> Any:
     return value
 
 
+def _other_methods_defaults(name: str) -> dict[str, dict[str, Any]]:
+    """``{key: {method: default}}`` for the parameters of the registered methods other than ``name``."""
+    from illusions.registry import SIMPLIFIERS, get_simplifier
+
+    out: dict[str, dict[str, Any]] = {}
+    for other in sorted(SIMPLIFIERS):
+        if other != name:
+            for f in dataclasses.fields(get_simplifier(other)):
+                out.setdefault(f.name, {})[other] = f.default
+    return out
+
+
 def make_simplifier(name: str, **params: Any) -> Simplifier:
     """Build a registered simplifier from flat, CLI-style parameters.
 
     ``make_simplifier("svd", rank="4", layers="0,1", heads="all", qk="q")``: target keys
-    (``layers``, ``heads``, ``qk``, ``resid``) go into :class:`Targets`; strings are converted to the
-    type of each field; unknown keys raise an error listing the known ones.
+    (``layers``, ``heads``, ``qk`` or its alias ``target``, ``resid``) go into :class:`Targets`;
+    strings are converted to the type of each field. So that one set of CLI options serves every
+    method, a parameter of *another* method is ignored while it holds that method's default
+    (``centered=True`` for kmeans) and ``seed`` is ignored by deterministic methods; any other value
+    of such a parameter (``centered=False`` for kmeans) and keys no method knows raise an error.
     """
     from illusions.registry import get_simplifier
 
     cls = get_simplifier(name)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    params = dict(params)
+    if "target" in params:
+        if "qk" in params and params["qk"] != params["target"]:
+            raise IllusionsError(f"target={params['target']!r} and qk={params['qk']!r} disagree; give one")
+        params["qk"] = params.pop("target")
     target_params = {k: params.pop(k) for k in _TARGET_KEYS if k in params}
     if "targets" in params:
         given = params.pop("targets")
@@ -476,12 +496,21 @@ def make_simplifier(name: str, **params: Any) -> Simplifier:
     for key in ("layers", "heads"):
         if key in target_params:
             target_params[key] = _parse_ints(target_params[key], key)
+    others = _other_methods_defaults(name)
     kwargs = {}
     for key, value in params.items():
         if key in fields:
-            default = fields[key].default
-            value = _coerce(value, default, f"{name} {key}")
-        kwargs[key] = value
+            kwargs[key] = _coerce(value, fields[key].default, f"{name} {key}")
+        elif key == "seed":
+            continue
+        elif key in others:
+            owners = others[key]
+            if all(_coerce(value, default, f"{name} {key}") == default for default in owners.values()):
+                continue
+            raise IllusionsError(f"{name} does not take {key}={value!r} ({key} belongs to "
+                                 f"{', '.join(owners)}); known keys of {name}: {', '.join(fields)}")
+        else:
+            kwargs[key] = value  # from_dict names it as unknown, with the known keys
     kwargs["targets"] = Targets.from_dict(target_params)
     return cls.from_dict(kwargs)
 
