@@ -87,3 +87,20 @@ def test_difference_of_replicates():
     b = (0.6, np.full(100, 0.6))
     d = difference(a, b)
     assert (d.value, d.low, d.high) == pytest.approx((0.3, 0.3, 0.3))
+
+
+def test_grouped_matches_one_estimate_per_group_and_metric():
+    rng = np.random.default_rng(5)
+    seq = np.sort(rng.integers(0, 30, size=300))
+    values = rng.random((300, 2))
+    values[rng.random(300) < 0.1, 1] = np.nan  # a NaN column stays confined to its own metric
+    groups = rng.integers(0, 3, size=300)
+    sampler = Resampler.draw(30, np.random.default_rng(9), n_boot=200)
+    points, reps = sampler.grouped(values, seq, groups, 3)
+    lo, hi = sampler.intervals(reps)
+    for g in range(3):
+        keep = groups == g
+        est = sampler.estimate(values[keep, 0], seq[keep])
+        assert points[g, 0] == pytest.approx(est.value)
+        assert (lo[g, 0], hi[g, 0]) == pytest.approx((est.low, est.high))
+        assert np.isnan(points[g, 1])

@@ -128,6 +128,51 @@ class Resampler:
             reps = (self.weights @ sums) / (self.weights @ counts)
         return float(point), reps
 
+    def grouped(
+        self, values: np.ndarray, seq: np.ndarray, groups: np.ndarray, n_groups: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Means of several per-position columns within groups, with replicates, in one pass.
+
+        Args:
+            values: ``[n, m]`` per-position values of ``m`` metrics.
+            seq: ``[n]`` sequence index of each position.
+            groups: ``[n]`` group index (0..n_groups-1) of each position.
+            n_groups: number of groups.
+
+        Returns:
+            ``points [n_groups, m]`` and ``reps [n_boot, n_groups, m]`` (NaN where a group is empty).
+        """
+        from scipy import sparse
+
+        values = np.asarray(values, dtype=np.float64).reshape(seq.shape[0], -1)
+        m = values.shape[1]
+        n = seq.shape[0]
+        # one-hot of (sequence) x (position) turns per-position columns into per-sequence sums
+        onehot = sparse.csr_matrix((np.ones(n), (seq, np.arange(n))), shape=(self.n_seqs, n))
+        cols = np.zeros((n, n_groups * (m + 1)))  # [n, groups x (metrics + count)]
+        base = groups * (m + 1)
+        for k in range(m):
+            cols[np.arange(n), base + k] = values[:, k]
+        cols[np.arange(n), base + m] = 1.0
+        per_seq = np.asarray(onehot @ cols).reshape(self.n_seqs, n_groups, m + 1)  # [n_seqs, g, m+1]
+        totals = per_seq.sum(0)  # [g, m+1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            points = totals[:, :m] / totals[:, m:]
+            boot = np.tensordot(self.weights, per_seq, axes=(1, 0))  # [n_boot, g, m+1]
+            reps = boot[:, :, :m] / boot[:, :, m:]
+        return points, reps
+
+    def intervals(self, reps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Percentile interval along the first (replicate) axis, ignoring NaN replicates."""
+        alpha = (1.0 - self.level) / 2
+        with np.errstate(invalid="ignore"):
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                lo, hi = np.nanquantile(reps, [alpha, 1.0 - alpha], axis=0)
+        return lo, hi
+
     def interval(self, reps: np.ndarray) -> tuple[float, float]:
         reps = reps[np.isfinite(reps)]
         if reps.size == 0:

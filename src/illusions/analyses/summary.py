@@ -12,6 +12,7 @@ the reference are dropped, and the share of the split's positions they hold is r
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from illusions.analyses.faithfulness import METRICS, AnalysisResult, Records
-from illusions.metrics import Estimate, Resampler, difference
+from illusions.metrics import Resampler
 
 BREAKDOWNS = ("key_depth", "depth", "distance", "length")
 # Columns whose values are few and meaningful one by one; anything else is binned.
@@ -73,66 +74,116 @@ def summarize(
     """
     splits = list(result.split_rows)
     samplers = {s: _resampler(s, len(result.split_rows[s]), seed, n_boot, level) for s in splits}
-    all_records = list(result.records.values())
-    length_edges = nice_edges(max((_length(r).max() for r in all_records if len(r)), default=1))
+    all_records = [r for r in result.records.values() if len(r)]
+    length_edges = nice_edges(max((_length(r).max() for r in all_records), default=1))
+    n_strata = len(length_edges) - 1
     edges = {
-        col: nice_edges(max((r.meta[col].max() for r in all_records if len(r) and col in r.meta), default=1))
+        col: nice_edges(max((r.meta[col].max() for r in all_records if col in r.meta), default=1))
         for col in breakdowns
-        if col not in DISCRETE
+        if col not in DISCRETE and col != "length"
     }
+    edges["length"] = length_edges
     rows: list[dict[str, Any]] = []
     for j, proxy in enumerate(result.proxies):
         param, param_value = _main_param(proxy.params)
         base = {"proxy": result.labels[j], "simplifier": proxy.simplifier, "param": param,
                 "param_value": param_value}
-        ref_rec = result.records.get((reference, j))
+        ref = _reference(result.records.get((reference, j)), samplers.get(reference), length_edges)
         for split in splits:
             rec = result.records[(split, j)]
             sampler = samplers[split]
-            values = rec.per_position()
-            strata = np.digitize(_length(rec), length_edges[1:-1]) if len(rec) else np.zeros(0, np.int64)
-            for metric in METRICS:
-                point_reps = sampler.replicates(values[metric], rec.seq)
-                lo, hi = sampler.interval(point_reps[1])
+            values = _matrix(rec)
+            points, reps = sampler.grouped(values, rec.seq, np.zeros(len(rec), np.int64), 1)
+            lo, hi = sampler.intervals(reps)
+            gaps: dict[str, np.ndarray] = {}
+            if ref is not None and split != reference and len(rec):
+                gaps = _gaps(points[0], reps[:, 0], ref, _strata(rec, length_edges), n_strata, sampler)
+            n_seqs = int(np.unique(rec.seq).shape[0])
+            for k, metric in enumerate(METRICS):
                 row = {**base, "split": split, "group_by": "all", "group": "all", "metric": metric,
-                       "value": point_reps[0], "ci_low": lo, "ci_high": hi, "n_positions": len(rec),
-                       "n_sequences": int(np.unique(rec.seq).shape[0])}
-                if ref_rec is not None and split != reference and len(rec) and len(ref_rec):
-                    ref_sampler = samplers[reference]
-                    ref_values = ref_rec.per_position()[metric]
-                    gap = difference(point_reps, ref_sampler.replicates(ref_values, ref_rec.seq), level)
-                    row.update(gap_vs_ref=gap.value, gap_vs_ref_low=gap.low, gap_vs_ref_high=gap.high)
-                    n_strata = len(length_edges) - 1
-                    share = np.bincount(strata, minlength=n_strata).astype(np.float64)
-                    share /= share.sum()
-                    ref_strata = np.digitize(_length(ref_rec), length_edges[1:-1])
-                    covered = np.bincount(ref_strata, minlength=n_strata) > 0
-                    control = ref_sampler.stratified(ref_values, ref_rec.seq, ref_strata, share)
-                    matched = difference(point_reps, control, level)
-                    row.update(gap_vs_matched=matched.value, gap_vs_matched_low=matched.low,
-                               gap_vs_matched_high=matched.high,
-                               matched_coverage=float(share[covered].sum()))
+                       "value": points[0, k], "ci_low": lo[0, k], "ci_high": hi[0, k],
+                       "n_positions": len(rec), "n_sequences": n_seqs}
+                row.update({name: float(v[k]) if np.ndim(v) else v for name, v in gaps.items()})
                 rows.append(_complete(row))
             for col in breakdowns:
-                if col not in rec.meta and not (col == "length" and len(rec)):
+                if not len(rec) or (col != "length" and col not in rec.meta):
                     continue
                 column = _length(rec) if col == "length" else rec.meta[col]
                 if col in DISCRETE:
-                    groups = np.unique(column)
-                    keys, labels = column, [str(int(g)) for g in groups]
+                    groups, inverse = np.unique(column, return_inverse=True)
+                    labels = [str(int(g)) for g in groups]
                 else:
-                    e = length_edges if col == "length" else edges[col]
-                    keys = np.digitize(column, e[1:-1])
-                    groups = np.unique(keys)
+                    e = edges[col]
+                    groups, inverse = np.unique(np.digitize(column, e[1:-1]), return_inverse=True)
                     names = bin_labels(e)
                     labels = [names[int(g)] for g in groups]
-                for g, label in zip(groups, labels, strict=True):
-                    keep = keys == g
-                    for metric in METRICS:
-                        est = sampler.estimate(values[metric][keep], rec.seq[keep])
-                        rows.append(_complete({**base, "split": split, "group_by": col, "group": label,
-                                               "metric": metric, **_est(est)}))
+                g_points, g_reps = sampler.grouped(values, rec.seq, inverse, len(groups))
+                g_lo, g_hi = sampler.intervals(g_reps)
+                n_pos = np.bincount(inverse, minlength=len(groups))
+                pairs = np.unique(inverse * sampler.n_seqs + rec.seq)
+                n_seq = np.bincount(pairs // sampler.n_seqs, minlength=len(groups))
+                for g, label in enumerate(labels):
+                    for k, metric in enumerate(METRICS):
+                        rows.append(_complete({
+                            **base, "split": split, "group_by": col, "group": label, "metric": metric,
+                            "value": g_points[g, k], "ci_low": g_lo[g, k], "ci_high": g_hi[g, k],
+                            "n_positions": int(n_pos[g]), "n_sequences": int(n_seq[g]),
+                        }))
     return rows
+
+
+def _matrix(rec: Records) -> np.ndarray:
+    """``[n, len(METRICS)]`` per-position values in METRICS order."""
+    per = rec.per_position()
+    return np.stack([per[m] for m in METRICS], axis=1) if len(rec) else np.zeros((0, len(METRICS)))
+
+
+def _strata(rec: Records, length_edges: np.ndarray) -> np.ndarray:
+    return np.digitize(_length(rec), length_edges[1:-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Reference:
+    points: np.ndarray  # [m] overall
+    reps: np.ndarray  # [n_boot, m]
+    strata_points: np.ndarray  # [n_strata, m]
+    strata_reps: np.ndarray  # [n_boot, n_strata, m]
+    present: np.ndarray  # [n_strata] bool: the reference has positions in this length bin
+
+
+def _reference(rec: Records | None, sampler: Resampler | None, length_edges: np.ndarray) -> _Reference | None:
+    if rec is None or sampler is None or not len(rec):
+        return None
+    values = _matrix(rec)
+    points, reps = sampler.grouped(values, rec.seq, np.zeros(len(rec), np.int64), 1)
+    strata = _strata(rec, length_edges)
+    n_strata = len(length_edges) - 1
+    s_points, s_reps = sampler.grouped(values, rec.seq, strata, n_strata)
+    present = np.bincount(strata, minlength=n_strata) > 0
+    return _Reference(points[0], reps[:, 0], s_points, s_reps, present)
+
+
+def _gaps(
+    points: np.ndarray, reps: np.ndarray, ref: _Reference, strata: np.ndarray, n_strata: int,
+    sampler: Resampler,
+) -> dict[str, Any]:
+    """Gap columns of one split vs the reference and vs the length-matched reference control."""
+    gap_lo, gap_hi = sampler.intervals(reps - ref.reps)
+    share = np.bincount(strata, minlength=n_strata).astype(np.float64)
+    share /= share.sum()
+    weight = np.where(ref.present, share, 0.0)
+    coverage = float(weight.sum())
+    out: dict[str, Any] = {"gap_vs_ref": points - ref.points, "gap_vs_ref_low": gap_lo,
+                           "gap_vs_ref_high": gap_hi, "matched_coverage": coverage}
+    if coverage == 0:
+        return out
+    weight /= coverage
+    used = np.flatnonzero(weight)
+    control = (weight[used, None] * ref.strata_points[used]).sum(0)  # [m]
+    control_reps = (weight[None, used, None] * ref.strata_reps[:, used]).sum(1)  # [n_boot, m]
+    m_lo, m_hi = sampler.intervals(reps - control_reps)
+    out.update(gap_vs_matched=points - control, gap_vs_matched_low=m_lo, gap_vs_matched_high=m_hi)
+    return out
 
 
 def _main_param(params: dict[str, Any]) -> tuple[str, Any]:
@@ -140,11 +191,6 @@ def _main_param(params: dict[str, Any]) -> tuple[str, Any]:
         if key in params:
             return key, params[key]
     return "", ""
-
-
-def _est(est: Estimate) -> dict[str, Any]:
-    return {"value": est.value, "ci_low": est.low, "ci_high": est.high, "n_positions": est.n,
-            "n_sequences": est.n_seqs}
 
 
 def _complete(row: dict[str, Any]) -> dict[str, Any]:
