@@ -135,3 +135,10 @@ def test_same_seed_same_rows(tiny_model, splits):
 def test_unknown_split_is_a_clear_error(tiny_model, splits):
     with pytest.raises(IllusionsError, match="unknown split"):
         analyze(tiny_model, splits, [FakeSimplifier(1.0)], candidates=None, eval_splits=["nope"])
+
+
+def test_rows_hold_plain_python_values(tiny_model, splits):
+    rows = summarize(analyze(tiny_model, splits, [FakeSimplifier(0.5)], candidates=None, fit_n=4), n_boot=20)
+    for row in rows:
+        for value in row.values():
+            assert type(value) in (str, int, float), (row, value)

@@ -194,8 +194,12 @@ def _main_param(params: dict[str, Any]) -> tuple[str, Any]:
 
 
 def _complete(row: dict[str, Any]) -> dict[str, Any]:
-    return {field: row.get(field, float("nan") if field not in ("param", "param_value") else "")
-            for field in ROW_FIELDS}
+    """Every field present (NaN / "" where not applicable), numpy scalars as plain Python values."""
+    out = {}
+    for field in ROW_FIELDS:
+        value = row.get(field, float("nan") if field not in ("param", "param_value") else "")
+        out[field] = value.item() if isinstance(value, np.generic) else value
+    return out
 
 
 def overall(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

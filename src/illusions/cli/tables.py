@@ -10,11 +10,18 @@ from rich.table import Table
 
 
 def _ci(value: float, low: float, high: float, digits: int = 3) -> str:
+    """``value ±h`` with h the half-width of the 95% interval (exact bounds are in the CSV/JSON)."""
     if not _finite(value):
         return "-"
     if not (_finite(low) and _finite(high)):
         return f"{value:.{digits}f}"
-    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+    return f"{value:.{digits}f} ±{(high - low) / 2:.{digits}f}"
+
+
+def result_console() -> Console:
+    """A console for results: as wide as the terminal, or 160 columns when piped to a file."""
+    probe = Console()
+    return probe if probe.is_terminal else Console(width=160)
 
 
 def _finite(x: Any) -> bool:
@@ -31,7 +38,7 @@ def _gap(row: dict[str, Any], key: str) -> str:
 
 def print_summary(run: Any, console: Console | None = None) -> None:
     """Per split (and per swept value): accuracies, agreement, JSD, KL with 95% intervals, gaps."""
-    console = console or Console()
+    console = console or result_console()
     rows = [r for r in run.rows if r["group_by"] == "all"]
     spec = run.spec
     title = (f"{spec.task}: {', '.join(dict.fromkeys(r['proxy'] for r in rows))} "
@@ -40,10 +47,9 @@ def print_summary(run: Any, console: Console | None = None) -> None:
     proxies = list(dict.fromkeys(r["proxy"] for r in rows))
     if len(proxies) > 1:
         table.add_column("proxy")
-    for name, justify in (("split", "left"), ("positions", "right"), ("original acc", "right"),
-                          ("proxy acc", "right"), ("agreement", "right"), ("attn JSD", "right"),
-                          ("KL", "right"), ("Δagree vs iid", "right"), ("Δagree vs len-matched", "right")):
-        table.add_column(name, justify=justify)
+    for name in ("split", "positions", "original acc", "proxy acc", "agreement", "attn JSD", "KL",
+                 "Δagree\nvs iid", "Δagree vs\nlen-matched"):
+        table.add_column(name, justify="left" if name == "split" else "right", no_wrap=True)
     by = {(r["proxy"], r["split"], r["metric"]): r for r in rows}
     for proxy in proxies:
         for split in dict.fromkeys(r["split"] for r in rows if r["proxy"] == proxy):
@@ -58,13 +64,14 @@ def print_summary(run: Any, console: Console | None = None) -> None:
         if len(proxies) > 1:
             table.add_section()
     console.print(table)
-    console.print("[dim]95% bootstrap intervals over sequences; * marks a gap whose interval excludes 0. "
-                  "Len-matched: iid re-weighted to the split's length distribution.[/dim]")
+    console.print("[dim]± half-width of the 95% bootstrap interval over sequences; * marks a gap whose "
+                  "interval excludes 0; len-matched: iid re-weighted to the split's length distribution. "
+                  "JSD in bits over the simplified heads' attention, KL(original || proxy) in nats.[/dim]")
 
 
 def print_breakdown(run: Any, by: str, console: Console | None = None) -> None:
     """Agreement and proxy accuracy by group of one column, one table per proxy."""
-    console = console or Console()
+    console = console or result_console()
     rows = [r for r in run.rows if r["group_by"] == by]
     if not rows:
         console.print(f"[yellow]no '{by}' column for this task[/yellow]")
