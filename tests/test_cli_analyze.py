@@ -1,0 +1,144 @@
+"""`illusions analyze` / `sweep` end to end through Typer's CliRunner on a tiny Dyck model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from illusions.analyses.faithfulness import analyze
+from illusions.analyses.summary import overall, summarize
+from illusions.cli import app
+from illusions.models import ModelConfig, build_model, save_model
+from illusions.simplifiers import make_simplifier
+from illusions.tasks.dyck import DyckConfig, DyckTask
+
+runner = CliRunner()
+SMALL = DyckConfig(n_train=3000, n_eval=40, max_len=40, ood_depth_max=13, short_max_brackets=12)
+
+
+@pytest.fixture(scope="module")
+def dyck_env(tmp_path_factory):
+    """A small Dyck task (cached in a temp folder) and an untrained tiny model saved with its meta."""
+    root = tmp_path_factory.mktemp("dyck")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ILLUSIONS_CACHE", str(root / "cache"))
+    task = DyckTask(SMALL)
+    task.splits()
+    cfg = ModelConfig(n_layers=2, d_model=32, n_heads=2, d_head=16, d_mlp=64, n_ctx=SMALL.max_len,
+                      d_vocab=len(task.vocab))
+    model = build_model(cfg, seed=0)
+    save_model(model, root / "model", meta={"task": task.meta()})
+    yield task, model, root
+    mp.undo()
+
+
+def _invoke(args):
+    return runner.invoke(app, args, catch_exceptions=False)
+
+
+def test_analyze_json_and_run_directory(dyck_env, tmp_path):
+    task, _, root = dyck_env
+    out = tmp_path / "run"
+    result = _invoke(["analyze", "dyck", "--simplify", "svd", "--rank", "2", "--model", str(root / "model"),
+                      "--fit-n", "50", "--n-boot", "50", "--threads", "1", "--no-report", "--out", str(out),
+                      "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["task"] == "dyck" and doc["simplifier"] == "svd" and doc["params"]["rank"] == 2
+    assert set(doc["splits"]) == {"iid", "seen_struct", "unseen_struct_short", "unseen_struct_long", "unseen_depth"}
+    for entry in doc["splits"].values():
+        assert entry["n_positions"] > 0
+        for metric in ("original_accuracy", "proxy_accuracy", "agreement", "attention_jsd", "kl"):
+            value, (low, high) = entry[metric]["value"], entry[metric]["ci"]
+            assert low <= value <= high
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.csv", "metrics.json", "proxies",
+                                                    "records.npz"]
+    header = (out / "metrics.csv").read_text().splitlines()[0]
+    assert header.startswith("split,proxy,simplifier,param,param_value,group_by,group,metric,value")
+    assert json.loads((out / "metrics.json").read_text()) == doc
+
+
+def test_sweep_table_and_breakdown(dyck_env, tmp_path):
+    _, _, root = dyck_env
+    result = _invoke(["sweep", "dyck", "--simplify", "svd", "--ranks", "1,4", "--model", str(root / "model"),
+                      "--fit-n", "50", "--n-boot", "20", "--threads", "1", "--no-report",
+                      "--out", str(tmp_path / "sweep"), "--by", "key_depth", "--split", "iid",
+                      "--split", "unseen_depth"])
+    assert result.exit_code == 0, result.output
+    assert "svd(rank=1)" in result.stdout and "svd(rank=4)" in result.stdout
+    assert "by key_depth" in result.stdout
+    csv = (tmp_path / "sweep" / "metrics.csv").read_text()
+    assert "svd(rank=1)" in csv and "svd(rank=4)" in csv and ",key_depth," in csv
+
+
+def test_full_rank_svd_agrees_everywhere(dyck_env):
+    task, model, _ = dyck_env
+    splits = task.splits()
+    svd = make_simplifier("svd", rank=model.cfg.d_head, layers=(0, 1))
+    rows = overall(summarize(analyze(model, splits, [svd], candidates=task.candidates, fit_n=200), n_boot=20))
+    for r in rows:
+        if r["metric"] == "agreement":
+            assert r["value"] == 1.0, r
+        if r["metric"] == "attention_jsd":
+            assert r["value"] < 1e-6, r
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["analyze", "nope"], "unknown task 'nope'"),
+        (["analyze", "dyck", "--simplify", "pca"], "unknown simplifier 'pca'"),
+        (["analyze", "dyck", "--split", "ood"], "unknown split(s) ood"),
+        (["analyze", "dyck", "--rank", "0"], "rank must be at least 1"),
+        (["analyze", "dyck", "--rank", "17"], "rank must be in 1..16"),
+        (["analyze", "dyck", "--simplify", "kmeans", "--clusters", "100000"], "k must be in 1.."),
+        (["analyze", "dyck", "--layer", "5"], "layer 5 does not exist"),
+        (["sweep", "dyck", "--ranks", "1,x"], "--ranks must be comma-separated integers"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_no_run_dir(dyck_env, tmp_path, args, message):
+    _, _, root = dyck_env
+    out = tmp_path / "run"
+    result = runner.invoke(app, [*args, "--model", str(root / "model"), "--out", str(out), "--fit-n", "50",
+                                 "--threads", "1", "--no-report"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")], "staging folder left behind"
+
+
+def test_model_dir_that_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["analyze", "dyck", "--model", str(tmp_path / "empty"), "--out",
+                                 str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "config.json does not exist" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_out(dyck_env, tmp_path):
+    _, _, root = dyck_env
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = runner.invoke(app, ["analyze", "dyck", "--model", str(root / "model"), "--out",
+                                 str(blocker / "run")])
+    assert result.exit_code == 2
+    assert "is not a directory" in result.stderr
+    result = runner.invoke(app, ["analyze", "dyck", "--model", str(root / "model"), "--out", str(blocker)])
+    assert result.exit_code == 2
+    assert "exists and is not a directory" in result.stderr
+
+
+def test_same_seed_same_metrics_file(dyck_env, tmp_path):
+    _, _, root = dyck_env
+    common = ["analyze", "dyck", "--simplify", "kmeans", "--clusters", "4", "--model", str(root / "model"),
+              "--fit-n", "50", "--n-boot", "20", "--threads", "1", "--no-report"]
+    for name in ("a", "b"):
+        assert _invoke([*common, "--out", str(tmp_path / name)]).exit_code == 0
+    assert (tmp_path / "a" / "metrics.csv").read_bytes() == (tmp_path / "b" / "metrics.csv").read_bytes()
+    assert np.array_equal(np.load(tmp_path / "a" / "records.npz")["iid/0/proxy_pred"],
+                          np.load(tmp_path / "b" / "records.npz")["iid/0/proxy_pred"])
