@@ -80,7 +80,8 @@ def train(
         TextColumn("{task.fields[acc]}"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=err, transient=False) as bar:
+    # Without a terminal the bar would only be drawn once at the end; the per-evaluation lines remain.
+    with Progress(*columns, console=err, transient=False, disable=not err.is_terminal) as bar:
         handle = bar.add_task("train", total=train_cfg.steps, loss="-", tps="-", acc="")
 
         def progress(p: Any) -> None:
@@ -88,7 +89,8 @@ def train(
             bar.update(handle, completed=p.step, loss=f"{p.loss:.4f}", tps=f"{p.tokens_per_s:,.0f}", acc=acc)
             if p.event == "eval":
                 # Also a plain line per evaluation, so logs of non-interactive runs show the curve.
-                bar.console.print(f"step {p.step}: loss {p.loss:.4f} lr {p.lr:.2e} {p.tokens_per_s:,.0f} tok/s | {acc}")
+                err.print(f"step {p.step}: loss {p.loss:.4f} lr {p.lr:.2e} {p.tokens_per_s:,.0f} tok/s | {acc}",
+                          soft_wrap=True)
 
         result = run_training(
             task_obj,
