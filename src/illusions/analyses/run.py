@@ -55,7 +55,7 @@ class AnalysisSpec(Config):
     fit_split: str = "train"
     fit_n: int = 1000
     splits: tuple[str, ...] = ()
-    max_seqs: int = 1000
+    max_seqs: int = 500
     seed: int = 0
     n_boot: int = 1000
     batch_size: int = 64
