@@ -142,3 +142,14 @@ def test_same_seed_same_metrics_file(dyck_env, tmp_path):
     assert (tmp_path / "a" / "metrics.csv").read_bytes() == (tmp_path / "b" / "metrics.csv").read_bytes()
     assert np.array_equal(np.load(tmp_path / "a" / "records.npz")["iid/0/proxy_pred"],
                           np.load(tmp_path / "b" / "records.npz")["iid/0/proxy_pred"])
+
+
+def test_sweep_gives_the_same_records_as_single_analyses(dyck_env):
+    task, model, _ = dyck_env
+    splits = task.splits()
+    kw = {"candidates": task.candidates, "fit_n": 100, "eval_splits": ["iid", "unseen_depth"], "seed": 1}
+    swept = analyze(model, splits, [make_simplifier("svd", rank=r) for r in (1, 3)], **kw)
+    single = analyze(model, splits, [make_simplifier("svd", rank=3)], **kw)
+    for split in ("iid", "unseen_depth"):
+        np.testing.assert_array_equal(swept.records[(split, 1)].proxy_pred, single.records[(split, 0)].proxy_pred)
+        np.testing.assert_allclose(swept.records[(split, 1)].kl, single.records[(split, 0)].kl, atol=1e-6)

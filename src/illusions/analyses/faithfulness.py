@@ -169,7 +169,21 @@ def fit_proxies(
         tokens = torch.as_tensor(split.tokens[rows, : int(split.lengths[rows].max())])
         mask = torch.as_tensor(np.arange(tokens.shape[1])[None, :] < split.lengths[rows][:, None])
         acts = collect(model, tokens, names, mask, batch_size=batch_size)
-    return [s.fit(model, {n: acts[n] for n in s.hook_names(model)}) for s in simplifiers]
+    # Methods that fit many ranks from one decomposition (svd) do so once for a rank sweep.
+    groups: dict[Any, list[int]] = {}
+    for i, s in enumerate(simplifiers):
+        sweepable = hasattr(s, "fit_ranks") and hasattr(s, "rank")
+        groups.setdefault(dataclasses.replace(s, rank=1) if sweepable else ("one", i), []).append(i)
+    proxies: dict[int, Proxy] = {}
+    for members in groups.values():
+        first = simplifiers[members[0]]
+        mine = {n: acts[n] for n in first.hook_names(model)}
+        if len(members) == 1:
+            proxies[members[0]] = first.fit(model, mine)
+            continue
+        fitted = first.fit_ranks(model, mine, [simplifiers[j].rank for j in members])
+        proxies.update({j: fitted[simplifiers[j].rank] for j in members})
+    return [proxies[i] for i in range(len(simplifiers))]
 
 
 def evaluate_split(

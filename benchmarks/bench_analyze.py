@@ -1,0 +1,78 @@
+"""Benchmark the main job and sweeps; prints ratios measured in one run (machines are shared).
+
+(a) `illusions analyze dyck --simplify svd --rank 4` in a fresh process (data cache warm), wall
+    seconds and ratio to `python -c "import transformer_lens"` timed in the same run (target <= 2x);
+(b) one sweep of 5 ranks over all splits vs 5 separate analyses in one process (target <= 0.5x);
+(c) peak resident memory of the main job's process.
+
+Usage: python benchmarks/bench_analyze.py [--threads 2] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ILLUSIONS = [sys.executable, "-m", "illusions"]
+
+
+def wall(cmd: list[str], env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    out = Path(tempfile.mkdtemp(prefix="bench-analyze-"))
+    main_job = ILLUSIONS + ["analyze", "dyck", "--simplify", "svd", "--rank", "4", "--threads",
+                            str(args.threads), "--out", str(out / "main")]
+    wall(main_job, env)  # warm the data cache and the OS file cache
+
+    # (a) interleave the two commands so both see the same machine load
+    job, imp = [], []
+    for _ in range(args.repeats):
+        imp.append(wall([sys.executable, "-c", "import transformer_lens"], env))
+        job.append(wall(main_job, env))
+    j, i = statistics.median(job), statistics.median(imp)
+    print(f"(a) main job: {j:.2f} s median of {args.repeats}; import transformer_lens: {i:.2f} s; "
+          f"ratio {j / i:.2f}x (target <= 2x)")
+
+    # (c) peak memory of one more main-job process
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    wall(main_job, env)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    print(f"(c) peak RSS of the main job: {max(peak, before) / 1024:.0f} MiB")
+
+    # (b) in one process: 5 separate analyses vs one sweep over the same 5 ranks
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from illusions.analyses.run import AnalysisSpec, run_analysis
+
+    ranks = (1, 2, 4, 8, 16)
+    run_analysis(AnalysisSpec(ranks=(4,)))  # warm-up: imports, data cache
+    t0 = time.perf_counter()
+    for r in ranks:
+        run_analysis(AnalysisSpec(ranks=(r,)))
+    separate = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    run_analysis(AnalysisSpec(ranks=ranks))
+    swept = time.perf_counter() - t0
+    print(f"(b) sweep of {len(ranks)} ranks: {swept:.2f} s; {len(ranks)} separate analyses: {separate:.2f} s; "
+          f"ratio {swept / separate:.2f}x (target <= 0.5x)")
+
+
+if __name__ == "__main__":
+    main()
