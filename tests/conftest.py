@@ -6,8 +6,11 @@ Only fixtures seed anything; library code takes generators or seeds as arguments
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Generated data goes to a fresh folder per test session, never the user's ~/.cache/illusions.
+os.environ["ILLUSIONS_CACHE"] = tempfile.mkdtemp(prefix="illusions-test-cache-")
 
 import numpy as np
 import pytest

@@ -23,7 +23,7 @@ import numpy as np
 from illusions.analyses.faithfulness import METRICS, AnalysisResult, Records
 from illusions.metrics import Resampler
 
-BREAKDOWNS = ("key_depth", "depth", "distance", "length")
+BREAKDOWNS = ("key_depth", "depth", "distance", "length", "category")
 # Columns whose values are few and meaningful one by one; anything else is binned.
 DISCRETE = ("key_depth", "depth", "category", "max_depth")
 
