@@ -166,6 +166,8 @@ def fit_proxies(
     names = sorted({name for s in simplifiers for name in s.hook_names(model)})
     acts: dict[str, Any] = {}
     if names:
+        # Shortest first, so each collection batch is padded only to its own longest row.
+        rows = rows[np.argsort(split.lengths[rows], kind="stable")]
         tokens = torch.as_tensor(split.tokens[rows, : int(split.lengths[rows].max())])
         mask = torch.as_tensor(np.arange(tokens.shape[1])[None, :] < split.lengths[rows][:, None])
         acts = collect(model, tokens, names, mask, batch_size=batch_size)
