@@ -186,10 +186,9 @@ def check_writable(out: Path) -> None:
         raise IllusionsError(f"cannot write to {out}: {parent} is not writable")
 
 
-def write_run(run: RunResult, out: Path, *, extra_files: Callable[[Path], None] | None = None) -> Path:
-    """Write the run directory atomically; ``extra_files(stage)`` may add e.g. the report."""
-    out = Path(out)
-    config = {
+def run_config(run: RunResult) -> dict[str, Any]:
+    """The ``config.json`` document of a run: resolved spec, version, model, task, sizes."""
+    return {
         "illusions_version": __version__,
         "spec": run.spec.to_dict(),
         "model": {"source": run.model_source, "architecture": run.model_description},
@@ -197,6 +196,12 @@ def write_run(run: RunResult, out: Path, *, extra_files: Callable[[Path], None] 
         "fit_rows": int(run.analysis.fit_rows.shape[0]),
         "evaluated_sequences": {k: int(v.shape[0]) for k, v in run.analysis.split_rows.items()},
     }
+
+
+def write_run(run: RunResult, out: Path, *, extra_files: Callable[[Path], None] | None = None) -> Path:
+    """Write the run directory atomically; ``extra_files(stage)`` may add e.g. the report."""
+    out = Path(out)
+    config = run_config(run)
     try:
         with staged_dir(out) as stage:
             atomic_write_json(stage / "config.json", config)

@@ -90,23 +90,9 @@ def _number(text: str) -> int | float | str:
     return text
 
 
-def run_config(run: Any) -> dict[str, Any]:
-    """The ``config.json`` document of a run, as :func:`illusions.analyses.run.write_run` writes it."""
-    from illusions import __version__
-
-    return {
-        "illusions_version": __version__,
-        "spec": run.spec.to_dict(),
-        "model": {"source": run.model_source, "architecture": run.model_description},
-        "task": run.task_meta,
-        "fit_rows": int(run.analysis.fit_rows.shape[0]),
-        "evaluated_sequences": {k: int(v.shape[0]) for k, v in run.analysis.split_rows.items()},
-    }
-
-
 def inputs_from_run(run: Any, directory: Path | None = None) -> ReportInputs:
     """Report inputs of a live run; rows pass through their CSV form so a rebuild matches exactly."""
-    from illusions.analyses.run import rows_to_csv
+    from illusions.analyses.run import rows_to_csv, run_config
 
     config_path = Path(directory) / "config.json" if directory is not None else None
     config = read_json(config_path) if config_path is not None and config_path.is_file() else run_config(run)
