@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,3 +154,43 @@ def test_sweep_gives_the_same_records_as_single_analyses(dyck_env):
     for split in ("iid", "unseen_depth"):
         np.testing.assert_array_equal(swept.records[(split, 1)].proxy_pred, single.records[(split, 0)].proxy_pred)
         np.testing.assert_allclose(swept.records[(split, 1)].kl, single.records[(split, 0)].kl, atol=1e-6)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "analyses").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_analysis_recipes_parse_and_name_registered_things(path):
+    from illusions import registry
+    from illusions.analyses.run import load_analysis_recipe
+
+    recipe = load_analysis_recipe(path)
+    assert recipe.name == path.stem
+    assert recipe.description and recipe.claim
+    assert recipe.spec.task in registry.TASKS and recipe.spec.simplifier in registry.SIMPLIFIERS
+    make_simplifier(recipe.spec.simplifier, **_sweep_param(recipe.spec), layers=recipe.spec.layers)
+
+
+def _sweep_param(spec):
+    param, values = spec.sweep_values()
+    return {param: values[0]} if param else {}
+
+
+def test_recipe_runs_through_the_cli_and_refuses_other_options(dyck_env, tmp_path):
+    _, _, root = dyck_env
+    recipe = tmp_path / "tiny-sweep.toml"
+    recipe.write_text(
+        'name = "tiny-sweep"\ndescription = "d"\nclaim = "c"\n[analysis]\n'
+        f'task = "dyck"\nmodel = "{root / "model"}"\nsimplifier = "svd"\nranks = [1, 2]\n'
+        'fit_n = 40\nn_boot = 20\nsplits = ["iid"]\n'
+    )
+    out = tmp_path / "runs" / "x"
+    result = _invoke(["sweep", str(recipe), "--out", str(out), "--threads", "1", "--no-report", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert [p["label"] for p in doc["proxies"]] == ["svd(rank=1)", "svd(rank=2)"]
+    refused = runner.invoke(app, ["analyze", str(recipe), "--rank", "3"])
+    assert refused.exit_code == 2 and "cannot be combined with a recipe" in refused.stderr
+    recipe.write_text('[analysis]\ntask = "dyck"\nrank = 4\n')
+    bad = runner.invoke(app, ["analyze", str(recipe)])
+    assert bad.exit_code == 2 and "unknown AnalysisSpec key(s) rank" in bad.stderr and str(recipe) in bad.stderr

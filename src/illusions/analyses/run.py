@@ -78,6 +78,42 @@ class AnalysisSpec(Config):
         return f"{self.task}-{self.simplifier}{tag}{layer}"
 
 
+@dataclasses.dataclass(frozen=True)
+class AnalysisRecipe:
+    """An analysis recipe (``analyses/*.toml``): a name, what it shows, and its spec.
+
+    The file holds top-level ``name``, ``description`` and ``claim`` strings and an ``[analysis]``
+    table of :class:`AnalysisSpec` fields; unknown keys are refused, naming the file.
+    """
+
+    name: str
+    description: str
+    claim: str
+    spec: AnalysisSpec
+    source: str
+
+
+def load_analysis_recipe(path: Path | str) -> AnalysisRecipe:
+    """Read an analysis recipe; a missing file, bad TOML or unknown key is one clear error."""
+    from illusions.config import read_toml
+
+    path = Path(path)
+    data = read_toml(path)
+    unknown = sorted(set(data) - {"name", "description", "claim", "analysis"})
+    if unknown:
+        raise IllusionsError(f"unknown key(s) {', '.join(unknown)} in {path}; expected name, description, "
+                             "claim and an [analysis] table")
+    if "analysis" not in data:
+        raise IllusionsError(f"recipe {path} has no [analysis] table")
+    spec = AnalysisSpec.from_dict(data["analysis"], source=str(path))
+    spec.sweep_values()  # ranks and clusters together is an error
+    texts = {k: data.get(k, "") for k in ("name", "description", "claim")}
+    for key, value in texts.items():
+        if not isinstance(value, str):
+            raise IllusionsError(f"{key} in {path} must be a string")
+    return AnalysisRecipe(texts["name"] or path.stem, texts["description"], texts["claim"], spec, str(path))
+
+
 @dataclasses.dataclass
 class RunResult:
     spec: AnalysisSpec

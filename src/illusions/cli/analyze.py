@@ -12,7 +12,9 @@ from illusions.cli.app import command, fail, set_threads
 
 BY_CHOICES = ("key_depth", "depth", "distance", "length", "category")
 
-TaskArg = Annotated[str, typer.Argument(help="Task name (see `illusions list`).")]
+TaskArg = Annotated[
+    str, typer.Argument(help="Task name (see `illusions list`), or an analysis recipe (analyses/*.toml).")
+]
 SimplifyOpt = Annotated[str, typer.Option("--simplify", "-s", help="Simplifier name (see `illusions list`).")]
 LayerOpt = Annotated[list[int] | None, typer.Option("--layer", help="Layer(s) to simplify (default: the last).")]
 HeadsOpt = Annotated[
@@ -79,10 +81,26 @@ def _spec(**kw: Any) -> Any:
     )
 
 
-def _run(spec: Any, out: Path | None, as_json: bool, by: str | None, threads: int, report: bool) -> None:
+def _recipe(task: str, given: dict[str, Any]) -> tuple[Any, str] | None:
+    """``(spec, name)`` when TASK is a recipe file; other analysis options are then refused."""
+    if not task.endswith(".toml"):
+        return None
+    from illusions.analyses.run import load_analysis_recipe
+
+    extra = [flag for flag, value in given.items() if value]
+    if extra:
+        fail(f"{', '.join(extra)} cannot be combined with a recipe; edit {task} instead")
+    recipe = load_analysis_recipe(task)
+    return recipe.spec, recipe.name
+
+
+def _run(spec: Any, out: Path | None, as_json: bool, by: str | None, threads: int, report: bool,
+         name: str | None = None) -> None:
     from illusions.analyses.run import check_writable, write_run
 
-    out = out or Path("runs") / spec.default_name()
+    if by is not None and by not in BY_CHOICES:
+        fail(f"--by must be one of {', '.join(BY_CHOICES)}, got {by!r}")
+    out = out or Path("runs") / (name or spec.default_name())
     check_writable(out)
     set_threads(threads)
     run = _with_progress(spec, as_json)
@@ -150,6 +168,11 @@ def analyze(
     report: ReportOpt = True,
 ) -> None:
     """Fit a simplifier on training data and measure its faithfulness on every split."""
+    recipe = _recipe(task, {"--rank": rank is not None, "--clusters": clusters is not None, "--layer": layer,
+                            "--split": split, "--model": model})
+    if recipe is not None:
+        _run(recipe[0], out, as_json, by, threads, report, name=recipe[1])
+        return
     if rank is not None and clusters is not None:
         fail("give --rank or --clusters, not both")
     spec = _spec(task=task, model=model, simplifier=simplify, ranks=(rank,) if rank is not None else (),
@@ -184,6 +207,11 @@ def sweep(
     report: ReportOpt = True,
 ) -> None:
     """Run one simplifier over several ranks or cluster counts: one table, one tidy CSV."""
+    recipe = _recipe(task, {"--ranks": ranks is not None, "--clusters": clusters is not None, "--layer": layer,
+                            "--split": split, "--model": model})
+    if recipe is not None:
+        _run(recipe[0], out, as_json, by, threads, report, name=recipe[1])
+        return
     if (ranks is None) == (clusters is None):
         fail("give exactly one of --ranks or --clusters")
     spec = _spec(task=task, model=model, simplifier=simplify,
