@@ -322,10 +322,12 @@ class CodeTask:
         task = cls(config.replace(vocab_chars="".join(saved[3:])), cache_dir=cache_dir)
         want = meta.get("corpus_fingerprint")
         if strict and want and task.corpus().fingerprint != want:
+            # The CLI shows this line alone, so it names what to do there (strict=False is API-only).
+            where = f"corpus {config.corpus}" if config.corpus else "machine corpus (Python stdlib, JDK, npm)"
             raise IllusionsError(
-                f"the corpus {config.corpus or '(machine)'} here has fingerprint "
-                f"{task.corpus().fingerprint[:12]}, the model was trained on {want[:12]}; "
-                "point at the same corpus or pass strict=False"
+                f"the {where} here has fingerprint {task.corpus().fingerprint[:12]}, but the model was "
+                f"trained on {want[:12]}, so its splits cannot be rebuilt; use the same corpus (the same "
+                "Python, JDK and Node.js for the machine corpus) or train a model here with `illusions train`"
             )
         return task
 
