@@ -142,3 +142,13 @@ def test_rows_hold_plain_python_values(tiny_model, splits):
     for row in rows:
         for value in row.values():
             assert type(value) in (str, int, float), (row, value)
+
+
+def test_coded_groups_get_their_names(tiny_model, rng):
+    split = make_split("iid", rng)
+    sc = split.scored
+    coded = Scored(sc.seq, sc.pos, sc.target, {**sc.meta, "category": sc.pos % 2})
+    splits = {"train": split, "iid": Split("iid", split.tokens, split.lengths, coded)}
+    result = analyze(tiny_model, splits, [FakeSimplifier(1.0)], candidates=None, fit_n=4)
+    rows = summarize(result, n_boot=20, group_names={"category": ["even", "odd"]})
+    assert {r["group"] for r in rows if r["group_by"] == "category"} == {"even", "odd"}

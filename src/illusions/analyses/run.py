@@ -186,11 +186,13 @@ def run_analysis(spec: AnalysisSpec, *, progress: Callable[[str, int, int], None
         fit_n=spec.fit_n, eval_splits=eval_splits, max_seqs=spec.max_seqs, seed=spec.seed,
         batch_size=spec.batch_size, progress=progress,
     )
-    rows = summarize(result, breakdowns=spec.breakdowns, n_boot=spec.n_boot, seed=spec.seed)
+    task_meta = task.meta()
+    names = {"category": task_meta["categories"]} if "categories" in task_meta else {}
+    rows = summarize(result, breakdowns=spec.breakdowns, n_boot=spec.n_boot, seed=spec.seed, group_names=names)
     proxies = [{"label": label, "simplifier": p.simplifier, "params": p.params}
                for label, p in zip(result.labels, result.proxies, strict=True)]
     doc = to_json(rows, task=spec.task, model=source, proxies=proxies)
-    return RunResult(spec, desc, source, rows, doc, result, task.meta(), task=task, model=model)
+    return RunResult(spec, desc, source, rows, doc, result, task_meta, task=task, model=model)
 
 
 def rows_to_csv(rows: list[dict[str, Any]]) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -66,12 +66,16 @@ def summarize(
     n_boot: int = 1000,
     level: float = 0.95,
     seed: int = 0,
+    group_names: Mapping[str, Sequence[str]] | None = None,
 ) -> list[dict[str, Any]]:
     """Tidy rows: the overall estimate of each metric per split and proxy, then the breakdowns.
 
     Overall rows (``group_by == "all"``) carry the gap to ``reference`` and to the length-matched
     control; breakdown rows carry the estimate within each group of one meta column.
+    ``group_names[column][code]`` names the groups of a coded column (e.g. the code task's
+    character categories); other groups are labelled by their value or bin.
     """
+    group_names = group_names or {}
     splits = list(result.split_rows)
     samplers = {s: _resampler(s, len(result.split_rows[s]), seed, n_boot, level) for s in splits}
     all_records = [r for r in result.records.values() if len(r)]
@@ -111,7 +115,9 @@ def summarize(
                 column = _length(rec) if col == "length" else rec.meta[col]
                 if col in DISCRETE:
                     groups, inverse = np.unique(column, return_inverse=True)
-                    labels = [str(int(g)) for g in groups]
+                    names = group_names.get(col)
+                    labels = [names[int(g)] if names is not None and 0 <= g < len(names) else str(int(g))
+                              for g in groups]
                 else:
                     e = edges[col]
                     groups, inverse = np.unique(np.digitize(column, e[1:-1]), return_inverse=True)

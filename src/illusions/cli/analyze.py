@@ -29,7 +29,7 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seeds fitting/evaluation s
 ModelOpt = Annotated[Path | None, typer.Option("--model", help="Checkpoint directory (default: the bundled model).")]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Run directory (default: runs/<name>).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object to stdout instead of tables.")]
-ByOpt = Annotated[str | None, typer.Option("--by", help="Also print a breakdown: key_depth, depth, distance, length.")]
+ByOpt = Annotated[str | None, typer.Option("--by", help="Also print a breakdown: key_depth, depth, distance, length or category.")]
 UncenteredOpt = Annotated[bool, typer.Option("--uncentered", help="svd: plain SVD instead of PCA (no centring).")]
 BasisOpt = Annotated[str, typer.Option("--basis", help="svd: 'separate' bases for q and k, or one 'joint' basis.")]
 BootOpt = Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples for the 95% intervals.")]

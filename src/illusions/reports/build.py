@@ -271,6 +271,15 @@ def build_report(inputs: ReportInputs) -> tuple[str, list[Any]]:
     else:
         body = "<p class=note>This task records no key_depth column, so there is no key-depth breakdown.</p>"
     sections.append(html.Section("key-depth", "Agreement by key depth", body))
+    # Tasks without key depths (code) are broken down by character category and nesting depth.
+    if breakdown is None:
+        for by, what in (("category", "character category"), ("depth", "nesting depth")):
+            extra = plots.breakdown_figure(inputs.rows, label, splits, by=by)
+            if extra is not None:
+                figures.append(extra)
+                sections.append(html.Section(by, f"Agreement by {what}", html.figure(extra, (
+                    f"Agreement and accuracy of {html.esc(label)} by {what}, one line per split "
+                    "(bars: 95% intervals)."))))
 
     title = f"{spec.task}: how faithful is {label.split('(')[0]} out of distribution?"
     subtitle = [

@@ -195,14 +195,18 @@ def breakdown_figure(rows: Sequence[dict[str, Any]], proxy: str, splits: Sequenc
     colors = split_colors(splits)
     fig = _new_figure(11.0, 3.6)
     left, right = fig.subplots(1, 2, sharex=True)
+    # Numeric groups (depths, bins) go on a numeric axis; named groups (categories) at 0, 1, ...
+    named = list(dict.fromkeys(r["group"] for r in mine))
+    numeric = all(math.isfinite(_group_value(g)) for g in named)
+    position = (lambda g: _group_value(g)) if numeric else (lambda g: float(named.index(g)))
     for split in splits:
         for ax, metric, style in ((left, "agreement", "-"), (right, "proxy_accuracy", "-"),
                                   (right, "original_accuracy", ":")):
             sel = sorted((r for r in mine if r["split"] == split and r["metric"] == metric),
-                         key=lambda r: _group_value(r["group"]))
+                         key=lambda r: position(r["group"]))
             if not sel:
                 continue
-            xs = [_group_value(r["group"]) for r in sel]
+            xs = [position(r["group"]) for r in sel]
             ax.errorbar(xs, [r["value"] for r in sel], yerr=_errors(sel), color=colors[split],
                         linestyle=style, marker="o" if style == "-" else None, markersize=4, capsize=2,
                         label=split if metric != "original_accuracy" else None)
@@ -213,6 +217,8 @@ def breakdown_figure(rows: Sequence[dict[str, Any]], proxy: str, splits: Sequenc
         ax.set_xlabel(label)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
+        if not numeric:
+            ax.set_xticks(range(len(named)), named, fontsize=8)
     left.legend(fontsize=8)
     return render(fig, f"fig_{by}")
 
