@@ -247,18 +247,21 @@ class ScatterPanel:
 def scatter_figure(panels: Sequence[ScatterPanel], id_name: str, ood_name: str) -> StaticFigure:
     """A grid of 2-D PCA scatters, two panels (queries, keys) per head, coloured by depth.
 
-    Circles are in-distribution points (the fitting split), triangles out-of-distribution ones.
+    Circles are in-distribution points (the fitting split), triangles out-of-distribution ones. One
+    colour scale and one legend serve every panel (per-panel colorbars and legends doubled the
+    drawing time of the main job's report).
     """
     from matplotlib.lines import Line2D
 
     n_cols = 2
     n_rows = max(1, math.ceil(len(panels) / n_cols))
-    fig = _new_figure(10.0, 3.3 * n_rows)
+    fig = _new_figure(10.0, 3.0 * n_rows + 0.6)
     axes = np.atleast_1d(fig.subplots(n_rows, n_cols, squeeze=False)).reshape(-1)
+    colors = [p.color for p in panels if p.color.size]
+    lo = float(min(c.min() for c in colors)) if colors else 0.0
+    hi = float(max(c.max() for c in colors)) if colors else 1.0
+    mappable = None
     for ax, panel in zip(axes, panels, strict=False):
-        lo = float(panel.color.min()) if panel.color.size else 0.0
-        hi = float(panel.color.max()) if panel.color.size else 1.0
-        mappable = None
         for mask, marker in ((panel.in_dist, "o"), (~panel.in_dist, "^")):
             if not mask.any():
                 continue
@@ -266,18 +269,18 @@ def scatter_figure(panels: Sequence[ScatterPanel], id_name: str, ood_name: str) 
                                   vmin=lo, vmax=max(hi, lo + 1e-9), marker=marker, s=12, alpha=0.75,
                                   linewidths=0, rasterized=True)
         ax.set_title(f"{panel.title} (PC1+PC2: {panel.explained:.0%} of fit variance)", fontsize=9)
-        ax.set_xlabel("PC1", fontsize=8)
-        ax.set_ylabel("PC2", fontsize=8)
         ax.tick_params(labelsize=7)
-        # Neutral legend markers: colour encodes depth, shape encodes the split.
-        handles = [Line2D([], [], marker=m, color="#555555", linestyle="none", markersize=5,
-                          label=f"{name} ({int(mask.sum())})")
-                   for mask, m, name in ((panel.in_dist, "o", id_name), (~panel.in_dist, "^", ood_name))]
-        ax.legend(handles=handles, fontsize=7, loc="upper right")  # "best" scans every point: slow
-        if mappable is not None:
-            bar = fig.colorbar(mappable, ax=ax, shrink=0.9)
-            bar.set_label(panel.color_label, fontsize=8)
-            bar.ax.tick_params(labelsize=7)
     for ax in axes[len(panels):]:
         ax.set_axis_off()
+    if panels:
+        # Neutral legend markers: colour encodes depth, shape encodes the split.
+        first = panels[0]
+        handles = [Line2D([], [], marker=m, color="#555555", linestyle="none", markersize=5,
+                          label=f"{name} ({int(mask.sum())} points per panel)")
+                   for mask, m, name in ((first.in_dist, "o", id_name), (~first.in_dist, "^", ood_name))]
+        fig.legend(handles=handles, fontsize=8, loc="upper center", ncols=2)
+    if mappable is not None:
+        bar = fig.colorbar(mappable, ax=list(axes), shrink=0.6, pad=0.02)
+        bar.set_label(" / ".join(dict.fromkeys(p.color_label for p in panels)), fontsize=8)
+        bar.ax.tick_params(labelsize=7)
     return render(fig, "fig_qk_pca")
