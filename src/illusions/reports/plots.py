@@ -278,7 +278,7 @@ def scatter_figure(panels: Sequence[ScatterPanel], id_name: str, ood_name: str) 
         handles = [Line2D([], [], marker=m, color="#555555", linestyle="none", markersize=5,
                           label=f"{name} ({int(mask.sum())} points per panel)")
                    for mask, m, name in ((first.in_dist, "o", id_name), (~first.in_dist, "^", ood_name))]
-        fig.legend(handles=handles, fontsize=8, loc="upper center", ncols=2)
+        fig.legend(handles=handles, fontsize=8, loc="outside upper center", ncols=2)
     if mappable is not None:
         bar = fig.colorbar(mappable, ax=list(axes), shrink=0.6, pad=0.02)
         bar.set_label(" / ".join(dict.fromkeys(p.color_label for p in panels)), fontsize=8)
