@@ -152,3 +152,35 @@ def test_coded_groups_get_their_names(tiny_model, rng):
     result = analyze(tiny_model, splits, [FakeSimplifier(1.0)], candidates=None, fit_n=4)
     rows = summarize(result, n_boot=20, group_names={"category": ["even", "odd"]})
     assert {r["group"] for r in rows if r["group_by"] == "category"} == {"even", "odd"}
+
+
+def _records(agree: np.ndarray, length: np.ndarray):
+    from illusions.analyses.faithfulness import Records
+
+    n = agree.shape[0]
+    seq = np.arange(n)
+    zeros = np.zeros(n, dtype=np.int64)
+    return Records(rows=seq, seq=seq, pos=zeros, target=zeros, original_pred=zeros,
+                   proxy_pred=np.where(agree, 0, 1), attention_jsd=np.zeros(n), kl=np.zeros(n),
+                   meta={"length": length})
+
+
+def test_length_matched_control_reweights_reference_strata():
+    from illusions.analyses.summary import METRICS, _gaps, _matrix, _reference
+    from illusions.metrics import Resampler
+
+    # Reference: short strings (bin 0) never agree, long ones (bin 1) always; 30 short, 10 long.
+    ref_rec = _records(np.r_[np.zeros(30, bool), np.ones(10, bool)], np.r_[np.full(30, 5), np.full(10, 15)])
+    edges = np.array([0, 10, 20])
+    ref = _reference(ref_rec, Resampler.draw(40, np.random.default_rng(0), n_boot=200), edges)
+    # The split: a quarter short, three quarters long, always agreeing.
+    rec = _records(np.ones(20, bool), np.r_[np.full(5, 5), np.full(15, 15)])
+    sampler = Resampler.draw(20, np.random.default_rng(1), n_boot=200)
+    points, reps = sampler.grouped(_matrix(rec), rec.seq, np.zeros(20, np.int64), 1)
+    gaps = _gaps(points[0], reps[:, 0], ref, np.digitize(rec.meta["length"], edges[1:-1]), 2, sampler)
+    k = METRICS.index("agreement")
+    assert gaps["gap_vs_ref"][k] == pytest.approx(1.0 - 0.25)  # raw reference mean is 10/40
+    # Re-weighted to the split's 25/75 lengths the control is 0.75, exact in every replicate.
+    assert gaps["gap_vs_matched"][k] == pytest.approx(0.25)
+    assert (gaps["gap_vs_matched_low"][k], gaps["gap_vs_matched_high"][k]) == pytest.approx((0.25, 0.25))
+    assert gaps["matched_coverage"] == 1.0

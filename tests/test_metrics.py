@@ -10,7 +10,6 @@ from illusions.metrics import (
     Resampler,
     accuracy,
     agreement,
-    difference,
     js_divergence,
     kl_divergence,
 )
@@ -67,26 +66,6 @@ def test_bootstrap_over_sequences_is_wider_than_over_positions_when_sequences_cl
 def test_constant_values_give_degenerate_interval():
     est = Resampler.draw(10, np.random.default_rng(0), n_boot=100).estimate(np.ones(30), np.arange(30) % 10)
     assert (est.value, est.low, est.high) == (1.0, 1.0, 1.0)
-
-
-def test_stratified_mean_reweights_strata():
-    # Stratum 0 has mean 0, stratum 1 mean 1; equal shares -> 0.5 whatever the raw counts.
-    seq = np.arange(40)
-    values = np.r_[np.zeros(30), np.ones(10)]
-    strata = np.r_[np.zeros(30, int), np.ones(10, int)]
-    sampler = Resampler.draw(40, np.random.default_rng(0), n_boot=200)
-    point, reps = sampler.stratified(values, seq, strata, np.array([0.5, 0.5]))
-    assert point == pytest.approx(0.5)
-    assert np.nanmean(reps) == pytest.approx(0.5, abs=0.02)
-    point, _ = sampler.stratified(values, seq, strata, np.array([0.0, 1.0]))
-    assert point == pytest.approx(1.0)
-
-
-def test_difference_of_replicates():
-    a = (0.9, np.full(100, 0.9))
-    b = (0.6, np.full(100, 0.6))
-    d = difference(a, b)
-    assert (d.value, d.low, d.high) == pytest.approx((0.3, 0.3, 0.3))
 
 
 def test_grouped_matches_one_estimate_per_group_and_metric():

@@ -81,13 +81,6 @@ class Estimate:
     n: int
     n_seqs: int
 
-    def as_json(self) -> dict[str, object]:
-        return {"value": _f(self.value), "ci": [_f(self.low), _f(self.high)]}
-
-
-def _f(x: float) -> float | None:
-    return None if not np.isfinite(x) else float(x)
-
 
 @dataclasses.dataclass(frozen=True)
 class Resampler:
@@ -184,47 +177,3 @@ class Resampler:
         point, reps = self.replicates(values, seq)
         lo, hi = self.interval(reps)
         return Estimate(point, lo, hi, int(np.asarray(values).shape[0]), int(np.unique(seq).shape[0]))
-
-    def stratified(
-        self, values: np.ndarray, seq: np.ndarray, strata: np.ndarray, target_share: np.ndarray
-    ) -> tuple[float, np.ndarray]:
-        """Mean of ``values`` re-weighted so strata carry ``target_share`` of the weight.
-
-        ``strata[i]`` is the stratum (e.g. a length bin) of position ``i``; the result is
-        ``sum_s target_share[s] * mean(values | stratum s)``, over strata present in this split (shares
-        renormalised over those). Returns the point value and its bootstrap replicates.
-        """
-        n_strata = target_share.shape[0]
-        present = np.bincount(strata, minlength=n_strata) > 0
-        share = np.where(present, target_share, 0.0)
-        if share.sum() == 0:
-            return float("nan"), np.full(self.weights.shape[0], np.nan)
-        share = share / share.sum()
-        point = 0.0
-        reps = np.zeros(self.weights.shape[0])
-        for s in np.flatnonzero(share):
-            keep = strata == s
-            p, r = self.replicates(values[keep], seq[keep])
-            point += share[s] * p
-            reps += share[s] * r
-        return float(point), reps
-
-
-def difference(
-    a: tuple[float, np.ndarray], b: tuple[float, np.ndarray], level: float = 0.95
-) -> Estimate:
-    """``a - b`` for two (point, replicates) pairs drawn independently, with a percentile interval."""
-    diff = a[1] - b[1]
-    diff = diff[np.isfinite(diff)]
-    if diff.size == 0:
-        lo = hi = float("nan")
-    else:
-        alpha = (1.0 - level) / 2
-        lo, hi = (float(x) for x in np.quantile(diff, [alpha, 1.0 - alpha]))
-    return Estimate(a[0] - b[0], lo, hi, 0, 0)
-
-
-def length_share(strata: np.ndarray, n_strata: int) -> np.ndarray:
-    """The share of positions in each stratum."""
-    counts = np.bincount(strata, minlength=n_strata).astype(np.float64)
-    return counts / counts.sum() if counts.sum() else counts

@@ -11,7 +11,6 @@ A checkpoint is a directory with two fixed files:
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -195,7 +194,3 @@ def describe(model: HookedTransformer) -> str:
         f"{c.n_layers}L d_model={c.d_model} {c.n_heads}x{c.d_head} heads {mlp} "
         f"n_ctx={c.n_ctx} vocab={c.d_vocab}"
     )
-
-
-def config_json(cfg: ModelConfig) -> str:
-    return json.dumps(cfg.to_dict(), sort_keys=True)

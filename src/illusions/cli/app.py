@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -78,7 +77,3 @@ def set_threads(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-
-
-def stderr_is_tty() -> bool:
-    return sys.stderr.isatty()
