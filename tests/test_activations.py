@@ -72,6 +72,34 @@ def test_stops_after_the_deepest_hooked_block_and_leaves_no_hooks(tiny_model, ti
     assert hook_layer("blocks.12.attn.hook_k") == 12 and hook_layer("hook_embed") is None
 
 
+def test_forward_ends_once_every_requested_hook_fired(tiny_model, tiny_tokens):
+    def forbidden(activation, hook):
+        raise AssertionError("the forward pass went on after the last requested hook")
+
+    with tiny_model.hooks(fwd_hooks=[("blocks.1.hook_resid_mid", forbidden)]):
+        acts = collect(tiny_model, tiny_tokens, ["blocks.1.attn.hook_k", "blocks.0.attn.hook_q"], LENGTHS)
+    _, cache = tiny_model.run_with_cache(tiny_tokens)
+    mask = mask_from_lengths(LENGTHS, tiny_tokens.shape[1])
+    torch.testing.assert_close(acts["blocks.1.attn.hook_k"], cache["blocks.1.attn.hook_k"][mask])
+    assert _no_hooks_left(tiny_model)
+
+
+def test_rows_in_any_length_order_come_back_in_input_order(tiny_model, tiny_tokens):
+    """Batches run shortest first; the result is still row-major in the order given."""
+    order = torch.tensor([3, 0, 5, 1, 4, 2])
+    shuffled = collect(tiny_model, tiny_tokens[order], NAMES, LENGTHS[order], batch_size=2)
+    _, cache = tiny_model.run_with_cache(tiny_tokens[order])
+    mask = mask_from_lengths(LENGTHS[order], tiny_tokens.shape[1])
+    for name in NAMES:
+        torch.testing.assert_close(shuffled[name], cache[name][mask])
+    # A row with nothing kept contributes nothing and shifts nobody.
+    lengths = LENGTHS.clone()
+    lengths[2] = 0
+    partial = collect(tiny_model, tiny_tokens, NAMES[:1], lengths, batch_size=2)
+    _, plain = tiny_model.run_with_cache(tiny_tokens)
+    torch.testing.assert_close(partial[NAMES[0]], plain[NAMES[0]][mask_from_lengths(lengths, tiny_tokens.shape[1])])
+
+
 def test_bad_input_raises_one_clear_error(tiny_model, tiny_tokens):
     with pytest.raises(IllusionsError, match=r"unknown hook 'blocks.1.attn.hook_query'.*layers 0..1.*hook_q"):
         collect(tiny_model, tiny_tokens, ["blocks.1.attn.hook_query"], LENGTHS)

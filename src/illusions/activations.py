@@ -102,6 +102,10 @@ def stop_layer(model: HookedTransformer, names: list[str] | tuple[str, ...]) -> 
     return deepest + 1
 
 
+class _AllCaptured(Exception):
+    """Raised by the last capturing hook of a batch: what follows in the forward pass is not needed."""
+
+
 def collect(
     model: HookedTransformer,
     tokens: Int[Tensor, "batch pos"] | np.ndarray,
@@ -112,9 +116,11 @@ def collect(
 ) -> dict[str, Tensor]:
     """Activations of ``model`` at ``hook_names`` on ``tokens``, PAD positions dropped.
 
-    Runs under ``torch.no_grad`` in batches of ``batch_size`` sequences, each batch trimmed to its
-    longest kept position (right padding, causal attention: trimming never changes a kept position),
-    and stops after the deepest block that holds a requested hook.
+    Runs under ``torch.no_grad`` in batches of ``batch_size`` sequences taken shortest first, each
+    batch trimmed to its longest kept position (right padding, causal attention: trimming never
+    changes a kept position), and ends each forward pass as soon as every requested hook has fired
+    (collecting ``blocks.1.attn.hook_k`` skips that block's attention and MLP). The result is in the
+    order of ``tokens`` whatever order the batches ran in.
 
     Args:
         model: a ``HookedTransformer``; its hooks are left exactly as they were.
@@ -145,28 +151,48 @@ def collect(
     if tokens.ndim != 2:
         raise IllusionsError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
     mask = as_mask(tokens, mask)
+    if not bool(mask.any()):
+        raise IllusionsError("the mask keeps no positions, so there is nothing to collect")
     stop = stop_layer(model, names)
+    # Shortest rows first (by last kept position), so a batch is padded only to its own longest row.
+    width_of = torch.where(mask, torch.arange(1, mask.shape[1] + 1), 0).amax(dim=1)  # [batch]
+    order = torch.argsort(width_of, stable=True)
+    captured: dict[str, Tensor] = {}
+    keep = mask
+
+    def capture(activation: Tensor, hook: Any) -> None:
+        # [batch, pos, ...] indexed by a [batch, pos] mask -> [n_batch, ...], row-major
+        captured[hook.name] = activation.detach()[keep].cpu()
+        if len(captured) == len(names):
+            raise _AllCaptured
+
     parts: dict[str, list[Tensor]] = {name: [] for name in names}
     with torch.no_grad():
         for start in range(0, tokens.shape[0], batch_size):
-            batch_mask = mask[start : start + batch_size]
-            kept = batch_mask.any(dim=0).nonzero()
-            if kept.numel() == 0:
+            rows = order[start : start + batch_size]
+            width = int(width_of[rows].max())
+            if width == 0:
                 continue
-            width = int(kept.max()) + 1
-            batch_mask = batch_mask[:, :width]
-            batch_tokens = tokens[start : start + batch_size, :width].to(device)
-            _, cache = model.run_with_cache(
-                batch_tokens, names_filter=names, stop_at_layer=stop, return_cache_object=False
-            )
-            keep = batch_mask.to(device)
+            keep = mask[rows, :width].to(device)
+            captured.clear()
+            try:
+                with model.hooks(fwd_hooks=[(name, capture) for name in names]):
+                    model(tokens[rows, :width].to(device), stop_at_layer=stop)
+            except _AllCaptured:
+                pass
+            missing = [name for name in names if name not in captured]
+            if missing:
+                raise IllusionsError(f"hook(s) {', '.join(missing)} did not run in this model's forward pass")
             for name in names:
-                # [batch, pos, ...] indexed by a [batch, pos] mask -> [n_batch, ...], row-major
-                parts[name].append(cache[name][keep].cpu())
-    out = {}
-    for name in names:
-        if parts[name]:
-            out[name] = torch.cat(parts[name])
-        else:
-            raise IllusionsError("the mask keeps no positions, so there is nothing to collect")
+                parts[name].append(captured[name])
+    out = {name: torch.cat(parts[name]) for name in names}
+    if bool((order[1:] < order[:-1]).any()):
+        # Back to the callers' row order: row r's kept positions sit at start[rank of r] in `out`.
+        counts = mask.sum(dim=1)  # [batch]
+        sorted_start = torch.cumsum(counts[order], 0) - counts[order]  # [batch], in run order
+        start_of = torch.empty_like(sorted_start)
+        start_of[order] = sorted_start
+        index = torch.repeat_interleave(start_of - (torch.cumsum(counts, 0) - counts), counts)
+        index += torch.arange(int(counts.sum()))  # [n]: position in `out` of each row-major entry
+        out = {name: value[index] for name, value in out.items()}
     return out
