@@ -184,3 +184,42 @@ def test_length_matched_control_reweights_reference_strata():
     assert gaps["gap_vs_matched"][k] == pytest.approx(0.25)
     assert (gaps["gap_vs_matched_low"][k], gaps["gap_vs_matched_high"][k]) == pytest.approx((0.25, 0.25))
     assert gaps["matched_coverage"] == 1.0
+
+
+def test_accuracy_change_is_proxy_minus_original_accuracy_per_position():
+    from illusions.analyses.faithfulness import METRICS, Records
+
+    target = np.array([1, 2, 3, 4])
+    rec = Records(rows=np.arange(4), seq=np.arange(4), pos=np.arange(4), target=target,
+                  original_pred=np.array([1, 2, 0, 0]), proxy_pred=np.array([1, 0, 3, 0]),
+                  attention_jsd=np.zeros(4), kl=np.zeros(4), meta={})
+    per = rec.per_position()
+    np.testing.assert_array_equal(per["accuracy_change"], [0.0, -1.0, 1.0, 0.0])
+    assert set(per) == set(METRICS)
+
+
+def test_labels_name_the_head_only_when_proxies_differ_in_heads():
+    from illusions.analyses.faithfulness import proxy_labels
+
+    @dataclasses.dataclass
+    class Fake:
+        simplifier: str
+        params: dict
+        heads: list
+
+    same = [Fake("svd", {"rank": r}, [(1, 0)]) for r in (2, 4)]
+    assert proxy_labels(same) == ["svd(rank=2)", "svd(rank=4)"]
+    per_head = [Fake("onehot", {}, [(0, h)]) for h in (0, 1)] + [Fake("onehot", {}, [(1, 0), (1, 1)])]
+    assert proxy_labels(per_head) == ["onehot@L0H0", "onehot@L0H1", "onehot@L1H0+L1H1"]
+
+
+def test_per_head_spec_builds_one_simplifier_per_layer_and_head():
+    from illusions.analyses.run import AnalysisSpec, build_simplifiers
+
+    spec = AnalysisSpec(simplifier="svd", ranks=(2, 4), layers=(0, 1), per_head=True)
+    built = build_simplifiers(spec, n_layers=2, n_heads=3)
+    assert len(built) == 2 * 2 * 3
+    assert [(s.rank, s.targets.layers, s.targets.heads) for s in built[:4]] == [
+        (2, (0,), (0,)), (2, (0,), (1,)), (2, (0,), (2,)), (2, (1,), (0,))]
+    whole = build_simplifiers(dataclasses.replace(spec, per_head=False))
+    assert [(s.targets.layers, s.targets.heads) for s in whole] == [((0, 1), ()), ((0, 1), ())]

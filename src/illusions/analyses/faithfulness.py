@@ -57,12 +57,21 @@ class Records:
             "original_accuracy": (self.original_pred == self.target).astype(np.float64),
             "proxy_accuracy": (self.proxy_pred == self.target).astype(np.float64),
             "agreement": (self.original_pred == self.proxy_pred).astype(np.float64),
+            "accuracy_change": (self.proxy_pred == self.target).astype(np.float64)
+            - (self.original_pred == self.target).astype(np.float64),
             "attention_jsd": self.attention_jsd,
             "kl": self.kl,
         }
 
 
-METRICS = ("original_accuracy", "proxy_accuracy", "agreement", "attention_jsd", "kl")
+METRICS = ("original_accuracy", "proxy_accuracy", "agreement", "accuracy_change", "attention_jsd", "kl")
+"""Per-split metrics, each the mean of a per-position value (:meth:`Records.per_position`).
+
+``accuracy_change`` is proxy minus original accuracy on the same positions. Its gap relative to
+``iid`` says how the proxy misjudges the model's generalization: negative, the proxy *under-states*
+it (the proxy loses more accuracy out of distribution than the model does); positive, it
+*over-states* it (the proxy generalizes better than the model it explains).
+"""
 
 
 @dataclasses.dataclass
@@ -81,6 +90,20 @@ def proxy_label(proxy: Proxy) -> str:
     main = {k: v for k, v in proxy.params.items() if k in ("rank", "k")}
     inner = ",".join(f"{k}={v}" for k, v in main.items())
     return f"{proxy.simplifier}({inner})" if inner else proxy.simplifier
+
+
+def proxy_labels(proxies: Sequence[Proxy]) -> list[str]:
+    """:func:`proxy_label` of each proxy, with its heads appended (``svd(rank=4)@L1H0``) when the
+    proxies differ in the heads they simplify, so every label names one proxy."""
+    labels = [proxy_label(p) for p in proxies]
+    if len({tuple(p.heads) for p in proxies}) > 1:
+        labels = [f"{label}@{heads_tag(p.heads)}" for label, p in zip(labels, proxies, strict=True)]
+    return labels
+
+
+def heads_tag(heads: Sequence[tuple[int, int]]) -> str:
+    """``L1H0`` for one head, ``L1H0+L1H2`` for several (heads are always spelled out)."""
+    return "+".join(f"L{layer}H{head}" for layer, head in heads) or "none"
 
 
 def select_rows(n: int, limit: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -147,7 +170,7 @@ def analyze(
             records[(name, j)] = rec
     if progress:
         progress("done", len(eval_splits), len(eval_splits))
-    return AnalysisResult(proxies, [proxy_label(p) for p in proxies], split_rows, records, fit_rows)
+    return AnalysisResult(proxies, proxy_labels(proxies), split_rows, records, fit_rows)
 
 
 def fit_proxies(

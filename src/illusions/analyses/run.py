@@ -38,7 +38,9 @@ class AnalysisSpec(Config):
 
     ``ranks`` / ``clusters`` hold one value for ``analyze`` and several for a sweep. An empty
     ``model`` means the bundled reference model of ``task``. ``layers`` empty means the last layer;
-    ``heads`` empty means every head of the targeted layers.
+    ``heads`` empty means every head of the targeted layers. ``per_head`` makes one proxy per
+    (layer, head) of those, each simplifying that head alone, all evaluated in one run (the clean
+    model still runs once per split); their labels end in ``@L<layer>H<head>``.
     """
 
     task: str = "dyck"
@@ -60,6 +62,7 @@ class AnalysisSpec(Config):
     n_boot: int = 1000
     batch_size: int = 64
     breakdowns: tuple[str, ...] = BREAKDOWNS
+    per_head: bool = False
 
     def sweep_values(self) -> tuple[str, tuple[int, ...]]:
         """The swept parameter's name and values: ``("rank", ...)``, ``("k", ...)`` or none."""
@@ -127,17 +130,27 @@ class RunResult:
     model: Any = None  # the original HookedTransformer
 
 
-def build_simplifiers(spec: AnalysisSpec) -> list[Any]:
-    """One configured simplifier per swept value (one for a data-free method with no parameter)."""
+def build_simplifiers(spec: AnalysisSpec, *, n_layers: int = 2, n_heads: int | None = None) -> list[Any]:
+    """One configured simplifier per swept value (one for a data-free method with no parameter).
+
+    With ``spec.per_head``, one per swept value and targeted (layer, head): the layers of the spec
+    (default the last of ``n_layers``) times its heads (default all ``n_heads``; when ``n_heads``
+    is not known yet, head 0 stands in so the parameters can be checked before a model is loaded).
+    """
     from illusions.simplifiers import make_simplifier
 
     param, values = spec.sweep_values()
-    common: dict[str, Any] = {"layers": spec.layers, "heads": spec.heads, "target": spec.target,
-                              "resid": spec.resid, "centered": spec.centered, "basis": spec.basis,
-                              "seed": spec.seed}
+    common: dict[str, Any] = {"target": spec.target, "resid": spec.resid, "centered": spec.centered,
+                              "basis": spec.basis, "seed": spec.seed}
+    if spec.per_head:
+        layers = spec.layers or (n_layers - 1,)
+        heads = spec.heads or tuple(range(n_heads if n_heads is not None else 1))
+        targets = [{"layers": (layer,), "heads": (head,)} for layer in layers for head in heads]
+    else:
+        targets = [{"layers": spec.layers, "heads": spec.heads}]
     if not values:
-        return [make_simplifier(spec.simplifier, **common)]
-    return [make_simplifier(spec.simplifier, **{param: v}, **common) for v in values]
+        return [make_simplifier(spec.simplifier, **t, **common) for t in targets]
+    return [make_simplifier(spec.simplifier, **{param: v}, **t, **common) for v in values for t in targets]
 
 
 def load_task_and_model(spec: AnalysisSpec) -> tuple[Any, Any, str, str]:
@@ -174,8 +187,10 @@ def run_analysis(spec: AnalysisSpec, *, progress: Callable[[str, int, int], None
     """Load, fit, evaluate and summarise: the whole analysis for one spec."""
     from illusions.analyses.faithfulness import analyze
 
-    simplifiers = build_simplifiers(spec)
+    simplifiers = build_simplifiers(spec)  # bad parameters fail before the model is loaded
     task, model, source, desc = load_task_and_model(spec)
+    if spec.per_head:
+        simplifiers = build_simplifiers(spec, n_layers=model.cfg.n_layers, n_heads=model.cfg.n_heads)
     splits = task.splits()
     eval_splits = list(spec.splits) or [s for s in splits if s != spec.fit_split]
     unknown = [s for s in eval_splits if s not in splits]
