@@ -6,7 +6,7 @@ Heavy libraries (torch, transformer_lens, sklearn, circuitsvis) are imported ins
 ``illusions --help`` stays fast.
 """
 
-from illusions.cli import analyze, data, listing, report, train  # noqa: F401  (register commands)
+from illusions.cli import analyze, data, listing, report, reproduce, train  # noqa: F401  (register commands)
 from illusions.cli.app import app
 
 __all__ = ["app"]

@@ -1,0 +1,188 @@
+"""Run every analysis recipe on every training seed of its task: the reproduction's runs.
+
+:func:`plan` pairs each recipe of a folder (``analyses/*.toml``) with each checkpoint of its task:
+the bundled reference model (training seed 0) and the extra seeds shipped under
+``illusions/assets/seeds/<task>-seed<N>/``. :func:`run_all` runs the pairs into
+``<out>/<recipe>/seed<N>/`` (the files of :func:`illusions.analyses.run.write_run`), skipping a run
+whose directory already holds the same spec computed by the same package version, and records the
+wall time of each run in ``<out>/reproduce.json``. :mod:`illusions.analyses.results` turns the run
+directories into ``docs/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from illusions import __version__
+from illusions.analyses.run import AnalysisRecipe, load_analysis_recipe
+from illusions.bundled import ASSETS, bundled_model_dir
+from illusions.errors import IllusionsError
+
+MANIFEST = "reproduce.json"
+
+
+def seed_models(task: str, assets: Path = ASSETS) -> dict[int, Path]:
+    """Checkpoints of ``task`` by training seed: 0 is the bundled model, then ``seeds/<task>-seed<N>``."""
+    if Path(assets) == ASSETS:
+        models = {0: bundled_model_dir(task)}
+    else:
+        models = {0: Path(assets) / task} if (Path(assets) / task / "model.safetensors").is_file() else {}
+    seeds_dir = Path(assets) / "seeds"
+    if seeds_dir.is_dir():
+        for folder in sorted(seeds_dir.glob(f"{task}-seed*")):
+            suffix = folder.name.removeprefix(f"{task}-seed")
+            if suffix.isdigit() and (folder / "model.safetensors").is_file():
+                models[int(suffix)] = folder
+    return dict(sorted(models.items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One recipe on one training seed's checkpoint."""
+
+    recipe: AnalysisRecipe
+    seed: int
+    spec: Any  # AnalysisSpec with ``model`` pointing at the seed's checkpoint
+    out: Path
+
+    @property
+    def key(self) -> str:
+        return f"{self.recipe.name}/seed{self.seed}"
+
+
+def load_recipes(folder: Path | str) -> list[AnalysisRecipe]:
+    """Every ``*.toml`` recipe of ``folder``, by name; duplicate names are an error."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise IllusionsError(f"recipe folder {folder} does not exist")
+    recipes = [load_analysis_recipe(p) for p in sorted(folder.glob("*.toml"))]
+    if not recipes:
+        raise IllusionsError(f"no analysis recipes (*.toml) in {folder}")
+    seen: dict[str, str] = {}
+    for r in recipes:
+        if r.name in seen:
+            raise IllusionsError(f"recipes {seen[r.name]} and {r.source} share the name {r.name!r}")
+        seen[r.name] = r.source
+    return recipes
+
+
+def plan(
+    recipes: Sequence[AnalysisRecipe],
+    out: Path,
+    *,
+    seeds: Sequence[int] | None = None,
+    tasks: Sequence[str] | None = None,
+    assets: Path = ASSETS,
+) -> list[Job]:
+    """The jobs: each recipe (of ``tasks``, default all) on each seed (``seeds``, default all shipped).
+
+    A recipe that names its own ``model`` runs on that model only, as seed 0.
+    """
+    jobs = []
+    models_by_task: dict[str, dict[int, Path]] = {}
+    for recipe in recipes:
+        spec = recipe.spec
+        if tasks and spec.task not in tasks:
+            continue
+        if spec.model:
+            available = {0: Path(spec.model)}
+        else:
+            if spec.task not in models_by_task:
+                models_by_task[spec.task] = seed_models(spec.task, assets)
+            available = models_by_task[spec.task]
+        wanted = sorted(available) if seeds is None else [s for s in seeds if s in available]
+        if seeds is not None and not wanted:
+            have = ", ".join(str(s) for s in available)
+            raise IllusionsError(f"no checkpoint of task {spec.task!r} for seed(s) "
+                                 f"{', '.join(str(s) for s in seeds)}; shipped seeds: {have}")
+        for seed in wanted:
+            bundled = seed == 0 and Path(assets) == ASSETS
+            model = spec.model if spec.model else ("" if bundled else str(available[seed]))
+            jobs.append(Job(recipe, seed, dataclasses.replace(spec, model=model),
+                            Path(out) / recipe.name / f"seed{seed}"))
+    return jobs
+
+
+def is_current(job: Job) -> bool:
+    """The job's directory holds a finished run of the same spec by this package version."""
+    config = job.out / "config.json"
+    if not all((job.out / name).is_file() for name in ("config.json", "metrics.csv", "metrics.json")):
+        return False
+    try:
+        saved = json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    expected = json.loads(json.dumps(job.spec.to_dict()))
+    return saved.get("illusions_version") == __version__ and saved.get("spec") == expected
+
+
+def run_all(
+    jobs: Sequence[Job],
+    out: Path,
+    *,
+    force: bool = False,
+    report: bool = True,
+    on_start: Callable[[Job, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or reuse) every job; returns and writes the manifest ``<out>/reproduce.json``.
+
+    Reports are written for seed 0 only (the other seeds' runs feed the across-seed intervals).
+    """
+    from illusions.analyses.run import run_analysis, write_run
+    from illusions.io import atomic_write_json
+
+    out = Path(out)
+    entries: dict[str, Any] = {}
+    t_start = time.perf_counter()
+    for i, job in enumerate(jobs):
+        if on_start is not None:
+            on_start(job, i, len(jobs))
+        if not force and is_current(job):
+            entries[job.key] = {"recipe": job.recipe.name, "seed": job.seed, "reused": True, "seconds": 0.0}
+            continue
+        t0 = time.perf_counter()
+        run = run_analysis(job.spec)
+        extra = None
+        if report and job.seed == 0:
+            from illusions.reports import write_report_files
+
+            def extra(stage: Path, run: Any = run) -> None:
+                write_report_files(run, stage)
+
+        write_run(run, job.out, extra_files=extra)
+        entries[job.key] = {"recipe": job.recipe.name, "seed": job.seed, "reused": False,
+                            "seconds": round(time.perf_counter() - t0, 2)}
+    manifest = {
+        "illusions_version": __version__,
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+        "runs": entries,
+    }
+    atomic_write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def read_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """A run's ``metrics.csv`` as rows with numbers parsed (empty cells become NaN)."""
+    from illusions.analyses.summary import ROW_FIELDS
+
+    text_fields = {"split", "proxy", "simplifier", "param", "group_by", "group", "metric"}
+    rows = []
+    with open(Path(run_dir) / "metrics.csv", newline="") as fh:
+        for raw in csv.DictReader(fh):
+            row: dict[str, Any] = {}
+            for field in ROW_FIELDS:
+                value = raw[field]
+                if field in text_fields:
+                    row[field] = value
+                elif field == "param_value":
+                    row[field] = int(value) if value.lstrip("-").isdigit() else value
+                else:
+                    row[field] = float(value) if value != "" else float("nan")
+            rows.append(row)
+    return rows

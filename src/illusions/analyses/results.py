@@ -1,0 +1,732 @@
+"""``docs/RESULTS.md`` from the reproduction's run directories: every number comes from a run.
+
+Inputs are the runs written by :mod:`illusions.analyses.reproduce` (``<runs>/<recipe>/seed<N>/``).
+Each recipe's metrics are combined across training seeds: the mean over seeds with a 95%
+t-interval (``mean +- t_{0.975, n-1} * sd / sqrt(n)``); the within-run bootstrap intervals decide
+whether a gap is *significant in a seed* (its 95% interval excludes 0).
+
+Verdicts follow fixed rules, stated in the document itself:
+
+* a proxy *matches in distribution* when its mean ``iid`` agreement is at least
+  :data:`FAITHFUL_IID`; a sweep is reported at its smallest such parameter (the simplest proxy a
+  researcher would accept), or at its largest when none qualifies;
+* a gap is *reproduced* when it is significant, in the same direction, in every seed; *partly* when
+  only in some seeds, or only before length matching; *not reproduced* otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from illusions.analyses.reproduce import read_rows
+from illusions.analyses.run import AnalysisRecipe
+
+FAITHFUL_IID = 0.95
+REFERENCE = "iid"
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedStat:
+    """One quantity over training seeds: the per-seed values, their mean and 95% t-interval."""
+
+    values: tuple[float, ...]
+    bounds: tuple[float, float] = (-math.inf, math.inf)  # the quantity's range; intervals are clipped to it
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.values)) if self.values else float("nan")
+
+    @property
+    def half_width(self) -> float:
+        if self.n < 2:
+            return float("nan")
+        t = T975.get(self.n - 1, 1.96)
+        return t * float(np.std(self.values, ddof=1)) / math.sqrt(self.n)
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """The 95% t-interval, clipped to the quantity's range (accuracies stay within [0, 1])."""
+        lo, hi = self.mean - self.half_width, self.mean + self.half_width
+        return max(lo, self.bounds[0]), min(hi, self.bounds[1])
+
+    def errors(self) -> tuple[float, float]:
+        """Distances below and above the mean, for error bars (0 with a single seed)."""
+        if self.n < 2:
+            return 0.0, 0.0
+        lo, hi = self.interval
+        return self.mean - lo, hi - self.mean
+
+    def fmt(self, digits: int = 3, signed: bool = False) -> str:
+        if not self.values:
+            return "n/a"
+        sign = "+" if signed else ""
+        if self.n < 2:
+            return f"{self.mean:{sign}.{digits}f}"
+        lo, hi = self.interval
+        return f"{self.mean:{sign}.{digits}f} [{lo:{sign}.{digits}f}, {hi:{sign}.{digits}f}]"
+
+
+@dataclasses.dataclass
+class RecipeRuns:
+    """The rows of one recipe's runs, by training seed."""
+
+    recipe: AnalysisRecipe
+    rows: dict[int, list[dict[str, Any]]]
+
+    def __post_init__(self) -> None:
+        self._index = {
+            seed: {(r["proxy"], r["split"], r["group_by"], r["group"], r["metric"]): r for r in rows}
+            for seed, rows in self.rows.items()
+        }
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(self.rows)
+
+    @property
+    def name(self) -> str:
+        return self.recipe.name
+
+    def proxies(self) -> list[str]:
+        """Proxy labels in run order (sweep order)."""
+        first = self.rows[self.seeds[0]]
+        return list(dict.fromkeys(r["proxy"] for r in first))
+
+    def param_of(self, proxy: str) -> Any:
+        first = self.rows[self.seeds[0]]
+        return next(r["param_value"] for r in first if r["proxy"] == proxy)
+
+    def param_name(self) -> str:
+        return self.rows[self.seeds[0]][0]["param"]
+
+    def splits(self) -> list[str]:
+        first = self.rows[self.seeds[0]]
+        return list(dict.fromkeys(r["split"] for r in first))
+
+    def row(self, seed: int, proxy: str, split: str, metric: str, group_by: str = "all",
+            group: str = "all") -> dict[str, Any] | None:
+        return self._index[seed].get((proxy, split, group_by, group, metric))
+
+    def stat(self, proxy: str, split: str, metric: str, field: str = "value", group_by: str = "all",
+             group: str = "all") -> SeedStat:
+        values = []
+        for seed in self.seeds:
+            r = self.row(seed, proxy, split, metric, group_by, group)
+            if r is not None and np.isfinite(r[field]):
+                values.append(float(r[field]))
+        return SeedStat(tuple(values), bounds_of(metric, field))
+
+    def signs(self, proxy: str, split: str, metric: str, gap: str) -> list[int]:
+        """Per seed: -1 / +1 when the gap's bootstrap interval lies below / above 0, else 0."""
+        out = []
+        for seed in self.seeds:
+            r = self.row(seed, proxy, split, metric)
+            lo, hi = (r[f"{gap}_low"], r[f"{gap}_high"]) if r is not None else (float("nan"),) * 2
+            out.append(-1 if hi < 0 else 1 if lo > 0 else 0)
+        return out
+
+    def groups(self, proxy: str, split: str, group_by: str) -> list[str]:
+        first = self.rows[self.seeds[0]]
+        return list(dict.fromkeys(r["group"] for r in first
+                                  if r["proxy"] == proxy and r["split"] == split and r["group_by"] == group_by))
+
+    def selected(self) -> str:
+        """The sweep's reported proxy: the smallest parameter with mean iid agreement >= FAITHFUL_IID."""
+        proxies = self.proxies()
+        for proxy in proxies:
+            if self.stat(proxy, REFERENCE, "agreement").mean >= FAITHFUL_IID:
+                return proxy
+        return proxies[-1]
+
+
+def bounds_of(metric: str, field: str = "value") -> tuple[float, float]:
+    """The range of a metric (``field == "value"``) or of its gaps."""
+    if metric in ("original_accuracy", "proxy_accuracy", "agreement"):
+        return (0.0, 1.0) if field == "value" else (-1.0, 1.0)
+    if metric == "accuracy_change":
+        return (-1.0, 1.0) if field == "value" else (-2.0, 2.0)
+    if metric == "attention_jsd" and field == "value":
+        return (0.0, 1.0)  # bits
+    if metric == "kl" and field == "value":
+        return (0.0, math.inf)
+    return (-math.inf, math.inf)
+
+
+def load_runs(recipes: Sequence[AnalysisRecipe], runs_dir: Path) -> dict[str, RecipeRuns]:
+    """Every recipe with at least one finished run under ``runs_dir``."""
+    out = {}
+    for recipe in recipes:
+        folder = Path(runs_dir) / recipe.name
+        rows = {}
+        for seed_dir in sorted(folder.glob("seed*")) if folder.is_dir() else []:
+            suffix = seed_dir.name.removeprefix("seed")
+            if suffix.isdigit() and (seed_dir / "metrics.csv").is_file():
+                rows[int(suffix)] = read_rows(seed_dir)
+        if rows:
+            out[recipe.name] = RecipeRuns(recipe, rows)
+    return out
+
+
+def verdict_of(signs_per_split: dict[str, list[int]], raw_signs: dict[str, list[int]], direction: int) -> str:
+    """Reproduced / partly / not for a gap in ``direction`` (-1 or +1), from per-seed significance."""
+    if any(s and all(x == direction for x in s) for s in signs_per_split.values()):
+        return "reproduced"
+    if any(direction in s for s in signs_per_split.values()) or any(
+        s and all(x == direction for x in s) for s in raw_signs.values()
+    ):
+        return "partly"
+    return "not reproduced"
+
+
+def count(signs: Sequence[int], direction: int) -> str:
+    return f"{sum(1 for s in signs if s == direction)}/{len(signs)}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Claims of the paper and the rules that judge them
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    key: str
+    text: str
+    recipes: tuple[str, ...]
+    kind: str  # gap | direction | key_depth | original | code_sources | length
+    beyond: bool = False
+
+
+CLAIMS = (
+    Claim("svd", "A low-rank (SVD/PCA) proxy of attention queries and keys, fitted on training data, matches "
+          "the model in distribution yet diverges out of distribution.", ("dyck-svd-L1", "dyck-svd-L0"), "gap"),
+    Claim("kmeans", "The same holds for a k-means (cluster centroid) proxy of queries and keys.",
+          ("dyck-kmeans-L1", "dyck-kmeans-L0"), "gap"),
+    Claim("onehot", "Even a data-free simplification, one-hot attention, shows the gap.", ("dyck-onehot-L1",), "gap"),
+    Claim("direction", "Both directions occur: a proxy can under-state the model's generalization (the model "
+          "generalizes, the proxy fails) or over-state it (the proxy generalizes better). Judged on every "
+          "one-head proxy and every whole-layer Dyck proxy at its reported parameter.",
+          ("dyck-heads-svd", "dyck-heads-kmeans", "dyck-heads-onehot"), "direction"),
+    Claim("key_depth", "Agreement broken down by the depth of the attended bracket diverges beyond the training "
+          "depth (10).", ("dyck-svd-L1", "dyck-kmeans-L1", "dyck-onehot-L1"), "key_depth"),
+    Claim("original", "The original Dyck models reach roughly 80% accuracy on the unseen-depth split "
+          "(read off a figure; likely).", ("dyck-svd-L1",), "original"),
+    Claim("code", "On code completion, proxies fitted on the training language diverge on other languages "
+          "and on deeper nesting.", ("code-svd-L1", "code-onehot-L1", "code-kmeans-L1"), "gap"),
+    Claim("code_sources", "The largest code gaps are tied to nesting depth and to copying a word seen earlier "
+          "in context (induction).", ("code-svd-L1", "code-onehot-L1", "code-kmeans-L1"), "code_sources"),
+    Claim("length", "Do the gaps survive a length-matched in-distribution control?",
+          ("dyck-svd-L1", "dyck-svd-L0", "dyck-kmeans-L1", "dyck-kmeans-L0", "dyck-onehot-L1",
+           "code-svd-L1", "code-onehot-L1", "code-kmeans-L1"), "length", beyond=True),
+    Claim("data_free_svd", "Does a data-free low-rank proxy (SVD of each head's query-key "
+          "weights) avoid the gap?", ("dyck-weight-svd-L1",), "gap", beyond=True),
+    Claim("resid", "A low-rank proxy of the residual stream entering layer 1.",
+          ("dyck-resid-svd",), "gap", beyond=True),
+)
+
+
+def ood_splits(runs: RecipeRuns) -> list[str]:
+    return [s for s in runs.splits() if s != REFERENCE]
+
+
+def _param_text(runs: RecipeRuns, proxy: str) -> str:
+    name, value = runs.param_name(), runs.param_of(proxy)
+    return f"{name} {value}" if name else "no parameter"
+
+
+def _gap_cell(runs: RecipeRuns, proxy: str, split: str, metric: str, gap: str) -> str:
+    stat = runs.stat(proxy, split, metric, gap)
+    return f"{stat.fmt(3, signed=True)} ({count(runs.signs(proxy, split, metric, gap), -1 if stat.mean < 0 else 1)})"
+
+
+def judge_gap(runs: RecipeRuns) -> tuple[str, str]:
+    """(verdict, measured text) for 'matches iid, diverges OOD' on one recipe at its selected proxy."""
+    proxy = runs.selected()
+    iid = runs.stat(proxy, REFERENCE, "agreement")
+    splits = ood_splits(runs)
+    matched = {s: runs.signs(proxy, s, "agreement", "gap_vs_matched") for s in splits}
+    raw = {s: runs.signs(proxy, s, "agreement", "gap_vs_ref") for s in splits}
+    verdict = verdict_of(matched, raw, -1)
+    if iid.mean < FAITHFUL_IID:
+        verdict = "not reproduced" if verdict == "not reproduced" else "partly"
+    worst = min(splits, key=lambda s: runs.stat(proxy, s, "agreement", "gap_vs_matched").mean)
+    text = (f"`{runs.name}` at {_param_text(runs, proxy)}: iid agreement {iid.fmt()}; "
+            f"largest drop on `{worst}`, agreement {runs.stat(proxy, worst, 'agreement').fmt()}, "
+            f"{_gap_cell(runs, proxy, worst, 'agreement', 'gap_vs_matched')} vs length-matched iid")
+    return verdict, text
+
+
+def direction_rows(runs: RecipeRuns, proxies: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Per proxy and OOD split: how the proxy's accuracy shift differs from iid (length-matched)."""
+    rows = []
+    for proxy in proxies if proxies is not None else runs.proxies():
+        for split in ood_splits(runs):
+            signs = runs.signs(proxy, split, "accuracy_change", "gap_vs_matched")
+            raw = runs.signs(proxy, split, "accuracy_change", "gap_vs_ref")
+            if signs and all(s == -1 for s in signs):
+                call = "under-states"
+            elif signs and all(s == 1 for s in signs):
+                call = "over-states"
+            elif any(signs):
+                call = f"mixed ({count(signs, -1)} under, {count(signs, 1)} over)"
+            else:
+                call = "faithful"
+            rows.append({"proxy": proxy, "split": split, "call": call, "signs": signs, "raw": raw,
+                         "original": runs.stat(proxy, split, "original_accuracy"),
+                         "proxy_acc": runs.stat(proxy, split, "proxy_accuracy"),
+                         "gap": runs.stat(proxy, split, "accuracy_change", "gap_vs_ref"),
+                         "matched": runs.stat(proxy, split, "accuracy_change", "gap_vs_matched")})
+    return rows
+
+
+def judge_direction(head_runs: Sequence[RecipeRuns], layer_runs: Sequence[RecipeRuns] = ()) -> tuple[str, str]:
+    """Per-head proxies (every one) and whole-layer proxies (at each sweep's reported parameter)."""
+    rows = [r for runs in head_runs for r in direction_rows(runs)]
+    rows += [r for runs in layer_runs for r in direction_rows(runs, [runs.selected()])]
+    under = [r for r in rows if r["call"] == "under-states"]
+    over = [r for r in rows if r["call"] == "over-states"]
+    verdict = "reproduced" if under and over else "partly" if under or over else "not reproduced"
+
+    def best(group: list[dict[str, Any]], key: Any) -> str:
+        if not group:
+            return "none"
+        r = key(group)
+        return f"`{r['proxy']}` on `{r['split']}` ({r['matched'].fmt(3, signed=True)})"
+
+    text = (f"{len(under)} of {len(rows)} proxy x split cells under-state generalization in every seed and "
+            f"{len(over)} over-state it (accuracy change vs length-matched iid). Strongest under: "
+            f"{best(under, lambda g: min(g, key=lambda r: r['matched'].mean))}; strongest over: "
+            f"{best(over, lambda g: max(g, key=lambda r: r['matched'].mean))}")
+    return verdict, text
+
+
+def _depth_split(runs: RecipeRuns, proxy: str, split: str, metric: str = "agreement") -> tuple[SeedStat, SeedStat]:
+    """Position-weighted mean of ``metric`` over key depths <= 10 and > 10 (train max depth), per seed."""
+    inside, beyond = [], []
+    for seed in runs.seeds:
+        acc = {True: [0.0, 0.0], False: [0.0, 0.0]}
+        for group in runs.groups(proxy, split, "key_depth"):
+            r = runs.row(seed, proxy, split, metric, "key_depth", group)
+            if r is None or not np.isfinite(r["value"]) or not group.lstrip("-").isdigit():
+                continue
+            cell = acc[int(group) <= 10]
+            cell[0] += r["value"] * r["n_positions"]
+            cell[1] += r["n_positions"]
+        if acc[True][1] and acc[False][1]:
+            inside.append(acc[True][0] / acc[True][1])
+            beyond.append(acc[False][0] / acc[False][1])
+    return SeedStat(tuple(inside), (0.0, 1.0)), SeedStat(tuple(beyond), (0.0, 1.0))
+
+
+def judge_key_depth(all_runs: Sequence[RecipeRuns]) -> tuple[str, str]:
+    parts, verdicts = [], []
+    for runs in all_runs:
+        proxy = runs.selected()
+        inside, beyond = _depth_split(runs, proxy, "unseen_depth")
+        if not inside.values:
+            continue
+        diff = SeedStat(tuple(b - a for a, b in zip(inside.values, beyond.values, strict=True)), (-1.0, 1.0))
+        lo, hi = diff.interval
+        verdicts.append("reproduced" if hi < 0 else "partly" if diff.mean < 0 else "not reproduced")
+        parts.append(f"`{runs.name}` ({_param_text(runs, proxy)}) on unseen_depth: agreement {inside.fmt()} at key "
+                     f"depth <= 10 vs {beyond.fmt()} beyond (difference {diff.fmt(3, signed=True)}; "
+                     f"{'below 0' if hi < 0 else 'above 0' if lo > 0 else 'includes 0'})")
+    if not verdicts:
+        return "not run", "no key-depth breakdown available"
+    verdict = "reproduced" if "reproduced" in verdicts else "partly" if "partly" in verdicts else "not reproduced"
+    return verdict, "; ".join(parts)
+
+
+def judge_original(runs: RecipeRuns) -> tuple[str, str]:
+    proxy = runs.proxies()[0]
+    stat = runs.stat(proxy, "unseen_depth", "original_accuracy")
+    iid = runs.stat(proxy, REFERENCE, "original_accuracy")
+    verdict = "reproduced" if abs(stat.mean - 0.8) <= 0.05 else "not reproduced"
+    how = "" if verdict == "reproduced" else (" higher: our models generalize to deeper nesting better than the "
+                                              "paper's" if stat.mean > 0.8 else " lower than the paper's")
+    return verdict, (f"original accuracy on unseen_depth {stat.fmt()} across {stat.n} training seeds "
+                     f"(iid {iid.fmt()}){how}")
+
+
+def category_drops(runs: RecipeRuns, proxy: str) -> dict[str, SeedStat]:
+    """Per character category: agreement on the other-language splits minus agreement on iid."""
+    others = [s for s in ood_splits(runs) if s != "deep_nesting"]
+    out = {}
+    for group in runs.groups(proxy, REFERENCE, "category"):
+        values = []
+        for seed in runs.seeds:
+            base = runs.row(seed, proxy, REFERENCE, "agreement", "category", group)
+            ood = [runs.row(seed, proxy, s, "agreement", "category", group) for s in others]
+            ood = [r["value"] for r in ood if r is not None and np.isfinite(r["value"])]
+            if base is not None and ood:
+                values.append(float(np.mean(ood)) - base["value"])
+        out[group] = SeedStat(tuple(values), (-1.0, 1.0))
+    return out
+
+
+def judge_code_sources(all_runs: Sequence[RecipeRuns]) -> tuple[str, str]:
+    parts, hits = [], []
+    for runs in all_runs:
+        proxy = runs.selected()
+        depth = runs.signs(proxy, "deep_nesting", "agreement", "gap_vs_matched") if "deep_nesting" in runs.splits() else []
+        drops = category_drops(runs, proxy)
+        if not drops:
+            continue
+        worst = min(drops, key=lambda g: drops[g].mean)
+        nesting = bool(depth) and all(s == -1 for s in depth)
+        hits.append((nesting, worst == "copy"))
+        parts.append(f"`{runs.name}` ({_param_text(runs, proxy)}): deep_nesting agreement vs length-matched iid "
+                     f"{_gap_cell(runs, proxy, 'deep_nesting', 'agreement', 'gap_vs_matched')}; largest "
+                     f"category drop on other languages: `{worst}` ({drops[worst].fmt(3, signed=True)})")
+    if not hits:
+        return "not run", "no code runs"
+    both = any(n and c for n, c in hits)
+    either = any(n or c for n, c in hits)
+    return ("reproduced" if both else "partly" if either else "not reproduced"), "; ".join(parts)
+
+
+def judge_length(all_runs: Sequence[RecipeRuns]) -> tuple[str, str]:
+    raw_total = survived = flipped = 0
+    lost = []
+    for runs in all_runs:
+        proxy = runs.selected()
+        for split in ood_splits(runs):
+            raw = runs.signs(proxy, split, "agreement", "gap_vs_ref")
+            if not raw or not (all(s == -1 for s in raw) or all(s == 1 for s in raw)):
+                continue
+            raw_total += 1
+            matched = runs.signs(proxy, split, "agreement", "gap_vs_matched")
+            if matched == raw:
+                survived += 1
+            else:
+                lost.append(f"`{runs.name}`/`{split}`")
+                flipped += any(m == -raw[0] for m in matched)
+    text = (f"{raw_total} agreement gaps vs iid are significant in every seed at the reported proxies; "
+            f"{survived} stay significant in every seed against the length-matched control"
+            + (f"; not: {', '.join(lost)}" if lost else "")
+            + (f" ({flipped} reverse sign)" if flipped else ""))
+    verdict = "all survive" if raw_total and survived == raw_total else "some survive" if survived else "none survive"
+    return verdict, text
+
+
+def judge(claim: Claim, runs: dict[str, RecipeRuns]) -> tuple[str, str]:
+    present = [runs[name] for name in claim.recipes if name in runs]
+    if not present:
+        return "not run", "recipes " + ", ".join(f"`{r}`" for r in claim.recipes) + " were not run"
+    if claim.kind == "gap":
+        results = [judge_gap(r) for r in present]
+        order = ("reproduced", "partly", "not reproduced")
+        verdict = min((v for v, _ in results), key=order.index)
+        return verdict, "; ".join(t for _, t in results)
+    if claim.kind == "direction":
+        layers = [r for r in runs.values() if not r.recipe.spec.per_head and r.recipe.spec.task == "dyck"]
+        return judge_direction(present, layers)
+    if claim.kind == "key_depth":
+        return judge_key_depth(present)
+    if claim.kind == "original":
+        return judge_original(present[0])
+    if claim.kind == "code_sources":
+        return judge_code_sources(present)
+    if claim.kind == "length":
+        return judge_length(present)
+    raise ValueError(claim.kind)
+
+
+# ----------------------------------------------------------------------------------------------
+# The document
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _n_positions(runs: RecipeRuns, proxy: str, split: str) -> str:
+    values = [runs.row(s, proxy, split, "agreement") for s in runs.seeds]
+    values = [int(r["n_positions"]) for r in values if r is not None]
+    return str(values[0]) if len(set(values)) == 1 else f"{min(values)}-{max(values)}"
+
+
+def selected_table(runs: RecipeRuns, proxy: str) -> list[str]:
+    rows = []
+    for split in runs.splits():
+        is_ref = split == REFERENCE
+        rows.append([
+            f"`{split}`", _n_positions(runs, proxy, split),
+            runs.stat(proxy, split, "original_accuracy").fmt(),
+            runs.stat(proxy, split, "proxy_accuracy").fmt(),
+            runs.stat(proxy, split, "agreement").fmt(),
+            runs.stat(proxy, split, "attention_jsd").fmt(),
+            "-" if is_ref else _gap_cell(runs, proxy, split, "agreement", "gap_vs_ref"),
+            "-" if is_ref else _gap_cell(runs, proxy, split, "agreement", "gap_vs_matched"),
+            "-" if is_ref else _gap_cell(runs, proxy, split, "accuracy_change", "gap_vs_matched"),
+        ])
+    return _md_table(["split", "positions", "original acc", "proxy acc", "agreement", "attn JSD (bits)",
+                      "Δagree vs iid", "Δagree vs len-matched", "Δ(proxy−orig acc) vs len-matched"], rows)
+
+
+def sweep_table(runs: RecipeRuns) -> list[str]:
+    splits = runs.splits()
+    rows = []
+    for proxy in runs.proxies():
+        rows.append([str(runs.param_of(proxy))] + [f"{runs.stat(proxy, s, 'agreement').mean:.3f}" for s in splits]
+                    + [f"{runs.stat(proxy, REFERENCE, 'attention_jsd').mean:.3f}"])
+    return _md_table([runs.param_name()] + [f"agree `{s}`" for s in splits] + ["iid JSD"], rows)
+
+
+def direction_table(runs: RecipeRuns) -> list[str]:
+    rows = []
+    for r in direction_rows(runs):
+        rows.append([f"`{r['proxy']}`", f"`{r['split']}`", r["original"].fmt(), r["proxy_acc"].fmt(),
+                     r["gap"].fmt(3, signed=True), r["matched"].fmt(3, signed=True), r["call"]])
+    return _md_table(["proxy", "split", "original acc", "proxy acc", "Δ(proxy−orig) vs iid",
+                      "… vs len-matched", "call (every seed significant)"], rows)
+
+
+def key_depth_table(runs: RecipeRuns, proxy: str) -> list[str]:
+    splits = [s for s in runs.splits() if runs.groups(proxy, s, "key_depth")]
+    depths = sorted({int(g) for s in splits for g in runs.groups(proxy, s, "key_depth") if g.lstrip("-").isdigit()})
+    rows = []
+    for d in depths:
+        cells = []
+        for s in splits:
+            stat = runs.stat(proxy, s, "agreement", group_by="key_depth", group=str(d))
+            cells.append(f"{stat.mean:.3f}" if stat.values else "")
+        rows.append([str(d)] + cells)
+    return _md_table(["key depth"] + [f"agree `{s}`" for s in splits], rows)
+
+
+def category_table(runs: RecipeRuns, proxy: str) -> list[str]:
+    splits = runs.splits()
+    drops = category_drops(runs, proxy)
+    rows = []
+    for group in runs.groups(proxy, REFERENCE, "category"):
+        rows.append([f"`{group}`"] + [
+            f"{runs.stat(proxy, s, 'agreement', group_by='category', group=group).mean:.3f}" for s in splits
+        ] + [drops[group].fmt(3, signed=True)])
+    return _md_table(["category"] + [f"agree `{s}`" for s in splits] + ["other languages − iid"], rows)
+
+
+def model_table(runs: RecipeRuns) -> list[str]:
+    proxy = runs.proxies()[0]
+    rows = []
+    for split in runs.splits():
+        per_seed = []
+        for seed in runs.seeds:
+            r = runs.row(seed, proxy, split, "original_accuracy")
+            per_seed.append(f"{r['value']:.3f}" if r is not None else "")
+        rows.append([f"`{split}`"] + per_seed + [runs.stat(proxy, split, "original_accuracy").fmt()])
+    return _md_table(["split"] + [f"seed {s}" for s in runs.seeds] + ["mean [95% across seeds]"], rows)
+
+
+def render(
+    runs: dict[str, RecipeRuns],
+    recipes: Sequence[AnalysisRecipe],
+    *,
+    manifest: dict[str, Any],
+    figures: dict[str, str],
+    threads: int,
+) -> str:
+    """The Markdown of ``docs/RESULTS.md``; ``figures`` maps a key to a relative image path."""
+    entries = manifest.get("runs", {})
+    computed = [e for e in entries.values() if not e["reused"]]
+    total = manifest.get("total_seconds", 0.0)
+    seeds = sorted({s for r in runs.values() for s in r.seeds})
+    lines = [
+        "# Results: reproducing *Interpretability Illusions in the Generalization of Simplified Models*",
+        "",
+        "Generated by `illusions reproduce` from the runs it wrote; every number below comes from those runs "
+        "(do not edit by hand, re-run the command). Paper background: the repository's design notes "
+        "(`PAPER.md`, `DESIGN.md`); recipes: `analyses/*.toml`.",
+        "",
+        f"- **Runs:** {len(entries)} ({len(runs)} recipes x training seeds {', '.join(map(str, seeds))}); "
+        f"{len(computed)} computed in this invocation, {len(entries) - len(computed)} reused from earlier "
+        "identical runs.",
+        f"- **Wall time of the reproduction:** {_duration(total)} on {threads} torch thread(s), from the bundled "
+        f"checkpoints (sum of per-run times {_duration(sum(e['seconds'] for e in computed))})."
+        + ("" if not entries or computed and len(computed) == len(entries) else
+           " Reused runs cost no time here, so this is not the full figure; run with `--force` for it."),
+        f"- **Version:** illusions {manifest.get('illusions_version', '?')}.",
+        "",
+        "## How to read this",
+        "",
+        "- Each run fits its proxy on 1,000 training sequences of one checkpoint and evaluates it on up to "
+        "500 sequences per split (`max_seqs` in the recipe). Metrics: *agreement* (proxy and original make "
+        "the same prediction), *accuracy* of each, *attention JSD* (bits, simplified heads, scored queries), "
+        "*accuracy change* (proxy minus original accuracy, same positions).",
+        f"- Cells read `mean [95% interval]` **across training seeds** (t-interval over {len(seeds)} "
+        "checkpoints of the same recipe). A gap cell ends in `(k/n)`: the number of seeds whose own 95% "
+        "bootstrap interval (1,000 resamples of sequences) excludes 0 in the gap's direction.",
+        "- *Δ vs len-matched* compares a split with an in-distribution control re-weighted to the split's "
+        "length distribution: the splits differ in length as well as in what they are named for.",
+        f"- A sweep is reported at its **smallest parameter whose mean iid agreement is at least "
+        f"{FAITHFUL_IID}** (the simplest proxy a researcher would accept in distribution), or at its largest "
+        "when none reaches it.",
+        "- **Verdicts:** *reproduced* when the effect is significant in the same direction in every seed "
+        "(for gaps: against the length-matched control); *partly* when only in some seeds, only before "
+        "length matching, or without the in-distribution match; *not reproduced* otherwise. A proxy "
+        "*under-states* the model's generalization when its accuracy change is lower out of distribution "
+        "than in distribution (the proxy fails where the model generalizes), and *over-states* it when higher.",
+        "",
+        "## Claims",
+        "",
+    ]
+    claim_rows = []
+    for i, claim in enumerate(CLAIMS, 1):
+        verdict, text = judge(claim, runs)
+        claim_rows.append([str(i), ("*(beyond the paper)* " if claim.beyond else "") + claim.text, text,
+                           f"**{verdict}**"])
+    lines += _md_table(["#", "claim", "what we measured", "verdict"], claim_rows)
+
+    lines += ["## The models", ""]
+    for task, name in (("dyck", "dyck-svd-L1"), ("code", "code-svd-L1")):
+        if name in runs:
+            lines += [f"Original accuracy of the `{task}` checkpoints on the evaluated sequences of each split:", ""]
+            lines += model_table(runs[name])
+
+    heads = [r for r in runs.values() if r.recipe.spec.per_head]
+    if heads:
+        lines += ["## Which proxies under- or over-state generalization, per layer and head", "",
+                  "Each proxy simplifies one head only. Accuracy change = proxy minus original accuracy; its gap "
+                  "vs iid is how much more (negative) or less (positive) the proxy loses out of distribution "
+                  "than in distribution, relative to the model.", ""]
+        for r in heads:
+            lines += [f"### `{r.name}`: {r.recipe.description}", ""]
+            if f"heads:{r.name}" in figures:
+                lines += [f"![{r.name}]({figures[f'heads:{r.name}']})", ""]
+            lines += direction_table(r)
+        layer_level = [r for r in runs.values() if not r.recipe.spec.per_head and r.name.startswith("dyck-")]
+        if layer_level:
+            lines += ["### Whole layers, at the reported proxies", ""]
+            rows = []
+            for r in layer_level:
+                proxy = r.selected()
+                for d in direction_rows(r, [proxy]):
+                    rows.append([f"`{r.name}`", f"`{proxy}`", f"`{d['split']}`", d["matched"].fmt(3, signed=True),
+                                 d["call"]])
+            lines += _md_table(["recipe", "proxy", "split", "Δ(proxy−orig) vs len-matched", "call"], rows)
+
+    lines += ["## Recipe by recipe", ""]
+    for recipe in recipes:
+        r = runs.get(recipe.name)
+        if r is None or recipe.spec.per_head:
+            continue
+        proxy = r.selected()
+        lines += [f"### `{recipe.name}`", "", f"{recipe.description}", "", f"*Question:* {recipe.claim}", "",
+                  f"Seeds {', '.join(map(str, r.seeds))}; reported proxy `{proxy}` ({_param_text(r, proxy)}).", ""]
+        if f"sweep:{recipe.name}" in figures:
+            lines += [f"![{recipe.name}]({figures[f'sweep:{recipe.name}']})", ""]
+        lines += selected_table(r, proxy)
+        if len(r.proxies()) > 1:
+            lines += ["Agreement per split over the sweep (mean across seeds):", ""]
+            lines += sweep_table(r)
+        if any(r.groups(proxy, s, "key_depth") for s in r.splits()) and recipe.spec.task == "dyck":
+            lines += [f"Agreement by key depth (depth of the attended opener) at `{proxy}`, mean across seeds:", ""]
+            if f"depth:{recipe.name}" in figures:
+                lines += [f"![{recipe.name} by key depth]({figures[f'depth:{recipe.name}']})", ""]
+            lines += key_depth_table(r, proxy)
+        if r.groups(proxy, REFERENCE, "category"):
+            lines += [f"Agreement by character category at `{proxy}`, mean across seeds:", ""]
+            lines += category_table(r, proxy)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _duration(seconds: float) -> str:
+    seconds = float(seconds)
+    return f"{int(seconds // 60)} min {seconds % 60:.0f} s" if seconds >= 60 else f"{seconds:.1f} s"
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures (PNG, written next to the document)
+
+
+def _yerr(stats: Sequence[SeedStat]) -> np.ndarray:
+    """``[2, n]`` asymmetric error bars of clipped across-seed intervals."""
+    return np.array([s.errors() for s in stats], dtype=np.float64).T.reshape(2, len(stats))
+
+
+def write_figures(runs: dict[str, RecipeRuns], folder: Path, *, relative_to: Path) -> dict[str, str]:
+    """Draw the sweep, key-depth and per-head figures into ``folder``; keys -> paths relative to
+    ``relative_to`` (the document's folder)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from illusions.io import atomic_write_bytes
+
+    folder = Path(folder)
+    out: dict[str, str] = {}
+
+    def save(fig: Any, key: str, stem: str) -> None:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+        plt.close(fig)
+        path = folder / f"{stem}.png"
+        atomic_write_bytes(path, buf.getvalue())
+        out[key] = Path(path).resolve().relative_to(Path(relative_to).resolve()).as_posix()
+
+    for name, r in runs.items():
+        proxies = r.proxies()
+        splits = r.splits()
+        if len(proxies) > 1 and not r.recipe.spec.per_head:
+            x = [r.param_of(p) for p in proxies]
+            fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+            for split in splits:
+                for ax, metric in zip(axes, ("agreement", "attention_jsd"), strict=True):
+                    stats = [r.stat(p, split, metric) for p in proxies]
+                    ax.errorbar(x, [s.mean for s in stats], yerr=_yerr(stats),
+                                marker="o", ms=3, capsize=2, label=split)
+            for ax, label in zip(axes, ("agreement", "attention JSD (bits)"), strict=True):
+                ax.set_xscale("log", base=2)
+                ax.set_xlabel(r.param_name())
+                ax.set_ylabel(label)
+                ax.grid(alpha=0.3)
+            axes[0].legend(fontsize=7)
+            fig.suptitle(f"{name}: mean over {len(r.seeds)} training seeds, 95% across-seed intervals", fontsize=9)
+            save(fig, f"sweep:{name}", name)
+        proxy = r.selected()
+        if r.recipe.spec.task == "dyck" and not r.recipe.spec.per_head and any(
+                r.groups(proxy, s, "key_depth") for s in splits):
+            fig, ax = plt.subplots(figsize=(6, 3.4))
+            for split in splits:
+                groups = sorted(int(g) for g in r.groups(proxy, split, "key_depth") if g.lstrip("-").isdigit())
+                stats = [r.stat(proxy, split, "agreement", group_by="key_depth", group=str(g)) for g in groups]
+                ax.errorbar(groups, [s.mean for s in stats], yerr=_yerr(stats),
+                            marker="o", ms=3, capsize=2, label=split)
+            ax.axvline(10.5, color="grey", ls="--", lw=0.8)
+            ax.set_xlabel("key depth (depth of the attended opener); training max 10")
+            ax.set_ylabel("agreement")
+            ax.set_title(f"{name} at {proxy}", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            save(fig, f"depth:{name}", f"{name}-key-depth")
+        if r.recipe.spec.per_head:
+            ood = ood_splits(r)
+            fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(proxies)), 3.4))
+            width = 0.8 / max(len(ood), 1)
+            for i, split in enumerate(ood):
+                stats = [r.stat(p, split, "accuracy_change", "gap_vs_matched") for p in proxies]
+                pos = np.arange(len(proxies)) + (i - (len(ood) - 1) / 2) * width
+                ax.bar(pos, [s.mean for s in stats], width, yerr=_yerr(stats),
+                       capsize=2, label=split)
+            ax.axhline(0, color="black", lw=0.6)
+            ax.set_xticks(np.arange(len(proxies)), [p.split("@")[-1] for p in proxies], fontsize=7)
+            ax.set_ylabel("Δ(proxy − original acc)\nvs length-matched iid")
+            ax.set_title(f"{name}: below 0 under-states, above 0 over-states generalization", fontsize=9)
+            ax.grid(alpha=0.3, axis="y")
+            ax.legend(fontsize=7)
+            save(fig, f"heads:{name}", name)
+    return out

@@ -1,0 +1,60 @@
+"""`illusions reproduce`: every analysis recipe on every training seed, then docs/RESULTS.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from illusions.cli.app import command, fail, set_threads
+
+
+@command("reproduce")
+def reproduce(
+    recipes: Annotated[Path, typer.Option("--recipes", help="Folder of analysis recipes (*.toml).")] = Path("analyses"),
+    out: Annotated[Path, typer.Option("--out", help="Where the runs go: <out>/<recipe>/seed<N>/.")] = Path("runs/reproduce"),
+    results: Annotated[Path, typer.Option("--results", help="The Markdown document to write (figures go beside it).")] = Path("docs/RESULTS.md"),
+    seeds: Annotated[str | None, typer.Option("--seeds", help="Comma-separated training seeds (default: every shipped checkpoint).")] = None,
+    task: Annotated[list[str] | None, typer.Option("--task", help="Only recipes of this task (repeatable).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Recompute runs even when an identical one exists.")] = False,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html into each seed-0 run.")] = True,
+    threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch.")] = 2,
+) -> None:
+    """Run all analysis recipes on every training seed and write the results document."""
+    from rich.console import Console
+
+    from illusions.analyses import reproduce as rep
+    from illusions.analyses import results as res
+    from illusions.analyses.run import check_writable
+    from illusions.io import atomic_write_text
+
+    seed_list = None
+    if seeds is not None:
+        try:
+            seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        except ValueError:
+            fail(f"--seeds must be comma-separated integers, got {seeds!r}")
+        if not seed_list:
+            fail("--seeds needs at least one seed")
+    all_recipes = rep.load_recipes(recipes)
+    jobs = rep.plan(all_recipes, out, seeds=seed_list, tasks=task)
+    if not jobs:
+        fail(f"no recipe in {recipes} matches --task {', '.join(task or [])}")
+    check_writable(out)
+    check_writable(results.parent)
+    set_threads(threads)
+    err = Console(stderr=True)
+
+    def on_start(job: rep.Job, i: int, n: int) -> None:
+        err.print(f"[dim][{i + 1}/{n}] {job.key}[/]")
+
+    manifest = rep.run_all(jobs, out, force=force, report=report, on_start=on_start)
+    ran = {j.recipe.name for j in jobs}
+    runs = res.load_runs([r for r in all_recipes if r.name in ran], out)
+    figures = res.write_figures(runs, results.parent / "figures", relative_to=results.parent)
+    text = res.render(runs, [r for r in all_recipes if r.name in ran], manifest=manifest, figures=figures,
+                      threads=threads)
+    atomic_write_text(results, text)
+    typer.echo(f"{len(jobs)} runs in {out}/ ({manifest['total_seconds']:.0f} s); wrote {results} and "
+               f"{len(figures)} figures in {results.parent / 'figures'}/")

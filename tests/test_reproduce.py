@@ -1,0 +1,164 @@
+"""`illusions reproduce`: recipes x training seeds -> runs -> RESULTS.md, on tiny models."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from illusions.analyses import reproduce as rep
+from illusions.analyses import results as res
+from illusions.cli import app
+from illusions.models import ModelConfig, build_model, save_model
+from illusions.tasks.dyck import DyckConfig, DyckTask
+
+runner = CliRunner()
+SMALL = DyckConfig(n_train=3000, n_eval=40, max_len=40, ood_depth_max=13, short_max_brackets=12)
+COMMON = 'fit_n = 40\nn_boot = 20\nmax_seqs = 20\nsplits = ["iid", "unseen_depth", "seen_struct"]\n'
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Assets with a tiny 'bundled' Dyck model (seed 0) and a second seed, plus two recipes."""
+    root = tmp_path_factory.mktemp("reproduce")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ILLUSIONS_CACHE", str(root / "cache"))
+    task = DyckTask(SMALL)
+    task.splits()
+    cfg = ModelConfig(n_layers=2, d_model=32, n_heads=2, d_head=16, d_mlp=64, n_ctx=SMALL.max_len,
+                      d_vocab=len(task.vocab))
+    assets = root / "assets"
+    save_model(build_model(cfg, seed=0), assets / "dyck", meta={"task": task.meta()})
+    save_model(build_model(cfg, seed=1), assets / "seeds" / "dyck-seed1", meta={"task": task.meta()})
+    recipes = root / "recipes"
+    recipes.mkdir()
+    (recipes / "dyck-svd-L1.toml").write_text(
+        'name = "dyck-svd-L1"\ndescription = "svd sweep"\nclaim = "c"\n[analysis]\ntask = "dyck"\n'
+        'simplifier = "svd"\nranks = [1, 16]\nlayers = [1]\n' + COMMON)
+    (recipes / "dyck-heads-onehot.toml").write_text(
+        'name = "dyck-heads-onehot"\ndescription = "per head"\nclaim = "c"\n[analysis]\ntask = "dyck"\n'
+        'simplifier = "onehot"\nlayers = [0, 1]\nper_head = true\nbreakdowns = []\n' + COMMON)
+    yield root, assets, recipes
+    mp.undo()
+
+
+def test_plan_pairs_every_recipe_with_every_seed(env, tmp_path):
+    _, assets, recipes = env
+    jobs = rep.plan(rep.load_recipes(recipes), tmp_path, assets=assets)
+    assert [j.key for j in jobs] == ["dyck-heads-onehot/seed0", "dyck-heads-onehot/seed1",
+                                     "dyck-svd-L1/seed0", "dyck-svd-L1/seed1"]
+    assert jobs[1].spec.model == str(assets / "seeds" / "dyck-seed1")
+    assert [j.key for j in rep.plan(rep.load_recipes(recipes), tmp_path, seeds=[1], assets=assets)] == [
+        "dyck-heads-onehot/seed1", "dyck-svd-L1/seed1"]
+    with pytest.raises(Exception, match="no checkpoint of task 'dyck' for seed"):
+        rep.plan(rep.load_recipes(recipes), tmp_path, seeds=[5], assets=assets)
+
+
+def test_runs_are_reused_results_come_from_the_runs(env, tmp_path):
+    _, assets, recipes = env
+    loaded = rep.load_recipes(recipes)
+    jobs = rep.plan(loaded, tmp_path / "runs", assets=assets)
+    first = rep.run_all(jobs, tmp_path / "runs", report=False)
+    assert not any(e["reused"] for e in first["runs"].values())
+    assert json.loads((tmp_path / "runs" / rep.MANIFEST).read_text())["runs"].keys() == first["runs"].keys()
+    again = rep.run_all(jobs, tmp_path / "runs", report=False)
+    assert all(e["reused"] for e in again["runs"].values())
+    # A changed spec is not reused.
+    changed = [rep.Job(j.recipe, j.seed, j.spec.replace(n_boot=30), j.out) for j in jobs[:1]]
+    assert not rep.is_current(changed[0])
+
+    runs = res.load_runs(loaded, tmp_path / "runs")
+    heads = runs["dyck-heads-onehot"]
+    assert heads.seeds == [0, 1]
+    assert heads.proxies() == ["onehot@L0H0", "onehot@L0H1", "onehot@L1H0", "onehot@L1H1"]
+    # The across-seed mean in the document is the mean of the two runs' CSV values.
+    values = []
+    for seed in (0, 1):
+        with open(tmp_path / "runs" / "dyck-svd-L1" / f"seed{seed}" / "metrics.csv") as fh:
+            values += [float(r["value"]) for r in csv.DictReader(fh) if r["proxy"] == "svd(rank=16)"
+                       and r["split"] == "iid" and r["metric"] == "agreement" and r["group_by"] == "all"]
+    stat = runs["dyck-svd-L1"].stat("svd(rank=16)", "iid", "agreement")
+    assert stat.values == pytest.approx(values) and stat.mean == pytest.approx(np.mean(values))
+
+    figures = res.write_figures(runs, tmp_path / "docs" / "figures", relative_to=tmp_path / "docs")
+    assert figures["sweep:dyck-svd-L1"] == "figures/dyck-svd-L1.png"
+    assert (tmp_path / "docs" / "figures" / "dyck-heads-onehot.png").read_bytes()[:4] == b"\x89PNG"
+    doc = res.render(runs, loaded, manifest=first, figures=figures, threads=1)
+    assert "| # | claim | what we measured | verdict |" in doc
+    assert f"{stat.mean:.3f}" in doc
+    assert "`onehot@L1H0`" in doc and "![dyck-svd-L1](figures/dyck-svd-L1.png)" in doc
+    assert "recipes `dyck-kmeans-L1`, `dyck-kmeans-L0` were not run" in doc
+
+
+def _runs(gap_rows):
+    """A two-seed RecipeRuns holding agreement rows with the given (value, low, high) matched gaps."""
+    from illusions.analyses.run import AnalysisRecipe, AnalysisSpec
+
+    rows = {}
+    for seed, (iid_agree, gaps) in enumerate(gap_rows):
+        seed_rows = []
+        for split, gap in [("iid", None), *gaps.items()]:
+            row = {f: float("nan") for f in ("ci_low", "ci_high", "gap_vs_ref", "gap_vs_ref_low",
+                                             "gap_vs_ref_high", "gap_vs_matched", "gap_vs_matched_low",
+                                             "gap_vs_matched_high", "matched_coverage")}
+            row.update(split=split, proxy="svd(rank=4)", simplifier="svd", param="rank", param_value=4,
+                       group_by="all", group="all", metric="agreement", n_positions=10, n_sequences=5,
+                       value=iid_agree if gap is None else iid_agree + gap[0])
+            if gap is not None:
+                row.update(gap_vs_matched=gap[0], gap_vs_matched_low=gap[1], gap_vs_matched_high=gap[2],
+                           gap_vs_ref=gap[0], gap_vs_ref_low=gap[1], gap_vs_ref_high=gap[2])
+            seed_rows.append(row)
+        rows[seed] = seed_rows
+    recipe = AnalysisRecipe("r", "d", "c", AnalysisSpec(ranks=(4,)), "r.toml")
+    return res.RecipeRuns(recipe, rows)
+
+
+@pytest.mark.parametrize("gaps, verdict", [
+    ([(-0.05, -0.08, -0.02), (-0.04, -0.06, -0.01)], "reproduced"),
+    ([(-0.05, -0.08, -0.02), (-0.01, -0.03, 0.01)], "partly"),
+    ([(0.0, -0.02, 0.02), (0.01, -0.01, 0.03)], "not reproduced"),
+    ([(0.05, 0.02, 0.08), (0.04, 0.01, 0.06)], "not reproduced"),  # the proxy improves: not this claim
+])
+def test_gap_verdict_follows_per_seed_significance(gaps, verdict):
+    runs = _runs([(0.99, {"unseen_depth": g}) for g in gaps])
+    assert res.judge_gap(runs)[0] == verdict
+
+
+def test_no_in_distribution_match_caps_the_verdict_at_partly():
+    runs = _runs([(0.80, {"unseen_depth": (-0.05, -0.08, -0.02)}) for _ in range(2)])
+    assert res.judge_gap(runs)[0] == "partly"
+
+
+def test_seed_interval_is_a_t_interval_clipped_to_the_range():
+    stat = res.SeedStat((0.9, 1.0, 0.95), (0.0, 1.0))
+    half = 4.303 * np.std([0.9, 1.0, 0.95], ddof=1) / np.sqrt(3)
+    assert stat.half_width == pytest.approx(half)
+    assert stat.interval == pytest.approx((0.95 - half, 1.0))
+
+
+def test_cli_writes_results_and_refuses_bad_input(env, tmp_path):
+    root, _, recipes = env
+    own = tmp_path / "recipes"
+    own.mkdir()
+    text = (recipes / "dyck-svd-L1.toml").read_text().replace('task = "dyck"\n',
+                                                               f'task = "dyck"\nmodel = "{root / "assets" / "dyck"}"\n')
+    (own / "dyck-svd-L1.toml").write_text(text)
+    doc = tmp_path / "docs" / "RESULTS.md"
+    ok = runner.invoke(app, ["reproduce", "--recipes", str(own), "--out", str(tmp_path / "runs"),
+                             "--results", str(doc), "--threads", "1", "--no-report"])
+    assert ok.exit_code == 0, ok.output
+    assert "1 runs in" in ok.stdout and doc.is_file() and (doc.parent / "figures" / "dyck-svd-L1.png").is_file()
+    for args, message in [
+        (["--recipes", str(tmp_path / "nope")], "recipe folder"),
+        (["--recipes", str(own), "--seeds", "x"], "--seeds must be comma-separated integers"),
+        (["--recipes", str(own), "--seeds", "3"], "no checkpoint of task 'dyck' for seed(s) 3"),
+        (["--recipes", str(own), "--task", "code"], "no recipe in"),
+    ]:
+        bad = runner.invoke(app, ["reproduce", *args, "--out", str(tmp_path / "bad"),
+                                  "--results", str(tmp_path / "bad-docs" / "R.md")])
+        assert bad.exit_code == 2, (args, bad.output)
+        assert message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "bad").exists() and not (tmp_path / "bad-docs").exists()
