@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 THREADS ?= 2
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench reproduce clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,6 +19,9 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(VENV)/bin/illusions analyze dyck --simplify svd --rank 4 --threads $(THREADS)
+
+reproduce: setup
+	$(VENV)/bin/illusions reproduce --threads $(THREADS)
 
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
