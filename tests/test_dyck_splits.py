@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -175,6 +177,10 @@ def test_cache_is_reused_and_keyed_by_config(small, tmp_path):
     assert reloaded.is_cached()
     loaded = reloaded.splits(progress=lambda msg: pytest.fail(f"regenerated: {msg}"))
     assert _same(splits, loaded)
+    # Loading maps the stored int64 arrays instead of reading and converting them.
+    train = loaded["train"]
+    for array in (train.tokens, train.lengths, train.scored.seq, train.scored.meta["key_depth"]):
+        assert array.dtype == np.int64 and isinstance(array.base, mmap.mmap)
     for n in SPLIT_NAMES:
         np.testing.assert_array_equal(
             loaded[n].scored.meta["distance"], splits[n].scored.meta["distance"]
