@@ -80,6 +80,36 @@ def _new_figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
+def _fixed_figure(width: float, height: float, *, left: float, right: float, bottom: float, top: float,
+                  gap: float = 0.0) -> Figure:
+    """A figure whose subplots sit inside margins given in inches (``gap``: between columns).
+
+    Constrained layout measures every text artist in one extra pass per figure; the fixed figures
+    measure only the few labels that set a margin (:func:`_text_inches`) and skip that pass.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
+                        wspace=gap / ((width - left - right - gap) / 2) if gap else None)
+    return fig
+
+
+def _text_inches(text: str, size: float) -> tuple[float, float]:
+    """Width and height of one line of ``text`` at ``size`` points in the default font, in inches."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import text_to_path
+
+    width, height, _ = text_to_path.get_text_width_height_descent(text, FontProperties(size=size), ismath=False)
+    return width / 72, height / 72
+
+
+# Inches taken by y tick labels "0.0".."1.0" with their ticks and padding, and by one line of
+# 10-point text (a title or axis label) with its padding.
+_Y_TICKS_IN = 0.42
+_LINE_IN = 0.26
+
+
 def _finite(x: Any) -> bool:
     return isinstance(x, int | float) and math.isfinite(x)
 
@@ -103,7 +133,17 @@ def accuracy_figure(rows: Sequence[dict[str, Any]], proxy: str, splits: Sequence
         The figure ``fig_accuracy``.
     """
     cell = {(r["split"], r["metric"]): r for r in rows if r["group_by"] == "all" and r["proxy"] == proxy}
-    fig = _new_figure(max(5.0, 1.1 * len(splits) + 2.0), 3.4)
+    width, height = max(5.0, 1.1 * len(splits) + 2.0), 3.4
+    # Split names are drawn rotated by 20 degrees, right-aligned at their tick: the longest sets the
+    # bottom margin, the first may reach left of the axes (its tick is half a slot in).
+    sin, cos = math.sin(math.radians(20)), math.cos(math.radians(20))
+    sizes = [_text_inches(str(s), 10) for s in splits] or [(0.0, 0.0)]
+    bottom = 0.14 + max(w * sin + h * cos for w, h in sizes)
+    left, right = _Y_TICKS_IN + _LINE_IN, 0.15
+    reach = sizes[0][0] * cos + sizes[0][1] * sin + 0.05
+    slot = 0.5 / max(len(splits), 1)
+    left = max(left, (reach - slot * (width - right)) / (1 - slot))
+    fig = _fixed_figure(width, height, left=left, right=right, bottom=bottom, top=_LINE_IN + 0.06)
     ax = fig.add_subplot()
     x = np.arange(len(splits), dtype=np.float64)
     styles = (("original_accuracy", "original accuracy", "o", "#444444", -0.2),
@@ -118,6 +158,7 @@ def accuracy_figure(rows: Sequence[dict[str, Any]], proxy: str, splits: Sequence
         ax.errorbar(x[keep] + dx, [r["value"] for r in sel], yerr=_errors(sel), fmt=marker, color=color,
                     label=label, capsize=3, markersize=5, linestyle="none")
     ax.set_xticks(x, list(splits), rotation=20, ha="right")
+    ax.set_xlim(-0.5, len(splits) - 0.5)
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel("fraction of scored positions")
     ax.set_title(f"{proxy}: accuracy and agreement per split (95% intervals)", fontsize=10)
@@ -196,11 +237,14 @@ def breakdown_figure(rows: Sequence[dict[str, Any]], proxy: str, splits: Sequenc
     if not mine:
         return None
     colors = split_colors(splits)
-    fig = _new_figure(11.0, 3.6)
-    left, right = fig.subplots(1, 2, sharex=True)
     # Numeric groups (depths, bins) go on a numeric axis; named groups (categories) at 0, 1, ...
     named = list(dict.fromkeys(r["group"] for r in mine))
     numeric = all(math.isfinite(_group_value(g)) for g in named)
+    # Below the panels: tick labels (named groups at 8 points) and the axis label.
+    tick_h = _LINE_IN if numeric else 0.06 + max(_text_inches(str(g), 8)[1] for g in named)
+    fig = _fixed_figure(11.0, 3.6, left=_Y_TICKS_IN + 0.05, right=0.15, bottom=0.1 + tick_h + _LINE_IN,
+                        top=_LINE_IN + 0.06, gap=_Y_TICKS_IN + 0.15)
+    left, right = fig.subplots(1, 2, sharex=True)
     position = (lambda g: _group_value(g)) if numeric else (lambda g: float(named.index(g)))
     for split in splits:
         for ax, metric, style in ((left, "agreement", "-"), (right, "proxy_accuracy", "-"),
