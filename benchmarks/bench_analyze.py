@@ -1,11 +1,12 @@
 """Benchmark the main job and sweeps; prints ratios measured in one run (machines are shared).
 
 (a) `illusions analyze dyck --simplify svd --rank 4` in a fresh process (data cache warm), wall
-    seconds and ratio to `python -c "import transformer_lens"` timed in the same run (target <= 2x);
+    seconds and ratio to `python -c "import transformer_lens"` timed in the same run (target <= 2x),
+    the two interleaved; their CPU seconds are printed too, as a check less moved by other load;
 (b) one sweep of 5 ranks over all splits vs 5 separate analyses in one process (target <= 0.5x);
 (c) peak resident memory of the main job's process.
 
-Usage: python benchmarks/bench_analyze.py [--threads 2] [--repeats 3]
+Usage: python benchmarks/bench_analyze.py [--threads 2] [--repeats 3] [--parts abc]
 """
 
 from __future__ import annotations
@@ -24,15 +25,24 @@ ILLUSIONS = [sys.executable, "-m", "illusions"]
 
 
 def wall(cmd: list[str], env: dict[str, str]) -> float:
+    return timed(cmd, env)[0]
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (user + system) of one run of ``cmd``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--parts", default="abc", help="which measurements to run, e.g. 'a' or 'ac'")
     args = parser.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     out = Path(tempfile.mkdtemp(prefix="bench-analyze-"))
@@ -40,25 +50,42 @@ def main() -> None:
                             str(args.threads), "--out", str(out / "main")]
     wall(main_job, env)  # warm the data cache and the OS file cache
 
-    # (a) interleave the two commands so both see the same machine load
-    job, imp = [], []
-    for _ in range(args.repeats):
-        imp.append(wall([sys.executable, "-c", "import transformer_lens"], env))
-        job.append(wall(main_job, env))
-    j, i = statistics.median(job), statistics.median(imp)
-    print(f"(a) main job: {j:.2f} s median of {args.repeats}; import transformer_lens: {i:.2f} s; "
-          f"ratio {j / i:.2f}x (target <= 2x)")
+    if "a" in args.parts:
+        part_a(main_job, env, args.repeats)
+    if "c" in args.parts:
+        part_c(main_job, env)
+    if "b" in args.parts:
+        part_b(args.threads)
 
-    # (c) peak memory of one more main-job process
+
+def part_a(main_job: list[str], env: dict[str, str], repeats: int) -> None:
+    # Interleave the two commands so both see the same machine load.
+    job, imp = [], []
+    for _ in range(repeats):
+        imp.append(timed([sys.executable, "-c", "import transformer_lens"], env))
+        job.append(timed(main_job, env))
+    j, i = statistics.median(w for w, _ in job), statistics.median(w for w, _ in imp)
+    ratios = ", ".join(f"{a[0] / b[0]:.2f}" for a, b in zip(job, imp, strict=True))
+    print(f"(a) main job: {j:.2f} s median of {repeats}; import transformer_lens: {i:.2f} s; "
+          f"ratio {j / i:.2f}x (target <= 2x; pairwise {ratios})")
+    # CPU seconds move less than wall seconds with the machine's other load: a cross-check.
+    jc, ic = statistics.median(c for _, c in job), statistics.median(c for _, c in imp)
+    print(f"    CPU seconds (user + system): main job {jc:.2f}, import {ic:.2f}, ratio {jc / ic:.2f}x")
+
+
+def part_c(main_job: list[str], env: dict[str, str]) -> None:
+    """Peak memory of one more main-job process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     wall(main_job, env)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     print(f"(c) peak RSS of the main job: {max(peak, before) / 1024:.0f} MiB")
 
-    # (b) in one process: 5 separate analyses vs one sweep over the same 5 ranks
+
+def part_b(threads: int) -> None:
+    """In one process: 5 separate analyses vs one sweep over the same 5 ranks."""
     import torch
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
     from illusions.analyses.run import AnalysisSpec, run_analysis
 
     ranks = (1, 2, 4, 8, 16)
