@@ -21,7 +21,7 @@ demo: setup
 	$(VENV)/bin/illusions analyze dyck --simplify svd --rank 4 --threads $(THREADS)
 
 reproduce: setup
-	$(VENV)/bin/illusions reproduce --threads $(THREADS)
+	$(VENV)/bin/illusions reproduce --jobs 2 --threads 1
 
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q

@@ -86,7 +86,7 @@ def test_runs_are_reused_results_come_from_the_runs(env, tmp_path):
     figures = res.write_figures(runs, tmp_path / "docs" / "figures", relative_to=tmp_path / "docs")
     assert figures["sweep:dyck-svd-L1"] == "figures/dyck-svd-L1.png"
     assert (tmp_path / "docs" / "figures" / "dyck-heads-onehot.png").read_bytes()[:4] == b"\x89PNG"
-    doc = res.render(runs, loaded, manifest=first, figures=figures, threads=1)
+    doc = res.render(runs, loaded, manifest=first, figures=figures)
     assert "| # | claim | what we measured | verdict |" in doc
     assert f"{stat.mean:.3f}" in doc
     assert "`onehot@L1H0`" in doc and "![dyck-svd-L1](figures/dyck-svd-L1.png)" in doc
@@ -162,3 +162,15 @@ def test_cli_writes_results_and_refuses_bad_input(env, tmp_path):
         assert bad.exit_code == 2, (args, bad.output)
         assert message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "bad").exists() and not (tmp_path / "bad-docs").exists()
+
+
+def test_parallel_workers_write_the_same_runs_as_one_process(env, tmp_path):
+    _, assets, recipes = env
+    loaded = [r for r in rep.load_recipes(recipes) if r.name == "dyck-svd-L1"]
+    serial = rep.plan(loaded, tmp_path / "serial", assets=assets)
+    parallel = rep.plan(loaded, tmp_path / "parallel", assets=assets)
+    rep.run_all(serial, tmp_path / "serial", report=False)
+    manifest = rep.run_all(parallel, tmp_path / "parallel", report=False, workers=2, threads=1)
+    assert manifest["workers"] == 2 and list(manifest["runs"]) == [j.key for j in parallel]
+    for a, b in zip(serial, parallel, strict=True):
+        assert (a.out / "metrics.csv").read_bytes() == (b.out / "metrics.csv").read_bytes()

@@ -19,7 +19,8 @@ def reproduce(
     task: Annotated[list[str] | None, typer.Option("--task", help="Only recipes of this task (repeatable).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute runs even when an identical one exists.")] = False,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html into each seed-0 run.")] = True,
-    threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch.")] = 2,
+    threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch (per worker with --jobs).")] = 2,
+    jobs: Annotated[int, typer.Option("--jobs", help="Runs in parallel, each in its own process (e.g. --jobs 2 --threads 1 on 2 cores).")] = 1,
 ) -> None:
     """Run all analysis recipes on every training seed and write the results document."""
     from rich.console import Console
@@ -38,23 +39,25 @@ def reproduce(
         if not seed_list:
             fail("--seeds needs at least one seed")
     all_recipes = rep.load_recipes(recipes)
-    jobs = rep.plan(all_recipes, out, seeds=seed_list, tasks=task)
-    if not jobs:
+    planned = rep.plan(all_recipes, out, seeds=seed_list, tasks=task)
+    if not planned:
         fail(f"no recipe in {recipes} matches --task {', '.join(task or [])}")
+    if jobs < 1:
+        fail(f"--jobs must be at least 1, got {jobs}")
     check_writable(out)
     check_writable(results.parent)
     set_threads(threads)
     err = Console(stderr=True)
 
     def on_start(job: rep.Job, i: int, n: int) -> None:
-        err.print(f"[dim][{i + 1}/{n}] {job.key}[/]")
+        err.print(f"[dim][{i + 1}/{n}] {job.key}{' done' if jobs > 1 else ''}[/]")
 
-    manifest = rep.run_all(jobs, out, force=force, report=report, on_start=on_start)
-    ran = {j.recipe.name for j in jobs}
+    manifest = rep.run_all(planned, out, force=force, report=report, on_start=on_start, workers=jobs,
+                           threads=threads)
+    ran = {j.recipe.name for j in planned}
     runs = res.load_runs([r for r in all_recipes if r.name in ran], out)
     figures = res.write_figures(runs, results.parent / "figures", relative_to=results.parent)
-    text = res.render(runs, [r for r in all_recipes if r.name in ran], manifest=manifest, figures=figures,
-                      threads=threads)
+    text = res.render(runs, [r for r in all_recipes if r.name in ran], manifest=manifest, figures=figures)
     atomic_write_text(results, text)
-    typer.echo(f"{len(jobs)} runs in {out}/ ({manifest['total_seconds']:.0f} s); wrote {results} and "
+    typer.echo(f"{len(planned)} runs in {out}/ ({manifest['total_seconds']:.0f} s); wrote {results} and "
                f"{len(figures)} figures in {results.parent / 'figures'}/")
