@@ -31,6 +31,11 @@ _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _BEFORE_BLOCKS = ("hook_embed", "hook_pos_embed", "hook_tokens")
 # [batch, head_index, query_pos, key_pos] hooks: no per-position vector to gather.
 _PATTERN_HOOKS = ("hook_attn_scores", "hook_pattern")
+# Padded positions per forward pass at most (32 full-length rows of a 128-position model). Attention
+# scores grow with the square of the width: 64 rows of 128 positions make 16 MB tensors that the
+# allocator hands back to the system after every batch, and the page faults of taking them again
+# cost about a third of a collection's time on a busy machine.
+MAX_POSITIONS = 4096
 
 
 def hook_layer(name: str) -> int | None:
@@ -102,6 +107,20 @@ def stop_layer(model: HookedTransformer, names: list[str] | tuple[str, ...]) -> 
     return deepest + 1
 
 
+def _batches(order: Tensor, widths: Tensor, batch_size: int) -> list[Tensor]:
+    """``order`` (rows by ascending width ``widths``) cut into runs of at most ``batch_size`` rows and
+    :data:`MAX_POSITIONS` padded positions (a row wider than that goes alone)."""
+    out: list[Tensor] = []
+    start = 0
+    n = int(order.shape[0])
+    for end in range(1, n + 1):
+        # rows start..end-1 are batched; the next one would make the batch too long or too wide
+        if end == n or end - start == batch_size or (end + 1 - start) * int(widths[end]) > MAX_POSITIONS:
+            out.append(order[start:end])
+            start = end
+    return out
+
+
 class _AllCaptured(Exception):
     """Raised by the last capturing hook of a batch: what follows in the forward pass is not needed."""
 
@@ -118,7 +137,8 @@ def collect(
 
     Runs under ``torch.no_grad`` in batches of ``batch_size`` sequences taken shortest first, each
     batch trimmed to its longest kept position (right padding, causal attention: trimming never
-    changes a kept position), and ends each forward pass as soon as every requested hook has fired
+    changes a kept position) and cut further to at most :data:`MAX_POSITIONS` padded positions
+    (a row's activations do not depend on the rows batched with it), and ends each forward pass as soon as every requested hook has fired
     (collecting ``blocks.1.attn.hook_k`` skips that block's attention and MLP). The result is in the
     order of ``tokens`` whatever order the batches ran in.
 
@@ -168,8 +188,7 @@ def collect(
 
     parts: dict[str, list[Tensor]] = {name: [] for name in names}
     with torch.no_grad():
-        for start in range(0, tokens.shape[0], batch_size):
-            rows = order[start : start + batch_size]
+        for rows in _batches(order, width_of[order], batch_size):
             width = int(width_of[rows].max())
             if width == 0:
                 continue
