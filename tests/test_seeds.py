@@ -1,32 +1,63 @@
-"""Extra training seeds of the Dyck reference model (src/illusions/assets/seeds/), for intervals
-across training runs: each is the bundled recipe with another --seed, and reproduces what it recorded."""
+"""Extra training seeds of the reference models (src/illusions/assets/seeds/<task>-seed<N>/), for
+intervals across training runs: each is its task's bundled recipe with another --seed, and
+reproduces what it recorded."""
 
 from __future__ import annotations
 
 import pytest
 
-from illusions.bundled import ASSETS, METRICS_FILE
+from illusions.analyses.reproduce import seed_models
+from illusions.bundled import ASSETS, METRICS_FILE, bundled_recipe_path
 from illusions.config import read_json
-from illusions.models import load_model
+from illusions.models import load_model, read_checkpoint_config
+from illusions.recipes import load_recipe
+from illusions.tasks.code import CodeTask
 from illusions.tasks.dyck import DyckConfig, DyckTask
 from illusions.training import eval_subset_rows, evaluate
 
-SEEDS = sorted(p for p in (ASSETS / "seeds").glob("dyck-seed*") if p.is_dir())
+SEEDS = sorted(p for p in (ASSETS / "seeds").iterdir() if p.is_dir())
 
 
-def test_seed_checkpoints_are_shipped():
-    assert [p.name for p in SEEDS] == ["dyck-seed1", "dyck-seed2"]
+def _task_and_seed(folder):
+    task, _, seed = folder.name.rpartition("-seed")
+    return task, int(seed)
+
+
+def test_three_training_seeds_per_task_are_shipped():
+    assert [p.name for p in SEEDS] == ["code-seed1", "code-seed2", "dyck-seed1", "dyck-seed2"]
+    for task in ("code", "dyck"):
+        assert sorted(seed_models(task)) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("folder", SEEDS, ids=lambda p: p.name)
+def test_seed_is_the_bundled_recipe_with_another_training_seed(folder):
+    from illusions.models import ModelConfig
+    from illusions.training import TrainConfig
+
+    task, seed = _task_and_seed(folder)
+    assert (folder / "recipe.toml").read_bytes() == bundled_recipe_path(task).read_bytes()
+    recipe = load_recipe(bundled_recipe_path(task), {"model": ModelConfig, "train": TrainConfig})
+    cfg, meta = read_checkpoint_config(folder)
+    assert cfg == recipe["model"] and meta["finished"] and meta["step"] == recipe["train"].steps
+    expected = recipe.to_dict()
+    expected["train"]["seed"] = seed
+    saved = dict(meta["recipe"])
+    saved.pop("source")
+    assert saved == expected
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("folder", SEEDS, ids=lambda p: p.name)
 def test_seed_checkpoint_reproduces_its_recorded_subset_accuracies(folder):
+    task_name, _ = _task_and_seed(folder)
     metrics = read_json(folder / METRICS_FILE)
     model, meta = load_model(folder)
-    bundled_cfg, _ = load_model(ASSETS / "dyck")
-    assert meta["recipe"]["train"]["seed"] == int(folder.name.removeprefix("dyck-seed"))
-    assert model.cfg.d_model == bundled_cfg.cfg.d_model and model.cfg.n_layers == bundled_cfg.cfg.n_layers
-    task = DyckTask(DyckConfig.from_dict(meta["task"]["config"]))
+    if task_name == "dyck":
+        task = DyckTask(DyckConfig.from_dict(meta["task"]["config"]))
+    else:
+        task = CodeTask.from_meta(meta["task"], strict=False)
+        if task.corpus().fingerprint != meta["task"]["corpus_fingerprint"]:
+            pytest.skip("this machine's code corpus differs from the one the seed was trained on")
     splits = task.splits()
     rows = {name: eval_subset_rows(len(s), metrics["eval_rows"]) for name, s in splits.items()}
     assert evaluate(model, splits, task.candidates, rows) == metrics["subset_accuracies"]
