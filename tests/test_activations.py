@@ -100,6 +100,16 @@ def test_rows_in_any_length_order_come_back_in_input_order(tiny_model, tiny_toke
     torch.testing.assert_close(partial[NAMES[0]], plain[NAMES[0]][mask_from_lengths(lengths, tiny_tokens.shape[1])])
 
 
+def test_max_positions_cuts_wide_batches_and_keeps_the_values(tiny_model, tiny_tokens):
+    plain = collect(tiny_model, tiny_tokens, NAMES, LENGTHS)
+    # 20 positions: the two shortest rows (5 and 8) share a pass, every other row goes alone.
+    capped = collect(tiny_model, tiny_tokens, NAMES, LENGTHS, max_positions=20)
+    for name in NAMES:
+        torch.testing.assert_close(capped[name], plain[name])
+    with pytest.raises(IllusionsError, match="max_positions must be at least 1"):
+        collect(tiny_model, tiny_tokens, NAMES, LENGTHS, max_positions=0)
+
+
 def test_bad_input_raises_one_clear_error(tiny_model, tiny_tokens):
     with pytest.raises(IllusionsError, match=r"unknown hook 'blocks.1.attn.hook_query'.*layers 0..1.*hook_q"):
         collect(tiny_model, tiny_tokens, ["blocks.1.attn.hook_query"], LENGTHS)

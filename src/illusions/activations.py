@@ -31,11 +31,6 @@ _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _BEFORE_BLOCKS = ("hook_embed", "hook_pos_embed", "hook_tokens")
 # [batch, head_index, query_pos, key_pos] hooks: no per-position vector to gather.
 _PATTERN_HOOKS = ("hook_attn_scores", "hook_pattern")
-# Padded positions per forward pass at most (32 full-length rows of a 128-position model). Attention
-# scores grow with the square of the width: 64 rows of 128 positions make 16 MB tensors that the
-# allocator hands back to the system after every batch, and the page faults of taking them again
-# cost about a third of a collection's time on a busy machine.
-MAX_POSITIONS = 4096
 
 
 def hook_layer(name: str) -> int | None:
@@ -107,15 +102,17 @@ def stop_layer(model: HookedTransformer, names: list[str] | tuple[str, ...]) -> 
     return deepest + 1
 
 
-def _batches(order: Tensor, widths: Tensor, batch_size: int) -> list[Tensor]:
+def _batches(order: Tensor, widths: Tensor, batch_size: int, max_positions: int | None) -> list[Tensor]:
     """``order`` (rows by ascending width ``widths``) cut into runs of at most ``batch_size`` rows and
-    :data:`MAX_POSITIONS` padded positions (a row wider than that goes alone)."""
+    ``max_positions`` padded positions (a row wider than that goes alone)."""
+    if max_positions is None:
+        return [order[start : start + batch_size] for start in range(0, int(order.shape[0]), batch_size)]
     out: list[Tensor] = []
     start = 0
     n = int(order.shape[0])
     for end in range(1, n + 1):
         # rows start..end-1 are batched; the next one would make the batch too long or too wide
-        if end == n or end - start == batch_size or (end + 1 - start) * int(widths[end]) > MAX_POSITIONS:
+        if end == n or end - start == batch_size or (end + 1 - start) * int(widths[end]) > max_positions:
             out.append(order[start:end])
             start = end
     return out
@@ -132,13 +129,14 @@ def collect(
     mask: Bool[Tensor, "batch pos"] | Any,
     *,
     batch_size: int = 64,
+    max_positions: int | None = None,
 ) -> dict[str, Tensor]:
     """Activations of ``model`` at ``hook_names`` on ``tokens``, PAD positions dropped.
 
     Runs under ``torch.no_grad`` in batches of ``batch_size`` sequences taken shortest first, each
     batch trimmed to its longest kept position (right padding, causal attention: trimming never
-    changes a kept position) and cut further to at most :data:`MAX_POSITIONS` padded positions
-    (a row's activations do not depend on the rows batched with it), and ends each forward pass as soon as every requested hook has fired
+    changes a kept position) and, given ``max_positions``, cut further to at most that many padded
+    positions, and ends each forward pass as soon as every requested hook has fired
     (collecting ``blocks.1.attn.hook_k`` skips that block's attention and MLP). The result is in the
     order of ``tokens`` whatever order the batches ran in.
 
@@ -149,6 +147,12 @@ def collect(
             ``model.hook_dict``.
         mask: ``[batch, pos]`` true at positions to keep, or ``[batch]`` lengths of right-padded rows.
         batch_size: sequences per forward pass.
+        max_positions: padded positions per forward pass at most (None: no limit). Attention scores
+            grow with the square of the width: 64 rows of 128 positions make 16 MB tensors that the
+            allocator returns to the system after every batch, and taking them again costs page
+            faults (a third of a small collection's time on a busy machine). A different batching
+            can change the float rounding of the results in the last bits, so the fit, whose
+            numbers are recorded, keeps the plain ``batch_size`` batches.
 
     Returns:
         ``{hook_name: tensor}`` on the CPU: ``[n, head_index, d_head]`` for per-head hooks such as
@@ -166,6 +170,8 @@ def collect(
             raise IllusionsError(f"cannot collect {name!r}: attention patterns have no single position axis")
     if batch_size < 1:
         raise IllusionsError(f"batch_size must be at least 1, got {batch_size}")
+    if max_positions is not None and max_positions < 1:
+        raise IllusionsError(f"max_positions must be at least 1, got {max_positions}")
     device = model.cfg.device
     tokens = torch.as_tensor(tokens, dtype=torch.long)
     if tokens.ndim != 2:
@@ -188,7 +194,7 @@ def collect(
 
     parts: dict[str, list[Tensor]] = {name: [] for name in names}
     with torch.no_grad():
-        for rows in _batches(order, width_of[order], batch_size):
+        for rows in _batches(order, width_of[order], batch_size, max_positions):
             width = int(width_of[rows].max())
             if width == 0:
                 continue
