@@ -64,8 +64,13 @@ def test_runs_are_reused_results_come_from_the_runs(env, tmp_path):
     first = rep.run_all(jobs, tmp_path / "runs", report=False)
     assert not any(e["reused"] for e in first["runs"].values())
     assert json.loads((tmp_path / "runs" / rep.MANIFEST).read_text())["runs"].keys() == first["runs"].keys()
+    assert first["full_run"]["runs"] == len(jobs) and first["full_run"]["seconds"] == first["total_seconds"]
+    assert first["full_run"]["cpu_seconds"] > 0
     again = rep.run_all(jobs, tmp_path / "runs", report=False)
     assert all(e["reused"] for e in again["runs"].values())
+    # Reused runs keep their times, and the whole-reproduction figure is carried over, not replaced by 0.
+    assert again["full_run"] == first["full_run"]
+    assert again["runs"][jobs[0].key]["seconds"] == first["runs"][jobs[0].key]["seconds"]
     # A changed spec is not reused.
     changed = [rep.Job(j.recipe, j.seed, j.spec.replace(n_boot=30), j.out) for j in jobs[:1]]
     assert not rep.is_current(changed[0])
@@ -88,6 +93,7 @@ def test_runs_are_reused_results_come_from_the_runs(env, tmp_path):
     assert (tmp_path / "docs" / "figures" / "dyck-heads-onehot.png").read_bytes()[:4] == b"\x89PNG"
     doc = res.render(runs, loaded, manifest=first, figures=figures)
     assert "| # | claim | what we measured | verdict |" in doc
+    assert f"Wall time of the whole reproduction:** {res._duration(first['total_seconds'])} for all 4 runs" in doc
     assert f"{stat.mean:.3f}" in doc
     assert "`onehot@L1H0`" in doc and "![dyck-svd-L1](figures/dyck-svd-L1.png)" in doc
     assert "recipes `dyck-kmeans-L1`, `dyck-kmeans-L0` were not run" in doc

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -142,12 +143,16 @@ def run_all(
     from illusions.io import atomic_write_json
 
     out = Path(out)
+    previous = _read_manifest(out)
     entries: dict[str, Any] = {}
     t_start = time.perf_counter()
     todo = []
     for job in jobs:
         if not force and is_current(job):
-            entries[job.key] = {"recipe": job.recipe.name, "seed": job.seed, "reused": True, "seconds": 0.0}
+            # A reused run keeps the times it was computed in.
+            before = previous.get("runs", {}).get(job.key, {})
+            entries[job.key] = {"recipe": job.recipe.name, "seed": job.seed, "reused": True,
+                                "seconds": before.get("seconds"), "cpu_seconds": before.get("cpu_seconds")}
         else:
             todo.append(job)
     done = len(jobs) - len(todo)
@@ -169,19 +174,50 @@ def run_all(
                 entries[job.key] = _entry(job, future.result())
                 if on_start is not None:
                     on_start(job, done + i, len(jobs))
+    total = round(time.perf_counter() - t_start, 1)
+    runs = {job.key: entries[job.key] for job in jobs}
     manifest = {
         "illusions_version": __version__,
-        "total_seconds": round(time.perf_counter() - t_start, 1),
+        "total_seconds": total,
         "workers": workers,
         "threads": threads,
-        "runs": {job.key: entries[job.key] for job in jobs},
+        "cpu_count": os.cpu_count(),
+        "runs": runs,
     }
+    if not any(e["reused"] for e in runs.values()):
+        # Every run computed by this invocation: the wall time of a whole reproduction.
+        manifest["full_run"] = _full_run_of(manifest)
+    elif set(runs) == set(previous.get("runs", {})):
+        manifest_full = previous.get("full_run") or _full_run_of(previous)
+        if manifest_full:
+            manifest["full_run"] = manifest_full  # the same jobs, computed whole by an earlier invocation
     atomic_write_json(out / MANIFEST, manifest)
     return manifest
 
 
-def _entry(job: Job, seconds: float) -> dict[str, Any]:
-    return {"recipe": job.recipe.name, "seed": job.seed, "reused": False, "seconds": round(seconds, 2)}
+def _full_run_of(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The whole-reproduction record of a manifest whose invocation computed every run, else None."""
+    runs = manifest.get("runs") or {}
+    if not runs or any(e.get("reused") for e in runs.values()) or "total_seconds" not in manifest:
+        return None
+    cpu = [e.get("cpu_seconds") for e in runs.values()]
+    return {"seconds": manifest["total_seconds"], "workers": manifest.get("workers", 1),
+            "threads": manifest.get("threads", 1), "runs": len(runs),
+            "cpu_seconds": round(sum(cpu), 1) if all(c is not None for c in cpu) else None,
+            "cpu_count": manifest.get("cpu_count")}
+
+
+def _read_manifest(out: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((Path(out) / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _entry(job: Job, times: tuple[float, float]) -> dict[str, Any]:
+    return {"recipe": job.recipe.name, "seed": job.seed, "reused": False, "seconds": round(times[0], 2),
+            "cpu_seconds": round(times[1], 2)}
 
 
 def _init_worker(threads: int) -> None:
@@ -190,11 +226,11 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_job(job: Job, report: bool = True) -> float:
-    """Run one job into its directory; returns its wall seconds."""
+def run_job(job: Job, report: bool = True) -> tuple[float, float]:
+    """Run one job into its directory; returns its wall and CPU seconds (this process, all threads)."""
     from illusions.analyses.run import run_analysis, write_run
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     run = run_analysis(job.spec)
     extra = None
     if report and job.seed == 0:
@@ -204,7 +240,7 @@ def run_job(job: Job, report: bool = True) -> float:
             write_report_files(run, stage)
 
     write_run(run, job.out, extra_files=extra)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def read_rows(run_dir: Path) -> list[dict[str, Any]]:

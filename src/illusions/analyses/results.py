@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -540,7 +539,6 @@ def render(
     """The Markdown of ``docs/RESULTS.md``; ``figures`` maps a key to a relative image path."""
     entries = manifest.get("runs", {})
     computed = [e for e in entries.values() if not e["reused"]]
-    total = manifest.get("total_seconds", 0.0)
     seeds = sorted({s for r in runs.values() for s in r.seeds})
     lines = [
         "# Results: reproducing *Interpretability Illusions in the Generalization of Simplified Models*",
@@ -552,11 +550,7 @@ def render(
         f"- **Runs:** {len(entries)} ({len(runs)} recipes x training seeds {', '.join(map(str, seeds))}); "
         f"{len(computed)} computed in this invocation, {len(entries) - len(computed)} reused from earlier "
         "identical runs.",
-        f"- **Wall time of the reproduction:** {_duration(total)} with {manifest.get('workers', 1)} worker "
-        f"process(es) of {manifest.get('threads', 1)} torch thread(s), from the bundled checkpoints (sum of "
-        f"per-run times {_duration(sum(e['seconds'] for e in computed))}; {os.cpu_count()} CPU cores seen)."
-        + ("" if not entries or computed and len(computed) == len(entries) else
-           " Reused runs cost no time here, so this is not the full figure; run with `--force` for it."),
+        _wall_time_line(manifest, computed, len(entries)),
         f"- **Version:** illusions {manifest.get('illusions_version', '?')}.",
         "",
         "## How to read this",
@@ -644,6 +638,22 @@ def render(
             lines += [f"Agreement by character category at `{proxy}`, mean across seeds:", ""]
             lines += category_table(r, proxy)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _wall_time_line(manifest: dict[str, Any], computed: list[dict[str, Any]], n_runs: int) -> str:
+    full = manifest.get("full_run")
+    if not full:
+        return (f"- **Wall time:** no whole reproduction is recorded in these runs; this invocation took "
+                f"{_duration(manifest.get('total_seconds', 0.0))} and computed {len(computed)} of {n_runs} runs "
+                "(run with `--force` for the whole figure).")
+    cpu = full.get("cpu_seconds")
+    cores = full.get("cpu_count")
+    return (f"- **Wall time of the whole reproduction:** {_duration(full['seconds'])} for all {full['runs']} runs "
+            f"from the bundled checkpoints, in {full['workers']} worker process(es) of {full['threads']} torch "
+            f"thread(s)" + (f" on a {cores}-core machine" if cores else "")
+            + (f"; the runs used {_duration(cpu)} of CPU time in all" if cpu is not None else "") + "."
+            + ("" if len(computed) == n_runs else
+               f" (This invocation recomputed {len(computed)} runs and reused the rest.)"))
 
 
 def _duration(seconds: float) -> str:
