@@ -11,7 +11,6 @@ directories into ``docs/RESULTS.md``.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
@@ -245,20 +244,6 @@ def run_job(job: Job, report: bool = True) -> tuple[float, float]:
 
 def read_rows(run_dir: Path) -> list[dict[str, Any]]:
     """A run's ``metrics.csv`` as rows with numbers parsed (empty cells become NaN)."""
-    from illusions.analyses.summary import ROW_FIELDS
+    from illusions.reports.build import rows_from_csv
 
-    text_fields = {"split", "proxy", "simplifier", "param", "group_by", "group", "metric"}
-    rows = []
-    with open(Path(run_dir) / "metrics.csv", newline="") as fh:
-        for raw in csv.DictReader(fh):
-            row: dict[str, Any] = {}
-            for field in ROW_FIELDS:
-                value = raw[field]
-                if field in text_fields:
-                    row[field] = value
-                elif field == "param_value":
-                    row[field] = int(value) if value.lstrip("-").isdigit() else value
-                else:
-                    row[field] = float(value) if value != "" else float("nan")
-            rows.append(row)
-    return rows
+    return rows_from_csv((Path(run_dir) / "metrics.csv").read_text())
