@@ -3,7 +3,8 @@
 (a) `illusions analyze dyck --simplify svd --rank 4` in a fresh process (data cache warm), wall
     seconds and ratio to `python -c "import transformer_lens"` timed in the same run (target <= 2x),
     the two interleaved; their CPU seconds are printed too, as a check less moved by other load;
-(b) one sweep of 5 ranks over all splits vs 5 separate analyses in one process (target <= 0.5x);
+(b) one sweep of 5 ranks over all splits vs 5 separate analyses in one process (target <= 0.5x),
+    ``--repeats`` pairs, medians;
 (c) peak resident memory of the main job's process.
 
 Usage: python benchmarks/bench_analyze.py [--threads 2] [--repeats 3] [--parts abc]
@@ -55,7 +56,7 @@ def main() -> None:
     if "c" in args.parts:
         part_c(main_job, env)
     if "b" in args.parts:
-        part_b(args.threads)
+        part_b(args.threads, args.repeats)
 
 
 def part_a(main_job: list[str], env: dict[str, str], repeats: int) -> None:
@@ -81,8 +82,8 @@ def part_c(main_job: list[str], env: dict[str, str]) -> None:
     print(f"(c) peak RSS of the main job: {max(peak, before) / 1024:.0f} MiB")
 
 
-def part_b(threads: int) -> None:
-    """In one process: 5 separate analyses vs one sweep over the same 5 ranks."""
+def part_b(threads: int, repeats: int) -> None:
+    """In one process: 5 separate analyses vs one sweep over the same 5 ranks, ``repeats`` pairs."""
     import torch
 
     torch.set_num_threads(threads)
@@ -90,15 +91,19 @@ def part_b(threads: int) -> None:
 
     ranks = (1, 2, 4, 8, 16)
     run_analysis(AnalysisSpec(ranks=(4,)))  # warm-up: imports, data cache
-    t0 = time.perf_counter()
-    for r in ranks:
-        run_analysis(AnalysisSpec(ranks=(r,)))
-    separate = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    run_analysis(AnalysisSpec(ranks=ranks))
-    swept = time.perf_counter() - t0
-    print(f"(b) sweep of {len(ranks)} ranks: {swept:.2f} s; {len(ranks)} separate analyses: {separate:.2f} s; "
-          f"ratio {swept / separate:.2f}x (target <= 0.5x)")
+    separate, swept = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for r in ranks:
+            run_analysis(AnalysisSpec(ranks=(r,)))
+        separate.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        run_analysis(AnalysisSpec(ranks=ranks))
+        swept.append(time.perf_counter() - t0)
+    s, w = statistics.median(separate), statistics.median(swept)
+    ratios = ", ".join(f"{a / b:.2f}" for a, b in zip(swept, separate, strict=True))
+    print(f"(b) sweep of {len(ranks)} ranks: {w:.2f} s; {len(ranks)} separate analyses: {s:.2f} s "
+          f"(medians of {repeats}); ratio {w / s:.2f}x (target <= 0.5x; pairwise {ratios})")
 
 
 if __name__ == "__main__":
