@@ -1,5 +1,5 @@
 """Shim so `python cli.py ...` runs the same Typer app as the `illusions` command."""
-from illusions.cli import app
+from illusions.cli import run
 
 if __name__ == "__main__":
-    app()
+    run()

@@ -43,3 +43,23 @@ def test_python_m_and_shim_run_the_same_app():
     for argv in ([sys.executable, "-m", "illusions", "--version"], [sys.executable, str(Path(__file__).parents[1] / "cli.py"), "--version"]):
         out = subprocess.run(argv, capture_output=True, text=True, check=True)
         assert __version__ in out.stdout
+
+
+def test_process_entry_point_runs_the_app_and_freezes_the_heap():
+    # The console script must be `run` (it skips the ~2 s final collection at exit); `run` must still exit
+    # with the app's status, and leave the heap frozen.
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["illusions"] == "illusions.cli:run"
+    code = (
+        "import gc, sys\n"
+        "from illusions.cli import run\n"
+        "sys.argv = ['illusions', 'list']\n"
+        "try:\n"
+        "    run()\n"
+        "except SystemExit as exc:\n"
+        "    print(exc.code, gc.get_freeze_count() > 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-2:] == ["0", "True"], out.stdout

@@ -1,3 +1,3 @@
-from illusions.cli import app
+from illusions.cli import run
 
-app(prog_name="illusions")
+run()
