@@ -17,10 +17,24 @@ import pytest
 import torch
 
 from illusions.models import ModelConfig, build_model
+from illusions.tasks.dyck import DyckConfig, DyckTask
 
 torch.set_num_threads(1)
 
 TINY = ModelConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=24, d_vocab=13)
+SMALL_DYCK = DyckConfig(n_train=3000, n_eval=40, max_len=40, ood_depth_max=13, short_max_brackets=12)
+
+
+def small_dyck() -> tuple[DyckTask, ModelConfig]:
+    """A small Dyck task, its splits built (in ``$ILLUSIONS_CACHE``), and a tiny model config for it.
+
+    For CLI tests that need a checkpoint whose saved task meta the commands can rebuild in seconds.
+    """
+    task = DyckTask(SMALL_DYCK)
+    task.splits()
+    cfg = ModelConfig(n_layers=2, d_model=32, n_heads=2, d_head=16, d_mlp=64, n_ctx=SMALL_DYCK.max_len,
+                      d_vocab=len(task.vocab))
+    return task, cfg
 
 
 @pytest.fixture

@@ -9,15 +9,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import small_dyck
 from illusions.analyses.faithfulness import analyze
 from illusions.analyses.summary import overall, summarize
 from illusions.cli import app
-from illusions.models import ModelConfig, build_model, save_model
+from illusions.models import build_model, save_model
 from illusions.simplifiers import make_simplifier
-from illusions.tasks.dyck import DyckConfig, DyckTask
 
 runner = CliRunner()
-SMALL = DyckConfig(n_train=3000, n_eval=40, max_len=40, ood_depth_max=13, short_max_brackets=12)
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +25,7 @@ def dyck_env(tmp_path_factory):
     root = tmp_path_factory.mktemp("dyck")
     mp = pytest.MonkeyPatch()
     mp.setenv("ILLUSIONS_CACHE", str(root / "cache"))
-    task = DyckTask(SMALL)
-    task.splits()
-    cfg = ModelConfig(n_layers=2, d_model=32, n_heads=2, d_head=16, d_mlp=64, n_ctx=SMALL.max_len,
-                      d_vocab=len(task.vocab))
+    task, cfg = small_dyck()
     model = build_model(cfg, seed=0)
     save_model(model, root / "model", meta={"task": task.meta()})
     yield task, model, root

@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import small_dyck
 from illusions.analyses import reproduce as rep
 from illusions.analyses import results as res
 from illusions.cli import app
-from illusions.models import ModelConfig, build_model, save_model
-from illusions.tasks.dyck import DyckConfig, DyckTask
+from illusions.models import build_model, save_model
 
 runner = CliRunner()
-SMALL = DyckConfig(n_train=3000, n_eval=40, max_len=40, ood_depth_max=13, short_max_brackets=12)
 COMMON = 'fit_n = 40\nn_boot = 20\nmax_seqs = 20\nsplits = ["iid", "unseen_depth", "seen_struct"]\n'
 
 
@@ -26,10 +25,7 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("reproduce")
     mp = pytest.MonkeyPatch()
     mp.setenv("ILLUSIONS_CACHE", str(root / "cache"))
-    task = DyckTask(SMALL)
-    task.splits()
-    cfg = ModelConfig(n_layers=2, d_model=32, n_heads=2, d_head=16, d_mlp=64, n_ctx=SMALL.max_len,
-                      d_vocab=len(task.vocab))
+    task, cfg = small_dyck()
     assets = root / "assets"
     save_model(build_model(cfg, seed=0), assets / "dyck", meta={"task": task.meta()})
     save_model(build_model(cfg, seed=1), assets / "seeds" / "dyck-seed1", meta={"task": task.meta()})
