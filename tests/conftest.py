@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Generated data goes to a fresh folder per test session, never the user's ~/.cache/illusions.
@@ -25,11 +26,13 @@ TINY = ModelConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=
 SMALL_DYCK = DyckConfig(n_train=3000, n_eval=40, max_len=40, ood_depth_max=13, short_max_brackets=12)
 
 
-def small_dyck() -> tuple[DyckTask, ModelConfig]:
-    """A small Dyck task, its splits built (in ``$ILLUSIONS_CACHE``), and a tiny model config for it.
+def small_dyck(root: Path, mp: pytest.MonkeyPatch) -> tuple[DyckTask, ModelConfig]:
+    """A small Dyck task with its splits built and cached under ``root``, and a tiny model config for it.
 
-    For CLI tests that need a checkpoint whose saved task meta the commands can rebuild in seconds.
+    For CLI tests that need a checkpoint whose saved task meta the commands can rebuild in seconds;
+    ``mp`` points ``$ILLUSIONS_CACHE`` at ``root/cache`` until the caller undoes it.
     """
+    mp.setenv("ILLUSIONS_CACHE", str(root / "cache"))
     task = DyckTask(SMALL_DYCK)
     task.splits()
     cfg = ModelConfig(n_layers=2, d_model=32, n_heads=2, d_head=16, d_mlp=64, n_ctx=SMALL_DYCK.max_len,

@@ -24,8 +24,7 @@ def dyck_env(tmp_path_factory):
     """A small Dyck task (cached in a temp folder) and an untrained tiny model saved with its meta."""
     root = tmp_path_factory.mktemp("dyck")
     mp = pytest.MonkeyPatch()
-    mp.setenv("ILLUSIONS_CACHE", str(root / "cache"))
-    task, cfg = small_dyck()
+    task, cfg = small_dyck(root, mp)
     model = build_model(cfg, seed=0)
     save_model(model, root / "model", meta={"task": task.meta()})
     yield task, model, root

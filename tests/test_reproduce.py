@@ -24,8 +24,7 @@ def env(tmp_path_factory):
     """Assets with a tiny 'bundled' Dyck model (seed 0) and a second seed, plus two recipes."""
     root = tmp_path_factory.mktemp("reproduce")
     mp = pytest.MonkeyPatch()
-    mp.setenv("ILLUSIONS_CACHE", str(root / "cache"))
-    task, cfg = small_dyck()
+    task, cfg = small_dyck(root, mp)
     assets = root / "assets"
     save_model(build_model(cfg, seed=0), assets / "dyck", meta={"task": task.meta()})
     save_model(build_model(cfg, seed=1), assets / "seeds" / "dyck-seed1", meta={"task": task.meta()})
