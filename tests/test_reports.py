@@ -219,6 +219,42 @@ def test_sweep_report_has_curves_and_focuses_one_proxy(tmp_path):
     assert "detailed figures show svd(rank=" in page
 
 
+def _relabelled(rows, labels, values):
+    """The run's overall rows copied once per proxy label, with that proxy's parameter value."""
+    out = []
+    for i, (label, value) in enumerate(zip(labels, values, strict=True)):
+        out += [{**r, "proxy": label, "param": "rank" if value == value else "",
+                 "param_value": value, "value": r["value"] * (1 - 0.1 * i)}
+                for r in rows if r["group_by"] == "all"]
+    return out
+
+
+@pytest.mark.parametrize(("values", "numeric"), [((1.0, 2.0, 4.0), True),
+                                                 ((float("nan"),) * 3, False), ((2.0, 2.0, 2.0), False)])
+def test_sweep_figure_places_every_proxy(run, monkeypatch, values, numeric):
+    """A sweep is drawn against its parameter; per-head or data-free proxies against their labels."""
+    import warnings
+
+    from illusions.reports import plots
+
+    labels = ["p@L1H0", "p@L1H1", "p@L1H2"]
+    splits = list(dict.fromkeys(r["split"] for r in run.rows))
+    monkeypatch.setattr(plots, "render", lambda fig, name: fig)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. matplotlib's "No artists with labels found to put in legend"
+        fig = plots.sweep_figure(_relabelled(run.rows, labels, values), splits)
+    want_x = list(values) if numeric else [0.0, 1.0, 2.0]
+    for ax in fig.axes:
+        assert len(ax.containers) == len(splits)  # one errorbar series per split, every proxy on it
+        for container in ax.containers:  # against labels, each split is shifted by less than half a slot
+            xs = np.asarray(container.lines[0].get_xdata(), dtype=np.float64)
+            assert np.allclose(np.round(xs), want_x) and np.ptp(xs - want_x) < 1e-9
+            assert numeric or np.abs(xs - want_x).max() < 0.5
+        ticks = [t.get_text() for t in ax.get_xticklabels()]
+        assert ticks == (["1", "2", "4"] if numeric else labels)
+    assert fig.axes[0].get_legend() is not None
+
+
 def test_report_of_full_length_examples_stays_small():
     """The main job's worst case: an example per split, 128 tokens, 8 patterns, all non-zero."""
     from illusions.reports.attention import AttentionExample, ExampleChoice

@@ -222,8 +222,8 @@ def build_report(inputs: ReportInputs) -> tuple[str, list[Any]]:
         sweep = plots.sweep_figure(inputs.rows, splits)
         figures.append(sweep)
         sections.append(html.Section("sweep", "Sweep", html.figure(
-            sweep, "Agreement, attention JSD and accuracy against the swept parameter, one line per split "
-                   "(bars: 95% intervals).")))
+            sweep, "Agreement, attention JSD and accuracy per proxy (against the swept parameter when the "
+                   "proxies form a sweep), one colour per split (bars: 95% intervals).")))
 
     examples = attention.build_examples(
         inputs.model, all_splits, {s: inputs.records[(s, j)] for s in splits}, proxy, inputs.task.vocab.tokens)

@@ -184,47 +184,68 @@ def accuracy_figure(rows: Sequence[dict[str, Any]], proxy: str, splits: Sequence
 
 
 def sweep_figure(rows: Sequence[dict[str, Any]], splits: Sequence[str]) -> StaticFigure:
-    """Agreement, attention JSD and proxy accuracy against the swept parameter, one line per split.
+    """Agreement, attention JSD and proxy accuracy across the run's proxies, one line per split.
+
+    A sweep (one swept parameter, a distinct value per proxy) is drawn against that parameter. Other
+    multi-proxy runs (one proxy per head, or data-free proxies with no parameter) are drawn against the
+    proxy labels, in run order.
 
     Args:
-        rows: tidy rows of a sweep (several proxies sharing one ``param``).
+        rows: tidy rows of a run with several proxies.
         splits: split order (and colours).
 
     Returns:
         The figure ``fig_sweep``.
     """
     overall = [r for r in rows if r["group_by"] == "all"]
-    param = next((r["param"] for r in overall if r["param"]), "parameter")
+    labels = list(dict.fromkeys(r["proxy"] for r in overall))
+    by_label = {r["proxy"]: r["param_value"] for r in overall}
+    numeric = (all(_finite(by_label[lab]) for lab in labels)
+               and len({float(by_label[lab]) for lab in labels}) == len(labels))
+    if numeric:
+        param = next((r["param"] for r in overall if r["param"]), "parameter")
+        values = sorted(float(by_label[lab]) for lab in labels)
+        position = {lab: float(by_label[lab]) for lab in labels}
+    else:
+        param, values = "proxy", [float(i) for i in range(len(labels))]
+        position = {lab: float(i) for i, lab in enumerate(labels)}
     colors = split_colors(splits)
     panels = (("agreement", "agreement"), ("attention_jsd", "attention JSD (bits)"),
               ("proxy_accuracy", "accuracy"))
-    fig = _new_figure(12.0, 3.6)
+    fig = _new_figure(12.0, 3.6 if numeric else 4.2)
     axes = fig.subplots(1, 3)
-    values = sorted({float(r["param_value"]) for r in overall if _finite(r["param_value"])})
     for ax, (metric, label) in zip(axes, panels, strict=True):
-        for split in splits:
+        for i, split in enumerate(splits):
             mine = sorted((r for r in overall if r["split"] == split and r["metric"] == metric
-                           and _finite(r["value"]) and _finite(r["param_value"])),
-                          key=lambda r: float(r["param_value"]))
+                           and _finite(r["value"])), key=lambda r: position[r["proxy"]])
             if not mine:
                 continue
-            xs = [float(r["param_value"]) for r in mine]
+            # Against labels, the splits sit side by side around each proxy's tick instead of on top.
+            dodge = 0.0 if numeric else 0.5 * (i - (len(splits) - 1) / 2) / max(len(splits), 1)
+            xs = [position[r["proxy"]] + dodge for r in mine]
             ax.errorbar(xs, [r["value"] for r in mine], yerr=_errors(mine), color=colors[split],
-                        marker="o", markersize=4, capsize=2, label=split)
+                        marker="o", markersize=4, capsize=2, label=split,
+                        linestyle="-" if numeric else "none")
             if metric == "proxy_accuracy":
                 orig = [r for r in overall if r["split"] == split and r["metric"] == "original_accuracy"
                         and _finite(r["value"])]
                 if orig:
                     ax.axhline(orig[0]["value"], color=colors[split], linestyle=":", linewidth=1)
-        if values and values[0] > 0 and values[-1] / values[0] >= 8:
+        if numeric and values[0] > 0 and values[-1] / values[0] >= 8:
             ax.set_xscale("log", base=2)
-        ax.set_xticks(values, [f"{v:g}" for v in values])
+        if numeric:
+            ax.set_xticks(values, [f"{v:g}" for v in values])
+        else:
+            ax.set_xticks(values, labels, rotation=45, ha="right", fontsize=7)
+            ax.set_xlim(-0.5, len(labels) - 0.5)
         ax.minorticks_off()
         ax.set_xlabel(param)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[2].set_title("proxy (solid) vs original (dotted)", fontsize=9)
-    axes[0].legend(fontsize=8)
+    axes[2].set_title("proxy (solid) vs original (dotted)" if numeric else "proxy (points) vs original (dotted)",
+                      fontsize=9)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=8)
     return render(fig, "fig_sweep")
 
 
