@@ -200,7 +200,7 @@ def sweep_figure(rows: Sequence[dict[str, Any]], splits: Sequence[str]) -> Stati
     overall = [r for r in rows if r["group_by"] == "all"]
     labels = list(dict.fromkeys(r["proxy"] for r in overall))
     by_label = {r["proxy"]: r["param_value"] for r in overall}
-    numeric = (all(_finite(by_label[lab]) for lab in labels)
+    numeric = (bool(labels) and all(_finite(by_label[lab]) for lab in labels)
                and len({float(by_label[lab]) for lab in labels}) == len(labels))
     if numeric:
         param = next((r["param"] for r in overall if r["param"]), "parameter")
