@@ -130,21 +130,23 @@ class RunResult:
     model: Any = None  # the original HookedTransformer
 
 
-def build_simplifiers(spec: AnalysisSpec, *, n_layers: int = 2, n_heads: int | None = None) -> list[Any]:
+def build_simplifiers(spec: AnalysisSpec, *, n_layers: int | None = None,
+                      n_heads: int | None = None) -> list[Any]:
     """One configured simplifier per swept value (one for a data-free method with no parameter).
 
-    With ``spec.per_head``, one per swept value and targeted (layer, head): the layers of the spec
-    (default the last of ``n_layers``) times its heads (default all ``n_heads``; when ``n_heads``
-    is not known yet, head 0 stands in so the parameters can be checked before a model is loaded).
+    With ``spec.per_head`` and the model's shape (``n_layers``, ``n_heads``), one per swept value and
+    targeted (layer, head): the layers of the spec (default the last) times its heads (default all).
+    Without the shape, a per-head spec gets the same simplifiers as a plain one, which is enough to
+    check its parameters before a model is loaded.
     """
     from illusions.simplifiers import make_simplifier
 
     param, values = spec.sweep_values()
     common: dict[str, Any] = {"target": spec.target, "resid": spec.resid, "centered": spec.centered,
                               "basis": spec.basis, "seed": spec.seed}
-    if spec.per_head:
+    if spec.per_head and n_layers is not None and n_heads is not None:
         layers = spec.layers or (n_layers - 1,)
-        heads = spec.heads or tuple(range(n_heads if n_heads is not None else 1))
+        heads = spec.heads or tuple(range(n_heads))
         targets = [{"layers": (layer,), "heads": (head,)} for layer in layers for head in heads]
     else:
         targets = [{"layers": spec.layers, "heads": spec.heads}]
