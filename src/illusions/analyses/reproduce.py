@@ -128,13 +128,15 @@ def run_all(
     *,
     force: bool = False,
     report: bool = True,
-    on_start: Callable[[Job, int, int], None] | None = None,
+    progress: Callable[[Job, int, int, str], None] | None = None,
     workers: int = 1,
     threads: int = 1,
 ) -> dict[str, Any]:
     """Run (or reuse) every job; returns and writes the manifest ``<out>/reproduce.json``.
 
     Reports are written for seed 0 only (the other seeds' runs feed the across-seed intervals).
+    ``progress(job, i, n, event)`` is called for each job computed: ``event`` is ``"start"`` as it
+    starts in this process, or ``"done"`` as a worker returns it (workers report only completions).
     With ``workers > 1`` the jobs run in that many worker processes of ``threads`` torch threads
     each (on small models, two 1-thread processes use two cores better than one 2-thread process);
     every run is independent and seeded, so its files do not depend on ``workers``.
@@ -157,8 +159,8 @@ def run_all(
     done = len(jobs) - len(todo)
     if workers <= 1 or len(todo) <= 1:
         for i, job in enumerate(todo):
-            if on_start is not None:
-                on_start(job, done + i, len(jobs))
+            if progress is not None:
+                progress(job, done + i, len(jobs), "start")
             entries[job.key] = _entry(job, run_job(job, report))
     else:
         import multiprocessing
@@ -171,8 +173,8 @@ def run_all(
             for i, future in enumerate(as_completed(futures)):
                 job = futures[future]
                 entries[job.key] = _entry(job, future.result())
-                if on_start is not None:
-                    on_start(job, done + i, len(jobs))
+                if progress is not None:
+                    progress(job, done + i, len(jobs), "done")
     total = round(time.perf_counter() - t_start, 1)
     runs = {job.key: entries[job.key] for job in jobs}
     manifest = {

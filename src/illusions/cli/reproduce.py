@@ -49,10 +49,10 @@ def reproduce(
     set_threads(threads)
     err = Console(stderr=True)
 
-    def on_start(job: rep.Job, i: int, n: int) -> None:
-        err.print(f"[dim][{i + 1}/{n}] {job.key}{' done' if jobs > 1 else ''}[/]")
+    def progress(job: rep.Job, i: int, n: int, event: str) -> None:
+        err.print(f"[dim][{i + 1}/{n}] {job.key}{' done' if event == 'done' else ''}[/]")
 
-    manifest = rep.run_all(planned, out, force=force, report=report, on_start=on_start, workers=jobs,
+    manifest = rep.run_all(planned, out, force=force, report=report, progress=progress, workers=jobs,
                            threads=threads)
     ran = {j.recipe.name for j in planned}
     runs = res.load_runs([r for r in all_recipes if r.name in ran], out)
