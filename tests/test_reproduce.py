@@ -136,8 +136,24 @@ def test_no_in_distribution_match_caps_the_verdict_at_partly():
 def test_seed_interval_is_a_t_interval_clipped_to_the_range():
     stat = res.SeedStat((0.9, 1.0, 0.95), (0.0, 1.0))
     half = 4.303 * np.std([0.9, 1.0, 0.95], ddof=1) / np.sqrt(3)
-    assert stat.half_width == pytest.approx(half)
-    assert stat.interval == pytest.approx((0.95 - half, 1.0))
+    assert stat.half_width == pytest.approx(half, rel=1e-3)  # t_{0.975, 2} = 4.3027
+    assert stat.interval == pytest.approx((0.95 - stat.half_width, 1.0))
+
+
+def test_key_depth_claim_splits_at_the_runs_training_depth():
+    """Depths up to the task's recorded max_depth count as seen in training; without it, no verdict."""
+    base = _runs([(0.99, {"unseen_depth": (-0.05, -0.08, -0.02)}) for _ in range(3)])
+    for seed_rows in base.rows.values():
+        for depth, value in ((2, 0.9), (5, 0.5)):
+            seed_rows.append({**seed_rows[-1], "group_by": "key_depth", "group": str(depth), "value": value})
+    def split(d):
+        return res._depth_split(res.RecipeRuns(base.recipe, base.rows), "svd(rank=4)", "unseen_depth", d)
+    assert [s.mean for s in split(3)] == pytest.approx([0.9, 0.5])
+    assert [s.values for s in split(10)] == [(), ()]  # nothing beyond depth 10
+    runs = res.RecipeRuns(base.recipe, base.rows, {"max_depth": 3})
+    verdict, text = res.judge_key_depth([runs])
+    assert verdict == "reproduced" and "key depth <= 3" in text
+    assert res.judge_key_depth([res.RecipeRuns(base.recipe, base.rows)])[0] == "not run"
 
 
 def test_cli_writes_results_and_refuses_bad_input(env, tmp_path):

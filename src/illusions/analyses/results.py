@@ -29,7 +29,6 @@ from illusions.analyses.run import AnalysisRecipe
 
 FAITHFUL_IID = 0.95
 REFERENCE = "iid"
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +50,9 @@ class SeedStat:
     def half_width(self) -> float:
         if self.n < 2:
             return float("nan")
-        t = T975.get(self.n - 1, 1.96)
+        from scipy.stats import t as student_t
+
+        t = float(student_t.ppf(0.975, self.n - 1))
         return t * float(np.std(self.values, ddof=1)) / math.sqrt(self.n)
 
     @property
@@ -79,10 +80,11 @@ class SeedStat:
 
 @dataclasses.dataclass
 class RecipeRuns:
-    """The rows of one recipe's runs, by training seed."""
+    """The rows of one recipe's runs, by training seed, and the task configuration they ran on."""
 
     recipe: AnalysisRecipe
     rows: dict[int, list[dict[str, Any]]]
+    task_config: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._index = {
@@ -174,8 +176,19 @@ def load_runs(recipes: Sequence[AnalysisRecipe], runs_dir: Path) -> dict[str, Re
             if suffix.isdigit() and (seed_dir / "metrics.csv").is_file():
                 rows[int(suffix)] = read_rows(seed_dir)
         if rows:
-            out[recipe.name] = RecipeRuns(recipe, rows)
+            out[recipe.name] = RecipeRuns(recipe, rows, _task_config(folder / f"seed{min(rows)}"))
     return out
+
+
+def _task_config(run_dir: Path) -> dict[str, Any]:
+    """The task configuration a run recorded in its ``config.json`` (empty when unreadable)."""
+    import json
+
+    try:
+        config = json.loads((run_dir / "config.json").read_text())["task"]["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def verdict_of(signs_per_split: dict[str, list[int]], raw_signs: dict[str, list[int]], direction: int) -> str:
@@ -309,8 +322,9 @@ def judge_direction(head_runs: Sequence[RecipeRuns], layer_runs: Sequence[Recipe
     return verdict, text
 
 
-def _depth_split(runs: RecipeRuns, proxy: str, split: str, metric: str = "agreement") -> tuple[SeedStat, SeedStat]:
-    """Position-weighted mean of ``metric`` over key depths <= 10 and > 10 (train max depth), per seed."""
+def _depth_split(runs: RecipeRuns, proxy: str, split: str, max_depth: int,
+                 metric: str = "agreement") -> tuple[SeedStat, SeedStat]:
+    """Position-weighted mean of ``metric`` over key depths <= and > ``max_depth``, per seed."""
     inside, beyond = [], []
     for seed in runs.seeds:
         acc = {True: [0.0, 0.0], False: [0.0, 0.0]}
@@ -318,7 +332,7 @@ def _depth_split(runs: RecipeRuns, proxy: str, split: str, metric: str = "agreem
             r = runs.row(seed, proxy, split, metric, "key_depth", group)
             if r is None or not np.isfinite(r["value"]) or not group.lstrip("-").isdigit():
                 continue
-            cell = acc[int(group) <= 10]
+            cell = acc[int(group) <= max_depth]
             cell[0] += r["value"] * r["n_positions"]
             cell[1] += r["n_positions"]
         if acc[True][1] and acc[False][1]:
@@ -331,14 +345,17 @@ def judge_key_depth(all_runs: Sequence[RecipeRuns]) -> tuple[str, str]:
     parts, verdicts = [], []
     for runs in all_runs:
         proxy = runs.selected()
-        inside, beyond = _depth_split(runs, proxy, "unseen_depth")
+        max_depth = runs.task_config.get("max_depth")  # the training strings' deepest nesting
+        if not isinstance(max_depth, int):
+            continue
+        inside, beyond = _depth_split(runs, proxy, "unseen_depth", max_depth)
         if not inside.values:
             continue
         diff = SeedStat(tuple(b - a for a, b in zip(inside.values, beyond.values, strict=True)), (-1.0, 1.0))
         lo, hi = diff.interval
         verdicts.append("reproduced" if hi < 0 else "partly" if diff.mean < 0 else "not reproduced")
         parts.append(f"`{runs.name}` ({_param_text(runs, proxy)}) on unseen_depth: agreement {inside.fmt()} at key "
-                     f"depth <= 10 vs {beyond.fmt()} beyond (difference {diff.fmt(3, signed=True)}; "
+                     f"depth <= {max_depth} vs {beyond.fmt()} beyond (difference {diff.fmt(3, signed=True)}; "
                      f"{'below 0' if hi < 0 else 'above 0' if lo > 0 else 'includes 0'})")
     if not verdicts:
         return "not run", "no key-depth breakdown available"
