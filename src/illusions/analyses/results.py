@@ -692,10 +692,7 @@ def write_figures(runs: dict[str, RecipeRuns], folder: Path, *, relative_to: Pat
     ``relative_to`` (the document's folder)."""
     import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global figure state, no backend switch
 
     from illusions.io import atomic_write_bytes
 
@@ -705,7 +702,6 @@ def write_figures(runs: dict[str, RecipeRuns], folder: Path, *, relative_to: Pat
     def save(fig: Any, key: str, stem: str) -> None:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
-        plt.close(fig)
         path = folder / f"{stem}.png"
         atomic_write_bytes(path, buf.getvalue())
         out[key] = Path(path).resolve().relative_to(Path(relative_to).resolve()).as_posix()
@@ -715,7 +711,8 @@ def write_figures(runs: dict[str, RecipeRuns], folder: Path, *, relative_to: Pat
         splits = r.splits()
         if len(proxies) > 1 and not r.recipe.spec.per_head:
             x = [r.param_of(p) for p in proxies]
-            fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+            fig = Figure(figsize=(10, 3.6))
+            axes = fig.subplots(1, 2)
             for split in splits:
                 for ax, metric in zip(axes, ("agreement", "attention_jsd"), strict=True):
                     stats = [r.stat(p, split, metric) for p in proxies]
@@ -732,14 +729,18 @@ def write_figures(runs: dict[str, RecipeRuns], folder: Path, *, relative_to: Pat
         proxy = r.selected()
         if r.recipe.spec.task == "dyck" and not r.recipe.spec.per_head and any(
                 r.groups(proxy, s, "key_depth") for s in splits):
-            fig, ax = plt.subplots(figsize=(6, 3.4))
+            fig = Figure(figsize=(6, 3.4))
+            ax = fig.subplots()
             for split in splits:
                 groups = sorted(int(g) for g in r.groups(proxy, split, "key_depth") if g.lstrip("-").isdigit())
                 stats = [r.stat(proxy, split, "agreement", group_by="key_depth", group=str(g)) for g in groups]
                 ax.errorbar(groups, [s.mean for s in stats], yerr=_yerr(stats),
                             marker="o", ms=3, capsize=2, label=split)
-            ax.axvline(10.5, color="grey", ls="--", lw=0.8)
-            ax.set_xlabel("key depth (depth of the attended opener); training max 10")
+            max_depth = r.task_config.get("max_depth")
+            if isinstance(max_depth, int):
+                ax.axvline(max_depth + 0.5, color="grey", ls="--", lw=0.8)
+            ax.set_xlabel("key depth (depth of the attended opener)"
+                          + (f"; training max {max_depth}" if isinstance(max_depth, int) else ""))
             ax.set_ylabel("agreement")
             ax.set_title(f"{name} at {proxy}", fontsize=9)
             ax.grid(alpha=0.3)
@@ -747,7 +748,8 @@ def write_figures(runs: dict[str, RecipeRuns], folder: Path, *, relative_to: Pat
             save(fig, f"depth:{name}", f"{name}-key-depth")
         if r.recipe.spec.per_head:
             ood = ood_splits(r)
-            fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(proxies)), 3.4))
+            fig = Figure(figsize=(max(6, 0.9 * len(proxies)), 3.4))
+            ax = fig.subplots()
             width = 0.8 / max(len(ood), 1)
             for i, split in enumerate(ood):
                 stats = [r.stat(p, split, "accuracy_change", "gap_vs_matched") for p in proxies]
