@@ -42,6 +42,7 @@ class QueryScale:
 class FakeProxy:
     scale: float
     simplifier: str = "scale"
+    sweep_param: str = "rank"
 
     @property
     def params(self) -> dict[str, Any]:

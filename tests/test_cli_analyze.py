@@ -14,7 +14,7 @@ from illusions.analyses.faithfulness import analyze
 from illusions.analyses.summary import overall, summarize
 from illusions.cli import app
 from illusions.models import build_model, save_model
-from illusions.simplifiers import make_simplifier
+from illusions.registry import make_simplifier
 
 runner = CliRunner()
 
@@ -157,18 +157,16 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("path", sorted((REPO / "analyses").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_analysis_recipes_parse_and_name_registered_things(path):
     from illusions import registry
-    from illusions.analyses.run import load_analysis_recipe
+    from illusions.analyses.run import build_simplifiers, load_analysis_recipe
 
     recipe = load_analysis_recipe(path)
     assert recipe.name == path.stem
     assert recipe.description and recipe.claim
     assert recipe.spec.task in registry.TASKS and recipe.spec.simplifier in registry.SIMPLIFIERS
-    make_simplifier(recipe.spec.simplifier, **_sweep_param(recipe.spec), layers=recipe.spec.layers)
-
-
-def _sweep_param(spec):
-    param, values = spec.sweep_values()
-    return {param: values[0]} if param else {}
+    param, values = recipe.spec.sweep_values()
+    built = build_simplifiers(recipe.spec)
+    assert len(built) == max(len(values), 1)
+    assert [getattr(s, param) for s in built] == list(values) if values else param == "" or len(built) == 1
 
 
 def test_recipe_runs_through_the_cli_and_refuses_other_options(dyck_env, tmp_path):
@@ -189,3 +187,31 @@ def test_recipe_runs_through_the_cli_and_refuses_other_options(dyck_env, tmp_pat
     recipe.write_text('[analysis]\ntask = "dyck"\nrank = 4\n')
     bad = runner.invoke(app, ["analyze", str(recipe)])
     assert bad.exit_code == 2 and "unknown AnalysisSpec key(s) rank" in bad.stderr and str(recipe) in bad.stderr
+
+
+def test_a_recipe_with_max_seqs_0_evaluates_every_sequence(dyck_env, tmp_path):
+    task, _, root = dyck_env
+    recipe = tmp_path / "all-seqs.toml"
+    recipe.write_text(
+        '[analysis]\n'
+        f'task = "dyck"\nmodel = "{root / "model"}"\nsimplifier = "onehot"\n'
+        'fit_n = 10\nn_boot = 10\nsplits = ["iid", "unseen_depth"]\nmax_seqs = 0\n'
+    )
+    out = tmp_path / "run"
+    result = _invoke(["analyze", str(recipe), "--out", str(out), "--threads", "1", "--no-report", "--json"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["spec"]["max_seqs"] is None
+    splits = task.splits()
+    assert config["evaluated_sequences"] == {"iid": len(splits["iid"]), "unseen_depth": len(splits["unseen_depth"])}
+    assert len(splits["iid"]) > 500 or len(splits["iid"]) > 0
+
+
+def test_a_split_named_twice_is_evaluated_once(dyck_env, tmp_path):
+    _, _, root = dyck_env
+    common = ["analyze", "dyck", "--rank", "2", "--model", str(root / "model"), "--fit-n", "30",
+              "--n-boot", "20", "--threads", "1", "--no-report"]
+    once = _invoke([*common, "--split", "iid", "--out", str(tmp_path / "once")])
+    twice = _invoke([*common, "--split", "iid", "--split", "iid", "--out", str(tmp_path / "twice")])
+    assert once.exit_code == 0 and twice.exit_code == 0, once.output + twice.output
+    assert (tmp_path / "once" / "metrics.csv").read_bytes() == (tmp_path / "twice" / "metrics.csv").read_bytes()

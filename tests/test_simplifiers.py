@@ -233,10 +233,10 @@ def test_heads_and_first_layer(tiny_model, tiny_tokens):
     assert _fit(tiny_model, tiny_tokens, EACH[6]).first_layer == 0
 
 
-def test_fit_ranks_equals_separate_fits(tiny_model, tiny_tokens):
+def test_fit_sweep_equals_separate_fits(tiny_model, tiny_tokens):
     for simplifier in (SVD(basis="joint"), ResidSVD()):
         acts = collect(tiny_model, tiny_tokens, simplifier.hook_names(tiny_model), LENGTHS)
-        many = simplifier.fit_ranks(tiny_model, acts, [1, 3, 5])
+        many = simplifier.fit_sweep(tiny_model, acts, [1, 3, 5])
         for rank, proxy in many.items():
             one = simplifier.replace(rank=rank).fit(tiny_model, acts)
             assert proxy.params == one.params and proxy.params["rank"] == rank
@@ -266,7 +266,7 @@ def test_kmeans_is_deterministic_given_the_seed(tiny_model, tiny_tokens):
 
 def test_explained_variance_is_monotone_and_full_at_full_rank(tiny_model, tiny_tokens):
     acts = collect(tiny_model, tiny_tokens, SVD().hook_names(tiny_model), LENGTHS)
-    proxies = SVD().fit_ranks(tiny_model, acts, list(range(1, 9)))
+    proxies = SVD().fit_sweep(tiny_model, acts, list(range(1, 9)))
     kept = [proxies[r].info["explained_variance"]["blocks.1.attn.hook_q"][0] for r in range(1, 9)]
     assert all(a <= b + 1e-12 for a, b in zip(kept, kept[1:], strict=False))
     assert kept[-1] == pytest.approx(1.0) and kept[0] < 1.0

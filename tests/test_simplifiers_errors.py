@@ -1,7 +1,8 @@
-"""Bad simplifier input: one IllusionsError each, stating the valid range; CLI-style construction."""
+"""Bad simplifier input: one IllusionsError each, stating the valid range; building by registry name."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -19,8 +20,8 @@ from illusions.simplifiers import (
     Targets,
     WeightSVD,
     fit_proxy,
-    make_simplifier,
 )
+from illusions.registry import make_simplifier
 
 LENGTHS = torch.tensor([16, 10, 12, 5, 16, 8])
 
@@ -93,26 +94,14 @@ def test_fit_without_the_needed_activations(tiny_model):
         SVD().fit(tiny_model, {})
 
 
-def test_make_simplifier_from_cli_strings():
-    s = make_simplifier("svd", rank="4", centered="false", layers="0,1", heads="all", qk="q")
+def test_make_simplifier_by_name():
+    s = make_simplifier("svd", rank=4, centered=False, layers=(0, 1), heads="all", qk="q")
     assert s == SVD(rank=4, centered=False, targets=Targets(layers=(0, 1), heads="all", qk="q"))
-    assert make_simplifier("kmeans", k=16, seed="3", heads=[2, 0]) == KMeans(k=16, seed=3, targets=Targets(heads=(0, 2)))
+    assert make_simplifier("kmeans", k=16, seed=3, heads=[2, 0]) == KMeans(k=16, seed=3, targets=Targets(heads=(0, 2)))
     assert make_simplifier("onehot", targets={"heads": [1]}) == OneHot(targets=Targets(heads=(1,)))
+    assert make_simplifier("onehot", targets=Targets(heads=(1,)), layers=(0,)) == OneHot(targets=Targets(layers=(0,), heads=(1,)))
     assert make_simplifier("resid-svd", rank=8, resid="resid_post").targets.resid == "resid_post"
     assert make_simplifier("weight-svd").data_free
-    assert make_simplifier("svd", target="k").targets.qk == "k"
-
-
-def test_make_simplifier_takes_one_option_set_for_every_method():
-    """What a CLI with one set of options passes: other methods' defaults are ignored."""
-    common = {"layers": (), "heads": (), "target": "qk", "resid": "resid_pre", "centered": True,
-              "basis": "separate", "seed": 0}
-    assert make_simplifier("kmeans", k=4, **common) == KMeans(k=4)
-    assert make_simplifier("onehot", **common) == OneHot()
-    assert make_simplifier("weight-svd", rank=2, **common) == WeightSVD(rank=2)
-    assert make_simplifier("resid-svd", rank=2, **(common | {"centered": "false"})) == ResidSVD(rank=2, centered=False)
-    assert make_simplifier("svd", rank=2, **(common | {"seed": 5})) == SVD(rank=2)  # svd is deterministic
-    assert make_simplifier("kmeans", k=4, **(common | {"seed": 5})).seed == 5
 
 
 @pytest.mark.parametrize(
@@ -120,19 +109,50 @@ def test_make_simplifier_takes_one_option_set_for_every_method():
     [
         ("pca", {}, r"unknown simplifier 'pca'; known simplifiers: kmeans, onehot, resid-kmeans, resid-svd, svd, weight-svd"),
         ("svd", {"ranks": 4}, r"unknown SVD key\(s\) ranks; known keys: rank, centered, basis, targets"),
-        ("svd", {"rank": "four"}, r"svd rank must be an integer, got 'four'"),
-        ("svd", {"centered": "maybe"}, r"svd centered must be true or false"),
-        ("svd", {"layers": "0,x"}, r"layers must be comma-separated integers or 'all'"),
+        ("svd", {"rank": "four"}, r"SVD.rank must be an integer, got 'four'"),
+        ("svd", {"centered": "maybe"}, r"SVD.centered must be true or false"),
+        ("svd", {"layers": "0,x"}, r"layers must be a list of integers or 'all'"),
         ("kmeans", {"k": 2.5}, r"KMeans.k must be an integer"),
         ("svd", {"targets": {"head": [1]}}, r"unknown Targets key\(s\) head"),
-        ("kmeans", {"centered": False}, r"kmeans does not take centered=False \(centered belongs to resid-svd, svd\)"),
-        ("onehot", {"rank": 3}, r"onehot does not take rank=3 .*known keys of onehot: targets"),
-        ("svd", {"target": "q", "qk": "k"}, r"target='q' and qk='k' disagree"),
+        ("kmeans", {"centered": False}, r"unknown KMeans key\(s\) centered"),
+        ("onehot", {"rank": 3}, r"unknown OneHot key\(s\) rank; known keys: targets"),
+        ("onehot", {"qk": "q"}, r"onehot does not take qk \(its targets are layers, heads\)"),
+        ("resid-svd", {"heads": (1,)}, r"resid-svd does not take heads \(its targets are layers, resid\)"),
     ],
 )
 def test_make_simplifier_errors(name, params, message):
     with pytest.raises(IllusionsError, match=message):
         make_simplifier(name, **params)
+
+
+def test_every_method_declares_its_sweep_and_targets():
+    from illusions.registry import SIMPLIFIERS, get_simplifier
+
+    declared = {name: (get_simplifier(name).sweep_param, get_simplifier(name).target_keys) for name in SIMPLIFIERS}
+    assert declared == {
+        "svd": ("rank", ("layers", "heads", "qk")),
+        "kmeans": ("k", ("layers", "heads", "qk")),
+        "onehot": ("", ("layers", "heads")),
+        "resid-svd": ("rank", ("layers", "resid")),
+        "resid-kmeans": ("k", ("layers", "resid")),
+        "weight-svd": ("rank", ("layers", "heads", "qk")),
+    }
+    for name, (param, _) in declared.items():
+        fields = {f.name for f in dataclasses.fields(get_simplifier(name))}
+        assert param == "" or param in fields, name
+
+
+def test_the_simplifiers_package_never_imports_the_registry():
+    """Layers point one way: the registry knows the simplifiers, not the other way round."""
+    import ast
+    from pathlib import Path
+
+    import illusions.simplifiers as pkg
+
+    for path in Path(pkg.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.module != "illusions.registry" and "registry" not in [a.name for a in node.names], path
 
 
 def test_params_round_trip_through_from_dict(tiny_model, tiny_tokens):

@@ -47,6 +47,9 @@ class Config:
         kwargs: dict[str, Any] = {}
         for name, value in data.items():
             default = fields[name].default
+            if value is None and "None" in str(fields[name].type):
+                kwargs[name] = None  # an optional field (e.g. ``max_seqs = None``: no limit)
+                continue
             if isinstance(value, list):
                 value = tuple(value)
             if isinstance(default, bool) and not isinstance(value, bool):

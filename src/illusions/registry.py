@@ -52,6 +52,22 @@ def get_simplifier(name: str) -> Any:
     return _load(SIMPLIFIERS, "simplifier", name)
 
 
+def make_simplifier(name: str, **params: Any) -> Any:
+    """The simplifier registered as ``name``, built from its fields plus flat target keys.
+
+    ``make_simplifier("svd", rank=4, layers=(1,), heads=(0,), qk="q")`` is
+    ``SVD(rank=4, targets=Targets(layers=(1,), heads=(0,), qk="q"))``. Values are typed (no string
+    parsing); an unknown key, or a target key the method does not read, raises naming the known ones.
+    """
+    from illusions.simplifiers.base import Targets
+
+    cls = get_simplifier(name)
+    targets = params.pop("targets", None)
+    targets = dict(targets.to_dict() if isinstance(targets, Targets) else targets or {})
+    targets.update({key: params.pop(key) for key in ("layers", "heads", "qk", "resid") if key in params})
+    return cls.from_dict({**params, "targets": Targets.from_dict(targets)})
+
+
 def _fill() -> None:
     register_task("dyck", "illusions.tasks.dyck:DyckTask",
                   "Dyck-(20,10) brackets; splits: iid, seen/unseen structures, unseen depths")

@@ -85,11 +85,23 @@ class AnalysisResult:
     fit_rows: np.ndarray
 
 
+def sweep_param(proxy: Proxy) -> tuple[str, Any]:
+    """The proxy's swept parameter and value: ``("rank", 4)``, or ``("", "")`` for a method that
+    sweeps nothing. The parameter is the registered simplifier's ``sweep_param`` (a proxy-like object
+    from outside the registry may carry its own ``sweep_param``)."""
+    from illusions import registry
+
+    param = getattr(proxy, "sweep_param", None)
+    if param is None:
+        known = proxy.simplifier in registry.SIMPLIFIERS
+        param = registry.get_simplifier(proxy.simplifier).sweep_param if known else ""
+    return (param, proxy.params[param]) if param and param in proxy.params else ("", "")
+
+
 def proxy_label(proxy: Proxy) -> str:
     """A short readable name: ``svd(rank=4)``, ``kmeans(k=16)``, ``onehot``."""
-    main = {k: v for k, v in proxy.params.items() if k in ("rank", "k")}
-    inner = ",".join(f"{k}={v}" for k, v in main.items())
-    return f"{proxy.simplifier}({inner})" if inner else proxy.simplifier
+    param, value = sweep_param(proxy)
+    return f"{proxy.simplifier}({param}={value})" if param else proxy.simplifier
 
 
 def proxy_labels(proxies: Sequence[Proxy]) -> list[str]:
@@ -194,11 +206,16 @@ def fit_proxies(
         tokens = torch.as_tensor(split.tokens[rows, : int(split.lengths[rows].max())])
         mask = torch.as_tensor(np.arange(tokens.shape[1])[None, :] < split.lengths[rows][:, None])
         acts = collect(model, tokens, names, mask, batch_size=batch_size)
-    # Methods that fit many ranks from one decomposition (svd) do so once for a rank sweep.
+    # Methods that fit every value of their swept parameter from shared work (``fit_sweep``: one
+    # decomposition for all ranks of svd) do so once per group of simplifiers differing only there.
     groups: dict[Any, list[int]] = {}
     for i, s in enumerate(simplifiers):
-        sweepable = hasattr(s, "fit_ranks") and hasattr(s, "rank")
-        groups.setdefault(dataclasses.replace(s, rank=1) if sweepable else ("one", i), []).append(i)
+        param = getattr(s, "sweep_param", "")
+        if param and hasattr(s, "fit_sweep"):
+            neutral = next(f.default for f in dataclasses.fields(s) if f.name == param)
+            groups.setdefault(dataclasses.replace(s, **{param: neutral}), []).append(i)
+        else:
+            groups[("one", i)] = [i]
     proxies: dict[int, Proxy] = {}
     for members in groups.values():
         first = simplifiers[members[0]]
@@ -206,8 +223,9 @@ def fit_proxies(
         if len(members) == 1:
             proxies[members[0]] = first.fit(model, mine)
             continue
-        fitted = first.fit_ranks(model, mine, [simplifiers[j].rank for j in members])
-        proxies.update({j: fitted[simplifiers[j].rank] for j in members})
+        values = [getattr(simplifiers[j], first.sweep_param) for j in members]
+        fitted = first.fit_sweep(model, mine, values)
+        proxies.update({j: fitted[v] for j, v in zip(members, values, strict=True)})
     return [proxies[i] for i in range(len(simplifiers))]
 
 

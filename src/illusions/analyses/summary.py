@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from illusions.analyses.faithfulness import METRICS, AnalysisResult, Records
+from illusions.analyses.faithfulness import METRICS, AnalysisResult, Records, sweep_param
 from illusions.metrics import Resampler
 
 BREAKDOWNS = ("key_depth", "depth", "distance", "length", "category")
@@ -89,7 +89,7 @@ def summarize(
     edges["length"] = length_edges
     rows: list[dict[str, Any]] = []
     for j, proxy in enumerate(result.proxies):
-        param, param_value = _main_param(proxy.params)
+        param, param_value = sweep_param(proxy)
         base = {"proxy": result.labels[j], "simplifier": proxy.simplifier, "param": param,
                 "param_value": param_value}
         ref = _reference(result.records.get((reference, j)), samplers.get(reference), length_edges)
@@ -190,13 +190,6 @@ def _gaps(
     m_lo, m_hi = sampler.intervals(reps - control_reps)
     out.update(gap_vs_matched=points - control, gap_vs_matched_low=m_lo, gap_vs_matched_high=m_hi)
     return out
-
-
-def _main_param(params: dict[str, Any]) -> tuple[str, Any]:
-    for key in ("rank", "k"):
-        if key in params:
-            return key, params[key]
-    return "", ""
 
 
 def _complete(row: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,15 @@
-"""`illusions analyze` and `illusions sweep`: faithfulness of a simplified proxy per split."""
+"""`illusions analyze` and `illusions sweep`: faithfulness of a simplified proxy per split.
+
+Both commands share one options definition (:data:`OPTIONS`); they differ only in how the swept
+parameter's values are given (``--rank 4`` / ``--ranks 1,2,4``). Each option maps to one
+:class:`~illusions.analyses.run.AnalysisSpec` field, the spec checks every value, and its errors name
+parameters, which :func:`_spec` turns back into the flags the user typed.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,94 +20,140 @@ from illusions.cli.app import command, fail, set_threads
 
 BY_CHOICES = ("key_depth", "depth", "distance", "length", "category")
 
-TaskArg = Annotated[
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One command-line option: its parameter name, Typer annotation, default and spec field."""
+
+    name: str
+    flag: str
+    annotation: Any
+    default: Any
+    field: str | None = None  # the AnalysisSpec field it sets (None: how the run is shown or written)
+
+
+def _opt(name: str, kind: Any, default: Any, flag: str, help: str, field: str | None = None) -> Option:
+    return Option(name, flag, Annotated[kind, typer.Option(flag, help=help)], default, field)
+
+
+# Options of both commands, in the order --help lists them (after the swept values).
+OPTIONS = (
+    _opt("simplify", str, "svd", "--simplify", "Simplifier name (see `illusions list`).", "simplifier"),
+    _opt("layer", list[int] | None, None, "--layer", "Layer(s) to simplify (default: the last).", "layers"),
+    _opt("heads", str, "all", "--heads", "Comma-separated heads of those layers, or 'all'.", "heads"),
+    _opt("target", str, "qk", "--target", "Which of queries/keys to simplify: q, k or qk.", "target"),
+    _opt("resid", str, "resid_pre", "--resid",
+         "Residual hook of resid-* methods: resid_pre, resid_mid or resid_post.", "resid"),
+    _opt("fit_n", int, 1000, "--fit-n", "Training sequences the proxy is fitted on.", "fit_n"),
+    _opt("split", list[str] | None, None, "--split", "Split(s) to evaluate (default: all).", "splits"),
+    _opt("max_seqs", int, 500, "--max-seqs", "Sequences evaluated per split (0: all).", "max_seqs"),
+    _opt("seed", int, 0, "--seed", "Seeds fitting/evaluation sampling, k-means and bootstrap.", "seed"),
+    _opt("model", Path | None, None, "--model", "Checkpoint directory (default: the bundled model).", "model"),
+    _opt("uncentered", bool, False, "--uncentered", "svd: plain SVD instead of PCA (no centring).", "centered"),
+    _opt("basis", str, "separate", "--basis", "svd: 'separate' bases for q and k, or one 'joint' basis.", "basis"),
+    _opt("n_boot", int, 1000, "--n-boot", "Bootstrap resamples for the 95% intervals.", "n_boot"),
+    _opt("out", Path | None, None, "--out", "Run directory (default: runs/<name>)."),
+    _opt("as_json", bool, False, "--json", "Print one JSON object to stdout instead of tables."),
+    _opt("by", str | None, None, "--by", "Also print a breakdown: key_depth, depth, distance, length or category."),
+    _opt("threads", int, 2, "--threads", "CPU threads for torch."),
+    Option("report", "--report", Annotated[bool, typer.Option("--report/--no-report", help="Write report.html into the run directory.")],
+           True),
+)
+
+# The swept parameter's values: one per analysis, a list per sweep (spec fields ranks / clusters).
+ANALYZE_VALUES = (
+    _opt("rank", int | None, None, "--rank", "Rank for svd, resid-svd and weight-svd.", "ranks"),
+    _opt("clusters", int | None, None, "--clusters", "k for kmeans and resid-kmeans.", "clusters"),
+)
+SWEEP_VALUES = (
+    _opt("ranks", str | None, None, "--ranks", "Comma-separated ranks, e.g. 1,2,4,8,16.", "ranks"),
+    _opt("clusters", str | None, None, "--clusters", "Comma-separated k, e.g. 2,4,8,16,32,64.", "clusters"),
+)
+
+TASK_ARG = Annotated[
     str, typer.Argument(help="Task name (see `illusions list`), or an analysis recipe (analyses/*.toml).")
 ]
-SimplifyOpt = Annotated[str, typer.Option("--simplify", "-s", help="Simplifier name (see `illusions list`).")]
-LayerOpt = Annotated[list[int] | None, typer.Option("--layer", help="Layer(s) to simplify (default: the last).")]
-HeadsOpt = Annotated[
-    str, typer.Option("--heads", help="Comma-separated heads of those layers, or 'all' (default: all).")
-]
-TargetOpt = Annotated[str, typer.Option("--target", help="Which of queries/keys to simplify: q, k or qk.")]
-ResidOpt = Annotated[str, typer.Option("--resid", help="Residual hook for resid-* methods: resid_pre|resid_mid|resid_post.")]
-FitNOpt = Annotated[int, typer.Option("--fit-n", help="Training sequences the proxy is fitted on.")]
-SplitOpt = Annotated[list[str] | None, typer.Option("--split", help="Split(s) to evaluate (default: all).")]
-MaxSeqsOpt = Annotated[int, typer.Option("--max-seqs", help="Sequences evaluated per split (0: all).")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seeds fitting/evaluation sampling, k-means and bootstrap.")]
-ModelOpt = Annotated[Path | None, typer.Option("--model", help="Checkpoint directory (default: the bundled model).")]
-OutOpt = Annotated[Path | None, typer.Option("--out", help="Run directory (default: runs/<name>).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object to stdout instead of tables.")]
-ByOpt = Annotated[str | None, typer.Option("--by", help="Also print a breakdown: key_depth, depth, distance, length or category.")]
-UncenteredOpt = Annotated[bool, typer.Option("--uncentered", help="svd: plain SVD instead of PCA (no centring).")]
-BasisOpt = Annotated[str, typer.Option("--basis", help="svd: 'separate' bases for q and k, or one 'joint' basis.")]
-BootOpt = Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples for the 95% intervals.")]
-ThreadsOpt = Annotated[int, typer.Option("--threads", help="CPU threads for torch.")]
-ReportOpt = Annotated[bool, typer.Option("--report/--no-report", help="Write report.html into the run directory.")]
+
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        fail(f"{flag} must be comma-separated integers, got {text!r}")
+    if not values:
+        fail(f"{flag} needs at least one value")
+    return values
 
 
 def _heads(text: str) -> tuple[int, ...]:
     if text.strip().lower() in ("", "all"):
         return ()
-    try:
-        return tuple(int(h) for h in text.split(","))
-    except ValueError:
-        fail(f"--heads must be comma-separated integers or 'all', got {text!r}")
+    return _int_list(text, "--heads")
 
 
-def _int_list(text: str, option: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        fail(f"{option} must be comma-separated integers, got {text!r}")
-    if not values:
-        fail(f"{option} needs at least one value")
-    return values
+def _field_value(option: Option, value: Any, sweep: bool) -> Any:
+    """The spec value of an option as typed on the command line."""
+    if option.field in ("ranks", "clusters"):
+        if value is None:
+            return ()
+        return _int_list(value, option.flag) if sweep else (value,)
+    if option.name == "heads":
+        return _heads(value)
+    if option.name == "uncentered":
+        return not value
+    if option.name == "model":
+        return str(value) if value else ""
+    if option.field in ("layers", "splits"):
+        return tuple(value or ())
+    return value
 
 
-def _spec(**kw: Any) -> Any:
-    from illusions import registry
+def _spec(task: str, given: dict[str, Any], values: tuple[Option, ...], sweep: bool) -> Any:
+    """The AnalysisSpec of the options; its errors are rewritten with the flags the user typed."""
     from illusions.analyses.run import AnalysisSpec
+    from illusions.errors import InvalidOption
 
-    if kw["task"] not in registry.TASKS:
-        fail(f"unknown task {kw['task']!r}; known tasks: {', '.join(sorted(registry.TASKS))}")
-    if kw["simplifier"] not in registry.SIMPLIFIERS:
-        fail(f"unknown simplifier {kw['simplifier']!r}; known simplifiers: {', '.join(sorted(registry.SIMPLIFIERS))}")
-    if kw["by"] is not None and kw["by"] not in BY_CHOICES:
-        fail(f"--by must be one of {', '.join(BY_CHOICES)}, got {kw['by']!r}")
-    if kw["target"] not in ("q", "k", "qk"):
-        fail(f"--target must be q, k or qk, got {kw['target']!r}")
-    if kw["max_seqs"] < 0:
-        fail(f"--max-seqs must be 0 (all) or positive, got {kw['max_seqs']}")
-    if kw["n_boot"] < 10:
-        fail(f"--n-boot must be at least 10, got {kw['n_boot']}")
-    return AnalysisSpec(
-        task=kw["task"], model=str(kw["model"]) if kw["model"] else "", simplifier=kw["simplifier"],
-        ranks=kw["ranks"], clusters=kw["clusters"], layers=tuple(kw["layer"] or ()),
-        heads=_heads(kw["heads"]), target=kw["target"], resid=kw["resid"], centered=not kw["uncentered"],
-        basis=kw["basis"], fit_n=kw["fit_n"], splits=tuple(kw["split"] or ()),
-        max_seqs=kw["max_seqs"] or 10**9, seed=kw["seed"], n_boot=kw["n_boot"],
-    )
+    options = values + OPTIONS
+    fields = {o.field: _field_value(o, given[o.name], sweep) for o in options if o.field}
+    if sweep and not (fields["ranks"] or fields["clusters"]):
+        fail("give --ranks or --clusters: the values to sweep")
+    flags = {o.field: o.flag for o in options if o.field} | {"task": "TASK"}
+    try:
+        return AnalysisSpec(task=task, **fields)
+    except InvalidOption as exc:
+        if exc.whole:
+            fail(exc.detail)
+        fail(f"{flags.get(exc.option, exc.option)} {exc.detail}")
 
 
-def _recipe(task: str, given: dict[str, Any]) -> tuple[Any, str] | None:
-    """``(spec, name)`` when TASK is a recipe file; other analysis options are then refused."""
-    if not task.endswith(".toml"):
-        return None
+def _recipe(path: str, given: dict[str, Any], values: tuple[Option, ...]) -> tuple[Any, str]:
+    """``(spec, name)`` of a recipe file; analysis options besides it are refused."""
     from illusions.analyses.run import load_analysis_recipe
 
-    extra = [flag for flag, value in given.items() if value]
+    extra = [o.flag for o in values + OPTIONS if o.field and given[o.name] != o.default]
     if extra:
-        fail(f"{', '.join(extra)} cannot be combined with a recipe; edit {task} instead")
-    recipe = load_analysis_recipe(task)
+        fail(f"{', '.join(extra)} cannot be combined with a recipe; edit {path} instead")
+    recipe = load_analysis_recipe(path)
     return recipe.spec, recipe.name
+
+
+def _analysis(sweep: bool, given: dict[str, Any]) -> None:
+    """The body both commands share: build the spec, run it, write the run directory, print."""
+    values = SWEEP_VALUES if sweep else ANALYZE_VALUES
+    task = given["task"]
+    if given["by"] is not None and given["by"] not in BY_CHOICES:
+        fail(f"--by must be one of {', '.join(BY_CHOICES)}, got {given['by']!r}")
+    if task.endswith(".toml"):
+        spec, name = _recipe(task, given, values)
+    else:
+        spec, name = _spec(task, given, values, sweep), None
+    _run(spec, given["out"], given["as_json"], given["by"], given["threads"], given["report"], name=name)
 
 
 def _run(spec: Any, out: Path | None, as_json: bool, by: str | None, threads: int, report: bool,
          name: str | None = None) -> None:
     from illusions.analyses.run import check_writable, write_run
 
-    if by is not None and by not in BY_CHOICES:
-        fail(f"--by must be one of {', '.join(BY_CHOICES)}, got {by!r}")
     out = out or Path("runs") / (name or spec.default_name())
     check_writable(out)
     set_threads(threads)
@@ -132,91 +186,34 @@ def _with_progress(spec: Any, quiet: bool) -> Any:
     console = Console(stderr=True)
     if quiet or not console.is_terminal:
         return run_analysis(spec)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} splits"),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
+    # The split count joins the description once it is known, so the bar never reads "0/None".
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
+                  transient=True) as bar:
         tid = bar.add_task("fitting", total=None)
 
         def progress(stage: str, done: int, total: int) -> None:
-            bar.update(tid, description=f"evaluating {stage}" if stage != "done" else "summarising",
-                       completed=done, total=total)
+            text = f"evaluating {stage} ({done}/{total} splits)" if stage != "done" else "summarising"
+            bar.update(tid, description=text, completed=done, total=total)
 
         return run_analysis(spec, progress=progress)
 
 
-@command("analyze")
-def analyze(
-    task: TaskArg,
-    simplify: SimplifyOpt = "svd",
-    rank: Annotated[int | None, typer.Option("--rank", help="Rank for svd, resid-svd and weight-svd.")] = None,
-    clusters: Annotated[int | None, typer.Option("--clusters", help="k for kmeans and resid-kmeans.")] = None,
-    layer: LayerOpt = None,
-    heads: HeadsOpt = "all",
-    target: TargetOpt = "qk",
-    resid: ResidOpt = "resid_pre",
-    fit_n: FitNOpt = 1000,
-    split: SplitOpt = None,
-    max_seqs: MaxSeqsOpt = 500,
-    seed: SeedOpt = 0,
-    model: ModelOpt = None,
-    out: OutOpt = None,
-    as_json: JsonOpt = False,
-    by: ByOpt = None,
-    uncentered: UncenteredOpt = False,
-    basis: BasisOpt = "separate",
-    n_boot: BootOpt = 1000,
-    threads: ThreadsOpt = 2,
-    report: ReportOpt = True,
-) -> None:
-    """Fit a simplifier on training data and measure its faithfulness on every split."""
-    recipe = _recipe(task, {"--rank": rank is not None, "--clusters": clusters is not None, "--layer": layer,
-                            "--split": split, "--model": model})
-    if recipe is not None:
-        _run(recipe[0], out, as_json, by, threads, report, name=recipe[1])
-        return
-    if rank is not None and clusters is not None:
-        fail("give --rank or --clusters, not both")
-    spec = _spec(task=task, model=model, simplifier=simplify, ranks=(rank,) if rank is not None else (),
-                 clusters=(clusters,) if clusters is not None else (), layer=layer, heads=heads,
-                 target=target, resid=resid, uncentered=uncentered, basis=basis, fit_n=fit_n,
-                 split=split, max_seqs=max_seqs, seed=seed, n_boot=n_boot, by=by)
-    _run(spec, out, as_json, by, threads, report)
+def _define(name: str, sweep: bool, doc: str) -> None:
+    """Register one of the two commands from the shared options (Typer reads ``__signature__``)."""
+    values = SWEEP_VALUES if sweep else ANALYZE_VALUES
+    ordered = (OPTIONS[0], *values, *OPTIONS[1:])
+    params = [inspect.Parameter("task", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=TASK_ARG)]
+    params += [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default,
+                                 annotation=o.annotation) for o in ordered]
+
+    def body(**given: Any) -> None:
+        _analysis(sweep, given)
+
+    body.__name__ = name
+    body.__doc__ = doc
+    body.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command(name)(body)
 
 
-@command("sweep")
-def sweep(
-    task: TaskArg,
-    simplify: SimplifyOpt = "svd",
-    ranks: Annotated[str | None, typer.Option("--ranks", help="Comma-separated ranks, e.g. 1,2,4,8,16.")] = None,
-    clusters: Annotated[str | None, typer.Option("--clusters", help="Comma-separated k, e.g. 2,4,8,16,32,64.")] = None,
-    layer: LayerOpt = None,
-    heads: HeadsOpt = "all",
-    target: TargetOpt = "qk",
-    resid: ResidOpt = "resid_pre",
-    fit_n: FitNOpt = 1000,
-    split: SplitOpt = None,
-    max_seqs: MaxSeqsOpt = 500,
-    seed: SeedOpt = 0,
-    model: ModelOpt = None,
-    out: OutOpt = None,
-    as_json: JsonOpt = False,
-    by: ByOpt = None,
-    uncentered: UncenteredOpt = False,
-    basis: BasisOpt = "separate",
-    n_boot: BootOpt = 1000,
-    threads: ThreadsOpt = 2,
-    report: ReportOpt = True,
-) -> None:
-    """Run one simplifier over several ranks or cluster counts: one table, one tidy CSV."""
-    recipe = _recipe(task, {"--ranks": ranks is not None, "--clusters": clusters is not None, "--layer": layer,
-                            "--split": split, "--model": model})
-    if recipe is not None:
-        _run(recipe[0], out, as_json, by, threads, report, name=recipe[1])
-        return
-    if (ranks is None) == (clusters is None):
-        fail("give exactly one of --ranks or --clusters")
-    spec = _spec(task=task, model=model, simplifier=simplify,
-                 ranks=_int_list(ranks, "--ranks") if ranks is not None else (),
-                 clusters=_int_list(clusters, "--clusters") if clusters is not None else (),
-                 layer=layer, heads=heads, target=target, resid=resid, uncentered=uncentered, basis=basis,
-                 fit_n=fit_n, split=split, max_seqs=max_seqs, seed=seed, n_boot=n_boot, by=by)
-    _run(spec, out, as_json, by, threads, report)
+_define("analyze", False, "Fit a simplifier on training data and measure its faithfulness on every split.")
+_define("sweep", True, "Run one simplifier over several ranks or cluster counts: one table, one tidy CSV.")

@@ -8,7 +8,9 @@ A simplifier is a frozen configuration (``SVD(rank=4)``, ``KMeans(k=8)``, ``OneH
     proxy = fit_proxy(model, SVD(rank=4, targets=Targets(layers=(1,), heads=(0,))), tokens, lengths)
     logits = model.run_with_hooks(tokens, fwd_hooks=proxy.fwd_hooks)
 
-Registry names (``illusions list``): svd, kmeans, onehot, resid-svd, resid-kmeans, weight-svd.
+Registry names (``illusions list``): svd, kmeans, onehot, resid-svd, resid-kmeans, weight-svd;
+``illusions.registry.make_simplifier(name, **params)`` builds one by name. This package imports
+every method module (which registers its hook classes for :meth:`Proxy.load`) and never the registry.
 """
 
 from illusions.simplifiers.base import (
@@ -17,7 +19,6 @@ from illusions.simplifiers.base import (
     Simplifier,
     Targets,
     fit_proxy,
-    make_simplifier,
 )
 from illusions.simplifiers.kmeans import KMeans
 from illusions.simplifiers.onehot import OneHot
@@ -37,5 +38,4 @@ __all__ = [
     "Targets",
     "WeightSVD",
     "fit_proxy",
-    "make_simplifier",
 ]

@@ -14,7 +14,7 @@ hook descriptions) and ``proxy.safetensors`` (the fitted tensors); nothing is pi
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self, runtime_checkable
 
@@ -114,13 +114,24 @@ class SimplifierConfig(Config):
 
     name: ClassVar[str]
     data_free: ClassVar[bool]
+    # The parameter a sweep varies ("rank", "k"; "" for none) and the Targets keys the method reads;
+    # the analysis spec, labels and summaries read these instead of guessing from field names.
+    sweep_param: ClassVar[str] = ""
+    target_keys: ClassVar[tuple[str, ...]] = ("layers", "heads")
 
     def __post_init__(self) -> None:
         targets = getattr(self, "targets", None)
         if isinstance(targets, Mapping):
-            object.__setattr__(self, "targets", Targets.from_dict(dict(targets)))
+            targets = Targets.from_dict(dict(targets))
+            object.__setattr__(self, "targets", targets)
         elif not isinstance(targets, Targets):
             raise IllusionsError(f"{self.name} targets must be a Targets or a table of them, got {targets!r}")
+        default = Targets()
+        unread = [key for key in ("layers", "heads", "qk", "resid")
+                  if key not in self.target_keys and getattr(targets, key) != getattr(default, key)]
+        if unread:
+            raise IllusionsError(f"{self.name} does not take {', '.join(unread)} (its targets are "
+                                 f"{', '.join(self.target_keys)})")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str | None = None) -> Self:
@@ -156,6 +167,8 @@ class Simplifier(Protocol):
 
     name: ClassVar[str]
     data_free: ClassVar[bool]
+    sweep_param: ClassVar[str]
+    target_keys: ClassVar[tuple[str, ...]]
 
     def hook_names(self, model: HookedTransformer) -> list[str]:
         """Validated hook points whose activations :meth:`fit` needs (``[]`` when data-free)."""
@@ -296,13 +309,6 @@ class Proxy:
         """
         return [tuple(p) for p in self.attention_heads]  # type: ignore[misc]
 
-    @property
-    def label(self) -> str:
-        """A short name for tables: ``svd(rank=4)``."""
-        keys = ("rank", "k")
-        bits = [f"{k}={self.params[k]}" for k in keys if k in self.params]
-        return f"{self.simplifier}({', '.join(bits)})"
-
     def to(self, device: Any) -> Proxy:
         """A copy whose hook tensors live on ``device``."""
         return dataclasses.replace(self, hooks=tuple(h.to(device) for h in self.hooks))
@@ -355,9 +361,8 @@ class Proxy:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        # Importing the method modules registers their hook classes.
-        from illusions.simplifiers import kmeans, onehot, svd, weight_svd  # noqa: F401
-
+        # Every hook class is registered by the time this runs: importing this module imports the
+        # package, whose __init__ imports each method module.
         directory = Path(directory)
         path = directory / PROXY_CONFIG_FILE
         data = read_json(path)
@@ -415,108 +420,3 @@ def fit_proxy(
     names = simplifier.hook_names(model)
     activations = collect(model, tokens, names, lengths_or_mask, batch_size=batch_size) if names else {}
     return simplifier.fit(model, activations)
-
-
-_TARGET_KEYS = ("layers", "heads", "qk", "resid")
-
-
-def _parse_ints(value: Any, what: str) -> Any:
-    if isinstance(value, str):
-        text = value.strip()
-        if text in ("all", ""):
-            return "all" if text == "all" else ()
-        try:
-            return tuple(int(v) for v in text.replace(" ", "").strip("[]()").split(",") if v)
-        except ValueError:
-            raise IllusionsError(f"{what} must be comma-separated integers or 'all', got {value!r}") from None
-    return value
-
-
-def _coerce(value: Any, default: Any, what: str) -> Any:
-    """Turn a CLI string into the type of the field's default (bool, int, float); keep others."""
-    if not isinstance(value, str):
-        return value
-    if isinstance(default, bool):
-        lowered = value.lower()
-        if lowered in ("true", "1", "yes"):
-            return True
-        if lowered in ("false", "0", "no"):
-            return False
-        raise IllusionsError(f"{what} must be true or false, got {value!r}")
-    if isinstance(default, int):
-        try:
-            return int(value)
-        except ValueError:
-            raise IllusionsError(f"{what} must be an integer, got {value!r}") from None
-    if isinstance(default, float):
-        try:
-            return float(value)
-        except ValueError:
-            raise IllusionsError(f"{what} must be a number, got {value!r}") from None
-    return value
-
-
-def _other_methods_defaults(name: str) -> dict[str, dict[str, Any]]:
-    """``{key: {method: default}}`` for the parameters of the registered methods other than ``name``."""
-    from illusions.registry import SIMPLIFIERS, get_simplifier
-
-    out: dict[str, dict[str, Any]] = {}
-    for other in sorted(SIMPLIFIERS):
-        if other != name:
-            for f in dataclasses.fields(get_simplifier(other)):
-                out.setdefault(f.name, {})[other] = f.default
-    return out
-
-
-def make_simplifier(name: str, **params: Any) -> Simplifier:
-    """Build a registered simplifier from flat, CLI-style parameters.
-
-    ``make_simplifier("svd", rank="4", layers="0,1", heads="all", qk="q")``: target keys
-    (``layers``, ``heads``, ``qk`` or its alias ``target``, ``resid``) go into :class:`Targets`;
-    strings are converted to the type of each field. So that one set of CLI options serves every
-    method, a parameter of *another* method is ignored while it holds that method's default
-    (``centered=True`` for kmeans) and ``seed`` is ignored by deterministic methods; any other value
-    of such a parameter (``centered=False`` for kmeans) and keys no method knows raise an error.
-    """
-    from illusions.registry import get_simplifier
-
-    cls = get_simplifier(name)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    params = dict(params)
-    if "target" in params:
-        if "qk" in params and params["qk"] != params["target"]:
-            raise IllusionsError(f"target={params['target']!r} and qk={params['qk']!r} disagree; give one")
-        params["qk"] = params.pop("target")
-    target_params = {k: params.pop(k) for k in _TARGET_KEYS if k in params}
-    if "targets" in params:
-        given = params.pop("targets")
-        if isinstance(given, Targets):
-            given = given.to_dict()
-        target_params = {**dict(given), **target_params}
-    for key in ("layers", "heads"):
-        if key in target_params:
-            target_params[key] = _parse_ints(target_params[key], key)
-    others = _other_methods_defaults(name)
-    kwargs = {}
-    for key, value in params.items():
-        if key in fields:
-            kwargs[key] = _coerce(value, fields[key].default, f"{name} {key}")
-        elif key == "seed":
-            continue
-        elif key in others:
-            owners = others[key]
-            if all(_coerce(value, default, f"{name} {key}") == default for default in owners.values()):
-                continue
-            raise IllusionsError(f"{name} does not take {key}={value!r} ({key} belongs to "
-                                 f"{', '.join(owners)}); known keys of {name}: {', '.join(fields)}")
-        else:
-            kwargs[key] = value  # from_dict names it as unknown, with the known keys
-    kwargs["targets"] = Targets.from_dict(target_params)
-    return cls.from_dict(kwargs)
-
-
-def iter_targets(targets: ResolvedTargets) -> Iterable[tuple[int, str]]:
-    """``(layer, side)`` for every targeted layer and q/k side."""
-    for layer in targets.layers:
-        for side in targets.qk:
-            yield layer, side

@@ -177,6 +177,8 @@ class KMeans(SimplifierConfig):
 
     name: ClassVar[str] = "kmeans"
     data_free: ClassVar[bool] = False
+    sweep_param: ClassVar[str] = "k"
+    target_keys: ClassVar[tuple[str, ...]] = ("layers", "heads", "qk")
 
     k: int = 8
     seed: int = 0

@@ -66,6 +66,8 @@ class OneHot(SimplifierConfig):
 
     name: ClassVar[str] = "onehot"
     data_free: ClassVar[bool] = True
+    sweep_param: ClassVar[str] = ""
+    target_keys: ClassVar[tuple[str, ...]] = ("layers", "heads")
 
     targets: Targets = Targets()
 

@@ -72,6 +72,8 @@ class ResidSVD(SimplifierConfig):
 
     name: ClassVar[str] = "resid-svd"
     data_free: ClassVar[bool] = False
+    sweep_param: ClassVar[str] = "rank"
+    target_keys: ClassVar[tuple[str, ...]] = ("layers", "resid")
 
     rank: int = 4
     centered: bool = True
@@ -86,9 +88,9 @@ class ResidSVD(SimplifierConfig):
         return resid_hook_names(model, self.targets.resolve(model))
 
     def fit(self, model: HookedTransformer, activations: dict[str, Tensor]) -> Proxy:
-        return self.fit_ranks(model, activations, [self.rank])[self.rank]
+        return self.fit_sweep(model, activations, [self.rank])[self.rank]
 
-    def fit_ranks(
+    def fit_sweep(
         self, model: HookedTransformer, activations: dict[str, Tensor], ranks: list[int]
     ) -> dict[int, Proxy]:
         """One proxy per rank from a single decomposition per hook (for sweeps).
@@ -139,6 +141,8 @@ class ResidKMeans(SimplifierConfig):
 
     name: ClassVar[str] = "resid-kmeans"
     data_free: ClassVar[bool] = False
+    sweep_param: ClassVar[str] = "k"
+    target_keys: ClassVar[tuple[str, ...]] = ("layers", "resid")
 
     k: int = 8
     seed: int = 0

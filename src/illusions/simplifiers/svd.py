@@ -9,7 +9,7 @@ an (affine) orthogonal projection: full rank is the identity, and applying it tw
 once. ``basis="separate"`` fits queries and keys each their own ``mu``/``V_r``; ``basis="joint"``
 fits one ``mu``/``V_r`` per head on the queries and keys stacked together (``[2n, d_head]``) and
 uses it for both. The SVD is computed as the eigendecomposition of the ``d x d`` scatter matrix in
-float64, accumulated in chunks, so 10^6 vectors take well under a second; :meth:`SVD.fit_ranks`
+float64, accumulated in chunks, so 10^6 vectors take well under a second; :meth:`SVD.fit_sweep`
 reuses one decomposition for a whole list of ranks.
 """
 
@@ -165,6 +165,8 @@ class SVD(SimplifierConfig):
 
     name: ClassVar[str] = "svd"
     data_free: ClassVar[bool] = False
+    sweep_param: ClassVar[str] = "rank"
+    target_keys: ClassVar[tuple[str, ...]] = ("layers", "heads", "qk")
 
     rank: int = 4
     centered: bool = True
@@ -188,9 +190,9 @@ class SVD(SimplifierConfig):
         return [qk_hook_name(layer, side) for layer in targets.layers for side in sides]
 
     def fit(self, model: HookedTransformer, activations: dict[str, Tensor]) -> Proxy:
-        return self.fit_ranks(model, activations, [self.rank])[self.rank]
+        return self.fit_sweep(model, activations, [self.rank])[self.rank]
 
-    def fit_ranks(
+    def fit_sweep(
         self, model: HookedTransformer, activations: dict[str, Tensor], ranks: list[int]
     ) -> dict[int, Proxy]:
         """One proxy per rank from a single decomposition per head (for sweeps).

@@ -115,6 +115,8 @@ class WeightSVD(SimplifierConfig):
 
     name: ClassVar[str] = "weight-svd"
     data_free: ClassVar[bool] = True
+    sweep_param: ClassVar[str] = "rank"
+    target_keys: ClassVar[tuple[str, ...]] = ("layers", "heads", "qk")
 
     rank: int = 4
     targets: Targets = Targets()
