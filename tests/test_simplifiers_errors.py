@@ -10,6 +10,7 @@ import torch
 
 from illusions.errors import IllusionsError
 from illusions.models import build_model
+from illusions.registry import make_simplifier
 from illusions.simplifiers import (
     SVD,
     KMeans,
@@ -21,7 +22,6 @@ from illusions.simplifiers import (
     WeightSVD,
     fit_proxy,
 )
-from illusions.registry import make_simplifier
 
 LENGTHS = torch.tensor([16, 10, 12, 5, 16, 8])
 
