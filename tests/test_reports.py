@@ -99,7 +99,7 @@ def make_task() -> BracketTask:
 def make_run(ranks: tuple[int, ...] = (2,)) -> RunResult:
     task = make_task()
     model = build_model(MODEL, seed=0)
-    spec = AnalysisSpec(task="brackets", model="tiny", simplifier="svd", ranks=ranks, fit_n=60, max_seqs=25,
+    spec = AnalysisSpec(task="dyck", model="tiny", simplifier="svd", ranks=ranks, fit_n=60, max_seqs=25,
                         n_boot=50, seed=0)
     simplifiers = [SVD(rank=r, targets=Targets()) for r in ranks]
     result = analyze(model, task.splits(), simplifiers, candidates=task.candidates, fit_n=spec.fit_n,

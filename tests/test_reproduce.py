@@ -10,10 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import small_dyck
-from illusions.analyses import reproduce as rep
-from illusions.analyses import results as res
+from illusions import reproduce as rep
 from illusions.cli import app
 from illusions.models import build_model, save_model
+from illusions.reports import results as res
 
 runner = CliRunner()
 COMMON = 'fit_n = 40\nn_boot = 20\nmax_seqs = 20\nsplits = ["iid", "unseen_depth", "seen_struct"]\n'

@@ -30,6 +30,9 @@ from illusions.errors import IllusionsError, InvalidOption
 from illusions.io import atomic_write_bytes, atomic_write_json, atomic_write_text, staged_dir
 
 RESULT_FILES = ("config.json", "metrics.json", "metrics.csv", "records.npz")
+# metrics.csv columns read back as integers / as text (the others are floats, empty = NaN).
+_INT_FIELDS = ("n_positions", "n_sequences")
+_TEXT_FIELDS = ("split", "proxy", "simplifier", "param", "group_by", "group", "metric")
 
 
 # The spec field that holds the values of each simplifier's swept parameter (``sweep_param``).
@@ -300,6 +303,42 @@ def _csv_value(x: Any) -> Any:
     if isinstance(x, float):
         return "" if not np.isfinite(x) else repr(round(x, 10))
     return x
+
+
+def rows_from_csv(text: str) -> list[dict[str, Any]]:
+    """Tidy rows read back from ``metrics.csv`` text (empty cells become NaN)."""
+    out = []
+    for raw in csv.DictReader(io.StringIO(text)):
+        missing = [f for f in ROW_FIELDS if f not in raw]
+        if missing:
+            raise IllusionsError(f"metrics.csv lacks column(s) {', '.join(missing)}")
+        row: dict[str, Any] = {}
+        for field in ROW_FIELDS:
+            value = raw[field]
+            if field in _TEXT_FIELDS:
+                row[field] = value
+            elif field == "param_value":
+                row[field] = _number(value) if value != "" else ""
+            elif field in _INT_FIELDS:
+                row[field] = int(float(value)) if value != "" else 0
+            else:
+                row[field] = float(value) if value != "" else float("nan")
+        out.append(row)
+    return out
+
+
+def _number(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text
+
+
+def read_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """A run directory's ``metrics.csv`` as rows with numbers parsed (empty cells become NaN)."""
+    return rows_from_csv((Path(run_dir) / "metrics.csv").read_text(encoding="utf-8"))
 
 
 def check_writable(out: Path) -> None:

@@ -25,10 +25,10 @@ def reproduce(
     """Run all analysis recipes on every training seed and write the results document."""
     from rich.console import Console
 
-    from illusions.analyses import reproduce as rep
-    from illusions.analyses import results as res
+    from illusions import reproduce as rep
     from illusions.analyses.run import check_writable
     from illusions.io import atomic_write_text
+    from illusions.reports import results as res
 
     seed_list = None
     if seeds is not None:

@@ -7,9 +7,7 @@ report from disk gives the bytes ``analyze`` wrote, and the same run always give
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import math
 from pathlib import Path
@@ -17,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from illusions.analyses.summary import ROW_FIELDS
 from illusions.config import read_json
 from illusions.errors import IllusionsError
 from illusions.io import atomic_write_bytes, atomic_write_text
@@ -26,8 +23,6 @@ REPORT_FILE = "report.html"
 # Sequences per split used for the query/key scatter, and heads drawn there.
 PCA_SEQS = 200
 PCA_HEADS = 4
-_INT_FIELDS = ("n_positions", "n_sequences")
-_TEXT_FIELDS = ("split", "proxy", "simplifier", "param", "group_by", "group", "metric")
 
 
 @dataclasses.dataclass
@@ -59,40 +54,9 @@ class ReportInputs:
     model: Any
 
 
-def rows_from_csv(text: str) -> list[dict[str, Any]]:
-    """Tidy rows read back from ``metrics.csv`` text (empty cells become NaN)."""
-    out = []
-    for raw in csv.DictReader(io.StringIO(text)):
-        missing = [f for f in ROW_FIELDS if f not in raw]
-        if missing:
-            raise IllusionsError(f"metrics.csv lacks column(s) {', '.join(missing)}")
-        row: dict[str, Any] = {}
-        for field in ROW_FIELDS:
-            value = raw[field]
-            if field in _TEXT_FIELDS:
-                row[field] = value
-            elif field == "param_value":
-                row[field] = _number(value) if value != "" else ""
-            elif field in _INT_FIELDS:
-                row[field] = int(float(value)) if value != "" else 0
-            else:
-                row[field] = float(value) if value != "" else float("nan")
-        out.append(row)
-    return out
-
-
-def _number(text: str) -> int | float | str:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            continue
-    return text
-
-
 def inputs_from_run(run: Any, directory: Path | None = None) -> ReportInputs:
     """Report inputs of a live run; rows pass through their CSV form so a rebuild matches exactly."""
-    from illusions.analyses.run import rows_to_csv, run_config
+    from illusions.analyses.run import rows_from_csv, rows_to_csv, run_config
 
     config_path = Path(directory) / "config.json" if directory is not None else None
     config = read_json(config_path) if config_path is not None and config_path.is_file() else run_config(run)
@@ -140,7 +104,7 @@ def read_records(path: Path) -> tuple[dict[tuple[str, int], Any], dict[str, np.n
 
 def inputs_from_dir(run_dir: Path, task: Any = None, model: Any = None) -> ReportInputs:
     """Report inputs from a saved run directory; the task and model are loaded unless given."""
-    from illusions.analyses.run import RESULT_FILES, AnalysisSpec
+    from illusions.analyses.run import RESULT_FILES, AnalysisSpec, read_rows
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -152,7 +116,7 @@ def inputs_from_dir(run_dir: Path, task: Any = None, model: Any = None) -> Repor
     if not isinstance(config, dict) or not isinstance(config.get("spec"), dict):
         raise IllusionsError(f"{run_dir / 'config.json'} has no analysis spec")
     spec = AnalysisSpec.from_dict(config["spec"], source=str(run_dir / "config.json"))
-    rows = rows_from_csv((run_dir / "metrics.csv").read_text(encoding="utf-8"))
+    rows = read_rows(run_dir)
     records, split_rows, fit_rows, labels = read_records(run_dir / "records.npz")
     metrics = read_json(run_dir / "metrics.json")
     order = list(config.get("evaluated_sequences") or metrics.get("splits") or split_rows)

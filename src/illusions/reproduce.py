@@ -5,8 +5,11 @@ the bundled reference model (training seed 0) and the extra seeds shipped under
 ``illusions/assets/seeds/<task>-seed<N>/``. :func:`run_all` runs the pairs into
 ``<out>/<recipe>/seed<N>/`` (the files of :func:`illusions.analyses.run.write_run`), skipping a run
 whose directory already holds the same spec computed by the same package version, and records the
-wall time of each run in ``<out>/reproduce.json``. :mod:`illusions.analyses.results` turns the run
+wall time of each run in ``<out>/reproduce.json``. :mod:`illusions.reports.results` turns the run
 directories into ``docs/RESULTS.md``.
+
+This module sits above the analyses and the reports: it orchestrates runs (in this process or a pool of
+worker processes) and writes each run's files and report; neither layer below imports it.
 """
 
 from __future__ import annotations
@@ -242,10 +245,3 @@ def run_job(job: Job, report: bool = True) -> tuple[float, float]:
 
     write_run(run, job.out, extra_files=extra)
     return time.perf_counter() - t0, time.process_time() - c0
-
-
-def read_rows(run_dir: Path) -> list[dict[str, Any]]:
-    """A run's ``metrics.csv`` as rows with numbers parsed (empty cells become NaN)."""
-    from illusions.reports.build import rows_from_csv
-
-    return rows_from_csv((Path(run_dir) / "metrics.csv").read_text())

@@ -1,6 +1,6 @@
 """``docs/RESULTS.md`` from the reproduction's run directories: every number comes from a run.
 
-Inputs are the runs written by :mod:`illusions.analyses.reproduce` (``<runs>/<recipe>/seed<N>/``).
+Inputs are the runs written by :mod:`illusions.reproduce` (``<runs>/<recipe>/seed<N>/``).
 Each recipe's metrics are combined across training seeds: the mean over seeds with a 95%
 t-interval (``mean +- t_{0.975, n-1} * sd / sqrt(n)``); the within-run bootstrap intervals decide
 whether a gap is *significant in a seed* (its 95% interval excludes 0).
@@ -24,8 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from illusions.analyses.reproduce import read_rows
-from illusions.analyses.run import AnalysisRecipe
+from illusions.analyses.run import AnalysisRecipe, read_rows
 
 FAITHFUL_IID = 0.95
 REFERENCE = "iid"
