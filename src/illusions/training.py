@@ -425,6 +425,212 @@ def _read_trainer_state(out_dir: Path, model_cfg: ModelConfig, train_cfg: TrainC
     return state
 
 
+class Trainer:
+    """One training run: its state (model, optimizer, data order, step, history, timing) and the
+    pieces :func:`train` is made of: :meth:`step`, :meth:`evaluate`, :meth:`checkpoint`, :meth:`finish`.
+
+    Build it with :meth:`start`, which checks the run directory and either starts fresh or restores a
+    saved run; :meth:`run` then loops until the budget is spent or Ctrl-C asks it to stop.
+    """
+
+    def __init__(self, task: Task, model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: Path, *,
+                 device: str = "cpu", recipe: Mapping[str, Any] | None = None) -> None:
+        from illusions.models import build_model
+
+        self.wall_start = time.perf_counter()
+        self.task, self.model_cfg, self.cfg, self.out_dir = task, model_cfg, train_cfg, Path(out_dir)
+        self.device, self.recipe = device, recipe
+        self.splits = task.splits()
+        if "train" not in self.splits:
+            raise IllusionsError(f"task {task.name!r} has no 'train' split")
+        self.train_split = self.splits["train"]
+        _check_task_fits(task, model_cfg, self.train_split)
+        self.eval_rows = {name: eval_subset_rows(len(s), train_cfg.eval_rows) for name, s in self.splits.items()}
+        self.model = build_model(model_cfg, seed=train_cfg.seed, device=device)
+        self.opt, self.names = make_optimizer(self.model, train_cfg)
+        self.stream = BatchStream(self.train_split.lengths, train_cfg.batch_size, train_cfg.bucket_width,
+                                  train_cfg.seed)
+        self.history: dict[str, list[Any]] = {"loss": [], "eval": []}
+        self.step_count = 0
+        # Steps since the last loss-curve point, saved so a resumed run records the same curve.
+        self.loss_sum, self.loss_n = 0.0, 0
+        # Kept apart from the history, which must not depend on the machine's speed.
+        self.timing_before: dict[str, Any] = {"train_seconds": 0.0, "train_tokens": 0, "wall_seconds": 0.0,
+                                              "threads": None}
+        self.train_tokens, self.train_seconds = 0, 0.0
+        self.last_saved = -1
+        self.latest: dict[str, dict[str, float]] = {}
+        self.loss_value, self.lr = float("nan"), lr_at(0, train_cfg)
+        self.task_meta = task.meta()
+
+    @classmethod
+    def start(cls, task: Task, model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: Path, *,
+              resume: bool = False, device: str = "cpu", recipe: Mapping[str, Any] | None = None) -> Trainer:
+        """A fresh run in an empty ``out_dir``, or (``resume``) the run saved there, restored."""
+        out_dir = Path(out_dir)
+        _check_out_dir(out_dir, resume)
+        saved = _read_trainer_state(out_dir, model_cfg, train_cfg) if resume else None
+        trainer = cls(task, model_cfg, train_cfg, out_dir, device=device, recipe=recipe)
+        if saved is not None:
+            trainer.restore(saved)
+        return trainer
+
+    def restore(self, saved: Mapping[str, Any]) -> None:
+        """Load the weights, optimizer state, data order and history of the run in ``out_dir``."""
+        from safetensors.torch import load_file
+
+        weights = load_file(str(self.out_dir / WEIGHTS_FILE), device=self.device)
+        self.model.load_state_dict(weights, strict=True)
+        load_optimizer_tensors(self.opt, self.names, load_file(str(self.out_dir / OPTIMIZER_FILE), device=self.device))
+        self.stream.restore(saved["data"])
+        self.history = saved["history"]
+        self.step_count = int(saved["step"])
+        self.loss_sum, self.loss_n = float(saved["loss_window"][0]), int(saved["loss_window"][1])
+        self.timing_before = dict(saved.get("timing", self.timing_before))
+        self.last_saved = self.step_count
+        self.latest = dict(self.history["eval"][-1]["accuracies"]) if self.history["eval"] else {}
+        self.lr = lr_at(self.step_count, self.cfg)
+
+    @property
+    def done(self) -> bool:
+        return self.step_count >= self.cfg.steps
+
+    def step(self) -> None:
+        """One optimisation step on the next length-grouped batch (and the loss curve's bookkeeping)."""
+        import torch
+
+        t0 = time.perf_counter()
+        rows = next(self.stream)
+        width = int(self.train_split.lengths[rows].max())
+        tokens = torch.as_tensor(self.train_split.tokens[rows, :width], device=self.device).long()  # [batch, pos]
+        self.lr = lr_at(self.step_count, self.cfg)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr
+        pad_id = self.task.vocab.pad_id
+        loss = next_token_loss(self.model(tokens), tokens, pad_id)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.loss_value = float(loss.item())
+        self.train_seconds += time.perf_counter() - t0
+        self.train_tokens += int((tokens[:, 1:] != pad_id).sum())
+        self.step_count += 1
+        self.loss_sum += self.loss_value
+        self.loss_n += 1
+        if self.step_count % self.cfg.log_every == 0 or self.step_count == self.cfg.steps:
+            self.history["loss"].append([self.step_count, self.loss_sum / self.loss_n, self.lr])
+            self.loss_sum, self.loss_n = 0.0, 0
+
+    def evaluate(self) -> None:
+        """Score the fixed evaluation subsets of every split and record them in the history."""
+        self.latest = evaluate(self.model, self.splits, self.task.candidates, self.eval_rows,
+                               batch_size=self.cfg.eval_batch_size)
+        self.history["eval"].append({"step": self.step_count, "accuracies": self.latest})
+
+    def evaluate_full(self) -> dict[str, dict[str, float]]:
+        """Accuracy on the whole of every split but ``train`` (the final checkpoint's figures)."""
+        full_rows = {name: None for name in self.splits if name != "train"}
+        return evaluate(self.model, self.splits, self.task.candidates, full_rows, batch_size=self.cfg.eval_batch_size)
+
+    def timing(self) -> dict[str, Any]:
+        import torch
+
+        return {
+            "train_seconds": self.timing_before["train_seconds"] + self.train_seconds,
+            "train_tokens": self.timing_before["train_tokens"] + self.train_tokens,
+            "wall_seconds": self.timing_before["wall_seconds"] + time.perf_counter() - self.wall_start,
+            "threads": torch.get_num_threads(),
+            "device": str(self.device),
+        }
+
+    def checkpoint(self, extra_meta: Mapping[str, Any] | None = None) -> None:
+        """Write the run directory atomically: model + meta, optimizer state, trainer state."""
+        from safetensors.torch import save_file
+
+        from illusions.models import save_model
+
+        step, history = self.step_count, self.history
+        meta = {
+            "task": self.task_meta,
+            "recipe": dict(self.recipe) if self.recipe is not None else None,
+            "train": self.cfg.to_dict(),
+            "step": step,
+            "finished": step >= self.cfg.steps,
+            "accuracies_step": history["eval"][-1]["step"] if history["eval"] else None,
+            "subset_accuracies": self.latest,
+            "timing": self.timing(),
+            **(extra_meta or {}),
+        }
+        trainer = {
+            "format": TRAINER_FORMAT,
+            "step": step,
+            "model": self.model_cfg.to_dict(),
+            "train": self.cfg.to_dict(),
+            "data": self.stream.state(),
+            "scheduler": {"kind": f"warmup+{self.cfg.decay}", "next_step": step, "next_lr": lr_at(step, self.cfg)},
+            "param_names": self.names,
+            "loss_window": [self.loss_sum, self.loss_n],
+            "history": history,
+            "timing": self.timing(),
+        }
+        with staged_dir(self.out_dir) as stage:
+            save_model(self.model, stage, meta=meta)
+            save_file(optimizer_tensors(self.opt, self.names), str(stage / OPTIMIZER_FILE),
+                      metadata={"format": OPTIMIZER_FORMAT, "step": str(step)})
+            atomic_write_json(stage / TRAINER_FILE, trainer)
+        self.last_saved = step
+
+    def finish(self) -> dict[str, dict[str, float]]:
+        """End the run: a finished one is evaluated (subsets and full splits) and checkpointed with
+        its full-split accuracies; an interrupted one is checkpointed where it stopped."""
+        if not self.done:
+            if self.last_saved != self.step_count:
+                self.checkpoint()
+            return {}
+        self.evaluate()
+        full = self.evaluate_full()
+        self.checkpoint({"accuracies": full, "eval_rows": self.cfg.eval_rows})
+        return full
+
+    def progress(self, event: str) -> Progress:
+        acc = {k: v["accuracy"] for k, v in self.latest.items()}
+        tps = self.train_tokens / self.train_seconds if self.train_seconds > 0 else 0.0
+        return Progress(self.step_count, self.cfg.steps, self.loss_value, self.lr, tps, acc, event)
+
+    def run(self, progress: Callable[[Progress], None] | None = None) -> TrainResult:
+        """Step until the budget is spent or Ctrl-C; evaluate and checkpoint on their intervals."""
+        report = progress or (lambda _: None)
+        cfg = self.cfg
+        self.model.train()
+        stop = _StopFlag()
+        with stop.catching_sigint():
+            while not self.done and not stop.requested:
+                self.step()
+                report(self.progress("step"))
+                if cfg.eval_every and self.step_count % cfg.eval_every == 0 and not self.done:
+                    self.evaluate()
+                    report(self.progress("eval"))
+                if cfg.checkpoint_every and self.step_count % cfg.checkpoint_every == 0 and not self.done:
+                    self.checkpoint()
+                    report(self.progress("checkpoint"))
+            full = self.finish()
+            if self.done:
+                report(self.progress("checkpoint"))
+        return TrainResult(
+            out_dir=self.out_dir,
+            step=self.step_count,
+            interrupted=not self.done,
+            accuracies=full,
+            subset_accuracies=self.latest,
+            history=self.history,
+            train_tokens=self.train_tokens,
+            train_seconds=self.train_seconds,
+            wall_seconds=time.perf_counter() - self.wall_start,
+        )
+
+
 def train(
     task: Task,
     model_cfg: ModelConfig,
@@ -453,157 +659,8 @@ def train(
         A :class:`TrainResult`. On Ctrl-C the run is checkpointed and returned with
         ``interrupted=True`` instead of raising.
     """
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    from illusions.models import build_model, save_model
-
-    wall_start = time.perf_counter()
-    out_dir = Path(out_dir)
-    _check_out_dir(out_dir, resume)
-    saved = _read_trainer_state(out_dir, model_cfg, train_cfg) if resume else None
-
-    splits = task.splits()
-    if "train" not in splits:
-        raise IllusionsError(f"task {task.name!r} has no 'train' split")
-    train_split = splits["train"]
-    _check_task_fits(task, model_cfg, train_split)
-    pad_id = task.vocab.pad_id
-    candidates = task.candidates
-    eval_rows = {name: eval_subset_rows(len(s), train_cfg.eval_rows) for name, s in splits.items()}
-
-    model = build_model(model_cfg, seed=train_cfg.seed, device=device)
-    opt, names = make_optimizer(model, train_cfg)
-    stream = BatchStream(train_split.lengths, train_cfg.batch_size, train_cfg.bucket_width, train_cfg.seed)
-    history: dict[str, list[Any]] = {"loss": [], "eval": []}
-    step = 0
-    # Steps since the last loss-curve point, saved so a resumed run records the same curve.
-    loss_sum, loss_n = 0.0, 0
-    # Kept apart from the history, which must not depend on the machine's speed.
-    timing_before = {"train_seconds": 0.0, "train_tokens": 0, "wall_seconds": 0.0, "threads": None}
-    if saved is not None:
-        weights = load_file(str(out_dir / WEIGHTS_FILE), device=device)
-        model.load_state_dict(weights, strict=True)
-        load_optimizer_tensors(opt, names, load_file(str(out_dir / OPTIMIZER_FILE), device=device))
-        stream.restore(saved["data"])
-        history = saved["history"]
-        step = int(saved["step"])
-        loss_sum, loss_n = float(saved["loss_window"][0]), int(saved["loss_window"][1])
-        timing_before = dict(saved.get("timing", timing_before))
-    model.train()
-
-    latest: dict[str, dict[str, float]] = dict(history["eval"][-1]["accuracies"]) if history["eval"] else {}
-    stop = _StopFlag()
-    train_tokens = 0
-    train_seconds = 0.0
-    last_saved = step if saved is not None else -1
-    task_meta = task.meta()
-
-    def report(loss: float, lr: float, event: str) -> None:
-        if progress is not None:
-            acc = {k: v["accuracy"] for k, v in latest.items()}
-            tps = train_tokens / train_seconds if train_seconds > 0 else 0.0
-            progress(Progress(step, train_cfg.steps, loss, lr, tps, acc, event))
-
-    def timing() -> dict[str, Any]:
-        return {
-            "train_seconds": timing_before["train_seconds"] + train_seconds,
-            "train_tokens": timing_before["train_tokens"] + train_tokens,
-            "wall_seconds": timing_before["wall_seconds"] + time.perf_counter() - wall_start,
-            "threads": torch.get_num_threads(),
-            "device": str(device),
-        }
-
-    def checkpoint(extra_meta: Mapping[str, Any] | None = None) -> None:
-        nonlocal last_saved
-        meta = {
-            "task": task_meta,
-            "recipe": dict(recipe) if recipe is not None else None,
-            "train": train_cfg.to_dict(),
-            "step": step,
-            "finished": step >= train_cfg.steps,
-            "accuracies_step": history["eval"][-1]["step"] if history["eval"] else None,
-            "subset_accuracies": latest,
-            "timing": timing(),
-            **(extra_meta or {}),
-        }
-        trainer = {
-            "format": TRAINER_FORMAT,
-            "step": step,
-            "model": model_cfg.to_dict(),
-            "train": train_cfg.to_dict(),
-            "data": stream.state(),
-            "scheduler": {"kind": f"warmup+{train_cfg.decay}", "next_step": step, "next_lr": lr_at(step, train_cfg)},
-            "param_names": names,
-            "loss_window": [loss_sum, loss_n],
-            "history": history,
-            "timing": timing(),
-        }
-        with staged_dir(out_dir) as stage:
-            save_model(model, stage, meta=meta)
-            save_file(optimizer_tensors(opt, names), str(stage / OPTIMIZER_FILE),
-                      metadata={"format": OPTIMIZER_FORMAT, "step": str(step)})
-            atomic_write_json(stage / TRAINER_FILE, trainer)
-        last_saved = step
-
-    loss_value, lr = float("nan"), lr_at(step, train_cfg)
-    with stop.catching_sigint():
-        while step < train_cfg.steps and not stop.requested:
-            t0 = time.perf_counter()
-            rows = next(stream)
-            width = int(train_split.lengths[rows].max())
-            tokens = torch.as_tensor(train_split.tokens[rows, :width], device=device).long()  # [batch, pos]
-            lr = lr_at(step, train_cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss = next_token_loss(model(tokens), tokens, pad_id)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if train_cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-            opt.step()
-            loss_value = float(loss.item())
-            train_seconds += time.perf_counter() - t0
-            train_tokens += int((tokens[:, 1:] != pad_id).sum())
-            step += 1
-            loss_sum += loss_value
-            loss_n += 1
-            if step % train_cfg.log_every == 0 or step == train_cfg.steps:
-                history["loss"].append([step, loss_sum / loss_n, lr])
-                loss_sum, loss_n = 0.0, 0
-            report(loss_value, lr, "step")
-            if train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < train_cfg.steps:
-                latest = evaluate(model, splits, candidates, eval_rows, batch_size=train_cfg.eval_batch_size)
-                history["eval"].append({"step": step, "accuracies": latest})
-                report(loss_value, lr, "eval")
-            if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0 and step < train_cfg.steps:
-                checkpoint()
-                report(loss_value, lr, "checkpoint")
-
-        interrupted = step < train_cfg.steps
-        full: dict[str, dict[str, float]] = {}
-        if interrupted:
-            if last_saved != step:
-                checkpoint()
-        else:
-            latest = evaluate(model, splits, candidates, eval_rows, batch_size=train_cfg.eval_batch_size)
-            history["eval"].append({"step": step, "accuracies": latest})
-            full_rows = {name: None for name in splits if name != "train"}
-            full = evaluate(model, splits, candidates, full_rows, batch_size=train_cfg.eval_batch_size)
-            checkpoint({"accuracies": full, "eval_rows": train_cfg.eval_rows})
-            report(loss_value, lr, "checkpoint")
-
-    return TrainResult(
-        out_dir=out_dir,
-        step=step,
-        interrupted=interrupted,
-        accuracies=full,
-        subset_accuracies=latest,
-        history=history,
-        train_tokens=train_tokens,
-        train_seconds=train_seconds,
-        wall_seconds=time.perf_counter() - wall_start,
-    )
+    trainer = Trainer.start(task, model_cfg, train_cfg, out_dir, resume=resume, device=device, recipe=recipe)
+    return trainer.run(progress)
 
 
 def load_history(out_dir: Path) -> dict[str, list[Any]]:
