@@ -50,11 +50,6 @@ def command(name: str | None = None, **kwargs: Any) -> Callable[[F], F]:
     return decorate
 
 
-def not_built(what: str, issue: int) -> NoReturn:
-    """Exit 2 for a capability that does not exist yet: one line, no fake output."""
-    fail(f"{what} is not built yet (tracked in issue #{issue})")
-
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"illusions {__version__}")

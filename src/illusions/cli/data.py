@@ -2,13 +2,13 @@
 
 Options shared by every task map onto fields of the task's config (``--seed``, ``--n-train``,
 ``--n-eval``) or its constructor (``--cache-dir``); task-specific options sit in their own help panel
-and are refused for other tasks. A task may offer ``split_stats(split)`` for its table columns,
-``parse(text)`` for ``--check`` and ``depths(ids)`` for ``--show``; otherwise generic fallbacks apply.
+and are refused for other tasks. What a task offers beyond its splits (its own statistics, ``--check``,
+depths under ``--show``) comes through :class:`illusions.tasks.base.DataSupport`, whose defaults say
+"not offered".
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -34,19 +34,6 @@ def _config(task_cls: Any, overrides: dict[str, Any]) -> Any:
     return task_cls.Config.from_dict(base, source="the command line")
 
 
-def _generic_stats(split: Any) -> dict[str, Any]:
-    import numpy as np
-
-    lengths = split.lengths.astype(float)
-    return {
-        "n": len(split),
-        "length_mean": float(lengths.mean()) if len(split) else 0.0,
-        "length_median": float(np.median(lengths)) if len(split) else 0.0,
-        "length_max": int(lengths.max()) if len(split) else 0,
-        "scored": len(split.scored),
-    }
-
-
 def _show(console: Any, task: Any, name: str, split: Any, n: int) -> None:
     """Print the first ``n`` rows of a split, with the depth under every token when the task has one."""
     from rich.text import Text
@@ -55,11 +42,11 @@ def _show(console: Any, task: Any, name: str, split: Any, n: int) -> None:
     per_line = 24
     for i in range(min(n, len(split))):
         ids = split.tokens[i, : split.lengths[i]]
-        if not hasattr(task, "depths"):
+        depths = task.depths(ids)
+        if depths is None:
             console.print(Text(f"  [{i}] {task.decode(ids)!r}"))
             continue
         words = [task.vocab.tokens[int(t)] for t in ids]
-        depths = task.depths(ids)
         console.print(Text(f"  [{i}] {len(ids) - 2} brackets, max depth {int(depths.max())}"))
         width = max(len(w) for w in words) + 1
         for start in range(0, len(words), per_line):
@@ -76,24 +63,7 @@ def _show(console: Any, task: Any, name: str, split: Any, n: int) -> None:
 
 
 def _check(task: Any, text: str, as_json: bool, progress: Any) -> None:
-    if not hasattr(task, "parse"):
-        raise IllusionsError(f"task {task.name!r} cannot check strings (it has no parser)")
-    ids = task.parse(text)  # raises IllusionsError with the first problem, before any generation
-    result: dict[str, Any] = {"valid": True, "tokens": int(ids.shape[0])}
-    if hasattr(task, "structure"):
-        import numpy as np
-
-        scored = task.score(ids[None, :], np.array([ids.shape[0]]))
-        structure = task.structure(ids)
-        result |= {
-            "brackets": int(ids.shape[0]) - 2,
-            "max_depth": int(task.depths(ids).max()),
-            "segments": [list(s) for s in structure],
-            "scored": len(scored),
-        }
-        if hasattr(task, "classify"):
-            task.splits(progress=progress)  # membership is relative to the (cached) training set
-            result["split"] = task.classify(ids)
+    result = task.check(text, progress)  # raises IllusionsError with the first problem
     if as_json:
         typer.echo(json.dumps(result))
         return
@@ -165,7 +135,7 @@ def data(
 
     err = Console(stderr=True)
     out = Console(highlight=False)
-    cached = t.is_cached() if hasattr(t, "is_cached") else False
+    cached = t.is_cached()
     with err.status(
         f"{task}: {'loading cached splits' if cached else 'generating splits'}"
     ) as status:
@@ -176,18 +146,14 @@ def data(
         if check is not None:
             _check(t, check, as_json, progress)
             return
-        takes_progress = "progress" in inspect.signature(t.splits).parameters
-        splits = t.splits(progress=progress) if takes_progress else t.splits()
+        splits = t.splits(progress=progress)
 
-    stats = {
-        name: (t.split_stats(s) if hasattr(t, "split_stats") else _generic_stats(s))
-        for name, s in splits.items()
-    }
-    sampling = t.sampling_stats() if hasattr(t, "sampling_stats") else {}
+    stats = {name: t.split_stats(s) for name, s in splits.items()}
+    sampling = t.sampling_stats()
     for name, s in stats.items():
         if name in sampling:
             s["acceptance"] = sampling[name]["acceptance"]
-    cache = str(getattr(t, "cache_path", "")) or None
+    cache = str(t.cache_path) if t.cache_path is not None else None
     meta = t.meta()
     corpus_facts = {k: meta[k] for k in ("corpus_fingerprint", "corpus_languages", "deep_depth") if k in meta}
     if as_json:

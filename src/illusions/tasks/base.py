@@ -121,10 +121,59 @@ class Task(Protocol):
         """Token ids the prediction argmax ranges over at scored positions (None = all)."""
         ...
 
-    def splits(self) -> dict[str, Split]:
-        """All splits, including ``train``, built once and cached on disk."""
+    def splits(self, progress: Any = None) -> dict[str, Split]:
+        """All splits, including ``train``, built once (and cached on disk where the task caches).
+
+        ``progress``, when given, is called with a short message before each generation stage."""
         ...
 
     def meta(self) -> dict[str, Any]:
         """JSON data saved beside a model trained on this task (name, config, vocabulary)."""
         ...
+
+
+class DataSupport:
+    """What ``illusions data`` may ask of a task, with defaults that mean "not offered".
+
+    A task subclasses this (beside satisfying :class:`Task`) and overrides what it can do: cache its
+    splits on disk, describe a split with its own statistics, report sampling acceptance, show the depth
+    under every token of a row, or check one string typed by the user. The command calls these methods
+    and never probes a task with ``hasattr``.
+    """
+
+    #: Where the splits are cached (None: not cached on disk).
+    cache_path: Any = None
+
+    def is_cached(self) -> bool:
+        """Whether the splits can be loaded without generating them."""
+        return False
+
+    def split_stats(self, split: Split) -> dict[str, Any]:
+        """Statistics of one split for the ``data`` table: n, length mean/median/max, scored count."""
+        lengths = split.lengths.astype(float)
+        return {
+            "n": len(split),
+            "length_mean": float(lengths.mean()) if len(split) else 0.0,
+            "length_median": float(np.median(lengths)) if len(split) else 0.0,
+            "length_max": int(lengths.max()) if len(split) else 0,
+            "scored": len(split.scored),
+        }
+
+    def sampling_stats(self) -> dict[str, Any]:
+        """Per split, ``{"acceptance": share of sampled candidates kept}`` where splits are sampled."""
+        return {}
+
+    def depths(self, ids: np.ndarray) -> np.ndarray | None:
+        """The nesting depth after every token of one row, or None where the task has no depth."""
+        return None
+
+    def decode(self, ids: np.ndarray) -> str:
+        """A readable form of one row of token ids."""
+        return " ".join(self.vocab.tokens[int(t)] for t in ids)  # type: ignore[attr-defined]
+
+    def check(self, text: str, progress: Any = None) -> dict[str, Any]:
+        """Validate one string: ``{"valid": True, "tokens": n, ...}``; raises IllusionsError saying
+        what is wrong. Tasks without a parser refuse."""
+        from illusions.errors import IllusionsError
+
+        raise IllusionsError(f"task {self.name!r} cannot check strings (it has no parser)")  # type: ignore[attr-defined]

@@ -45,7 +45,7 @@ import numpy as np
 from illusions.config import Config
 from illusions.errors import IllusionsError
 from illusions.io import atomic_write_bytes, cache_root
-from illusions.tasks.base import Scored, Split, Vocab
+from illusions.tasks.base import DataSupport, Scored, Split, Vocab
 from illusions.tasks.code_corpus import Corpus, corpus_cache_path, load_corpus
 
 Progress = Callable[[str], None]
@@ -279,7 +279,7 @@ def deep_threshold(max_depths: np.ndarray, fraction: float) -> int:
     return top
 
 
-class CodeTask:
+class CodeTask(DataSupport):
     """Character-level code completion: Python training data, held-out Python, other languages, deep nesting.
 
     Building is lazy: the corpus is read and the splits made on first use of :attr:`vocab`,

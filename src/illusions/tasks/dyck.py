@@ -44,7 +44,7 @@ import numpy as np
 from illusions.config import Config
 from illusions.errors import IllusionsError
 from illusions.io import cache_root
-from illusions.tasks.base import Scored, Split, Vocab
+from illusions.tasks.base import DataSupport, Scored, Split, Vocab
 from illusions.tasks.dyck_splits import SPLIT_NAMES, Progress, TrainIndex, build_splits, cache_key
 from illusions.tasks.dyck_structure import (
     END,
@@ -161,7 +161,7 @@ def make_vocab(n_types: int) -> Vocab:
 _LEX = re.compile(r"START|END|PAD|\(([a-z])|([a-z])\)")
 
 
-class DyckTask:
+class DyckTask(DataSupport):
     """The Dyck task: vocabulary, parser, splits (cached on disk) and scoring.
 
     Args:
@@ -366,6 +366,22 @@ class DyckTask:
             return "seen_struct"
         short = row.shape[1] - 2 <= self.config.short_max_brackets
         return "unseen_struct_short" if short else "unseen_struct_long"
+
+    def check(self, text: str, progress: Progress | None = None) -> dict[str, Any]:
+        """``illusions data dyck --check``: parse one string (errors name its first problem, before
+        any generation), then its brackets, depth, segments, scored closers and split membership."""
+        ids = self.parse(text)
+        scored = self.score(ids[None, :], np.array([ids.shape[0]]))
+        self.splits(progress=progress)  # membership is relative to the (cached) training set
+        return {
+            "valid": True,
+            "tokens": int(ids.shape[0]),
+            "brackets": int(ids.shape[0]) - 2,
+            "max_depth": int(self.depths(ids).max()),
+            "segments": [list(s) for s in self.structure(ids)],
+            "scored": len(scored),
+            "split": self.classify(ids),
+        }
 
     def meta(self) -> dict[str, Any]:
         """JSON data saved beside a model trained on this task."""
