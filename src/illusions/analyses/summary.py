@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from illusions.analyses.faithfulness import METRICS, AnalysisResult, Records, sweep_param
+from illusions.analyses.spec import BREAKDOWNS
 from illusions.metrics import Resampler
 
-BREAKDOWNS = ("key_depth", "depth", "distance", "length", "category")
 # Columns whose values are few and meaningful one by one; anything else is binned.
 DISCRETE = ("key_depth", "depth", "category", "max_depth")
 

@@ -16,9 +16,12 @@ from typing import Annotated, Any
 
 import typer
 
+from illusions.analyses.spec import BREAKDOWNS, AnalysisSpec
 from illusions.cli.app import command, fail, set_threads
 
-BY_CHOICES = ("key_depth", "depth", "distance", "length", "category")
+BY_CHOICES = BREAKDOWNS
+# The spec's field defaults are the options' defaults: one owner for each.
+SPEC = {f.name: f.default for f in dataclasses.fields(AnalysisSpec)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,20 +41,20 @@ def _opt(name: str, kind: Any, default: Any, flag: str, help: str, field: str | 
 
 # Options of both commands, in the order --help lists them (after the swept values).
 OPTIONS = (
-    _opt("simplify", str, "svd", "--simplify", "Simplifier name (see `illusions list`).", "simplifier"),
+    _opt("simplify", str, SPEC["simplifier"], "--simplify", "Simplifier name (see `illusions list`).", "simplifier"),
     _opt("layer", list[int] | None, None, "--layer", "Layer(s) to simplify (default: the last).", "layers"),
     _opt("heads", str, "all", "--heads", "Comma-separated heads of those layers, or 'all'.", "heads"),
-    _opt("target", str, "qk", "--target", "Which of queries/keys to simplify: q, k or qk.", "target"),
-    _opt("resid", str, "resid_pre", "--resid",
+    _opt("target", str, SPEC["target"], "--target", "Which of queries/keys to simplify: q, k or qk.", "target"),
+    _opt("resid", str, SPEC["resid"], "--resid",
          "Residual hook of resid-* methods: resid_pre, resid_mid or resid_post.", "resid"),
-    _opt("fit_n", int, 1000, "--fit-n", "Training sequences the proxy is fitted on.", "fit_n"),
+    _opt("fit_n", int, SPEC["fit_n"], "--fit-n", "Training sequences the proxy is fitted on.", "fit_n"),
     _opt("split", list[str] | None, None, "--split", "Split(s) to evaluate (default: all).", "splits"),
-    _opt("max_seqs", int, 500, "--max-seqs", "Sequences evaluated per split (0: all).", "max_seqs"),
-    _opt("seed", int, 0, "--seed", "Seeds fitting/evaluation sampling, k-means and bootstrap.", "seed"),
+    _opt("max_seqs", int, SPEC["max_seqs"], "--max-seqs", "Sequences evaluated per split (0: all).", "max_seqs"),
+    _opt("seed", int, SPEC["seed"], "--seed", "Seeds fitting/evaluation sampling, k-means and bootstrap.", "seed"),
     _opt("model", Path | None, None, "--model", "Checkpoint directory (default: the bundled model).", "model"),
     _opt("uncentered", bool, False, "--uncentered", "svd: plain SVD instead of PCA (no centring).", "centered"),
-    _opt("basis", str, "separate", "--basis", "svd: 'separate' bases for q and k, or one 'joint' basis.", "basis"),
-    _opt("n_boot", int, 1000, "--n-boot", "Bootstrap resamples for the 95% intervals.", "n_boot"),
+    _opt("basis", str, SPEC["basis"], "--basis", "svd: 'separate' bases for q and k, or one 'joint' basis.", "basis"),
+    _opt("n_boot", int, SPEC["n_boot"], "--n-boot", "Bootstrap resamples for the 95% intervals.", "n_boot"),
     _opt("out", Path | None, None, "--out", "Run directory (default: runs/<name>)."),
     _opt("as_json", bool, False, "--json", "Print one JSON object to stdout instead of tables."),
     _opt("by", str | None, None, "--by", "Also print a breakdown: key_depth, depth, distance, length or category."),
@@ -110,7 +113,6 @@ def _field_value(option: Option, value: Any, sweep: bool) -> Any:
 
 def _spec(task: str, given: dict[str, Any], values: tuple[Option, ...], sweep: bool) -> Any:
     """The AnalysisSpec of the options; its errors are rewritten with the flags the user typed."""
-    from illusions.analyses.run import AnalysisSpec
     from illusions.errors import InvalidOption
 
     options = values + OPTIONS

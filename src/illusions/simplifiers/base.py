@@ -91,7 +91,11 @@ class Targets(Config):
 
     def resolve(self, model: HookedTransformer) -> ResolvedTargets:
         """Explicit layers and heads for ``model``; out-of-range values raise with the valid range."""
-        n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+        return self.resolve_shape(model.cfg.n_layers, model.cfg.n_heads)
+
+    def resolve_shape(self, n_layers: int, n_heads: int) -> ResolvedTargets:
+        """:meth:`resolve` for a model of ``n_layers`` blocks of ``n_heads`` heads: the one place
+        where "no layers" means the last layer and "no heads" every head."""
         if self.layers == "all":
             layers = tuple(range(n_layers))
         elif self.layers == ():

@@ -1,0 +1,206 @@
+"""The analysis spec: every option of an analysis run, validated in one place.
+
+:class:`AnalysisSpec` is what the ``analyze`` / ``sweep`` commands, analysis recipes
+(``analyses/*.toml``, read by :func:`load_analysis_recipe`) and the Python API build; nothing
+downstream re-checks or re-defaults an option. :func:`build_simplifiers` turns a spec into the
+configured simplifiers. This module imports nothing heavy, so the CLI can read the spec's defaults
+at import time; torch arrives only when a simplifier is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from illusions import registry
+from illusions.config import Config
+from illusions.errors import IllusionsError, InvalidOption
+
+# Breakdowns of every metric (``--by``): the scored positions' meta columns a task may provide.
+BREAKDOWNS = ("key_depth", "depth", "distance", "length", "category")
+
+# The spec field that holds the values of each simplifier's swept parameter (``sweep_param``).
+SWEEP_FIELDS = {"rank": "ranks", "k": "clusters"}
+# Spec fields passed to a simplifier that has a field of the same name; ``seed`` is also the
+# evaluation sampling seed, so it is never refused.
+SIMPLIFIER_FIELDS = ("centered", "basis", "seed")
+# Spec fields that become the simplifier's Targets (spec name -> Targets key).
+TARGET_FIELDS = {"layers": "layers", "heads": "heads", "target": "qk", "resid": "resid"}
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalysisSpec(Config):
+    """Everything that determines an analysis run, checked once, here.
+
+    The CLI, analysis recipes and the Python API all build this object and nothing else re-checks or
+    re-defaults its options: ``__post_init__`` rejects unknown names, values out of range and
+    parameters the chosen simplifier does not take (each as an :class:`InvalidOption` naming the
+    parameter), and normalises the rest (``max_seqs`` 0 or None means every sequence; a split named
+    twice is evaluated once).
+
+    ``ranks`` / ``clusters`` hold the values of the simplifier's swept parameter (its
+    ``sweep_param``: ``rank`` for svd-like methods, ``k`` for k-means ones): one value for
+    ``analyze``, several for a sweep, none for the method's default. An empty ``model`` means the
+    bundled reference model of ``task``. ``layers`` empty means the last layer; ``heads`` empty means
+    every head of the targeted layers. ``per_head`` makes one proxy per (layer, head) of those, each
+    simplifying that head alone, all evaluated in one run (the clean model still runs once per
+    split); their labels end in ``@L<layer>H<head>``.
+    """
+
+    task: str = "dyck"
+    model: str = ""
+    simplifier: str = "svd"
+    ranks: tuple[int, ...] = ()
+    clusters: tuple[int, ...] = ()
+    layers: tuple[int, ...] = ()
+    heads: tuple[int, ...] = ()
+    target: str = "qk"
+    resid: str = "resid_pre"
+    centered: bool = True
+    basis: str = "separate"
+    fit_split: str = "train"
+    fit_n: int = 1000
+    splits: tuple[str, ...] = ()
+    max_seqs: int | None = 500
+    seed: int = 0
+    n_boot: int = 1000
+    batch_size: int = 64
+    breakdowns: tuple[str, ...] = BREAKDOWNS
+    per_head: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("ranks", "clusters", "layers", "heads", "splits", "breakdowns"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+            elif not isinstance(value, tuple):
+                raise InvalidOption(name, f"must be a list, got {value!r}")
+        for name, table in (("task", registry.TASKS), ("simplifier", registry.SIMPLIFIERS)):
+            if getattr(self, name) not in table:
+                raise InvalidOption(name, f"unknown {name} {getattr(self, name)!r}; known {name}s: "
+                                    f"{', '.join(sorted(table))}", whole=True)
+        for name in ("ranks", "clusters"):
+            _check_ints(name, getattr(self, name), low=1)
+        for name in ("layers", "heads"):
+            _check_ints(name, getattr(self, name), low=0)
+            if len(set(getattr(self, name))) != len(getattr(self, name)):
+                raise InvalidOption(name, f"lists a value twice: {list(getattr(self, name))}")
+        for name, low in (("fit_n", 1), ("seed", 0), ("n_boot", 10), ("batch_size", 1)):
+            _check_ints(name, (getattr(self, name),), low=low)
+        if self.max_seqs is not None:
+            _check_ints("max_seqs", (self.max_seqs,), low=0)
+            if self.max_seqs == 0:
+                object.__setattr__(self, "max_seqs", None)
+        object.__setattr__(self, "splits", tuple(dict.fromkeys(self.splits)))
+        unknown = [b for b in self.breakdowns if b not in BREAKDOWNS]
+        if unknown:
+            raise InvalidOption("breakdowns", f"has unknown value(s) {', '.join(unknown)}; known: {', '.join(BREAKDOWNS)}")
+        cls = registry.get_simplifier(self.simplifier)
+        param, values = self.sweep_values()
+        swept_field = SWEEP_FIELDS.get(cls.sweep_param)
+        for name in SWEEP_FIELDS.values():
+            if getattr(self, name) and name != swept_field:
+                takes = f"its swept parameter is {cls.sweep_param}" if cls.sweep_param else "it sweeps nothing"
+                raise InvalidOption(name, f"does not apply to {self.simplifier} ({takes})")
+        fields = {f.name: f.default for f in dataclasses.fields(cls)}
+        default = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in SIMPLIFIER_FIELDS:
+            if name not in fields and name != "seed" and getattr(self, name) != default[name]:
+                raise InvalidOption(name, f"does not apply to {self.simplifier}")
+        for name, key in TARGET_FIELDS.items():
+            if key not in cls.target_keys and getattr(self, name) != default[name]:
+                raise InvalidOption(name, f"does not apply to {self.simplifier} (it targets "
+                                    f"{', '.join(cls.target_keys)})")
+        try:
+            build_simplifiers(self)  # the method's own range checks, before any model is loaded
+        except InvalidOption:
+            raise
+        except IllusionsError as exc:
+            raise InvalidOption(swept_field or "simplifier", str(exc), whole=True) from None
+
+    def sweep_values(self) -> tuple[str, tuple[int, ...]]:
+        """The swept parameter's name (the simplifier's ``sweep_param``) and the values given."""
+        param = registry.get_simplifier(self.simplifier).sweep_param
+        field = SWEEP_FIELDS.get(param)
+        return (param, getattr(self, field)) if field and getattr(self, field) else (param, ())
+
+    def default_name(self) -> str:
+        param, values = self.sweep_values()
+        tag = "" if not values else f"-{param}{'_'.join(str(v) for v in values)}"
+        layer = "" if not self.layers else "-L" + "_".join(str(x) for x in self.layers)
+        return f"{self.task}-{self.simplifier}{tag}{layer}"
+
+
+def _check_ints(name: str, values: tuple[Any, ...], *, low: int) -> None:
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidOption(name, f"must be {'an integer' if len(values) == 1 else 'integers'}, got {value!r}")
+        if value < low:
+            raise InvalidOption(name, f"must be at least {low}, got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalysisRecipe:
+    """An analysis recipe (``analyses/*.toml``): a name, what it shows, and its spec.
+
+    The file holds top-level ``name``, ``description`` and ``claim`` strings and an ``[analysis]``
+    table of :class:`AnalysisSpec` fields; unknown keys are refused, naming the file.
+    """
+
+    name: str
+    description: str
+    claim: str
+    spec: AnalysisSpec
+    source: str
+
+
+def load_analysis_recipe(path: Path | str) -> AnalysisRecipe:
+    """Read an analysis recipe; a missing file, bad TOML or unknown key is one clear error."""
+    from illusions.config import read_toml
+
+    path = Path(path)
+    data = read_toml(path)
+    unknown = sorted(set(data) - {"name", "description", "claim", "analysis"})
+    if unknown:
+        raise IllusionsError(f"unknown key(s) {', '.join(unknown)} in {path}; expected name, description, "
+                             "claim and an [analysis] table")
+    if "analysis" not in data:
+        raise IllusionsError(f"recipe {path} has no [analysis] table")
+    try:
+        spec = AnalysisSpec.from_dict(data["analysis"], source=str(path))
+    except InvalidOption as exc:
+        raise IllusionsError(f"{exc} in {path}") from None
+    texts = {k: data.get(k, "") for k in ("name", "description", "claim")}
+    for key, value in texts.items():
+        if not isinstance(value, str):
+            raise IllusionsError(f"{key} in {path} must be a string")
+    return AnalysisRecipe(texts["name"] or path.stem, texts["description"], texts["claim"], spec, str(path))
+
+
+def build_simplifiers(spec: AnalysisSpec, *, n_layers: int | None = None,
+                      n_heads: int | None = None) -> list[Any]:
+    """One configured simplifier per swept value (one with the method's default when none is given).
+
+    Each gets the spec fields it has (``centered``, ``basis``, ``seed``) and the target keys it reads
+    (its ``target_keys``). With ``spec.per_head`` and the model's shape (``n_layers``, ``n_heads``),
+    one per swept value and targeted (layer, head): the layers of the spec (default the last) times
+    its heads (default all). Without the shape, a per-head spec gets the same simplifiers as a plain
+    one, which is enough to check its parameters before a model is loaded.
+    """
+    cls = registry.get_simplifier(spec.simplifier)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    common = {name: getattr(spec, name) for name in SIMPLIFIER_FIELDS if name in fields}
+    targets = {key: getattr(spec, name) for name, key in TARGET_FIELDS.items()
+               if key in cls.target_keys and key not in ("layers", "heads")}
+    if spec.per_head and n_layers is not None and n_heads is not None:
+        from illusions.simplifiers.base import Targets
+
+        where = Targets(layers=spec.layers, heads=spec.heads).resolve_shape(n_layers, n_heads)
+        places = [{"layers": (layer,), "heads": (head,)} for layer in where.layers for head in where.heads]
+    else:
+        places = [{"layers": spec.layers, "heads": spec.heads if "heads" in cls.target_keys else ()}]
+    param, values = spec.sweep_values()
+    swept = [{param: v} for v in values] or [{}]
+    return [registry.make_simplifier(spec.simplifier, **v, **common, **place, **targets)
+            for v in swept for place in places]
