@@ -1,11 +1,12 @@
 # Two commands on a fresh machine (python3 >= 3.11 and make):
 #   make demo   set up .venv and run the main job
 #   make test   set up .venv and run the test suite
+#   make test-fast  the suite without the tests marked slow (bundled models, training)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 THREADS ?= 2
 
-.PHONY: setup demo test lint bench reproduce clean
+.PHONY: setup demo test test-fast lint bench reproduce clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,6 +26,9 @@ reproduce: setup
 
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+test-fast: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks cli.py

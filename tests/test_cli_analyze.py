@@ -75,6 +75,7 @@ def test_full_rank_svd_agrees_everywhere(dyck_env):
     splits = task.splits()
     svd = make_simplifier("svd", rank=model.cfg.d_head, layers=(0, 1))
     rows = overall(summarize(analyze(model, splits, [svd], candidates=task.candidates, fit_n=200), n_boot=20))
+    assert {r["split"] for r in rows if r["metric"] == "agreement"} == set(splits) - {"train"}
     for r in rows:
         if r["metric"] == "agreement":
             assert r["value"] == 1.0, r
@@ -138,6 +139,8 @@ def test_same_seed_same_metrics_file(dyck_env, tmp_path):
     assert (tmp_path / "a" / "metrics.csv").read_bytes() == (tmp_path / "b" / "metrics.csv").read_bytes()
     assert np.array_equal(np.load(tmp_path / "a" / "records.npz")["iid/0/proxy_pred"],
                           np.load(tmp_path / "b" / "records.npz")["iid/0/proxy_pred"])
+    assert _invoke([*common, "--seed", "1", "--out", str(tmp_path / "c")]).exit_code == 0
+    assert (tmp_path / "a" / "metrics.csv").read_bytes() != (tmp_path / "c" / "metrics.csv").read_bytes()
 
 
 def test_sweep_gives_the_same_records_as_single_analyses(dyck_env):

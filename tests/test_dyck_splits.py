@@ -108,6 +108,7 @@ def test_split_membership_matches_its_definition(small):
     train_segments = {seg for s in train for seg in task.structure(task.encode(s))}
     for name in SPLIT_NAMES[1:]:
         split = splits[name]
+        assert len(split) > 0, name  # an empty split would pass every check below
         for text in _strings(task, split):
             ids = task.encode(text)
             structure = task.structure(ids)

@@ -205,6 +205,7 @@ def test_no_hook_is_left_behind_and_reprs_are_short(tiny_model, tiny_tokens, sim
     tiny_model.run_with_hooks(tiny_tokens, fwd_hooks=proxy.fwd_hooks)
     assert _no_hooks_left(tiny_model)
     assert torch.equal(tiny_model(tiny_tokens), clean)
+    assert proxy.hooks
     for hook in proxy.hooks:
         text = repr(hook)
         assert len(text) < 120 and "tensor" not in text, text
@@ -260,8 +261,11 @@ def test_joint_basis_is_shared_by_queries_and_keys(tiny_model, tiny_tokens):
 def test_kmeans_is_deterministic_given_the_seed(tiny_model, tiny_tokens):
     a = _fit(tiny_model, tiny_tokens, KMeans(k=6, seed=3))
     b = _fit(tiny_model, tiny_tokens, KMeans(k=6, seed=3))
+    assert len(a.hooks) == 2
     for x, y in zip(a.hooks, b.hooks, strict=True):
         assert torch.equal(x.centroids, y.centroids)
+    c = _fit(tiny_model, tiny_tokens, KMeans(k=6, seed=4))
+    assert not all(torch.equal(x.centroids, z.centroids) for x, z in zip(a.hooks, c.hooks, strict=True))
 
 
 def test_explained_variance_is_monotone_and_full_at_full_rank(tiny_model, tiny_tokens):

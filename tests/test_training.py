@@ -153,7 +153,7 @@ def test_ctrl_c_then_resume_equals_uninterrupted_run_bit_exactly(tmp_path):
 
     w_full, o_full = _state(tmp_path / "full")
     w_res, o_res = _state(tmp_path / "part")
-    assert w_full.keys() == w_res.keys() and o_full.keys() == o_res.keys()
+    assert w_full.keys() == w_res.keys() and o_full.keys() == o_res.keys() and w_full and o_full
     for k in w_full:
         assert torch.equal(w_full[k], w_res[k]), k
     for k in o_full:
