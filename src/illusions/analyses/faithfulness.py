@@ -165,7 +165,7 @@ def analyze(
     if unknown:
         raise IllusionsError(f"unknown split(s) {', '.join(unknown)}; splits: {', '.join(splits)}")
     if fit_n < 1:
-        raise IllusionsError(f"--fit-n must be at least 1, got {fit_n}")
+        raise IllusionsError(f"fit_n must be at least 1, got {fit_n}")
     if not simplifiers:
         raise IllusionsError("no simplifier given")
 

@@ -165,7 +165,7 @@ def check_writable(out: Path) -> None:
     """Fail early, before any work, if the run directory cannot be created."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise IllusionsError(f"--out {out} exists and is not a directory")
+        raise IllusionsError(f"output location {out} exists and is not a directory")
     parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not parent.is_dir():
         raise IllusionsError(f"cannot create {out}: {parent} is not a directory")
