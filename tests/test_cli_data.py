@@ -112,4 +112,4 @@ def test_bad_settings_exit_2(cache, args, reason):
 
 def test_unknown_task_lists_the_known_ones(cache):
     result = runner.invoke(app, ["data", "nope", *cache])
-    assert result.exit_code == 2 and "known tasks: code, dyck" in result.stderr
+    assert result.exit_code == 2 and "known tasks: code, custom, dyck" in result.stderr

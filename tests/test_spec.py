@@ -18,7 +18,7 @@ runner = CliRunner()
 @pytest.mark.parametrize(
     ("fields", "option", "words"),
     [
-        ({"task": "nope"}, "task", "unknown task 'nope'; known tasks: code, dyck"),
+        ({"task": "nope"}, "task", "unknown task 'nope'; known tasks: code, custom, dyck"),
         ({"simplifier": "pca"}, "simplifier", "unknown simplifier 'pca'"),
         ({"ranks": (0,)}, "ranks", "must be at least 1, got 0"),
         ({"ranks": (2,), "clusters": (3,)}, "clusters", "does not apply to svd (its swept parameter is rank)"),

@@ -6,12 +6,21 @@ removes ``HookedTransformer``/``HookedTransformerConfig``) touches one file.
 A checkpoint is a directory with two fixed files:
     config.json        {"format": ..., "model": ModelConfig fields, "meta": {...}}
     model.safetensors  the model's state dict
+
+``--model`` also takes a Hugging Face model folder (what ``save_pretrained`` writes: ``config.json``
++ ``model.safetensors``, a tokenizer optionally) of an architecture in :data:`HF_CONVERSIONS`:
+:func:`inspect_model_folder` reads either kind of folder from its config alone, and
+:func:`load_model_folder` loads the weights, converting a Hugging Face model with TransformerLens'
+own per-architecture weight conversion. Nothing here touches the network: every ``transformers``
+call is ``local_files_only``, and weights load from safetensors only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -152,6 +161,9 @@ def read_checkpoint_config(directory: Path) -> tuple[ModelConfig, dict[str, Any]
         raise IllusionsError(f"model directory {directory} does not exist or is not a directory")
     path = directory / CONFIG_FILE
     data = read_json(path)
+    if isinstance(data, dict) and "format" not in data and ("model_type" in data or "architectures" in data):
+        raise IllusionsError(f"{path} is a Hugging Face model config, not an illusions checkpoint; "
+                             "Hugging Face models are analysed with task 'custom' on data you bring")
     if not isinstance(data, dict) or data.get("format") != FORMAT or "model" not in data:
         raise IllusionsError(f"{path} is not an illusions model config (expected format {FORMAT!r})")
     unknown = sorted(set(data) - {"format", "model", "meta"})
@@ -190,7 +202,310 @@ def describe(model: HookedTransformer) -> str:
     """One line naming the architecture, for tables and logs."""
     c = model.cfg
     mlp = "attn-only" if c.attn_only else f"d_mlp={c.d_mlp}"
+    arch = f"{c.original_architecture} " if c.original_architecture else ""
     return (
-        f"{c.n_layers}L d_model={c.d_model} {c.n_heads}x{c.d_head} heads {mlp} "
+        f"{arch}{c.n_layers}L d_model={c.d_model} {c.n_heads}x{c.d_head} heads {mlp} "
         f"n_ctx={c.n_ctx} vocab={c.d_vocab}"
     )
+
+
+# --- Any --model folder: an illusions checkpoint or a Hugging Face model folder ---------------------
+
+ILLUSIONS = "illusions"
+HUGGINGFACE = "huggingface"
+# Hugging Face architecture (config.json "architectures"[0]) -> TransformerLens' weight conversion in
+# transformer_lens.pretrained.weight_conversions that turns a locally loaded model into its state dict.
+HF_CONVERSIONS = {
+    "GPT2LMHeadModel": "convert_gpt2_weights",
+    "GPTNeoXForCausalLM": "convert_neox_weights",
+    "LlamaForCausalLM": "convert_llama_weights",
+}
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+_PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+# TransformerLens keeps an n_ctx x n_ctx causal mask per layer, so rotary models (whose context is
+# only a limit, not a table of weights) are loaded with at most this context.
+ROTARY_MAX_CTX = 4096
+EXPECTED_MODEL = ("an illusions checkpoint (config.json + model.safetensors written by illusions) or a "
+                  "Hugging Face model folder (config.json + model.safetensors, as save_pretrained writes)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFolder:
+    """A ``--model`` folder as read from its config alone, before any weight is loaded.
+
+    Attributes:
+        path: the folder.
+        kind: ``illusions`` (a checkpoint written by :func:`save_model`) or ``huggingface``.
+        d_vocab: vocabulary size (token ids are ``0..d_vocab-1``).
+        n_ctx: the longest sequence the model takes.
+        architecture: the Hugging Face architecture, or ``illusions``.
+        meta: an illusions checkpoint's meta; for a Hugging Face folder its model type and
+            architecture.
+        has_tokenizer: the folder holds tokenizer files (Hugging Face folders only).
+        hooked: the ``HookedTransformerConfig`` of a Hugging Face folder (None for a checkpoint).
+    """
+
+    path: Path
+    kind: str
+    d_vocab: int
+    n_ctx: int
+    architecture: str
+    meta: dict[str, Any]
+    has_tokenizer: bool = False
+    hooked: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+
+def inspect_model_folder(path: Path | str, *, device: str | torch.device = "cpu") -> ModelFolder:
+    """What a ``--model`` folder is, read from its ``config.json`` without loading weights.
+
+    Raises:
+        IllusionsError: one line naming what was expected, for a folder that is neither an illusions
+            checkpoint nor a Hugging Face folder of a supported architecture with safetensors weights.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise IllusionsError(f"model {path} does not exist or is not a directory; expected {EXPECTED_MODEL}")
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise IllusionsError(f"model {path} has no {CONFIG_FILE}; expected {EXPECTED_MODEL}")
+    data = read_json(config_path)
+    if isinstance(data, dict) and data.get("format") == FORMAT:
+        cfg, meta = read_checkpoint_config(path)
+        if not (path / WEIGHTS_FILE).is_file():
+            raise IllusionsError(f"model {path} has no {WEIGHTS_FILE}; expected {EXPECTED_MODEL}")
+        return ModelFolder(path, ILLUSIONS, cfg.d_vocab, cfg.n_ctx, ILLUSIONS, meta)
+    if isinstance(data, dict) and ("model_type" in data or "architectures" in data):
+        return _inspect_hf(path, data, device)
+    raise IllusionsError(f"{config_path} is neither an illusions model config (format {FORMAT!r}) nor a "
+                         f"Hugging Face config (model_type); expected {EXPECTED_MODEL}")
+
+
+def _inspect_hf(path: Path, data: dict[str, Any], device: str | torch.device) -> ModelFolder:
+    files = {p.name for p in path.iterdir()}
+    if not files & set(HF_WEIGHTS):
+        if files & set(_PICKLE_WEIGHTS) or any(f.endswith(".bin") for f in files):
+            raise IllusionsError(
+                f"model {path} holds its weights only as pytorch_model.bin (pickle), which illusions does not "
+                "load; convert it to safetensors (transformers: AutoModelForCausalLM.from_pretrained(folder)"
+                ".save_pretrained(folder) writes model.safetensors)")
+        raise IllusionsError(f"model {path} has a Hugging Face {CONFIG_FILE} but no model.safetensors; "
+                             f"expected {EXPECTED_MODEL}")
+    archs = data.get("architectures") or []
+    arch = str(archs[0]) if isinstance(archs, list) and archs else ""
+    if arch not in HF_CONVERSIONS:
+        raise IllusionsError(
+            f"model {path} is a {arch or data.get('model_type') or 'Hugging Face'} model; illusions converts "
+            f"{', '.join(HF_CONVERSIONS)} (the architectures TransformerLens converts offline)")
+    hooked = hf_hooked_config(_hf_auto_config(path), device=device)
+    has_tokenizer = bool(files & set(_TOKENIZER_FILES))
+    meta = {"huggingface": {"architecture": arch, "model_type": data.get("model_type", "")}}
+    return ModelFolder(path, HUGGINGFACE, hooked.d_vocab, hooked.n_ctx, arch, meta, has_tokenizer, hooked)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _hf_auto_config(path: Path) -> Any:
+    """The folder's ``transformers`` config (defaults filled in), read offline."""
+    from transformers import AutoConfig
+
+    with _quiet_transformers():
+        try:
+            return AutoConfig.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise IllusionsError(f"{path / CONFIG_FILE} is not a readable Hugging Face config "
+                                 f"({_first_line(exc)})") from None
+
+
+def hf_hooked_config(hf: Any, *, device: str | torch.device = "cpu") -> Any:
+    """The ``HookedTransformerConfig`` of a Hugging Face config of an architecture in
+    :data:`HF_CONVERSIONS`: the one place where a Hugging Face config becomes a TransformerLens one.
+
+    The fields follow TransformerLens' own ``convert_hf_model_config`` for the architecture, read from
+    the local config instead of the Hub's. Variants the conversion would get wrong (rope scaling,
+    Llama biases, NeoX without attention biases, GPT-2 cross-attention) are refused. Weights are
+    loaded unprocessed (no LayerNorm folding or centring), so the model computes what the Hugging
+    Face model computes.
+    """
+    from transformer_lens import HookedTransformerConfig
+    from transformer_lens.utilities.activation_functions import SUPPORTED_ACTIVATIONS
+    from transformer_lens.utilities.hf_utils import get_rotary_pct_from_config
+
+    arch = hf.architectures[0]
+
+    def refuse(what: str) -> IllusionsError:
+        return IllusionsError(f"this {arch} model has {what}, which TransformerLens' conversion does not handle")
+
+    def rope_theta() -> float:
+        params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+        kind = params.get("rope_type") or params.get("type") or "default"
+        if kind != "default":
+            raise refuse(f"rope scaling {kind!r}")
+        theta = params.get("rope_theta", getattr(hf, "rope_theta", None))
+        return float(theta if theta is not None else 10000.0)
+
+    if arch == "GPT2LMHeadModel":
+        if getattr(hf, "add_cross_attention", False):
+            raise refuse("cross-attention")
+        kw: dict[str, Any] = {
+            "d_model": hf.n_embd, "n_heads": hf.n_head, "d_head": hf.n_embd // hf.n_head,
+            "d_mlp": hf.n_inner or 4 * hf.n_embd, "n_layers": hf.n_layer, "n_ctx": hf.n_positions,
+            "eps": hf.layer_norm_epsilon, "d_vocab": hf.vocab_size, "act_fn": hf.activation_function,
+            "use_attn_scale": getattr(hf, "scale_attn_weights", True),
+            "scale_attn_by_inverse_layer_idx": getattr(hf, "scale_attn_by_inverse_layer_idx", False),
+            "normalization_type": "LN",
+        }
+    elif arch == "GPTNeoXForCausalLM":
+        if not getattr(hf, "attention_bias", True):
+            raise refuse("no attention biases")
+        d_head = hf.hidden_size // hf.num_attention_heads
+        kw = {
+            "d_model": hf.hidden_size, "n_heads": hf.num_attention_heads, "d_head": d_head,
+            "d_mlp": hf.intermediate_size, "n_layers": hf.num_hidden_layers,
+            "n_ctx": min(hf.max_position_embeddings, ROTARY_MAX_CTX), "eps": hf.layer_norm_eps,
+            "d_vocab": hf.vocab_size, "act_fn": hf.hidden_act,
+            "parallel_attn_mlp": getattr(hf, "use_parallel_residual", True),
+            "positional_embedding_type": "rotary", "rotary_adjacent_pairs": False,
+            "rotary_dim": round(get_rotary_pct_from_config(hf) * d_head), "rotary_base": rope_theta(),
+            "normalization_type": "LN",
+        }
+    elif arch == "LlamaForCausalLM":
+        if getattr(hf, "attention_bias", False) or getattr(hf, "mlp_bias", False):
+            raise refuse("attention or MLP biases")
+        d_head = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        n_kv = getattr(hf, "num_key_value_heads", None)
+        kw = {
+            "d_model": hf.hidden_size, "n_heads": hf.num_attention_heads, "d_head": d_head,
+            "d_mlp": hf.intermediate_size, "n_layers": hf.num_hidden_layers,
+            "n_ctx": min(hf.max_position_embeddings, ROTARY_MAX_CTX), "eps": hf.rms_norm_eps,
+            "d_vocab": hf.vocab_size, "act_fn": hf.hidden_act,
+            "n_key_value_heads": n_kv if n_kv not in (None, hf.num_attention_heads) else None,
+            "normalization_type": "RMS", "positional_embedding_type": "rotary", "rotary_adjacent_pairs": False,
+            "rotary_dim": d_head, "rotary_base": rope_theta(), "final_rms": True, "gated_mlp": True,
+            # Grouped-query attention ungrouped: hook_k/hook_v carry one key per query head, the shape
+            # every simplifier expects (the same computation: each group's keys repeated).
+            "ungroup_grouped_query_attention": n_kv not in (None, hf.num_attention_heads),
+        }
+    else:  # inspect_model_folder admits only HF_CONVERSIONS
+        raise IllusionsError(f"no TransformerLens conversion for {arch}; supported: {', '.join(HF_CONVERSIONS)}")
+    if kw["act_fn"] not in SUPPORTED_ACTIVATIONS:
+        raise refuse(f"activation {kw['act_fn']!r}")
+    return HookedTransformerConfig(**kw, original_architecture=arch, default_prepend_bos=False,
+                                   device=str(device))
+
+
+def load_model_folder(folder: ModelFolder, *, device: str | torch.device = "cpu") -> HookedTransformer:
+    """The ``HookedTransformer`` of a folder read by :func:`inspect_model_folder` (eval mode).
+
+    A Hugging Face model is loaded with ``transformers`` from the folder alone (safetensors, local
+    files only), converted by TransformerLens' weight conversion for its architecture, and loaded
+    strictly: every parameter comes from the checkpoint except those the conversion leaves out and
+    TransformerLens fills with its defaults (GPT-2's zero unembedding bias) and the fixed buffers.
+    """
+    if folder.kind == ILLUSIONS:
+        model, _ = load_model(folder.path, device=device)
+        return model
+    import torch
+    from transformer_lens import HookedTransformer
+    from transformer_lens.pretrained import weight_conversions
+    from transformers import AutoModelForCausalLM
+
+    with _quiet_transformers():
+        try:
+            hf = AutoModelForCausalLM.from_pretrained(str(folder.path), local_files_only=True,
+                                                      use_safetensors=True, dtype=torch.float32)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise IllusionsError(f"the weights in {folder.path} could not be loaded ({_first_line(exc)})") from None
+    hf.eval()
+    convert = getattr(weight_conversions, HF_CONVERSIONS[folder.architecture])
+    with torch.no_grad():
+        state = convert(hf, folder.hooked)
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        model = HookedTransformer(folder.hooked)
+    unexpected = sorted(set(state) - set(model.state_dict()))
+    if unexpected:
+        raise IllusionsError(f"converting {folder.path} gave weights the model does not have: {', '.join(unexpected[:3])}")
+    try:
+        state = model.fill_missing_keys(state)
+        model.load_state_dict({k: v.detach().to(device) for k, v in state.items()}, strict=True)
+    except (RuntimeError, ValueError) as exc:
+        raise IllusionsError(f"the weights in {folder.path} do not fit its config ({_first_line(exc)})") from None
+    del hf
+    model.eval()
+    return model
+
+
+def load_tokenizer(folder: ModelFolder) -> Any | None:
+    """The tokenizer saved in a Hugging Face folder (loaded offline), or None when it has none."""
+    if folder.kind != HUGGINGFACE or not folder.has_tokenizer:
+        return None
+    from transformers import AutoTokenizer
+
+    with _quiet_transformers():
+        try:
+            return AutoTokenizer.from_pretrained(str(folder.path), local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise IllusionsError(f"the tokenizer in {folder.path} could not be loaded ({_first_line(exc)})") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderTokens:
+    """What a model folder says about its tokens, for data given as text or shown as tokens.
+
+    Attributes:
+        encode: text -> token ids with the folder's tokenizer (None: the folder has none).
+        tokens: readable form of ids ``0..d_vocab-1`` (None: unknown; shown as ``<id>``).
+        pad_id: the id to right-pad rows with; bos_id: the beginning-of-sequence id.
+    """
+
+    encode: Callable[[str], list[int]] | None
+    tokens: list[str] | None
+    pad_id: int = 0
+    bos_id: int = 0
+
+
+def folder_tokens(folder: ModelFolder) -> FolderTokens:
+    """The tokenizer of a Hugging Face folder (offline), or an illusions checkpoint's saved vocabulary."""
+    tokenizer = load_tokenizer(folder)
+    if tokenizer is None:
+        task_meta = folder.meta.get("task")
+        saved = task_meta.get("vocab") if isinstance(task_meta, dict) else None
+        if isinstance(saved, list) and len(saved) == folder.d_vocab:
+            return FolderTokens(None, [str(t) for t in saved], int(task_meta.get("pad_id", 0)),
+                                int(task_meta.get("bos_id", 0)))
+        return FolderTokens(None, None)
+
+    def encode(text: str) -> list[int]:
+        return [int(t) for t in tokenizer(text)["input_ids"]]
+
+    n = min(len(tokenizer), folder.d_vocab)
+    tokens = [str(t) for t in tokenizer.convert_ids_to_tokens(list(range(n)))]
+    tokens += [f"<{i}>" for i in range(n, folder.d_vocab)]
+
+    def valid(i: Any) -> bool:
+        return isinstance(i, int) and 0 <= i < folder.d_vocab
+
+    ids = (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id)
+    pad_id = next((int(i) for i in ids if valid(i)), 0)
+    bos_id = int(tokenizer.bos_token_id) if valid(tokenizer.bos_token_id) else pad_id
+    return FolderTokens(encode, tokens, pad_id, bos_id)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence ``transformers``' info logging and progress bars for one call, then restore them."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()

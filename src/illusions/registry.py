@@ -73,6 +73,8 @@ def _fill() -> None:
                   "Dyck-(20,10) brackets; splits: iid, seen/unseen structures, unseen depths")
     register_task("code", "illusions.tasks.code:CodeTask",
                   "character-level code completion; splits: held-out Python, other languages, deep nesting")
+    register_task("custom", "illusions.tasks.custom:CustomTask",
+                  "your own JSONL splits (train.jsonl + NAME.jsonl) on your model or a Hugging Face one")
     register_simplifier("svd", "illusions.simplifiers.svd:SVD",
                         "queries/keys projected onto their top-r principal directions, per head")
     register_simplifier("kmeans", "illusions.simplifiers.kmeans:KMeans",

@@ -25,12 +25,14 @@ import numpy as np
 
 from illusions import __version__, registry
 from illusions.analyses.spec import (  # noqa: F401  (re-exported: the spec is part of this module's API)
+    BREAKDOWNS,
+    CUSTOM_TASK,
     AnalysisRecipe,
     AnalysisSpec,
     build_simplifiers,
     load_analysis_recipe,
 )
-from illusions.analyses.summary import ROW_FIELDS, summarize, to_json
+from illusions.analyses.summary import DISCRETE, ROW_FIELDS, summarize, to_json
 from illusions.errors import IllusionsError
 from illusions.io import atomic_write_bytes, atomic_write_json, atomic_write_text, staged_dir
 
@@ -59,6 +61,8 @@ def load_task_and_model(spec: AnalysisSpec) -> tuple[Any, Any, str, str]:
     from illusions.models import describe, load_model
 
     task_cls = registry.get_task(spec.task)
+    if spec.task == CUSTOM_TASK:
+        return _custom_task_and_model(spec, task_cls)
     model_dir = Path(spec.model) if spec.model else bundled_model_dir(spec.task)
     model, meta = load_model(model_dir)
     task_meta = meta.get("task") or {}
@@ -83,6 +87,24 @@ def load_task_and_model(spec: AnalysisSpec) -> tuple[Any, Any, str, str]:
     return task, model, source, describe(model)
 
 
+def _custom_task_and_model(spec: AnalysisSpec, task_cls: Any) -> tuple[Any, Any, str, str]:
+    """Task ``custom``: the spec's data read and checked against the model folder's vocabulary,
+    context and tokenizer, all before any weight is loaded; then the model."""
+    from illusions.models import describe, folder_tokens, inspect_model_folder, load_model_folder
+
+    folder = inspect_model_folder(spec.model)
+    tokens = folder_tokens(folder)
+    task = task_cls(task_cls.Config(data=spec.data, candidates=spec.candidates), d_vocab=folder.d_vocab,
+                    n_ctx=folder.n_ctx, encode=tokens.encode, vocab_tokens=tokens.tokens, pad_id=tokens.pad_id,
+                    bos_id=tokens.bos_id, model_name=f"model {folder.path}")
+    missing = [b for b in spec.breakdowns if b not in BREAKDOWNS and b not in task.meta_columns]
+    if missing:
+        raise IllusionsError(f"no meta column {', '.join(missing)} in {spec.data} to break down by; "
+                             f"its columns: {', '.join(task.meta_columns) or 'none'}")
+    model = load_model_folder(folder)
+    return task, model, spec.model, describe(model)
+
+
 def run_analysis(spec: AnalysisSpec, *, progress: Callable[[str, int, int], None] | None = None) -> RunResult:
     """Load, fit, evaluate and summarise: the whole analysis for one spec."""
     from illusions.analyses.faithfulness import analyze
@@ -103,7 +125,11 @@ def run_analysis(spec: AnalysisSpec, *, progress: Callable[[str, int, int], None
     )
     task_meta = task.meta()
     names = {"category": task_meta["categories"]} if "categories" in task_meta else {}
-    rows = summarize(result, breakdowns=spec.breakdowns, n_boot=spec.n_boot, seed=spec.seed, group_names=names)
+    names.update(task_meta.get("group_names") or {})
+    # Data you bring (task custom) is broken down by every meta column it has.
+    breakdowns = tuple(dict.fromkeys((*spec.breakdowns, *task_meta.get("meta_columns", ()))))
+    rows = summarize(result, breakdowns=breakdowns, n_boot=spec.n_boot, seed=spec.seed, group_names=names,
+                     discrete=task_meta.get("discrete", DISCRETE))
     proxies = [{"label": label, "simplifier": p.simplifier, "params": p.params}
                for label, p in zip(result.labels, result.proxies, strict=True)]
     doc = to_json(rows, task=spec.task, model=source, proxies=proxies)

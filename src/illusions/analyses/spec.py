@@ -19,6 +19,9 @@ from illusions.errors import IllusionsError, InvalidOption
 
 # Breakdowns of every metric (``--by``): the scored positions' meta columns a task may provide.
 BREAKDOWNS = ("key_depth", "depth", "distance", "length", "category")
+# The task whose splits are the spec's ``data`` (illusions.tasks.custom); its breakdowns may also
+# name the data's own meta columns, checked when the data is read.
+CUSTOM_TASK = "custom"
 
 # The spec field that holds the values of each simplifier's swept parameter (``sweep_param``).
 SWEEP_FIELDS = {"rank": "ranks", "k": "clusters"}
@@ -46,6 +49,11 @@ class AnalysisSpec(Config):
     every head of the targeted layers. ``per_head`` makes one proxy per (layer, head) of those, each
     simplifying that head alone, all evaluated in one run (the clean model still runs once per
     split); their labels end in ``@L<layer>H<head>``.
+
+    Task ``custom`` analyses data you bring (:mod:`illusions.tasks.custom`): ``data`` is its
+    directory of JSONL splits, ``model`` (required) an illusions checkpoint or a Hugging Face model
+    folder, ``candidates`` optionally a file of the token ids predictions range over. Every meta
+    column of the data is broken down; ``breakdowns`` may name one to insist that it exists.
     """
 
     task: str = "dyck"
@@ -68,6 +76,8 @@ class AnalysisSpec(Config):
     batch_size: int = 64
     breakdowns: tuple[str, ...] = BREAKDOWNS
     per_head: bool = False
+    data: str = ""
+    candidates: str = ""
 
     def __post_init__(self) -> None:
         for name in ("ranks", "clusters", "layers", "heads", "splits", "breakdowns"):
@@ -93,7 +103,17 @@ class AnalysisSpec(Config):
             if self.max_seqs == 0:
                 object.__setattr__(self, "max_seqs", None)
         object.__setattr__(self, "splits", tuple(dict.fromkeys(self.splits)))
-        unknown = [b for b in self.breakdowns if b not in BREAKDOWNS]
+        custom = self.task == CUSTOM_TASK
+        if custom and not self.data:
+            raise InvalidOption("data", "is required for task 'custom': a directory of JSONL splits (train.jsonl "
+                                "and one NAME.jsonl per split to evaluate)")
+        if custom and not self.model:
+            raise InvalidOption("model", "is required for task 'custom': an illusions checkpoint or a Hugging Face "
+                                "model folder")
+        for name in ("data", "candidates"):
+            if getattr(self, name) and not custom:
+                raise InvalidOption(name, f"is only for task 'custom' (task {self.task!r} makes its own splits)")
+        unknown = [b for b in self.breakdowns if b not in BREAKDOWNS and not (custom and b.isidentifier())]
         if unknown:
             raise InvalidOption("breakdowns", f"has unknown value(s) {', '.join(unknown)}; known: {', '.join(BREAKDOWNS)}")
         cls = registry.get_simplifier(self.simplifier)

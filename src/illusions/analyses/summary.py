@@ -67,13 +67,15 @@ def summarize(
     level: float = 0.95,
     seed: int = 0,
     group_names: Mapping[str, Sequence[str]] | None = None,
+    discrete: Sequence[str] = DISCRETE,
 ) -> list[dict[str, Any]]:
     """Tidy rows: the overall estimate of each metric per split and proxy, then the breakdowns.
 
     Overall rows (``group_by == "all"``) carry the gap to ``reference`` and to the length-matched
     control; breakdown rows carry the estimate within each group of one meta column.
     ``group_names[column][code]`` names the groups of a coded column (e.g. the code task's
-    character categories); other groups are labelled by their value or bin.
+    character categories); other groups are labelled by their value or bin. Columns in
+    ``discrete`` are broken down value by value, the others in round bins.
     """
     group_names = group_names or {}
     splits = list(result.split_rows)
@@ -84,7 +86,7 @@ def summarize(
     edges = {
         col: nice_edges(max((r.meta[col].max() for r in all_records if col in r.meta), default=1))
         for col in breakdowns
-        if col not in DISCRETE and col != "length"
+        if col not in discrete and col != "length"
     }
     edges["length"] = length_edges
     rows: list[dict[str, Any]] = []
@@ -113,7 +115,7 @@ def summarize(
                 if not len(rec) or (col != "length" and col not in rec.meta):
                     continue
                 column = _length(rec) if col == "length" else rec.meta[col]
-                if col in DISCRETE:
+                if col in discrete:
                     groups, inverse = np.unique(column, return_inverse=True)
                     names = group_names.get(col)
                     labels = [names[int(g)] if names is not None and 0 <= g < len(names) else str(int(g))

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from illusions.analyses.spec import BREAKDOWNS, AnalysisSpec
+from illusions.analyses.spec import BREAKDOWNS, CUSTOM_TASK, AnalysisSpec
 from illusions.cli.app import command, fail, set_threads
 
 BY_CHOICES = BREAKDOWNS
@@ -51,13 +51,19 @@ OPTIONS = (
     _opt("split", list[str] | None, None, "--split", "Split(s) to evaluate (default: all).", "splits"),
     _opt("max_seqs", int, SPEC["max_seqs"], "--max-seqs", "Sequences evaluated per split (0: all).", "max_seqs"),
     _opt("seed", int, SPEC["seed"], "--seed", "Seeds fitting/evaluation sampling, k-means and bootstrap.", "seed"),
-    _opt("model", Path | None, None, "--model", "Checkpoint directory (default: the bundled model).", "model"),
+    _opt("model", Path | None, None, "--model",
+         "illusions checkpoint or Hugging Face model folder (default: the bundled model).", "model"),
+    _opt("data", Path | None, None, "--data",
+         "custom: directory of JSONL splits (train.jsonl, iid.jsonl, NAME.jsonl).", "data"),
+    _opt("candidates", Path | None, None, "--candidates",
+         "custom: file of token ids (one per line) predictions range over (default: all).", "candidates"),
     _opt("uncentered", bool, False, "--uncentered", "svd: plain SVD instead of PCA (no centring).", "centered"),
     _opt("basis", str, SPEC["basis"], "--basis", "svd: 'separate' bases for q and k, or one 'joint' basis.", "basis"),
     _opt("n_boot", int, SPEC["n_boot"], "--n-boot", "Bootstrap resamples for the 95% intervals.", "n_boot"),
     _opt("out", Path | None, None, "--out", "Run directory (default: runs/<name>)."),
     _opt("as_json", bool, False, "--json", "Print one JSON object to stdout instead of tables."),
-    _opt("by", str | None, None, "--by", "Also print a breakdown: key_depth, depth, distance, length or category."),
+    _opt("by", str | None, None, "--by",
+         "Also print a breakdown: key_depth, depth, distance, length, category (custom: a meta name)."),
     _opt("threads", int, 2, "--threads", "CPU threads for torch."),
     Option("report", "--report", Annotated[bool, typer.Option("--report/--no-report", help="Write report.html into the run directory.")],
            True),
@@ -104,7 +110,7 @@ def _field_value(option: Option, value: Any, sweep: bool) -> Any:
         return _heads(value)
     if option.name == "uncentered":
         return not value
-    if option.name == "model":
+    if option.name in ("model", "data", "candidates"):
         return str(value) if value else ""
     if option.field in ("layers", "splits"):
         return tuple(value or ())
@@ -143,13 +149,26 @@ def _analysis(sweep: bool, given: dict[str, Any]) -> None:
     """The body both commands share: build the spec, run it, write the run directory, print."""
     values = SWEEP_VALUES if sweep else ANALYZE_VALUES
     task = given["task"]
-    if given["by"] is not None and given["by"] not in BY_CHOICES:
-        fail(f"--by must be one of {', '.join(BY_CHOICES)}, got {given['by']!r}")
     if task.endswith(".toml"):
         spec, name = _recipe(task, given, values)
     else:
         spec, name = _spec(task, given, values, sweep), None
+    by = given["by"]
+    if by is not None and by not in BY_CHOICES:
+        if spec.task != CUSTOM_TASK:
+            fail(f"--by must be one of {', '.join(BY_CHOICES)}, got {by!r}")
+        # A meta column of the data: the spec insists on it, so a missing one fails before the fit.
+        spec = _replace(spec, breakdowns=(*spec.breakdowns, by))
     _run(spec, given["out"], given["as_json"], given["by"], given["threads"], given["report"], name=name)
+
+
+def _replace(spec: Any, **changes: Any) -> Any:
+    from illusions.errors import InvalidOption
+
+    try:
+        return spec.replace(**changes)
+    except InvalidOption as exc:
+        fail(exc.detail if exc.whole else f"--by {exc.detail}")
 
 
 def _run(spec: Any, out: Path | None, as_json: bool, by: str | None, threads: int, report: bool,

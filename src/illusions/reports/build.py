@@ -126,6 +126,10 @@ def inputs_from_dir(run_dir: Path, task: Any = None, model: Any = None) -> Repor
         from illusions.analyses.run import load_task_and_model
 
         task, model, _, _ = load_task_and_model(spec)
+    saved = (config.get("task") or {}).get("fingerprint")
+    if saved is not None and task.meta().get("fingerprint") != saved:
+        raise IllusionsError(f"the data of {run_dir} changed since the run (its files' fingerprint differs); "
+                             "run the analysis again instead")
     return ReportInputs(spec=spec, config=config, rows=rows, proxies=proxies, labels=labels,
                         split_rows=split_rows, records=records, fit_rows=fit_rows, task=task, model=model)
 
@@ -244,6 +248,16 @@ def build_report(inputs: ReportInputs) -> tuple[str, list[Any]]:
                 sections.append(html.Section(by, f"Agreement by {what}", html.figure(extra, (
                     f"Agreement and accuracy of {html.esc(label)} by {what}, one line per split "
                     "(bars: 95% intervals)."))))
+    # Data you bring (task custom) is broken down by each of its meta columns.
+    drawn = {"key_depth"} if breakdown is not None else {"key_depth", "category", "depth"}
+    for by in inputs.config.get("task", {}).get("meta_columns", []):
+        extra = None if by in drawn else plots.breakdown_figure(inputs.rows, label, splits, by=by)
+        if extra is not None:
+            extra = dataclasses.replace(extra, name=f"fig_meta_{by}")  # never a built-in figure's name
+            figures.append(extra)
+            sections.append(html.Section(f"by-{by}", f"Agreement by {by}", html.figure(extra, (
+                f"Agreement and accuracy of {html.esc(label)} by the meta column {html.esc(by)} of your data, "
+                "one line per split (bars: 95% intervals)."))))
 
     title = f"{spec.task}: how faithful is {label.split('(')[0]} out of distribution?"
     subtitle = [
