@@ -1,0 +1,219 @@
+"""Task ``custom``: JSONL splits you bring, on a Hugging Face or illusions model, through the CLI.
+
+Every bad input is one line on stderr, exit 2, nothing written, and is caught before any weight is
+loaded (the loader is replaced by one that fails the test)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from hf_fixtures import N_CTX, VOCAB, save_hf, word_tokenizer, write_jsonl, write_splits
+from illusions.analyses.run import AnalysisSpec, run_analysis
+from illusions.cli import app
+from illusions.errors import IllusionsError
+from illusions.models import ModelConfig, build_model, inspect_model_folder, save_model
+from illusions.reports import rebuild_report
+from illusions.tasks.custom import CustomConfig, CustomTask
+
+runner = CliRunner()
+FAST = ["--threads", "1", "--n-boot", "50"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """HF GPT-2 (with a tokenizer) and GPT-NeoX folders, an illusions checkpoint, and a data folder."""
+    root = tmp_path_factory.mktemp("custom")
+    gpt2 = save_hf("gpt2", root / "gpt2", tokenizer=True)
+    neox = save_hf("neox", root / "neox")
+    illusions_model = build_model(ModelConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=N_CTX,
+                                              d_vocab=VOCAB), seed=0)
+    vocab = [f"t{i}" for i in range(VOCAB)]
+    save_model(illusions_model, root / "ckpt", meta={"task": {"task": "toy", "vocab": vocab, "pad_id": 0,
+                                                              "bos_id": 1}})
+    data = write_splits(root / "data")
+    return {"gpt2": gpt2, "neox": neox, "ckpt": root / "ckpt", "data": data, "root": root}
+
+
+def _ok(args):
+    result = runner.invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _agreements(doc):
+    return {s: e["agreement"]["value"] for s, e in doc["splits"].items()}
+
+
+@pytest.mark.parametrize("model", ["gpt2", "neox", "ckpt"])
+def test_full_rank_svd_agrees_on_every_split_and_low_rank_does_not(env, model, tmp_path):
+    args = ["analyze", "custom", "--data", str(env["data"]), "--model", str(env[model]), "--layer", "0",
+            "--layer", "1", "--no-report", "--json", *FAST]
+    full = json.loads(_ok([*args, "--rank", "8", "--out", str(tmp_path / "full")]).stdout)
+    assert set(full["splits"]) == {"iid", "long"}
+    assert _agreements(full) == {"iid": 1.0, "long": 1.0}
+    low = json.loads(_ok([*args, "--rank", "1", "--out", str(tmp_path / "low")]).stdout)
+    assert min(_agreements(low).values()) < 1.0  # the check above can fail
+
+
+def test_run_directory_table_report_and_meta_breakdowns(env, tmp_path):
+    out = tmp_path / "run"
+    result = _ok(["analyze", "custom", "--data", str(env["data"]), "--model", str(env["gpt2"]), "--rank", "2",
+                  "--by", "parity", "--out", str(out), *FAST])
+    assert "custom: svd(rank=2)" in result.stdout and "GPT2LMHeadModel" in result.stdout
+    assert "by parity" in result.stdout and "even" in result.stdout and "odd" in result.stdout
+    assert {"config.json", "metrics.json", "metrics.csv", "records.npz", "report.html",
+            "fig_meta_parity.png", "fig_meta_position.png"} <= {p.name for p in out.iterdir()}
+    config = json.loads((out / "config.json").read_text())
+    assert config["spec"]["data"] == str(env["data"]) and config["task"]["reference_split"] == "iid"
+    assert config["task"]["group_names"] == {"parity": ["even", "odd"]}
+    assert config["task"]["discrete"] == ["parity"]  # 'position' has more values than MAX_DISCRETE: binned
+    csv = (out / "metrics.csv").read_text()
+    assert ",parity,even," in csv and ",position,0-4," in csv and ",length," in csv
+    doc = json.loads((out / "metrics.json").read_text())
+    gap = doc["splits"]["long"]["gaps"]["agreement"]["vs_iid"]["value"]
+    assert gap == pytest.approx(_agreements(doc)["long"] - _agreements(doc)["iid"])
+    html = (out / "report.html").read_text()
+    assert "Agreement by parity" in html and "Split definitions" in html
+    before = (out / "report.html").read_bytes()
+    rebuild_report(out)
+    assert (out / "report.html").read_bytes() == before
+
+
+def test_rebuilding_a_report_after_the_data_changed_is_refused(env, tmp_path):
+    data = write_splits(tmp_path / "data")
+    out = tmp_path / "run"
+    _ok(["analyze", "custom", "--data", str(data), "--model", str(env["gpt2"]), "--rank", "2", "--out", str(out),
+         "--no-report", *FAST])
+    write_jsonl(data / "iid.jsonl", [{"tokens": [1, 2, 3]}] * 3)
+    with pytest.raises(IllusionsError, match="changed since the run"):
+        rebuild_report(out)
+
+
+def test_sweep_over_ranks(env, tmp_path):
+    result = _ok(["sweep", "custom", "--data", str(env["data"]), "--model", str(env["neox"]), "--ranks", "1,8",
+                  "--layer", "0", "--layer", "1", "--out", str(tmp_path / "sweep"), "--json", *FAST])
+    doc = json.loads(result.stdout)
+    assert [p["label"] for p in doc["proxies"]] == ["svd(rank=1)", "svd(rank=8)"]
+    assert {s: e["agreement"]["value"] for s, e in doc["proxies"][1]["splits"].items()} == {"iid": 1.0, "long": 1.0}
+    assert (tmp_path / "sweep" / "report.html").is_file()
+
+
+def test_without_iid_there_is_no_gap(env, tmp_path):
+    data = tmp_path / "data"
+    write_splits(data)
+    (data / "iid.jsonl").rename(data / "other.jsonl")
+    doc = json.loads(_ok(["analyze", "custom", "--data", str(data), "--model", str(env["gpt2"]), "--rank", "2",
+                          "--out", str(tmp_path / "run"), "--no-report", "--json", *FAST]).stdout)
+    assert set(doc["splits"]) == {"other", "long"} and all(not e["gaps"] for e in doc["splits"].values())
+
+
+def test_text_lines_use_the_folder_tokenizer_and_candidates_restrict_predictions(env, tmp_path):
+    data = write_splits(tmp_path / "data")
+    write_jsonl(data / "text.jsonl", [{"text": "<bos> w3 w4 w5 w6 w7", "meta": {"parity": ["a"] * 5}}] * 4)
+    (tmp_path / "cands.txt").write_text("2\n3\n\n4\n5\n")
+    spec = AnalysisSpec(task="custom", data=str(data), model=str(env["gpt2"]), ranks=(2,), n_boot=20,
+                        candidates=str(tmp_path / "cands.txt"))
+    run = run_analysis(spec)
+    text = run.task.splits()["text"]
+    assert text.tokens[0].tolist() == word_tokenizer()("<bos> w3 w4 w5 w6 w7")["input_ids"] == [1, 5, 6, 7, 8, 9]
+    assert run.task.vocab.tokens[5] == "w3"
+    for (_, _), rec in run.analysis.records.items():
+        assert set(rec.original_pred.tolist()) | set(rec.proxy_pred.tolist()) <= {2, 3, 4, 5}
+    assert run.task_meta["group_names"]["parity"] == ["a", "even", "odd"]  # one coding across splits
+
+
+def test_reader_defaults_and_explicit_targets(tmp_path):
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", [{"tokens": [1, 2, 3, 4]}])
+    write_jsonl(data / "iid.jsonl", [{"tokens": [1, 2, 3], "score": [2], "target": [7], "meta": {"ok": [True]}},
+                                     {"tokens": [1, 5], "score": [0], "meta": {"ok": [False]}}])
+    task = CustomTask(CustomConfig(data=str(data)), d_vocab=10, n_ctx=8)
+    train, iid = task.splits()["train"], task.splits()["iid"]
+    assert train.scored.pos.tolist() == [0, 1, 2] and train.scored.target.tolist() == [2, 3, 4]
+    assert iid.scored.seq.tolist() == [0, 1] and iid.scored.pos.tolist() == [2, 0]
+    assert iid.scored.target.tolist() == [7, 5]  # the last position is scored when a target is given
+    assert iid.tokens.tolist() == [[1, 2, 3], [1, 5, 0]] and iid.lengths.tolist() == [3, 2]
+    assert task.meta()["group_names"] == {"ok": ["false", "true"]} and iid.scored.meta["ok"].tolist() == [1, 0]
+    assert list(task.splits()) == ["train", "iid"] and task.candidates is None
+
+
+GOOD = [{"tokens": [1, 2, 3, 4]}]
+BAD_INPUTS = {
+    "missing-train": ({"iid.jsonl": GOOD}, [], "has no train.jsonl"),
+    "not-json": ({"train.jsonl": GOOD, "iid.jsonl": ["{tokens: [1, 2]}"]}, [], "iid.jsonl:1 is not JSON"),
+    "token-outside-vocab": ({"train.jsonl": GOOD, "iid.jsonl": [{"tokens": [1, VOCAB]}]}, [],
+                            f"token id {VOCAB} is outside the vocabulary"),
+    "longer-than-context": ({"train.jsonl": [{"tokens": [1] * (N_CTX + 1)}], "iid.jsonl": GOOD}, [],
+                            "more than the context of model"),
+    "score-out-of-range": ({"train.jsonl": GOOD, "iid.jsonl": [{"tokens": [1, 2, 3], "score": [2]}]}, [],
+                           "score position 2 is out of range 0..1"),
+    "score-target-lengths": ({"train.jsonl": GOOD, "iid.jsonl": [{"tokens": [1, 2, 3], "score": [0, 1],
+                                                                  "target": [4]}]}, [],
+                             "target has 1 entries but 2 positions are scored"),
+    "meta-length": ({"train.jsonl": GOOD, "iid.jsonl": [{"tokens": [1, 2, 3], "meta": {"kind": ["a"]}}]}, [],
+                    "meta 'kind' has 1 values but 2 positions are scored"),
+    "text-without-tokenizer": ({"train.jsonl": GOOD, "iid.jsonl": [{"text": "w1 w2"}]}, ["--model-neox"],
+                               "has text but model"),
+    "empty-split": ({"train.jsonl": GOOD, "iid.jsonl": ["", ""]}, [], "holds no sequence (an empty split)"),
+    "nothing-scored": ({"train.jsonl": GOOD, "iid.jsonl": [{"tokens": [1]}]}, [], "has no scored position"),
+    "only-train": ({"train.jsonl": GOOD}, [], "holds only train.jsonl"),
+    "unknown-key": ({"train.jsonl": GOOD, "iid.jsonl": [{"tokens": [1, 2], "labels": [1]}]}, [],
+                    "unknown key(s) labels"),
+    "reserved-meta": ({"train.jsonl": GOOD, "iid.jsonl": [{"tokens": [1, 2], "meta": {"length": [1]}}]}, [],
+                      "meta name 'length' is reserved"),
+    "candidate-outside-vocab": ({"train.jsonl": GOOD, "iid.jsonl": GOOD}, ["--candidates", "99"],
+                                "token id 99 is outside the vocabulary"),
+    "unknown-by-column": ({"train.jsonl": GOOD, "iid.jsonl": GOOD}, ["--by", "nosuch"],
+                          "no column nosuch to break down by"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_nothing_written_before_loading_weights(env, tmp_path, monkeypatch, case):
+    files, extra, message = BAD_INPUTS[case]
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, lines in files.items():
+        write_jsonl(data / name, lines)
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded before the input was checked")
+
+    monkeypatch.setattr("illusions.models.load_model_folder", no_weights)
+    model = env["neox"] if "--model-neox" in extra else env["gpt2"]
+    extra = [e for e in extra if e != "--model-neox"]
+    if extra[:1] == ["--candidates"]:
+        (tmp_path / "cands.txt").write_text(f"2\n{extra[1]}\n")
+        extra = ["--candidates", str(tmp_path / "cands.txt")]
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["analyze", "custom", "--data", str(data), "--model", str(model), "--rank", "2",
+                                 "--out", str(out), *extra, *FAST], catch_exceptions=False)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["data", *(["cands.txt"] if "cands.txt" in str(extra) else [])])
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["analyze", "custom", "--rank", "2"], "task 'custom' needs data"),
+    (["analyze", "custom", "--data", "d", "--rank", "2"], "task 'custom' needs a model"),
+    (["analyze", "dyck", "--data", "d", "--rank", "2"], "data is only for task 'custom'"),
+    (["sweep", "dyck", "--candidates", "c", "--ranks", "1,2"], "candidates is only for task 'custom'"),
+    (["data", "custom"], "needs data"),
+])
+def test_spec_refuses_custom_options_out_of_place(args, message, tmp_path):
+    result = runner.invoke(app, [*args, *(["--out", str(tmp_path / "r")] if args[0] != "data" else [])])
+    assert result.exit_code == 2 and message in result.stderr, result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_model_folder_without_tokenizer_reads_token_ids(env):
+    folder = inspect_model_folder(env["ckpt"])
+    task = CustomTask.from_model_folder(CustomConfig(data=str(env["data"])), folder)
+    assert task.vocab.tokens[:3] == ("t0", "t1", "t2") and task.vocab.bos_id == 1
+    assert len(task.splits()["long"]) == 30 and np.all(task.splits()["long"].lengths >= 15)
