@@ -30,7 +30,7 @@ def test_tutorial_runs(tmp_path, monkeypatch):
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
     text = "\n".join(out.get("text", "") + out.get("data", {}).get("text/plain", "") for out in outputs)
-    assert "custom: svd(rank=2)" in text and "agreement (proxy accuracy / original accuracy) by" in text
+    assert "custom: svd(rank=4)" in text and "agreement (proxy accuracy / original accuracy) by" in text
     assert "long  agreement" in text and "iid   original_accuracy" in text
     assert sum("image/png" in out.get("data", {}) for out in outputs) == 1  # the attention view
     run = tmp_path / "tutorial-output" / "run"
