@@ -217,3 +217,14 @@ def test_model_folder_without_tokenizer_reads_token_ids(env):
     task = CustomTask.from_model_folder(CustomConfig(data=str(env["data"])), folder)
     assert task.vocab.tokens[:3] == ("t0", "t1", "t2") and task.vocab.bos_id == 1
     assert len(task.splits()["long"]) == 30 and np.all(task.splits()["long"].lengths >= 15)
+
+
+def test_custom_recipe(env, tmp_path):
+    recipe = tmp_path / "mine.toml"
+    recipe.write_text(f'name = "mine"\n[analysis]\ntask = "custom"\ndata = "{env["data"]}"\nmodel = "{env["gpt2"]}"\n'
+                      'ranks = [8]\nlayers = [0, 1]\nn_boot = 20\n')
+    doc = json.loads(_ok(["analyze", str(recipe), "--json", "--threads", "1", "--no-report",
+                          "--out", str(tmp_path / "run")]).stdout)
+    assert _agreements(doc) == {"iid": 1.0, "long": 1.0}
+    refused = runner.invoke(app, ["analyze", str(recipe), "--data", str(env["data"])])
+    assert refused.exit_code == 2 and "--data cannot be combined with a recipe" in refused.stderr
