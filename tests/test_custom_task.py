@@ -15,7 +15,13 @@ from hf_fixtures import N_CTX, VOCAB, save_hf, word_tokenizer, write_jsonl, writ
 from illusions.analyses.run import AnalysisSpec, run_analysis
 from illusions.cli import app
 from illusions.errors import IllusionsError
-from illusions.models import ModelConfig, build_model, inspect_model_folder, save_model
+from illusions.models import (
+    ModelConfig,
+    build_model,
+    folder_tokens,
+    inspect_model_folder,
+    save_model,
+)
 from illusions.reports import rebuild_report
 from illusions.tasks.custom import CustomConfig, CustomTask
 
@@ -168,7 +174,7 @@ BAD_INPUTS = {
     "candidate-outside-vocab": ({"train.jsonl": GOOD, "iid.jsonl": GOOD}, ["--candidates", "99"],
                                 "token id 99 is outside the vocabulary"),
     "unknown-by-column": ({"train.jsonl": GOOD, "iid.jsonl": GOOD}, ["--by", "nosuch"],
-                          "no column nosuch to break down by"),
+                          "no meta column nosuch in"),
 }
 
 
@@ -200,10 +206,11 @@ def test_bad_input_is_one_line_exit_2_nothing_written_before_loading_weights(env
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["analyze", "custom", "--rank", "2"], "task 'custom' needs data"),
-    (["analyze", "custom", "--data", "d", "--rank", "2"], "task 'custom' needs a model"),
-    (["analyze", "dyck", "--data", "d", "--rank", "2"], "data is only for task 'custom'"),
-    (["sweep", "dyck", "--candidates", "c", "--ranks", "1,2"], "candidates is only for task 'custom'"),
+    (["analyze", "custom", "--rank", "2"], "--data is required for task 'custom'"),
+    (["analyze", "custom", "--data", "d", "--rank", "2"], "--model is required for task 'custom'"),
+    (["analyze", "dyck", "--data", "d", "--rank", "2"], "--data is only for task 'custom'"),
+    (["sweep", "dyck", "--candidates", "c", "--ranks", "1,2"], "--candidates is only for task 'custom'"),
+    (["analyze", "custom", "--data", "d", "--model", "m", "--by", "not-a-name"], "--by has unknown value(s)"),
     (["data", "custom"], "needs data"),
 ])
 def test_spec_refuses_custom_options_out_of_place(args, message, tmp_path):
@@ -212,10 +219,11 @@ def test_spec_refuses_custom_options_out_of_place(args, message, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_model_folder_without_tokenizer_reads_token_ids(env):
-    folder = inspect_model_folder(env["ckpt"])
-    task = CustomTask.from_model_folder(CustomConfig(data=str(env["data"])), folder)
-    assert task.vocab.tokens[:3] == ("t0", "t1", "t2") and task.vocab.bos_id == 1
+def test_an_illusions_checkpoint_gives_its_saved_vocabulary(env):
+    tokens = folder_tokens(inspect_model_folder(env["ckpt"]))
+    assert tokens.encode is None and tokens.bos_id == 1
+    task = CustomTask(CustomConfig(data=str(env["data"])), d_vocab=VOCAB, n_ctx=N_CTX, vocab_tokens=tokens.tokens)
+    assert task.vocab.tokens[:3] == ("t0", "t1", "t2")
     assert len(task.splits()["long"]) == 30 and np.all(task.splits()["long"].lengths >= 15)
 
 
