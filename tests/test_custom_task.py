@@ -175,6 +175,7 @@ BAD_INPUTS = {
                                 "token id 99 is outside the vocabulary"),
     "unknown-by-column": ({"train.jsonl": GOOD, "iid.jsonl": GOOD}, ["--by", "nosuch"],
                           "no meta column nosuch in"),
+    "unknown-split": ({"train.jsonl": GOOD, "iid.jsonl": GOOD}, ["--split", "nosuch"], "unknown split(s) nosuch"),
 }
 
 

@@ -101,6 +101,9 @@ def _custom_task_and_model(spec: AnalysisSpec, task_cls: Any) -> tuple[Any, Any,
     if missing:
         raise IllusionsError(f"no meta column {', '.join(missing)} in {spec.data} to break down by; "
                              f"its columns: {', '.join(task.meta_columns) or 'none'}")
+    unknown = [s for s in (*spec.splits, spec.fit_split) if s not in task.splits()]
+    if unknown:
+        raise IllusionsError(f"unknown split(s) {', '.join(unknown)}; {spec.data} holds {', '.join(task.splits())}")
     model = load_model_folder(folder)
     return task, model, spec.model, describe(model)
 
