@@ -16,7 +16,7 @@ PACKAGE = Path(illusions.__file__).parent
 
 # Rank of each top-level module or package of illusions; an import may only go to an equal or lower rank.
 RANK = {
-    "errors": 0, "config": 0, "io": 0,
+    "errors": 0, "config": 0, "io": 0, "devices": 0,
     "tasks": 1, "metrics": 1,
     "scoring": 2,
     "models": 3, "activations": 3,
@@ -25,7 +25,7 @@ RANK = {
     "registry": 6,
     "analyses": 7, "recipes": 7,
     "reports": 8,
-    "reproduce": 9,
+    "reproduce": 9, "engines": 9,
     "cli": 10, "__main__": 11,
 }
 

@@ -155,7 +155,8 @@ def collect(
             numbers are recorded, keeps the plain ``batch_size`` batches.
 
     Returns:
-        ``{hook_name: tensor}`` on the CPU: ``[n, head_index, d_head]`` for per-head hooks such as
+        ``{hook_name: tensor}`` on the model's device (``model.cfg.device``), so that fitting
+        runs there too: ``[n, head_index, d_head]`` for per-head hooks such as
         ``hook_q``/``hook_k``, ``[n, d_model]`` for residual hooks; ``n = mask.sum()`` in row-major
         order.
     """
@@ -188,7 +189,7 @@ def collect(
 
     def capture(activation: Tensor, hook: Any) -> None:
         # [batch, pos, ...] indexed by a [batch, pos] mask -> [n_batch, ...], row-major
-        captured[hook.name] = activation.detach()[keep].cpu()
+        captured[hook.name] = activation.detach()[keep]  # stays on the model's device
         if len(captured) == len(names):
             raise _AllCaptured
 
@@ -219,5 +220,6 @@ def collect(
         start_of[order] = sorted_start
         index = torch.repeat_interleave(start_of - (torch.cumsum(counts, 0) - counts), counts)
         index += torch.arange(int(counts.sum()))  # [n]: position in `out` of each row-major entry
+        index = index.to(device)  # worked out on the CPU, where the mask is
         out = {name: value[index] for name, value in out.items()}
     return out

@@ -131,22 +131,39 @@ def run_all(
     *,
     force: bool = False,
     report: bool = True,
-    progress: Callable[[Job, int, int, str], None] | None = None,
+    progress: Callable[[Job, int, int, str, str], None] | None = None,
     workers: int = 1,
     threads: int = 1,
+    device: str = "cpu",
+    allow_tf32: bool = False,
+    engine: Any = None,
 ) -> dict[str, Any]:
     """Run (or reuse) every job; returns and writes the manifest ``<out>/reproduce.json``.
 
     Reports are written for seed 0 only (the other seeds' runs feed the across-seed intervals).
-    ``progress(job, i, n, event)`` is called for each job computed: ``event`` is ``"start"`` as it
-    starts in this process, or ``"done"`` as a worker returns it (workers report only completions).
-    With ``workers > 1`` the jobs run in that many worker processes of ``threads`` torch threads
-    each (on small models, two 1-thread processes use two cores better than one 2-thread process);
-    every run is independent and seeded, so its files do not depend on ``workers``.
+    The jobs still to compute go to ``engine`` (:mod:`illusions.engines`); without one, a
+    :class:`~illusions.engines.LocalEngine` of ``workers`` processes of ``threads`` torch
+    threads each (on small models, two 1-thread processes use two cores better than one 2-thread
+    process). Every run is independent and seeded, so its files do not depend on the engine.
+    ``device`` and ``allow_tf32`` go to :func:`illusions.analyses.run.run_analysis` in whichever
+    process runs the job (so ``auto`` is resolved on the machine that runs it).
+
+    ``progress(job, finished, n, event, detail)`` is called as the engine reports, with ``finished``
+    of the ``n`` jobs finished (reused ones included): ``event`` is ``"start"`` as a job starts in
+    this process, ``"submitted"`` as it is queued on Slurm, ``"done"`` as it finishes (counted in
+    ``finished``), ``"retry"`` as a failed Slurm job is submitted again and ``"failed"`` as one is
+    given up on (counted too); ``detail`` says why, or names the Slurm job.
+
+    Raises:
+        JobsFailed: some jobs are missing after the engine's retries (Slurm). The manifest is still
+            written, with the runs that finished and a ``missing`` table, and a rerun computes only
+            the missing ones (the finished ones are reused).
     """
+    from illusions.engines import JobsFailed, LocalEngine
     from illusions.io import atomic_write_json
 
     out = Path(out)
+    engine = engine if engine is not None else LocalEngine(workers=workers, threads=threads)
     previous = _read_manifest(out)
     entries: dict[str, Any] = {}
     t_start = time.perf_counter()
@@ -160,35 +177,34 @@ def run_all(
         else:
             todo.append(job)
     done = len(jobs) - len(todo)
-    if workers <= 1 or len(todo) <= 1:
-        for i, job in enumerate(todo):
-            if progress is not None:
-                progress(job, done + i, len(jobs), "start")
-            entries[job.key] = _entry(job, run_job(job, report))
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+    by_key = {job.key: job for job in todo}
 
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(threads,)) as pool:
-            futures = {pool.submit(run_job, job, report): job for job in todo}
-            for i, future in enumerate(as_completed(futures)):
-                job = futures[future]
-                entries[job.key] = _entry(job, future.result())
-                if progress is not None:
-                    progress(job, done + i, len(jobs), "done")
+    def on_event(event: Any) -> None:
+        if progress is not None:
+            progress(by_key[event.key], done + event.finished, len(jobs), event.kind, event.detail)
+
+    try:
+        for job in todo:
+            engine.submit(job.key, run_job, job, report, device, allow_tf32)
+        outcome = engine.wait(on_event)
+    except BaseException:
+        engine.cancel()
+        raise
+    for key, times in outcome.results.items():
+        entries[key] = _entry(by_key[key], times)
     total = round(time.perf_counter() - t_start, 1)
-    runs = {job.key: entries[job.key] for job in jobs}
+    runs = {job.key: entries[job.key] for job in jobs if job.key in entries}
     manifest = {
         "illusions_version": __version__,
         "total_seconds": total,
-        "workers": workers,
-        "threads": threads,
+        **engine.describe(),
+        "device": device,
         "cpu_count": os.cpu_count(),
         "runs": runs,
     }
-    if not any(e["reused"] for e in runs.values()):
+    if outcome.missing:
+        manifest["missing"] = dict(outcome.missing)
+    elif not any(e["reused"] for e in runs.values()):
         # Every run computed by this invocation: the wall time of a whole reproduction.
         manifest["full_run"] = _full_run_of(manifest)
     elif set(runs) == set(previous.get("runs", {})):
@@ -196,6 +212,8 @@ def run_all(
         if manifest_full:
             manifest["full_run"] = manifest_full  # the same jobs, computed whole by an earlier invocation
     atomic_write_json(out / MANIFEST, manifest)
+    if outcome.missing:
+        raise JobsFailed(outcome.missing, getattr(engine, "retries", 0))
     return manifest
 
 
@@ -205,8 +223,9 @@ def _full_run_of(manifest: dict[str, Any]) -> dict[str, Any] | None:
     if not runs or any(e.get("reused") for e in runs.values()) or "total_seconds" not in manifest:
         return None
     cpu = [e.get("cpu_seconds") for e in runs.values()]
-    return {"seconds": manifest["total_seconds"], "workers": manifest.get("workers", 1),
-            "threads": manifest.get("threads", 1), "runs": len(runs),
+    return {"seconds": manifest["total_seconds"], "engine": manifest.get("engine", "local"),
+            "workers": manifest.get("workers", 1), "threads": manifest.get("threads", 1),
+            "device": manifest.get("device", "cpu"), "runs": len(runs),
             "cpu_seconds": round(sum(cpu), 1) if all(c is not None for c in cpu) else None,
             "cpu_count": manifest.get("cpu_count")}
 
@@ -224,18 +243,12 @@ def _entry(job: Job, times: tuple[float, float]) -> dict[str, Any]:
             "cpu_seconds": round(times[1], 2)}
 
 
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-def run_job(job: Job, report: bool = True) -> tuple[float, float]:
+def run_job(job: Job, report: bool = True, device: str = "cpu", allow_tf32: bool = False) -> tuple[float, float]:
     """Run one job into its directory; returns its wall and CPU seconds (this process, all threads)."""
     from illusions.analyses.run import run_analysis, write_run
 
     t0, c0 = time.perf_counter(), time.process_time()
-    run = run_analysis(job.spec)
+    run = run_analysis(job.spec, device=device, allow_tf32=allow_tf32)
     extra = None
     if report and job.seed == 0:
         from illusions.reports import write_report_files
@@ -245,3 +258,21 @@ def run_job(job: Job, report: bool = True) -> tuple[float, float]:
 
     write_run(run, job.out, extra_files=extra)
     return time.perf_counter() - t0, time.process_time() - c0
+
+
+def analyze_into(spec: Any, out: str, report: bool = True, device: str = "cpu", allow_tf32: bool = False) -> Any:
+    """:func:`~illusions.analyses.run.run_analysis` and :func:`~illusions.analyses.run.write_run`
+    (with the report when ``report``) in one call, for a process of its own (``sweep --engine
+    slurm``); returns the run's :class:`~illusions.analyses.run.RunSummary`."""
+    from illusions.analyses.run import RunSummary, run_analysis, write_run
+
+    run = run_analysis(spec, device=device, allow_tf32=allow_tf32)
+    extra = None
+    if report:
+        from illusions.reports import write_report_files
+
+        def extra(stage: Path) -> None:
+            write_report_files(run, stage)
+
+    write_run(run, Path(out), extra_files=extra)
+    return RunSummary(run.spec, run.model_description, run.model_source, run.rows, run.document)

@@ -543,6 +543,9 @@ class Trainer:
             "wall_seconds": self.timing_before["wall_seconds"] + time.perf_counter() - self.wall_start,
             "threads": torch.get_num_threads(),
             "device": str(self.device),
+            # TF32 in force (train(allow_tf32=True) on CUDA): recorded, since it changes the weights.
+            **({"allow_tf32": True} if str(self.device).startswith("cuda")
+               and torch.get_float32_matmul_precision() != "highest" else {}),
         }
 
     def checkpoint(self, extra_meta: Mapping[str, Any] | None = None) -> None:
@@ -641,6 +644,7 @@ def train(
     progress: Callable[[Progress], None] | None = None,
     device: str = "cpu",
     recipe: Mapping[str, Any] | None = None,
+    allow_tf32: bool = False,
 ) -> TrainResult:
     """Train a fresh model on ``task`` (or resume the run in ``out_dir``) and checkpoint it there.
 
@@ -652,15 +656,22 @@ def train(
         out_dir: the run directory; must be absent or empty unless ``resume``.
         resume: continue the run saved in ``out_dir`` (same configs required).
         progress: called after every step (and after each evaluation and checkpoint).
-        device: torch device for the model and batches.
+        device: torch device for the model and batches: ``cpu``, ``cuda``, ``cuda:N``, ``mps``,
+            ``auto`` or a ``torch.device`` (one that is not there raises :class:`IllusionsError`).
+        allow_tf32: let CUDA run float32 matmuls in TF32 (off: the numbers match full float32).
         recipe: JSON data saved in the checkpoint's meta (the resolved recipe that made this run).
 
     Returns:
         A :class:`TrainResult`. On Ctrl-C the run is checkpointed and returned with
         ``interrupted=True`` instead of raising.
     """
-    trainer = Trainer.start(task, model_cfg, train_cfg, out_dir, resume=resume, device=device, recipe=recipe)
-    return trainer.run(progress)
+    from illusions.devices import matmul_precision, resolve_device
+
+    device = resolve_device(device)
+    with matmul_precision(device, allow_tf32):
+        trainer = Trainer.start(task, model_cfg, train_cfg, out_dir, resume=resume, device=str(device),
+                                recipe=recipe)
+        return trainer.run(progress)
 
 
 def load_history(out_dir: Path) -> dict[str, list[Any]]:

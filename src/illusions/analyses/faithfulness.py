@@ -226,7 +226,13 @@ def fit_proxies(
         values = [getattr(simplifiers[j], first.sweep_param) for j in members]
         fitted = first.fit_sweep(model, mine, values)
         proxies.update({j: fitted[v] for j, v in zip(members, values, strict=True)})
-    return [proxies[i] for i in range(len(simplifiers))]
+    out = [proxies[i] for i in range(len(simplifiers))]
+    device = torch.device(model.cfg.device)
+    if device.type != "cpu":
+        # Fits that leave the device (k-means runs in scikit-learn) come back to it, so that no hook
+        # copies its tensors across at every call.
+        out = [p.to(device) for p in out]
+    return out
 
 
 def evaluate_split(
@@ -242,8 +248,14 @@ def evaluate_split(
 
     Each proxy runs from its first simplified layer (``start_at_layer``) on the original residual
     stream cached at that layer, so the shared prefix is computed once per batch for all proxies.
+    Everything runs on the model's device; only the per-position records come back to the CPU.
     """
     import torch
+
+    from illusions.devices import float64_device
+
+    device = torch.device(model.cfg.device)
+    f64 = float64_device(device)  # KL and JSD are float64: on the CPU for MPS
 
     first_layers = sorted({p.first_layer for p in proxies})
     pattern_layers = sorted({layer for p in proxies for layer, _ in p.heads})
@@ -258,11 +270,11 @@ def evaluate_split(
         for batch in iter_batches(split, batch_size, rows=rows):
             if len(batch.scored) == 0:
                 continue
-            tokens = torch.as_tensor(batch.tokens)
+            tokens = torch.as_tensor(batch.tokens, device=device)
             logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in cache_names)
             sc = batch.scored
-            seq_t = torch.as_tensor(sc.seq)
-            pos_t = torch.as_tensor(sc.pos)
+            seq_t = torch.as_tensor(sc.seq, device=device)
+            pos_t = torch.as_tensor(sc.pos, device=device)
             clean_logits = gather_scored(logits, sc)
             clean_pred = restricted_argmax(clean_logits, candidates)
             for j, proxy in enumerate(proxies):
@@ -278,13 +290,13 @@ def evaluate_split(
                     fwd_hooks=list(proxy.fwd_hooks) + capture_hooks,
                 )
                 proxy_logits = gather_scored(proxy_logits_full, sc)
-                jsd = torch.full((len(sc),), float("nan"), dtype=torch.float64)
+                jsd = torch.full((len(sc),), float("nan"), dtype=torch.float64, device=f64)
                 if proxy.heads:
                     per_head = []
                     for layer, head in proxy.heads:
                         clean_pat = cache[f"blocks.{layer}.attn.hook_pattern"][seq_t, head, pos_t]  # [n, key_pos]
                         proxy_pat = captured[layer][seq_t, head, pos_t]  # [n, key_pos]
-                        per_head.append(js_divergence(clean_pat, proxy_pat))
+                        per_head.append(js_divergence(clean_pat.to(f64), proxy_pat.to(f64)))
                     jsd = torch.stack(per_head, dim=0).mean(0)  # [n]
                 parts[j].append(
                     {
@@ -294,7 +306,7 @@ def evaluate_split(
                         "original_pred": clean_pred.cpu().numpy(),
                         "proxy_pred": restricted_argmax(proxy_logits, candidates).cpu().numpy(),
                         "attention_jsd": jsd.cpu().numpy(),
-                        "kl": kl_divergence(clean_logits, proxy_logits).cpu().numpy(),
+                        "kl": kl_divergence(clean_logits.to(f64), proxy_logits.to(f64)).cpu().numpy(),
                         "meta:seq_len": split.lengths[batch.rows[sc.seq]],
                         **{f"meta:{k}": v for k, v in sc.meta.items()},
                     }

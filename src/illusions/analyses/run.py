@@ -53,18 +53,20 @@ class RunResult:
     task_meta: dict[str, Any]
     task: Any = None  # the Task (its splits are cached, so task.splits() is cheap again)
     model: Any = None  # the original HookedTransformer
+    runtime: dict[str, Any] = dataclasses.field(default_factory=lambda: {"device": "cpu", "allow_tf32": False})
 
 
-def load_task_and_model(spec: AnalysisSpec) -> tuple[Any, Any, str, str]:
-    """The task (configured as the model was trained) and the model: ``(task, model, source, desc)``."""
+def load_task_and_model(spec: AnalysisSpec, *, device: Any = "cpu") -> tuple[Any, Any, str, str]:
+    """The task (configured as the model was trained) and the model on ``device``:
+    ``(task, model, source, desc)``."""
     from illusions.bundled import bundled_model_dir
     from illusions.models import describe, load_model
 
     task_cls = registry.get_task(spec.task)
     if spec.task == CUSTOM_TASK:
-        return _custom_task_and_model(spec, task_cls)
+        return _custom_task_and_model(spec, task_cls, device)
     model_dir = Path(spec.model) if spec.model else bundled_model_dir(spec.task)
-    model, meta = load_model(model_dir)
+    model, meta = load_model(model_dir, device=device)
     task_meta = meta.get("task") or {}
     trained_on = task_meta.get("task")
     if trained_on is not None and trained_on != spec.task:
@@ -87,12 +89,12 @@ def load_task_and_model(spec: AnalysisSpec) -> tuple[Any, Any, str, str]:
     return task, model, source, describe(model)
 
 
-def _custom_task_and_model(spec: AnalysisSpec, task_cls: Any) -> tuple[Any, Any, str, str]:
+def _custom_task_and_model(spec: AnalysisSpec, task_cls: Any, device: Any = "cpu") -> tuple[Any, Any, str, str]:
     """Task ``custom``: the spec's data read and checked against the model folder's vocabulary,
     context and tokenizer, all before any weight is loaded; then the model."""
     from illusions.models import describe, folder_tokens, inspect_model_folder, load_model_folder
 
-    folder = inspect_model_folder(spec.model)
+    folder = inspect_model_folder(spec.model, device=device)
     tokens = folder_tokens(folder)
     task = task_cls(task_cls.Config(data=spec.data, candidates=spec.candidates), d_vocab=folder.d_vocab,
                     n_ctx=folder.n_ctx, encode=tokens.encode, vocab_tokens=tokens.tokens, pad_id=tokens.pad_id,
@@ -104,16 +106,34 @@ def _custom_task_and_model(spec: AnalysisSpec, task_cls: Any) -> tuple[Any, Any,
     unknown = [s for s in (*spec.splits, spec.fit_split) if s not in task.splits()]
     if unknown:
         raise IllusionsError(f"unknown split(s) {', '.join(unknown)}; {spec.data} holds {', '.join(task.splits())}")
-    model = load_model_folder(folder)
+    model = load_model_folder(folder, device=device)
     return task, model, spec.model, describe(model)
 
 
-def run_analysis(spec: AnalysisSpec, *, progress: Callable[[str, int, int], None] | None = None) -> RunResult:
-    """Load, fit, evaluate and summarise: the whole analysis for one spec."""
-    from illusions.analyses.faithfulness import analyze
+def run_analysis(spec: AnalysisSpec, *, progress: Callable[[str, int, int], None] | None = None,
+                 device: Any = "cpu", allow_tf32: bool = False) -> RunResult:
+    """Load, fit, evaluate and summarise: the whole analysis for one spec.
+
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``, ``auto`` or a ``torch.device``) is where the
+    model, the activations, the fits and the metrics live; only the per-position records come back to
+    the CPU for the summary. It is not part of the spec: the run records it in ``runtime``.
+    ``allow_tf32`` lets CUDA run float32 matmuls in TF32 (see :mod:`illusions.devices`).
+    """
+    from illusions.devices import describe_device, matmul_precision, resolve_device
 
     simplifiers = build_simplifiers(spec)  # bad parameters fail before the model is loaded
-    task, model, source, desc = load_task_and_model(spec)
+    where = resolve_device(device)
+    with matmul_precision(where, allow_tf32):
+        run = _run_on(spec, simplifiers, where, progress)
+    run.runtime = {"device": describe_device(where), "allow_tf32": bool(allow_tf32) and where.type == "cuda"}
+    return run
+
+
+def _run_on(spec: AnalysisSpec, simplifiers: list[Any], device: Any,
+            progress: Callable[[str, int, int], None] | None) -> RunResult:
+    from illusions.analyses.faithfulness import analyze
+
+    task, model, source, desc = load_task_and_model(spec, device=device)
     if spec.per_head:
         simplifiers = build_simplifiers(spec, n_layers=model.cfg.n_layers, n_heads=model.cfg.n_heads)
     splits = task.splits()
@@ -213,6 +233,8 @@ def run_config(run: RunResult) -> dict[str, Any]:
         "task": run.task_meta,
         "fit_rows": int(run.analysis.fit_rows.shape[0]),
         "evaluated_sequences": {k: int(v.shape[0]) for k, v in run.analysis.split_rows.items()},
+        # Where it ran, apart from the spec: not what was computed, so not part of a run's identity.
+        "runtime": run.runtime,
     }
 
 
@@ -233,6 +255,18 @@ def write_run(run: RunResult, out: Path, *, extra_files: Callable[[Path], None] 
     except PermissionError as exc:
         raise IllusionsError(f"cannot write {out}: {exc.strerror}") from None
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSummary:
+    """What the tables of a run need, without the model, the task or the records: what a job that
+    ran an analysis elsewhere (a Slurm job, :func:`illusions.reproduce.analyze_into`) sends back."""
+
+    spec: AnalysisSpec
+    model_description: str
+    model_source: str
+    rows: list[dict[str, Any]]
+    document: dict[str, Any]
 
 
 def _records_npz(result: Any) -> bytes:

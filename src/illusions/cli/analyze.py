@@ -3,7 +3,9 @@
 Both commands share one options definition (:data:`OPTIONS`); they differ only in how the swept
 parameter's values are given (``--rank 4`` / ``--ranks 1,2,4``). Each option maps to one
 :class:`~illusions.analyses.run.AnalysisSpec` field, the spec checks every value, and its errors name
-parameters, which :func:`_spec` turns back into the flags the user typed.
+parameters, which :func:`_spec` turns back into the flags the user typed. ``--device`` and
+``--allow-tf32`` (both commands) and ``--engine`` with its Slurm options (``sweep``) say where the
+run happens, not what it computes, so they are not spec fields.
 """
 
 from __future__ import annotations
@@ -18,6 +20,18 @@ import typer
 
 from illusions.analyses.spec import BREAKDOWNS, CUSTOM_TASK, AnalysisSpec
 from illusions.cli.app import command, fail, set_threads
+from illusions.cli.scale import (
+    CpusOpt,
+    DeviceOpt,
+    EngineOpt,
+    GpusOpt,
+    PartitionOpt,
+    RetriesOpt,
+    SlurmLogsOpt,
+    SlurmOptOpt,
+    TF32Opt,
+    TimeOpt,
+)
 
 BY_CHOICES = BREAKDOWNS
 # The spec's field defaults are the options' defaults: one owner for each.
@@ -67,6 +81,20 @@ OPTIONS = (
     _opt("threads", int, 2, "--threads", "CPU threads for torch."),
     Option("report", "--report", Annotated[bool, typer.Option("--report/--no-report", help="Write report.html into the run directory.")],
            True),
+    Option("device", "--device", DeviceOpt, "cpu"),
+    Option("allow_tf32", "--allow-tf32", TF32Opt, False),
+)
+
+# Where a sweep runs (sweep only): this machine, or one Slurm job for the whole sweep.
+SLURM_OPTIONS = (
+    Option("engine", "--engine", EngineOpt, "local"),
+    Option("partition", "--partition", PartitionOpt, None),
+    Option("time", "--time", TimeOpt, None),
+    Option("cpus_per_task", "--cpus-per-task", CpusOpt, None),
+    Option("gpus_per_task", "--gpus-per-task", GpusOpt, None),
+    Option("slurm_opt", "--slurm-opt", SlurmOptOpt, None),
+    Option("retries", "--retries", RetriesOpt, 1),
+    Option("slurm_logs", "--slurm-logs", SlurmLogsOpt, None),
 )
 
 # The swept parameter's values: one per analysis, a list per sweep (spec fields ranks / clusters).
@@ -159,7 +187,9 @@ def _analysis(sweep: bool, given: dict[str, Any]) -> None:
             fail(f"--by must be one of {', '.join(BY_CHOICES)}, got {by!r}")
         # A meta column of the data: the spec insists on it, so a missing one fails before the fit.
         spec = _replace(spec, breakdowns=(*spec.breakdowns, by))
-    _run(spec, given["out"], given["as_json"], given["by"], given["threads"], given["report"], name=name)
+    slurm = {o.name: given[o.name] for o in SLURM_OPTIONS} if sweep else None
+    _run(spec, given["out"], given["as_json"], given["by"], given["threads"], given["report"], name=name,
+         device=given["device"], allow_tf32=given["allow_tf32"], slurm=slurm)
 
 
 def _replace(spec: Any, **changes: Any) -> Any:
@@ -172,13 +202,20 @@ def _replace(spec: Any, **changes: Any) -> Any:
 
 
 def _run(spec: Any, out: Path | None, as_json: bool, by: str | None, threads: int, report: bool,
-         name: str | None = None) -> None:
+         name: str | None = None, device: str = "cpu", allow_tf32: bool = False,
+         slurm: dict[str, Any] | None = None) -> None:
     from illusions.analyses.run import check_writable, write_run
+    from illusions.cli.scale import local_device
 
     out = out or Path("runs") / (name or spec.default_name())
     check_writable(out)
     set_threads(threads)
-    run = _with_progress(spec, as_json)
+    if slurm is not None and slurm["engine"] != "local":
+        _print_run(_on_slurm(spec, out, report, threads, device, allow_tf32, slurm), out, as_json, by, report)
+        return
+    if slurm is not None:
+        _local_only(slurm)
+    run = _with_progress(spec, as_json, local_device(device), allow_tf32)
     extra = None
     if report:
         from illusions.reports import write_report_files
@@ -187,6 +224,10 @@ def _run(spec: Any, out: Path | None, as_json: bool, by: str | None, threads: in
             write_report_files(run, stage)
 
     write_run(run, out, extra_files=extra)
+    _print_run(run, out, as_json, by, report)
+
+
+def _print_run(run: Any, out: Path, as_json: bool, by: str | None, report: bool) -> None:
     if as_json:
         typer.echo(json.dumps(run.document))
         return
@@ -198,7 +239,45 @@ def _run(spec: Any, out: Path | None, as_json: bool, by: str | None, threads: in
     typer.echo(f"wrote {out}/ (config.json, metrics.json, metrics.csv{', report.html' if report else ''})")
 
 
-def _with_progress(spec: Any, quiet: bool) -> Any:
+def _slurm_engine(slurm: dict[str, Any], *, threads: int, logs: Path, device: str) -> tuple[Any, str]:
+    from illusions.cli.scale import make_engine
+
+    return make_engine(slurm["engine"], threads=threads, logs=slurm["slurm_logs"] or logs,
+                       partition=slurm["partition"], time=slurm["time"], cpus_per_task=slurm["cpus_per_task"],
+                       gpus_per_task=slurm["gpus_per_task"], slurm_opt=slurm["slurm_opt"],
+                       retries=slurm["retries"], device=device, logs_given=slurm["slurm_logs"] is not None)
+
+
+def _local_only(slurm: dict[str, Any]) -> None:
+    """Refuse Slurm options given with ``--engine local``."""
+    _slurm_engine(slurm, threads=1, logs=Path("."), device="cpu")
+
+
+def _on_slurm(spec: Any, out: Path, report: bool, threads: int, device: str, allow_tf32: bool,
+              slurm: dict[str, Any]) -> Any:
+    """The whole sweep as one Slurm job (one process fits once and runs each split's clean pass once
+    for every swept value); waits, retries, and returns the run's summary."""
+    from illusions.cli.scale import JobDisplay
+    from illusions.engines import JobsFailed
+    from illusions.reproduce import analyze_into
+
+    engine, device = _slurm_engine(slurm, threads=threads, logs=out.parent / "slurm-logs", device=device)
+    key = out.name
+    with JobDisplay(1, "sweep") as display:
+        try:
+            engine.submit(key, analyze_into, spec, str(out.absolute()), report, device, allow_tf32)
+            outcome = engine.wait(lambda e: display.show(e.key, e.finished, e.total, e.kind, e.detail))
+        except BaseException:
+            engine.cancel()
+            raise
+    if outcome.missing:
+        exc = JobsFailed(outcome.missing, engine.retries)
+        typer.echo(f"error: {exc}; nothing written to {out} (job logs in {engine.folder}/)", err=True)
+        raise typer.Exit(1)
+    return outcome.results[key]
+
+
+def _with_progress(spec: Any, quiet: bool, device: str = "cpu", allow_tf32: bool = False) -> Any:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -206,7 +285,7 @@ def _with_progress(spec: Any, quiet: bool) -> Any:
 
     console = Console(stderr=True)
     if quiet or not console.is_terminal:
-        return run_analysis(spec)
+        return run_analysis(spec, device=device, allow_tf32=allow_tf32)
     # The split count joins the description once it is known, so the bar never reads "0/None".
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
                   transient=True) as bar:
@@ -216,13 +295,13 @@ def _with_progress(spec: Any, quiet: bool) -> Any:
             text = f"evaluating {stage} ({done}/{total} splits)" if stage != "done" else "summarising"
             bar.update(tid, description=text, completed=done, total=total)
 
-        return run_analysis(spec, progress=progress)
+        return run_analysis(spec, progress=progress, device=device, allow_tf32=allow_tf32)
 
 
 def _define(name: str, sweep: bool, doc: str) -> None:
     """Register one of the two commands from the shared options (Typer reads ``__signature__``)."""
     values = SWEEP_VALUES if sweep else ANALYZE_VALUES
-    ordered = (OPTIONS[0], *values, *OPTIONS[1:])
+    ordered = (OPTIONS[0], *values, *OPTIONS[1:], *(SLURM_OPTIONS if sweep else ()))
     params = [inspect.Parameter("task", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=TASK_ARG)]
     params += [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default,
                                  annotation=o.annotation) for o in ordered]
@@ -237,4 +316,7 @@ def _define(name: str, sweep: bool, doc: str) -> None:
 
 
 _define("analyze", False, "Fit a simplifier on training data and measure its faithfulness on every split.")
-_define("sweep", True, "Run one simplifier over several ranks or cluster counts: one table, one tidy CSV.")
+_define("sweep", True, "Run one simplifier over several ranks or cluster counts: one table, one tidy CSV.\n\n"
+        "With --engine slurm the whole sweep runs as one Slurm job (one process fits once and shares each "
+        "split's clean pass among the swept values, about twice as fast as a job per value); the command "
+        "waits for it and prints the same tables.")

@@ -8,6 +8,22 @@ from typing import Annotated
 import typer
 
 from illusions.cli.app import command, fail, set_threads
+from illusions.cli.scale import (
+    CpusOpt,
+    DeviceOpt,
+    EngineOpt,
+    GpusOpt,
+    JobDisplay,
+    PartitionOpt,
+    RetriesOpt,
+    SlurmLogsOpt,
+    SlurmOptOpt,
+    TF32Opt,
+    TimeOpt,
+    make_engine,
+)
+
+EXIT_MISSING = 1
 
 
 @command("reproduce")
@@ -19,14 +35,28 @@ def reproduce(
     task: Annotated[list[str] | None, typer.Option("--task", help="Only recipes of this task (repeatable).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute runs even when an identical one exists.")] = False,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html into each seed-0 run.")] = True,
-    threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch (per worker with --jobs).")] = 2,
+    threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch (per worker with --jobs, per job with Slurm).")] = 2,
     jobs: Annotated[int, typer.Option("--jobs", help="Runs in parallel, each in its own process (e.g. --jobs 2 --threads 1 on 2 cores).")] = 1,
+    device: DeviceOpt = "cpu",
+    allow_tf32: TF32Opt = False,
+    engine: EngineOpt = "local",
+    partition: PartitionOpt = None,
+    time: TimeOpt = None,
+    cpus_per_task: CpusOpt = None,
+    gpus_per_task: GpusOpt = None,
+    slurm_opt: SlurmOptOpt = None,
+    retries: RetriesOpt = 1,
+    slurm_logs: SlurmLogsOpt = None,
 ) -> None:
-    """Run all analysis recipes on every training seed and write the results document."""
-    from rich.console import Console
+    """Run all analysis recipes on every training seed and write the results document.
 
+    With --engine slurm each run is its own Slurm job; the command waits for them, resubmits a
+    failed one up to --retries times, and exits 1 naming the runs still missing (run it again to
+    compute only those).
+    """
     from illusions import reproduce as rep
     from illusions.analyses.run import check_writable
+    from illusions.engines import JobsFailed
     from illusions.io import atomic_write_text
     from illusions.reports import results as res
 
@@ -47,13 +77,22 @@ def reproduce(
     check_writable(out)
     check_writable(results.parent)
     set_threads(threads)
-    err = Console(stderr=True)
-
-    def progress(job: rep.Job, i: int, n: int, event: str) -> None:
-        err.print(f"[dim][{i + 1}/{n}] {job.key}{' done' if event == 'done' else ''}[/]")
-
-    manifest = rep.run_all(planned, out, force=force, report=report, progress=progress, workers=jobs,
-                           threads=threads)
+    runner, device = make_engine(engine, threads=threads, logs=slurm_logs or out / "slurm-logs",
+                                 partition=partition, time=time, cpus_per_task=cpus_per_task,
+                                 gpus_per_task=gpus_per_task, slurm_opt=slurm_opt, retries=retries,
+                                 device=device, workers=jobs, logs_given=slurm_logs is not None)
+    with JobDisplay(len(planned)) as display:
+        try:
+            manifest = rep.run_all(planned, out, force=force, report=report, workers=jobs, threads=threads,
+                                   device=device, allow_tf32=allow_tf32, engine=runner,
+                                   progress=lambda job, *rest: display.show(job.key, *rest))
+        except JobsFailed as exc:
+            display.console.print(f"error: {exc}", soft_wrap=True, highlight=False, markup=False)
+            display.console.print(f"{len(planned) - len(exc.missing)} of {len(planned)} runs are in {out}/; "
+                                  "run the same command again to compute the missing ones "
+                                  f"(job logs in {runner.folder}/)", soft_wrap=True, highlight=False,
+                                  markup=False)
+            raise typer.Exit(EXIT_MISSING) from None
     ran = {j.recipe.name for j in planned}
     runs = res.load_runs([r for r in all_recipes if r.name in ran], out)
     figures = res.write_figures(runs, results.parent / "figures", relative_to=results.parent)

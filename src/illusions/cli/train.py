@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from illusions.cli.app import command, set_threads
+from illusions.cli.scale import DeviceOpt, TF32Opt
 
 
 def _saved_train_settings(out: Path) -> dict[str, Any]:
@@ -27,10 +28,14 @@ def train(
     seed: Annotated[int | None, typer.Option("--seed", help="Override the recipe's training seed (init and batch order).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out.")] = False,
     threads: Annotated[int, typer.Option("--threads", help="Torch CPU threads (results are exact for a fixed count).")] = 2,
-    device: Annotated[str, typer.Option("--device", help="Torch device, e.g. cpu or cuda.")] = "cpu",
+    device: DeviceOpt = "cpu",
+    allow_tf32: TF32Opt = False,
 ) -> None:
     """Train a model on a task or a TOML recipe; Ctrl-C saves a checkpoint that --resume continues."""
     set_threads(threads)
+    from illusions.cli.scale import local_device
+
+    device = local_device(device)
     import time
 
     from rich.console import Console
@@ -100,6 +105,7 @@ def train(
             resume=resume,
             progress=progress,
             device=device,
+            allow_tf32=allow_tf32,
             recipe={**recipe.to_dict(), "source": recipe.source},
         )
 

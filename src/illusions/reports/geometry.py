@@ -93,7 +93,7 @@ def qk_panels(
     for tag, split in (("id", fit), ("ood", ood)):
         got = collect(model, split.tokens, names, split.lengths, batch_size=batch_size, max_positions=4096)
         # collect flattens kept positions row-major: sequence b's position p sits at offset[b] + p.
-        acts[tag] = {k: v.float().numpy() for k, v in got.items()}  # [n, head_index, d_head]
+        acts[tag] = {k: v.float().cpu().numpy() for k, v in got.items()}  # [n, head_index, d_head]
         offsets[tag] = np.concatenate([[0], np.cumsum(split.lengths)[:-1]]).astype(np.int64)
 
     panels = []

@@ -664,9 +664,14 @@ def _wall_time_line(manifest: dict[str, Any], computed: list[dict[str, Any]], n_
                 "(run with `--force` for the whole figure).")
     cpu = full.get("cpu_seconds")
     cores = full.get("cpu_count")
+    if full.get("engine") == "slurm":
+        where = f"as {full['runs']} Slurm jobs of {full['threads']} torch thread(s) each"
+    else:
+        where = (f"in {full['workers']} worker process(es) of {full['threads']} torch thread(s)"
+                 + (f" on a {cores}-core machine" if cores else ""))
+    device = full.get("device", "cpu")
     return (f"- **Wall time of the whole reproduction:** {_duration(full['seconds'])} for all {full['runs']} runs "
-            f"from the bundled checkpoints, in {full['workers']} worker process(es) of {full['threads']} torch "
-            f"thread(s)" + (f" on a {cores}-core machine" if cores else "")
+            f"from the bundled checkpoints, {where}" + (f", on device {device}" if device != "cpu" else "")
             + (f"; the runs used {_duration(cpu)} of CPU time in all" if cpu is not None else "") + "."
             + ("" if len(computed) == n_runs else
                f" (This invocation recomputed {len(computed)} runs and reused the rest.)"))

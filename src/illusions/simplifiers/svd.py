@@ -63,7 +63,7 @@ class PCAFit:
 
     def explained(self, rank: int) -> float:
         """Fraction of the (centred) sum of squares the top ``rank`` directions keep."""
-        power = self.singular_values.double() ** 2
+        power = self.singular_values.cpu().double() ** 2  # [d], a few numbers: no need for the device
         total = float(power.sum())
         return float(power[:rank].sum()) / total if total > 0 else 1.0
 
@@ -77,25 +77,29 @@ def pca(x: Float[Tensor, "n d"], *, centered: bool = True) -> PCAFit:
     """
     if x.ndim != 2 or x.shape[0] == 0:
         raise IllusionsError(f"cannot fit on {tuple(x.shape)} activations: need at least one vector")
+    from illusions.devices import float64_device
+
     n, d = x.shape
+    # On x's device (the CPU for MPS, which has no float64); the fit comes back on x's device.
+    device = float64_device(x.device)
     if centered:
-        mean = torch.zeros(d, dtype=torch.float64)
+        mean = torch.zeros(d, dtype=torch.float64, device=device)
         for start in range(0, n, _CHUNK):
-            mean += x[start : start + _CHUNK].double().sum(dim=0)
+            mean += x[start : start + _CHUNK].to(device, torch.float64).sum(dim=0)
         mean /= n
     else:
-        mean = torch.zeros(d, dtype=torch.float64)
-    scatter = torch.zeros(d, d, dtype=torch.float64)
+        mean = torch.zeros(d, dtype=torch.float64, device=device)
+    scatter = torch.zeros(d, d, dtype=torch.float64, device=device)
     for start in range(0, n, _CHUNK):
-        chunk = x[start : start + _CHUNK].double() - mean
+        chunk = x[start : start + _CHUNK].to(device, torch.float64) - mean
         scatter += chunk.T @ chunk
     eigvals, eigvecs = torch.linalg.eigh(scatter)  # ascending
-    order = torch.arange(d - 1, -1, -1)
+    order = torch.arange(d - 1, -1, -1, device=device)
     singular = eigvals[order].clamp_min(0).sqrt()
     return PCAFit(
-        mean=mean.float(),
-        singular_values=singular.float(),
-        components=eigvecs[:, order].float().contiguous(),
+        mean=mean.to(x.device, torch.float32),
+        singular_values=singular.to(x.device, torch.float32),
+        components=eigvecs[:, order].to(x.device, torch.float32).contiguous(),
         n=int(n),
     )
 

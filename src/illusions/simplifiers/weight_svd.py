@@ -65,8 +65,10 @@ class QKFactors:
 
 
 def augmented(weight: Float[Tensor, "d_model d_head"], bias: Float[Tensor, " d_head"]) -> Float[Tensor, "d_model_plus_1 d_head"]:
-    """``[W; b]``: the map from ``[x, 1]`` to ``x W + b``."""
-    return torch.cat([weight, bias[None]], dim=0).double()
+    """``[W; b]``: the map from ``[x, 1]`` to ``x W + b`` (float64, on the CPU for MPS weights)."""
+    from illusions.devices import float64_device
+
+    return torch.cat([weight, bias[None]], dim=0).to(float64_device(weight.device), torch.float64)
 
 
 def qk_factors(w_q: Tensor, b_q: Tensor, w_k: Tensor, b_k: Tensor) -> QKFactors:

@@ -1,0 +1,109 @@
+"""Which torch device a command runs on, and the float32 matmul precision it runs with.
+
+Every command and the Python API take a device name: ``cpu``, ``cuda`` (the current CUDA device),
+``cuda:N``, ``mps`` or ``auto`` (the current CUDA device when torch sees one, else the CPU).
+:func:`resolve_device` turns the name into a ``torch.device`` or raises one clear
+:class:`~illusions.errors.IllusionsError` when that device is not there.
+
+The device is where the work happens, not what is computed: it is not a field of
+:class:`~illusions.analyses.run.AnalysisSpec` (a run reused across machines stays the same run), and a
+run directory records it beside the spec, in ``config.json``'s ``runtime``. On the CPU the numbers are
+exactly those of a CPU-only build; on a GPU they agree to float rounding (another summation order),
+which can flip a prediction whose two best logits are within that rounding of each other.
+
+TF32: on Ampere and later GPUs, float32 matrix products may run in TF32 (a 10-bit mantissa), several
+times faster and about 1e-3 relative error. It is off unless asked for (``allow_tf32=True``,
+``--allow-tf32``), so GPU numbers stay comparable with CPU ones; :func:`matmul_precision` sets it for
+the duration of a run and restores the previous setting afterwards.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from illusions.errors import IllusionsError
+
+if TYPE_CHECKING:
+    import torch
+
+DEVICE_CHOICES = "cpu, cuda, cuda:N, mps or auto"
+_NAME = re.compile(r"^(cpu|mps|auto|cuda(:\d+)?)$")
+
+
+def check_device_name(name: str) -> str:
+    """The normalised device name, checked for spelling only (not whether this machine has it).
+
+    For work that runs elsewhere (a Slurm job), whose machine is the one that must have the device.
+    """
+    text = str(name).strip().lower()
+    if not _NAME.match(text):
+        raise IllusionsError(f"unknown device {name!r}; expected {DEVICE_CHOICES}")
+    return text
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """The ``torch.device`` for ``name``, or an :class:`IllusionsError` saying why it is not there.
+
+    ``cuda`` resolves to the current CUDA device's index (``cuda:0``), so what a run records names one
+    device; ``auto`` picks that device when torch sees a GPU and the CPU otherwise (never MPS, whose
+    lack of float64 makes it a choice to make on purpose).
+    """
+    import torch
+
+    text = check_device_name(str(name))
+    if text == "cpu":
+        return torch.device("cpu")
+    if text == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if text == "mps":
+        if not torch.backends.mps.is_available():
+            raise IllusionsError("device mps is not available: torch sees no Apple GPU (MPS) on this machine")
+        return torch.device("mps")
+    if not torch.cuda.is_available():
+        build = "this torch build has no CUDA" if torch.version.cuda is None else "torch sees no CUDA GPU"
+        raise IllusionsError(f"device {text} is not available: {build} (torch {torch.__version__})")
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if text == "cuda" else int(text.split(":")[1])
+    if index >= count:
+        raise IllusionsError(f"device {text} does not exist: this machine has {count} CUDA device(s), "
+                             f"cuda:0..cuda:{count - 1}")
+    return torch.device("cuda", index)
+
+
+def describe_device(device: torch.device) -> str:
+    """``cpu``, ``mps`` or ``cuda:0 (NVIDIA H200)``: for logs and the runtime record."""
+    import torch
+
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+@contextmanager
+def matmul_precision(device: torch.device, allow_tf32: bool = False) -> Iterator[None]:
+    """Run the block with TF32 matmuls on CUDA allowed or not (off by default), then restore.
+
+    Only CUDA reads the setting; on the CPU and MPS the block runs unchanged.
+    """
+    import torch
+
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if allow_tf32 else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def float64_device(device: torch.device) -> torch.device:
+    """Where float64 work (PCA scatter matrices, weight SVDs, KL and JSD) runs for tensors on
+    ``device``: that device, except MPS, which has no float64, where it is the CPU."""
+    import torch
+
+    return torch.device("cpu") if device.type == "mps" else device
