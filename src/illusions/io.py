@@ -230,7 +230,8 @@ def kind_noun(tag: str | None) -> str:
 
 
 def check_output_dir(
-    out: Path, kind: OutputKind, *, overwrite: bool, option: str = "--out", overwrite_option: str = "--overwrite",
+    out: Path, kind: OutputKind, *, overwrite: bool, option: str = "output location",
+    overwrite_option: str = "overwrite=True",
 ) -> Ownership:
     """Fail before any work unless ``out`` can receive ``kind``: absent, empty, or (with ``overwrite``)
     an earlier output of the same kind; and its location must be writable.

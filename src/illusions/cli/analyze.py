@@ -65,6 +65,7 @@ OPTIONS = (
     _opt("by", str | None, None, "--by",
          "Also print a breakdown: key_depth, depth, distance, length, category (custom: a meta name)."),
     _opt("threads", int, 2, "--threads", "CPU threads for torch."),
+    _opt("overwrite", bool, False, "--overwrite", "Replace an earlier run in --out (files illusions did not write are kept)."),
     Option("report", "--report", Annotated[bool, typer.Option("--report/--no-report", help="Write report.html into the run directory.")],
            True),
 )
@@ -159,7 +160,8 @@ def _analysis(sweep: bool, given: dict[str, Any]) -> None:
             fail(f"--by must be one of {', '.join(BY_CHOICES)}, got {by!r}")
         # A meta column of the data: the spec insists on it, so a missing one fails before the fit.
         spec = _replace(spec, breakdowns=(*spec.breakdowns, by))
-    _run(spec, given["out"], given["as_json"], given["by"], given["threads"], given["report"], name=name)
+    _run(spec, given["out"], given["as_json"], given["by"], given["threads"], given["report"], name=name,
+         overwrite=given["overwrite"])
 
 
 def _replace(spec: Any, **changes: Any) -> Any:
@@ -172,11 +174,11 @@ def _replace(spec: Any, **changes: Any) -> Any:
 
 
 def _run(spec: Any, out: Path | None, as_json: bool, by: str | None, threads: int, report: bool,
-         name: str | None = None) -> None:
-    from illusions.analyses.run import check_writable, write_run
+         name: str | None = None, overwrite: bool = False) -> None:
+    from illusions.analyses.run import check_run_out, write_run
 
     out = out or Path("runs") / (name or spec.default_name())
-    check_writable(out)
+    check_run_out(spec, out, overwrite=overwrite, option="--out", overwrite_option="--overwrite")
     set_threads(threads)
     run = _with_progress(spec, as_json)
     extra = None
@@ -186,7 +188,7 @@ def _run(spec: Any, out: Path | None, as_json: bool, by: str | None, threads: in
         def extra(stage: Path) -> None:
             write_report_files(run, stage)
 
-    write_run(run, out, extra_files=extra)
+    write_run(run, out, extra_files=extra, overwrite=overwrite)
     if as_json:
         typer.echo(json.dumps(run.document))
         return

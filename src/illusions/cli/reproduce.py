@@ -21,12 +21,12 @@ def reproduce(
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html into each seed-0 run.")] = True,
     threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch (per worker with --jobs).")] = 2,
     jobs: Annotated[int, typer.Option("--jobs", help="Runs in parallel, each in its own process (e.g. --jobs 2 --threads 1 on 2 cores).")] = 1,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace earlier runs that would be recomputed (another spec or version).")] = False,
 ) -> None:
     """Run all analysis recipes on every training seed and write the results document."""
     from rich.console import Console
 
     from illusions import reproduce as rep
-    from illusions.analyses.run import check_writable
     from illusions.io import atomic_write_text
     from illusions.reports import results as res
 
@@ -44,8 +44,8 @@ def reproduce(
         fail(f"no recipe in {recipes} matches --task {', '.join(task or [])}")
     if jobs < 1:
         fail(f"--jobs must be at least 1, got {jobs}")
-    check_writable(out)
-    check_writable(results.parent)
+    rep.check_outputs(planned, out, results, force=force, overwrite=overwrite,
+                      names={"out": "--out", "results": "--results", "overwrite": "--overwrite"})
     set_threads(threads)
     err = Console(stderr=True)
 
