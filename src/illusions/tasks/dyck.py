@@ -392,8 +392,11 @@ class DyckTask(DataSupport):
 
     def check(self, text: str, progress: Progress | None = None) -> dict[str, Any]:
         """``illusions data dyck --check``: parse one string (errors name its first problem, before
-        any generation), then its brackets, depth, segments, scored closers and split membership."""
-        ids = self.parse(text)
+        any generation), then its brackets, depth, segments, scored closers and split membership.
+
+        The string is checked against what some split can hold (depths up to ``ood_depth_max``, at
+        least ``min_brackets`` brackets), not only against training strings."""
+        ids = self.parse(text, for_splits=True)
         scored = self.score(ids[None, :], np.array([ids.shape[0]]))
         self.splits(progress=progress)  # membership is relative to the (cached) training set
         return {
