@@ -256,25 +256,30 @@ def check_output_dir(
         if own.changed:
             raise IllusionsError(f"{out / own.changed[0]} was changed after illusions wrote it; move it away "
                                  f"before replacing {out}")
-    check_creatable(out.parent if own.state == "absent" or own.state == "ours" else out)
+    check_creatable(out.parent if own.state == "absent" or own.state == "ours" else out, target=out)
     return own
 
 
-def check_creatable(directory: Path) -> None:
+def check_creatable(directory: Path, *, target: Path | None = None) -> None:
     """Fail unless a file can be created in ``directory`` (or, if it does not exist yet, in the nearest
-    existing folder above it): catches read-only places, ``/proc`` and paths through a file."""
+    existing folder above it): catches read-only places, ``/proc`` and paths through a file.
+
+    ``target`` is what the caller will write there, for the message (default ``directory``).
+    """
     directory = Path(directory)
+    named = Path(target) if target is not None else directory
     existing = directory
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise IllusionsError(f"cannot create {directory}: {existing} is not a directory")
+        raise IllusionsError(f"cannot create {named}: {existing} is not a directory")
     try:
         fd, probe = tempfile.mkstemp(dir=existing, prefix=".illusions-probe-")
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise IllusionsError(f"cannot write to {directory}: {existing}: {exc.strerror or exc}") from None
+        raise IllusionsError(f"cannot write to {named}: no file can be created in {existing} "
+                             f"({exc.strerror or exc})") from None
 
 
 def _refusal(final: Path, own: Ownership, kind: OutputKind) -> str:
@@ -514,20 +519,26 @@ def _scan_stored(fh: Any, info: Any, array: np.ndarray) -> tuple[str, tuple[int,
     digest = hashlib.sha256(_pread(fh, data_start - start, start))
     integer = array.dtype.kind in "iu" and array.size > 0
     lo = hi = None
-    step = max(1, (4 << 20) // max(array.dtype.itemsize, 1)) * array.dtype.itemsize
+    itemsize = max(array.dtype.itemsize, 1)
+    buf = bytearray(min(_SCAN_CHUNK // itemsize * itemsize, max(array.nbytes, 1)))
+    view = memoryview(buf)
     offset = data_start
     while offset < end:
-        chunk = _pread(fh, min(step, end - offset), offset)
-        if not chunk:
+        n = os.preadv(fh.fileno(), [view[: min(len(buf), end - offset)]], offset)
+        if n <= 0 or (integer and n % itemsize):
             raise ValueError(f"{info.filename} is truncated")
-        digest.update(chunk)
+        digest.update(view[:n])
         if integer:
-            values = np.frombuffer(chunk, dtype=array.dtype)
+            values = np.frombuffer(buf, dtype=array.dtype, count=n // itemsize)
             c_lo, c_hi = int(values.min()), int(values.max())
             lo = c_lo if lo is None else min(lo, c_lo)
             hi = c_hi if hi is None else max(hi, c_hi)
-        offset += len(chunk)
+        offset += n
     return digest.hexdigest(), ((lo, hi) if integer and lo is not None and hi is not None else None)
+
+
+# Bytes read per call while checking a mapped member (a reused buffer: no allocation per chunk).
+_SCAN_CHUNK = 8 << 20
 
 
 def _pread(fh: Any, size: int, offset: int) -> bytes:
