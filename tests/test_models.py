@@ -126,3 +126,23 @@ def test_invalid_config_value():
         ModelConfig.from_dict({"normalization": "batchnorm"})
     with pytest.raises(IllusionsError, match="must be an integer"):
         ModelConfig.from_dict({"d_model": "wide"})
+
+
+def test_save_model_never_replaces_a_hugging_face_folder(tiny_model, tmp_path):
+    """Same file names (config.json + model.safetensors), another program's: not a checkpoint of ours."""
+    from illusions.io import ownership
+    from illusions.models import CHECKPOINT
+
+    hf = tmp_path / "gpt2"
+    hf.mkdir()
+    (hf / CONFIG_FILE).write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    (hf / WEIGHTS_FILE).write_bytes(b"their weights")
+    assert ownership(hf, CHECKPOINT).state == "foreign"
+    with pytest.raises(IllusionsError, match="not written by illusions"):
+        save_model(tiny_model, hf)
+    assert (hf / WEIGHTS_FILE).read_bytes() == b"their weights"
+    # A checkpoint from before manifests is recognised by its config's format and may be replaced.
+    save_model(tiny_model, tmp_path / "old")
+    (tmp_path / "old" / MANIFEST_FILE).unlink()
+    assert ownership(tmp_path / "old", CHECKPOINT).state == "ours"
+    save_model(tiny_model, tmp_path / "old")

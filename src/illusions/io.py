@@ -92,12 +92,30 @@ class OutputKind:
             directory is recognised).
         legacy_files: glob patterns of the relative paths such a directory's files may have; other
             files in it are taken to be the user's.
+        legacy_marker: ``(file, key, value)``: the JSON ``file`` (one of ``legacy_required``) has
+            ``key`` equal to ``value`` (or, with ``value`` None, has ``key``), so a folder of the same
+            file names written by another program (a Hugging Face model's ``config.json``) is not
+            mistaken for one of ours.
     """
 
     tag: str
     noun: str
     legacy_required: tuple[str, ...] = ()
     legacy_files: tuple[str, ...] = ()
+    legacy_marker: tuple[str, str, Any] | None = None
+
+    def is_legacy(self, directory: Path) -> bool:
+        """Whether ``directory`` (without a manifest) is one of these written by an older version."""
+        if not self.legacy_required or not all((directory / f).is_file() for f in self.legacy_required):
+            return False
+        if self.legacy_marker is None:
+            return True
+        name, key, value = self.legacy_marker
+        try:
+            data = json.loads((directory / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            return False
+        return isinstance(data, dict) and key in data and (value is None or data[key] == value)
 
     def __post_init__(self) -> None:
         _KINDS[self.tag] = self
@@ -214,11 +232,11 @@ def ownership(directory: Path, kind: OutputKind) -> Ownership:
         changed = tuple(f for f in files if f in listed and file_sha256(directory / f) != listed[f])
         foreign = tuple(f for f in files if f not in listed) + changed
         return Ownership("ours", kind=tag, foreign=tuple(sorted(foreign)), changed=changed)
-    if kind.legacy_required and all((directory / f).is_file() for f in kind.legacy_required):
+    if kind.is_legacy(directory):
         foreign = tuple(f for f in files if not any(fnmatch.fnmatchcase(f, p) for p in kind.legacy_files))
         return Ownership("ours", kind=None, foreign=foreign)
     for other in _KINDS.values():
-        if other is not kind and other.legacy_required and all((directory / f).is_file() for f in other.legacy_required):
+        if other is not kind and other.is_legacy(directory):
             return Ownership("other", kind=other.tag)
     entries = sorted(p.name for p in directory.iterdir())
     return Ownership("foreign", foreign=tuple(entries[:3]) + (("...",) if len(entries) > 3 else ()))

@@ -41,6 +41,7 @@ FORMAT = "illusions-model/1"
 CHECKPOINT = OutputKind(
     "model", "a model checkpoint", legacy_required=(CONFIG_FILE, WEIGHTS_FILE),
     legacy_files=(CONFIG_FILE, WEIGHTS_FILE, "recipe.toml", "metrics.json", "training_log.json"),
+    legacy_marker=(CONFIG_FILE, "format", FORMAT),
 )
 
 _NORMALIZATIONS = {"LN": "LN", "LNPre": "LNPre", "RMS": "RMS", "RMSPre": "RMSPre", "none": None}

@@ -55,7 +55,7 @@ TRAINER_FORMAT = "illusions-trainer/1"
 OPTIMIZER_FORMAT = "illusions-optimizer/1"
 RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, OPTIMIZER_FILE, TRAINER_FILE)
 TRAINING_RUN = OutputKind("training-run", "a training run", legacy_required=(TRAINER_FILE, CONFIG_FILE, WEIGHTS_FILE),
-                          legacy_files=RUN_FILES)
+                          legacy_files=RUN_FILES, legacy_marker=(TRAINER_FILE, "format", TRAINER_FORMAT))
 
 # The evaluation subset depends only on the split's size, never on the training seed, so runs with
 # different seeds (and the bundled model's test) are scored on the same rows.

@@ -51,6 +51,7 @@ RESULT_FILES = ("config.json", "metrics.json", "metrics.csv", "records.npz")
 ANALYSIS_RUN = OutputKind(
     "analysis-run", "an analysis run", legacy_required=RESULT_FILES,
     legacy_files=(*RESULT_FILES, "report.html", "fig_*.png", "proxies/*/proxy.json", "proxies/*/proxy.safetensors"),
+    legacy_marker=("config.json", "illusions_version", None),
 )
 # metrics.csv columns read back as integers / as text (the others are floats, empty = NaN).
 _INT_FIELDS = ("n_positions", "n_sequences")

@@ -31,7 +31,8 @@ PROXY_CONFIG_FILE = "proxy.json"
 PROXY_WEIGHTS_FILE = "proxy.safetensors"
 PROXY_FORMAT = "illusions-proxy/1"
 PROXY_DIR = OutputKind("proxy", "a fitted proxy", legacy_required=(PROXY_CONFIG_FILE, PROXY_WEIGHTS_FILE),
-                       legacy_files=(PROXY_CONFIG_FILE, PROXY_WEIGHTS_FILE))
+                       legacy_files=(PROXY_CONFIG_FILE, PROXY_WEIGHTS_FILE),
+                       legacy_marker=(PROXY_CONFIG_FILE, "format", PROXY_FORMAT))
 
 QK_CHOICES = ("q", "k", "qk")
 RESID_CHOICES = ("resid_pre", "resid_mid", "resid_post")
