@@ -19,10 +19,10 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/illusions analyze dyck --simplify svd --rank 4 --threads $(THREADS)
+	$(VENV)/bin/illusions analyze dyck --simplify svd --rank 4 --threads $(THREADS) --overwrite
 
 reproduce: setup
-	$(VENV)/bin/illusions reproduce --jobs 2 --threads 1
+	$(VENV)/bin/illusions reproduce --jobs 2 --threads 1 --overwrite
 
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q

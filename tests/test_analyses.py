@@ -184,13 +184,52 @@ def test_length_matched_control_reweights_reference_strata():
     rec = _records(np.ones(20, bool), np.r_[np.full(5, 5), np.full(15, 15)])
     sampler = Resampler.draw(20, np.random.default_rng(1), n_boot=200)
     points, reps = sampler.grouped(_matrix(rec), rec.seq, np.zeros(20, np.int64), 1)
-    gaps = _gaps(points[0], reps[:, 0], ref, np.digitize(rec.meta["length"], edges[1:-1]), 2, sampler)
+    gaps = _gaps(points[0], reps[:, 0], ref, np.digitize(rec.meta["length"], edges[1:-1]), 2, sampler,
+                 _matrix(rec), rec.seq)
     k = METRICS.index("agreement")
     assert gaps["gap_vs_ref"][k] == pytest.approx(1.0 - 0.25)  # raw reference mean is 10/40
     # Re-weighted to the split's 25/75 lengths the control is 0.75, exact in every replicate.
     assert gaps["gap_vs_matched"][k] == pytest.approx(0.25)
     assert (gaps["gap_vs_matched_low"][k], gaps["gap_vs_matched_high"][k]) == pytest.approx((0.25, 0.25))
     assert gaps["matched_coverage"] == 1.0
+
+
+def test_length_matched_gap_leaves_uncovered_bins_out_of_both_sides():
+    from illusions.analyses.summary import (
+        METRICS,
+        _gaps,
+        _matrix,
+        _reference,
+        excluded_share,
+        to_json,
+    )
+    from illusions.metrics import Resampler
+
+    # The reference has only short strings (bin 0), all agreeing. The split: 10 short ones, all
+    # agreeing, and 10 long ones (bin 1, absent from the reference), none agreeing.
+    ref_rec = _records(np.ones(30, bool), np.full(30, 5))
+    edges = np.array([0, 10, 20])
+    ref = _reference(ref_rec, Resampler.draw(30, np.random.default_rng(0), n_boot=200), edges)
+    rec = _records(np.r_[np.ones(10, bool), np.zeros(10, bool)], np.r_[np.full(10, 5), np.full(10, 15)])
+    sampler = Resampler.draw(20, np.random.default_rng(1), n_boot=200)
+    points, reps = sampler.grouped(_matrix(rec), rec.seq, np.zeros(20, np.int64), 1)
+    gaps = _gaps(points[0], reps[:, 0], ref, np.digitize(rec.meta["length"], edges[1:-1]), 2, sampler,
+                 _matrix(rec), rec.seq)
+    k = METRICS.index("agreement")
+    assert gaps["gap_vs_ref"][k] == pytest.approx(-0.5)  # raw: the long half pulls the split down
+    # Matched: short against short on both sides, so no gap (it was -0.5 when the split's side kept
+    # the long strings the control had dropped).
+    assert gaps["gap_vs_matched"][k] == pytest.approx(0.0)
+    assert (gaps["gap_vs_matched_low"][k], gaps["gap_vs_matched_high"][k]) == pytest.approx((0.0, 0.0))
+    assert gaps["matched_coverage"] == pytest.approx(0.5)
+    row = {"matched_coverage": gaps["matched_coverage"]}
+    assert excluded_share(row) == pytest.approx(0.5)
+    rows = [{"proxy": "p", "split": "s", "group_by": "all", "group": "all", "metric": "agreement",
+             "n_positions": 20, "n_sequences": 20, "value": 0.5, "ci_low": 0.4, "ci_high": 0.6,
+             "gap_vs_ref": -0.5, "gap_vs_ref_low": -0.6, "gap_vs_ref_high": -0.4, "gap_vs_matched": 0.0,
+             "gap_vs_matched_low": 0.0, "gap_vs_matched_high": 0.0, "matched_coverage": 0.5}]
+    doc = to_json(rows, task="t", model="m", proxies=[{"label": "p", "simplifier": "svd", "params": {}}])
+    assert doc["splits"]["s"]["gaps"]["agreement"]["vs_length_matched_iid"]["excluded_share"] == 0.5
 
 
 def test_accuracy_change_is_proxy_minus_original_accuracy_per_position():

@@ -75,3 +75,19 @@ def test_reproduces_recorded_subset_accuracies_and_meets_targets():
     assert got == metrics["subset_accuracies"]
     log = read_json(bundled_model_dir("dyck") / LOG_FILE)
     assert log["eval"][-1]["accuracies"] == metrics["subset_accuracies"]
+
+
+def test_every_shipped_checkpoint_has_a_manifest_that_matches_its_files():
+    """Shipped files are checked on load: each folder's manifest lists all of them, with their sha256."""
+    from illusions.bundled import ASSETS
+    from illusions.io import MANIFEST_FILE, file_sha256, read_manifest
+
+    folders = [p.parent for p in ASSETS.rglob(WEIGHTS_FILE)]
+    assert {f.name for f in folders} >= {"dyck", "code", "dyck-seed1", "dyck-seed2", "code-seed1", "code-seed2"}
+    for folder in folders:
+        manifest = read_manifest(folder)
+        assert manifest is not None and manifest["kind"] == "model", folder
+        on_disk = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST_FILE)
+        assert sorted(manifest["files"]) == on_disk, folder
+        for name, digest in manifest["files"].items():
+            assert file_sha256(folder / name) == digest, folder / name

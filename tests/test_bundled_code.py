@@ -24,7 +24,9 @@ from illusions.bundled import (
 )
 from illusions.cli import app
 from illusions.config import read_json
+from illusions.io import write_manifest
 from illusions.models import (
+    CHECKPOINT,
     CONFIG_FILE,
     WEIGHTS_FILE,
     ModelConfig,
@@ -149,6 +151,7 @@ def test_a_different_corpus_is_refused_in_one_line(tmp_path):
     config = json.loads((model_dir / CONFIG_FILE).read_text())
     config["meta"]["task"]["corpus_fingerprint"] = "0" * 64
     (model_dir / CONFIG_FILE).write_text(json.dumps(config))
+    write_manifest(model_dir, CHECKPOINT)  # as a model trained on another corpus would come, intact
     result = CliRunner().invoke(app, ["analyze", "code", "--model", str(model_dir), "--rank", "2",
                                       "--threads", "1", "--no-report", "--out", str(tmp_path / "run")])
     assert result.exit_code == 2, result.output

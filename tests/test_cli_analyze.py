@@ -50,7 +50,7 @@ def test_analyze_json_and_run_directory(dyck_env, tmp_path):
         for metric in ("original_accuracy", "proxy_accuracy", "agreement", "attention_jsd", "kl"):
             value, (low, high) = entry[metric]["value"], entry[metric]["ci"]
             assert low <= value <= high
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.csv", "metrics.json", "proxies",
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "manifest.json", "metrics.csv", "metrics.json", "proxies",
                                                     "records.npz"]
     header = (out / "metrics.csv").read_text().splitlines()[0]
     assert header.startswith("split,proxy,simplifier,param,param_value,group_by,group,metric,value")

@@ -219,6 +219,32 @@ def test_same_seed_same_splits_and_cache_round_trip(corpus_dir, tmp_path):
     assert not np.array_equal(other["train"].scored.pos, a["train"].scored.pos)
 
 
+def test_a_damaged_splits_cache_is_noticed_and_rebuilt(corpus_dir, tmp_path, caplog):
+    import io
+    import zipfile
+
+    first = CodeTask(_small(corpus_dir), cache_dir=tmp_path).splits()
+    (path,) = tmp_path.glob("splits-*.npz")
+    # One token changed inside a still valid archive whose stored checksums are the old ones.
+    damaged = io.BytesIO()
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(damaged, "w", zipfile.ZIP_DEFLATED) as dst:
+        for name in src.namelist():
+            raw = src.read(name)
+            if name == "1.tokens.npy":
+                tokens = np.load(io.BytesIO(raw))
+                tokens[0, 1] = (tokens[0, 1] + 1) % 5
+                buf = io.BytesIO()
+                np.save(buf, tokens)
+                raw = buf.getvalue()
+            dst.writestr(name, raw)
+    path.write_bytes(damaged.getvalue())
+    with caplog.at_level("WARNING", logger="illusions"):
+        again = CodeTask(_small(corpus_dir), cache_dir=tmp_path).splits()
+    assert any("damaged" in r.getMessage() and "1.tokens" in r.getMessage() for r in caplog.records)
+    for name in first:
+        np.testing.assert_array_equal(first[name].tokens, again[name].tokens)
+
+
 def test_corpus_errors_are_clear(tmp_path):
     def err(path, **kw) -> str:
         with pytest.raises(IllusionsError) as exc:

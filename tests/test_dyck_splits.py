@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 
 import numpy as np
@@ -200,6 +201,47 @@ def test_corrupt_cache_is_rebuilt(small, tmp_path):
     assert _same(task.splits(), splits)
     with np.load(task.cache_path, allow_pickle=False) as z:
         assert z["train.tokens"].shape[0] == SMALL.n_train
+
+
+def _corrupt_array(path, array: np.ndarray, index: int, value: int) -> None:
+    """Write ``value`` over element ``index`` of ``array`` where it is stored in the file at ``path``."""
+    data = bytearray(path.read_bytes())
+    start = data.find(array.tobytes()[:4096])
+    assert start >= 0
+    offset = start + index * array.itemsize
+    data[offset : offset + array.itemsize] = np.array(value, dtype=array.dtype).tobytes()
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(("split", "value"), [("iid", 7), ("unseen_depth", 200)])
+def test_a_changed_array_in_the_cache_is_noticed_and_rebuilt(small, tmp_path, caplog, split, value):
+    # The file stays a valid .npz; before checksums the changed token was used as is (silently
+    # different statistics, then an IndexError in the embedding for an id outside the vocabulary).
+    task0, splits = small
+    task = DyckTask(SMALL, cache_dir=tmp_path)
+    task.cache_path.write_bytes(task0.cache_path.read_bytes())
+    _corrupt_array(task.cache_path, splits[split].tokens, 3, value)
+    with caplog.at_level("WARNING", logger="illusions"):
+        rebuilt = task.splits()
+    assert _same(rebuilt, splits)
+    assert any("damaged" in r.getMessage() and "rebuilding" in r.getMessage() for r in caplog.records)
+    assert DyckTask(SMALL, cache_dir=tmp_path).splits(progress=lambda m: pytest.fail(m)) is not None
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_on_load(small, tmp_path, caplog):
+    # Checksums that match do not make ids valid: a cache written with bad ids is rebuilt too.
+    from illusions.tasks import dyck_splits
+
+    task0, splits = small
+    bad = dict(splits)
+    tokens = splits["iid"].tokens.copy()
+    tokens[0, 1] = 43
+    bad["iid"] = dataclasses.replace(splits["iid"], tokens=tokens)
+    path = tmp_path / task0.cache_path.name
+    dyck_splits.save(path, SMALL, bad, task0.sampling_stats())
+    with caplog.at_level("WARNING", logger="illusions"):
+        assert dyck_splits.load(path, SMALL) is None
+    assert any("iid tokens holds token ids 0..43, outside 0..42" in r.getMessage() for r in caplog.records)
 
 
 def test_sampling_stats_report_acceptance(small):

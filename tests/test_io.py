@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import mmap
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from illusions.io import load_npz_mapped, save_npz_mappable
+from illusions.io import CHECKSUM_MEMBER, load_npz_mapped, save_npz_mappable
 
 ARRAYS = {
     "train.tokens": np.arange(7 * 13, dtype=np.int64).reshape(7, 13),
@@ -28,7 +30,7 @@ def test_file_is_a_plain_npz_and_maps_back_exactly(tmp_path):
     path = tmp_path / "a.npz"
     save_npz_mappable(path, ARRAYS)
     with np.load(path, allow_pickle=False) as z:
-        assert sorted(z.files) == sorted(ARRAYS)
+        assert sorted(z.files) == sorted([*ARRAYS, CHECKSUM_MEMBER])
         assert all(_same(z[k], v) for k, v in ARRAYS.items())
     assert zipfile.ZipFile(path).testzip() is None
     loaded = load_npz_mapped(path)
@@ -66,3 +68,128 @@ def test_not_an_npz_raises_and_a_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match="pickle"):
         save_npz_mappable(path, {"ok": np.arange(3), "objects": np.array([{}, []], dtype=object)})
     assert list(tmp_path.iterdir()) == [bad]
+
+
+# ---------------------------------------------------------------- checksums of arrays files
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_verified_load_checks_every_array_and_gives_integer_ranges(tmp_path, compress):
+    from illusions.io import load_npz_verified
+
+    path = tmp_path / "a.npz"
+    save_npz_mappable(path, ARRAYS, compress=compress)
+    arrays, ranges = load_npz_verified(path)
+    assert sorted(arrays) == sorted(ARRAYS) and all(_same(arrays[k], v) for k, v in ARRAYS.items())
+    assert ranges == {"train.tokens": (0, 90), "train.flags": (0, 1), "strided": (0, 18)}
+
+
+def _flip_byte_inside(path, needle: bytes, at: int = 8) -> None:
+    data = bytearray(path.read_bytes())
+    i = data.find(needle)
+    assert i >= 0
+    data[i + at] ^= 0x55
+    path.write_bytes(bytes(data))
+
+
+def test_a_changed_byte_inside_an_array_is_a_checksum_error(tmp_path):
+    from illusions.io import ChecksumError, load_npz_verified
+
+    path = tmp_path / "a.npz"
+    save_npz_mappable(path, ARRAYS)
+    _flip_byte_inside(path, ARRAYS["train.tokens"].tobytes(), at=8 * 40)
+    assert load_npz_mapped(path)["train.tokens"][3, 1] != 40  # the mapped loader alone cannot tell
+    with pytest.raises(ChecksumError, match="train.tokens"):
+        load_npz_verified(path)
+
+
+def test_a_file_without_checksums_is_not_verified(tmp_path):
+    from illusions.io import ChecksumError, load_npz_verified
+
+    path = tmp_path / "b.npz"
+    np.savez(path, **ARRAYS)
+    with pytest.raises(ChecksumError, match="no checksums"):
+        load_npz_verified(path)
+
+
+# ---------------------------------------------------------------- whose directory is it
+
+
+def test_staged_dir_never_replaces_a_folder_it_did_not_write(tmp_path):
+    from illusions.errors import IllusionsError
+    from illusions.io import MANIFEST_FILE, staged_dir
+
+    user = tmp_path / "thesis"
+    user.mkdir()
+    (user / "thesis.tex").write_text("years of work")
+    with pytest.raises(IllusionsError, match="not written by illusions"):
+        with staged_dir(user) as stage:
+            (stage / "out.txt").write_text("x")
+    assert sorted(p.name for p in user.iterdir()) == ["thesis.tex"]
+    assert [p.name for p in tmp_path.iterdir()] == ["thesis"], "staging folder left behind"
+    # Its own output it replaces, keeping what a user added; the manifest lists only its files.
+    ours = tmp_path / "ours"
+    with staged_dir(ours) as stage:
+        (stage / "out.txt").write_text("1")
+    (ours / "notes.txt").write_text("mine")
+    with staged_dir(ours) as stage:
+        (stage / "out.txt").write_text("2")
+    assert (ours / "out.txt").read_text() == "2" and (ours / "notes.txt").read_text() == "mine"
+    assert sorted(json.loads((ours / MANIFEST_FILE).read_text())["files"]) == ["out.txt"]
+    # ... unless asked not to, or unless the new output would write over an edited file of its own.
+    with pytest.raises(IllusionsError, match="overwrite"):
+        with staged_dir(ours, replace=False) as stage:
+            (stage / "out.txt").write_text("3")
+    (ours / "out.txt").write_text("edited by hand")
+    with pytest.raises(IllusionsError, match="out.txt was not written by illusions or was changed"):
+        with staged_dir(ours) as stage:
+            (stage / "out.txt").write_text("4")
+    assert (ours / "out.txt").read_text() == "edited by hand"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "thesis"]
+
+
+def test_a_hidden_neighbour_named_like_the_backup_survives(tmp_path):
+    from illusions.io import staged_dir
+
+    (tmp_path / ".run.old").mkdir()
+    (tmp_path / ".run.old" / "keep.txt").write_text("mine")
+    for _ in range(2):
+        with staged_dir(tmp_path / "run") as stage:
+            (stage / "a").write_text("x")
+    assert (tmp_path / ".run.old" / "keep.txt").read_text() == "mine"
+
+
+def test_ownership_of_kinds_and_legacy_folders(tmp_path):
+    from illusions.io import OutputKind, ownership, staged_dir
+
+    kind_a = OutputKind("test-a", "an A", legacy_required=("a.json",), legacy_files=("a.json", "fig_*.png"))
+    kind_b = OutputKind("test-b", "a B")
+    assert ownership(tmp_path / "none", kind_a).state == "absent"
+    (tmp_path / "empty").mkdir()
+    assert ownership(tmp_path / "empty", kind_a).state == "empty"
+    (tmp_path / "file").write_text("x")
+    assert ownership(tmp_path / "file", kind_a).state == "file"
+    with staged_dir(tmp_path / "b", kind=kind_b) as stage:
+        (stage / "b.json").write_text("{}")
+    assert ownership(tmp_path / "b", kind_a).state == "other"
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for name in ("a.json", "fig_1.png", "notes.txt"):
+        (legacy / name).write_text(name)
+    own = ownership(legacy, kind_a)
+    assert own.state == "ours" and own.foreign == ("notes.txt",)
+    (legacy / "a.json").unlink()
+    assert ownership(legacy, kind_a).state == "foreign"
+
+
+def test_check_creatable_refuses_proc_and_paths_through_files(tmp_path):
+    from illusions.errors import IllusionsError
+    from illusions.io import check_creatable
+
+    check_creatable(tmp_path / "new" / "deeper")
+    assert not (tmp_path / "new").exists(), "the probe left something behind"
+    with pytest.raises(IllusionsError, match="cannot write to /proc/x"):
+        check_creatable(Path("/proc/x"))
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(IllusionsError, match="is not a directory"):
+        check_creatable(tmp_path / "f" / "sub")

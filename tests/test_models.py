@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from illusions.errors import IllusionsError
+from illusions.io import MANIFEST_FILE
 from illusions.models import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -23,7 +24,7 @@ def test_round_trip_gives_bit_identical_logits(tiny_model, tiny_tokens, tmp_path
     assert meta == {"task": "toy"}
     with torch.no_grad():
         assert torch.equal(tiny_model(tiny_tokens), loaded(tiny_tokens))
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE]
 
 
 def test_attention_only_round_trip(tiny_tokens, tmp_path):
@@ -80,8 +81,23 @@ def test_corrupt_weights(tiny_model, tmp_path):
     save_model(tiny_model, tmp_path / "m")
     path = tmp_path / "m" / WEIGHTS_FILE
     path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(IllusionsError, match=f"{WEIGHTS_FILE} does not match the sha256 recorded"):
+        load_model(tmp_path / "m")
+    (tmp_path / "m" / MANIFEST_FILE).unlink()  # a checkpoint from before manifests: safetensors' own check
     with pytest.raises(IllusionsError, match=f"{WEIGHTS_FILE} is not a readable safetensors"):
         load_model(tmp_path / "m")
+
+
+def test_random_bytes_inside_the_weights_are_refused(tiny_model, tmp_path):
+    save_model(tiny_model, tmp_path / "m")
+    path = tmp_path / "m" / WEIGHTS_FILE
+    data = bytearray(path.read_bytes())
+    data[-200:-100] = bytes(range(100))  # inside the tensor data: safetensors cannot notice
+    path.write_bytes(bytes(data))
+    with pytest.raises(IllusionsError, match=f"{WEIGHTS_FILE} does not match the sha256 recorded.*damaged"):
+        load_model(tmp_path / "m")
+    (tmp_path / "m" / MANIFEST_FILE).unlink()
+    load_model(tmp_path / "m")  # what happened before: it loads, with changed weights
 
 
 def test_unknown_config_key_names_key_and_file(tiny_model, tmp_path):
@@ -96,6 +112,7 @@ def test_unknown_config_key_names_key_and_file(tiny_model, tmp_path):
 
 def test_weights_that_do_not_match_config(tiny_model, tmp_path):
     save_model(tiny_model, tmp_path / "m")
+    (tmp_path / "m" / MANIFEST_FILE).unlink()  # else the edit itself is refused first
     path = tmp_path / "m" / CONFIG_FILE
     data = json.loads(path.read_text())
     data["model"]["d_mlp"] = 128
@@ -109,3 +126,23 @@ def test_invalid_config_value():
         ModelConfig.from_dict({"normalization": "batchnorm"})
     with pytest.raises(IllusionsError, match="must be an integer"):
         ModelConfig.from_dict({"d_model": "wide"})
+
+
+def test_save_model_never_replaces_a_hugging_face_folder(tiny_model, tmp_path):
+    """Same file names (config.json + model.safetensors), another program's: not a checkpoint of ours."""
+    from illusions.io import ownership
+    from illusions.models import CHECKPOINT
+
+    hf = tmp_path / "gpt2"
+    hf.mkdir()
+    (hf / CONFIG_FILE).write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    (hf / WEIGHTS_FILE).write_bytes(b"their weights")
+    assert ownership(hf, CHECKPOINT).state == "foreign"
+    with pytest.raises(IllusionsError, match="not written by illusions"):
+        save_model(tiny_model, hf)
+    assert (hf / WEIGHTS_FILE).read_bytes() == b"their weights"
+    # A checkpoint from before manifests is recognised by its config's format and may be replaced.
+    save_model(tiny_model, tmp_path / "old")
+    (tmp_path / "old" / MANIFEST_FILE).unlink()
+    assert ownership(tmp_path / "old", CHECKPOINT).state == "ours"
+    save_model(tiny_model, tmp_path / "old")

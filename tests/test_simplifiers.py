@@ -195,7 +195,8 @@ def test_save_load_round_trip_gives_identical_logits(tiny_model, tiny_tokens, si
     a = tiny_model.run_with_hooks(tiny_tokens, fwd_hooks=proxy.fwd_hooks)
     b = tiny_model.run_with_hooks(tiny_tokens, fwd_hooks=loaded.fwd_hooks)
     assert torch.equal(a, b)
-    assert sorted(p.name for p in (tmp_path / "proxy").iterdir()) == ["proxy.json", "proxy.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "proxy").iterdir()) == ["manifest.json", "proxy.json",
+                                                                      "proxy.safetensors"]
 
 
 @pytest.mark.parametrize("simplifier", EACH, ids=IDS)

@@ -175,6 +175,9 @@ def test_loading_something_that_is_not_a_proxy(tmp_path, tiny_model):
         Proxy.load(tmp_path / "bad")
     OneHot().fit(tiny_model).save(tmp_path / "ok")
     (tmp_path / "ok" / "proxy.safetensors").write_bytes(b"garbage")
+    with pytest.raises(IllusionsError, match="proxy.safetensors does not match the sha256 recorded"):
+        Proxy.load(tmp_path / "ok")
+    (tmp_path / "ok" / "manifest.json").unlink()  # a proxy saved before manifests: safetensors' own check
     with pytest.raises(IllusionsError, match="not a readable safetensors file"):
         Proxy.load(tmp_path / "ok")
 

@@ -193,6 +193,35 @@ def test_refuses_to_overwrite_or_resume_nothing_or_resume_other_settings(tmp_pat
         train(task, MODEL.replace(n_ctx=8), cfg, tmp_path / "c")
 
 
+def test_resume_keeps_a_users_files_and_refuses_damaged_state_and_export_replaces_its_own(tmp_path):
+    from illusions.bundled import export_run
+    from illusions.io import MANIFEST_FILE, read_manifest
+
+    task = CopyTask()
+    cfg = FAST.replace(steps=4, eval_every=0, checkpoint_every=0)
+    train(task, MODEL, cfg.replace(steps=2), tmp_path / "run")
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    result = train(task, MODEL, cfg.replace(steps=2), tmp_path / "run", resume=True)
+    assert result.step == 2 and (tmp_path / "run" / "notes.txt").read_text() == "mine"
+    assert "notes.txt" not in read_manifest(tmp_path / "run")["files"]
+    # A changed byte in the optimizer state would resume a different run: refused, nothing replaced.
+    opt = tmp_path / "run" / OPTIMIZER_FILE
+    data = bytearray(opt.read_bytes())
+    data[-8] ^= 0xFF
+    opt.write_bytes(bytes(data))
+    with pytest.raises(IllusionsError, match=f"{OPTIMIZER_FILE} does not match the sha256"):
+        train(task, MODEL, cfg.replace(steps=2), tmp_path / "run", resume=True)
+    assert opt.read_bytes() == bytes(data)
+    # A bundled-model folder (with its manifest) is replaced by a new export of a finished run.
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text("# toy\n")
+    train(task, MODEL, cfg, tmp_path / "done")
+    for _ in range(2):
+        folder = export_run(tmp_path / "done", "copy", recipe_file=recipe, assets=tmp_path / "assets")
+    assert read_manifest(folder)["kind"] == "model" and (folder / MANIFEST_FILE).is_file()
+    load_model(folder)
+
+
 def test_next_token_loss_ignores_pad_targets():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 5, 13, generator=gen)

@@ -7,6 +7,7 @@ Each task's folder holds fixed files:
     model.safetensors   ``illusions.models.save_model``
     metrics.json        per-split accuracies on the full splits and on the fixed evaluation subsets
     training_log.json   the loss curve and the evaluations made during training
+    manifest.json       the sha256 of each of these files, checked when the model is loaded
 
 Commands that need a model default to :func:`bundled_model_dir` of their task.
 """
@@ -97,7 +98,7 @@ def export_run(run_dir: Path, task: str, *, recipe_file: Path, assets: Path = AS
     import shutil
 
     from illusions.io import atomic_write_json, staged_dir
-    from illusions.models import read_checkpoint_config
+    from illusions.models import CHECKPOINT, read_checkpoint_config
     from illusions.training import load_history
 
     run_dir = Path(run_dir)
@@ -112,7 +113,7 @@ def export_run(run_dir: Path, task: str, *, recipe_file: Path, assets: Path = AS
         "eval_rows": meta["eval_rows"],
         **meta.get("timing", {}),
     }
-    with staged_dir(Path(assets) / task) as stage:
+    with staged_dir(Path(assets) / task, kind=CHECKPOINT) as stage:
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             shutil.copyfile(run_dir / name, stage / name)
         shutil.copyfile(recipe_file, stage / RECIPE_FILE)

@@ -8,6 +8,9 @@ array straight from the file: opening costs nothing, and only the rows a run tou
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
+import hashlib
 import json
 import os
 import shutil
@@ -17,6 +20,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
+
+from illusions.errors import IllusionsError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -67,12 +72,257 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+# Every directory illusions writes holds this file: what kind of output it is and the sha256 of each
+# file it wrote, so that a later command can tell its own earlier output (which it may replace) from
+# a user's folder (which it must never delete) and notice a file changed or damaged since.
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "illusions-manifest/1"
+
+_KINDS: dict[str, OutputKind] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputKind:
+    """A kind of output directory, and how to recognise one written before manifests existed.
+
+    Attributes:
+        tag: recorded in the manifest, e.g. ``analysis-run``.
+        noun: how messages name it, e.g. ``an analysis run``.
+        legacy_required: files every manifest-less directory of this kind holds (empty: no legacy
+            directory is recognised).
+        legacy_files: glob patterns of the relative paths such a directory's files may have; other
+            files in it are taken to be the user's.
+        legacy_marker: ``(file, key, value)``: the JSON ``file`` (one of ``legacy_required``) has
+            ``key`` equal to ``value`` (or, with ``value`` None, has ``key``), so a folder of the same
+            file names written by another program (a Hugging Face model's ``config.json``) is not
+            mistaken for one of ours.
+    """
+
+    tag: str
+    noun: str
+    legacy_required: tuple[str, ...] = ()
+    legacy_files: tuple[str, ...] = ()
+    legacy_marker: tuple[str, str, Any] | None = None
+
+    def is_legacy(self, directory: Path) -> bool:
+        """Whether ``directory`` (without a manifest) is one of these written by an older version."""
+        if not self.legacy_required or not all((directory / f).is_file() for f in self.legacy_required):
+            return False
+        if self.legacy_marker is None:
+            return True
+        name, key, value = self.legacy_marker
+        try:
+            data = json.loads((directory / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            return False
+        return isinstance(data, dict) and key in data and (value is None or data[key] == value)
+
+    def __post_init__(self) -> None:
+        _KINDS[self.tag] = self
+
+
+FILES = OutputKind("files", "files written by illusions")
+
+
+@dataclasses.dataclass(frozen=True)
+class Ownership:
+    """Who wrote a directory, as far as illusions can tell.
+
+    Attributes:
+        state: ``absent``, ``file`` (a non-directory is there), ``empty``, ``ours`` (written by
+            illusions as this kind), ``other`` (written by illusions as another kind) or ``foreign``
+            (a non-empty directory illusions did not write).
+        kind: the manifest's tag, when there is one.
+        foreign: relative paths (sorted) of files in an ``ours`` directory that illusions did not
+            write or that changed since; for ``foreign``, a few of the directory's entries.
+        changed: those of ``foreign`` that illusions wrote and that were changed since.
+    """
+
+    state: str
+    kind: str | None = None
+    foreign: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files_under(directory: Path) -> list[str]:
+    """Relative POSIX paths of every file (or link) below ``directory``, manifest excluded."""
+    out = []
+    for root, dirs, files in os.walk(directory):
+        rel_root = Path(root).relative_to(directory)
+        out += [(rel_root / f).as_posix() for f in files]
+        # A linked directory is listed as an entry, never followed.
+        out += [(rel_root / d).as_posix() for d in dirs if (Path(root) / d).is_symlink()]
+    return sorted(p for p in out if p != MANIFEST_FILE)
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    """The manifest of ``directory`` as ``{"kind", "files": {path: sha256}}``; None if absent or garbled."""
+    try:
+        data = json.loads((Path(directory) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("files"), dict):
+        return None
+    return data
+
+
+def write_manifest(directory: Path, kind: OutputKind, files: list[str] | None = None) -> None:
+    """Record ``files`` (default: every file below ``directory``) with their sha256 in its manifest."""
+    from illusions import __version__
+
+    directory = Path(directory)
+    names = _files_under(directory) if files is None else sorted(files)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "written_by": f"illusions {__version__}",
+        "kind": kind.tag,
+        "files": {name: file_sha256(directory / name) for name in names},
+    }
+    atomic_write_json(directory / MANIFEST_FILE, manifest)
+
+
+def record_written(directory: Path, files: list[str]) -> None:
+    """Add (or update) ``files`` of ``directory`` in its manifest after writing them in place."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if manifest is None:
+        return
+    listed = dict(manifest["files"])
+    listed.update({name: file_sha256(directory / name) for name in files})
+    manifest["files"] = dict(sorted(listed.items()))
+    atomic_write_json(directory / MANIFEST_FILE, manifest)
+
+
+def changed_files(directory: Path, names: tuple[str, ...] | list[str]) -> list[str]:
+    """Those of ``names`` that the manifest of ``directory`` lists with another sha256 than the file
+    has now (a damaged or edited file). Files it does not list, or a missing manifest, pass."""
+    manifest = read_manifest(directory)
+    if manifest is None:
+        return []
+    listed = manifest["files"]
+    directory = Path(directory)
+    return [n for n in names if n in listed and (directory / n).is_file()
+            and file_sha256(directory / n) != listed[n]]
+
+
+def ownership(directory: Path, kind: OutputKind) -> Ownership:
+    """Whether ``directory`` is absent, empty, illusions' own output of ``kind``, or someone else's."""
+    directory = Path(directory)
+    if not directory.exists() and not directory.is_symlink():
+        return Ownership("absent")
+    if not directory.is_dir() or directory.is_symlink():
+        return Ownership("file")
+    files = _files_under(directory)
+    manifest = read_manifest(directory)
+    if manifest is None and not files and not any(directory.iterdir()):
+        return Ownership("empty")
+    if manifest is not None:
+        tag = manifest.get("kind")
+        if tag != kind.tag:
+            return Ownership("other", kind=str(tag))
+        listed = manifest["files"]
+        changed = tuple(f for f in files if f in listed and file_sha256(directory / f) != listed[f])
+        foreign = tuple(f for f in files if f not in listed) + changed
+        return Ownership("ours", kind=tag, foreign=tuple(sorted(foreign)), changed=changed)
+    if kind.is_legacy(directory):
+        foreign = tuple(f for f in files if not any(fnmatch.fnmatchcase(f, p) for p in kind.legacy_files))
+        return Ownership("ours", kind=None, foreign=foreign)
+    for other in _KINDS.values():
+        if other is not kind and other.is_legacy(directory):
+            return Ownership("other", kind=other.tag)
+    entries = sorted(p.name for p in directory.iterdir())
+    return Ownership("foreign", foreign=tuple(entries[:3]) + (("...",) if len(entries) > 3 else ()))
+
+
+def kind_noun(tag: str | None) -> str:
+    kind = _KINDS.get(tag or "")
+    return kind.noun if kind is not None else "another kind of illusions output"
+
+
+def check_output_dir(
+    out: Path, kind: OutputKind, *, overwrite: bool, option: str = "output location",
+    overwrite_option: str = "overwrite=True",
+) -> Ownership:
+    """Fail before any work unless ``out`` can receive ``kind``: absent, empty, or (with ``overwrite``)
+    an earlier output of the same kind; and its location must be writable.
+
+    Raises:
+        IllusionsError: naming ``option`` and what is in the way.
+    """
+    out = Path(out)
+    own = ownership(out, kind)
+    where = f"{option} {out}" if option else str(out)
+    if own.state == "file":
+        raise IllusionsError(f"{where} exists and is not a directory")
+    if own.state == "foreign":
+        raise IllusionsError(f"{where} is not empty and was not written by illusions (it holds "
+                             f"{', '.join(own.foreign)}); choose a new or empty folder")
+    if own.state == "other":
+        raise IllusionsError(f"{where} holds {kind_noun(own.kind)}, not {kind.noun}; choose another folder")
+    if own.state == "ours":
+        if not overwrite:
+            raise IllusionsError(f"{where} already holds {kind.noun}; pass {overwrite_option} to replace it "
+                                 "(files illusions did not write are kept)")
+        if own.changed:
+            raise IllusionsError(f"{out / own.changed[0]} was changed after illusions wrote it; move it away "
+                                 f"before replacing {out}")
+    check_creatable(out.parent if own.state == "absent" or own.state == "ours" else out, target=out)
+    return own
+
+
+def check_creatable(directory: Path, *, target: Path | None = None) -> None:
+    """Fail unless a file can be created in ``directory`` (or, if it does not exist yet, in the nearest
+    existing folder above it): catches read-only places, ``/proc`` and paths through a file.
+
+    ``target`` is what the caller will write there, for the message (default ``directory``).
+    """
+    directory = Path(directory)
+    named = Path(target) if target is not None else directory
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise IllusionsError(f"cannot create {named}: {existing} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".illusions-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise IllusionsError(f"cannot write to {named}: no file can be created in {existing} "
+                             f"({exc.strerror or exc})") from None
+
+
+def _refusal(final: Path, own: Ownership, kind: OutputKind) -> str:
+    if own.state == "file":
+        return f"{final} exists and is not a directory"
+    if own.state == "other":
+        return f"{final} holds {kind_noun(own.kind)}, not {kind.noun}; it was left as it is"
+    if own.state == "foreign":
+        return (f"{final} is not empty and was not written by illusions (it holds {', '.join(own.foreign)}); "
+                "it was left as it is")
+    return f"{final} already holds {kind.noun}; it was left as it is (replacing it needs overwrite)"
+
+
 @contextmanager
-def staged_dir(final: Path, *, overwrite: bool = True) -> Iterator[Path]:
+def staged_dir(final: Path, *, kind: OutputKind = FILES, replace: bool = True) -> Iterator[Path]:
     """Build a directory under a temporary name and move it into place only if the block succeeds.
 
     On any exception (including KeyboardInterrupt) the staging folder is removed and ``final`` is left
-    as it was, so a failed run never leaves a partial result directory behind.
+    as it was, so a failed run never leaves a partial result directory behind. The new directory gets
+    a manifest (:data:`MANIFEST_FILE`) of ``kind`` listing every file the block wrote.
+
+    ``final`` is replaced only when it is absent, empty, or (with ``replace``) an earlier output of
+    the same ``kind``; files in it that illusions did not write (or that changed since) are carried
+    into the new directory, unless the new one writes a file of the same name: then nothing is
+    replaced. Anything else raises :class:`IllusionsError` and leaves ``final`` untouched.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -80,20 +330,49 @@ def staged_dir(final: Path, *, overwrite: bool = True) -> Iterator[Path]:
     stage.chmod(0o777 & ~_umask())
     try:
         yield stage
+        write_manifest(stage, kind)
+        own = ownership(final, kind)
+        if own.state not in ("absent", "empty", "ours") or (own.state == "ours" and not replace):
+            raise IllusionsError(_refusal(final, own, kind))
+        for rel in own.foreign:
+            target = stage / rel
+            if target.exists() or target.is_symlink():
+                raise IllusionsError(f"{final / rel} was not written by illusions or was changed since, and the new "
+                                     f"{kind.noun.split(' ', 1)[-1]} would replace it; move it away first")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(final / rel, target)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    if final.exists():
-        if not overwrite:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise FileExistsError(final)
-        backup = final.with_name(f".{final.name}.old")
-        shutil.rmtree(backup, ignore_errors=True)
+    if own.state == "absent":
+        os.replace(stage, final)
+        return
+    # Rename the old directory aside (onto a fresh empty name), move the new one in, then drop the old.
+    backup = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".old"))
+    try:
         os.replace(final, backup)
+    except BaseException:
+        backup.rmdir()
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    try:
         os.replace(stage, final)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(stage, final)
+    except BaseException:
+        os.replace(backup, final)
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A second name for ``src`` at ``dst`` (a hard link; a copy across file systems)."""
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 # Member data starts on this boundary (a cache line; any dtype's alignment divides it).
@@ -103,28 +382,51 @@ _PAD_FIELD = 0xD935
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # signature ... file name length, extra field length
 
 
-def save_npz_mappable(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+# The member holding each other member's sha256 (over its .npy bytes, header included), as JSON.
+CHECKSUM_MEMBER = "__sha256__"
+
+
+class ChecksumError(ValueError):
+    """An arrays file whose contents differ from the checksums stored in it (or that has none)."""
+
+
+def save_npz_mappable(path: Path, arrays: Mapping[str, np.ndarray], *, compress: bool = False) -> None:
     """Write ``arrays`` as an uncompressed ``.npz`` whose array data is 64-byte aligned, atomically.
 
     The file is a standard ``.npz`` (no pickle); the alignment lives in a padding extra field of
-    each member's local header, which zip readers skip.
+    each member's local header, which zip readers skip. A last member, :data:`CHECKSUM_MEMBER`,
+    records the sha256 of every other member, which :func:`load_npz_verified` checks. With
+    ``compress`` the members are deflated instead (smaller, but read rather than mapped).
     """
     import zipfile
 
     import numpy as np
 
-    with atomic_writer(path) as fh, zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED) as zf:
-        for key, value in arrays.items():
-            array = np.asarray(value)
+    digests: dict[str, str] = {}
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with atomic_writer(path) as fh, zipfile.ZipFile(fh, "w", compression=method) as zf:
+        for key, value in [*arrays.items(), (CHECKSUM_MEMBER, None)]:
+            if key == CHECKSUM_MEMBER and value is None:
+                array = np.array(json.dumps(digests, sort_keys=True))
+            else:
+                if key == CHECKSUM_MEMBER:
+                    raise ValueError(f"{CHECKSUM_MEMBER} is a reserved member name")
+                array = np.asarray(value)
             if not array.flags.c_contiguous:
                 array = np.array(array, order="C")
             npy_header = _npy_header(array)
+            if key != CHECKSUM_MEMBER:
+                digest = hashlib.sha256(npy_header)
+                digest.update(array.data)
+                digests[key] = digest.hexdigest()
             info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = method
             info.file_size = len(npy_header) + array.nbytes
             zip64 = info.file_size * 1.05 > zipfile.ZIP64_LIMIT  # zipfile's own rule
-            name_len = len(info.filename.encode("ascii"))
-            start = fh.tell() + _LOCAL_HEADER.size + name_len + 4 + (20 if zip64 else 0) + len(npy_header)
-            info.extra = struct.pack("<HH", _PAD_FIELD, -start % _NPZ_ALIGN) + bytes(-start % _NPZ_ALIGN)
+            if not compress:
+                name_len = len(info.filename.encode("ascii"))
+                start = fh.tell() + _LOCAL_HEADER.size + name_len + 4 + (20 if zip64 else 0) + len(npy_header)
+                info.extra = struct.pack("<HH", _PAD_FIELD, -start % _NPZ_ALIGN) + bytes(-start % _NPZ_ALIGN)
             with zf.open(info, "w", force_zip64=zip64) as out:
                 out.write(npy_header)
                 out.write(array.data)
@@ -147,30 +449,118 @@ def load_npz_mapped(path: Path) -> dict[str, np.ndarray]:
 
     Members written by :func:`save_npz_mappable` are mapped without reading them; compressed or
     unaligned members (any other ``.npz``) are read into memory as ``np.load`` would. The arrays are
-    writable; writes stay private to the process. Raises ``OSError``, ``ValueError`` or
+    writable; writes stay private to the process. The checksum member is not returned (nor
+    checked: see :func:`load_npz_verified`). Raises ``OSError``, ``ValueError`` or
     ``zipfile.BadZipFile`` for a file that is not a readable ``.npz``.
     """
+    return _load_npz(path, verify=False)[0]
+
+
+def load_npz_verified(path: Path) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, int]]]:
+    """:func:`load_npz_mapped`, after checking every member against the file's stored sha256.
+
+    The check reads the file once, in chunks (mapped members stay unread by the process, so they
+    add nothing to its memory); the same pass finds the smallest and largest value of every
+    non-empty integer array, which callers use to check ids against a vocabulary without touching
+    the mapped data.
+
+    Returns:
+        ``(arrays, ranges)`` with ``ranges[name] = (min, max)`` for the non-empty integer arrays.
+
+    Raises:
+        ChecksumError: the file has no checksums, lists other members than it holds, or a member's
+            bytes differ from its checksum.
+        OSError, ValueError, zipfile.BadZipFile: the file is not a readable ``.npz``.
+    """
+    return _load_npz(path, verify=True)
+
+
+def _load_npz(path: Path, *, verify: bool) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, int]]]:
     import io
     import mmap
     import zipfile
 
     import numpy as np
 
+    ranges: dict[str, tuple[int, int]] = {}
+    digests: dict[str, str] = {}
+    out: dict[str, np.ndarray] = {}
     with open(path, "rb") as fh:
         with zipfile.ZipFile(fh) as zf:
-            infos = zf.infolist()
             mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-            out: dict[str, np.ndarray] = {}
-            for info in infos:
+            for info in zf.infolist():
                 key = info.filename.removesuffix(".npy")
-                array = None
-                if info.compress_type == zipfile.ZIP_STORED:
-                    array = _mapped_member(mapped, info)
-                if array is None:
+                check = verify and key != CHECKSUM_MEMBER
+                array = _mapped_member(mapped, info) if info.compress_type == zipfile.ZIP_STORED else None
+                if array is not None:
+                    if check:
+                        digests[key], lo_hi = _scan_stored(fh, info, array)
+                        if lo_hi is not None:
+                            ranges[key] = lo_hi
+                else:
                     with zf.open(info) as member:
-                        array = np.lib.format.read_array(io.BytesIO(member.read()), allow_pickle=False)
+                        raw = member.read()
+                    array = np.lib.format.read_array(io.BytesIO(raw), allow_pickle=False)
+                    if check:
+                        digests[key] = hashlib.sha256(raw).hexdigest()
+                        if array.dtype.kind in "iu" and array.size:
+                            ranges[key] = (int(array.min()), int(array.max()))
                 out[key] = array
-    return out
+    stored = out.pop(CHECKSUM_MEMBER, None)
+    if verify:
+        _compare_digests(path, stored, digests)
+    return out, ranges
+
+
+def _compare_digests(path: Path, stored: Any, digests: dict[str, str]) -> None:
+    if stored is None:
+        raise ChecksumError(f"{path} holds no checksums")
+    try:
+        want = json.loads(str(stored))
+    except ValueError:
+        raise ChecksumError(f"{path} holds unreadable checksums") from None
+    if not isinstance(want, dict) or set(want) != set(digests):
+        raise ChecksumError(f"{path} holds other arrays than its checksums list")
+    bad = sorted(k for k, v in digests.items() if want[k] != v)
+    if bad:
+        raise ChecksumError(f"checksum mismatch in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
+
+
+def _scan_stored(fh: Any, info: Any, array: np.ndarray) -> tuple[str, tuple[int, int] | None]:
+    """sha256 of a stored member's bytes read from the file, and its integer range, in one pass."""
+    import numpy as np
+
+    local = _LOCAL_HEADER.unpack(_pread(fh, _LOCAL_HEADER.size, info.header_offset))
+    start = info.header_offset + _LOCAL_HEADER.size + local[-2] + local[-1]
+    end = start + info.file_size
+    data_start = end - array.nbytes
+    digest = hashlib.sha256(_pread(fh, data_start - start, start))
+    integer = array.dtype.kind in "iu" and array.size > 0
+    lo = hi = None
+    itemsize = max(array.dtype.itemsize, 1)
+    buf = bytearray(min(_SCAN_CHUNK // itemsize * itemsize, max(array.nbytes, 1)))
+    view = memoryview(buf)
+    offset = data_start
+    while offset < end:
+        n = os.preadv(fh.fileno(), [view[: min(len(buf), end - offset)]], offset)
+        if n <= 0 or (integer and n % itemsize):
+            raise ValueError(f"{info.filename} is truncated")
+        digest.update(view[:n])
+        if integer:
+            values = np.frombuffer(buf, dtype=array.dtype, count=n // itemsize)
+            c_lo, c_hi = int(values.min()), int(values.max())
+            lo = c_lo if lo is None else min(lo, c_lo)
+            hi = c_hi if hi is None else max(hi, c_hi)
+        offset += n
+    return digest.hexdigest(), ((lo, hi) if integer and lo is not None and hi is not None else None)
+
+
+# Bytes read per call while checking a mapped member (a reused buffer: no allocation per chunk).
+_SCAN_CHUNK = 8 << 20
+
+
+def _pread(fh: Any, size: int, offset: int) -> bytes:
+    return os.pread(fh.fileno(), size, offset)
 
 
 def _mapped_member(mapped: Any, info: Any) -> np.ndarray | None:

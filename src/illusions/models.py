@@ -6,6 +6,8 @@ removes ``HookedTransformer``/``HookedTransformerConfig``) touches one file.
 A checkpoint is a directory with two fixed files:
     config.json        {"format": ..., "model": ModelConfig fields, "meta": {...}}
     model.safetensors  the model's state dict
+and the manifest every directory illusions writes gets (``manifest.json``, the sha256 of each file),
+which :func:`load_model` checks, so a damaged or altered checkpoint is refused rather than run.
 
 ``--model`` also takes a Hugging Face model folder (what ``save_pretrained`` writes: ``config.json``
 + ``model.safetensors``, a tokenizer optionally) of an architecture in :data:`HF_CONVERSIONS`:
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from illusions.config import Config, read_json
 from illusions.errors import IllusionsError
-from illusions.io import atomic_write_json, staged_dir
+from illusions.io import MANIFEST_FILE, OutputKind, atomic_write_json, changed_files, staged_dir
 
 if TYPE_CHECKING:
     import torch
@@ -35,6 +37,12 @@ if TYPE_CHECKING:
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "illusions-model/1"
+
+CHECKPOINT = OutputKind(
+    "model", "a model checkpoint", legacy_required=(CONFIG_FILE, WEIGHTS_FILE),
+    legacy_files=(CONFIG_FILE, WEIGHTS_FILE, "recipe.toml", "metrics.json", "training_log.json"),
+    legacy_marker=(CONFIG_FILE, "format", FORMAT),
+)
 
 _NORMALIZATIONS = {"LN": "LN", "LNPre": "LNPre", "RMS": "RMS", "RMSPre": "RMSPre", "none": None}
 _POSITIONAL = ("standard", "rotary", "shortformer")
@@ -148,7 +156,7 @@ def save_model(model: HookedTransformer, directory: Path, *, meta: dict[str, Any
     directory = Path(directory)
     cfg = model_config_of(model)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    with staged_dir(directory) as stage:
+    with staged_dir(directory, kind=CHECKPOINT) as stage:
         save_file(state, str(stage / WEIGHTS_FILE), metadata={"format": FORMAT})
         atomic_write_json(stage / CONFIG_FILE, {"format": FORMAT, "model": cfg.to_dict(), "meta": meta or {}})
     return directory
@@ -183,6 +191,7 @@ def load_model(directory: Path, *, device: str | torch.device = "cpu") -> tuple[
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise IllusionsError(f"{weights} does not exist")
+    check_checkpoint_files(directory, (CONFIG_FILE, WEIGHTS_FILE))
     try:
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -196,6 +205,20 @@ def load_model(directory: Path, *, device: str | torch.device = "cpu") -> tuple[
         raise IllusionsError(f"{weights} does not match {directory / CONFIG_FILE}: {detail}") from None
     model.eval()
     return model, meta
+
+
+def check_checkpoint_files(directory: Path, names: tuple[str, ...]) -> None:
+    """Refuse a checkpoint whose files differ from the sha256 its manifest recorded.
+
+    Raises:
+        IllusionsError: naming the first damaged (or edited) file.
+    """
+    bad = changed_files(directory, names)
+    if bad:
+        raise IllusionsError(
+            f"{Path(directory) / bad[0]} does not match the sha256 recorded in {Path(directory) / MANIFEST_FILE} "
+            "when illusions wrote it: the file is damaged or was changed; restore it or train the model again"
+        )
 
 
 def describe(model: HookedTransformer) -> str:

@@ -39,8 +39,8 @@ import numpy as np
 
 from illusions.config import Config, read_json
 from illusions.errors import IllusionsError
-from illusions.io import atomic_write_json, staged_dir
-from illusions.models import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
+from illusions.io import OutputKind, atomic_write_json, check_creatable, ownership, staged_dir
+from illusions.models import CONFIG_FILE, WEIGHTS_FILE, ModelConfig, check_checkpoint_files
 
 if TYPE_CHECKING:
     import torch
@@ -54,6 +54,8 @@ TRAINER_FILE = "trainer.json"
 TRAINER_FORMAT = "illusions-trainer/1"
 OPTIMIZER_FORMAT = "illusions-optimizer/1"
 RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, OPTIMIZER_FILE, TRAINER_FILE)
+TRAINING_RUN = OutputKind("training-run", "a training run", legacy_required=(TRAINER_FILE, CONFIG_FILE, WEIGHTS_FILE),
+                          legacy_files=RUN_FILES, legacy_marker=(TRAINER_FILE, "format", TRAINER_FORMAT))
 
 # The evaluation subset depends only on the split's size, never on the training seed, so runs with
 # different seeds (and the bundled model's test) are scored on the same rows.
@@ -357,10 +359,15 @@ def evaluate(
 
 
 class _StopFlag:
-    """Set by SIGINT while training, so Ctrl-C ends the run between two steps, never inside one."""
+    """Set by SIGINT while training, so Ctrl-C ends the run between two steps, never inside one.
+
+    While ``raising`` is set (the final evaluation, which only reads the model), SIGINT also raises
+    ``KeyboardInterrupt`` at once, so a long evaluation does not make Ctrl-C wait.
+    """
 
     def __init__(self) -> None:
         self.requested = False
+        self.raising = False
 
     @contextlib.contextmanager
     def catching_sigint(self) -> Iterator[None]:
@@ -370,6 +377,9 @@ class _StopFlag:
 
         def handler(signum: int, frame: Any) -> None:
             self.requested = True
+            if self.raising:
+                self.raising = False
+                raise KeyboardInterrupt
 
         previous = signal.signal(signal.SIGINT, handler)
         try:
@@ -383,16 +393,31 @@ def is_run_dir(directory: Path) -> bool:
     return (Path(directory) / TRAINER_FILE).is_file()
 
 
-def _check_out_dir(out_dir: Path, resume: bool) -> None:
+def check_out_dir(out_dir: Path, resume: bool) -> None:
+    """Fail before any work unless ``out_dir`` can take a new run (absent or empty) or, with
+    ``resume``, holds an intact run of ours; and its location must be writable.
+
+    Files a user added to a run folder are kept: every checkpoint carries them over.
+
+    Raises:
+        IllusionsError: naming the folder and what is wrong with it.
+    """
+    out_dir = Path(out_dir)
+    own = ownership(out_dir, TRAINING_RUN)
     if resume:
-        if not is_run_dir(out_dir):
+        if own.state != "ours" or not is_run_dir(out_dir):
             raise IllusionsError(f"cannot resume: {out_dir} holds no training run ({TRAINER_FILE} is missing)")
+        check_checkpoint_files(out_dir, RUN_FILES)
+        check_creatable(out_dir.parent, target=out_dir)
         return
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if own.state == "file":
+        raise IllusionsError(f"{out_dir} exists and is not a directory; choose another --out")
+    if own.state not in ("absent", "empty"):
         what = "a training run" if is_run_dir(out_dir) else "other files"
         raise IllusionsError(
             f"{out_dir} already holds {what}; pass --resume to continue a run or choose another --out"
         )
+    check_creatable(out_dir.parent if own.state == "absent" else out_dir, target=out_dir)
 
 
 def _check_task_fits(task: Task, model_cfg: ModelConfig, train_split: Split) -> None:
@@ -409,7 +434,8 @@ def _check_task_fits(task: Task, model_cfg: ModelConfig, train_split: Split) -> 
         )
 
 
-def _read_trainer_state(out_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict[str, Any]:
+def read_trainer_state(out_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict[str, Any]:
+    """The saved trainer state of the run in ``out_dir``, checked against the configs to resume with."""
     path = out_dir / TRAINER_FILE
     state = read_json(path)
     if not isinstance(state, dict) or state.get("format") != TRAINER_FORMAT:
@@ -462,14 +488,15 @@ class Trainer:
         self.latest: dict[str, dict[str, float]] = {}
         self.loss_value, self.lr = float("nan"), lr_at(0, train_cfg)
         self.task_meta = task.meta()
+        self.interrupted = False  # set by finish() when Ctrl-C ended the run
 
     @classmethod
     def start(cls, task: Task, model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: Path, *,
               resume: bool = False, device: str = "cpu", recipe: Mapping[str, Any] | None = None) -> Trainer:
         """A fresh run in an empty ``out_dir``, or (``resume``) the run saved there, restored."""
         out_dir = Path(out_dir)
-        _check_out_dir(out_dir, resume)
-        saved = _read_trainer_state(out_dir, model_cfg, train_cfg) if resume else None
+        check_out_dir(out_dir, resume)
+        saved = read_trainer_state(out_dir, model_cfg, train_cfg) if resume else None
         trainer = cls(task, model_cfg, train_cfg, out_dir, device=device, recipe=recipe)
         if saved is not None:
             trainer.restore(saved)
@@ -560,7 +587,8 @@ class Trainer:
             "recipe": dict(self.recipe) if self.recipe is not None else None,
             "train": self.cfg.to_dict(),
             "step": step,
-            "finished": step >= self.cfg.steps,
+            # Finished means trained and finally evaluated (a run stopped in its final evaluation is not).
+            "finished": step >= self.cfg.steps and "accuracies" in (extra_meta or {}),
             "accuracies_step": history["eval"][-1]["step"] if history["eval"] else None,
             "subset_accuracies": self.latest,
             "timing": self.timing(),
@@ -578,24 +606,46 @@ class Trainer:
             "history": history,
             "timing": self.timing(),
         }
-        with staged_dir(self.out_dir) as stage:
+        with staged_dir(self.out_dir, kind=TRAINING_RUN) as stage:
             save_model(self.model, stage, meta=meta)
             save_file(optimizer_tensors(self.opt, self.names), str(stage / OPTIMIZER_FILE),
                       metadata={"format": OPTIMIZER_FORMAT, "step": str(step)})
             atomic_write_json(stage / TRAINER_FILE, trainer)
         self.last_saved = step
 
-    def finish(self) -> dict[str, dict[str, float]]:
+    def finish(self, stop: _StopFlag | None = None) -> dict[str, dict[str, float]]:
         """End the run: a finished one is evaluated (subsets and full splits) and checkpointed with
-        its full-split accuracies; an interrupted one is checkpointed where it stopped."""
-        if not self.done:
-            if self.last_saved != self.step_count:
-                self.checkpoint()
-            return {}
-        self.evaluate()
-        full = self.evaluate_full()
+        its full-split accuracies; an interrupted one is checkpointed where it stopped.
+
+        With ``stop`` (the flag :meth:`run` installs), Ctrl-C during the last step or the final
+        evaluation ends the run at once: the trained weights are checkpointed, :attr:`interrupted`
+        is set, and resuming the run only evaluates it.
+        """
+        if not self.done or (stop is not None and stop.requested):
+            return self._stopped()
+        latest, n_evals = self.latest, len(self.history["eval"])
+        try:
+            if stop is not None:
+                stop.raising = True  # the evaluation only reads the model: safe to cut short
+            self.evaluate()
+            full = self.evaluate_full()
+        except KeyboardInterrupt:
+            if stop is None:
+                raise
+            self.latest = latest
+            del self.history["eval"][n_evals:]
+            return self._stopped()
+        finally:
+            if stop is not None:
+                stop.raising = False
         self.checkpoint({"accuracies": full, "eval_rows": self.cfg.eval_rows})
         return full
+
+    def _stopped(self) -> dict[str, dict[str, float]]:
+        self.interrupted = True
+        if self.last_saved != self.step_count:
+            self.checkpoint()
+        return {}
 
     def progress(self, event: str) -> Progress:
         acc = {k: v["accuracy"] for k, v in self.latest.items()}
@@ -618,13 +668,13 @@ class Trainer:
                 if cfg.checkpoint_every and self.step_count % cfg.checkpoint_every == 0 and not self.done:
                     self.checkpoint()
                     report(self.progress("checkpoint"))
-            full = self.finish()
-            if self.done:
+            full = self.finish(stop)
+            if not self.interrupted:
                 report(self.progress("checkpoint"))
         return TrainResult(
             out_dir=self.out_dir,
             step=self.step_count,
-            interrupted=not self.done,
+            interrupted=self.interrupted,
             accuracies=full,
             subset_accuracies=self.latest,
             history=self.history,

@@ -9,6 +9,10 @@ files of ``runs/<name>/`` atomically (a failed run leaves no directory behind):
     metrics.csv     tidy: one row per split x proxy x parameter x group x metric
     proxies/        each fitted proxy (safetensors + JSON), so a report can be rebuilt
     records.npz     per-position records (predictions, JSD, KL, meta) for reports and re-analysis
+    manifest.json   the sha256 of every file written, marking the folder as a run of ours
+
+An existing run directory is replaced only on request (``overwrite``), never a folder illusions did
+not write, and files a user added to a run directory are kept.
 """
 
 from __future__ import annotations
@@ -34,9 +38,21 @@ from illusions.analyses.spec import (  # noqa: F401  (re-exported: the spec is p
 )
 from illusions.analyses.summary import DISCRETE, ROW_FIELDS, summarize, to_json
 from illusions.errors import IllusionsError
-from illusions.io import atomic_write_bytes, atomic_write_json, atomic_write_text, staged_dir
+from illusions.io import (
+    OutputKind,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_dir,
+    staged_dir,
+)
 
 RESULT_FILES = ("config.json", "metrics.json", "metrics.csv", "records.npz")
+ANALYSIS_RUN = OutputKind(
+    "analysis-run", "an analysis run", legacy_required=RESULT_FILES,
+    legacy_files=(*RESULT_FILES, "report.html", "fig_*.png", "proxies/*/proxy.json", "proxies/*/proxy.safetensors"),
+    legacy_marker=("config.json", "illusions_version", None),
+)
 # metrics.csv columns read back as integers / as text (the others are floats, empty = NaN).
 _INT_FIELDS = ("n_positions", "n_sequences")
 _TEXT_FIELDS = ("split", "proxy", "simplifier", "param", "group_by", "group", "metric")
@@ -174,25 +190,42 @@ def _csv_value(x: Any) -> Any:
     return x
 
 
-def rows_from_csv(text: str) -> list[dict[str, Any]]:
-    """Tidy rows read back from ``metrics.csv`` text (empty cells become NaN)."""
+def rows_from_csv(text: str, source: str = "metrics.csv") -> list[dict[str, Any]]:
+    """Tidy rows read back from ``metrics.csv`` text (empty cells become NaN).
+
+    Raises:
+        IllusionsError: a missing column, a row of the wrong width or a cell that is not a number,
+            naming ``source`` and the line.
+    """
     out = []
-    for raw in csv.DictReader(io.StringIO(text)):
-        missing = [f for f in ROW_FIELDS if f not in raw]
-        if missing:
-            raise IllusionsError(f"metrics.csv lacks column(s) {', '.join(missing)}")
-        row: dict[str, Any] = {}
-        for field in ROW_FIELDS:
-            value = raw[field]
-            if field in _TEXT_FIELDS:
-                row[field] = value
-            elif field == "param_value":
-                row[field] = _number(value) if value != "" else ""
-            elif field in _INT_FIELDS:
-                row[field] = int(float(value)) if value != "" else 0
-            else:
-                row[field] = float(value) if value != "" else float("nan")
-        out.append(row)
+    reader = csv.DictReader(io.StringIO(text))
+    try:
+        for raw in reader:
+            line = reader.line_num
+            missing = [f for f in ROW_FIELDS if f not in raw]
+            if missing:
+                raise IllusionsError(f"{source} lacks column(s) {', '.join(missing)}")
+            if None in raw or any(raw[f] is None for f in ROW_FIELDS):
+                raise IllusionsError(f"{source} line {line} has {'more' if None in raw else 'fewer'} cells than its header")
+            row: dict[str, Any] = {}
+            for field in ROW_FIELDS:
+                value = raw[field]
+                try:
+                    if field in _TEXT_FIELDS:
+                        row[field] = value
+                    elif field == "param_value":
+                        row[field] = _number(value) if value != "" else ""
+                    elif field in _INT_FIELDS:
+                        row[field] = int(float(value)) if value != "" else 0
+                    else:
+                        row[field] = float(value) if value != "" else float("nan")
+                except (ValueError, OverflowError):
+                    raise IllusionsError(f"{source} line {line}: {field} holds {value[:20]!r}, not a number") from None
+            out.append(row)
+    except csv.Error as exc:
+        raise IllusionsError(f"{source} is not a readable CSV file (line {reader.line_num}: {exc})") from None
+    if not out:
+        raise IllusionsError(f"{source} holds no rows")
     return out
 
 
@@ -206,22 +239,50 @@ def _number(text: str) -> int | float | str:
 
 
 def read_rows(run_dir: Path) -> list[dict[str, Any]]:
-    """A run directory's ``metrics.csv`` as rows with numbers parsed (empty cells become NaN)."""
-    return rows_from_csv((Path(run_dir) / "metrics.csv").read_text(encoding="utf-8"))
+    """A run directory's ``metrics.csv`` as rows with numbers parsed (empty cells become NaN).
+
+    Raises:
+        IllusionsError: the file is missing, not UTF-8 text (damaged) or not a tidy table.
+    """
+    path = Path(run_dir) / "metrics.csv"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise IllusionsError(f"{path} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise IllusionsError(f"{path} is not UTF-8 text (byte {exc.start}); it is damaged") from None
+    return rows_from_csv(text, source=str(path))
 
 
-def check_writable(out: Path) -> None:
-    """Fail early, before any work, if the run directory cannot be created."""
+def check_run_out(spec: AnalysisSpec, out: Path, *, overwrite: bool = False, option: str = "output location",
+                  overwrite_option: str = "overwrite=True") -> None:
+    """Fail early, before any work, unless ``out`` can receive this run.
+
+    ``out`` must be new, empty, or (with ``overwrite``) an earlier analysis run; it may not be, lie
+    inside or contain the model's folder or the package's bundled assets; its location must be
+    writable. ``option`` and ``overwrite_option`` are how messages name the two (the CLI passes its
+    flags).
+
+    Raises:
+        IllusionsError: naming what is in the way.
+    """
+    from illusions.bundled import ASSETS, bundled_model_dir
+
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise IllusionsError(f"output location {out} exists and is not a directory")
-    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-    if not parent.is_dir():
-        raise IllusionsError(f"cannot create {out}: {parent} is not a directory")
-    import os
-
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise IllusionsError(f"cannot write to {out}: {parent} is not writable")
+    guards = [(ASSETS, "the bundled models")]
+    try:
+        model_dir = Path(spec.model) if spec.model else bundled_model_dir(spec.task)
+        guards.insert(0, (model_dir.resolve(), f"the model folder {model_dir}"))
+    except IllusionsError:
+        pass  # no such model: loading it says so, after the other checks of the spec
+    resolved = out.resolve()
+    for guarded, what in guards:
+        if resolved == guarded or guarded in resolved.parents:
+            raise IllusionsError(f"{option} {out} is {'inside ' if resolved != guarded else ''}{what}; "
+                                 "choose a folder of its own")
+        if resolved in guarded.parents:
+            raise IllusionsError(f"{option} {out} contains {what}; choose a folder of its own")
+    check_output_dir(out, ANALYSIS_RUN, overwrite=overwrite, option=option, overwrite_option=overwrite_option)
 
 
 def run_config(run: RunResult) -> dict[str, Any]:
@@ -238,12 +299,17 @@ def run_config(run: RunResult) -> dict[str, Any]:
     }
 
 
-def write_run(run: RunResult, out: Path, *, extra_files: Callable[[Path], None] | None = None) -> Path:
-    """Write the run directory atomically; ``extra_files(stage)`` may add e.g. the report."""
+def write_run(run: RunResult, out: Path, *, extra_files: Callable[[Path], None] | None = None,
+              overwrite: bool = False) -> Path:
+    """Write the run directory atomically; ``extra_files(stage)`` may add e.g. the report.
+
+    An earlier run in ``out`` is replaced only with ``overwrite`` (files in it that illusions did not
+    write are carried over); a folder that holds anything else is never touched.
+    """
     out = Path(out)
     config = run_config(run)
     try:
-        with staged_dir(out) as stage:
+        with staged_dir(out, kind=ANALYSIS_RUN, replace=overwrite) as stage:
             atomic_write_json(stage / "config.json", config)
             atomic_write_json(stage / "metrics.json", run.document)
             atomic_write_text(stage / "metrics.csv", rows_to_csv(run.rows))

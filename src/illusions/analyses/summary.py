@@ -5,9 +5,11 @@ analysis seed and the split's name), shared by all proxies and metrics, so proxi
 the same resamples. Gaps relative to the reference split (``iid``) are differences of independent
 replicates. Because the splits differ in length as well as in what they are named for, every gap is
 also reported against a *length-matched control*: the reference split's positions re-weighted so that
-each length bin carries the same share of positions as in the split under study (strata absent from
-the reference are dropped, and the share of the split's positions they hold is reported as
-``matched_coverage``).
+each length bin carries the same share of positions as in the split under study. Length bins absent
+from the reference are left out on **both** sides: the control has no positions there, and the
+split's own mean in that gap is taken over its positions in the covered bins only, so both sides
+span the same lengths. The share of the split's positions kept is ``matched_coverage`` (the JSON
+also gives the excluded share, ``1 - coverage``).
 """
 
 from __future__ import annotations
@@ -103,7 +105,8 @@ def summarize(
             lo, hi = sampler.intervals(reps)
             gaps: dict[str, np.ndarray] = {}
             if ref is not None and split != reference and len(rec):
-                gaps = _gaps(points[0], reps[:, 0], ref, _strata(rec, length_edges), n_strata, sampler)
+                gaps = _gaps(points[0], reps[:, 0], ref, _strata(rec, length_edges), n_strata, sampler,
+                             values, rec.seq)
             n_seqs = int(np.unique(rec.seq).shape[0])
             for k, metric in enumerate(METRICS):
                 row = {**base, "split": split, "group_by": "all", "group": "all", "metric": metric,
@@ -173,9 +176,13 @@ def _reference(rec: Records | None, sampler: Resampler | None, length_edges: np.
 
 def _gaps(
     points: np.ndarray, reps: np.ndarray, ref: _Reference, strata: np.ndarray, n_strata: int,
-    sampler: Resampler,
+    sampler: Resampler, values: np.ndarray, seq: np.ndarray,
 ) -> dict[str, Any]:
-    """Gap columns of one split vs the reference and vs the length-matched reference control."""
+    """Gap columns of one split vs the reference and vs the length-matched reference control.
+
+    The matched gap compares like with like: the split's positions in length bins the reference
+    lacks are excluded from the split's side as they are from the control's.
+    """
     gap_lo, gap_hi = sampler.intervals(reps - ref.reps)
     share = np.bincount(strata, minlength=n_strata).astype(np.float64)
     share /= share.sum()
@@ -185,12 +192,18 @@ def _gaps(
                            "gap_vs_ref_high": gap_hi, "matched_coverage": coverage}
     if coverage == 0:
         return out
+    covered = ref.present[strata]  # [n] the position's length bin occurs in the reference
+    if covered.all():
+        own_points, own_reps = points, reps
+    else:
+        g_points, g_reps = sampler.grouped(values, seq, covered.astype(np.int64), 2)
+        own_points, own_reps = g_points[1], g_reps[:, 1]  # [m], [n_boot, m]: covered positions only
     weight /= coverage
     used = np.flatnonzero(weight)
     control = (weight[used, None] * ref.strata_points[used]).sum(0)  # [m]
     control_reps = (weight[None, used, None] * ref.strata_reps[:, used]).sum(1)  # [n_boot, m]
-    m_lo, m_hi = sampler.intervals(reps - control_reps)
-    out.update(gap_vs_matched=points - control, gap_vs_matched_low=m_lo, gap_vs_matched_high=m_hi)
+    m_lo, m_hi = sampler.intervals(own_reps - control_reps)
+    out.update(gap_vs_matched=own_points - control, gap_vs_matched_low=m_lo, gap_vs_matched_high=m_hi)
     return out
 
 
@@ -210,6 +223,13 @@ def overall(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _num(x: Any) -> float | None:
     return float(x) if isinstance(x, int | float) and np.isfinite(x) else None
+
+
+def excluded_share(row: Mapping[str, Any]) -> float | None:
+    """The share of a split's positions the length-matched gap leaves out (length bins ``iid``
+    lacks), from a row's ``matched_coverage``; None where there is no matched gap."""
+    coverage = _num(row.get("matched_coverage"))
+    return None if coverage is None else max(0.0, round(1.0 - coverage, 10))
 
 
 def to_json(
@@ -244,6 +264,7 @@ def to_json(
                         "value": _num(r["gap_vs_matched"]),
                         "ci": [_num(r["gap_vs_matched_low"]), _num(r["gap_vs_matched_high"])],
                         "coverage": _num(r["matched_coverage"]),
+                        "excluded_share": excluded_share(r),
                     },
                 }
         breakdowns: dict[str, Any] = {}

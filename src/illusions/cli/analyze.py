@@ -79,6 +79,7 @@ OPTIONS = (
     _opt("by", str | None, None, "--by",
          "Also print a breakdown: key_depth, depth, distance, length, category (custom: a meta name)."),
     _opt("threads", int, 2, "--threads", "CPU threads for torch."),
+    _opt("overwrite", bool, False, "--overwrite", "Replace an earlier run in --out (files illusions did not write are kept)."),
     Option("report", "--report", Annotated[bool, typer.Option("--report/--no-report", help="Write report.html into the run directory.")],
            True),
     Option("device", "--device", DeviceOpt, "cpu"),
@@ -189,7 +190,7 @@ def _analysis(sweep: bool, given: dict[str, Any]) -> None:
         spec = _replace(spec, breakdowns=(*spec.breakdowns, by))
     slurm = {o.name: given[o.name] for o in SLURM_OPTIONS} if sweep else None
     _run(spec, given["out"], given["as_json"], given["by"], given["threads"], given["report"], name=name,
-         device=given["device"], allow_tf32=given["allow_tf32"], slurm=slurm)
+         device=given["device"], allow_tf32=given["allow_tf32"], slurm=slurm, overwrite=given["overwrite"])
 
 
 def _replace(spec: Any, **changes: Any) -> Any:
@@ -203,15 +204,16 @@ def _replace(spec: Any, **changes: Any) -> Any:
 
 def _run(spec: Any, out: Path | None, as_json: bool, by: str | None, threads: int, report: bool,
          name: str | None = None, device: str = "cpu", allow_tf32: bool = False,
-         slurm: dict[str, Any] | None = None) -> None:
-    from illusions.analyses.run import check_writable, write_run
+         slurm: dict[str, Any] | None = None, overwrite: bool = False) -> None:
+    from illusions.analyses.run import check_run_out, write_run
     from illusions.cli.scale import local_device
 
     out = out or Path("runs") / (name or spec.default_name())
-    check_writable(out)
+    check_run_out(spec, out, overwrite=overwrite, option="--out", overwrite_option="--overwrite")
     set_threads(threads)
     if slurm is not None and slurm["engine"] != "local":
-        _print_run(_on_slurm(spec, out, report, threads, device, allow_tf32, slurm), out, as_json, by, report)
+        _print_run(_on_slurm(spec, out, report, threads, device, allow_tf32, slurm, overwrite), out, as_json, by,
+                   report)
         return
     if slurm is not None:
         _local_only(slurm)
@@ -223,7 +225,7 @@ def _run(spec: Any, out: Path | None, as_json: bool, by: str | None, threads: in
         def extra(stage: Path) -> None:
             write_report_files(run, stage)
 
-    write_run(run, out, extra_files=extra)
+    write_run(run, out, extra_files=extra, overwrite=overwrite)
     _print_run(run, out, as_json, by, report)
 
 
@@ -254,7 +256,7 @@ def _local_only(slurm: dict[str, Any]) -> None:
 
 
 def _on_slurm(spec: Any, out: Path, report: bool, threads: int, device: str, allow_tf32: bool,
-              slurm: dict[str, Any]) -> Any:
+              slurm: dict[str, Any], overwrite: bool = False) -> Any:
     """The whole sweep as one Slurm job (one process fits once and runs each split's clean pass once
     for every swept value); waits, retries, and returns the run's summary."""
     from illusions.cli.scale import JobDisplay
@@ -265,7 +267,7 @@ def _on_slurm(spec: Any, out: Path, report: bool, threads: int, device: str, all
     key = out.name
     with JobDisplay(1, "sweep") as display:
         try:
-            engine.submit(key, analyze_into, spec, str(out.absolute()), report, device, allow_tf32)
+            engine.submit(key, analyze_into, spec, str(out.absolute()), report, device, allow_tf32, overwrite)
             outcome = engine.wait(lambda e: display.show(e.key, e.finished, e.total, e.kind, e.detail))
         except BaseException:
             engine.cancel()

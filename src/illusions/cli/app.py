@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -30,12 +31,23 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(EXIT_USAGE)
 
 
+class _NoticeHandler(logging.Handler):
+    """The library's warnings (a damaged cache being rebuilt, ...) as one ``notice:`` line on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = " ".join(record.getMessage().split())
+        typer.echo(f"notice: {message}", err=True)
+
+
 def command(name: str | None = None, **kwargs: Any) -> Callable[[F], F]:
     """Register a Typer command whose user-facing errors become one line and exit code 2."""
 
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kw: Any) -> Any:
+            logger = logging.getLogger("illusions")
+            handler = _NoticeHandler(logging.WARNING)
+            logger.addHandler(handler)
             try:
                 return fn(*args, **kw)
             except IllusionsError as exc:
@@ -43,6 +55,8 @@ def command(name: str | None = None, **kwargs: Any) -> Callable[[F], F]:
             except KeyboardInterrupt:
                 typer.echo("interrupted", err=True)
                 raise typer.Exit(130) from None
+            finally:
+                logger.removeHandler(handler)
 
         app.command(name, **kwargs)(wrapper)
         return fn

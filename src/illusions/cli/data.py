@@ -136,6 +136,10 @@ def data(
     err = Console(stderr=True)
     out = Console(highlight=False)
     cached = t.is_cached()
+    if not cached and getattr(t, "cache_dir", None) is not None:
+        from illusions.io import check_creatable
+
+        check_creatable(t.cache_dir)  # the cache is what this command makes: refuse before building
     with err.status(
         f"{task}: {'loading cached splits' if cached else 'generating splits'}"
     ) as status:
@@ -209,5 +213,5 @@ def data(
             _show(out, t, name, split, show)
     for key, value in corpus_facts.items():
         out.print(f"{key.replace('_', ' ')}: {value}")
-    if cache:
+    if cache and Path(cache).is_file():
         out.print(f"cache: {cache}")

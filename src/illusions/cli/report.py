@@ -14,18 +14,15 @@ from illusions.cli.app import command, set_threads
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `analyze` or `sweep`.")],
     threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch.")] = 2,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a report.html or fig_*.png there that illusions did not write.")] = False,
 ) -> None:
     """Rebuild report.html (and its fig_*.png) from a run directory."""
-    from illusions.analyses.run import RESULT_FILES
-    from illusions.errors import IllusionsError
+    from illusions.reports.build import check_report_dir
 
-    missing = [f for f in RESULT_FILES if not (run_dir / f).is_file()]
-    if not run_dir.is_dir() or missing:
-        # Checked here too so that a typo fails before torch is imported.
-        what = "is not a directory" if not run_dir.is_dir() else f"is not an analysis run directory (missing {', '.join(missing)})"
-        raise IllusionsError(f"{run_dir} {what}")
+    # Checked before torch is imported, so that a typo or a damaged run fails at once.
+    check_report_dir(run_dir, overwrite=overwrite, overwrite_option="--overwrite")
     set_threads(threads)
     from illusions.reports import rebuild_report
 
-    path = rebuild_report(run_dir)
+    path = rebuild_report(run_dir, overwrite=overwrite)
     typer.echo(f"wrote {path}")

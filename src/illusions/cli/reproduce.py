@@ -47,6 +47,7 @@ def reproduce(
     slurm_opt: SlurmOptOpt = None,
     retries: RetriesOpt = 1,
     slurm_logs: SlurmLogsOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace earlier runs that would be recomputed (another spec or version).")] = False,
 ) -> None:
     """Run all analysis recipes on every training seed and write the results document.
 
@@ -55,7 +56,6 @@ def reproduce(
     compute only those).
     """
     from illusions import reproduce as rep
-    from illusions.analyses.run import check_writable
     from illusions.engines import JobsFailed
     from illusions.io import atomic_write_text
     from illusions.reports import results as res
@@ -74,8 +74,8 @@ def reproduce(
         fail(f"no recipe in {recipes} matches --task {', '.join(task or [])}")
     if jobs < 1:
         fail(f"--jobs must be at least 1, got {jobs}")
-    check_writable(out)
-    check_writable(results.parent)
+    rep.check_outputs(planned, out, results, force=force, overwrite=overwrite,
+                      names={"out": "--out", "results": "--results", "overwrite": "--overwrite"})
     set_threads(threads)
     runner, device = make_engine(engine, threads=threads, logs=slurm_logs or out / "slurm-logs",
                                  partition=partition, time=time, cpus_per_task=cpus_per_task,

@@ -19,9 +19,11 @@ def _ci(value: float, low: float, high: float, digits: int = 3) -> str:
 
 
 def result_console() -> Console:
-    """A console for results: as wide as the terminal, or 160 columns when piped to a file."""
+    """A console for results: as wide as the terminal (or ``$COLUMNS``), else 160 columns when piped."""
+    import os
+
     probe = Console()
-    return probe if probe.is_terminal else Console(width=160)
+    return probe if probe.is_terminal or os.environ.get("COLUMNS", "").isdigit() else Console(width=160)
 
 
 def _finite(x: Any) -> bool:
@@ -36,37 +38,117 @@ def _gap(row: dict[str, Any], key: str) -> str:
     return f"{v:+.3f}{mark}"
 
 
+# Excluded shares below this print as 0.0% and get no mark.
+_EXCLUDED_MARK = 0.0005
+
+
 def print_summary(run: Any, console: Console | None = None) -> None:
-    """Per split (and per swept value): accuracies, agreement, JSD, KL with 95% intervals, gaps."""
+    """Per split (and per swept value): accuracies, agreement, JSD, KL with 95% intervals, gaps.
+
+    When the full table is wider than the console, a compact one prints instead: the same values
+    without the interval half-widths (``metrics.csv`` and ``--json`` keep the exact intervals) under
+    short headers; split and proxy names are never cut.
+    """
+    from illusions.analyses.summary import excluded_share
+
     console = console or result_console()
     rows = [r for r in run.rows if r["group_by"] == "all"]
     spec = run.spec
-    title = (f"{spec.task}: {', '.join(dict.fromkeys(r['proxy'] for r in rows))} "
-             f"on {run.model_source} model ({run.model_description})")
-    table = Table(title=title, title_justify="left")
     proxies = list(dict.fromkeys(r["proxy"] for r in rows))
-    if len(proxies) > 1:
-        table.add_column("proxy")
-    for name in ("split", "positions", "original acc", "proxy acc", "agreement", "attn JSD", "KL",
-                 "Δagree\nvs iid", "Δagree vs\nlen-matched"):
-        table.add_column(name, justify="left" if name == "split" else "right", no_wrap=True)
+    title = (f"{spec.task}: {', '.join(proxies)} "
+             f"on {run.model_source} model ({run.model_description})")
     by = {(r["proxy"], r["split"], r["metric"]): r for r in rows}
+    body: list[tuple[str, str, dict[str, Any]]] = []
+    excluded: dict[str, float] = {}
     for proxy in proxies:
         for split in dict.fromkeys(r["split"] for r in rows if r["proxy"] == proxy):
             m = {k: by[(proxy, split, k)] for k in ("original_accuracy", "proxy_accuracy", "agreement",
                                                    "attention_jsd", "kl")}
-            cells = [split, str(int(m["agreement"]["n_positions"]))]
-            cells += [_ci(m[k]["value"], m[k]["ci_low"], m[k]["ci_high"]) for k in
-                      ("original_accuracy", "proxy_accuracy", "agreement", "attention_jsd")]
-            cells.append(_ci(m["kl"]["value"], m["kl"]["ci_low"], m["kl"]["ci_high"], 4))
-            cells += [_gap(m["agreement"], "gap_vs_ref"), _gap(m["agreement"], "gap_vs_matched")]
-            table.add_row(*([proxy] if len(proxies) > 1 else []), *cells)
-        if len(proxies) > 1:
-            table.add_section()
+            share = excluded_share(m["agreement"]) if _finite(m["agreement"]["gap_vs_matched"]) else None
+            if share is not None and share >= _EXCLUDED_MARK:
+                excluded[split] = max(excluded.get(split, 0.0), share)
+            body.append((proxy, split, m))
+    from rich.measure import Measurement
+
+    def width(t: Table) -> int:
+        # Measured with room to spare: a console's own measure is capped at its width.
+        return Measurement.get(console, console.options.update_width(10**4), t).maximum
+
+    table = _summary_table(title, proxies, body, excluded, compact=False)
+    compact = width(table) > console.width
+    dropped: list[str] = []
+    if compact:
+        table = _summary_table(title, proxies, body, excluded, compact=True)
+        # Still too wide: drop whole columns (least needed first) rather than cut numbers or names.
+        for column in ("KL", "JSD", "pos", "orig"):
+            if width(table) <= console.width:
+                break
+            dropped.append(column)
+            table = _summary_table(title, proxies, body, excluded, compact=True, drop=tuple(dropped))
     console.print(table)
-    console.print("[dim]± half-width of the 95% bootstrap interval over sequences; * marks a gap whose "
-                  "interval excludes 0; len-matched: iid re-weighted to the split's length distribution. "
-                  "JSD in bits over the simplified heads' attention, KL(original || proxy) in nats.[/dim]")
+    note = ("± half-width of the 95% bootstrap interval over sequences" if not compact else
+            "values without intervals (the 95% intervals are in metrics.csv and --json); orig/proxy: accuracy "
+            "of the original and the proxy; agree: agreement; Δ iid / Δ len: agreement gap vs iid / vs "
+            "length-matched iid")
+    if dropped:
+        note += f"; columns {', '.join(dropped)} left out for the console's width"
+    note += ("; * marks a gap whose interval excludes 0; len-matched: iid re-weighted to the split's length "
+             "distribution. JSD in bits over the simplified heads' attention, KL(original || proxy) in nats.")
+    if excluded:
+        parts = ", ".join(f"{share:.1%} of {split}" for split, share in excluded.items())
+        note += (f" † len-matched over the length bins iid covers only; positions in other bins are left out "
+                 f"of both sides: {parts}.")
+    console.print(f"[dim]{note}[/dim]")
+
+
+_METRIC_COLUMNS = (("pos", None, 0), ("orig", "original_accuracy", 3), ("proxy", "proxy_accuracy", 3),
+                   ("agree", "agreement", 3), ("JSD", "attention_jsd", 3), ("KL", "kl", 4))
+
+
+def _summary_table(title: str, proxies: list[str], body: list[tuple[str, str, dict[str, Any]]],
+                   excluded: dict[str, float], *, compact: bool, drop: tuple[str, ...] = ()) -> Table:
+    from rich import box
+
+    names = [r[1] for r in body]
+    columns = [c for c in _METRIC_COLUMNS if c[0] not in drop]
+    if compact:
+        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
+                      pad_edge=False, collapse_padding=True)
+        headers = ("split", *(c[0] for c in columns), "Δ iid", "Δ len")
+    else:
+        table = Table(title=title, title_justify="left")
+        headers = ("split", "positions", "original acc", "proxy acc", "agreement", "attn JSD", "KL",
+                   "Δagree\nvs iid", "Δagree vs\nlen-matched")
+    many = len(proxies) > 1
+    if many:
+        table.add_column("proxy", no_wrap=True, min_width=max(len(p) for p in proxies))
+    for name in headers:
+        if name == "split":
+            table.add_column(name, no_wrap=True, min_width=max((len(n) for n in names), default=5))
+        else:
+            table.add_column(name, justify="right", no_wrap=not compact)
+    previous = None
+    for proxy, split, m in body:
+        if many and previous is not None and proxy != previous:
+            table.add_section()
+        previous = proxy
+        cells = [split]
+        for _, k, digits in columns:
+            if k is None:
+                cells.append(str(int(m["agreement"]["n_positions"])))
+                continue
+            r = m[k]
+            cells.append(_value(r["value"], digits) if compact else _ci(r["value"], r["ci_low"], r["ci_high"], digits))
+        matched = _gap(m["agreement"], "gap_vs_matched")
+        if split in excluded and matched != "-":
+            matched += "†"
+        cells += [_gap(m["agreement"], "gap_vs_ref"), matched]
+        table.add_row(*([proxy] if many else []), *cells)
+    return table
+
+
+def _value(value: float, digits: int) -> str:
+    return f"{value:.{digits}f}" if _finite(value) else "-"
 
 
 def print_breakdown(run: Any, by: str, console: Console | None = None) -> None:

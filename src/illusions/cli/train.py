@@ -9,6 +9,7 @@ import typer
 
 from illusions.cli.app import command, set_threads
 from illusions.cli.scale import DeviceOpt, TF32Opt
+from illusions.errors import IllusionsError
 
 
 def _saved_train_settings(out: Path) -> dict[str, Any]:
@@ -50,12 +51,14 @@ def train(
 
     from illusions.models import ModelConfig
     from illusions.recipes import resolve_recipe
-    from illusions.training import TrainConfig
+    from illusions.training import TrainConfig, check_out_dir, read_trainer_state
     from illusions.training import train as run_training
 
     err = Console(stderr=True)
     recipe = resolve_recipe(task, {"model": ModelConfig, "train": TrainConfig})
     out = out if out is not None else Path("runs") / f"train-{recipe.task_name}"
+    # Everything that can be checked without data is checked before the first line of progress.
+    check_out_dir(out, resume)
     changes: dict[str, Any] = {}
     if resume:
         # Resuming continues the run as it started, so its --steps/--seed need not be repeated.
@@ -69,10 +72,18 @@ def train(
         recipe = recipe.replace("train", **changes)
     model_cfg: ModelConfig = recipe["model"]
     train_cfg: TrainConfig = recipe["train"]
+    if resume:
+        read_trainer_state(out, model_cfg, train_cfg)
+    task_obj = recipe.make_task()
+    if not isinstance(getattr(type(task_obj), "vocab", None), property) and model_cfg.d_vocab != len(task_obj.vocab):
+        # A task whose vocabulary is fixed (not read from its data) is checked here already.
+        raise IllusionsError(
+            f"model d_vocab is {model_cfg.d_vocab} but task {task_obj.name!r} has {len(task_obj.vocab)} tokens; "
+            f"set d_vocab = {len(task_obj.vocab)} in the recipe's [model]"
+        )
 
     err.print(f"[dim]recipe {recipe.source}; building {recipe.task_name} splits (cached after the first run)[/]")
     t0 = time.perf_counter()
-    task_obj = recipe.make_task()
     task_obj.splits()
     err.print(f"[dim]splits ready in {time.perf_counter() - t0:.1f}s; training {train_cfg.steps} steps into {out}[/]")
 
@@ -111,8 +122,10 @@ def train(
 
     console = Console()
     if result.interrupted:
+        where = ("in the final evaluation, after the last step" if result.step >= train_cfg.steps
+                 else f"at step {result.step}/{train_cfg.steps}")
         err.print(
-            f"interrupted at step {result.step}/{train_cfg.steps}; checkpoint saved in {out}. "
+            f"interrupted {where}; checkpoint saved in {out}. "
             f"Continue with: illusions train {task} --out {out} --resume"
         )
         raise typer.Exit(130)

@@ -8,8 +8,11 @@ report from disk gives the bytes ``analyze`` wrote, and the same run always give
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import math
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -70,15 +73,26 @@ def inputs_from_run(run: Any, directory: Path | None = None) -> ReportInputs:
 
 def read_records(path: Path) -> tuple[dict[tuple[str, int], Any], dict[str, np.ndarray], np.ndarray, list[str]]:
     """``records.npz`` back as ``(records, split_rows, fit_rows, labels)`` (no pickle involved)."""
-    from illusions.analyses.faithfulness import Records
-
     try:
-        npz = np.load(path, allow_pickle=False)
-        arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as exc:
-        raise IllusionsError(f"{path} is not a readable records file ({exc})") from None
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except FileNotFoundError:
+        raise IllusionsError(f"{path} does not exist") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error):
+        # numpy's own message for a file that is not an .npz suggests allow_pickle, which is wrong here.
+        raise IllusionsError(f"{path} is not a readable records file (not an intact .npz archive)") from None
     if "fit_rows" not in arrays or "labels" not in arrays:
         raise IllusionsError(f"{path} is not an illusions records file (no fit_rows/labels)")
+    try:
+        return _records_of(arrays)
+    except (KeyError, ValueError, IndexError, TypeError) as exc:
+        raise IllusionsError(f"{path} is not an intact illusions records file ({type(exc).__name__}: {exc})") from None
+
+
+def _records_of(arrays: dict[str, np.ndarray]) -> tuple[dict[tuple[str, int], Any], dict[str, np.ndarray],
+                                                         np.ndarray, list[str]]:
+    from illusions.analyses.faithfulness import Records
+
     labels = json.loads(str(arrays["labels"]))
     split_rows: dict[str, np.ndarray] = {}
     fields: dict[tuple[str, int], dict[str, np.ndarray]] = {}
@@ -277,12 +291,17 @@ def _nan_low(x: float) -> float:
 
 def write_files(inputs: ReportInputs, directory: Path) -> Path:
     """Write ``report.html`` and the figures' PNGs into ``directory`` (each file atomically)."""
+    return Path(directory) / _write_files(inputs, directory)[-1]
+
+
+def _write_files(inputs: ReportInputs, directory: Path) -> list[str]:
     page, figures = build_report(inputs)
     directory = Path(directory)
-    for fig in figures:
-        atomic_write_bytes(directory / f"{fig.name}.png", fig.png)
+    names = [f"{fig.name}.png" for fig in figures] + [REPORT_FILE]
+    for fig, name in zip(figures, names, strict=False):
+        atomic_write_bytes(directory / name, fig.png)
     atomic_write_text(directory / REPORT_FILE, page)
-    return directory / REPORT_FILE
+    return names
 
 
 def write_report_files(run: Any, directory: Path) -> None:
@@ -295,16 +314,60 @@ def write_report_files(run: Any, directory: Path) -> None:
     write_files(inputs_from_run(run, directory), directory)
 
 
-def rebuild_report(run_dir: Path, *, task: Any = None, model: Any = None) -> Path:
+def _is_report_file(name: str) -> bool:
+    return name == REPORT_FILE or (fnmatch.fnmatchcase(name, "fig_*.png") and "/" not in name)
+
+
+def check_report_dir(run_dir: Path, *, overwrite: bool = False, overwrite_option: str = "overwrite=True") -> None:
+    """Fail before any work unless a report can be rebuilt in ``run_dir``.
+
+    It must be an analysis run of ours whose result files are as illusions wrote them, and a
+    ``report.html`` or ``fig_*.png`` there that illusions did not write (or that changed since) is
+    replaced only with ``overwrite`` (named ``overwrite_option`` in the message); the folder must be
+    writable.
+
+    Raises:
+        IllusionsError: naming the folder or file in the way.
+    """
+    from illusions.analyses.run import ANALYSIS_RUN, RESULT_FILES
+    from illusions.io import MANIFEST_FILE, check_creatable, kind_noun, ownership
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise IllusionsError(f"{run_dir} is not a directory")
+    missing = [f for f in RESULT_FILES if not (run_dir / f).is_file()]
+    if missing:
+        raise IllusionsError(f"{run_dir} is not an analysis run directory (missing {', '.join(missing)})")
+    own = ownership(run_dir, ANALYSIS_RUN)
+    if own.state != "ours":
+        raise IllusionsError(f"{run_dir} holds {kind_noun(own.kind)}, not an analysis run")
+    damaged = [f for f in own.changed if not _is_report_file(f)]
+    if damaged:
+        raise IllusionsError(f"{run_dir / damaged[0]} does not match the sha256 recorded in "
+                             f"{run_dir / MANIFEST_FILE}: it is damaged or was changed, so a report would not "
+                             "show this run; run the analysis again")
+    in_way = [f for f in own.foreign if _is_report_file(f)]
+    if in_way and not overwrite:
+        raise IllusionsError(f"{run_dir / in_way[0]} was not written by illusions or was changed since; "
+                             f"pass {overwrite_option} to replace it")
+    check_creatable(run_dir)
+
+
+def rebuild_report(run_dir: Path, *, task: Any = None, model: Any = None, overwrite: bool = False) -> Path:
     """Rebuild ``report.html`` (and its PNGs) from a saved run directory.
 
     Args:
         run_dir: a directory written by ``illusions analyze`` / ``sweep``.
         task: the task, when the caller has it (default: loaded as the run's spec says).
         model: the original model, likewise.
+        overwrite: replace a report file there that illusions did not write (or that changed).
 
     Returns:
         The path of the rewritten report.
     """
-    return write_files(inputs_from_dir(run_dir, task=task, model=model), run_dir)
+    from illusions.io import record_written
 
+    check_report_dir(run_dir, overwrite=overwrite)
+    names = _write_files(inputs_from_dir(run_dir, task=task, model=model), run_dir)
+    record_written(run_dir, names)
+    return Path(run_dir) / REPORT_FILE

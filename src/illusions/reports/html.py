@@ -177,7 +177,7 @@ def summary_tables(rows: Sequence[dict[str, Any]], splits: Sequence[str], proxie
             gap_body.append(first + [esc(split)]
                             + [fmt_gap(m[k], g) for k in ("agreement", "proxy_accuracy", "original_accuracy")
                                for g in ("gap_vs_ref", "gap_vs_matched")]
-                            + [f"{cov:.0%}" if _finite(cov) else "-"])
+                            + [_coverage_cell(cov)])
     est = _table(lead + ["split", "positions", "sequences", "original acc", "proxy acc", "agreement",
                          "attn JSD (bits)", "KL (nats)"], est_body, left=len(lead) + 1)
     gaps = _table(lead + ["split", f"Δagreement vs {reference}", "Δagreement vs len-matched",
@@ -188,7 +188,15 @@ def summary_tables(rows: Sequence[dict[str, Any]], splits: Sequence[str], proxie
             f"<h3>Gaps: split minus {esc(reference)}, and minus a length-matched {esc(reference)} control"
             f"</h3>{gaps}<p class=note>Red: the interval excludes 0. The length-matched control re-weights "
             f"{esc(reference)} positions to the split's length distribution; coverage is the share of the "
-            f"split's positions whose length bin occurs in {esc(reference)}.</p>")
+            f"split's positions whose length bin occurs in {esc(reference)}, and the matched gap is taken over "
+            "those positions only (positions in other bins are left out of both sides).</p>")
+
+
+def _coverage_cell(cov: Any) -> str:
+    if not _finite(cov):
+        return "-"
+    excluded = 1.0 - cov
+    return f"{cov:.0%}" + (f" ({excluded:.1%} excluded)" if excluded >= 0.0005 else "")
 
 
 def figure(fig: StaticFigure, caption: str) -> str:

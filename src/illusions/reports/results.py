@@ -545,6 +545,22 @@ def model_table(runs: RecipeRuns) -> list[str]:
     return _md_table(["split"] + [f"seed {s}" for s in runs.seeds] + ["mean [95% across seeds]"], rows)
 
 
+def _excluded_text(runs: dict[str, RecipeRuns]) -> str:
+    """How much of any split the length-matched gaps leave out, at most (from ``matched_coverage``)."""
+    worst: tuple[float, str, str, int] | None = None
+    for name, r in runs.items():
+        for seed in r.seeds:
+            for row in r.rows[seed]:
+                if row["group_by"] == "all" and row["metric"] == "agreement" and np.isfinite(row["gap_vs_matched"]):
+                    share = 1.0 - float(row["matched_coverage"])
+                    if share >= 0.0005 and (worst is None or share > worst[0]):
+                        worst = (share, name, row["split"], seed)
+    if worst is None:
+        return "no split of any run has positions in such bins"
+    share, name, split, seed = worst
+    return f"the largest share left out is {share:.1%} of `{split}` in `{name}` (seed {seed})"
+
+
 def render(
     runs: dict[str, RecipeRuns],
     recipes: Sequence[AnalysisRecipe],
@@ -579,7 +595,8 @@ def render(
         "checkpoints of the same recipe). A gap cell ends in `(k/n)`: the number of seeds whose own 95% "
         "bootstrap interval (1,000 resamples of sequences) excludes 0 in the gap's direction.",
         "- *Δ vs len-matched* compares a split with an in-distribution control re-weighted to the split's "
-        "length distribution: the splits differ in length as well as in what they are named for.",
+        "length distribution: the splits differ in length as well as in what they are named for. Length bins "
+        f"that iid lacks are left out on both sides; {_excluded_text(runs)}.",
         f"- A sweep is reported at its **smallest parameter whose mean iid agreement is at least "
         f"{FAITHFUL_IID}** (the simplest proxy a researcher would accept in distribution), or at its largest "
         "when none reaches it.",

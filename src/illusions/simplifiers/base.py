@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self, runtime_checkab
 from illusions.activations import hook_layer
 from illusions.config import Config, read_json
 from illusions.errors import IllusionsError
-from illusions.io import atomic_write_json, staged_dir
+from illusions.io import MANIFEST_FILE, OutputKind, atomic_write_json, changed_files, staged_dir
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 PROXY_CONFIG_FILE = "proxy.json"
 PROXY_WEIGHTS_FILE = "proxy.safetensors"
 PROXY_FORMAT = "illusions-proxy/1"
+PROXY_DIR = OutputKind("proxy", "a fitted proxy", legacy_required=(PROXY_CONFIG_FILE, PROXY_WEIGHTS_FILE),
+                       legacy_files=(PROXY_CONFIG_FILE, PROXY_WEIGHTS_FILE),
+                       legacy_marker=(PROXY_CONFIG_FILE, "format", PROXY_FORMAT))
 
 QK_CHOICES = ("q", "k", "qk")
 RESID_CHOICES = ("resid_pre", "resid_mid", "resid_post")
@@ -354,7 +357,7 @@ class Proxy:
             "info": self.info,
             "hooks": described,
         }
-        with staged_dir(directory) as stage:
+        with staged_dir(directory, kind=PROXY_DIR) as stage:
             save_file(tensors, str(stage / PROXY_WEIGHTS_FILE), metadata={"format": PROXY_FORMAT})
             atomic_write_json(stage / PROXY_CONFIG_FILE, data)
         return directory
@@ -369,6 +372,10 @@ class Proxy:
         # package, whose __init__ imports each method module.
         directory = Path(directory)
         path = directory / PROXY_CONFIG_FILE
+        bad = changed_files(directory, (PROXY_CONFIG_FILE, PROXY_WEIGHTS_FILE))
+        if bad:
+            raise IllusionsError(f"{directory / bad[0]} does not match the sha256 recorded in "
+                                 f"{directory / MANIFEST_FILE}: the file is damaged or was changed")
         data = read_json(path)
         if not isinstance(data, dict) or data.get("format") != PROXY_FORMAT or not {"simplifier", "params"} <= set(data):
             raise IllusionsError(f"{path} is not an illusions proxy (expected format {PROXY_FORMAT!r})")

@@ -104,6 +104,39 @@ class Split:
         return Split(self.name, self.tokens[index, :width], self.lengths[index], sc, self.description)
 
 
+def id_problem(
+    name: str, ranges: Mapping[str, tuple[int, int]], *, n_rows: int, width: int, vocab_size: int
+) -> str | None:
+    """The first way a split's arrays fall outside what a split of ``n_rows`` x ``width`` tokens of a
+    ``vocab_size``-token vocabulary can hold, or None.
+
+    Args:
+        name: the split's name, for the message.
+        ranges: ``(min, max)`` of the split's non-empty arrays under the field names ``tokens``,
+            ``lengths``, ``seq``, ``pos`` and ``target`` (others are ignored).
+        n_rows, width: the shape of the token array.
+        vocab_size: token ids must lie in ``0..vocab_size - 1``.
+    """
+    limits = {"tokens": (0, vocab_size - 1), "target": (0, vocab_size - 1), "lengths": (1, width),
+              "seq": (0, n_rows - 1), "pos": (0, width - 2)}
+    for field, (lo, hi) in limits.items():
+        if field in ranges:
+            a, b = ranges[field]
+            if a < lo or b > hi:
+                what = "token ids" if field in ("tokens", "target") else "values"
+                return f"{name} {field} holds {what} {a}..{b}, outside {lo}..{hi}"
+    return None
+
+
+def split_id_problem(split: Split, vocab_size: int) -> str | None:
+    """:func:`id_problem` of a split held in memory (reads all its arrays)."""
+    arrays = {"tokens": split.tokens, "lengths": split.lengths, "seq": split.scored.seq,
+              "pos": split.scored.pos, "target": split.scored.target}
+    ranges = {k: (int(v.min()), int(v.max())) for k, v in arrays.items() if v.size}
+    return id_problem(split.name, ranges, n_rows=split.tokens.shape[0], width=split.tokens.shape[1],
+                      vocab_size=vocab_size)
+
+
 @runtime_checkable
 class Task(Protocol):
     """A task: vocabulary, splits and scoring.

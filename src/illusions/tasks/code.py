@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import keyword
+import logging
 import re
+import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -44,11 +46,12 @@ import numpy as np
 
 from illusions.config import Config
 from illusions.errors import IllusionsError
-from illusions.io import atomic_write_bytes, cache_root
-from illusions.tasks.base import DataSupport, Scored, Split, Vocab
+from illusions.io import ChecksumError, cache_root, load_npz_verified, save_npz_mappable
+from illusions.tasks.base import DataSupport, Scored, Split, Vocab, id_problem
 from illusions.tasks.code_corpus import Corpus, corpus_cache_path, load_corpus
 
 Progress = Callable[[str], None]
+log = logging.getLogger(__name__)
 
 CATEGORIES = ("bracket", "whitespace", "copy", "identifier", "other")
 """Names of the ``category`` codes 0..4 of a target character:
@@ -64,7 +67,8 @@ CATEGORIES = ("bracket", "whitespace", "copy", "identifier", "other")
 BRACKET, WHITESPACE, COPY, IDENTIFIER, OTHER = range(5)
 
 PAD, BOS, UNK = "<pad>", "<bos>", "<unk>"
-CACHE_FORMAT = 1
+# Format 2 stores the sha256 of every array, checked on load.
+CACHE_FORMAT = 2
 SPLIT_ORDER = ("train", "iid", "deep_nesting")
 
 _IDENT = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*|[0-9][A-Za-z0-9_$]*")
@@ -621,27 +625,39 @@ def _save_npz(path: Path, vocab: Vocab, splits: dict[str, Split], info: dict[str
         arrays[f"{i}.target"] = s.scored.target
         for k, v in s.scored.meta.items():
             arrays[f"{i}.meta.{k}"] = v
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
+    try:
+        save_npz_mappable(path, arrays, compress=True)
+    except OSError as exc:
+        # The splits are built; only the next run will have to build them again.
+        log.warning("could not write the code splits cache %s (%s); continuing without it", path,
+                    exc.strerror or exc)
 
 
 def _load_npz(path: Path) -> tuple[Vocab, dict[str, Split], dict[str, Any]] | None:
+    """The cached splits, after checking every array's sha256 and every token id; None to rebuild."""
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as z:
-            header = json.loads(str(z["header"]))
-            if header.get("format") != CACHE_FORMAT:
-                return None
-            vocab = Vocab(tuple(header["vocab"]), header["pad_id"], header["bos_id"])
-            splits = {}
-            for i, spec in enumerate(header["splits"]):
-                meta = {k: z[f"{i}.meta.{k}"] for k in spec["meta"]}
-                scored = Scored(z[f"{i}.seq"], z[f"{i}.pos"], z[f"{i}.target"], meta)
-                splits[spec["name"]] = Split(
-                    spec["name"], z[f"{i}.tokens"], z[f"{i}.lengths"], scored, spec["description"]
-                )
-            return vocab, splits, header["info"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # damaged cache: rebuild
+        z, ranges = load_npz_verified(path)
+        header = json.loads(str(z["header"]))
+        if header.get("format") != CACHE_FORMAT:
+            return None
+        vocab = Vocab(tuple(header["vocab"]), header["pad_id"], header["bos_id"])
+        splits = {}
+        for i, spec in enumerate(header["splits"]):
+            tokens = z[f"{i}.tokens"]
+            fields = {f: ranges[f"{i}.{f}"] for f in ("tokens", "lengths", "seq", "pos", "target")
+                      if f"{i}.{f}" in ranges}
+            problem = id_problem(spec["name"], fields, n_rows=tokens.shape[0], width=tokens.shape[1],
+                                 vocab_size=len(vocab))
+            if problem is not None:
+                raise ChecksumError(problem)
+            meta = {k: z[f"{i}.meta.{k}"] for k in spec["meta"]}
+            scored = Scored(z[f"{i}.seq"], z[f"{i}.pos"], z[f"{i}.target"], meta)
+            splits[spec["name"]] = Split(spec["name"], tokens, z[f"{i}.lengths"], scored, spec["description"])
+        return vocab, splits, header["info"]
+    except ChecksumError as exc:
+        log.warning("the cached code splits in %s are damaged (%s); rebuilding them", path, exc)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        log.warning("the cached code splits in %s are unreadable (%s); rebuilding them", path, exc)
+    return None

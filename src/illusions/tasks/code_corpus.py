@@ -30,6 +30,7 @@ import dataclasses
 import gzip
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -44,6 +45,8 @@ from typing import Any
 
 from illusions.errors import IllusionsError
 from illusions.io import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 # Bumped whenever extraction changes what a source yields, so stale caches are not reused.
 EXTRACTOR_VERSION = 2
@@ -458,16 +461,26 @@ def _write_cache(path: Path, corpus: Corpus) -> None:
         "origins": list(corpus.origins),
         "functions": [[f.language, f.text] for f in corpus.functions],
     }
-    atomic_write_bytes(path, gzip.compress(json.dumps(data).encode("utf-8"), compresslevel=6, mtime=0))
+    try:
+        atomic_write_bytes(path, gzip.compress(json.dumps(data).encode("utf-8"), compresslevel=6, mtime=0))
+    except OSError as exc:
+        log.warning("could not write the corpus cache %s (%s); continuing without it", path, exc.strerror or exc)
 
 
 def _read_cache(path: Path) -> Corpus | None:
+    """The cached corpus; None (rebuild) when it is missing or damaged (gzip's CRC-32 catches
+    changed bytes)."""
     try:
-        data = json.loads(gzip.decompress(path.read_bytes()))
+        raw = path.read_bytes()
+    except OSError:
+        return None
+    try:
+        data = json.loads(gzip.decompress(raw))
         functions = tuple(Function(lang, text) for lang, text in data["functions"])
         return Corpus(functions, data["fingerprint"], data["source"], tuple(data["origins"]))
-    except (OSError, EOFError, ValueError, KeyError, TypeError, zlib.error):
-        return None  # missing or damaged cache: rebuild
+    except (OSError, EOFError, ValueError, KeyError, TypeError, zlib.error) as exc:
+        log.warning("the cached corpus %s is damaged (%s); reading the sources again", path, exc)
+        return None
 
 
 def _corpus_key(path: str, max_per_language: int) -> tuple[str, list[Path]]:

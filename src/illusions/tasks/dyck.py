@@ -219,19 +219,27 @@ class DyckTask(DataSupport):
         """Readable tokens joined by spaces, PAD dropped."""
         return " ".join(self.vocab.tokens[int(i)] for i in np.asarray(ids).ravel() if int(i) != PAD)
 
-    def parse(self, text: str) -> np.ndarray:
+    def parse(self, text: str, *, for_splits: bool = False) -> np.ndarray:
         """Validate a user-written string and return its ids with START and END added.
 
         ``START`` and ``END`` may be written (first and last) or left out. Positions in messages are
         token indices with START at 0 (the first bracket is token 1) and 1-based characters.
 
+        Args:
+            text: the string.
+            for_splits: accept what some split can hold rather than what training strings can:
+                depths up to ``ood_depth_max`` (``unseen_depth``), and refuse strings with fewer
+                than ``min_brackets`` brackets, which no split holds (the sampler re-draws them).
+
         Raises:
             IllusionsError: naming the first problem in reading order and where it is: an unknown
                 token, a closer with nothing open (unbalanced), a closer of the wrong type
-                (mismatched), depth beyond ``max_depth`` (too deep), more than ``max_len`` tokens
-                (too long), or brackets left open at the end (unbalanced).
+                (mismatched), depth beyond ``max_depth`` (too deep; ``ood_depth_max`` with
+                ``for_splits``), more than ``max_len`` tokens (too long), brackets left open at the
+                end (unbalanced), or (``for_splits``) too few brackets (too short).
         """
         cfg = self.config
+        depth_limit = cfg.ood_depth_max if for_splits else cfg.max_depth
         out = [START]
         stack: list[tuple[int, int, int]] = []  # (opener id, token index, character)
         ended = False
@@ -258,10 +266,13 @@ class DyckTask(DataSupport):
                     f"(at most {cfg.max_len - 2} brackets between START and END)"
                 )
             if tok < FIRST_OPENER + cfg.n_types:
-                if len(stack) >= cfg.max_depth:
+                if len(stack) >= depth_limit:
+                    limit = (f"ood_depth_max={cfg.ood_depth_max}, the deepest a split holds (unseen_depth: "
+                             f"depths {cfg.ood_depth_min}..{cfg.ood_depth_max})" if for_splits
+                             else f"max_depth={cfg.max_depth}")
                     raise IllusionsError(
                         f"too deep: {self.vocab.tokens[tok]!r} at {where} reaches depth {len(stack) + 1}, "
-                        f"beyond max_depth={cfg.max_depth}"
+                        f"beyond {limit}"
                     )
                 stack.append((tok, len(out), char))
             else:
@@ -283,6 +294,11 @@ class DyckTask(DataSupport):
                 f"closed ({len(stack)} bracket(s) left open)"
             )
         out.append(END)
+        if for_splits and len(out) - 2 < cfg.min_brackets:
+            raise IllusionsError(
+                f"too short: {len(out) - 2} bracket(s), but every split's strings have at least "
+                f"min_brackets={cfg.min_brackets} (the sampler re-draws shorter ones), so no split holds it"
+            )
         return np.array(out, dtype=np.int64)
 
     # -- structure --------------------------------------------------------------------------------
@@ -353,10 +369,17 @@ class DyckTask(DataSupport):
         """Which split's definition a valid string (ids with START/END) meets, relative to ``train``.
 
         Returns:
-            ``"train"`` when it is a training string, else ``"seen_struct"`` or
+            ``"unseen_depth"`` when its depth lies beyond ``max_depth`` (up to ``ood_depth_max``),
+            else ``"train"`` when it is a training string, else ``"seen_struct"`` or
             ``"unseen_struct_short"`` / ``"unseen_struct_long"``; ``iid`` holds any non-training
             string of the distribution, so it is not a separate answer.
         """
+        depth = int(self.depths(ids).max(initial=0))
+        if self.config.ood_depth_min <= depth <= self.config.ood_depth_max:
+            return "unseen_depth"
+        if depth > self.config.max_depth:
+            raise IllusionsError(f"depth {depth} lies between max_depth={self.config.max_depth} and "
+                                 f"ood_depth_min={self.config.ood_depth_min}: no split holds it")
         if self._index is None:
             self._index = TrainIndex(self.splits()["train"].tokens.astype(np.uint8), self.config)
         row = np.asarray(ids, dtype=np.uint8)[None, :]
@@ -369,8 +392,11 @@ class DyckTask(DataSupport):
 
     def check(self, text: str, progress: Progress | None = None) -> dict[str, Any]:
         """``illusions data dyck --check``: parse one string (errors name its first problem, before
-        any generation), then its brackets, depth, segments, scored closers and split membership."""
-        ids = self.parse(text)
+        any generation), then its brackets, depth, segments, scored closers and split membership.
+
+        The string is checked against what some split can hold (depths up to ``ood_depth_max``, at
+        least ``min_brackets`` brackets), not only against training strings."""
+        ids = self.parse(text, for_splits=True)
         scored = self.score(ids[None, :], np.array([ids.shape[0]]))
         self.splits(progress=progress)  # membership is relative to the (cached) training set
         return {

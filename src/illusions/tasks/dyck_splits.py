@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from illusions.errors import IllusionsError
-from illusions.io import load_npz_mapped, save_npz_mappable
-from illusions.tasks.base import Scored, Split
+from illusions.io import ChecksumError, load_npz_verified, save_npz_mappable
+from illusions.tasks.base import Scored, Split, id_problem
 from illusions.tasks.dyck_sampler import sample
 from illusions.tasks.dyck_structure import (
     META_COLUMNS,
@@ -59,8 +59,9 @@ DESCRIPTIONS = {
 
 # Bump when the sampler, the split definitions or the file layout change: old caches are ignored.
 # Format 3 stores the int64 arrays a Split holds, mapped from the file on load (format 2 held
-# compact dtypes whose conversion to int64 was most of a cached load).
-CACHE_FORMAT = 3
+# compact dtypes whose conversion to int64 was most of a cached load); format 4 adds the sha256 of
+# every array, checked on load.
+CACHE_FORMAT = 4
 
 Progress = Callable[[str], None]
 
@@ -220,11 +221,11 @@ def _to_split(
 
 
 def save(path: Path, config: DyckConfig, splits: dict[str, Split], stats: dict[str, Any]) -> None:
-    """Write all splits to one ``.npz`` (no object arrays), atomically.
+    """Write all splits to one ``.npz`` (no object arrays), atomically, with a checksum per array.
 
     Arrays are stored as the int64 a :class:`Split` holds, uncompressed and aligned, so :func:`load`
-    maps them instead of reading and converting them: a cached load costs milliseconds and only
-    the rows a run uses are ever read. The price is disk: the 200k-string default training set
+    maps them instead of reading and converting them: a cached load costs a checksum pass and only
+    the rows a run uses are ever mapped in. The price is disk: the 200k-string default training set
     takes about 205 MB as int64 tokens.
     """
     arrays: dict[str, np.ndarray] = {
@@ -244,26 +245,41 @@ def save(path: Path, config: DyckConfig, splits: dict[str, Split], stats: dict[s
 
 
 def load(path: Path, config: DyckConfig) -> tuple[dict[str, Split], dict[str, Any]] | None:
-    """Read the splits written by :func:`save`; None when the file is missing, corrupt or foreign."""
+    """Read the splits written by :func:`save`; None when the file is missing, damaged or foreign.
+
+    Every array is checked against its stored sha256 and every token id against the vocabulary
+    before anything is used; a damaged file is reported with one warning (the caller rebuilds it).
+    """
     if not path.exists():
         return None
     try:
-        z = load_npz_mapped(path)
+        z, ranges = load_npz_verified(path)
         if json.loads(str(z["config"])) != config.to_dict():
             log.warning("ignoring cache %s: it was written for another config", path)
             return None
         stats = json.loads(str(z["stats"]))
         splits = {}
+        vocab_size = 3 + 2 * config.n_types
         for name in SPLIT_NAMES:
+            tokens = z[f"{name}.tokens"]
+            fields = {f: ranges[f"{name}.{f}"] for f in ("tokens", "lengths", "seq", "pos", "target")
+                      if f"{name}.{f}" in ranges}
+            problem = id_problem(name, fields, n_rows=tokens.shape[0], width=tokens.shape[1],
+                                 vocab_size=vocab_size)
+            if problem is not None:
+                raise ChecksumError(problem)
             sc = Scored(
                 seq=z[f"{name}.seq"],
                 pos=z[f"{name}.pos"],
                 target=z[f"{name}.target"],
                 meta={c: z[f"{name}.meta.{c}"] for c in META_COLUMNS},
             )
-            splits[name] = _to_split(name, z[f"{name}.tokens"], z[f"{name}.lengths"], sc, config)
+            splits[name] = _to_split(name, tokens, z[f"{name}.lengths"], sc, config)
+    except ChecksumError as exc:
+        log.warning("the cached Dyck splits in %s are damaged (%s); rebuilding them", path, exc)
+        return None
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-        log.warning("ignoring unreadable cache %s (%s); regenerating", path, exc)
+        log.warning("the cached Dyck splits in %s are unreadable (%s); rebuilding them", path, exc)
         return None
     return splits, stats
 
@@ -286,5 +302,10 @@ def build_splits(
     del data, scored  # the int64 splits replace them; keeps peak memory at one copy
     if progress:
         progress(f"writing {path}")
-    save(path, config, splits, stats)
+    try:
+        save(path, config, splits, stats)
+    except OSError as exc:
+        # The splits are built; only the next run will have to build them again.
+        log.warning("could not write the Dyck splits cache %s (%s); continuing without it", path,
+                    exc.strerror or exc)
     return splits, stats
