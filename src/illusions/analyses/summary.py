@@ -25,7 +25,10 @@ import numpy as np
 from illusions.analyses.faithfulness import METRICS, AnalysisResult, Records, sweep_param
 from illusions.analyses.spec import BREAKDOWNS
 from illusions.metrics import Resampler
+from illusions.tasks.base import PositionGroup
 
+# ``group_by`` of the rows of a task's named position groups (beside the whole split).
+POSITION_GROUP = "position_group"
 # Columns whose values are few and meaningful one by one; anything else is binned.
 DISCRETE = ("key_depth", "depth", "category", "max_depth")
 
@@ -70,6 +73,7 @@ def summarize(
     seed: int = 0,
     group_names: Mapping[str, Sequence[str]] | None = None,
     discrete: Sequence[str] = DISCRETE,
+    position_groups: Mapping[str, PositionGroup] | None = None,
 ) -> list[dict[str, Any]]:
     """Tidy rows: the overall estimate of each metric per split and proxy, then the breakdowns.
 
@@ -78,8 +82,14 @@ def summarize(
     ``group_names[column][code]`` names the groups of a coded column (e.g. the code task's
     character categories); other groups are labelled by their value or bin. Columns in
     ``discrete`` are broken down value by value, the others in round bins.
+
+    ``position_groups`` (a task's :meth:`~illusions.tasks.base.DataSupport.position_groups`) adds,
+    after a split's breakdowns, the rows of each named group of its positions: every metric with its
+    interval and its gaps to ``reference`` (and to the length-matched control) as for a whole split,
+    under ``group_by == "position_group"`` and ``group`` the group's name.
     """
     group_names = group_names or {}
+    position_groups = position_groups or {}
     splits = list(result.split_rows)
     samplers = {s: _resampler(s, len(result.split_rows[s]), seed, n_boot, level) for s in splits}
     all_records = [r for r in result.records.values() if len(r)]
@@ -108,12 +118,8 @@ def summarize(
                 gaps = _gaps(points[0], reps[:, 0], ref, _strata(rec, length_edges), n_strata, sampler,
                              values, rec.seq)
             n_seqs = int(np.unique(rec.seq).shape[0])
-            for k, metric in enumerate(METRICS):
-                row = {**base, "split": split, "group_by": "all", "group": "all", "metric": metric,
-                       "value": points[0, k], "ci_low": lo[0, k], "ci_high": hi[0, k],
-                       "n_positions": len(rec), "n_sequences": n_seqs}
-                row.update({name: float(v[k]) if np.ndim(v) else v for name, v in gaps.items()})
-                rows.append(_complete(row))
+            rows += _overall_rows({**base, "split": split, "group_by": "all", "group": "all"}, points[0],
+                                  lo[0], hi[0], gaps, len(rec), n_seqs)
             for col in breakdowns:
                 if not len(rec) or (col != "length" and col not in rec.meta):
                     continue
@@ -140,7 +146,35 @@ def summarize(
                             "value": g_points[g, k], "ci_low": g_lo[g, k], "ci_high": g_hi[g, k],
                             "n_positions": int(n_pos[g]), "n_sequences": int(n_seq[g]),
                         }))
+            for name, group in position_groups.items():
+                if group.split != split or not len(rec):
+                    continue
+                mask = group.mask(rec.meta)
+                if mask is None or not mask.any():
+                    continue
+                # The group's own estimates and gaps, computed as for the whole split on its positions.
+                g_points, g_reps = sampler.grouped(values, rec.seq, mask.astype(np.int64), 2)
+                g_lo, g_hi = sampler.intervals(g_reps[:, 1:])
+                g_gaps: dict[str, np.ndarray] = {}
+                if ref is not None and split != reference:
+                    g_gaps = _gaps(g_points[1], g_reps[:, 1], ref, _strata(rec, length_edges)[mask], n_strata,
+                                   sampler, values[mask], rec.seq[mask])
+                rows += _overall_rows({**base, "split": split, "group_by": POSITION_GROUP, "group": name},
+                                      g_points[1], g_lo[0], g_hi[0], g_gaps, int(mask.sum()),
+                                      int(np.unique(rec.seq[mask]).shape[0]))
     return rows
+
+
+def _overall_rows(base: dict[str, Any], points: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                  gaps: Mapping[str, Any], n_positions: int, n_sequences: int) -> list[dict[str, Any]]:
+    """One row per metric of a whole split (or a position group): estimate, interval, gaps."""
+    out = []
+    for k, metric in enumerate(METRICS):
+        row = {**base, "metric": metric, "value": points[k], "ci_low": lo[k], "ci_high": hi[k],
+               "n_positions": n_positions, "n_sequences": n_sequences}
+        row.update({name: float(v[k]) if np.ndim(v) else v for name, v in gaps.items()})
+        out.append(_complete(row))
+    return out
 
 
 def _matrix(rec: Records) -> np.ndarray:
@@ -243,18 +277,25 @@ def to_json(
 
     ``{"task", "simplifier", "params", "model", "splits": {SPLIT: {"n_positions", METRIC:
     {"value", "ci"}}}, ...}`` for the first proxy, with every proxy (for sweeps) under ``"proxies"``
-    in the same shape, and gaps and breakdowns beside the metrics.
+    in the same shape, and gaps and breakdowns beside the metrics. A task's named position groups,
+    when it has any, are under ``"groups"``: ``{"SPLIT (NAME)": {"split", "group", ...}}`` in the shape
+    of a split's entry.
     """
     docs = []
     for proxy in proxies:
         label = proxy["label"]
         mine = [r for r in rows if r["proxy"] == label]
         splits: dict[str, Any] = {}
+        groups: dict[str, Any] = {}
         for r in mine:
-            if r["group_by"] != "all":
+            if r["group_by"] not in ("all", POSITION_GROUP):
                 continue
-            entry = splits.setdefault(r["split"], {"n_positions": int(r["n_positions"]),
-                                                   "n_sequences": int(r["n_sequences"]), "gaps": {}})
+            head = {"n_positions": int(r["n_positions"]), "n_sequences": int(r["n_sequences"]), "gaps": {}}
+            if r["group_by"] == "all":
+                entry = splits.setdefault(r["split"], head)
+            else:
+                entry = groups.setdefault(group_label(r["split"], r["group"]),
+                                          {"split": r["split"], "group": r["group"], **head})
             entry[r["metric"]] = {"value": _num(r["value"]), "ci": [_num(r["ci_low"]), _num(r["ci_high"])]}
             if _num(r["gap_vs_ref"]) is not None:
                 entry["gaps"][r["metric"]] = {
@@ -269,13 +310,24 @@ def to_json(
                 }
         breakdowns: dict[str, Any] = {}
         for r in mine:
-            if r["group_by"] == "all":
+            if r["group_by"] in ("all", POSITION_GROUP):
                 continue
             cell = breakdowns.setdefault(r["split"], {}).setdefault(r["group_by"], {}).setdefault(
                 r["group"], {"n_positions": int(r["n_positions"])})
             cell[r["metric"]] = {"value": _num(r["value"]), "ci": [_num(r["ci_low"]), _num(r["ci_high"])]}
-        docs.append({"simplifier": proxy["simplifier"], "label": label, "params": proxy["params"],
-                     "splits": splits, "breakdowns": breakdowns})
+        doc = {"simplifier": proxy["simplifier"], "label": label, "params": proxy["params"],
+               "splits": splits, "breakdowns": breakdowns}
+        if groups:
+            doc["groups"] = groups
+        docs.append(doc)
     first = docs[0]
-    return {"task": task, "simplifier": first["simplifier"], "params": first["params"], "model": model,
-            "splits": first["splits"], "breakdowns": first["breakdowns"], "proxies": docs}
+    out = {"task": task, "simplifier": first["simplifier"], "params": first["params"], "model": model,
+           "splits": first["splits"], "breakdowns": first["breakdowns"]}
+    if "groups" in first:
+        out["groups"] = first["groups"]
+    return {**out, "proxies": docs}
+
+
+def group_label(split: str, group: str) -> str:
+    """How tables name a position group: ``unseen_depth (opener > 10)``."""
+    return f"{split} ({group})"

@@ -155,12 +155,19 @@ def _table(header: Sequence[str], body: Sequence[Sequence[str]], left: int = 1) 
 def summary_tables(rows: Sequence[dict[str, Any]], splits: Sequence[str], proxies: Sequence[str],
                    reference: str = "iid") -> str:
     """Two tables from the overall rows: estimates with 95% intervals, then gaps to the reference."""
+    from illusions.analyses.summary import POSITION_GROUP, group_label
+
     cell = {(r["proxy"], r["split"], r["metric"]): r for r in rows if r["group_by"] == "all"}
+    # A task's named position groups (e.g. deep openers of unseen_depth) follow their split.
+    grouped = [r for r in rows if r["group_by"] == POSITION_GROUP]
+    cell.update({(r["proxy"], group_label(r["split"], r["group"]), r["metric"]): r for r in grouped})
     many = len(proxies) > 1
     lead = ["proxy"] if many else []
     est_body, gap_body = [], []
     for proxy in proxies:
-        for split in splits:
+        names = [name for split in splits for name in [split] + list(dict.fromkeys(
+            group_label(split, r["group"]) for r in grouped if r["proxy"] == proxy and r["split"] == split))]
+        for split in names:
             m = {k: cell.get((proxy, split, k)) for k in
                  ("original_accuracy", "proxy_accuracy", "agreement", "attention_jsd", "kl")}
             if m["agreement"] is None:
@@ -189,7 +196,10 @@ def summary_tables(rows: Sequence[dict[str, Any]], splits: Sequence[str], proxie
             f"</h3>{gaps}<p class=note>Red: the interval excludes 0. The length-matched control re-weights "
             f"{esc(reference)} positions to the split's length distribution; coverage is the share of the "
             f"split's positions whose length bin occurs in {esc(reference)}, and the matched gap is taken over "
-            "those positions only (positions in other bins are left out of both sides).</p>")
+            "those positions only (positions in other bins are left out of both sides)."
+            + (" A row <i>split (group)</i> holds only that split's positions in a group the task names (for "
+               "Dyck: closers whose opener is deeper than the training depth); its gaps compare it with the "
+               f"whole of {esc(reference)}." if grouped else "") + "</p>")
 
 
 def _coverage_cell(cov: Any) -> str:
@@ -259,3 +269,17 @@ def render_page(*, title: str, subtitle: Sequence[str], sections: Sequence[Secti
 
 def config_block(config: dict[str, Any]) -> str:
     return f"<pre class=config>{esc(json.dumps(config, indent=2))}</pre>"
+
+
+def render_static_page(*, title: str, subtitle: Sequence[str], sections: Sequence[Section]) -> str:
+    """A page of tables and inline figures only (no script, no bundle), e.g. the checkpoint report."""
+    nav = "".join(f'<a href="#{esc(s.ident)}">{esc(s.title)}</a>' for s in sections)
+    body = "".join(f'<section id="{esc(s.ident)}"><h2>{esc(s.title)}</h2>{s.body}</section>' for s in sections)
+    sub = "".join(f"<p>{line}</p>" for line in subtitle)
+    return (
+        "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+        '<meta name=viewport content="width=device-width, initial-scale=1">'
+        f"<title>{esc(title)}</title><style>{_STYLE}</style></head>\n"
+        f"<body><header><h1>{esc(title)}</h1>{sub}</header><nav>{nav}</nav>{body}</body></html>\n"
+    )

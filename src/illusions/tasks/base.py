@@ -14,7 +14,7 @@ Conventions shared by all tasks:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
@@ -104,6 +104,33 @@ class Split:
         return Split(self.name, self.tokens[index, :width], self.lengths[index], sc, self.description)
 
 
+@dataclasses.dataclass(frozen=True)
+class PositionGroup:
+    """A named subset of one split's scored positions, reported beside the whole split.
+
+    Summaries give the group every metric of a split (estimates, intervals, gaps to ``iid``) in rows
+    with ``group_by == "position_group"`` and ``group`` its name; tables show it as
+    ``split (name)``.
+
+    Attributes:
+        split: the split whose scored positions it selects from.
+        column: the meta column (of :attr:`Scored.meta`) the predicate reads.
+        predicate: ``[n]`` column values -> ``[n]`` bool, True for positions in the group.
+        description: one sentence saying what the group holds and why it matters.
+    """
+
+    split: str
+    column: str
+    predicate: Callable[[np.ndarray], np.ndarray]
+    description: str = ""
+
+    def mask(self, meta: Mapping[str, np.ndarray]) -> np.ndarray | None:
+        """The group's positions among ``meta``'s (None when the column is missing)."""
+        if self.column not in meta:
+            return None
+        return np.asarray(self.predicate(np.asarray(meta[self.column])), dtype=bool)
+
+
 def id_problem(
     name: str, ranges: Mapping[str, tuple[int, int]], *, n_rows: int, width: int, vocab_size: int
 ) -> str | None:
@@ -191,6 +218,12 @@ class DataSupport:
             "length_max": int(lengths.max()) if len(split) else 0,
             "scored": len(split.scored),
         }
+
+    def position_groups(self) -> dict[str, PositionGroup]:
+        """Named subsets of a split's scored positions to report beside the whole split, by name
+        (e.g. Dyck's unseen-depth closers whose opener is deeper than the training depth). None by
+        default."""
+        return {}
 
     def sampling_stats(self) -> dict[str, Any]:
         """Per split, ``{"acceptance": share of sampled candidates kept}`` where splits are sampled."""

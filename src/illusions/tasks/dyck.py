@@ -44,7 +44,7 @@ import numpy as np
 from illusions.config import Config
 from illusions.errors import IllusionsError
 from illusions.io import cache_root
-from illusions.tasks.base import DataSupport, Scored, Split, Vocab
+from illusions.tasks.base import DataSupport, PositionGroup, Scored, Split, Vocab
 from illusions.tasks.dyck_splits import SPLIT_NAMES, Progress, TrainIndex, build_splits, cache_key
 from illusions.tasks.dyck_structure import (
     END,
@@ -340,6 +340,20 @@ class DyckTask(DataSupport):
         if self._splits is None:
             self._splits, self._stats = build_splits(self.config, self.cache_path, progress)
         return self._splits
+
+    def position_groups(self) -> dict[str, PositionGroup]:
+        """``opener > max_depth``: the ``unseen_depth`` closers whose opener (the bracket the answer
+        depends on) sits deeper than any training string reaches. Most of that split's scored closers
+        have openers within the training depth (only the strings' deepest stretch is new), so the whole
+        split mostly measures in-range depths; this group is where depth generalization is tested."""
+        deepest = self.config.max_depth
+
+        def deeper(key_depth: np.ndarray) -> np.ndarray:
+            return key_depth > deepest
+
+        return {f"opener > {deepest}": PositionGroup(
+            "unseen_depth", "key_depth", deeper,
+            f"unseen_depth closers whose opener is deeper than max_depth={deepest}, the training depth")}
 
     def sampling_stats(self) -> dict[str, Any]:
         """Per split: candidate strings drawn, how many were kept, and the acceptance rate."""
