@@ -10,10 +10,22 @@ Each task's folder holds fixed files:
     manifest.json       the sha256 of each of these files, checked when the model is loaded
 
 Commands that need a model default to :func:`bundled_model_dir` of their task.
+
+**Bundled models by name** (:func:`catalogue`): every folder ``assets/<name>/`` is the model
+``<name>`` (training seed 0; the folder named after a task is that task's reference model, e.g.
+``dyck``), and every ``assets/seeds/<name>-seed<N>/`` is ``<name>:seed<N>`` (``dyck:seed1``,
+``dyck-paperlike:seed2``). Wherever a model is taken (``--model``, an analysis recipe's ``model``),
+:func:`resolve_model` reads the value as a folder when one exists there, else, when it is a bare
+word (no ``/``), as a bundled model's name; ``<name>:seed0`` is ``<name>``. So a folder keeps
+priority over a name only if it exists; ``./dyck`` always means the folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
+import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,11 +42,141 @@ METRICS_FILE = "metrics.json"
 LOG_FILE = "training_log.json"
 
 
+SEEDS_DIR = "seeds"
+_SEED_FOLDER = re.compile(r"^(?P<name>.+)-seed(?P<seed>[0-9]+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class BundledModel:
+    """One shipped checkpoint, addressed by name.
+
+    Attributes:
+        name: ``<family>`` for seed 0, ``<family>:seed<N>`` for the others.
+        family: the folder name under ``assets/`` (``dyck``, ``dyck-paperlike``).
+        seed: the training seed: 0 for ``assets/<family>/``, N for ``assets/seeds/<family>-seed<N>/``.
+        path: its folder (what :func:`illusions.models.load_model` reads).
+    """
+
+    name: str
+    family: str
+    seed: int
+    path: Path
+
+    def meta(self) -> dict[str, Any]:
+        """The checkpoint's meta (task, recipe, accuracies) from its ``config.json``."""
+        data = read_json(self.path / CONFIG_FILE)
+        return dict(data.get("meta") or {}) if isinstance(data, dict) else {}
+
+    def task(self) -> str:
+        """The task it was trained on (``?`` when its config does not say)."""
+        task = self.meta().get("task")
+        return str(task.get("task", "?")) if isinstance(task, dict) else "?"
+
+    def metrics(self) -> dict[str, Any]:
+        """Its ``metrics.json`` (full-split accuracies); empty when it ships none."""
+        path = self.path / METRICS_FILE
+        return read_json(path) if path.is_file() else {}
+
+    def size(self) -> tuple[int, int]:
+        """``(parameters, bytes of model.safetensors)``, read from the file's header (no torch)."""
+        weights = self.path / WEIGHTS_FILE
+        return safetensors_parameters(weights), weights.stat().st_size
+
+
+# TransformerLens buffers saved in a state dict beside the parameters (not counted as parameters).
+_BUFFERS = ("mask", "IGNORE", "rotary_sin", "rotary_cos")
+
+
+def safetensors_parameters(path: Path) -> int:
+    """The number of parameters in a saved HookedTransformer state dict (buffers such as the attention
+    ``IGNORE`` scalar excluded), from the safetensors file's JSON header alone.
+
+    Raises:
+        IllusionsError: the file is not a readable safetensors file.
+    """
+    try:
+        with open(path, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(length))
+        total = 0
+        for key, entry in header.items():
+            if key != "__metadata__" and key.rsplit(".", 1)[-1] not in _BUFFERS:
+                n = 1
+                for dim in entry["shape"]:
+                    n *= int(dim)
+                total += n
+        return total
+    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError):
+        raise IllusionsError(f"{path} is not a readable safetensors file") from None
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    return (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
+
+
+def catalogue(assets: Path = ASSETS) -> dict[str, BundledModel]:
+    """Every bundled model by name, ordered by family then seed (see the module docstring)."""
+    assets = Path(assets)
+    found: list[BundledModel] = []
+    if assets.is_dir():
+        for folder in assets.iterdir():
+            if folder.name != SEEDS_DIR and _is_checkpoint(folder):
+                found.append(BundledModel(folder.name, folder.name, 0, folder))
+        seeds = assets / SEEDS_DIR
+        for folder in seeds.iterdir() if seeds.is_dir() else ():
+            match = _SEED_FOLDER.match(folder.name)
+            if match and int(match["seed"]) > 0 and _is_checkpoint(folder):
+                family, seed = match["name"], int(match["seed"])
+                found.append(BundledModel(f"{family}:seed{seed}", family, seed, folder))
+    return {m.name: m for m in sorted(found, key=lambda m: (m.family, m.seed))}
+
+
+def family_seeds(family: str, assets: Path = ASSETS) -> dict[int, Path]:
+    """The checkpoints of one family by training seed (0 is ``assets/<family>/``)."""
+    return {m.seed: m.path for m in catalogue(assets).values() if m.family == family}
+
+
+def model_names(assets: Path = ASSETS) -> list[str]:
+    return list(catalogue(assets))
+
+
+def _known(assets: Path) -> str:
+    names = model_names(assets)
+    return (f"bundled models: {', '.join(names)} (see `illusions list`)" if names
+            else "no model is bundled")
+
+
+def is_model_name(value: str) -> bool:
+    """Whether ``value`` reads as a bundled model's name rather than a path: a bare word, no ``/``."""
+    return bool(value) and "/" not in value and "\\" not in value and value not in (".", "..") \
+        and not value.startswith("~")
+
+
+def resolve_model(value: str, assets: Path = ASSETS) -> tuple[Path, str | None]:
+    """The folder a ``--model`` value names, and the bundled model's name when it is one.
+
+    A folder that exists at ``value`` wins; otherwise a bare word is looked up in :func:`catalogue`
+    (``<name>:seed0`` meaning ``<name>``); a path that does not exist is returned as it is, for the
+    loader to refuse naming what it expected.
+
+    Raises:
+        IllusionsError: a bare word that is neither a folder nor a bundled model, in one line listing
+            the known names.
+    """
+    path = Path(value)
+    if path.exists() or not is_model_name(value):
+        return path, None
+    known = catalogue(assets)
+    name = value.removesuffix(":seed0") if value.endswith(":seed0") else value
+    if name in known:
+        return known[name].path, name
+    raise IllusionsError(f"model {value!r} is neither a folder nor a bundled model; {_known(assets)}")
+
+
+
 def bundled_tasks() -> list[str]:
-    """Names of the tasks that ship a trained reference model."""
-    if not ASSETS.is_dir():
-        return []
-    return sorted(p.name for p in ASSETS.iterdir() if (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file())
+    """Names of the tasks that ship a trained reference model (a folder named after its own task)."""
+    return sorted(m.name for m in catalogue().values() if m.seed == 0 and m.task() == m.name)
 
 
 def bundled_model_dir(task: str) -> Path:

@@ -26,25 +26,19 @@ from typing import Any
 
 from illusions import __version__
 from illusions.analyses.run import AnalysisRecipe, load_analysis_recipe
-from illusions.bundled import ASSETS, bundled_model_dir
+from illusions.bundled import ASSETS, bundled_model_dir, family_seeds
 from illusions.errors import IllusionsError
 
 MANIFEST = "reproduce.json"
 
 
 def seed_models(task: str, assets: Path = ASSETS) -> dict[int, Path]:
-    """Checkpoints of ``task`` by training seed: 0 is the bundled model, then ``seeds/<task>-seed<N>``."""
+    """Checkpoints of a bundled model family by training seed, from the catalogue
+    (:func:`illusions.bundled.catalogue`): 0 is ``assets/<task>/``, then ``seeds/<task>-seed<N>``.
+    ``task`` is the family's name (a task's reference family is named after the task)."""
     if Path(assets) == ASSETS:
-        models = {0: bundled_model_dir(task)}
-    else:
-        models = {0: Path(assets) / task} if (Path(assets) / task / "model.safetensors").is_file() else {}
-    seeds_dir = Path(assets) / "seeds"
-    if seeds_dir.is_dir():
-        for folder in sorted(seeds_dir.glob(f"{task}-seed*")):
-            suffix = folder.name.removeprefix(f"{task}-seed")
-            if suffix.isdigit() and (folder / "model.safetensors").is_file():
-                models[int(suffix)] = folder
-    return dict(sorted(models.items()))
+        bundled_model_dir(task)  # the package's own assets must hold the task's reference model
+    return dict(sorted(family_seeds(task, assets).items()))
 
 
 @dataclasses.dataclass(frozen=True)
