@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -219,6 +220,29 @@ def check_checkpoint_files(directory: Path, names: tuple[str, ...]) -> None:
             f"{Path(directory) / bad[0]} does not match the sha256 recorded in {Path(directory) / MANIFEST_FILE} "
             "when illusions wrote it: the file is damaged or was changed; restore it or train the model again"
         )
+
+
+# Where ``illusions train --save-every`` puts the checkpoints it saves along training: one loadable
+# checkpoint (config.json + model.safetensors, no optimizer state) per ``step<k>/`` folder.
+CHECKPOINTS_DIR = "checkpoints"
+_STEP_FOLDER = re.compile(r"^step([0-9]+)$")
+
+
+def list_checkpoints(directory: Path | str) -> list[tuple[int, Path]]:
+    """The step checkpoints under a training run (``<run>/checkpoints/step<k>/``) or in a folder of
+    ``step<k>/`` checkpoints itself, as ``(step, folder)`` sorted by step. Folders without both
+    checkpoint files are skipped; a missing directory gives an empty list."""
+    directory = Path(directory)
+    if (directory / CHECKPOINTS_DIR).is_dir():
+        directory = directory / CHECKPOINTS_DIR
+    if not directory.is_dir():
+        return []
+    found = []
+    for entry in directory.iterdir():
+        match = _STEP_FOLDER.match(entry.name)
+        if match and (entry / CONFIG_FILE).is_file() and (entry / WEIGHTS_FILE).is_file():
+            found.append((int(match[1]), entry))
+    return sorted(found)
 
 
 def describe(model: HookedTransformer) -> str:

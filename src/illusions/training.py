@@ -9,7 +9,10 @@ One call, :func:`train`, does the whole job:
    cosine (or linear) decay to a floor, and gradient-norm clipping;
 4. every ``eval_every`` steps, score a fixed subset of every split with
    :func:`illusions.scoring.accuracy_on_split`;
-5. every ``checkpoint_every`` steps, on Ctrl-C and at the end, write the run directory atomically.
+5. every ``checkpoint_every`` steps, on Ctrl-C and at the end, write the run directory atomically;
+6. with ``save_every``, every that many steps also save a loadable checkpoint of the weights under
+   ``checkpoints/step<k>/`` (config.json + model.safetensors, no optimizer state) for analyses over
+   training.
 
 A run directory holds fixed files, none of them pickled:
 
@@ -17,6 +20,7 @@ A run directory holds fixed files, none of them pickled:
     model.safetensors      the weights (``illusions.models.load_model`` reads these two)
     optimizer.safetensors  AdamW state, one tensor per ``<parameter name>.<state key>``
     trainer.json           step, data-order RNG state, schedule, loss/eval history
+    checkpoints/step<k>/   (with ``save_every``) the weights at step k, each a checkpoint of its own
 
 Resuming reloads all four and continues with the same batches, learning rates and optimizer state, so
 an interrupted and resumed run ends with the same weights as an uninterrupted one (bit-exact for a
@@ -137,7 +141,8 @@ class Progress:
         lr: learning rate used by the last step.
         tokens_per_s: non-PAD target tokens per second of training steps so far in this session.
         accuracies: the latest evaluation, split name -> accuracy (empty before the first one).
-        event: ``step``, ``eval`` (an evaluation just finished) or ``checkpoint`` (one was written).
+        event: ``step``, ``eval`` (an evaluation just finished), ``checkpoint`` (the run directory was
+            written) or ``step_checkpoint`` (a ``--save-every`` checkpoint was saved).
     """
 
     step: int
@@ -460,8 +465,13 @@ class Trainer:
     """
 
     def __init__(self, task: Task, model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: Path, *,
-                 device: str = "cpu", recipe: Mapping[str, Any] | None = None) -> None:
+                 device: str = "cpu", recipe: Mapping[str, Any] | None = None, save_every: int = 0) -> None:
         from illusions.models import build_model
+
+        if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 0:
+            raise IllusionsError(f"save_every must be 0 (no step checkpoints) or a positive number of steps, "
+                                 f"got {save_every!r}")
+        self.save_every = save_every
 
         self.wall_start = time.perf_counter()
         self.task, self.model_cfg, self.cfg, self.out_dir = task, model_cfg, train_cfg, Path(out_dir)
@@ -492,12 +502,13 @@ class Trainer:
 
     @classmethod
     def start(cls, task: Task, model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: Path, *,
-              resume: bool = False, device: str = "cpu", recipe: Mapping[str, Any] | None = None) -> Trainer:
+              resume: bool = False, device: str = "cpu", recipe: Mapping[str, Any] | None = None,
+              save_every: int = 0) -> Trainer:
         """A fresh run in an empty ``out_dir``, or (``resume``) the run saved there, restored."""
         out_dir = Path(out_dir)
         check_out_dir(out_dir, resume)
         saved = read_trainer_state(out_dir, model_cfg, train_cfg) if resume else None
-        trainer = cls(task, model_cfg, train_cfg, out_dir, device=device, recipe=recipe)
+        trainer = cls(task, model_cfg, train_cfg, out_dir, device=device, recipe=recipe, save_every=save_every)
         if saved is not None:
             trainer.restore(saved)
         return trainer
@@ -605,6 +616,8 @@ class Trainer:
             "loss_window": [self.loss_sum, self.loss_n],
             "history": history,
             "timing": self.timing(),
+            # Only runs that save step checkpoints record the interval (a resumed run keeps it).
+            **({"save_every": self.save_every} if self.save_every else {}),
         }
         with staged_dir(self.out_dir, kind=TRAINING_RUN) as stage:
             save_model(self.model, stage, meta=meta)
@@ -612,6 +625,37 @@ class Trainer:
                       metadata={"format": OPTIMIZER_FORMAT, "step": str(step)})
             atomic_write_json(stage / TRAINER_FILE, trainer)
         self.last_saved = step
+
+    def step_checkpoint_dir(self, step: int) -> Path:
+        """Where the step checkpoint of ``step`` goes: ``<out>/checkpoints/step<step>/``."""
+        from illusions.models import CHECKPOINTS_DIR
+
+        return self.out_dir / CHECKPOINTS_DIR / f"step{step}"
+
+    def save_step(self) -> Path:
+        """Save the weights now as a loadable checkpoint (``config.json`` + ``model.safetensors``, no
+        optimizer state) in :meth:`step_checkpoint_dir`, atomically.
+
+        The step checkpoints live inside the run directory; before the first one, the run directory
+        itself is written (a resumable checkpoint), so that it is a run of ours holding them, which
+        every later run checkpoint carries over.
+        """
+        from illusions.models import save_model
+
+        if self.last_saved < 0:
+            self.checkpoint()
+        history = self.history
+        meta = {
+            "task": self.task_meta,
+            "recipe": dict(self.recipe) if self.recipe is not None else None,
+            "train": self.cfg.to_dict(),
+            "step": self.step_count,
+            "finished": False,
+            "step_checkpoint": {"step": self.step_count, "steps": self.cfg.steps, "save_every": self.save_every},
+            "accuracies_step": history["eval"][-1]["step"] if history["eval"] else None,
+            "subset_accuracies": self.latest,
+        }
+        return save_model(self.model, self.step_checkpoint_dir(self.step_count), meta=meta)
 
     def finish(self, stop: _StopFlag | None = None) -> dict[str, dict[str, float]]:
         """End the run: a finished one is evaluated (subsets and full splits) and checkpointed with
@@ -665,6 +709,9 @@ class Trainer:
                 if cfg.eval_every and self.step_count % cfg.eval_every == 0 and not self.done:
                     self.evaluate()
                     report(self.progress("eval"))
+                if self.save_every and self.step_count % self.save_every == 0:
+                    self.save_step()
+                    report(self.progress("step_checkpoint"))
                 if cfg.checkpoint_every and self.step_count % cfg.checkpoint_every == 0 and not self.done:
                     self.checkpoint()
                     report(self.progress("checkpoint"))
@@ -695,6 +742,7 @@ def train(
     device: str = "cpu",
     recipe: Mapping[str, Any] | None = None,
     allow_tf32: bool = False,
+    save_every: int = 0,
 ) -> TrainResult:
     """Train a fresh model on ``task`` (or resume the run in ``out_dir``) and checkpoint it there.
 
@@ -710,6 +758,9 @@ def train(
             ``auto`` or a ``torch.device`` (one that is not there raises :class:`IllusionsError`).
         allow_tf32: let CUDA run float32 matmuls in TF32 (off: the numbers match full float32).
         recipe: JSON data saved in the checkpoint's meta (the resolved recipe that made this run).
+        save_every: every this many steps, also save the weights as a loadable checkpoint in
+            ``<out_dir>/checkpoints/step<k>/`` (config.json + model.safetensors, no optimizer state),
+            for analyses over training (``illusions sweep --over-checkpoints``); 0 saves none.
 
     Returns:
         A :class:`TrainResult`. On Ctrl-C the run is checkpointed and returned with
@@ -720,7 +771,7 @@ def train(
     device = resolve_device(device)
     with matmul_precision(device, allow_tf32):
         trainer = Trainer.start(task, model_cfg, train_cfg, out_dir, resume=resume, device=str(device),
-                                recipe=recipe)
+                                recipe=recipe, save_every=save_every)
         return trainer.run(progress)
 
 

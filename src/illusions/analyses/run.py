@@ -46,6 +46,7 @@ from illusions.io import (
     check_output_dir,
     staged_dir,
 )
+from illusions.tasks.base import DataSupport
 
 RESULT_FILES = ("config.json", "metrics.json", "metrics.csv", "records.npz")
 ANALYSIS_RUN = OutputKind(
@@ -75,18 +76,18 @@ class RunResult:
 def load_task_and_model(spec: AnalysisSpec, *, device: Any = "cpu") -> tuple[Any, Any, str, str]:
     """The task (configured as the model was trained) and the model on ``device``:
     ``(task, model, source, desc)``."""
-    from illusions.bundled import bundled_model_dir
     from illusions.models import describe, load_model
 
     task_cls = registry.get_task(spec.task)
     if spec.task == CUSTOM_TASK:
         return _custom_task_and_model(spec, task_cls, device)
-    model_dir = Path(spec.model) if spec.model else bundled_model_dir(spec.task)
+    model_dir, name = model_folder(spec)
+    shown = f"bundled model {name}" if name else f"model {model_dir}"
     model, meta = load_model(model_dir, device=device)
     task_meta = meta.get("task") or {}
     trained_on = task_meta.get("task")
     if trained_on is not None and trained_on != spec.task:
-        raise IllusionsError(f"model {model_dir} was trained on task {trained_on!r}, not {spec.task!r}")
+        raise IllusionsError(f"{shown} was trained on task {trained_on!r}, not {spec.task!r}")
     # Splits are defined relative to the training set, so the task is rebuilt exactly as trained.
     if hasattr(task_cls, "from_meta"):
         task = task_cls.from_meta(task_meta)
@@ -95,14 +96,24 @@ def load_task_and_model(spec: AnalysisSpec, *, device: Any = "cpu") -> tuple[Any
         task = task_cls(config)
     saved_vocab = task_meta.get("vocab")
     if saved_vocab is not None and list(saved_vocab) != list(task.vocab.tokens):
-        raise IllusionsError(f"model {model_dir} was trained with a different {spec.task} vocabulary")
+        raise IllusionsError(f"{shown} was trained with a different {spec.task} vocabulary")
     if len(task.vocab) != model.cfg.d_vocab:
         raise IllusionsError(
-            f"model {model_dir} has a vocabulary of {model.cfg.d_vocab} tokens but task {spec.task!r} "
+            f"{shown} has a vocabulary of {model.cfg.d_vocab} tokens but task {spec.task!r} "
             f"has {len(task.vocab)}"
         )
-    source = "bundled" if not spec.model else str(model_dir)
+    source = "bundled" if not spec.model else f"bundled {name}" if name else str(model_dir)
     return task, model, source, describe(model)
+
+
+def model_folder(spec: AnalysisSpec) -> tuple[Path, str | None]:
+    """The folder of the spec's model and the bundled model's name when it names one: the task's
+    reference model when ``model`` is empty, else :func:`illusions.bundled.resolve_model`."""
+    from illusions.bundled import bundled_model_dir, resolve_model
+
+    if not spec.model:
+        return bundled_model_dir(spec.task), None
+    return resolve_model(spec.model)
 
 
 def _custom_task_and_model(spec: AnalysisSpec, task_cls: Any, device: Any = "cpu") -> tuple[Any, Any, str, str]:
@@ -110,7 +121,8 @@ def _custom_task_and_model(spec: AnalysisSpec, task_cls: Any, device: Any = "cpu
     context and tokenizer, all before any weight is loaded; then the model."""
     from illusions.models import describe, folder_tokens, inspect_model_folder, load_model_folder
 
-    folder = inspect_model_folder(spec.model, device=device)
+    path, name = model_folder(spec)
+    folder = inspect_model_folder(path, device=device)
     tokens = folder_tokens(folder)
     task = task_cls(task_cls.Config(data=spec.data, candidates=spec.candidates), d_vocab=folder.d_vocab,
                     n_ctx=folder.n_ctx, encode=tokens.encode, vocab_tokens=tokens.tokens, pad_id=tokens.pad_id,
@@ -123,7 +135,7 @@ def _custom_task_and_model(spec: AnalysisSpec, task_cls: Any, device: Any = "cpu
     if unknown:
         raise IllusionsError(f"unknown split(s) {', '.join(unknown)}; {spec.data} holds {', '.join(task.splits())}")
     model = load_model_folder(folder, device=device)
-    return task, model, spec.model, describe(model)
+    return task, model, f"bundled {name}" if name else spec.model, describe(model)
 
 
 def run_analysis(spec: AnalysisSpec, *, progress: Callable[[str, int, int], None] | None = None,
@@ -168,7 +180,8 @@ def _run_on(spec: AnalysisSpec, simplifiers: list[Any], device: Any,
     # Data you bring (task custom) is broken down by every meta column it has.
     breakdowns = tuple(dict.fromkeys((*spec.breakdowns, *task_meta.get("meta_columns", ()))))
     rows = summarize(result, breakdowns=breakdowns, n_boot=spec.n_boot, seed=spec.seed, group_names=names,
-                     discrete=task_meta.get("discrete", DISCRETE))
+                     discrete=task_meta.get("discrete", DISCRETE),
+                     position_groups=task.position_groups() if isinstance(task, DataSupport) else None)
     proxies = [{"label": label, "simplifier": p.simplifier, "params": p.params}
                for label, p in zip(result.labels, result.proxies, strict=True)]
     doc = to_json(rows, task=spec.task, model=source, proxies=proxies)
@@ -266,12 +279,12 @@ def check_run_out(spec: AnalysisSpec, out: Path, *, overwrite: bool = False, opt
     Raises:
         IllusionsError: naming what is in the way.
     """
-    from illusions.bundled import ASSETS, bundled_model_dir
+    from illusions.bundled import ASSETS
 
     out = Path(out)
     guards = [(ASSETS, "the bundled models")]
     try:
-        model_dir = Path(spec.model) if spec.model else bundled_model_dir(spec.task)
+        model_dir, _ = model_folder(spec)
         guards.insert(0, (model_dir.resolve(), f"the model folder {model_dir}"))
     except IllusionsError:
         pass  # no such model: loading it says so, after the other checks of the spec

@@ -48,12 +48,18 @@ class AnalysisSpec(Config):
     bundled reference model of ``task``. ``layers`` empty means the last layer; ``heads`` empty means
     every head of the targeted layers. ``per_head`` makes one proxy per (layer, head) of those, each
     simplifying that head alone, all evaluated in one run (the clean model still runs once per
-    split); their labels end in ``@L<layer>H<head>``.
+    split); their labels end in ``@L<layer>H<head>``. ``model`` is a folder (an illusions checkpoint
+    or a Hugging Face model folder) or, when no folder of that name exists, a bundled model's name
+    (``dyck``, ``dyck:seed1``; see :func:`illusions.bundled.resolve_model`).
 
     Task ``custom`` analyses data you bring (:mod:`illusions.tasks.custom`): ``data`` is its
     directory of JSONL splits, ``model`` (required) an illusions checkpoint or a Hugging Face model
     folder, ``candidates`` optionally a file of the token ids predictions range over. Every meta
     column of the data is broken down; ``breakdowns`` may name one to insist that it exists.
+
+    ``checkpoints`` (instead of ``model``) is a training run saved with ``--save-every`` (or its
+    ``checkpoints/`` folder): the analysis runs once per step checkpoint
+    (:mod:`illusions.analyses.checkpoints`).
     """
 
     task: str = "dyck"
@@ -78,6 +84,7 @@ class AnalysisSpec(Config):
     per_head: bool = False
     data: str = ""
     candidates: str = ""
+    checkpoints: str = ""
 
     def __post_init__(self) -> None:
         for name in ("ranks", "clusters", "layers", "heads", "splits", "breakdowns"):
@@ -110,6 +117,8 @@ class AnalysisSpec(Config):
         if custom and not self.model:
             raise InvalidOption("model", "is required for task 'custom': an illusions checkpoint or a Hugging Face "
                                 "model folder")
+        if self.checkpoints:
+            self._check_checkpoints(custom)
         for name in ("data", "candidates"):
             if getattr(self, name) and not custom:
                 raise InvalidOption(name, f"is only for task 'custom' (task {self.task!r} makes its own splits)")
@@ -139,6 +148,29 @@ class AnalysisSpec(Config):
         except IllusionsError as exc:
             raise InvalidOption(swept_field or "simplifier", str(exc), whole=True) from None
 
+    def _check_checkpoints(self, custom: bool) -> None:
+        from illusions.models import CHECKPOINTS_DIR, list_checkpoints
+
+        if self.model:
+            raise InvalidOption("checkpoints", "cannot be combined with model: each checkpoint is the model analysed")
+        if custom:
+            raise InvalidOption("checkpoints", "is not for task 'custom' (pass each model folder as model instead)")
+        if not Path(self.checkpoints).is_dir():
+            raise InvalidOption("checkpoints", f"{self.checkpoints} is not a directory (expected a training run "
+                                "saved with --save-every, or its checkpoints/ folder)")
+        if not list_checkpoints(self.checkpoints):
+            raise InvalidOption("checkpoints", f"{self.checkpoints} holds no step checkpoints ({CHECKPOINTS_DIR}/"
+                                "step<k>/ folders with config.json and model.safetensors, as `illusions train "
+                                "--save-every N` writes)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON data of the spec; ``checkpoints`` only when set, so runs of one model record the same
+        spec as before the field existed (and earlier runs still count as current)."""
+        out = super().to_dict()
+        if not self.checkpoints:
+            del out["checkpoints"]
+        return out
+
     def sweep_values(self) -> tuple[str, tuple[int, ...]]:
         """The swept parameter's name (the simplifier's ``sweep_param``) and the values given."""
         param = registry.get_simplifier(self.simplifier).sweep_param
@@ -149,7 +181,8 @@ class AnalysisSpec(Config):
         param, values = self.sweep_values()
         tag = "" if not values else f"-{param}{'_'.join(str(v) for v in values)}"
         layer = "" if not self.layers else "-L" + "_".join(str(x) for x in self.layers)
-        return f"{self.task}-{self.simplifier}{tag}{layer}"
+        over = "-checkpoints" if self.checkpoints else ""
+        return f"{self.task}-{self.simplifier}{tag}{layer}{over}"
 
 
 def _check_ints(name: str, values: tuple[Any, ...], *, low: int) -> None:

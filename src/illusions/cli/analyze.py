@@ -65,8 +65,9 @@ OPTIONS = (
     _opt("split", list[str] | None, None, "--split", "Split(s) to evaluate (default: all).", "splits"),
     _opt("max_seqs", int, SPEC["max_seqs"], "--max-seqs", "Sequences evaluated per split (0: all).", "max_seqs"),
     _opt("seed", int, SPEC["seed"], "--seed", "Seeds fitting/evaluation sampling, k-means and bootstrap.", "seed"),
-    _opt("model", Path | None, None, "--model",
-         "illusions checkpoint or Hugging Face model folder (default: the bundled model).", "model"),
+    _opt("model", str | None, None, "--model",
+         "illusions checkpoint or Hugging Face model folder, or a bundled model's name such as dyck:seed1 "
+         "(see `illusions list`; an existing folder wins); default: the task's bundled model.", "model"),
     _opt("data", Path | None, None, "--data",
          "custom: directory of JSONL splits (train.jsonl, iid.jsonl, NAME.jsonl).", "data"),
     _opt("candidates", Path | None, None, "--candidates",
@@ -106,6 +107,10 @@ ANALYZE_VALUES = (
 SWEEP_VALUES = (
     _opt("ranks", str | None, None, "--ranks", "Comma-separated ranks, e.g. 1,2,4,8,16.", "ranks"),
     _opt("clusters", str | None, None, "--clusters", "Comma-separated k, e.g. 2,4,8,16,32,64.", "clusters"),
+    _opt("over_checkpoints", str | None, None, "--over-checkpoints",
+         "Run the analysis on every step checkpoint of a training run saved with `illusions train "
+         "--save-every N` (the run folder or its checkpoints/); writes one run per step and a summary "
+         "over training steps.", "checkpoints"),
 )
 
 TASK_ARG = Annotated[
@@ -139,7 +144,7 @@ def _field_value(option: Option, value: Any, sweep: bool) -> Any:
         return _heads(value)
     if option.name == "uncentered":
         return not value
-    if option.name in ("model", "data", "candidates"):
+    if option.name in ("model", "data", "candidates", "over_checkpoints"):
         return str(value) if value else ""
     if option.field in ("layers", "splits"):
         return tuple(value or ())
@@ -152,8 +157,8 @@ def _spec(task: str, given: dict[str, Any], values: tuple[Option, ...], sweep: b
 
     options = values + OPTIONS
     fields = {o.field: _field_value(o, given[o.name], sweep) for o in options if o.field}
-    if sweep and not (fields["ranks"] or fields["clusters"]):
-        fail("give --ranks or --clusters: the values to sweep")
+    if sweep and not (fields["ranks"] or fields["clusters"] or fields["checkpoints"]):
+        fail("give --ranks or --clusters (the values to sweep) or --over-checkpoints")
     flags = {o.field: o.flag for o in options if o.field} | {"task": "TASK"}
     try:
         return AnalysisSpec(task=task, **fields)
@@ -209,6 +214,11 @@ def _run(spec: Any, out: Path | None, as_json: bool, by: str | None, threads: in
     from illusions.cli.scale import local_device
 
     out = out or Path("runs") / (name or spec.default_name())
+    if spec.checkpoints:
+        if slurm is not None and slurm["engine"] != "local":
+            fail("--over-checkpoints runs on this machine; --engine slurm does not apply to it")
+        _over_checkpoints(spec, out, as_json, threads, report, device, allow_tf32, overwrite)
+        return
     check_run_out(spec, out, overwrite=overwrite, option="--out", overwrite_option="--overwrite")
     set_threads(threads)
     if slurm is not None and slurm["engine"] != "local":
@@ -227,6 +237,49 @@ def _run(spec: Any, out: Path | None, as_json: bool, by: str | None, threads: in
 
     write_run(run, out, extra_files=extra, overwrite=overwrite)
     _print_run(run, out, as_json, by, report)
+
+
+def _over_checkpoints(spec: Any, out: Path, as_json: bool, threads: int, report: bool, device: str,
+                      allow_tf32: bool, overwrite: bool) -> None:
+    """One analysis per step checkpoint into ``out``: a run directory per step, the summary over
+    steps (checkpoints.csv/.json) and, with ``report``, report.html with the figure over steps."""
+    from rich.console import Console
+
+    from illusions.analyses.checkpoints import (
+        SUMMARY_CSV,
+        SUMMARY_JSON,
+        check_sweep_out,
+        run_over_checkpoints,
+    )
+    from illusions.cli.scale import local_device
+
+    check_sweep_out(spec, out, overwrite=overwrite, option="--out", overwrite_option="--overwrite")
+    set_threads(threads)
+    err = Console(stderr=True)
+    run_files = sweep_files = None
+    if report:
+        from illusions.reports import write_report_files
+        from illusions.reports.checkpoints import write_checkpoint_report
+
+        def run_files(run: Any, stage: Path) -> None:
+            write_report_files(run, stage)
+
+        def sweep_files(sweep: Any, stage: Path) -> None:
+            write_checkpoint_report(sweep, stage)
+
+    def progress(i: int, n: int, step: int) -> None:
+        if not as_json:
+            err.print(f"[dim]checkpoint {i + 1}/{n} (step {step})[/]")
+
+    sweep = run_over_checkpoints(spec, out, overwrite=overwrite, run_files=run_files, sweep_files=sweep_files,
+                                 progress=progress, device=local_device(device), allow_tf32=allow_tf32)
+    if as_json:
+        typer.echo(json.dumps(sweep.document()))
+        return
+    from illusions.cli.tables import print_checkpoints
+
+    print_checkpoints(sweep)
+    typer.echo(f"wrote {out}/ (step<k>/ runs, {SUMMARY_CSV}, {SUMMARY_JSON}{', report.html' if report else ''})")
 
 
 def _print_run(run: Any, out: Path, as_json: bool, by: str | None, report: bool) -> None:

@@ -49,7 +49,7 @@ def print_summary(run: Any, console: Console | None = None) -> None:
     without the interval half-widths (``metrics.csv`` and ``--json`` keep the exact intervals) under
     short headers; split and proxy names are never cut.
     """
-    from illusions.analyses.summary import excluded_share
+    from illusions.analyses.summary import POSITION_GROUP, excluded_share, group_label
 
     console = console or result_console()
     rows = [r for r in run.rows if r["group_by"] == "all"]
@@ -58,16 +58,22 @@ def print_summary(run: Any, console: Console | None = None) -> None:
     title = (f"{spec.task}: {', '.join(proxies)} "
              f"on {run.model_source} model ({run.model_description})")
     by = {(r["proxy"], r["split"], r["metric"]): r for r in rows}
+    # A task's named position groups print under their split as "split (name)".
+    grouped = [r for r in run.rows if r["group_by"] == POSITION_GROUP]
+    by.update({(r["proxy"], group_label(r["split"], r["group"]), r["metric"]): r for r in grouped})
     body: list[tuple[str, str, dict[str, Any]]] = []
     excluded: dict[str, float] = {}
     for proxy in proxies:
         for split in dict.fromkeys(r["split"] for r in rows if r["proxy"] == proxy):
-            m = {k: by[(proxy, split, k)] for k in ("original_accuracy", "proxy_accuracy", "agreement",
-                                                   "attention_jsd", "kl")}
-            share = excluded_share(m["agreement"]) if _finite(m["agreement"]["gap_vs_matched"]) else None
-            if share is not None and share >= _EXCLUDED_MARK:
-                excluded[split] = max(excluded.get(split, 0.0), share)
-            body.append((proxy, split, m))
+            names = [split] + list(dict.fromkeys(group_label(split, r["group"]) for r in grouped
+                                                 if r["proxy"] == proxy and r["split"] == split))
+            for name in names:
+                m = {k: by[(proxy, name, k)] for k in ("original_accuracy", "proxy_accuracy", "agreement",
+                                                      "attention_jsd", "kl")}
+                share = excluded_share(m["agreement"]) if _finite(m["agreement"]["gap_vs_matched"]) else None
+                if share is not None and share >= _EXCLUDED_MARK:
+                    excluded[name] = max(excluded.get(name, 0.0), share)
+                body.append((proxy, name, m))
     from rich.measure import Measurement
 
     def width(t: Table) -> int:
@@ -98,7 +104,23 @@ def print_summary(run: Any, console: Console | None = None) -> None:
         parts = ", ".join(f"{share:.1%} of {split}" for split, share in excluded.items())
         note += (f" † len-matched over the length bins iid covers only; positions in other bins are left out "
                  f"of both sides: {parts}.")
+    if grouped:
+        note += " " + _groups_note(run, grouped)
     console.print(f"[dim]{note}[/dim]")
+
+
+def _groups_note(run: Any, grouped: list[dict[str, Any]]) -> str:
+    """What the ``split (name)`` rows are: the task's own descriptions when the run has its task."""
+    from illusions.analyses.summary import group_label
+    from illusions.tasks.base import DataSupport
+
+    task = getattr(run, "task", None)  # a RunSummary from another process has none
+    declared = task.position_groups() if isinstance(task, DataSupport) else {}
+    names = dict.fromkeys((r["split"], r["group"]) for r in grouped)
+    parts = [f"{group_label(split, name)}: {declared[name].description}" if name in declared
+             and declared[name].description else f"{group_label(split, name)}: a named group of {split}'s positions"
+             for split, name in names]
+    return "; ".join(parts) + " (its gaps compare it with the whole of iid)."
 
 
 _METRIC_COLUMNS = (("pos", None, 0), ("orig", "original_accuracy", 3), ("proxy", "proxy_accuracy", 3),
@@ -184,3 +206,39 @@ def print_breakdown(run: Any, by: str, console: Console | None = None) -> None:
 def _group_key(label: str) -> tuple[int, str]:
     head = label.split("-")[0]
     return (int(head), label) if head.lstrip("-").isdigit() else (10**9, label)
+
+
+def print_checkpoints(sweep: Any, console: Console | None = None) -> None:
+    """Over training steps: the model's accuracy per split, then per proxy its agreement and its
+    accuracy change's gap to iid per split (``checkpoints.csv`` holds the intervals)."""
+    console = console or result_console()
+    splits, proxies = sweep.splits, sweep.proxies
+    spec = sweep.spec
+    table = Table(title=f"{spec.task}: original accuracy by training step ({spec.checkpoints}; "
+                        f"{sweep.model_description})", title_justify="left")
+    table.add_column("step", justify="right")
+    for split in splits:
+        table.add_column(split, justify="right")
+    for step in sweep.steps:
+        table.add_row(str(step), *(_value(sweep.value(step, s, proxies[0], "original_accuracy"), 3) for s in splits))
+    console.print(table)
+    for proxy in proxies:
+        table = Table(title=f"{proxy}: agreement / Δ(proxy − original accuracy) vs iid, by training step",
+                      title_justify="left")
+        table.add_column("step", justify="right")
+        for split in splits:
+            table.add_column(split, justify="right")
+        for step in sweep.steps:
+            cells = []
+            for split in splits:
+                agree = _value(sweep.value(step, split, proxy, "agreement"), 3)
+                row = {k: sweep.value(step, split, proxy, "accuracy_change", k)
+                       for k in ("gap_vs_iid", "gap_vs_iid_low", "gap_vs_iid_high")}
+                gap = _gap({"g": row["gap_vs_iid"], "g_low": row["gap_vs_iid_low"],
+                            "g_high": row["gap_vs_iid_high"]}, "g")
+                cells.append(agree if gap == "-" else f"{agree} / {gap}")
+            table.add_row(str(step), *cells)
+        console.print(table)
+    console.print("[dim]Δ: the proxy's accuracy change on the split minus on iid, in the same checkpoint: "
+                  "below 0 the proxy under-states the model's generalization, above 0 it over-states it; "
+                  "* marks an interval that excludes 0 (intervals in checkpoints.csv).[/dim]")

@@ -7,18 +7,23 @@ from typing import Annotated, Any
 
 import typer
 
-from illusions.cli.app import command, set_threads
+from illusions.cli.app import command, fail, set_threads
 from illusions.cli.scale import DeviceOpt, TF32Opt
 from illusions.errors import IllusionsError
 
 
-def _saved_train_settings(out: Path) -> dict[str, Any]:
-    """The [train] settings a run in ``out`` started with (empty when there is none)."""
+def _saved_state(out: Path) -> dict[str, Any]:
+    """The trainer state of the run in ``out`` (empty when there is none)."""
     from illusions.config import read_json
     from illusions.training import TRAINER_FILE
 
     state = read_json(out / TRAINER_FILE) if (out / TRAINER_FILE).is_file() else {}
-    return dict(state.get("train", {})) if isinstance(state, dict) else {}
+    return state if isinstance(state, dict) else {}
+
+
+def _saved_train_settings(out: Path) -> dict[str, Any]:
+    """The [train] settings a run in ``out`` started with (empty when there is none)."""
+    return dict(_saved_state(out).get("train", {}))
 
 
 @command("train")
@@ -28,12 +33,17 @@ def train(
     steps: Annotated[int | None, typer.Option("--steps", help="Override the recipe's step budget.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Override the recipe's training seed (init and batch order).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out.")] = False,
+    save_every: Annotated[int | None, typer.Option(
+        "--save-every", help="Also save a loadable checkpoint every N steps in <out>/checkpoints/step<k>/ "
+        "(for `illusions sweep --over-checkpoints`); a resumed run keeps its interval.")] = None,
     threads: Annotated[int, typer.Option("--threads", help="Torch CPU threads (results are exact for a fixed count).")] = 2,
     device: DeviceOpt = "cpu",
     allow_tf32: TF32Opt = False,
 ) -> None:
     """Train a model on a task or a TOML recipe; Ctrl-C saves a checkpoint that --resume continues."""
     set_threads(threads)
+    if save_every is not None and save_every < 1:
+        fail(f"--save-every must be at least 1, got {save_every}")
     from illusions.cli.scale import local_device
 
     device = local_device(device)
@@ -64,6 +74,9 @@ def train(
         # Resuming continues the run as it started, so its --steps/--seed need not be repeated.
         saved = _saved_train_settings(out)
         changes.update({k: saved[k] for k in ("steps", "seed") if k in saved})
+    if save_every is None:
+        saved_every = _saved_state(out).get("save_every", 0) if resume else 0
+        save_every = saved_every if isinstance(saved_every, int) and saved_every > 0 else 0
     if steps is not None:
         changes["steps"] = steps
     if seed is not None:
@@ -118,6 +131,7 @@ def train(
             device=device,
             allow_tf32=allow_tf32,
             recipe={**recipe.to_dict(), "source": recipe.source},
+            save_every=save_every,
         )
 
     console = Console()
@@ -146,3 +160,11 @@ def train(
         f"({result.tokens_per_s:,.0f} tok/s), {result.wall_seconds:.0f}s in all"
     )
     console.print(f"checkpoint: {out}")
+    if save_every:
+        from illusions.models import CHECKPOINTS_DIR, list_checkpoints
+
+        saved = list_checkpoints(out)
+        steps_text = ", ".join(str(k) for k, _ in saved) if len(saved) <= 12 else (
+            f"{saved[0][0]}, {saved[1][0]}, ..., {saved[-1][0]}")
+        console.print(f"step checkpoints: {out / CHECKPOINTS_DIR}/ ({len(saved)}: steps {steps_text}); "
+                      f"analyse them with e.g. `illusions sweep {recipe.task_name} --over-checkpoints {out} --simplify onehot`")
