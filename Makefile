@@ -31,7 +31,7 @@ test-fast: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow"
 
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks cli.py
+	$(VENV)/bin/ruff check src tests benchmarks tools cli.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -114,9 +114,10 @@ def _is_checkpoint(folder: Path) -> bool:
     return (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
 
 
-def catalogue(assets: Path = ASSETS) -> dict[str, BundledModel]:
-    """Every bundled model by name, ordered by family then seed (see the module docstring)."""
-    assets = Path(assets)
+def catalogue(assets: Path | None = None) -> dict[str, BundledModel]:
+    """Every bundled model by name, ordered by family then seed (see the module docstring);
+    ``assets`` defaults to the package's :data:`ASSETS` (read when called)."""
+    assets = Path(ASSETS if assets is None else assets)
     found: list[BundledModel] = []
     if assets.is_dir():
         for folder in assets.iterdir():
@@ -131,16 +132,16 @@ def catalogue(assets: Path = ASSETS) -> dict[str, BundledModel]:
     return {m.name: m for m in sorted(found, key=lambda m: (m.family, m.seed))}
 
 
-def family_seeds(family: str, assets: Path = ASSETS) -> dict[int, Path]:
+def family_seeds(family: str, assets: Path | None = None) -> dict[int, Path]:
     """The checkpoints of one family by training seed (0 is ``assets/<family>/``)."""
     return {m.seed: m.path for m in catalogue(assets).values() if m.family == family}
 
 
-def model_names(assets: Path = ASSETS) -> list[str]:
+def model_names(assets: Path | None = None) -> list[str]:
     return list(catalogue(assets))
 
 
-def _known(assets: Path) -> str:
+def _known(assets: Path | None) -> str:
     names = model_names(assets)
     return (f"bundled models: {', '.join(names)} (see `illusions list`)" if names
             else "no model is bundled")
@@ -152,7 +153,7 @@ def is_model_name(value: str) -> bool:
         and not value.startswith("~")
 
 
-def resolve_model(value: str, assets: Path = ASSETS) -> tuple[Path, str | None]:
+def resolve_model(value: str, assets: Path | None = None) -> tuple[Path, str | None]:
     """The folder a ``--model`` value names, and the bundled model's name when it is one.
 
     A folder that exists at ``value`` wins; otherwise a bare word is looked up in :func:`catalogue`
