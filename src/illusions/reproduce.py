@@ -89,6 +89,10 @@ def plan(
         spec = recipe.spec
         if tasks and spec.task not in tasks:
             continue
+        if spec.checkpoints:
+            raise IllusionsError(f"recipe {recipe.source} analyses training checkpoints ({spec.checkpoints}); "
+                                 f"run it with `illusions sweep {recipe.source}` (reproduce does not run such "
+                                 "recipes yet)")
         if spec.model:
             available = {0: Path(spec.model)}
         else:

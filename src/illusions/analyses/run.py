@@ -149,6 +149,9 @@ def run_analysis(spec: AnalysisSpec, *, progress: Callable[[str, int, int], None
     """
     from illusions.devices import describe_device, matmul_precision, resolve_device
 
+    if spec.checkpoints:
+        raise IllusionsError("this spec analyses training checkpoints; run it with "
+                             "illusions.analyses.checkpoints.run_over_checkpoints (`illusions sweep --over-checkpoints`)")
     simplifiers = build_simplifiers(spec)  # bad parameters fail before the model is loaded
     where = resolve_device(device)
     with matmul_precision(where, allow_tf32):
