@@ -48,7 +48,13 @@ from illusions.config import Config
 from illusions.errors import IllusionsError
 from illusions.io import ChecksumError, cache_root, load_npz_verified, save_npz_mappable
 from illusions.tasks.base import DataSupport, Scored, Split, Vocab, id_problem
-from illusions.tasks.code_corpus import Corpus, corpus_cache_path, load_corpus
+from illusions.tasks.code_corpus import (
+    MACHINE,
+    Corpus,
+    corpus_cache_path,
+    describe_corpus,
+    load_corpus,
+)
 
 Progress = Callable[[str], None]
 log = logging.getLogger(__name__)
@@ -113,8 +119,10 @@ class CodeConfig(Config):
     """Settings of the code-completion task.
 
     Attributes:
-        corpus: CodeSearchNet JSONL file or folder; ``""`` for the machine corpus (Python stdlib, JDK
-            ``src.zip``, npm's JavaScript).
+        corpus: ``""`` (default) for the pinned corpus shipped with the package (the same on every
+            machine; it keeps the first 255 characters of each function, so ``n_ctx`` <= 256);
+            ``"machine"`` for this machine's Python stdlib, JDK ``src.zip`` and npm's JavaScript; else
+            a CodeSearchNet JSONL file or folder.
         train_language: language of ``train``, ``iid`` and ``deep_nesting``.
         n_ctx: tokens per sequence including BOS; functions are truncated to ``n_ctx - 1`` characters.
         n_train: functions in ``train`` (at most).
@@ -327,11 +335,17 @@ class CodeTask(DataSupport):
         want = meta.get("corpus_fingerprint")
         if strict and want and task.corpus().fingerprint != want:
             # The CLI shows this line alone, so it names what to do there (strict=False is API-only).
-            where = f"corpus {config.corpus}" if config.corpus else "machine corpus (Python stdlib, JDK, npm)"
+            if not config.corpus:
+                hint = ("the model was trained on another version of the pinned corpus: use the illusions "
+                        "release it came with, or train a model with `illusions train`")
+            elif config.corpus == MACHINE:
+                hint = ("the machine corpus depends on this machine's Python, JDK and Node.js: use the same "
+                        "ones, or train a model here with `illusions train`")
+            else:
+                hint = "use the same corpus, or train a model on this one with `illusions train`"
             raise IllusionsError(
-                f"the {where} here has fingerprint {task.corpus().fingerprint[:12]}, but the model was "
-                f"trained on {want[:12]}, so its splits cannot be rebuilt; use the same corpus (the same "
-                "Python, JDK and Node.js for the machine corpus) or train a model here with `illusions train`"
+                f"{describe_corpus(config.corpus)} here has fingerprint {task.corpus().fingerprint[:12]}, "
+                f"but the model was trained on {want[:12]}, so its splits cannot be rebuilt; {hint}"
             )
         return task
 
@@ -395,7 +409,7 @@ class CodeTask(DataSupport):
             return True
         c = self.config
         corpus = corpus_cache_path(c.corpus, self.cache_dir, max_per_language=c.max_functions_per_language)
-        return corpus.is_file() and self.cache_path.is_file()
+        return (corpus is None or corpus.is_file()) and self.cache_path.is_file()
 
     def split_stats(self, split: Split) -> dict[str, Any]:
         """Size, length in characters, maximum depth per function, scored positions and their mix.
@@ -425,7 +439,7 @@ class CodeTask(DataSupport):
         return stats
 
     def corpus(self) -> Corpus:
-        """The corpus this task reads (cached after the first read)."""
+        """The corpus this task reads (JSONL and machine corpora are cached after the first read)."""
         c = self.config
         return load_corpus(c.corpus, cache_dir=self.cache_dir, max_per_language=c.max_functions_per_language)
 
@@ -435,7 +449,7 @@ class CodeTask(DataSupport):
         if self._built is not None:
             return self._built
         say = progress or (lambda message: None)
-        say(f"reading corpus {self.config.corpus or '(machine: stdlib, JDK, npm)'}")
+        say(f"reading {describe_corpus(self.config.corpus)}")
         corpus = self.corpus()
         path = self.cache_dir / f"splits-{cache_key(self.config, corpus.fingerprint)}.npz"
         built = _load_npz(path)
@@ -544,21 +558,27 @@ def build_splits(config: CodeConfig, corpus: Corpus) -> tuple[Vocab, dict[str, S
         number of functions per split.
     """
     c = config
+    where = describe_corpus(c.corpus)
+    if corpus.prefix_chars and c.n_ctx - 1 > corpus.prefix_chars:
+        raise IllusionsError(
+            f"{where} keeps the first {corpus.prefix_chars} characters of each function, so n_ctx can be "
+            f"at most {corpus.prefix_chars + 1} with it (got {c.n_ctx}); use the machine corpus or a "
+            "JSONL corpus for longer contexts"
+        )
     by_lang: dict[str, list[str]] = {}
     seen: set[tuple[str, str]] = set()
     for f in corpus.functions:
-        if not c.min_chars <= len(f.text) <= c.max_chars:
+        if not c.min_chars <= f.n_chars <= c.max_chars:
             continue
         w = f.text[: c.n_ctx - 1]
         if (f.language, w) in seen:  # same visible prefix: the model could not tell them apart
             continue
         seen.add((f.language, w))
         by_lang.setdefault(f.language, []).append(w)
-    where = c.corpus or "machine"
     pool = by_lang.pop(c.train_language, [])
     if len(pool) < 3:
         raise IllusionsError(
-            f"corpus {where} has {len(pool)} usable {c.train_language} functions "
+            f"{where} has {len(pool)} usable {c.train_language} functions "
             f"({c.min_chars}..{c.max_chars} characters); at least 3 are needed"
         )
     max_depth = np.array([int(depths(t).max()) for t in pool])
@@ -567,7 +587,7 @@ def build_splits(config: CodeConfig, corpus: Corpus) -> tuple[Vocab, dict[str, S
     deep = [t for t, d in zip(pool, max_depth, strict=True) if d >= threshold]
     if len(shallow) < 2 or not deep:
         raise IllusionsError(
-            f"corpus {where}: deep threshold {threshold} leaves {len(shallow)} {c.train_language} "
+            f"{where}: deep threshold {threshold} leaves {len(shallow)} {c.train_language} "
             f"functions for train/iid and {len(deep)} for deep_nesting; need at least 2 and 1"
         )
     rng = np.random.default_rng(c.seed)

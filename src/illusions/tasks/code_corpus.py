@@ -1,17 +1,27 @@
-"""Source-code corpora for the code-completion task: CodeSearchNet JSONL files, or this machine's code.
+"""Source-code corpora for the code-completion task: the pinned corpus shipped with the package,
+CodeSearchNet JSONL files, or this machine's code.
 
 A corpus is a sorted, deduplicated tuple of :class:`Function` records (language + source text) with a
-**fingerprint**: the sha256 over the sorted ``(language, text)`` pairs, which every output records so
-that a result names exactly the code it was computed on.
+**fingerprint**: the sha256 over the sorted ``(language, text)`` pairs (plus the full length of a
+function stored as a prefix), which every output records so that a result names exactly the code it
+was computed on.
 
-Two sources:
+Three sources, named by the task's ``corpus`` setting:
 
+* ``""`` (the default), **the pinned corpus** (:func:`pinned_corpus`): a compressed file shipped in
+  the package (``illusions/assets/corpus/``) holding, for each function of a fixed set of permissively
+  licensed sources (CPython's standard library from Debian packages, Bazel's Java from Debian, MIT
+  npm packages' JavaScript), its language, source path, full length and first
+  :data:`PINNED_PREFIX_CHARS` characters: all the task reads, the same bytes on every machine. Its
+  manifest records the file's format version and sha256, checked on every load. ``tools/build_corpus.py``
+  regenerates it from the named package versions, and the ``README.md`` beside it says where each
+  language comes from and under which licence.
 * **CodeSearchNet JSONL** (:func:`read_jsonl`), given a file (``.jsonl``, ``.jsonl.gz``, ``.json`` or
   ``.json.gz``) or a folder searched recursively for such files in sorted order. Each line is a JSON
   object; the code is taken from the first of :data:`CODE_FIELDS` present and the language from the
   first of :data:`LANGUAGE_FIELDS` (CodeSearchNet's own files use ``code`` and ``language``; the
   Hugging Face copy uses ``whole_func_string``/``func_code_string`` and ``language``).
-* **The machine** (:func:`machine_corpus`), with no network: the functions and methods of the running
+* ``"machine"``, **the machine** (:func:`machine_functions`), with no network: the functions and methods of the running
   Python's standard library (``sysconfig``'s ``stdlib`` path; ``site-packages`` and the stdlib's own
   test suites are skipped), extracted with :mod:`ast`; Java methods from a JDK's ``src.zip`` (found
   through ``$JAVA_HOME``, the ``java`` on ``PATH`` and the usual JDK folders); JavaScript functions
@@ -19,14 +29,16 @@ Two sources:
   here, so a small extractor finds signatures with a regular expression on the source with comments
   and string contents blanked out, and takes the text up to the matching brace.
 
-Reading is cached (gzip JSON, written atomically) under the task's cache folder, keyed by the sources'
-paths, sizes and modification times, so a corpus is read once.
+Reading JSONL or the machine is cached (gzip JSON, written atomically) under the task's cache folder,
+keyed by the sources' paths, sizes and modification times, so a corpus is read once; the pinned corpus
+is read straight from the package (no cache: it is as quick to read as one).
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import gzip
 import hashlib
 import json
@@ -61,13 +73,44 @@ JAVA_MAX_FILES = 400
 JS_MAX_FILE_BYTES = 200_000
 _STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
 
+MACHINE = "machine"
+"""The ``corpus`` value that names the machine corpus (``""`` names the pinned one)."""
+
+PINNED_FORMAT = "illusions-code-corpus"
+PINNED_VERSION = 1
+"""Format version of the pinned corpus file this code reads."""
+PINNED_PREFIX_CHARS = 255
+"""Characters kept of each function in the pinned corpus: ``n_ctx - 1`` of the bundled code model."""
+PINNED_MANIFEST = "code-corpus.json"
+PINNED_DIR = ("assets", "corpus")
+
 
 @dataclasses.dataclass(frozen=True, order=True)
 class Function:
-    """One function's source text (dedented, ``\\n`` line ends) and its lowercase language name."""
+    """One function's source text (dedented, ``\\n`` line ends) and its lowercase language name.
+
+    Attributes:
+        language: lowercase language name.
+        text: the function's source, or (in the pinned corpus) its first characters.
+        length: the whole function's length in characters when ``text`` is a prefix of it; 0 when
+            ``text`` is the whole function (see :attr:`n_chars`).
+        path: where it came from, for the record (not compared, not fingerprinted).
+    """
 
     language: str
     text: str
+    length: int = 0
+    path: str = dataclasses.field(default="", compare=False)
+
+    @property
+    def n_chars(self) -> int:
+        """Length of the whole function in characters (not only of :attr:`text`)."""
+        return self.length or len(self.text)
+
+    @property
+    def truncated(self) -> bool:
+        """Whether :attr:`text` is only the start of the function."""
+        return self.length > len(self.text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,14 +120,17 @@ class Corpus:
     Attributes:
         functions: sorted by ``(language, text)``, no duplicates.
         fingerprint: sha256 hex digest over the sorted ``(language, text)`` pairs.
-        source: the corpus path as given, or ``"machine"``.
-        origins: where the functions came from (files, archives), for the record.
+        source: the corpus path as given, ``"machine"``, or ``"pinned"``.
+        origins: where the functions came from (files, archives, packages), for the record.
+        prefix_chars: when positive, functions longer than this are stored as their first
+            ``prefix_chars`` characters (the pinned corpus); 0: every function is whole.
     """
 
     functions: tuple[Function, ...]
     fingerprint: str
     source: str
     origins: tuple[str, ...] = ()
+    prefix_chars: int = 0
 
     def languages(self) -> dict[str, int]:
         """Number of functions per language, sorted by name."""
@@ -115,24 +161,37 @@ def strip_indent(text: str) -> str:
 
 
 def fingerprint(functions: Iterable[Function]) -> str:
-    """sha256 over the sorted, deduplicated ``(language, text)`` pairs (NUL-separated)."""
+    """sha256 over the sorted, deduplicated ``(language, text)`` pairs (NUL-separated).
+
+    A function stored as a prefix (``length`` set) adds ``\\x01`` and its full length after its text,
+    so the fingerprint of a corpus of whole functions is what it was before prefixes existed.
+    """
     h = hashlib.sha256()
     for f in sorted(set(functions)):
-        h.update(f.language.encode("utf-8") + b"\0" + f.text.encode("utf-8") + b"\0")
+        h.update(f.language.encode("utf-8") + b"\0" + f.text.encode("utf-8"))
+        if f.length:
+            h.update(b"\x01" + str(f.length).encode("ascii"))
+        h.update(b"\0")
     return h.hexdigest()
 
 
 def make_corpus(
-    functions: Iterable[Function], *, source: str, origins: Iterable[str] = (), max_per_language: int = 0
+    functions: Iterable[Function],
+    *,
+    source: str,
+    origins: Iterable[str] = (),
+    max_per_language: int = 0,
+    prefix_chars: int = 0,
 ) -> Corpus:
     """Deduplicate, optionally cap each language, sort and fingerprint.
 
     Args:
         functions: raw records (duplicates allowed).
-        source: the corpus path as given, or ``"machine"``.
+        source: the corpus path as given, ``"machine"`` or ``"pinned"``.
         origins: files or archives read, for the record.
         max_per_language: if positive, keep at most this many functions per language: those with the
             smallest sha256 of their text, a pseudo-random sample independent of file order.
+        prefix_chars: see :class:`Corpus`.
 
     Returns:
         The corpus.
@@ -149,7 +208,7 @@ def make_corpus(
                 fs = fs[:max_per_language]
             unique.extend(fs)
         unique.sort()
-    return Corpus(tuple(unique), fingerprint(unique), source, tuple(origins))
+    return Corpus(tuple(unique), fingerprint(unique), source, tuple(origins), prefix_chars)
 
 
 # ----------------------------------------------------------------------------- CodeSearchNet JSONL
@@ -451,6 +510,168 @@ def machine_functions() -> tuple[list[Function], list[str]]:
     return functions, origins
 
 
+# ----------------------------------------------------------------------------- the pinned corpus
+
+
+def pinned_dir() -> Path:
+    """The package folder holding the pinned corpus, its manifest and its README."""
+    return Path(__file__).resolve().parents[1].joinpath(*PINNED_DIR)
+
+
+def pinned_file_name(version: int = PINNED_VERSION) -> str:
+    """File name of the pinned corpus of format ``version``."""
+    return f"code-corpus-v{version}.jsonl.gz"
+
+
+def encode_pinned(
+    functions: Iterable[Function],
+    *,
+    sources: list[dict[str, Any]],
+    prefix_chars: int = PINNED_PREFIX_CHARS,
+    built_with: str = "",
+) -> bytes:
+    """The bytes of a pinned corpus file holding ``functions`` (whole texts), cut to ``prefix_chars``.
+
+    The file is gzip (level 9, no name, mtime 0) of UTF-8 JSON lines: a header object (format,
+    version, prefix length, counts, ``sources``), then one ``[language, path, length, prefix]`` array
+    per function, sorted by language, prefix, length and path; of functions with the same language,
+    prefix and length only the first (smallest path) is kept, as the task could not tell them apart.
+
+    Args:
+        functions: whole functions, each with its ``path``.
+        sources: where the functions came from (package, version, sha256, licence, ...), recorded
+            in the header.
+        prefix_chars: characters kept of each function.
+        built_with: what extracted the functions (e.g. the Python version whose ``ast`` parsed them).
+
+    Returns:
+        The compressed file contents (the same for the same input and zlib).
+    """
+    rows: dict[tuple[str, str, int], str] = {}
+    for f in functions:
+        if f.truncated:
+            raise ValueError("encode_pinned takes whole functions, not prefixes")
+        key = (f.language, f.text[:prefix_chars], len(f.text))
+        if key not in rows or f.path < rows[key]:
+            rows[key] = f.path
+    ordered = sorted(rows.items())
+    languages: dict[str, int] = {}
+    for (lang, _, _), _ in ordered:
+        languages[lang] = languages.get(lang, 0) + 1
+    header = {
+        "format": PINNED_FORMAT,
+        "version": PINNED_VERSION,
+        "prefix_chars": prefix_chars,
+        "functions": len(ordered),
+        "languages": dict(sorted(languages.items())),
+        "sources": sources,
+        "built_with": built_with,
+    }
+    lines = [json.dumps(header, ensure_ascii=False, sort_keys=True)]
+    lines += [json.dumps([lang, path, n, text], ensure_ascii=False) for (lang, text, n), path in ordered]
+    payload = ("\n".join(lines) + "\n").encode("utf-8")
+    return gzip.compress(payload, compresslevel=9, mtime=0)
+
+
+def decode_pinned(data: bytes, *, where: str = "pinned corpus") -> tuple[dict[str, Any], list[Function]]:
+    """Header and functions of a pinned corpus file's bytes (:func:`encode_pinned`).
+
+    Raises:
+        IllusionsError: the data is not a pinned corpus of format :data:`PINNED_VERSION`, or is damaged.
+    """
+    try:
+        lines = gzip.decompress(data).decode("utf-8").split("\n")
+        header = json.loads(lines[0])
+        if not isinstance(header, dict) or header.get("format") != PINNED_FORMAT:
+            raise ValueError("not a pinned corpus file")
+        if header.get("version") != PINNED_VERSION:
+            raise IllusionsError(
+                f"{where} has format version {header.get('version')}; this illusions reads version "
+                f"{PINNED_VERSION}"
+            )
+        prefix = int(header["prefix_chars"])
+        functions = []
+        for line in lines[1:]:
+            if not line:
+                continue
+            lang, path, n, text = json.loads(line)
+            if not (isinstance(lang, str) and isinstance(path, str) and isinstance(text, str)):
+                raise ValueError("a row is not [language, path, length, text]")
+            if int(n) < len(text) or len(text) > prefix or (int(n) > len(text) and len(text) != prefix):
+                raise ValueError(f"row {path!r} has {len(text)} characters of {n}")
+            functions.append(Function(lang, text, int(n) if int(n) > len(text) else 0, path))
+        if len(functions) != header["functions"]:
+            raise ValueError(f"{len(functions)} rows, the header says {header['functions']}")
+    except IllusionsError:
+        raise
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise IllusionsError(f"{where} is damaged ({exc})") from None
+    return header, functions
+
+
+def pinned_manifest(data: bytes, functions: list[Function], header: dict[str, Any]) -> dict[str, Any]:
+    """The manifest written beside a pinned corpus file: file name, version, size, sha256, fingerprint."""
+    return {
+        "format": PINNED_FORMAT,
+        "version": header["version"],
+        "file": pinned_file_name(header["version"]),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "fingerprint": fingerprint(functions),
+        "prefix_chars": header["prefix_chars"],
+        "functions": header["functions"],
+        "languages": header["languages"],
+    }
+
+
+@functools.lru_cache(maxsize=4)
+def pinned_corpus(directory: Path | None = None) -> Corpus:
+    """The pinned corpus shipped with the package, checked against its manifest.
+
+    Reads only the package's own files (nothing of the machine's standard library, JDK or Node.js):
+    the manifest, then the file it names, whose sha256 and format version must be the recorded ones.
+
+    Args:
+        directory: where the corpus lies (default :func:`pinned_dir`; tests pass a copy).
+
+    Raises:
+        IllusionsError: the file or manifest is missing, of another version, or does not match.
+    """
+    folder = Path(directory) if directory is not None else pinned_dir()
+    manifest_path = folder / PINNED_MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        version, name, want = manifest["version"], manifest["file"], manifest["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise IllusionsError(f"cannot read the pinned corpus manifest {manifest_path} ({exc})") from None
+    if version != PINNED_VERSION:
+        raise IllusionsError(
+            f"the pinned corpus in {folder} has format version {version}; this illusions reads version "
+            f"{PINNED_VERSION}"
+        )
+    path = folder / name
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise IllusionsError(f"cannot read the pinned corpus {path} ({exc})") from None
+    got = hashlib.sha256(data).hexdigest()
+    if got != want:
+        raise IllusionsError(
+            f"the pinned corpus {path} has sha256 {got[:12]}, but its manifest records {want[:12]}: "
+            "the file is damaged or was replaced; reinstall illusions or rebuild it with tools/build_corpus.py"
+        )
+    header, functions = decode_pinned(data, where=f"the pinned corpus {path}")
+    corpus = make_corpus(
+        functions,
+        source="pinned",
+        origins=[f"{s['language']}: {s['package']} {s['version']} ({s['licence']})" for s in header["sources"]],
+        prefix_chars=int(header["prefix_chars"]),
+    )
+    if len(corpus.functions) != len(functions) or corpus.fingerprint != manifest.get("fingerprint"):
+        raise IllusionsError(f"the pinned corpus {path} does not match the fingerprint its manifest records")
+    return corpus
+
+
 # ----------------------------------------------------------------------------- loading with a cache
 
 
@@ -484,54 +705,81 @@ def _read_cache(path: Path) -> Corpus | None:
 
 
 def _corpus_key(path: str, max_per_language: int) -> tuple[str, list[Path]]:
-    if path:
+    if path == MACHINE:
+        files, key_data = [], machine_sources()
+    else:
         files = jsonl_files(Path(path))
         try:
             key_data: Any = [_stat_key(p) for p in files]
         except OSError as exc:
             raise IllusionsError(f"cannot read corpus {path} ({exc})") from None
-    else:
-        files, key_data = [], machine_sources()
     key = hashlib.sha256(
         json.dumps([EXTRACTOR_VERSION, path, max_per_language, key_data]).encode("utf-8")
     ).hexdigest()[:16]
     return key, files
 
 
-def corpus_cache_path(path: str, cache_dir: Path, *, max_per_language: int = 0) -> Path:
-    """Where :func:`load_corpus` caches this corpus (keyed by its sources' sizes and mtimes)."""
+def describe_corpus(path: str) -> str:
+    """How messages name the corpus a ``corpus`` setting selects."""
+    if not path:
+        return "the pinned corpus"
+    if path == MACHINE:
+        return "the machine corpus (Python stdlib, JDK src.zip, npm)"
+    return f"corpus {path}"
+
+
+def corpus_cache_path(path: str, cache_dir: Path, *, max_per_language: int = 0) -> Path | None:
+    """Where :func:`load_corpus` caches this corpus (keyed by its sources' sizes and mtimes).
+
+    None for the pinned corpus (``path`` empty), which is read from the package without a cache.
+    """
+    if not path:
+        return None
     return Path(cache_dir) / f"corpus-{_corpus_key(path, max_per_language)[0]}.json.gz"
 
 
 def load_corpus(path: str, *, cache_dir: Path | None = None, max_per_language: int = 0) -> Corpus:
-    """The corpus at ``path`` (a JSONL file or folder), or the machine corpus when ``path`` is empty.
+    """The corpus a task's ``corpus`` setting names.
 
     Args:
-        path: CodeSearchNet JSONL file or folder; ``""`` for the machine corpus.
-        cache_dir: where to cache the parsed corpus (None: no cache).
+        path: ``""`` for the pinned corpus shipped with the package; ``"machine"`` for this machine's
+            Python stdlib, JDK ``src.zip`` and npm; else a CodeSearchNet JSONL file or folder.
+        cache_dir: where to cache the parsed JSONL or machine corpus (None: no cache).
         max_per_language: passed to :func:`make_corpus`.
 
     Returns:
         The corpus.
 
     Raises:
-        IllusionsError: the path is missing, unreadable or malformed, or yields no function.
+        IllusionsError: the path is missing, unreadable or malformed, or yields no function; or the
+            pinned corpus does not match its manifest.
     """
+    if not path:
+        corpus = pinned_corpus()
+        if max_per_language > 0 and max(corpus.languages().values()) > max_per_language:
+            corpus = make_corpus(
+                corpus.functions,
+                source=corpus.source,
+                origins=corpus.origins,
+                max_per_language=max_per_language,
+                prefix_chars=corpus.prefix_chars,
+            )
+        return corpus
     key, files = _corpus_key(path, max_per_language)
     cache = Path(cache_dir) / f"corpus-{key}.json.gz" if cache_dir is not None else None
     if cache is not None and (hit := _read_cache(cache)) is not None:
         return hit
-    if path:
-        functions: list[Function] = []
+    if path == MACHINE:
+        functions, origins = machine_functions()
+    else:
+        functions = []
         for file in files:
             functions.extend(f for f, _ in read_jsonl(file))
         origins = [str(f) for f in files]
-    else:
-        functions, origins = machine_functions()
-    corpus = make_corpus(functions, source=path or "machine", origins=origins, max_per_language=max_per_language)
+    corpus = make_corpus(functions, source=path, origins=origins, max_per_language=max_per_language)
     if not corpus.functions:
-        where = path or "the machine's standard library, JDK src.zip and npm"
-        raise IllusionsError(f"corpus {where} contains no functions")
+        where = "the machine's standard library, JDK src.zip and npm" if path == MACHINE else f"corpus {path}"
+        raise IllusionsError(f"{where} contains no functions")
     if cache is not None:
         _write_cache(cache, corpus)
     return corpus
