@@ -1,5 +1,6 @@
 """The bundled code-completion model: it loads as a plain HookedTransformer, was trained by exactly the
-shipped recipe, reproduces its recorded accuracies, and refuses a machine whose corpus differs."""
+shipped recipe on the pinned corpus, reproduces its recorded accuracies (on any machine: the corpus
+ships with the package), and refuses a corpus whose fingerprint differs."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from illusions.models import (
 )
 from illusions.recipes import load_recipe, resolve_recipe
 from illusions.tasks.code import CodeTask
+from illusions.tasks.code_corpus import pinned_corpus
 from illusions.training import TrainConfig, eval_subset_rows, evaluate
 
 REPO_RECIPE = Path(__file__).parents[1] / "tasks" / "code.toml"
@@ -106,24 +108,22 @@ def test_reproduces_golden_figures_on_a_fixed_snippet():
     assert loss == pytest.approx(SNIPPET_LOSS, abs=1e-4)
 
 
-def _machine_task(meta: dict) -> CodeTask:
-    """The task the model was trained on, or a skip where this machine's corpus is another one."""
-    task = CodeTask.from_meta(meta["task"], strict=False)
-    if task.corpus().fingerprint != meta["task"]["corpus_fingerprint"]:
-        pytest.skip("this machine's corpus (Python stdlib, JDK, npm) differs from the one the model was "
-                    "trained on, so its splits cannot be rebuilt here")
-    return task
+def test_trained_on_the_pinned_corpus_shipped_with_the_package():
+    _, meta = read_checkpoint_config(bundled_model_dir("code"))
+    assert meta["task"]["config"]["corpus"] == "" and meta["task"]["corpus_source"] == "pinned"
+    assert meta["task"]["corpus_fingerprint"] == pinned_corpus().fingerprint
+    assert meta["task"]["corpus_languages"] == pinned_corpus().languages()
 
 
 @pytest.mark.slow
-def test_reproduces_recorded_subset_accuracies_on_this_machines_corpus():
+def test_reproduces_recorded_subset_accuracies_on_the_pinned_corpus():
     metrics = bundled_metrics("code")
     model, meta = load_bundled("code")
     assert meta["accuracies"] == metrics["accuracies"]
-    splits = _machine_task(meta).splits()
+    splits = CodeTask.from_meta(meta["task"]).splits()  # strict: the corpus is the one it was trained on
     assert meta["task"]["split_functions"] == {name: len(s) for name, s in splits.items()}
     # One split in distribution and one language out of it keep the test within seconds; building the
-    # machine corpus (~10 s on a fresh cache) is most of its time.
+    # splits (~10 s on a fresh cache) is most of its time.
     rows = {name: eval_subset_rows(len(splits[name]), metrics["eval_rows"]) for name in ("iid", "java")}
     got = evaluate(model, splits, None, rows)
     assert got == {name: metrics["subset_accuracies"][name] for name in rows}
@@ -145,7 +145,6 @@ def test_recorded_accuracies_are_those_of_a_trained_model():
 
 @pytest.mark.slow
 def test_a_different_corpus_is_refused_in_one_line(tmp_path):
-    _machine_task(load_bundled("code")[1])  # reads the corpus once, or skips
     model_dir = tmp_path / "model"
     shutil.copytree(bundled_model_dir("code"), model_dir)
     config = json.loads((model_dir / CONFIG_FILE).read_text())

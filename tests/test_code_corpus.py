@@ -168,7 +168,8 @@ def test_stdlib_module_yields_its_functions():
 @pytest.mark.slow
 def test_machine_corpus_builds_and_caches(tmp_path):
     # About 8-10 s on 2 shared cores (parsing ~730 stdlib files dominates), then ~0.3 s from cache.
-    corpus = load_corpus("", cache_dir=tmp_path, max_per_language=20000)
+    corpus = load_corpus("machine", cache_dir=tmp_path, max_per_language=20000)
+    assert corpus.source == "machine" and corpus.prefix_chars == 0
     langs = corpus.languages()
     assert langs["python"] > 5000
     if code_corpus.find_src_zip() is not None:
@@ -176,5 +177,5 @@ def test_machine_corpus_builds_and_caches(tmp_path):
     if code_corpus.find_npm() is not None:
         assert langs["javascript"] > 500
     start = time.perf_counter()
-    again = load_corpus("", cache_dir=tmp_path, max_per_language=20000)
+    again = load_corpus("machine", cache_dir=tmp_path, max_per_language=20000)
     assert time.perf_counter() - start < 5 and again.fingerprint == corpus.fingerprint

@@ -336,3 +336,33 @@ def test_from_meta_rebuilds_the_training_task_with_its_vocabulary(corpus_dir, tm
     assert loose.vocab == task.vocab
     with pytest.raises(IllusionsError, match="code task"):
         CodeTask.from_meta({"task": "dyck"})
+
+
+def test_data_command_reads_the_pinned_corpus_by_default_and_a_jsonl_one_when_given(corpus_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from illusions.cli import app
+    from illusions.tasks.code_corpus import pinned_corpus
+
+    runner = CliRunner()
+    small = ["--n-train", "40", "--n-eval", "8", "--cache-dir", str(tmp_path / "cache"), "--json"]
+    result = runner.invoke(app, ["data", "code", *small])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["config"]["corpus"] == "" and out["corpus_source"] == "pinned"
+    assert out["corpus_fingerprint"] == pinned_corpus().fingerprint
+    assert set(out["splits"]) == {"train", "iid", "deep_nesting", "java", "javascript"}
+    result = runner.invoke(app, ["data", "code", *small, "--corpus", str(corpus_dir)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["corpus_source"] == str(corpus_dir)
+    result = runner.invoke(app, ["data", "code", *small, "--corpus", str(tmp_path / "nowhere.jsonl")])
+    assert result.exit_code == 2 and result.stderr.startswith("error: corpus path") and result.stderr.count("\n") == 1
+    result = runner.invoke(app, ["data", "dyck", "--corpus", "machine"])
+    assert result.exit_code == 2 and "--corpus can only be used with the code task" in result.stderr
+
+
+def test_a_model_of_another_corpus_is_refused_with_what_to_do(corpus_dir, tmp_path):
+    meta = json.loads(json.dumps(CodeTask(_small(corpus_dir), cache_dir=tmp_path / "cache").meta()))
+    pinned = dict(meta, config=dict(meta["config"], corpus=""), corpus_fingerprint="0" * 64)
+    with pytest.raises(IllusionsError, match="the pinned corpus here has fingerprint .* another version of the pinned corpus"):
+        CodeTask.from_meta(pinned, cache_dir=tmp_path / "cache")

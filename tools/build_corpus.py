@@ -36,7 +36,7 @@ import sys
 import tarfile
 from pathlib import Path, PurePosixPath
 
-from illusions.io import atomic_write_bytes, atomic_write_json
+from illusions.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from illusions.tasks.code_corpus import (
     JS_MAX_FILE_BYTES,
     PINNED_MANIFEST,
@@ -56,6 +56,7 @@ from illusions.tasks.code_corpus import (
 # kept costs about 60 bytes of the shipped file.
 MAX_PER_LANGUAGE = {"python": 0, "java": 6000, "javascript": 6000}
 # Directories whose files are not used (test suites, and a Python package's vendored copies).
+NOTICES_FILE = "NOTICES.txt"
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__tests__"})
 
 
@@ -216,6 +217,16 @@ def package_files(source: Source, data: bytes) -> dict[str, bytes]:
     return out
 
 
+def licence_notice(source: Source, files: dict[str, bytes], copyrights: dict[str, str]) -> str:
+    """The package's licence text to ship beside the corpus (its LICENSE file, or Debian copyright)."""
+    if source.registry == "debian":
+        return copyrights[source.package]
+    names = sorted(n for n in files if "/" not in n and re.fullmatch(r"(?i)licen[cs]e(\.md|\.txt)?", n))
+    if not names:
+        raise BuildError(f"{source.label} ships no LICENSE file")
+    return files[names[0]].decode("utf-8", "replace").strip()
+
+
 def check_licence(source: Source, files: dict[str, bytes], copyrights: dict[str, str]) -> None:
     """Raise unless the package states the expected licence.
 
@@ -275,8 +286,8 @@ def cap(functions: list[Function], limit: int) -> list[Function]:
     return kept[:limit] if limit else kept
 
 
-def build(sources_dir: Path, *, say=print) -> tuple[bytes, dict[str, object]]:
-    """The corpus file's bytes and its manifest, from the archives in ``sources_dir``."""
+def build(sources_dir: Path, *, say=print) -> tuple[bytes, dict[str, object], str]:
+    """The corpus file's bytes, its manifest and its licence notices, from the archives in ``sources_dir``."""
     missing = [s for s in SOURCES if not (sources_dir / s.file_name).is_file()]
     if missing:
         raise BuildError(
@@ -285,6 +296,7 @@ def build(sources_dir: Path, *, say=print) -> tuple[bytes, dict[str, object]]:
         )
     by_language: dict[str, list[Function]] = {}
     copyrights: dict[str, str] = {}
+    notices: dict[str, list[str]] = {}  # licence text -> the packages it covers
     stats = []
     for source in SOURCES:
         data = (sources_dir / source.file_name).read_bytes()
@@ -293,6 +305,7 @@ def build(sources_dir: Path, *, say=print) -> tuple[bytes, dict[str, object]]:
             raise BuildError(f"{source.file_name} has sha256 {digest}, expected {source.sha256}")
         files = package_files(source, data)
         check_licence(source, files, copyrights)
+        notices.setdefault(licence_notice(source, files, copyrights), []).append(f"{source.package} {source.version}")
         n_files, functions = extract(source, files)
         by_language.setdefault(source.language, []).extend(functions)
         stats.append((source, n_files, functions))
@@ -302,14 +315,25 @@ def build(sources_dir: Path, *, say=print) -> tuple[bytes, dict[str, object]]:
         chosen = cap(functions, MAX_PER_LANGUAGE.get(language, 0))
         say(f"{language:<10} {len(chosen):6d} functions kept of {len(functions)}")
         kept.extend(chosen)
-    kept_paths = {f.path for f in kept}
-    records = []
-    for source, n_files, functions in stats:
-        used = sum(1 for f in functions if f.path in kept_paths)
-        records.append(source.record(n_files, used))
-    data = encode_pinned(kept, sources=records, built_with=f"Python {sys.version.split()[0]} ast")
+    built_with = f"Python {sys.version.split()[0]} ast"
+    # Encode once to learn which functions survive (the prefix deduplication), then record per
+    # package how many of its functions the file holds.
+    _, rows = decode_pinned(encode_pinned(kept, sources=[], built_with=built_with))
+    held: dict[str, int] = {}
+    for f in rows:
+        label = f.path.split(":", 1)[0]
+        held[label] = held.get(label, 0) + 1
+    records = [source.record(n_files, held.get(source.label, 0)) for source, n_files, _ in stats]
+    data = encode_pinned(kept, sources=records, built_with=built_with)
     header, decoded = decode_pinned(data)
-    return data, pinned_manifest(data, decoded, header)
+    parts = [
+        "Licence notices of the packages the pinned code corpus (code-corpus-v*.jsonl.gz) was extracted\n"
+        "from, as each package ships them (npm: its LICENSE file; Debian: its copyright file). Written by\n"
+        "tools/build_corpus.py; see README.md beside this file.\n"
+    ]
+    for text, labels in notices.items():
+        parts.append("=" * 78 + "\n" + "\n".join(labels) + "\n" + "=" * 78 + "\n\n" + text.strip() + "\n")
+    return data, pinned_manifest(data, decoded, header), "\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="compare with the corpus in --out instead of writing; exit 1 if they differ")
     args = parser.parse_args(argv)
     try:
-        data, manifest = build(args.sources)
+        data, manifest, notices = build(args.sources)
     except (BuildError, OSError, tarfile.TarError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -340,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if same_rows else 1
     atomic_write_bytes(target, data)
     atomic_write_json(args.out / PINNED_MANIFEST, manifest)
-    print(f"wrote {target} ({len(data):,} bytes, sha256 {manifest['sha256']}) and {PINNED_MANIFEST}")
+    atomic_write_text(args.out / NOTICES_FILE, notices)
+    print(f"wrote {target} ({len(data):,} bytes, sha256 {manifest['sha256']}), {PINNED_MANIFEST} "
+          f"and {NOTICES_FILE}")
     return 0
 
 

@@ -105,9 +105,10 @@ def data(
         ),
     ] = None,
     corpus: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
-            help="CodeSearchNet JSONL file or folder (.jsonl / .jsonl.gz); default: this machine's source.",
+            help="'machine' (this machine's Python stdlib, JDK src.zip, npm) or a CodeSearchNet JSONL "
+            "file or folder (.jsonl / .jsonl.gz); default: the pinned corpus shipped with illusions.",
             rich_help_panel=CODE,
         ),
     ] = None,
@@ -129,7 +130,7 @@ def data(
         if given and task_cls.name != owner:
             raise IllusionsError(f"{', '.join(given)} can only be used with the {owner} task")
     overrides = {"seed": seed, "n_train": n_train, "n_eval": n_eval, "min_distance": min_distance,
-                 "corpus": str(corpus) if corpus is not None else None}
+                 "corpus": corpus}
     config = _config(task_cls, overrides)
     t = task_cls(config, cache_dir=cache_dir) if cache_dir is not None else task_cls(config)
 
@@ -159,7 +160,9 @@ def data(
             s["acceptance"] = sampling[name]["acceptance"]
     cache = str(t.cache_path) if t.cache_path is not None else None
     meta = t.meta()
-    corpus_facts = {k: meta[k] for k in ("corpus_fingerprint", "corpus_languages", "deep_depth") if k in meta}
+    corpus_facts = {
+        k: meta[k] for k in ("corpus_source", "corpus_fingerprint", "corpus_languages", "deep_depth") if k in meta
+    }
     if as_json:
         typer.echo(
             json.dumps(

@@ -320,7 +320,7 @@ class CodeTask(DataSupport):
         Args:
             meta: the checkpoint's task metadata.
             cache_dir: as for the constructor.
-            strict: raise if this machine's corpus differs from the one the model was trained on.
+            strict: raise if the corpus here differs from the one the model was trained on.
 
         Raises:
             IllusionsError: ``meta`` is not from this task, or (strict) the corpus fingerprint differs.
