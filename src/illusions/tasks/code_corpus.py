@@ -160,14 +160,24 @@ def strip_indent(text: str) -> str:
     return normalize(text)
 
 
+def _order(f: Function) -> tuple[str, str, int]:
+    """The sort key of a function: its dataclass order (language, text, length) as a plain tuple,
+    which sorts several times faster than the generated ``__lt__``."""
+    return (f.language, f.text, f.length)
+
+
 def fingerprint(functions: Iterable[Function]) -> str:
     """sha256 over the sorted, deduplicated ``(language, text)`` pairs (NUL-separated).
 
     A function stored as a prefix (``length`` set) adds ``\\x01`` and its full length after its text,
     so the fingerprint of a corpus of whole functions is what it was before prefixes existed.
     """
+    return _fingerprint_sorted(sorted(set(functions), key=_order))
+
+
+def _fingerprint_sorted(functions: list[Function]) -> str:
     h = hashlib.sha256()
-    for f in sorted(set(functions)):
+    for f in functions:
         h.update(f.language.encode("utf-8") + b"\0" + f.text.encode("utf-8"))
         if f.length:
             h.update(b"\x01" + str(f.length).encode("ascii"))
@@ -196,7 +206,7 @@ def make_corpus(
     Returns:
         The corpus.
     """
-    unique = sorted(set(functions))
+    unique = sorted(set(functions), key=_order)
     if max_per_language > 0:
         by_lang: dict[str, list[Function]] = {}
         for f in unique:
@@ -207,8 +217,8 @@ def make_corpus(
                 fs = sorted(fs, key=lambda f: hashlib.sha256(f.text.encode("utf-8")).digest())
                 fs = fs[:max_per_language]
             unique.extend(fs)
-        unique.sort()
-    return Corpus(tuple(unique), fingerprint(unique), source, tuple(origins), prefix_chars)
+        unique.sort(key=_order)
+    return Corpus(tuple(unique), _fingerprint_sorted(unique), source, tuple(origins), prefix_chars)
 
 
 # ----------------------------------------------------------------------------- CodeSearchNet JSONL
@@ -591,10 +601,8 @@ def decode_pinned(data: bytes, *, where: str = "pinned corpus") -> tuple[dict[st
             )
         prefix = int(header["prefix_chars"])
         functions = []
-        for line in lines[1:]:
-            if not line:
-                continue
-            lang, path, n, text = json.loads(line)
+        for row in json.loads("[" + ",".join(line for line in lines[1:] if line) + "]"):
+            lang, path, n, text = row
             if not (isinstance(lang, str) and isinstance(path, str) and isinstance(text, str)):
                 raise ValueError("a row is not [language, path, length, text]")
             if int(n) < len(text) or len(text) > prefix or (int(n) > len(text) and len(text) != prefix):
