@@ -366,3 +366,10 @@ def test_a_model_of_another_corpus_is_refused_with_what_to_do(corpus_dir, tmp_pa
     pinned = dict(meta, config=dict(meta["config"], corpus=""), corpus_fingerprint="0" * 64)
     with pytest.raises(IllusionsError, match="the pinned corpus here has fingerprint .* another version of the pinned corpus"):
         CodeTask.from_meta(pinned, cache_dir=tmp_path / "cache")
+
+
+def test_a_model_saved_when_the_empty_corpus_named_the_machine_still_reads_the_machine(corpus_dir, tmp_path):
+    meta = json.loads(json.dumps(CodeTask(_small(corpus_dir), cache_dir=tmp_path / "cache").meta()))
+    old = dict(meta, config=dict(meta["config"], corpus=""), corpus_source="machine")
+    assert CodeTask.from_meta(old, strict=False).config.corpus == "machine"
+    assert CodeTask.from_meta(dict(old, corpus_source="pinned"), strict=False).config.corpus == ""

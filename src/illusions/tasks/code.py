@@ -331,6 +331,9 @@ class CodeTask(DataSupport):
         if saved[:3] != [PAD, BOS, UNK]:
             raise IllusionsError("model metadata holds a vocabulary that does not start with <pad>, <bos>, <unk>")
         config = CodeConfig.from_dict(dict(meta["config"]), source="the model's metadata")
+        if not config.corpus and meta.get("corpus_source") == MACHINE:
+            # Saved before the pinned corpus existed, when corpus = "" named the machine corpus.
+            config = config.replace(corpus=MACHINE)
         task = cls(config.replace(vocab_chars="".join(saved[3:])), cache_dir=cache_dir)
         want = meta.get("corpus_fingerprint")
         if strict and want and task.corpus().fingerprint != want:
