@@ -53,8 +53,8 @@ SNIPPET = '''def count_words(lines, min_length=1):
     return counts'''
 # Regenerate (only when the bundled weights change) with:
 #   model, meta = load_bundled("code"); print(_snippet_figures(model, meta["task"]["vocab"]))
-SNIPPET_CORRECT = 166  # of 223 characters
-SNIPPET_LOSS = 0.9129
+SNIPPET_CORRECT = 164  # of 223 characters
+SNIPPET_LOSS = 0.9723
 
 
 def _snippet_figures(model: HookedTransformer, vocab: list[str]) -> tuple[int, float]:
