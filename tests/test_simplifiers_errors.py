@@ -136,6 +136,8 @@ def test_every_method_declares_its_sweep_and_targets():
         "resid-svd": ("rank", ("layers", "resid")),
         "resid-kmeans": ("k", ("layers", "resid")),
         "weight-svd": ("rank", ("layers", "heads", "qk")),
+        "sae": ("width", ("layers", "heads", "resid")),
+        "transcoder": ("width", ("layers",)),
     }
     for name, (param, _) in declared.items():
         fields = {f.name for f in dataclasses.fields(get_simplifier(name))}
