@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	# torch first, pinned exactly: the machine's local CPU build satisfies it; an open range would
 	# pull a CUDA build of several GB.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,slurm]"
+	$(PY) -m pip install -q -e ".[dev,slurm,sae]"
 	touch $@
 
 setup: $(VENV)/.installed

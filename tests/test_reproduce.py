@@ -192,3 +192,28 @@ def test_parallel_workers_write_the_same_runs_as_one_process(env, tmp_path):
     assert len(serial) >= 2  # a pool with one job would run it in this process
     for a, b in zip(serial, parallel, strict=True):
         assert (a.out / "metrics.csv").read_bytes() == (b.out / "metrics.csv").read_bytes()
+
+
+def test_sparse_dictionary_recipe_feeds_its_claims_and_tables(env, tmp_path):
+    pytest.importorskip("sae_lens", reason="the sae simplifier needs sae-lens (pip install '.[sae]')")
+    _, assets, _ = env
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "dyck-sae-resid-L1.toml").write_text(
+        'name = "dyck-sae-resid-L1"\ndescription = "sae sweep"\nclaim = "c"\n[analysis]\ntask = "dyck"\n'
+        'simplifier = "sae"\nwidths = [8, 16, 32]\ntop_k = 4\nsae_steps = 10\nlayers = [1]\nbreakdowns = []\n'
+        + COMMON)
+    loaded = rep.load_recipes(recipes)
+    jobs = rep.plan(loaded, tmp_path / "runs", assets=assets)
+    manifest = rep.run_all(jobs, tmp_path / "runs", report=False)
+    runs = res.load_runs(loaded, tmp_path / "runs")
+    sae = runs["dyck-sae-resid-L1"]
+    assert res.has_sparse(sae) and sae.proxies() == ["sae(width=8)", "sae(width=16)", "sae(width=32)"]
+    ev = sae.stat("sae(width=8)", "iid", "explained_variance")
+    assert ev.n == 2 and ev.mean <= 1
+    doc = res.render(runs, loaded, manifest=manifest, figures={})
+    assert "In-distribution reconstruction quality predicts" in doc and "`dyck-sae-resid-L1`: mean rho" in doc
+    assert "| split | explained variance | normalised MSE | L0 | dead latents | latents new vs training |" in doc
+    assert "iid explained var" in doc
+    # Reused as they are: the spec a run records reads back equal.
+    assert all(rep.is_current(job) for job in jobs)

@@ -107,7 +107,7 @@ def test_make_simplifier_by_name():
 @pytest.mark.parametrize(
     ("name", "params", "message"),
     [
-        ("pca", {}, r"unknown simplifier 'pca'; known simplifiers: kmeans, onehot, resid-kmeans, resid-svd, svd, weight-svd"),
+        ("pca", {}, r"unknown simplifier 'pca'; known simplifiers: kmeans, onehot, resid-kmeans, resid-svd, sae, svd, transcoder, weight-svd"),
         ("svd", {"ranks": 4}, r"unknown SVD key\(s\) ranks; known keys: rank, centered, basis, targets"),
         ("svd", {"rank": "four"}, r"SVD.rank must be an integer, got 'four'"),
         ("svd", {"centered": "maybe"}, r"SVD.centered must be true or false"),
@@ -136,6 +136,8 @@ def test_every_method_declares_its_sweep_and_targets():
         "resid-svd": ("rank", ("layers", "resid")),
         "resid-kmeans": ("k", ("layers", "resid")),
         "weight-svd": ("rank", ("layers", "heads", "qk")),
+        "sae": ("width", ("layers", "heads", "resid")),
+        "transcoder": ("width", ("layers",)),
     }
     for name, (param, _) in declared.items():
         fields = {f.name for f in dataclasses.fields(get_simplifier(name))}

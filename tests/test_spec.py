@@ -82,7 +82,7 @@ def test_each_simplifier_gets_only_the_options_it_takes():
         (["analyze", "dyck", "--simplify", "kmeans", "--uncentered"], "error: --uncentered does not apply to kmeans"),
         (["analyze", "dyck", "--max-seqs", "-1"], "error: --max-seqs must be at least 0, got -1"),
         (["sweep", "dyck", "--ranks", "0,2"], "error: --ranks must be at least 1, got 0"),
-        (["sweep", "dyck"], "error: give --ranks or --clusters"),
+        (["sweep", "dyck"], "error: give --ranks, --clusters or --widths"),
         (["analyze", "dyck", "--heads", "1,1"], "error: --heads lists a value twice"),
     ],
 )

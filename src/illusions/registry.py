@@ -87,6 +87,10 @@ def _fill() -> None:
                         "residual stream replaced by the nearest of k centroids")
     register_simplifier("weight-svd", "illusions.simplifiers.weight_svd:WeightSVD",
                         "each head's query-key bilinear form truncated to rank r (data-free)")
+    register_simplifier("sae", "illusions.simplifiers.sae:SAE",
+                        "residual stream or attention output through a sparse autoencoder")
+    register_simplifier("transcoder", "illusions.simplifiers.sae:Transcoder",
+                        "an MLP replaced by a sparse transcoder of its input")
 
 
 _fill()

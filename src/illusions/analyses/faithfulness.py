@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from illusions.analyses.sparse import sparse_stats
 from illusions.errors import IllusionsError
 from illusions.metrics import js_divergence, kl_divergence
 from illusions.scoring import gather_scored, iter_batches, restricted_argmax
@@ -35,7 +36,8 @@ class Records:
 
     ``seq`` indexes the evaluated sequences of the split (``rows[seq]`` is the split row);
     ``attention_jsd`` is NaN when the proxy leaves every attention pattern unchanged by construction
-    (no targeted head).
+    (no targeted head). ``sparse`` holds the per-sequence dictionary statistics of a sparse
+    dictionary proxy (:class:`illusions.analyses.sparse.SparseStats`), None for other proxies.
     """
 
     rows: np.ndarray
@@ -47,6 +49,7 @@ class Records:
     attention_jsd: np.ndarray
     kl: np.ndarray
     meta: Mapping[str, np.ndarray]
+    sparse: Any = None
 
     def __len__(self) -> int:
         return int(self.seq.shape[0])
@@ -99,7 +102,7 @@ def sweep_param(proxy: Proxy) -> tuple[str, Any]:
 
 
 def proxy_label(proxy: Proxy) -> str:
-    """A short readable name: ``svd(rank=4)``, ``kmeans(k=16)``, ``onehot``."""
+    """A short readable name: ``svd(rank=4)``, ``kmeans(k=16)``, ``sae(width=256)``, ``onehot``."""
     param, value = sweep_param(proxy)
     return f"{proxy.simplifier}({param}={value})" if param else proxy.simplifier
 
@@ -177,9 +180,12 @@ def analyze(
     for i, name in enumerate(eval_splits):
         if progress:
             progress(name, i, len(eval_splits))
-        for j, rec in enumerate(evaluate_split(model, splits[name], split_rows[name], proxies,
-                                               candidates=candidates, batch_size=batch_size)):
-            records[(name, j)] = rec
+        evaluated = evaluate_split(model, splits[name], split_rows[name], proxies, candidates=candidates,
+                                   batch_size=batch_size)
+        # Sparse dictionaries also report their reconstruction and latents on the split.
+        stats = sparse_stats(model, splits[name], split_rows[name], proxies, batch_size=batch_size)
+        for j, rec in enumerate(evaluated):
+            records[(name, j)] = rec if stats[j] is None else dataclasses.replace(rec, sparse=stats[j])
     if progress:
         progress("done", len(eval_splits), len(eval_splits))
     return AnalysisResult(proxies, proxy_labels(proxies), split_rows, records, fit_rows)

@@ -359,6 +359,9 @@ def _records_npz(result: Any) -> bytes:
             arrays[prefix + field] = getattr(rec, field)
         for k, v in rec.meta.items():
             arrays[prefix + "meta/" + k] = v
+        if rec.sparse is not None:
+            for k, v in rec.sparse.arrays().items():
+                arrays[prefix + "sparse/" + k] = v
     for split, rows in result.split_rows.items():
         arrays[f"{split}/evaluated_rows"] = rows
     arrays["fit_rows"] = result.fit_rows

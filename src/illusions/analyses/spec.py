@@ -24,10 +24,14 @@ BREAKDOWNS = ("key_depth", "depth", "distance", "length", "category")
 CUSTOM_TASK = "custom"
 
 # The spec field that holds the values of each simplifier's swept parameter (``sweep_param``).
-SWEEP_FIELDS = {"rank": "ranks", "k": "clusters"}
+SWEEP_FIELDS = {"rank": "ranks", "k": "clusters", "width": "widths"}
+# The options of the sparse dictionaries (sae, transcoder). They are left out of the spec's JSON while
+# they hold their defaults under a simplifier that does not take them, so the runs of every other
+# method record the same spec as before these fields existed (and earlier runs still count as current).
+SPARSE_FIELDS = ("site", "architecture", "top_k", "l1", "sae_steps", "sae_from")
 # Spec fields passed to a simplifier that has a field of the same name; ``seed`` is also the
 # evaluation sampling seed, so it is never refused.
-SIMPLIFIER_FIELDS = ("centered", "basis", "seed")
+SIMPLIFIER_FIELDS = ("centered", "basis", "seed", *SPARSE_FIELDS)
 # Spec fields that become the simplifier's Targets (spec name -> Targets key).
 TARGET_FIELDS = {"layers": "layers", "heads": "heads", "target": "qk", "resid": "resid"}
 
@@ -60,6 +64,11 @@ class AnalysisSpec(Config):
     ``checkpoints`` (instead of ``model``) is a training run saved with ``--save-every`` (or its
     ``checkpoints/`` folder): the analysis runs once per step checkpoint
     (:mod:`illusions.analyses.checkpoints`).
+
+    ``widths`` holds the dictionary sizes of ``sae`` / ``transcoder`` (their ``sweep_param`` is
+    ``width``); ``site`` (``resid`` or ``z``, sae only), ``architecture`` (standard, topk or
+    jumprelu), ``top_k``, ``l1``, ``sae_steps`` and ``sae_from`` (a dictionary saved by SAELens) are
+    their options, with their defaults.
     """
 
     task: str = "dyck"
@@ -85,9 +94,16 @@ class AnalysisSpec(Config):
     data: str = ""
     candidates: str = ""
     checkpoints: str = ""
+    widths: tuple[int, ...] = ()
+    site: str = "resid"
+    architecture: str = "topk"
+    top_k: int = 16
+    l1: float = 1.0
+    sae_steps: int = 1000
+    sae_from: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("ranks", "clusters", "layers", "heads", "splits", "breakdowns"):
+        for name in ("ranks", "clusters", "widths", "layers", "heads", "splits", "breakdowns"):
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
@@ -97,7 +113,7 @@ class AnalysisSpec(Config):
             if getattr(self, name) not in table:
                 raise InvalidOption(name, f"unknown {name} {getattr(self, name)!r}; known {name}s: "
                                     f"{', '.join(sorted(table))}", whole=True)
-        for name in ("ranks", "clusters"):
+        for name in ("ranks", "clusters", "widths"):
             _check_ints(name, getattr(self, name), low=1)
         for name in ("layers", "heads"):
             _check_ints(name, getattr(self, name), low=0)
@@ -164,11 +180,19 @@ class AnalysisSpec(Config):
                                 "--save-every N` writes)")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON data of the spec; ``checkpoints`` only when set, so runs of one model record the same
-        spec as before the field existed (and earlier runs still count as current)."""
+        """JSON data of the spec; ``checkpoints`` only when set, ``widths`` and the sparse dictionary
+        options (:data:`SPARSE_FIELDS`) only when set or taken by the simplifier, so runs of one model
+        and of the other methods record the same spec as before these fields existed (and earlier runs
+        still count as current)."""
         out = super().to_dict()
         if not self.checkpoints:
             del out["checkpoints"]
+        fields = {f.name for f in dataclasses.fields(registry.get_simplifier(self.simplifier))}
+        default = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in ("widths", *SPARSE_FIELDS):
+            taken = name in fields or (name == "widths" and "width" in fields)
+            if not taken and getattr(self, name) == default[name]:
+                del out[name]
         return out
 
     def sweep_values(self) -> tuple[str, tuple[int, ...]]:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from illusions.analyses.faithfulness import METRICS, AnalysisResult, Records, sweep_param
+from illusions.analyses.sparse import estimates as sparse_estimates
 from illusions.analyses.spec import BREAKDOWNS
 from illusions.metrics import Resampler
 from illusions.tasks.base import PositionGroup
@@ -120,6 +121,12 @@ def summarize(
             n_seqs = int(np.unique(rec.seq).shape[0])
             rows += _overall_rows({**base, "split": split, "group_by": "all", "group": "all"}, points[0],
                                   lo[0], hi[0], gaps, len(rec), n_seqs)
+            if rec.sparse is not None:  # sparse dictionary proxies: reconstruction and latents
+                n_tokens = int(rec.sparse.n_tokens.sum())
+                for metric, (value, low, high) in sparse_estimates(rec.sparse, sampler).items():
+                    rows.append(_complete({**base, "split": split, "group_by": "all", "group": "all",
+                                           "metric": metric, "value": value, "ci_low": low, "ci_high": high,
+                                           "n_positions": n_tokens, "n_sequences": len(rec.sparse.n_tokens)}))
             for col in breakdowns:
                 if not len(rec) or (col != "length" and col not in rec.meta):
                     continue

@@ -1,7 +1,8 @@
 """`illusions analyze` and `illusions sweep`: faithfulness of a simplified proxy per split.
 
 Both commands share one options definition (:data:`OPTIONS`); they differ only in how the swept
-parameter's values are given (``--rank 4`` / ``--ranks 1,2,4``). Each option maps to one
+parameter's values are given (``--rank 4`` / ``--ranks 1,2,4``; ``--width`` / ``--widths`` for the sparse
+dictionaries). Each option maps to one
 :class:`~illusions.analyses.run.AnalysisSpec` field, the spec checks every value, and its errors name
 parameters, which :func:`_spec` turns back into the flags the user typed. ``--device`` and
 ``--allow-tf32`` (both commands) and ``--engine`` with its Slurm options (``sweep``) say where the
@@ -85,6 +86,16 @@ OPTIONS = (
            True),
     Option("device", "--device", DeviceOpt, "cpu"),
     Option("allow_tf32", "--allow-tf32", TF32Opt, False),
+    _opt("site", str, SPEC["site"], "--site",
+         "sae: the residual stream ('resid', see --resid) or the targeted heads' attention output ('z').", "site"),
+    _opt("architecture", str, SPEC["architecture"], "--architecture",
+         "sae/transcoder: standard, topk or jumprelu (SAELens).", "architecture"),
+    _opt("k", int, SPEC["top_k"], "--k", "sae/transcoder topk: active latents per position.", "top_k"),
+    _opt("l1", float, SPEC["l1"], "--l1", "sae/transcoder standard and jumprelu: sparsity coefficient.", "l1"),
+    _opt("sae_steps", int, SPEC["sae_steps"], "--sae-steps", "sae/transcoder: training steps.", "sae_steps"),
+    _opt("sae_from", Path | None, None, "--sae-from",
+         "sae/transcoder: a dictionary saved by SAELens (cfg.json + safetensors) instead of training one.",
+         "sae_from"),
 )
 
 # Where a sweep runs (sweep only): this machine, or one Slurm job for the whole sweep.
@@ -103,10 +114,13 @@ SLURM_OPTIONS = (
 ANALYZE_VALUES = (
     _opt("rank", int | None, None, "--rank", "Rank for svd, resid-svd and weight-svd.", "ranks"),
     _opt("clusters", int | None, None, "--clusters", "k for kmeans and resid-kmeans.", "clusters"),
+    _opt("width", int | None, None, "--width", "Dictionary size (latents) for sae and transcoder.", "widths"),
 )
 SWEEP_VALUES = (
     _opt("ranks", str | None, None, "--ranks", "Comma-separated ranks, e.g. 1,2,4,8,16.", "ranks"),
     _opt("clusters", str | None, None, "--clusters", "Comma-separated k, e.g. 2,4,8,16,32,64.", "clusters"),
+    _opt("widths", str | None, None, "--widths", "Comma-separated dictionary sizes for sae/transcoder, e.g. 64,128,256.",
+         "widths"),
     _opt("over_checkpoints", str | None, None, "--over-checkpoints",
          "Run the analysis on every step checkpoint of a training run saved with `illusions train "
          "--save-every N` (the run folder or its checkpoints/); writes one run per step and a summary "
@@ -136,7 +150,7 @@ def _heads(text: str) -> tuple[int, ...]:
 
 def _field_value(option: Option, value: Any, sweep: bool) -> Any:
     """The spec value of an option as typed on the command line."""
-    if option.field in ("ranks", "clusters"):
+    if option.field in ("ranks", "clusters", "widths"):
         if value is None:
             return ()
         return _int_list(value, option.flag) if sweep else (value,)
@@ -144,7 +158,7 @@ def _field_value(option: Option, value: Any, sweep: bool) -> Any:
         return _heads(value)
     if option.name == "uncentered":
         return not value
-    if option.name in ("model", "data", "candidates", "over_checkpoints"):
+    if option.name in ("model", "data", "candidates", "over_checkpoints", "sae_from"):
         return str(value) if value else ""
     if option.field in ("layers", "splits"):
         return tuple(value or ())
@@ -157,8 +171,8 @@ def _spec(task: str, given: dict[str, Any], values: tuple[Option, ...], sweep: b
 
     options = values + OPTIONS
     fields = {o.field: _field_value(o, given[o.name], sweep) for o in options if o.field}
-    if sweep and not (fields["ranks"] or fields["clusters"] or fields["checkpoints"]):
-        fail("give --ranks or --clusters (the values to sweep) or --over-checkpoints")
+    if sweep and not (fields["ranks"] or fields["clusters"] or fields["widths"] or fields["checkpoints"]):
+        fail("give --ranks, --clusters or --widths (the values to sweep) or --over-checkpoints")
     flags = {o.field: o.flag for o in options if o.field} | {"task": "TASK"}
     try:
         return AnalysisSpec(task=task, **fields)

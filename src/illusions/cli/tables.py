@@ -107,6 +107,38 @@ def print_summary(run: Any, console: Console | None = None) -> None:
     if grouped:
         note += " " + _groups_note(run, grouped)
     console.print(f"[dim]{note}[/dim]")
+    if any(r["metric"] == "explained_variance" for r in rows):
+        print_sparse(rows, proxies, console)
+
+
+SPARSE_COLUMNS = (("explained_variance", "explained var", 3), ("normalized_mse", "norm. MSE", 3),
+                  ("l0", "L0", 1), ("dead_fraction", "dead latents", 3), ("new_latent_fraction", "new latents", 3))
+
+
+def print_sparse(rows: list[dict[str, Any]], proxies: list[str], console: Console) -> None:
+    """Per split: the sparse dictionary's reconstruction of the replaced activation and its latents."""
+    by = {(r["proxy"], r["split"], r["metric"]): r for r in rows}
+    table = Table(title="sparse dictionary on each split (all token positions)", title_justify="left")
+    if len(proxies) > 1:
+        table.add_column("proxy")
+    table.add_column("split")
+    table.add_column("tokens", justify="right")
+    for _, header, _ in SPARSE_COLUMNS:
+        table.add_column(header, justify="right", no_wrap=True)
+    for proxy in proxies:
+        for split in dict.fromkeys(r["split"] for r in rows if r["proxy"] == proxy):
+            m = {key: by.get((proxy, split, key)) for key, _, _ in SPARSE_COLUMNS}
+            if m["explained_variance"] is None:
+                continue
+            cells = [split, str(int(m["explained_variance"]["n_positions"]))]
+            cells += [_ci(m[key]["value"], m[key]["ci_low"], m[key]["ci_high"], digits) for key, _, digits in SPARSE_COLUMNS]
+            table.add_row(*([proxy] if len(proxies) > 1 else []), *cells)
+        if len(proxies) > 1:
+            table.add_section()
+    console.print(table)
+    console.print("[dim]explained variance of the replaced activation (1 - residual / variance on the split); "
+                  "norm. MSE = residual / |x|^2; L0: active latents per position; dead: share of latents never "
+                  "active on the split; new: share active on the split but never on the fitting data.[/dim]")
 
 
 def _groups_note(run: Any, grouped: list[dict[str, Any]]) -> str:

@@ -92,6 +92,7 @@ def read_records(path: Path) -> tuple[dict[tuple[str, int], Any], dict[str, np.n
 def _records_of(arrays: dict[str, np.ndarray]) -> tuple[dict[tuple[str, int], Any], dict[str, np.ndarray],
                                                          np.ndarray, list[str]]:
     from illusions.analyses.faithfulness import Records
+    from illusions.analyses.sparse import SparseStats
 
     labels = json.loads(str(arrays["labels"]))
     split_rows: dict[str, np.ndarray] = {}
@@ -111,6 +112,8 @@ def _records_of(arrays: dict[str, np.ndarray]) -> tuple[dict[tuple[str, int], An
             rows=f["rows"], seq=seq, pos=f["pos"], target=f["target"], original_pred=f["original_pred"],
             proxy_pred=f["proxy_pred"], attention_jsd=f["attention_jsd"], kl=f["kl"],
             meta={k.removeprefix("meta/"): v for k, v in f.items() if k.startswith("meta/")},
+            sparse=SparseStats.from_arrays({k.removeprefix("sparse/"): v for k, v in f.items()
+                                            if k.startswith("sparse/")}) if "sparse/err" in f else None,
         )
     # npz keys come back sorted; the evaluation order is the one metrics.json lists.
     return records, split_rows, arrays["fit_rows"], labels

@@ -199,7 +199,8 @@ def summary_tables(rows: Sequence[dict[str, Any]], splits: Sequence[str], proxie
             "those positions only (positions in other bins are left out of both sides)."
             + (" A row <i>split (group)</i> holds only that split's positions in a group the task names (for "
                "Dyck: closers whose opener is deeper than the training depth); its gaps compare it with the "
-               f"whole of {esc(reference)}." if grouped else "") + "</p>")
+               f"whole of {esc(reference)}." if grouped else "") + "</p>"
+            + sparse_table(cell, splits, proxies))
 
 
 def _coverage_cell(cov: Any) -> str:
@@ -207,6 +208,34 @@ def _coverage_cell(cov: Any) -> str:
         return "-"
     excluded = 1.0 - cov
     return f"{cov:.0%}" + (f" ({excluded:.1%} excluded)" if excluded >= 0.0005 else "")
+
+
+SPARSE_COLUMNS = (("explained_variance", "explained variance", 3), ("normalized_mse", "normalised MSE", 4),
+                  ("l0", "L0 (active latents)", 2), ("dead_fraction", "dead latents", 3),
+                  ("new_latent_fraction", "latents new vs fit data", 3))
+
+
+def sparse_table(cell: dict[tuple[str, str, str], dict[str, Any]], splits: Sequence[str],
+                 proxies: Sequence[str]) -> str:
+    """The sparse dictionary table (only for runs of ``sae``/``transcoder``; empty otherwise)."""
+    many = len(proxies) > 1
+    body = []
+    for proxy in proxies:
+        for split in splits:
+            m = {k: cell.get((proxy, split, k)) for k, _, _ in SPARSE_COLUMNS}
+            if m["explained_variance"] is None:
+                continue
+            body.append(([esc(proxy)] if many else []) + [esc(split), str(int(m["explained_variance"]["n_positions"]))]
+                        + [fmt_ci(m[k], digits) for k, _, digits in SPARSE_COLUMNS])
+    if not body:
+        return ""
+    table = _table((["proxy"] if many else []) + ["split", "tokens"] + [h for _, h, _ in SPARSE_COLUMNS], body,
+                   left=2 if many else 1)
+    return ("<h3>Sparse dictionary on each split (all token positions, 95% bootstrap intervals)</h3>" + table
+            + "<p class=note>Explained variance of the replaced activation on the split (1 - residual sum of "
+            "squares / the split's variance about its own mean); normalised MSE = residual / sum of |x|^2; L0: "
+            "active latents per position; dead: share of latents never active on the split; new: share of "
+            "latents active on the split but never on the data the dictionary was fitted on.</p>")
 
 
 def figure(fig: StaticFigure, caption: str) -> str:

@@ -210,10 +210,15 @@ def sweep_figure(rows: Sequence[dict[str, Any]], splits: Sequence[str]) -> Stati
         param, values = "proxy", [float(i) for i in range(len(labels))]
         position = {lab: float(i) for i, lab in enumerate(labels)}
     colors = split_colors(splits)
-    panels = (("agreement", "agreement"), ("attention_jsd", "attention JSD (bits)"),
-              ("proxy_accuracy", "accuracy"))
-    fig = _new_figure(12.0, 3.6 if numeric else 4.2)
-    axes = fig.subplots(1, 3)
+    panels: tuple[tuple[str, str], ...] = (("agreement", "agreement"), ("attention_jsd", "attention JSD (bits)"),
+                                           ("proxy_accuracy", "accuracy"))
+    if any(r["metric"] == "explained_variance" for r in overall):  # sparse dictionaries: their reconstruction
+        panels += (("explained_variance", "explained variance (all positions)"),)
+    # A proxy that changes no attention head directly has no JSD to draw.
+    panels = tuple(p for p in panels if p[0] != "attention_jsd"
+                   or any(r["metric"] == p[0] and _finite(r["value"]) for r in overall))
+    fig = _new_figure(4.0 * len(panels), 3.6 if numeric else 4.2)
+    axes = fig.subplots(1, len(panels))
     for ax, (metric, label) in zip(axes, panels, strict=True):
         for i, split in enumerate(splits):
             mine = sorted((r for r in overall if r["split"] == split and r["metric"] == metric
@@ -242,8 +247,9 @@ def sweep_figure(rows: Sequence[dict[str, Any]], splits: Sequence[str]) -> Stati
         ax.set_xlabel(param)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[2].set_title("proxy (solid) vs original (dotted)" if numeric else "proxy (points) vs original (dotted)",
-                      fontsize=9)
+    accuracy_axis = axes[[metric for metric, _ in panels].index("proxy_accuracy")]
+    accuracy_axis.set_title("proxy (solid) vs original (dotted)" if numeric else "proxy (points) vs original (dotted)",
+                            fontsize=9)
     if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize=8)
     return render(fig, "fig_sweep")

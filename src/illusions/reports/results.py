@@ -29,6 +29,9 @@ from illusions.analyses.summary import POSITION_GROUP, group_label
 
 FAITHFUL_IID = 0.95
 REFERENCE = "iid"
+# The sparse dictionary recipes and the rank correlation their 'predicts' claim asks for.
+SAE_RECIPES = ("dyck-sae-resid-L1", "dyck-sae-z-L1", "code-sae-resid-L1")
+RANK_AGREEMENT = 0.8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +165,12 @@ def bounds_of(metric: str, field: str = "value") -> tuple[float, float]:
         return (0.0, 1.0)  # bits
     if metric == "kl" and field == "value":
         return (0.0, math.inf)
+    if field == "value" and metric in ("dead_fraction", "new_latent_fraction"):
+        return (0.0, 1.0)
+    if field == "value" and metric in ("normalized_mse", "l0"):
+        return (0.0, math.inf)
+    if field == "value" and metric == "explained_variance":
+        return (-math.inf, 1.0)
     return (-math.inf, math.inf)
 
 
@@ -244,6 +253,19 @@ CLAIMS = (
           "shows the same in- vs out-of-distribution gap.", ("dyck-weight-svd-L1",), "gap", beyond=True),
     Claim("resid", "A low-rank (PCA) proxy of the residual stream entering layer 1 shows the same gap.",
           ("dyck-resid-svd",), "gap", beyond=True),
+    Claim("sae", "A sparse autoencoder (SAELens TopK, 16 active latents, no error term) in place of the residual "
+          "stream entering layer 1 or of layer 1's attention output, trained on training activations, matches "
+          "the model in distribution yet diverges out of distribution; likewise on code.", SAE_RECIPES, "gap",
+          beyond=True),
+    Claim("sae_predicts", "In-distribution reconstruction quality predicts out-of-distribution faithfulness: "
+          f"across each width sweep, the SAE's iid explained variance rank-orders its agreement on every other "
+          f"split (Spearman rho >= {RANK_AGREEMENT} in every seed; *partly* when the mean rho over seeds and splits "
+          "is positive).", SAE_RECIPES, "sae_predicts", beyond=True),
+    Claim("sae_direction", "Where does the SAE proxy under- or over-state the model's generalization (accuracy "
+          "change vs length-matched iid, at each sweep's reported width)?", SAE_RECIPES, "sae_direction",
+          beyond=True),
+    Claim("sae_length", "Do the SAE proxies' gaps survive a length-matched in-distribution control?", SAE_RECIPES,
+          "length", beyond=True),
 )
 
 
@@ -453,6 +475,69 @@ def judge_length(all_runs: Sequence[RecipeRuns]) -> tuple[str, str]:
     return verdict, text
 
 
+def _spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (NaN when either side is constant or has fewer than 3 values)."""
+    from scipy.stats import spearmanr
+
+    if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
+        return float("nan")
+    return float(spearmanr(x, y).statistic)
+
+
+def judge_sae_predicts(all_runs: Sequence[RecipeRuns]) -> tuple[str, str]:
+    """Per recipe and OOD split: across widths, does iid explained variance rank-order the split's agreement?"""
+    parts, rhos = [], []
+    for runs in all_runs:
+        proxies = runs.proxies()
+        cells = []
+        for split in ood_splits(runs):
+            per_seed = []
+            for seed in runs.seeds:
+                ev = [runs.row(seed, p, REFERENCE, "explained_variance") for p in proxies]
+                agree = [runs.row(seed, p, split, "agreement") for p in proxies]
+                if all(r is not None for r in ev + agree):
+                    per_seed.append(_spearman([r["value"] for r in ev], [r["value"] for r in agree]))
+            if per_seed:
+                rhos.append(per_seed)
+                cells.append(f"`{split}` {np.nanmean(per_seed):+.2f}" if np.isfinite(per_seed).any()
+                             else f"`{split}` n/a")
+        proxy = runs.selected()
+        iid_ev = runs.stat(proxy, REFERENCE, "explained_variance")
+        splits = ood_splits(runs)
+        if not cells or not iid_ev.values or not splits:
+            continue
+        worst = min(splits, key=lambda s: runs.stat(proxy, s, "agreement", "gap_vs_matched").mean)
+        parts.append(f"`{runs.name}`: mean rho {', '.join(cells)}; at {_param_text(runs, proxy)} iid explained "
+                     f"variance {iid_ev.fmt()}, on `{worst}` {runs.stat(proxy, worst, 'explained_variance').fmt()} "
+                     f"(agreement {runs.stat(proxy, REFERENCE, 'agreement').fmt()} on iid, "
+                     f"{runs.stat(proxy, worst, 'agreement').fmt()} on `{worst}`)")
+    if not rhos:
+        return "not run", "no sparse dictionary runs with explained variance"
+    flat = [r for cell in rhos for r in cell]
+    if all(np.isfinite(r) and r >= RANK_AGREEMENT for r in flat):
+        verdict = "reproduced"
+    elif np.isfinite(flat).any() and float(np.nanmean(flat)) > 0:
+        verdict = "partly"
+    else:
+        verdict = "not reproduced"
+    return verdict, "; ".join(parts)
+
+
+def judge_sae_direction(all_runs: Sequence[RecipeRuns]) -> tuple[str, str]:
+    """Which OOD splits the reported SAE proxies under- or over-state generalization on, in every seed."""
+    rows = [(runs, r) for runs in all_runs for r in direction_rows(runs, [runs.selected()])]
+    under = [(runs, r) for runs, r in rows if r["call"] == "under-states"]
+    over = [(runs, r) for runs, r in rows if r["call"] == "over-states"]
+
+    def cells(group: list[tuple[RecipeRuns, dict[str, Any]]]) -> str:
+        return ", ".join(f"`{runs.name}`/`{r['split']}` ({r['matched'].fmt(3, signed=True)})" for runs, r in group) or "none"
+
+    verdict = ("both directions" if under and over else "under-states" if under else "over-states" if over
+               else "faithful")
+    return verdict, (f"{len(under)} of {len(rows)} recipe x split cells under-state generalization in every seed: "
+                     f"{cells(under)}; {len(over)} over-state it: {cells(over)}")
+
+
 def judge(claim: Claim, runs: dict[str, RecipeRuns]) -> tuple[str, str]:
     present = [runs[name] for name in claim.recipes if name in runs]
     if not present:
@@ -473,6 +558,10 @@ def judge(claim: Claim, runs: dict[str, RecipeRuns]) -> tuple[str, str]:
         return judge_code_sources(present)
     if claim.kind == "length":
         return judge_length(present)
+    if claim.kind == "sae_predicts":
+        return judge_sae_predicts(present)
+    if claim.kind == "sae_direction":
+        return judge_sae_direction(present)
     raise ValueError(claim.kind)
 
 
@@ -512,11 +601,33 @@ def selected_table(runs: RecipeRuns, proxy: str) -> list[str]:
 
 def sweep_table(runs: RecipeRuns) -> list[str]:
     splits = runs.splits()
+    sparse = has_sparse(runs)
     rows = []
     for proxy in runs.proxies():
+        jsd = runs.stat(proxy, REFERENCE, "attention_jsd")
         rows.append([str(runs.param_of(proxy))] + [f"{runs.stat(proxy, s, 'agreement').mean:.3f}" for s in splits]
-                    + [f"{runs.stat(proxy, REFERENCE, 'attention_jsd').mean:.3f}"])
-    return _md_table([runs.param_name()] + [f"agree `{s}`" for s in splits] + ["iid JSD"], rows)
+                    + [f"{jsd.mean:.3f}" if jsd.values else "n/a"]
+                    + ([f"{runs.stat(proxy, REFERENCE, 'explained_variance').mean:.3f}"] if sparse else []))
+    return _md_table([runs.param_name()] + [f"agree `{s}`" for s in splits] + ["iid JSD"]
+                     + (["iid explained var"] if sparse else []), rows)
+
+
+SPARSE_COLUMNS = (("explained_variance", "explained variance"), ("normalized_mse", "normalised MSE"),
+                  ("l0", "L0"), ("dead_fraction", "dead latents"), ("new_latent_fraction", "latents new vs training"))
+
+
+def has_sparse(runs: RecipeRuns) -> bool:
+    """The recipe's proxies are sparse dictionaries (their rows carry reconstruction metrics)."""
+    first = runs.proxies()[0]
+    return runs.row(runs.seeds[0], first, REFERENCE, "explained_variance") is not None
+
+
+def sparse_table(runs: RecipeRuns, proxy: str) -> list[str]:
+    rows = []
+    for split in runs.splits():
+        rows.append([f"`{split}`"] + [runs.stat(proxy, split, metric).fmt(2 if metric == "l0" else 3)
+                                      for metric, _ in SPARSE_COLUMNS])
+    return _md_table(["split"] + [header for _, header in SPARSE_COLUMNS], rows)
 
 
 def direction_table(runs: RecipeRuns) -> list[str]:
@@ -688,6 +799,9 @@ def render(
         if f"sweep:{recipe.name}" in figures:
             lines += [f"![{recipe.name}]({figures[f'sweep:{recipe.name}']})", ""]
         lines += selected_table(r, proxy)
+        if has_sparse(r):
+            lines += [f"The sparse dictionary at `{proxy}` on each split (all token positions; mean across seeds):", ""]
+            lines += sparse_table(r, proxy)
         if len(r.proxies()) > 1:
             lines += ["Agreement per split over the sweep (mean across seeds):", ""]
             lines += sweep_table(r)
@@ -761,14 +875,20 @@ def write_figures(runs: dict[str, RecipeRuns], folder: Path, *, relative_to: Pat
         splits = r.splits()
         if len(proxies) > 1 and not r.recipe.spec.per_head:
             x = [r.param_of(p) for p in proxies]
-            fig = Figure(figsize=(10, 3.6))
-            axes = fig.subplots(1, 2)
+            named = {"agreement": "agreement", "attention_jsd": "attention JSD (bits)",
+                     "explained_variance": "explained variance (all positions)"}
+            metrics = ("agreement", "attention_jsd") + (("explained_variance",) if has_sparse(r) else ())
+            if not any(r.stat(p, s, "attention_jsd").values for p in proxies for s in splits):
+                metrics = tuple(m for m in metrics if m != "attention_jsd")  # no head changes directly
+            labels = tuple(named[m] for m in metrics)
+            fig = Figure(figsize=(5 * len(metrics), 3.6))
+            axes = fig.subplots(1, len(metrics), squeeze=False)[0]
             for split in splits:
-                for ax, metric in zip(axes, ("agreement", "attention_jsd"), strict=True):
+                for ax, metric in zip(axes, metrics, strict=True):
                     stats = [r.stat(p, split, metric) for p in proxies]
                     ax.errorbar(x, [s.mean for s in stats], yerr=_yerr(stats),
                                 marker="o", ms=3, capsize=2, label=split)
-            for ax, label in zip(axes, ("agreement", "attention JSD (bits)"), strict=True):
+            for ax, label in zip(axes, labels, strict=True):
                 ax.set_xscale("log", base=2)
                 ax.set_xlabel(r.param_name())
                 ax.set_ylabel(label)

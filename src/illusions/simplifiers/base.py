@@ -294,8 +294,12 @@ class Proxy:
 
     @property
     def fwd_hooks(self) -> list[tuple[str, Callable]]:
-        """``[(hook_name, hook)]`` for ``model.run_with_hooks(..., fwd_hooks=...)``/``model.hooks``."""
-        return [(h.hook_name, h) for h in self.hooks]
+        """``[(hook_name, hook)]`` for ``model.run_with_hooks(..., fwd_hooks=...)``/``model.hooks``.
+
+        A hook that acts at more than one point (a transcoder reads the MLP's input and replaces its
+        output) lists its pairs in ``hook_pairs()``."""
+        return [pair for h in self.hooks
+                for pair in (h.hook_pairs() if hasattr(h, "hook_pairs") else [(h.hook_name, h)])]
 
     @property
     def first_layer(self) -> int:
@@ -312,7 +316,8 @@ class Proxy:
         Query/key methods, one-hot and weight-svd: the targeted heads. Residual methods: every head
         of the first attention layer that reads the simplified stream, i.e. layer L for
         ``resid_pre`` of layer L, and layer L+1 for ``resid_mid``/``resid_post`` of layer L (none
-        when L is the last layer). Later layers change too, through their inputs.
+        when L is the last layer); likewise layer L+1 for an SAE on layer L's attention output and
+        a transcoder of layer L's MLP. Later layers change too, through their inputs.
         """
         return [tuple(p) for p in self.attention_heads]  # type: ignore[misc]
 

@@ -1,0 +1,167 @@
+"""Per-split statistics of sparse dictionary proxies (``sae``, ``transcoder``), with bootstrap intervals.
+
+For every evaluated sequence of a split, the clean model is run (up to the dictionaries' layers) and
+each dictionary of the proxy encodes the activation it replaces (a transcoder: the MLP's input, with
+the MLP's output as target ``x``). Over all non-PAD token positions ``t`` of the split (every position
+the proxy acts on, not only the scored ones), with ``x_hat`` the dictionary's output and ``c`` its
+codes:
+
+    explained_variance   1 - sum_t |x_t - x_hat_t|^2 / sum_t |x_t - mean(x)|^2   (mean over the split)
+    normalized_mse       sum_t |x_t - x_hat_t|^2 / sum_t |x_t|^2
+    l0                   mean_t #{i : c_ti != 0}            (active latents per position)
+    dead_fraction        share of the latents that are never active on the split
+    new_latent_fraction  share of the latents active on the split but never on the fitting data
+
+A proxy with several dictionaries (several layers) pools them: the sums run over all of them, the
+latents are the union of theirs, and ``l0`` adds their active latents. Activations are the clean
+model's, so each dictionary is judged on the inputs it was fitted to reproduce.
+
+Intervals: the split's bootstrap replicate weights over sequences (shared with the other metrics)
+resample the per-sequence sums; a latent counts as active in a replicate when it fires in a drawn
+sequence. ``dead_fraction`` is biased upwards in replicates (fewer distinct sequences), which the
+percentile interval shows as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from illusions.metrics import Resampler
+    from illusions.simplifiers.base import Proxy
+    from illusions.tasks.base import Split
+
+SPARSE_METRICS = ("explained_variance", "normalized_mse", "l0", "dead_fraction", "new_latent_fraction")
+FIELDS = ("n_tokens", "err", "sq", "x_sum", "l0", "active", "train_active")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseStats:
+    """Per-sequence sums of one proxy's dictionaries on one split (``S`` evaluated sequences).
+
+    Attributes:
+        n_tokens: ``[S]`` positions the dictionaries act on.
+        err: ``[S]`` sum of ``|x - x_hat|^2``.
+        sq: ``[S]`` sum of ``|x|^2``.
+        x_sum: ``[S, d]`` sum of ``x`` (``d``: all dictionaries' targets side by side).
+        l0: ``[S]`` sum over positions of the number of active latents.
+        active: ``[S, n_latents]`` bool, the latent fired somewhere in the sequence.
+        train_active: ``[n_latents]`` bool, the latent fired on the fitting data.
+    """
+
+    n_tokens: np.ndarray
+    err: np.ndarray
+    sq: np.ndarray
+    x_sum: np.ndarray
+    l0: np.ndarray
+    active: np.ndarray
+    train_active: np.ndarray
+
+    def values(self, weights: np.ndarray) -> dict[str, np.ndarray]:
+        """Each metric under sequence weights ``[B, S]`` (ones for the point estimate): ``[B]`` each."""
+        n = weights @ self.n_tokens.astype(np.float64)
+        err = weights @ self.err
+        sq = weights @ self.sq
+        mean_sq = np.einsum("bd,bd->b", weights @ self.x_sum, weights @ self.x_sum)  # |sum x|^2
+        with np.errstate(invalid="ignore", divide="ignore"):
+            variance = sq - mean_sq / n  # sum |x - mean|^2
+            active = ((weights > 0).astype(np.float64) @ self.active.astype(np.float64)) > 0  # [B, latents]
+            return {
+                "explained_variance": 1.0 - err / variance,
+                "normalized_mse": err / sq,
+                "l0": (weights @ self.l0) / n,
+                "dead_fraction": 1.0 - active.mean(axis=1),
+                "new_latent_fraction": (active & ~self.train_active[None, :]).mean(axis=1),
+            }
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f: getattr(self, f) for f in FIELDS}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> SparseStats:
+        return cls(**{f: np.asarray(arrays[f]) for f in FIELDS})
+
+
+def dictionary_hooks(proxy: Proxy) -> list[Any]:
+    """The proxy's sparse dictionary hooks (empty for every other kind of proxy)."""
+    from illusions.simplifiers.sae import DictionaryHook
+
+    # The engine needs only fwd_hooks, first_layer and heads of a proxy; one without hooks has none.
+    return [h for h in getattr(proxy, "hooks", ()) if isinstance(h, DictionaryHook)]
+
+
+def sparse_stats(
+    model: HookedTransformer,
+    split: Split,
+    rows: np.ndarray,
+    proxies: Sequence[Proxy],
+    *,
+    batch_size: int = 64,
+) -> list[SparseStats | None]:
+    """:class:`SparseStats` of each proxy on ``rows`` of ``split`` (None for proxies without dictionaries)."""
+    import torch
+
+    from illusions.activations import collect
+
+    hooks = [dictionary_hooks(p) for p in proxies]
+    names = sorted({name for group in hooks for h in group for name in h.stat_names})
+    if not names or not len(rows):
+        return [None] * len(proxies)
+    lengths = split.lengths[rows]
+    tokens = torch.as_tensor(split.tokens[rows, : int(lengths.max())])
+    acts = collect(model, tokens, names, torch.as_tensor(lengths), batch_size=batch_size)  # row-major
+    return [stats_of(group, acts, lengths) if group else None for group in hooks]
+
+
+def stats_of(hooks: Sequence[Any], acts: dict[str, Any], lengths: np.ndarray) -> SparseStats:
+    """:class:`SparseStats` of one proxy's dictionary hooks from collected activations.
+
+    Args:
+        hooks: the proxy's dictionary hooks.
+        acts: clean activations at their ``stat_names`` in ``collect``'s layout (``[n, ...]``, the
+            positions of sequence 0, then of sequence 1, ...).
+        lengths: ``[S]`` positions of each sequence (``lengths.sum() == n``).
+    """
+    import torch
+
+    from illusions.simplifiers.sae import encode_all
+
+    n_seqs = len(lengths)
+    seq = torch.repeat_interleave(torch.arange(n_seqs), torch.as_tensor(lengths))  # [n] sequence of each position
+    err = torch.zeros(n_seqs, dtype=torch.float64)
+    sq = torch.zeros(n_seqs, dtype=torch.float64)
+    l0 = torch.zeros(n_seqs, dtype=torch.float64)
+    x_sums, actives, trained = [], [], []
+    for hook in hooks:
+        x, target = hook.input_and_target(acts)  # [n, d_in], [n, d_out], on the model's device
+        recon, active = encode_all(hook, x)
+        # Sums in float64 on the CPU (MPS has no float64; the sums are small).
+        recon, active, target = recon.cpu().double(), active.cpu(), target.cpu().double()
+        err.index_add_(0, seq, (recon - target).pow(2).sum(-1))
+        sq.index_add_(0, seq, target.pow(2).sum(-1))
+        l0.index_add_(0, seq, active.sum(-1).double())
+        x_sums.append(torch.zeros(n_seqs, target.shape[1], dtype=torch.float64).index_add_(0, seq, target))
+        actives.append(torch.zeros(n_seqs, active.shape[1]).index_add_(0, seq, active.float()) > 0)
+        trained.append(hook.train_active.bool().cpu())
+    return SparseStats(
+        n_tokens=np.asarray(lengths, dtype=np.int64), err=err.numpy(), sq=sq.numpy(),
+        x_sum=torch.cat(x_sums, dim=1).numpy(), l0=l0.numpy(), active=torch.cat(actives, dim=1).numpy(),
+        train_active=torch.cat(trained).numpy(),
+    )
+
+
+def estimates(stats: SparseStats, sampler: Resampler) -> dict[str, tuple[float, float, float]]:
+    """``{metric: (value, ci_low, ci_high)}`` with the split's bootstrap replicates."""
+    point = stats.values(np.ones((1, stats.n_tokens.shape[0])))
+    reps = stats.values(sampler.weights)
+    out = {}
+    for metric in SPARSE_METRICS:
+        lo, hi = sampler.intervals(reps[metric])
+        out[metric] = (float(point[metric][0]), float(lo), float(hi))
+    return out
