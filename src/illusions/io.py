@@ -260,13 +260,8 @@ def check_output_dir(
     out = Path(out)
     own = ownership(out, kind)
     where = f"{option} {out}" if option else str(out)
-    if own.state == "file":
-        raise IllusionsError(f"{where} exists and is not a directory")
-    if own.state == "foreign":
-        raise IllusionsError(f"{where} is not empty and was not written by illusions (it holds "
-                             f"{', '.join(own.foreign)}); choose a new or empty folder")
-    if own.state == "other":
-        raise IllusionsError(f"{where} holds {kind_noun(own.kind)}, not {kind.noun}; choose another folder")
+    refuse_foreign(own, kind, where, foreign_advice="choose a new or empty folder",
+                   other_advice="choose another folder")
     if own.state == "ours":
         if not overwrite:
             raise IllusionsError(f"{where} already holds {kind.noun}; pass {overwrite_option} to replace it "
@@ -276,6 +271,19 @@ def check_output_dir(
                                  f"before replacing {out}")
     check_creatable(out.parent if own.state == "absent" or own.state == "ours" else out, target=out)
     return own
+
+
+def refuse_foreign(own: Ownership, kind: OutputKind, where: str, *, foreign_advice: str,
+                   other_advice: str) -> None:
+    """Raise when ``own`` is a plain file, a folder illusions did not write, or an output of another kind
+    than ``kind``: the states in which nothing may be written there. ``where`` names the place."""
+    if own.state == "file":
+        raise IllusionsError(f"{where} exists and is not a directory")
+    if own.state == "foreign":
+        raise IllusionsError(f"{where} is not empty and was not written by illusions (it holds "
+                             f"{', '.join(own.foreign)}); {foreign_advice}")
+    if own.state == "other":
+        raise IllusionsError(f"{where} holds {kind_noun(own.kind)}, not {kind.noun}; {other_advice}")
 
 
 def check_creatable(directory: Path, *, target: Path | None = None) -> None:

@@ -144,7 +144,7 @@ def check_outputs(jobs: Sequence[Job], out: Path, results: Path, *, force: bool 
         IllusionsError: naming the first output in the way.
     """
     from illusions.analyses.run import ANALYSIS_RUN
-    from illusions.io import check_creatable, kind_noun, ownership
+    from illusions.io import check_creatable, ownership, refuse_foreign
 
     name = {**OUTPUT_NAMES, **(names or {})}
     out, results = Path(out), Path(results)
@@ -156,13 +156,7 @@ def check_outputs(jobs: Sequence[Job], out: Path, results: Path, *, force: bool 
     stale = []
     for job in jobs:
         own = ownership(job.out, ANALYSIS_RUN)
-        if own.state == "file":
-            raise IllusionsError(f"{job.out} exists and is not a directory")
-        if own.state == "foreign":
-            raise IllusionsError(f"{job.out} is not empty and was not written by illusions (it holds "
-                                 f"{', '.join(own.foreign)}); move it away")
-        if own.state == "other":
-            raise IllusionsError(f"{job.out} holds {kind_noun(own.kind)}, not an analysis run; move it away")
+        refuse_foreign(own, ANALYSIS_RUN, str(job.out), foreign_advice="move it away", other_advice="move it away")
         if own.state == "ours" and (force or not is_current(job)):
             if own.changed:
                 raise IllusionsError(f"{job.out / own.changed[0]} was changed after illusions wrote it; move it "

@@ -280,16 +280,9 @@ class Section:
 def render_page(*, title: str, subtitle: Sequence[str], sections: Sequence[Section],
                 attention_data: str) -> str:
     """The complete page: sections in order, the bundle once, then the drawing script."""
-    nav = "".join(f'<a href="#{esc(s.ident)}">{esc(s.title)}</a>' for s in sections)
-    body = "".join(f'<section id="{esc(s.ident)}"><h2>{esc(s.title)}</h2>{s.body}</section>' for s in sections)
-    sub = "".join(f"<p>{line}</p>" for line in subtitle)
     return (
-        "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
-        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
-        '<meta name=viewport content="width=device-width, initial-scale=1">'
-        f"<title>{esc(title)}</title><style>{_STYLE}</style><script>{_HEAD_SCRIPT}</script></head>\n"
-        f"<body><header><h1>{esc(title)}</h1>{sub}</header><nav>{nav}</nav>{body}"
-        '<pre id="render-status" hidden></pre>'
+        _page_start(title, subtitle, sections, head_script=f"<script>{_HEAD_SCRIPT}</script>")
+        + '<pre id="render-status" hidden></pre>'
         f'<script type="application/json" id="attention-data">{attention_data}</script>\n'
         f"<script>{BUNDLE_MARK}\n{circuitsvis_bundle()}\n</script>\n"
         f"<script>{_RENDER_SCRIPT}</script>\n</body></html>\n"
@@ -302,6 +295,11 @@ def config_block(config: dict[str, Any]) -> str:
 
 def render_static_page(*, title: str, subtitle: Sequence[str], sections: Sequence[Section]) -> str:
     """A page of tables and inline figures only (no script, no bundle), e.g. the checkpoint report."""
+    return _page_start(title, subtitle, sections, head_script="") + "</body></html>\n"
+
+
+def _page_start(title: str, subtitle: Sequence[str], sections: Sequence[Section], *, head_script: str) -> str:
+    """Head (CSP, style, ``head_script``), header, navigation and sections: what both pages share."""
     nav = "".join(f'<a href="#{esc(s.ident)}">{esc(s.title)}</a>' for s in sections)
     body = "".join(f'<section id="{esc(s.ident)}"><h2>{esc(s.title)}</h2>{s.body}</section>' for s in sections)
     sub = "".join(f"<p>{line}</p>" for line in subtitle)
@@ -309,6 +307,6 @@ def render_static_page(*, title: str, subtitle: Sequence[str], sections: Sequenc
         "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
         '<meta name=viewport content="width=device-width, initial-scale=1">'
-        f"<title>{esc(title)}</title><style>{_STYLE}</style></head>\n"
-        f"<body><header><h1>{esc(title)}</h1>{sub}</header><nav>{nav}</nav>{body}</body></html>\n"
+        f"<title>{esc(title)}</title><style>{_STYLE}</style>{head_script}</head>\n"
+        f"<body><header><h1>{esc(title)}</h1>{sub}</header><nav>{nav}</nav>{body}"
     )
