@@ -212,8 +212,10 @@ def test_a_recipe_with_max_seqs_0_evaluates_every_sequence(dyck_env, tmp_path):
 
 def test_a_split_named_twice_is_evaluated_once(dyck_env, tmp_path):
     _, _, root = dyck_env
+    # Fewer sequences than the split holds, so each evaluation draws its own rows: a second draw of
+    # the same split would change the numbers.
     common = ["analyze", "dyck", "--rank", "2", "--model", str(root / "model"), "--fit-n", "30",
-              "--n-boot", "20", "--threads", "1", "--no-report"]
+              "--n-boot", "20", "--threads", "1", "--no-report", "--max-seqs", "5"]
     once = _invoke([*common, "--split", "iid", "--out", str(tmp_path / "once")])
     twice = _invoke([*common, "--split", "iid", "--split", "iid", "--out", str(tmp_path / "twice")])
     assert once.exit_code == 0 and twice.exit_code == 0, once.output + twice.output
