@@ -173,6 +173,7 @@ def test_cli_writes_results_and_refuses_bad_input(env, tmp_path):
         (["--recipes", str(own), "--seeds", "x"], "--seeds must be comma-separated integers"),
         (["--recipes", str(own), "--seeds", "3"], "no checkpoint of task 'dyck' for seed(s) 3"),
         (["--recipes", str(own), "--task", "code"], "no recipe in"),
+        (["--recipes", str(own), "--family", "nope"], "no bundled model family 'nope' for these recipes; families: dyck"),
     ]:
         bad = runner.invoke(app, ["reproduce", *args, "--out", str(tmp_path / "bad"),
                                   "--results", str(tmp_path / "bad-docs" / "R.md")])
@@ -217,3 +218,80 @@ def test_sparse_dictionary_recipe_feeds_its_claims_and_tables(env, tmp_path):
     assert "iid explained var" in doc
     # Reused as they are: the spec a run records reads back equal.
     assert all(rep.is_current(job) for job in jobs)
+
+
+@pytest.fixture(scope="module")
+def family_env(env, tmp_path_factory):
+    """The env's assets plus a second family of the same task ('dyck-paperlike': seeds 0 and 1) and a
+    checkpoint of another task's family that must not be picked up for Dyck recipes."""
+    import shutil
+
+    root, assets, recipes = env
+    both = tmp_path_factory.mktemp("families") / "assets"
+    shutil.copytree(assets, both)
+    config = json.loads((assets / "dyck" / "config.json").read_text())
+    from illusions.models import ModelConfig
+
+    cfg = ModelConfig.from_dict(config["model"])
+    meta = config["meta"]
+    save_model(build_model(cfg, seed=5), both / "dyck-paperlike", meta=meta)
+    (both / "dyck-paperlike" / "recipe.toml").write_text('description = "a paper-like family"\n')
+    save_model(build_model(cfg, seed=6), both / "seeds" / "dyck-paperlike-seed1", meta=meta)
+    save_model(build_model(cfg, seed=7), both / "other", meta={"task": {**meta["task"], "task": "code"}})
+    return root, both, recipes
+
+
+def test_plan_runs_each_recipe_on_every_family_of_its_task(family_env, tmp_path):
+    _, assets, recipes = family_env
+    loaded = [r for r in rep.load_recipes(recipes) if r.name == "dyck-svd-L1"]
+    assert rep.task_families("dyck", assets) == ["dyck", "dyck-paperlike"]
+    jobs = rep.plan(loaded, tmp_path, assets=assets)
+    assert [j.key for j in jobs] == ["dyck-svd-L1/seed0", "dyck-svd-L1/seed1", "dyck-svd-L1/dyck-paperlike-seed0",
+                                     "dyck-svd-L1/dyck-paperlike-seed1"]
+    assert jobs[2].family == "dyck-paperlike" and jobs[2].spec.model == str(assets / "dyck-paperlike")
+    assert jobs[3].out == tmp_path / "dyck-svd-L1" / "dyck-paperlike-seed1"
+    only = rep.plan(loaded, tmp_path, families=["dyck-paperlike"], seeds=[1], assets=assets)
+    assert [j.key for j in only] == ["dyck-svd-L1/dyck-paperlike-seed1"]
+    with pytest.raises(Exception, match="no bundled model family 'nope' for these recipes; families: dyck, "
+                                        "dyck-paperlike"):
+        rep.plan(loaded, tmp_path, families=["nope"], assets=assets)
+
+
+def test_another_family_is_judged_beside_the_reference(family_env, tmp_path):
+    _, assets, recipes = family_env
+    loaded = [r for r in rep.load_recipes(recipes) if r.name == "dyck-svd-L1"]
+    out = tmp_path / "runs"
+    reference = rep.plan(loaded, out, families=["dyck"], assets=assets)
+    rep.run_all(reference, out, report=False)
+    jobs = rep.plan(loaded, out, assets=assets)
+    # A tree holding runs of both layouts is ours: a second invocation is not refused.
+    rep.check_outputs(jobs, out, tmp_path / "docs" / "RESULTS.md")
+    manifest = rep.run_all(jobs, out, report=False)
+    assert [e["reused"] for e in manifest["runs"].values()] == [True, True, False, False]
+    assert manifest["runs"]["dyck-svd-L1/dyck-paperlike-seed0"]["family"] == "dyck-paperlike"
+    ref = res.load_runs(loaded, out)
+    other = res.load_runs(loaded, out, family="dyck-paperlike")
+    assert ref["dyck-svd-L1"].seeds == other["dyck-svd-L1"].seeds == [0, 1]
+    # The family's numbers are its own runs', not the reference's.
+    with open(out / "dyck-svd-L1" / "dyck-paperlike-seed1" / "metrics.csv") as fh:
+        value = next(float(r["value"]) for r in csv.DictReader(fh) if r["proxy"] == "svd(rank=1)"
+                     and r["split"] == "iid" and r["metric"] == "agreement" and r["group_by"] == "all")
+    assert other["dyck-svd-L1"].row(1, "svd(rank=1)", "iid", "agreement")["value"] == value
+    assert ref["dyck-svd-L1"].stat("svd(rank=1)", "iid", "agreement").values != \
+        other["dyck-svd-L1"].stat("svd(rank=1)", "iid", "agreement").values
+    figures = res.write_figures(other, tmp_path / "docs" / "figures", relative_to=tmp_path / "docs",
+                                stem_prefix="dyck-paperlike-")
+    assert figures["sweep:dyck-svd-L1"] == "figures/dyck-paperlike-dyck-svd-L1.png"
+    family = res.Family("dyck-paperlike", other, figures, "a paper-like family")
+    doc = res.render(ref, loaded, manifest=manifest, figures={}, others=[family])
+    header = ("| # | claim | reference models: what we measured | verdict | `dyck-paperlike`: what we measured "
+              "| verdict |")
+    assert header in doc
+    claim1 = next(line for line in doc.splitlines() if line.startswith("| 1 |"))
+    _, own_text = res.judge(res.CLAIMS[0], other)
+    assert own_text in claim1 and res.judge(res.CLAIMS[0], ref)[1] in claim1
+    assert "## Recipe by recipe: the `dyck-paperlike` models" in doc and "(a paper-like family)" in doc
+    assert "Original accuracy of the `dyck-paperlike` checkpoints" in doc
+    assert "![dyck-svd-L1](figures/dyck-paperlike-dyck-svd-L1.png)" in doc
+    # Computed in two invocations: the time line sums the runs' own times instead of claiming a whole run.
+    assert "no single invocation computed every run" in doc and "the 4 runs took" in doc

@@ -63,6 +63,15 @@ CANDIDATES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     "no-weight-decay": ("weight decay 0 instead of 0.01", {"train": {"weight_decay": 0.0}}),
     "strong-weight-decay": ("weight decay 0.1 instead of 0.01", {"train": {"weight_decay": 0.1}}),
     "rms-pre": ("RMSPre normalization instead of LayerNorm", {"model": {"normalization": "RMSPre"}}),
+    # Second round, around `narrow` (the first candidate near the target: iid 0.988, unseen_depth 0.888).
+    "narrow-long": ("`narrow` trained twice as long (14000 steps): more steps to fit in distribution",
+                    {"model": {"d_model": 32, "d_head": 16, "d_mlp": 128}, "train": {"steps": 14000}}),
+    "narrow-mlp": ("`narrow` with the start's MLP (d_mlp 256): in-distribution capacity without attention width",
+                   {"model": {"d_model": 32, "d_head": 16, "d_mlp": 256}}),
+    "mid-width": ("between `narrow` and `start`: d_model 48, 2x24 heads, d_mlp 192",
+                  {"model": {"d_model": 48, "d_head": 24, "d_mlp": 192}}),
+    "narrow-one-head": ("`narrow` with one head of 32 per layer",
+                        {"model": {"d_model": 32, "n_heads": 1, "d_head": 32, "d_mlp": 128}}),
 }
 
 HEADER = ("candidate", "change from dyck-paperlike.toml", "parameters", "steps", "iid", "unseen_depth",

@@ -137,6 +137,18 @@ def family_seeds(family: str, assets: Path | None = None) -> dict[int, Path]:
     return {m.seed: m.path for m in catalogue(assets).values() if m.family == family}
 
 
+def family_description(family: str, assets: Path | None = None) -> str:
+    """The ``description`` of the recipe shipped with a family's seed-0 model ("" when it has none)."""
+    import tomllib
+
+    path = Path(ASSETS if assets is None else assets) / family / RECIPE_FILE
+    try:
+        description = tomllib.loads(path.read_text(encoding="utf-8")).get("description", "")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return ""
+    return description if isinstance(description, str) else ""
+
+
 def model_names(assets: Path | None = None) -> list[str]:
     return list(catalogue(assets))
 

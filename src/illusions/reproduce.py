@@ -1,9 +1,11 @@
 """Run every analysis recipe on every training seed of its task: the reproduction's runs.
 
-:func:`plan` pairs each recipe of a folder (``analyses/*.toml``) with each checkpoint of its task:
-the bundled reference model (training seed 0) and the extra seeds shipped under
-``illusions/assets/seeds/<task>-seed<N>/``. :func:`run_all` runs the pairs into
-``<out>/<recipe>/seed<N>/`` (the files of :func:`illusions.analyses.run.write_run`), skipping a run
+:func:`plan` pairs each recipe of a folder (``analyses/*.toml``) with each checkpoint of every bundled
+model *family* of its task: the task's reference family (``assets/<task>/``, training seed 0, and
+``assets/seeds/<task>-seed<N>/``) and any other family trained on the same task (``dyck-paperlike``).
+:func:`run_all` runs the pairs into ``<out>/<recipe>/seed<N>/`` for the reference family and
+``<out>/<recipe>/<family>-seed<N>/`` for another (the files of
+:func:`illusions.analyses.run.write_run`), skipping a run
 whose directory already holds the same spec computed by the same package version, and records the
 wall time of each run in ``<out>/reproduce.json``. :mod:`illusions.reports.results` turns the run
 directories into ``docs/RESULTS.md``. :func:`check_outputs` says, before any work, whether every
@@ -19,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,7 +29,7 @@ from typing import Any
 
 from illusions import __version__
 from illusions.analyses.run import AnalysisRecipe, load_analysis_recipe
-from illusions.bundled import ASSETS, bundled_model_dir, family_seeds
+from illusions.bundled import ASSETS, bundled_model_dir, catalogue, family_seeds
 from illusions.errors import IllusionsError
 
 MANIFEST = "reproduce.json"
@@ -41,17 +44,35 @@ def seed_models(task: str, assets: Path = ASSETS) -> dict[int, Path]:
     return dict(sorted(family_seeds(task, assets).items()))
 
 
+def task_families(task: str, assets: Path = ASSETS) -> list[str]:
+    """The bundled model families trained on ``task``: its reference family (named after the task)
+    first, then the others by name (``dyck-paperlike``), read from each family's seed-0 checkpoint."""
+    others = sorted({m.family for m in catalogue(assets).values()
+                     if m.seed == 0 and m.family != task and m.task() == task})
+    return [task, *others]
+
+
+def run_folder(recipe: str, family: str, seed: int, task: str) -> str:
+    """A run's path below the reproduction folder: ``<recipe>/seed<N>`` for the task's reference
+    family (the layout before families existed, so earlier runs are reused), else
+    ``<recipe>/<family>-seed<N>``."""
+    return f"{recipe}/seed{seed}" if family == task else f"{recipe}/{family}-seed{seed}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """One recipe on one training seed's checkpoint."""
+    """One recipe on one training seed's checkpoint of one model family."""
 
     recipe: AnalysisRecipe
     seed: int
     spec: Any  # AnalysisSpec with ``model`` pointing at the seed's checkpoint
     out: Path
+    family: str = ""  # the bundled family; "" for the recipe's task's reference family
 
     @property
     def key(self) -> str:
+        if self.family and self.family != self.recipe.spec.task:
+            return run_folder(self.recipe.name, self.family, self.seed, self.recipe.spec.task)
         return f"{self.recipe.name}/seed{self.seed}"
 
 
@@ -77,14 +98,20 @@ def plan(
     *,
     seeds: Sequence[int] | None = None,
     tasks: Sequence[str] | None = None,
+    families: Sequence[str] | None = None,
     assets: Path = ASSETS,
 ) -> list[Job]:
-    """The jobs: each recipe (of ``tasks``, default all) on each seed (``seeds``, default all shipped).
+    """The jobs: each recipe (of ``tasks``, default all) on each seed (``seeds``, default all shipped)
+    of each bundled family of its task (``families``, default all; see :func:`task_families`).
 
-    A recipe that names its own ``model`` runs on that model only, as seed 0.
+    A recipe that names its own ``model`` runs on that model only, as seed 0 of its task's family.
+
+    Raises:
+        IllusionsError: a seed or family that no recipe's task ships, or a checkpoints recipe.
     """
     jobs = []
-    models_by_task: dict[str, dict[int, Path]] = {}
+    models: dict[tuple[str, str], dict[int, Path]] = {}
+    matched_families: set[str] = set()
     for recipe in recipes:
         spec = recipe.spec
         if tasks and spec.task not in tasks:
@@ -93,22 +120,36 @@ def plan(
             raise IllusionsError(f"recipe {recipe.source} analyses training checkpoints ({spec.checkpoints}); "
                                  f"run it with `illusions sweep {recipe.source}` (reproduce does not run such "
                                  "recipes yet)")
-        if spec.model:
-            available = {0: Path(spec.model)}
-        else:
-            if spec.task not in models_by_task:
-                models_by_task[spec.task] = seed_models(spec.task, assets)
-            available = models_by_task[spec.task]
-        wanted = sorted(available) if seeds is None else [s for s in seeds if s in available]
-        if seeds is not None and not wanted:
-            have = ", ".join(str(s) for s in available)
-            raise IllusionsError(f"no checkpoint of task {spec.task!r} for seed(s) "
-                                 f"{', '.join(str(s) for s in seeds)}; shipped seeds: {have}")
-        for seed in wanted:
-            bundled = seed == 0 and Path(assets) == ASSETS
-            model = spec.model if spec.model else ("" if bundled else str(available[seed]))
-            jobs.append(Job(recipe, seed, dataclasses.replace(spec, model=model),
-                            Path(out) / recipe.name / f"seed{seed}"))
+        names = [spec.task] if spec.model else task_families(spec.task, assets)
+        for family in names:
+            if families and family not in families:
+                continue
+            matched_families.add(family)
+            if spec.model:
+                available = {0: Path(spec.model)}
+            else:
+                if (spec.task, family) not in models:
+                    models[spec.task, family] = (seed_models(spec.task, assets) if family == spec.task
+                                                 else dict(sorted(family_seeds(family, assets).items())))
+                available = models[spec.task, family]
+            wanted = sorted(available) if seeds is None else [s for s in seeds if s in available]
+            if seeds is not None and not wanted:
+                if family != spec.task:
+                    continue  # another family without these seeds: the reference family's seeds decide
+                have = ", ".join(str(s) for s in available)
+                raise IllusionsError(f"no checkpoint of task {spec.task!r} for seed(s) "
+                                     f"{', '.join(str(s) for s in seeds)}; shipped seeds: {have}")
+            for seed in wanted:
+                bundled = seed == 0 and Path(assets) == ASSETS and family == spec.task
+                model = spec.model if spec.model else ("" if bundled else str(available[seed]))
+                jobs.append(Job(recipe, seed, dataclasses.replace(spec, model=model),
+                                Path(out) / run_folder(recipe.name, family, seed, spec.task), family))
+    unknown = [f for f in families or () if f not in matched_families]
+    if unknown:
+        known = sorted({f for r in recipes if not tasks or r.spec.task in tasks
+                        for f in ([r.spec.task] if r.spec.model else task_families(r.spec.task, assets))})
+        raise IllusionsError(f"no bundled model family {', '.join(map(repr, unknown))} for these recipes; "
+                             f"families: {', '.join(known)}")
     return jobs
 
 
@@ -201,9 +242,13 @@ def _is_tree(out: Path) -> bool:
         for seed_dir in entry.iterdir():
             if seed_dir.name.startswith("."):
                 continue
-            if not seed_dir.name.startswith("seed") or ownership(seed_dir, ANALYSIS_RUN).state != "ours":
+            if not _RUN_FOLDER.match(seed_dir.name) or ownership(seed_dir, ANALYSIS_RUN).state != "ours":
                 return False
     return True
+
+
+# A run folder below a recipe's folder: seed<N> (reference family) or <family>-seed<N>.
+_RUN_FOLDER = re.compile(r"^(?:.+-)?seed[0-9]+$")
 
 
 def run_all(
@@ -253,7 +298,8 @@ def run_all(
         if not force and is_current(job):
             # A reused run keeps the times it was computed in.
             before = previous.get("runs", {}).get(job.key, {})
-            entries[job.key] = {"recipe": job.recipe.name, "seed": job.seed, "reused": True,
+            entries[job.key] = {"recipe": job.recipe.name, "family": job.family or job.recipe.spec.task,
+                                "seed": job.seed, "reused": True,
                                 "seconds": before.get("seconds"), "cpu_seconds": before.get("cpu_seconds")}
         else:
             todo.append(job)
@@ -320,8 +366,8 @@ def _read_manifest(out: Path) -> dict[str, Any]:
 
 
 def _entry(job: Job, times: tuple[float, float]) -> dict[str, Any]:
-    return {"recipe": job.recipe.name, "seed": job.seed, "reused": False, "seconds": round(times[0], 2),
-            "cpu_seconds": round(times[1], 2)}
+    return {"recipe": job.recipe.name, "family": job.family or job.recipe.spec.task, "seed": job.seed,
+            "reused": False, "seconds": round(times[0], 2), "cpu_seconds": round(times[1], 2)}
 
 
 def run_job(job: Job, report: bool = True, device: str = "cpu", allow_tf32: bool = False) -> tuple[float, float]:

@@ -174,19 +174,39 @@ def bounds_of(metric: str, field: str = "value") -> tuple[float, float]:
     return (-math.inf, math.inf)
 
 
-def load_runs(recipes: Sequence[AnalysisRecipe], runs_dir: Path) -> dict[str, RecipeRuns]:
-    """Every recipe with at least one finished run under ``runs_dir``."""
+def load_runs(recipes: Sequence[AnalysisRecipe], runs_dir: Path, family: str | None = None) -> dict[str, RecipeRuns]:
+    """Every recipe with at least one finished run under ``runs_dir``: the runs of its task's reference
+    family (``<recipe>/seed<N>/``), or with ``family`` another bundled family's
+    (``<recipe>/<family>-seed<N>/``, the layout of :func:`illusions.reproduce.run_folder`)."""
     out = {}
     for recipe in recipes:
         folder = Path(runs_dir) / recipe.name
+        prefix = "seed" if family in (None, recipe.spec.task) else f"{family}-seed"
         rows = {}
-        for seed_dir in sorted(folder.glob("seed*")) if folder.is_dir() else []:
-            suffix = seed_dir.name.removeprefix("seed")
+        for seed_dir in sorted(folder.glob(f"{prefix}*")) if folder.is_dir() else []:
+            suffix = seed_dir.name.removeprefix(prefix)
             if suffix.isdigit() and (seed_dir / "metrics.csv").is_file():
                 rows[int(suffix)] = read_rows(seed_dir)
         if rows:
-            out[recipe.name] = RecipeRuns(recipe, rows, _task_config(folder / f"seed{min(rows)}"))
+            out[recipe.name] = RecipeRuns(recipe, rows, _task_config(folder / f"{prefix}{min(rows)}"))
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """The runs of one bundled model family beside the reference family's in the document.
+
+    Attributes:
+        name: the family (``dyck-paperlike``).
+        runs: its runs by recipe (:func:`load_runs` with ``family``).
+        figures: its figures (:func:`write_figures` with ``stem_prefix``).
+        about: one sentence on what the family is, for the document.
+    """
+
+    name: str
+    runs: dict[str, RecipeRuns]
+    figures: dict[str, str] = dataclasses.field(default_factory=dict)
+    about: str = ""
 
 
 def _task_config(run_dir: Path) -> dict[str, Any]:
@@ -702,11 +722,21 @@ def render(
     *,
     manifest: dict[str, Any],
     figures: dict[str, str],
+    others: Sequence[Family] = (),
 ) -> str:
-    """The Markdown of ``docs/RESULTS.md``; ``figures`` maps a key to a relative image path."""
+    """The Markdown of ``docs/RESULTS.md``; ``figures`` maps a key to a relative image path.
+
+    ``runs`` are the reference families' runs (``dyck``, ``code``); each of ``others`` is another
+    family of a task, shown beside them: its own column in the claims table (judged by the same rules),
+    its model table, per-head tables and recipe sections.
+    """
     entries = manifest.get("runs", {})
     computed = [e for e in entries.values() if not e["reused"]]
-    seeds = sorted({s for r in runs.values() for s in r.seeds})
+    families = [runs, *(f.runs for f in others)]
+    seeds = sorted({s for group in families for r in group.values() for s in r.seeds})
+    n_recipes = len({name for group in families for name in group})
+    family_text = "" if not others else (
+        " on " + ", ".join(["the reference families"] + [f"`{f.name}`" for f in others]))
     lines = [
         "# Results: reproducing *Interpretability Illusions in the Generalization of Simplified Models*",
         "",
@@ -714,9 +744,9 @@ def render(
         "(do not edit by hand, re-run the command). Paper background: the repository's design notes "
         "(`PAPER.md`, `DESIGN.md`); recipes: `analyses/*.toml`.",
         "",
-        f"- **Runs:** {len(entries)} ({len(runs)} recipes x training seeds {', '.join(map(str, seeds))}); "
-        f"{len(computed)} computed in this invocation, {len(entries) - len(computed)} reused from earlier "
-        "identical runs.",
+        f"- **Runs:** {len(entries)} ({n_recipes} recipes x training seeds {', '.join(map(str, seeds))}"
+        f"{family_text}); {len(computed)} computed in this invocation, {len(entries) - len(computed)} reused "
+        "from earlier identical runs.",
         _wall_time_line(manifest, computed, len(entries)),
         f"- **Version:** illusions {manifest.get('illusions_version', '?')}.",
         "",
@@ -742,53 +772,103 @@ def render(
         "than in distribution (the proxy fails where the model generalizes), and *over-states* it when higher. "
         "Rows marked *beyond the paper* are our own questions, judged by the same rules (*holds* / *partly* / "
         "*does not hold*).",
-        "",
-        "## Claims",
-        "",
     ]
-    claim_rows = []
-    for i, claim in enumerate(CLAIMS, 1):
-        verdict, text = judge(claim, runs)
-        if claim.beyond:  # a question of ours, not a finding to reproduce
-            verdict = {"reproduced": "holds", "not reproduced": "does not hold"}.get(verdict, verdict)
-        claim_rows.append([str(i), ("*(beyond the paper)* " if claim.beyond else "") + claim.text, text,
-                           f"**{verdict}**"])
-    lines += _md_table(["#", "claim", "what we measured", "verdict"], claim_rows)
+    for family in others:
+        lines.append(f"- **Model families:** every claim is judged on each family separately, by the same rules, "
+                     f"side by side: the reference models (`dyck`, `code`) and `{family.name}`"
+                     + (f" ({family.about})" if family.about else "") + ". A claim whose recipes have no run on "
+                     "a family reads *not run* there.")
+    lines += ["", "## Claims", ""]
+    lines += _claims_table(runs, others)
 
     lines += ["## The models", ""]
+    lines += _models_section(runs, "")
+    for family in others:
+        lines += _models_section(family.runs, family.name)
+
+    lines += _heads_section(runs, figures, "")
+    for family in others:
+        lines += _heads_section(family.runs, family.figures, family.name)
+
+    lines += ["## Recipe by recipe", ""]
+    lines += _recipe_sections(runs, recipes, figures)
+    for family in others:
+        if family.runs:
+            lines += [f"## Recipe by recipe: the `{family.name}` models", ""]
+            lines += _recipe_sections(family.runs, recipes, family.figures)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _claim_cells(claim: Claim, runs: dict[str, RecipeRuns]) -> tuple[str, str]:
+    verdict, text = judge(claim, runs)
+    if claim.beyond:  # a question of ours, not a finding to reproduce
+        verdict = {"reproduced": "holds", "not reproduced": "does not hold"}.get(verdict, verdict)
+    return text, f"**{verdict}**"
+
+
+def _claims_table(runs: dict[str, RecipeRuns], others: Sequence[Family]) -> list[str]:
+    rows = []
+    for i, claim in enumerate(CLAIMS, 1):
+        cells = list(_claim_cells(claim, runs))
+        for family in others:
+            cells += list(_claim_cells(claim, family.runs))
+        rows.append([str(i), ("*(beyond the paper)* " if claim.beyond else "") + claim.text, *cells])
+    header = ["#", "claim", "what we measured", "verdict"]
+    if others:
+        header = ["#", "claim", "reference models: what we measured", "verdict"]
+        for family in others:
+            header += [f"`{family.name}`: what we measured", "verdict"]
+    return _md_table(header, rows)
+
+
+def _models_section(runs: dict[str, RecipeRuns], family: str) -> list[str]:
+    lines = []
     for task, name in (("dyck", "dyck-svd-L1"), ("code", "code-svd-L1")):
         if name in runs:
-            lines += [f"Original accuracy of the `{task}` checkpoints on the evaluated sequences of each split:", ""]
+            lines += [f"Original accuracy of the `{family or task}` checkpoints on the evaluated sequences of each "
+                      "split:", ""]
             lines += model_table(runs[name])
             first = runs[name].proxies()[0]
             if task == "dyck" and deep_groups(runs[name], first):
                 lines += [f"`unseen_depth ({deep_groups(runs[name], first)[0]})` holds only the unseen-depth "
                           "closers whose opener is deeper than the training depth, beside the whole split. "
                           + PAPER_DEPTH_FIGURE, ""]
+    return lines
 
+
+def _heads_section(runs: dict[str, RecipeRuns], figures: dict[str, str], family: str) -> list[str]:
     heads = [r for r in runs.values() if r.recipe.spec.per_head]
-    if heads:
-        lines += ["## Which proxies under- or over-state generalization, per layer and head", "",
-                  "Each proxy simplifies one head only. Accuracy change = proxy minus original accuracy; its gap "
-                  "vs iid is how much more (negative) or less (positive) the proxy loses out of distribution "
-                  "than in distribution, relative to the model.", ""]
-        for r in heads:
-            lines += [f"### `{r.name}`: {r.recipe.description}", ""]
-            if f"heads:{r.name}" in figures:
-                lines += [f"![{r.name}]({figures[f'heads:{r.name}']})", ""]
-            lines += direction_table(r)
-        layer_level = [r for r in runs.values() if not r.recipe.spec.per_head and r.name.startswith("dyck-")]
-        if layer_level:
-            lines += ["### Whole layers, at the reported proxies", ""]
-            rows = []
-            for r in layer_level:
-                proxy = r.selected()
-                for d in direction_rows(r, [proxy]):
-                    rows.append([f"`{r.name}`", f"`{proxy}`", f"`{d['split']}`", d["matched"].fmt(3, signed=True),
-                                 d["call"]])
-            lines += _md_table(["recipe", "proxy", "split", "Δ(proxy−orig) vs len-matched", "call"], rows)
+    if not heads:
+        return []
+    if family:
+        lines = [f"## Which proxies under- or over-state generalization, per layer and head: the `{family}` models",
+                 ""]
+    else:
+        lines = ["## Which proxies under- or over-state generalization, per layer and head", "",
+                 "Each proxy simplifies one head only. Accuracy change = proxy minus original accuracy; its gap "
+                 "vs iid is how much more (negative) or less (positive) the proxy loses out of distribution "
+                 "than in distribution, relative to the model.", ""]
+    for r in heads:
+        lines += [f"### `{r.name}`{f' on `{family}`' if family else ''}: {r.recipe.description}", ""]
+        if f"heads:{r.name}" in figures:
+            lines += [f"![{r.name}]({figures[f'heads:{r.name}']})", ""]
+        lines += direction_table(r)
+    layer_level = [r for r in runs.values() if not r.recipe.spec.per_head and r.name.startswith("dyck-")]
+    if layer_level:
+        lines += [f"### Whole layers, at the reported proxies{f' (`{family}`)' if family else ''}", ""]
+        rows = []
+        for r in layer_level:
+            proxy = r.selected()
+            for d in direction_rows(r, [proxy]):
+                rows.append([f"`{r.name}`", f"`{proxy}`", f"`{d['split']}`", d["matched"].fmt(3, signed=True),
+                             d["call"]])
+        lines += _md_table(["recipe", "proxy", "split", "Δ(proxy−orig) vs len-matched", "call"], rows)
+    return lines
 
-    lines += ["## Recipe by recipe", ""]
+
+def _recipe_sections(runs: dict[str, RecipeRuns], recipes: Sequence[AnalysisRecipe],
+                     figures: dict[str, str]) -> list[str]:
+    lines = []
     for recipe in recipes:
         r = runs.get(recipe.name)
         if r is None or recipe.spec.per_head:
@@ -813,11 +893,22 @@ def render(
         if r.groups(proxy, REFERENCE, "category"):
             lines += [f"Agreement by character category at `{proxy}`, mean across seeds:", ""]
             lines += category_table(r, proxy)
-    return "\n".join(lines).rstrip() + "\n"
+    return lines
 
 
 def _wall_time_line(manifest: dict[str, Any], computed: list[dict[str, Any]], n_runs: int) -> str:
     full = manifest.get("full_run")
+    entries = list(manifest.get("runs", {}).values())
+    seconds = [e.get("seconds") for e in entries]
+    if not full and entries and all(isinstance(x, (int, float)) for x in seconds):
+        cpu = [e.get("cpu_seconds") for e in entries]
+        cpu_text = (f" and {_duration(sum(cpu))} of CPU time" if all(isinstance(x, (int, float)) for x in cpu)
+                    else "")
+        return (f"- **Time:** no single invocation computed every run (they were computed in pieces and reused); "
+                f"the {n_runs} runs took {_duration(sum(seconds))} of run time{cpu_text} in all (each run's own "
+                "wall time, summed: runs of parallel workers overlap, so a whole reproduction in one invocation "
+                f"takes less wall time). This invocation took {_duration(manifest.get('total_seconds', 0.0))} and "
+                f"computed {len(computed)} of {n_runs} runs.")
     if not full:
         return (f"- **Wall time:** no whole reproduction is recorded in these runs; this invocation took "
                 f"{_duration(manifest.get('total_seconds', 0.0))} and computed {len(computed)} of {n_runs} runs "
@@ -851,9 +942,11 @@ def _yerr(stats: Sequence[SeedStat]) -> np.ndarray:
     return np.array([s.errors() for s in stats], dtype=np.float64).T.reshape(2, len(stats))
 
 
-def write_figures(runs: dict[str, RecipeRuns], folder: Path, *, relative_to: Path) -> dict[str, str]:
+def write_figures(runs: dict[str, RecipeRuns], folder: Path, *, relative_to: Path,
+                  stem_prefix: str = "") -> dict[str, str]:
     """Draw the sweep, key-depth and per-head figures into ``folder``; keys -> paths relative to
-    ``relative_to`` (the document's folder)."""
+    ``relative_to`` (the document's folder). ``stem_prefix`` starts each file name (another family's
+    figures: ``dyck-paperlike-``); the keys stay the same."""
     import io
 
     from matplotlib.figure import Figure  # not pyplot: no global figure state, no backend switch
@@ -866,7 +959,7 @@ def write_figures(runs: dict[str, RecipeRuns], folder: Path, *, relative_to: Pat
     def save(fig: Any, key: str, stem: str) -> None:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
-        path = folder / f"{stem}.png"
+        path = folder / f"{stem_prefix}{stem}.png"
         atomic_write_bytes(path, buf.getvalue())
         out[key] = Path(path).resolve().relative_to(Path(relative_to).resolve()).as_posix()
 
