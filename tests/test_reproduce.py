@@ -238,6 +238,10 @@ def family_env(env, tmp_path_factory):
     (both / "dyck-paperlike" / "recipe.toml").write_text('description = "a paper-like family"\n')
     save_model(build_model(cfg, seed=6), both / "seeds" / "dyck-paperlike-seed1", meta=meta)
     save_model(build_model(cfg, seed=7), both / "other", meta={"task": {**meta["task"], "task": "code"}})
+    # Step checkpoints of one training seed per family (as `train --save-every` writes them).
+    for folder, seeds in (("dyck-paperlike-seed1", (8, 9, 10)), ("dyck-seed0", (11, 12, 13))):
+        for step, seed in zip((10, 20, 30), seeds, strict=True):
+            save_model(build_model(cfg, seed=seed), both / "checkpoints" / folder / f"step{step}", meta=meta)
     return root, both, recipes
 
 
@@ -295,3 +299,75 @@ def test_another_family_is_judged_beside_the_reference(family_env, tmp_path):
     assert "![dyck-svd-L1](figures/dyck-paperlike-dyck-svd-L1.png)" in doc
     # Computed in two invocations: the time line sums the runs' own times instead of claiming a whole run.
     assert "no single invocation computed every run" in doc and "the 4 runs took" in doc
+
+
+OVER_TRAINING = ('name = "dyck-svd-L1-over-training"\ndescription = "svd over training"\nclaim = "c"\n'
+                 'over_training = true\n[analysis]\ntask = "dyck"\nsimplifier = "svd"\nranks = [1]\nlayers = [1]\n'
+                 'breakdowns = []\n' + COMMON)
+
+
+def test_over_training_recipes_run_on_the_shipped_step_checkpoints_of_each_family(family_env, tmp_path):
+    _, assets, _ = family_env
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "over.toml").write_text(OVER_TRAINING)
+    loaded = rep.load_recipes(recipes)
+    assert loaded[0].over_training
+    out = tmp_path / "runs"
+    jobs = rep.plan(loaded, out, assets=assets)
+    assert [j.key for j in jobs] == ["dyck-svd-L1-over-training/seed0",
+                                     "dyck-svd-L1-over-training/dyck-paperlike-seed1"]
+    assert jobs[1].spec.checkpoints == str(assets / "checkpoints" / "dyck-paperlike-seed1")
+    assert [j.key for j in rep.plan(loaded, out, seeds=[1], assets=assets)] == [jobs[1].key]
+    rep.check_outputs(jobs, out, tmp_path / "R.md")
+    manifest = rep.run_all(jobs, out, report=False)
+    assert (out / jobs[1].key / "checkpoints.csv").is_file() and (out / jobs[1].key / "step30").is_dir()
+    # Finished analyses over checkpoints are recognised: reused, and the tree is ours.
+    assert all(rep.is_current(j) for j in jobs)
+    rep.check_outputs(jobs, out, tmp_path / "R.md")
+    reference = res.load_training(loaded, out)
+    other = res.load_training(loaded, out, family="dyck-paperlike")
+    assert reference["dyck-svd-L1-over-training"].seed == 0 and other["dyck-svd-L1-over-training"].seed == 1
+    sweep = other["dyck-svd-L1-over-training"].sweep
+    assert sweep.steps == [10, 20, 30] and sweep.proxies == ["svd(rank=1)"]
+    with open(out / jobs[1].key / "checkpoints.csv") as fh:
+        row = next(r for r in csv.DictReader(fh) if r["step"] == "20" and r["split"] == "unseen_depth"
+                   and r["metric"] == "accuracy_change")
+    assert sweep.value(20, "unseen_depth", "svd(rank=1)", "accuracy_change", "gap_vs_iid") == float(row["gap_vs_iid"])
+    figures = res.write_training_figures(other, tmp_path / "figures", relative_to=tmp_path, stem_prefix="p-")
+    assert figures == {"training:dyck-svd-L1-over-training": "figures/p-dyck-svd-L1-over-training.png"}
+    doc = res.render({}, loaded, manifest=manifest, figures={}, training=reference,
+                     others=[res.Family("dyck-paperlike", {}, figures, "", other)])
+    claim = next(line for line in doc.splitlines() if "Over training: does an illusion" in line)
+    assert claim.count("`dyck-svd-L1-over-training` (training seed") == 2
+    assert "## Over training" in doc and "### `dyck-svd-L1-over-training` on `dyck-paperlike` (training seed 1)" in doc
+    assert "![dyck-svd-L1-over-training](figures/p-dyck-svd-L1-over-training.png)" in doc
+
+
+@pytest.mark.parametrize(("signs", "values", "course"), [
+    ((0, 0, 0), (0.01, -0.01, 0.0), "never"),
+    ((0, -1, -1), (0.0, -0.05, -0.1), "appears"),
+    ((-1, 0, 0), (-0.1, -0.01, 0.0), "vanishes"),
+    ((-1, 0, 1), (-0.1, 0.0, 0.1), "flips"),
+    ((0, 1, 0), (0.0, 0.1, 0.0), "comes and goes"),
+    ((-1, -1, -1), (-0.05, -0.1, -0.2), "persists, grows"),
+    ((1, 1, 1), (0.2, 0.1, 0.05), "persists, shrinks"),
+])
+def test_training_course_names_how_an_illusion_changes(signs, values, course):
+    states = [(step, v, s) for step, v, s in zip((1, 2, 3), values, signs, strict=True)]
+    assert res.training_course(states) == course
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ('over_training = "yes"\n', "over_training in .* must be true or false"),
+    ('over_training = true\nmodel = "x"\n', "cannot also name a model or checkpoints"),
+])
+def test_over_training_recipe_errors(tmp_path, extra, message):
+    from illusions.analyses.run import load_analysis_recipe
+    from illusions.errors import IllusionsError
+
+    head, analysis = extra.split("\n", 1)
+    path = tmp_path / "r.toml"
+    path.write_text(f'name = "r"\n{head}\n[analysis]\ntask = "dyck"\nsimplifier = "onehot"\n{analysis}')
+    with pytest.raises(IllusionsError, match=message):
+        load_analysis_recipe(path)

@@ -43,6 +43,8 @@ LOG_FILE = "training_log.json"
 
 
 SEEDS_DIR = "seeds"
+# Step checkpoints along one training run of a family: assets/checkpoints/<family>-seed<N>/step<k>/.
+TRAINING_DIR = "checkpoints"
 _SEED_FOLDER = re.compile(r"^(?P<name>.+)-seed(?P<seed>[0-9]+)$")
 
 
@@ -135,6 +137,20 @@ def catalogue(assets: Path | None = None) -> dict[str, BundledModel]:
 def family_seeds(family: str, assets: Path | None = None) -> dict[int, Path]:
     """The checkpoints of one family by training seed (0 is ``assets/<family>/``)."""
     return {m.seed: m.path for m in catalogue(assets).values() if m.family == family}
+
+
+def family_checkpoints(family: str, assets: Path | None = None) -> dict[int, Path]:
+    """The step-checkpoint folders shipped for a family, by training seed:
+    ``assets/checkpoints/<family>-seed<N>/`` (each holding ``step<k>/`` checkpoints)."""
+    from illusions.models import list_checkpoints
+
+    root = Path(ASSETS if assets is None else assets) / TRAINING_DIR
+    out = {}
+    for folder in root.iterdir() if root.is_dir() else ():
+        match = _SEED_FOLDER.match(folder.name)
+        if match and match["name"] == family and list_checkpoints(folder):
+            out[int(match["seed"])] = folder
+    return dict(sorted(out.items()))
 
 
 def family_description(family: str, assets: Path | None = None) -> str:

@@ -29,7 +29,7 @@ from typing import Any
 
 from illusions import __version__
 from illusions.analyses.run import AnalysisRecipe, load_analysis_recipe
-from illusions.bundled import ASSETS, bundled_model_dir, catalogue, family_seeds
+from illusions.bundled import ASSETS, bundled_model_dir, catalogue, family_checkpoints, family_seeds
 from illusions.errors import IllusionsError
 
 MANIFEST = "reproduce.json"
@@ -118,13 +118,20 @@ def plan(
             continue
         if spec.checkpoints:
             raise IllusionsError(f"recipe {recipe.source} analyses training checkpoints ({spec.checkpoints}); "
-                                 f"run it with `illusions sweep {recipe.source}` (reproduce does not run such "
-                                 "recipes yet)")
+                                 f"run it with `illusions sweep {recipe.source}`, or set over_training = true "
+                                 "to run it on the step checkpoints shipped for each family")
         names = [spec.task] if spec.model else task_families(spec.task, assets)
         for family in names:
             if families and family not in families:
                 continue
             matched_families.add(family)
+            if recipe.over_training:
+                # The step checkpoints shipped for this family (usually one training seed's); none, no job.
+                for seed, folder in family_checkpoints(family, assets).items():
+                    if seeds is None or seed in seeds:
+                        jobs.append(Job(recipe, seed, dataclasses.replace(spec, checkpoints=str(folder)),
+                                        Path(out) / run_folder(recipe.name, family, seed, spec.task), family))
+                continue
             if spec.model:
                 available = {0: Path(spec.model)}
             else:
@@ -153,10 +160,27 @@ def plan(
     return jobs
 
 
+def _kind(job: Job) -> Any:
+    """What the job writes: an analysis run, or (``over_training``) an analysis over checkpoints."""
+    if job.spec.checkpoints:
+        from illusions.analyses.checkpoints import CHECKPOINT_SWEEP
+
+        return CHECKPOINT_SWEEP
+    from illusions.analyses.run import ANALYSIS_RUN
+
+    return ANALYSIS_RUN
+
+
 def is_current(job: Job) -> bool:
     """The job's directory holds a finished run of the same spec by this package version."""
     config = job.out / "config.json"
-    if not all((job.out / name).is_file() for name in ("config.json", "metrics.csv", "metrics.json")):
+    if job.spec.checkpoints:
+        from illusions.analyses.checkpoints import SUMMARY_CSV, SUMMARY_JSON
+
+        files = ("config.json", SUMMARY_CSV, SUMMARY_JSON)
+    else:
+        files = ("config.json", "metrics.csv", "metrics.json")
+    if not all((job.out / name).is_file() for name in files):
         return False
     try:
         saved = json.loads(config.read_text())
@@ -184,7 +208,6 @@ def check_outputs(jobs: Sequence[Job], out: Path, results: Path, *, force: bool 
     Raises:
         IllusionsError: naming the first output in the way.
     """
-    from illusions.analyses.run import ANALYSIS_RUN
     from illusions.io import check_creatable, ownership, refuse_foreign
 
     name = {**OUTPUT_NAMES, **(names or {})}
@@ -196,8 +219,9 @@ def check_outputs(jobs: Sequence[Job], out: Path, results: Path, *, force: bool 
                              f"(no {MANIFEST}); choose a new or empty folder")
     stale = []
     for job in jobs:
-        own = ownership(job.out, ANALYSIS_RUN)
-        refuse_foreign(own, ANALYSIS_RUN, str(job.out), foreign_advice="move it away", other_advice="move it away")
+        kind = _kind(job)
+        own = ownership(job.out, kind)
+        refuse_foreign(own, kind, str(job.out), foreign_advice="move it away", other_advice="move it away")
         if own.state == "ours" and (force or not is_current(job)):
             if own.changed:
                 raise IllusionsError(f"{job.out / own.changed[0]} was changed after illusions wrote it; move it "
@@ -228,7 +252,9 @@ def _is_ours(results: Path) -> bool:
 
 
 def _is_tree(out: Path) -> bool:
-    """``out`` holds an earlier reproduction: its manifest, or only recipe folders of analysis runs."""
+    """``out`` holds an earlier reproduction: its manifest, or only recipe folders of analysis runs
+    (or of analyses over checkpoints)."""
+    from illusions.analyses.checkpoints import CHECKPOINT_SWEEP
     from illusions.analyses.run import ANALYSIS_RUN
     from illusions.io import ownership
 
@@ -242,7 +268,8 @@ def _is_tree(out: Path) -> bool:
         for seed_dir in entry.iterdir():
             if seed_dir.name.startswith("."):
                 continue
-            if not _RUN_FOLDER.match(seed_dir.name) or ownership(seed_dir, ANALYSIS_RUN).state != "ours":
+            if not _RUN_FOLDER.match(seed_dir.name) or not any(
+                    ownership(seed_dir, kind).state == "ours" for kind in (ANALYSIS_RUN, CHECKPOINT_SWEEP)):
                 return False
     return True
 
@@ -375,6 +402,9 @@ def run_job(job: Job, report: bool = True, device: str = "cpu", allow_tf32: bool
     from illusions.analyses.run import run_analysis, write_run
 
     t0, c0 = time.perf_counter(), time.process_time()
+    if job.spec.checkpoints:
+        _run_over_training(job, report, device, allow_tf32)
+        return time.perf_counter() - t0, time.process_time() - c0
     run = run_analysis(job.spec, device=device, allow_tf32=allow_tf32)
     extra = None
     if report and job.seed == 0:
@@ -386,6 +416,25 @@ def run_job(job: Job, report: bool = True, device: str = "cpu", allow_tf32: bool
     # check_outputs has allowed the replacement; a folder that is not a run of ours is still refused.
     write_run(run, job.out, extra_files=extra, overwrite=True)
     return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _run_over_training(job: Job, report: bool, device: str, allow_tf32: bool) -> None:
+    """An ``over_training`` job: the analysis on each step checkpoint, with the report over steps."""
+    from illusions.analyses.checkpoints import run_over_checkpoints
+
+    run_files = sweep_files = None
+    if report:  # the sweep's report links to each step's own report
+        from illusions.reports import write_report_files
+        from illusions.reports.checkpoints import write_checkpoint_report
+
+        def run_files(run: Any, stage: Path) -> None:
+            write_report_files(run, stage)
+
+        def sweep_files(sweep: Any, stage: Path) -> None:
+            write_checkpoint_report(sweep, stage)
+
+    run_over_checkpoints(job.spec, job.out, overwrite=True, run_files=run_files, sweep_files=sweep_files,
+                         device=device, allow_tf32=allow_tf32)
 
 
 def analyze_into(spec: Any, out: str, report: bool = True, device: str = "cpu", allow_tf32: bool = False,

@@ -99,15 +99,21 @@ def reproduce(
     used = [r for r in all_recipes if r.name in {j.recipe.name for j in planned}]
     figure_dir = results.parent / "figures"
     runs = res.load_runs(used, out)
-    figures = res.write_figures(runs, figure_dir, relative_to=results.parent)
+    training = res.load_training(used, out)
+    figures = {**res.write_figures(runs, figure_dir, relative_to=results.parent),
+               **res.write_training_figures(training, figure_dir, relative_to=results.parent)}
     others = []
     for name in dict.fromkeys(j.family for j in planned if j.family != j.recipe.spec.task):
         family_runs = res.load_runs(used, out, family=name)
-        others.append(res.Family(name, family_runs,
-                                 res.write_figures(family_runs, figure_dir, relative_to=results.parent,
-                                                   stem_prefix=f"{name}-"),
-                                 family_description(name)))
-    text = res.render(runs, used, manifest=manifest, figures=figures, others=others)
+        family_training = res.load_training(used, out, family=name)
+        prefix = f"{name}-"
+        others.append(res.Family(
+            name, family_runs,
+            {**res.write_figures(family_runs, figure_dir, relative_to=results.parent, stem_prefix=prefix),
+             **res.write_training_figures(family_training, figure_dir, relative_to=results.parent,
+                                          stem_prefix=prefix)},
+            family_description(name), family_training))
+    text = res.render(runs, used, manifest=manifest, figures=figures, others=others, training=training)
     atomic_write_text(results, text)
     n_figures = len(figures) + sum(len(f.figures) for f in others)
     typer.echo(f"{len(planned)} runs in {out}/ ({manifest['total_seconds']:.0f} s); wrote {results} and "

@@ -31,6 +31,8 @@ FAITHFUL_IID = 0.95
 REFERENCE = "iid"
 # The sparse dictionary recipes and the rank correlation their 'predicts' claim asks for.
 SAE_RECIPES = ("dyck-sae-resid-L1", "dyck-sae-z-L1", "code-sae-resid-L1")
+# The analyses over training checkpoints (recipes with over_training = true).
+TRAINING_RECIPES = ("dyck-svd-L1-over-training",)
 RANK_AGREEMENT = 0.8
 
 
@@ -207,6 +209,39 @@ class Family:
     runs: dict[str, RecipeRuns]
     figures: dict[str, str] = dataclasses.field(default_factory=dict)
     about: str = ""
+    training: dict[str, Training] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """An ``over_training`` recipe's analysis over one training run's step checkpoints."""
+
+    recipe: AnalysisRecipe
+    seed: int
+    sweep: Any  # illusions.analyses.checkpoints.CheckpointSweep
+
+    @property
+    def name(self) -> str:
+        return self.recipe.name
+
+
+def load_training(recipes: Sequence[AnalysisRecipe], runs_dir: Path, family: str | None = None) -> dict[str, Training]:
+    """The finished analyses over checkpoints of the ``over_training`` recipes (the lowest seed's when
+    several were run), for the reference family or ``family``."""
+    from illusions.analyses.checkpoints import SUMMARY_CSV, read_sweep
+
+    out = {}
+    for recipe in recipes:
+        if not recipe.over_training:
+            continue
+        folder = Path(runs_dir) / recipe.name
+        prefix = "seed" if family in (None, recipe.spec.task) else f"{family}-seed"
+        found = sorted((int(d.name.removeprefix(prefix)), d) for d in (folder.glob(f"{prefix}*") if folder.is_dir() else [])
+                       if d.name.removeprefix(prefix).isdigit() and (d / SUMMARY_CSV).is_file())
+        if found:
+            seed, run_dir = found[0]
+            out[recipe.name] = Training(recipe, seed, read_sweep(run_dir))
+    return out
 
 
 def _task_config(run_dir: Path) -> dict[str, Any]:
@@ -286,6 +321,11 @@ CLAIMS = (
           beyond=True),
     Claim("sae_length", "Do the SAE proxies' gaps survive a length-matched in-distribution control?", SAE_RECIPES,
           "length", beyond=True),
+    Claim("over_training", "Over training: does an illusion (a proxy's accuracy change on a split differing from "
+          "iid's, 95% bootstrap interval excluding 0) appear, grow or vanish as the model learns? Judged on the "
+          "step checkpoints of one training seed per family (*holds* when some proxy x split cell changes "
+          "from one state to another between the first and the final checkpoint).", TRAINING_RECIPES,
+          "over_training", beyond=True),
 )
 
 
@@ -558,6 +598,64 @@ def judge_sae_direction(all_runs: Sequence[RecipeRuns]) -> tuple[str, str]:
                      f"{cells(under)}; {len(over)} over-state it: {cells(over)}")
 
 
+def _training_states(sweep: Any, proxy: str, split: str) -> list[tuple[int, float, int]]:
+    """Per step: (step, accuracy change minus iid's, -1/+1 when its interval lies below/above 0, else 0)."""
+    out = []
+    for step in sweep.steps:
+        value = sweep.value(step, split, proxy, "accuracy_change", "gap_vs_iid")
+        lo = sweep.value(step, split, proxy, "accuracy_change", "gap_vs_iid_low")
+        hi = sweep.value(step, split, proxy, "accuracy_change", "gap_vs_iid_high")
+        if math.isfinite(value):
+            out.append((step, value, -1 if hi < 0 else 1 if lo > 0 else 0))
+    return out
+
+
+def training_course(states: Sequence[tuple[int, float, int]]) -> str:
+    """How a cell's illusion changes from the first to the final checkpoint."""
+    signs = [s for _, _, s in states]
+    if not any(signs):
+        return "never"
+    first, last = signs[0], signs[-1]
+    if first == 0 and last != 0:
+        return "appears"
+    if first != 0 and last == 0:
+        return "vanishes"
+    if first != 0 and last != 0 and first != last:
+        return "flips"
+    if first == 0 and last == 0:
+        return "comes and goes"
+    grew = abs(states[-1][1]) > abs(states[0][1])
+    return "persists, grows" if grew else "persists, shrinks"
+
+
+def judge_over_training(series: Sequence[Training]) -> tuple[str, str]:
+    parts, courses = [], []
+    for t in series:
+        sweep = t.sweep
+        ood = [s for s in sweep.splits if s != REFERENCE]
+        cells = []
+        for proxy in sweep.proxies:
+            for split in ood:
+                states = _training_states(sweep, proxy, split)
+                if not states:
+                    continue
+                course = training_course(states)
+                courses.append(course)
+                if split.startswith("unseen_depth"):
+                    sig = [str(step) for step, _, sign in states if sign]
+                    cells.append(f"{proxy} on `{split}`: {states[0][1]:+.3f} at step {states[0][0]} -> "
+                                 f"{states[-1][1]:+.3f} at step {states[-1][0]}, {course}"
+                                 + (f" (significant at steps {', '.join(sig)})" if sig else ""))
+        parts.append(f"`{t.name}` (training seed {t.seed}, {len(sweep.steps)} checkpoints): " + "; ".join(cells))
+    if not courses:
+        return "not run", "no analysis over training checkpoints"
+    tally = {c: courses.count(c) for c in dict.fromkeys(courses)}
+    summary = ", ".join(f"{n} {c}" for c, n in tally.items())
+    changed = any(c in ("appears", "vanishes", "flips", "comes and goes") for c in courses)
+    return ("reproduced" if changed else "not reproduced"), (f"over {len(courses)} proxy x split cells: {summary}. "
+                                                             + " ".join(parts))
+
+
 def judge(claim: Claim, runs: dict[str, RecipeRuns]) -> tuple[str, str]:
     present = [runs[name] for name in claim.recipes if name in runs]
     if not present:
@@ -723,6 +821,7 @@ def render(
     manifest: dict[str, Any],
     figures: dict[str, str],
     others: Sequence[Family] = (),
+    training: dict[str, Training] | None = None,
 ) -> str:
     """The Markdown of ``docs/RESULTS.md``; ``figures`` maps a key to a relative image path.
 
@@ -779,7 +878,8 @@ def render(
                      + (f" ({family.about})" if family.about else "") + ". A claim whose recipes have no run on "
                      "a family reads *not run* there.")
     lines += ["", "## Claims", ""]
-    lines += _claims_table(runs, others)
+    training = training or {}
+    lines += _claims_table(runs, training, others)
 
     lines += ["## The models", ""]
     lines += _models_section(runs, "")
@@ -790,6 +890,17 @@ def render(
     for family in others:
         lines += _heads_section(family.runs, family.figures, family.name)
 
+    if training or any(f.training for f in others):
+        lines += ["## Over training", "",
+                  "Each analysis over training runs one recipe on every step checkpoint of one training run (the "
+                  "recipe's fit, splits and proxies at each step). Cells: the proxy's accuracy change (proxy "
+                  "minus original accuracy) on the split minus its value on iid in the same checkpoint, with "
+                  "its 95% bootstrap interval; `*` when the interval excludes 0 (below 0: the proxy "
+                  "under-states the model's generalization there, above 0: over-states it).", ""]
+        lines += _training_section(training, figures, "")
+        for family in others:
+            lines += _training_section(family.training, family.figures, family.name)
+
     lines += ["## Recipe by recipe", ""]
     lines += _recipe_sections(runs, recipes, figures)
     for family in others:
@@ -799,19 +910,23 @@ def render(
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _claim_cells(claim: Claim, runs: dict[str, RecipeRuns]) -> tuple[str, str]:
-    verdict, text = judge(claim, runs)
+def _claim_cells(claim: Claim, runs: dict[str, RecipeRuns], training: dict[str, Training]) -> tuple[str, str]:
+    if claim.kind == "over_training":
+        present = [training[name] for name in claim.recipes if name in training]
+        verdict, text = judge_over_training(present)
+    else:
+        verdict, text = judge(claim, runs)
     if claim.beyond:  # a question of ours, not a finding to reproduce
         verdict = {"reproduced": "holds", "not reproduced": "does not hold"}.get(verdict, verdict)
     return text, f"**{verdict}**"
 
 
-def _claims_table(runs: dict[str, RecipeRuns], others: Sequence[Family]) -> list[str]:
+def _claims_table(runs: dict[str, RecipeRuns], training: dict[str, Training], others: Sequence[Family]) -> list[str]:
     rows = []
     for i, claim in enumerate(CLAIMS, 1):
-        cells = list(_claim_cells(claim, runs))
+        cells = list(_claim_cells(claim, runs, training))
         for family in others:
-            cells += list(_claim_cells(claim, family.runs))
+            cells += list(_claim_cells(claim, family.runs, family.training))
         rows.append([str(i), ("*(beyond the paper)* " if claim.beyond else "") + claim.text, *cells])
     header = ["#", "claim", "what we measured", "verdict"]
     if others:
@@ -863,6 +978,34 @@ def _heads_section(runs: dict[str, RecipeRuns], figures: dict[str, str], family:
                 rows.append([f"`{r.name}`", f"`{proxy}`", f"`{d['split']}`", d["matched"].fmt(3, signed=True),
                              d["call"]])
         lines += _md_table(["recipe", "proxy", "split", "Δ(proxy−orig) vs len-matched", "call"], rows)
+    return lines
+
+
+def _training_section(training: dict[str, Training], figures: dict[str, str], family: str) -> list[str]:
+    lines = []
+    for t in training.values():
+        sweep = t.sweep
+        ood = [s for s in sweep.splits if s != REFERENCE]
+        lines += [f"### `{t.name}` on {f'`{family}`' if family else 'the reference models'} (training seed "
+                  f"{t.seed})", "", f"{t.recipe.description}", ""]
+        if f"training:{t.name}" in figures:
+            lines += [f"![{t.name}]({figures[f'training:{t.name}']})", ""]
+        rows = [[str(step)] + [f"{sweep.value(step, s, sweep.proxies[0], 'original_accuracy'):.3f}"
+                               for s in sweep.splits] for step in sweep.steps]
+        lines += ["Original accuracy per split:", ""]
+        lines += _md_table(["step"] + [f"`{s}`" for s in sweep.splits], rows)
+        for proxy in sweep.proxies:
+            rows = []
+            for step in sweep.steps:
+                cells = []
+                for split in ood:
+                    states = {st: (v, sign) for st, v, sign in _training_states(sweep, proxy, split)}
+                    v, sign = states.get(step, (float("nan"), 0))
+                    cells.append(f"{v:+.3f}{'*' if sign else ''}" if math.isfinite(v) else "-")
+                agree = sweep.value(step, REFERENCE, proxy, "agreement")
+                rows.append([str(step), f"{agree:.3f}", *cells])
+            lines += [f"`{proxy}`: iid agreement and Δ(proxy−orig acc) vs iid per split:", ""]
+            lines += _md_table(["step", "iid agreement"] + [f"`{s}`" for s in ood], rows)
     return lines
 
 
@@ -940,6 +1083,21 @@ def _duration(seconds: float) -> str:
 def _yerr(stats: Sequence[SeedStat]) -> np.ndarray:
     """``[2, n]`` asymmetric error bars of clipped across-seed intervals."""
     return np.array([s.errors() for s in stats], dtype=np.float64).T.reshape(2, len(stats))
+
+
+def write_training_figures(training: dict[str, Training], folder: Path, *, relative_to: Path,
+                           stem_prefix: str = "") -> dict[str, str]:
+    """The figure over training steps of each analysis over checkpoints (the one its report shows),
+    keyed ``training:<recipe>``."""
+    from illusions.io import atomic_write_bytes
+    from illusions.reports.checkpoints import checkpoint_figure
+
+    out = {}
+    for name, t in training.items():
+        path = Path(folder) / f"{stem_prefix}{name}.png"
+        atomic_write_bytes(path, checkpoint_figure(t.sweep).png)
+        out[f"training:{name}"] = path.resolve().relative_to(Path(relative_to).resolve()).as_posix()
+    return out
 
 
 def write_figures(runs: dict[str, RecipeRuns], folder: Path, *, relative_to: Path,
