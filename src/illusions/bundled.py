@@ -291,3 +291,30 @@ def export_run(run_dir: Path, task: str, *, recipe_file: Path, assets: Path = AS
         atomic_write_json(stage / METRICS_FILE, metrics)
         atomic_write_json(stage / LOG_FILE, load_history(run_dir))
     return Path(assets) / task
+
+
+def export_checkpoints(run_dir: Path, family: str, seed: int, *, assets: Path = ASSETS) -> Path:
+    """Copy a training run's step checkpoints (``train --save-every``) into
+    ``assets/checkpoints/<family>-seed<seed>/step<k>/`` (weights and config, each step folder written
+    whole with its manifest), for the ``over_training`` analyses of ``illusions reproduce``.
+
+    Returns:
+        The folder holding the ``step<k>/`` checkpoints.
+
+    Raises:
+        IllusionsError: the run holds no step checkpoints.
+    """
+    import shutil
+
+    from illusions.io import staged_dir
+    from illusions.models import CHECKPOINT, list_checkpoints
+
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise IllusionsError(f"{run_dir} holds no step checkpoints (train with --save-every N)")
+    target = Path(assets) / TRAINING_DIR / f"{family}-seed{seed}"
+    for step, folder in found:
+        with staged_dir(target / f"step{step}", kind=CHECKPOINT) as stage:
+            for name in (CONFIG_FILE, WEIGHTS_FILE):
+                shutil.copyfile(folder / name, stage / name)
+    return target
