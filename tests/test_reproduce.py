@@ -371,3 +371,28 @@ def test_over_training_recipe_errors(tmp_path, extra, message):
     path.write_text(f'name = "r"\n{head}\n[analysis]\ntask = "dyck"\nsimplifier = "onehot"\n{analysis}')
     with pytest.raises(IllusionsError, match=message):
         load_analysis_recipe(path)
+
+
+def test_export_checkpoints_ships_a_runs_step_checkpoints(env, tmp_path):
+    from illusions.bundled import export_checkpoints, family_checkpoints
+    from illusions.errors import IllusionsError
+    from illusions.io import file_sha256, read_manifest
+    from illusions.models import ModelConfig, load_model
+
+    _, assets, _ = env
+    config = json.loads((assets / "dyck" / "config.json").read_text())
+    cfg = ModelConfig.from_dict(config["model"])
+    run = tmp_path / "run"
+    for step in (5, 10):
+        save_model(build_model(cfg, seed=step), run / "checkpoints" / f"step{step}", meta=config["meta"])
+    shipped = tmp_path / "assets"
+    folder = export_checkpoints(run, "fam", 2, assets=shipped)
+    assert folder == shipped / "checkpoints" / "fam-seed2"
+    assert family_checkpoints("fam", shipped) == {2: folder} and family_checkpoints("dyck", shipped) == {}
+    for step in (5, 10):
+        manifest = read_manifest(folder / f"step{step}")
+        assert manifest["kind"] == "model"
+        assert manifest["files"]["model.safetensors"] == file_sha256(run / "checkpoints" / f"step{step}" / "model.safetensors")
+        load_model(folder / f"step{step}")
+    with pytest.raises(IllusionsError, match="holds no step checkpoints"):
+        export_checkpoints(tmp_path / "empty", "fam", 3, assets=shipped)
