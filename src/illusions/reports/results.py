@@ -31,6 +31,8 @@ FAITHFUL_IID = 0.95
 REFERENCE = "iid"
 # The sparse dictionary recipes and the rank correlation their 'predicts' claim asks for.
 SAE_RECIPES = ("dyck-sae-resid-L1", "dyck-sae-z-L1", "code-sae-resid-L1")
+# The family trained to fail on unseen depths as the paper's models did (tasks/dyck-paperlike.toml).
+PAPERLIKE = "dyck-paperlike"
 # The analyses over training checkpoints (recipes with over_training = true).
 TRAINING_RECIPES = ("dyck-svd-L1-over-training",)
 RANK_AGREEMENT = 0.8
@@ -327,6 +329,10 @@ CLAIMS = (
           "from one state to another between the first and the final checkpoint).", TRAINING_RECIPES,
           "over_training", beyond=True),
 )
+
+
+def _claim_number(key: str) -> int:
+    return next(i for i, c in enumerate(CLAIMS, 1) if c.key == key)
 
 
 def ood_splits(runs: RecipeRuns) -> list[str]:
@@ -872,11 +878,15 @@ def render(
         "Rows marked *beyond the paper* are our own questions, judged by the same rules (*holds* / *partly* / "
         "*does not hold*).",
     ]
-    for family in others:
+    if others:
+        named = "; ".join(f"`{f.name}`" + (f" ({f.about})" if f.about else "") for f in others)
         lines.append(f"- **Model families:** every claim is judged on each family separately, by the same rules, "
-                     f"side by side: the reference models (`dyck`, `code`) and `{family.name}`"
-                     + (f" ({family.about})" if family.about else "") + ". A claim whose recipes have no run on "
-                     "a family reads *not run* there.")
+                     f"side by side: the reference models (`dyck`, `code`) and {named}. A claim whose recipes have "
+                     "no run on a family reads *not run* there."
+                     + (f" Claim {_claim_number('original')} is about the paper's own models, so it is judged on "
+                        f"`{PAPERLIKE}`, the family searched to resemble them (`tasks/README.md`); the reference "
+                        "models were chosen to train well, not to match the paper."
+                        if any(f.name == PAPERLIKE for f in others) else ""))
     lines += ["", "## Claims", ""]
     training = training or {}
     lines += _claims_table(runs, training, others)
