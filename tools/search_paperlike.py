@@ -72,6 +72,18 @@ CANDIDATES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
                   {"model": {"d_model": 48, "d_head": 24, "d_mlp": 192}}),
     "narrow-one-head": ("`narrow` with one head of 32 per layer",
                         {"model": {"d_model": 32, "n_heads": 1, "d_head": 32, "d_mlp": 128}}),
+    "narrow-rotary": ("`narrow` with rotary positions",
+                      {"model": {"d_model": 32, "d_head": 16, "d_mlp": 128, "positional_embedding": "rotary"}}),
+    "narrow-strong-wd": ("`narrow` with weight decay 0.1",
+                         {"model": {"d_model": 32, "d_head": 16, "d_mlp": 128}, "train": {"weight_decay": 0.1}}),
+    "narrow-attn-only": ("`narrow` without MLPs",
+                         {"model": {"d_model": 32, "d_head": 16, "d_mlp": 0}}),
+    # Data: the depth wall (10) made rare in training (train.wall_keep), evaluation splits unchanged.
+    "narrow-mlp-rare-wall": ("`narrow-mlp` trained on only 10% of the strings that reach depth 10",
+                             {"model": {"d_model": 32, "d_head": 16, "d_mlp": 256}, "train": {"wall_keep": 0.1}}),
+    "narrow-long-rare-wall": ("`narrow-long` trained on only 10% of the strings that reach depth 10",
+                              {"model": {"d_model": 32, "d_head": 16, "d_mlp": 128},
+                               "train": {"steps": 14000, "wall_keep": 0.1}}),
 }
 
 HEADER = ("candidate", "change from dyck-paperlike.toml", "parameters", "steps", "iid", "unseen_depth",
