@@ -84,6 +84,10 @@ CANDIDATES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     "narrow-long-rare-wall": ("`narrow-long` trained on only 10% of the strings that reach depth 10",
                               {"model": {"d_model": 32, "d_head": 16, "d_mlp": 128},
                                "train": {"steps": 14000, "wall_keep": 0.1}}),
+    "narrow-mlp-wall-30": ("`narrow-mlp` trained on 30% of the strings that reach depth 10",
+                           {"model": {"d_model": 32, "d_head": 16, "d_mlp": 256}, "train": {"wall_keep": 0.3}}),
+    "narrow-one-head-mlp": ("`narrow-one-head` with d_mlp 256",
+                            {"model": {"d_model": 32, "n_heads": 1, "d_head": 32, "d_mlp": 256}}),
 }
 
 HEADER = ("candidate", "change from dyck-paperlike.toml", "parameters", "steps", "iid", "unseen_depth",
