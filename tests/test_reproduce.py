@@ -173,6 +173,7 @@ def test_cli_writes_results_and_refuses_bad_input(env, tmp_path):
         (["--recipes", str(own), "--seeds", "x"], "--seeds must be comma-separated integers"),
         (["--recipes", str(own), "--seeds", "3"], "no checkpoint of task 'dyck' for seed(s) 3"),
         (["--recipes", str(own), "--task", "code"], "no recipe in"),
+        (["--recipes", str(own), "--family", "nope"], "no bundled model family 'nope' for these recipes; families: dyck"),
     ]:
         bad = runner.invoke(app, ["reproduce", *args, "--out", str(tmp_path / "bad"),
                                   "--results", str(tmp_path / "bad-docs" / "R.md")])
@@ -217,3 +218,181 @@ def test_sparse_dictionary_recipe_feeds_its_claims_and_tables(env, tmp_path):
     assert "iid explained var" in doc
     # Reused as they are: the spec a run records reads back equal.
     assert all(rep.is_current(job) for job in jobs)
+
+
+@pytest.fixture(scope="module")
+def family_env(env, tmp_path_factory):
+    """The env's assets plus a second family of the same task ('dyck-paperlike': seeds 0 and 1) and a
+    checkpoint of another task's family that must not be picked up for Dyck recipes."""
+    import shutil
+
+    root, assets, recipes = env
+    both = tmp_path_factory.mktemp("families") / "assets"
+    shutil.copytree(assets, both)
+    config = json.loads((assets / "dyck" / "config.json").read_text())
+    from illusions.models import ModelConfig
+
+    cfg = ModelConfig.from_dict(config["model"])
+    meta = config["meta"]
+    save_model(build_model(cfg, seed=5), both / "dyck-paperlike", meta=meta)
+    (both / "dyck-paperlike" / "recipe.toml").write_text('description = "a paper-like family"\n')
+    save_model(build_model(cfg, seed=6), both / "seeds" / "dyck-paperlike-seed1", meta=meta)
+    save_model(build_model(cfg, seed=7), both / "other", meta={"task": {**meta["task"], "task": "code"}})
+    # Step checkpoints of one training seed per family (as `train --save-every` writes them).
+    for folder, seeds in (("dyck-paperlike-seed1", (8, 9, 10)), ("dyck-seed0", (11, 12, 13))):
+        for step, seed in zip((10, 20, 30), seeds, strict=True):
+            save_model(build_model(cfg, seed=seed), both / "checkpoints" / folder / f"step{step}", meta=meta)
+    return root, both, recipes
+
+
+def test_plan_runs_each_recipe_on_every_family_of_its_task(family_env, tmp_path):
+    _, assets, recipes = family_env
+    loaded = [r for r in rep.load_recipes(recipes) if r.name == "dyck-svd-L1"]
+    assert rep.task_families("dyck", assets) == ["dyck", "dyck-paperlike"]
+    jobs = rep.plan(loaded, tmp_path, assets=assets)
+    assert [j.key for j in jobs] == ["dyck-svd-L1/seed0", "dyck-svd-L1/seed1", "dyck-svd-L1/dyck-paperlike-seed0",
+                                     "dyck-svd-L1/dyck-paperlike-seed1"]
+    assert jobs[2].family == "dyck-paperlike" and jobs[2].spec.model == str(assets / "dyck-paperlike")
+    assert jobs[3].out == tmp_path / "dyck-svd-L1" / "dyck-paperlike-seed1"
+    only = rep.plan(loaded, tmp_path, families=["dyck-paperlike"], seeds=[1], assets=assets)
+    assert [j.key for j in only] == ["dyck-svd-L1/dyck-paperlike-seed1"]
+    with pytest.raises(Exception, match="no bundled model family 'nope' for these recipes; families: dyck, "
+                                        "dyck-paperlike"):
+        rep.plan(loaded, tmp_path, families=["nope"], assets=assets)
+
+
+def test_another_family_is_judged_beside_the_reference(family_env, tmp_path):
+    _, assets, recipes = family_env
+    loaded = [r for r in rep.load_recipes(recipes) if r.name == "dyck-svd-L1"]
+    out = tmp_path / "runs"
+    reference = rep.plan(loaded, out, families=["dyck"], assets=assets)
+    rep.run_all(reference, out, report=False)
+    jobs = rep.plan(loaded, out, assets=assets)
+    # A tree holding runs of both layouts is ours: a second invocation is not refused.
+    rep.check_outputs(jobs, out, tmp_path / "docs" / "RESULTS.md")
+    manifest = rep.run_all(jobs, out, report=False)
+    assert [e["reused"] for e in manifest["runs"].values()] == [True, True, False, False]
+    assert manifest["runs"]["dyck-svd-L1/dyck-paperlike-seed0"]["family"] == "dyck-paperlike"
+    ref = res.load_runs(loaded, out)
+    other = res.load_runs(loaded, out, family="dyck-paperlike")
+    assert ref["dyck-svd-L1"].seeds == other["dyck-svd-L1"].seeds == [0, 1]
+    # The family's numbers are its own runs', not the reference's.
+    with open(out / "dyck-svd-L1" / "dyck-paperlike-seed1" / "metrics.csv") as fh:
+        value = next(float(r["value"]) for r in csv.DictReader(fh) if r["proxy"] == "svd(rank=1)"
+                     and r["split"] == "iid" and r["metric"] == "agreement" and r["group_by"] == "all")
+    assert other["dyck-svd-L1"].row(1, "svd(rank=1)", "iid", "agreement")["value"] == value
+    assert ref["dyck-svd-L1"].stat("svd(rank=1)", "iid", "agreement").values != \
+        other["dyck-svd-L1"].stat("svd(rank=1)", "iid", "agreement").values
+    figures = res.write_figures(other, tmp_path / "docs" / "figures", relative_to=tmp_path / "docs",
+                                stem_prefix="dyck-paperlike-")
+    assert figures["sweep:dyck-svd-L1"] == "figures/dyck-paperlike-dyck-svd-L1.png"
+    family = res.Family("dyck-paperlike", other, figures, "a paper-like family")
+    doc = res.render(ref, loaded, manifest=manifest, figures={}, others=[family])
+    header = ("| # | claim | reference models: what we measured | verdict | `dyck-paperlike`: what we measured "
+              "| verdict |")
+    assert header in doc
+    claim1 = next(line for line in doc.splitlines() if line.startswith("| 1 |"))
+    _, own_text = res.judge(res.CLAIMS[0], other)
+    assert own_text in claim1 and res.judge(res.CLAIMS[0], ref)[1] in claim1
+    assert "## Recipe by recipe: the `dyck-paperlike` models" in doc and "(a paper-like family)" in doc
+    assert "Original accuracy of the `dyck-paperlike` checkpoints" in doc
+    assert "![dyck-svd-L1](figures/dyck-paperlike-dyck-svd-L1.png)" in doc
+    # Computed in two invocations: the time line sums the runs' own times instead of claiming a whole run.
+    assert "no single invocation computed every run" in doc and "the 4 runs took" in doc
+
+
+OVER_TRAINING = ('name = "dyck-svd-L1-over-training"\ndescription = "svd over training"\nclaim = "c"\n'
+                 'over_training = true\n[analysis]\ntask = "dyck"\nsimplifier = "svd"\nranks = [1]\nlayers = [1]\n'
+                 'breakdowns = []\n' + COMMON)
+
+
+def test_over_training_recipes_run_on_the_shipped_step_checkpoints_of_each_family(family_env, tmp_path):
+    _, assets, _ = family_env
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "over.toml").write_text(OVER_TRAINING)
+    loaded = rep.load_recipes(recipes)
+    assert loaded[0].over_training
+    out = tmp_path / "runs"
+    jobs = rep.plan(loaded, out, assets=assets)
+    assert [j.key for j in jobs] == ["dyck-svd-L1-over-training/seed0",
+                                     "dyck-svd-L1-over-training/dyck-paperlike-seed1"]
+    assert jobs[1].spec.checkpoints == str(assets / "checkpoints" / "dyck-paperlike-seed1")
+    assert [j.key for j in rep.plan(loaded, out, seeds=[1], assets=assets)] == [jobs[1].key]
+    rep.check_outputs(jobs, out, tmp_path / "R.md")
+    manifest = rep.run_all(jobs, out, report=False)
+    assert (out / jobs[1].key / "checkpoints.csv").is_file() and (out / jobs[1].key / "step30").is_dir()
+    # Finished analyses over checkpoints are recognised: reused, and the tree is ours.
+    assert all(rep.is_current(j) for j in jobs)
+    rep.check_outputs(jobs, out, tmp_path / "R.md")
+    reference = res.load_training(loaded, out)
+    other = res.load_training(loaded, out, family="dyck-paperlike")
+    assert reference["dyck-svd-L1-over-training"].seed == 0 and other["dyck-svd-L1-over-training"].seed == 1
+    sweep = other["dyck-svd-L1-over-training"].sweep
+    assert sweep.steps == [10, 20, 30] and sweep.proxies == ["svd(rank=1)"]
+    with open(out / jobs[1].key / "checkpoints.csv") as fh:
+        row = next(r for r in csv.DictReader(fh) if r["step"] == "20" and r["split"] == "unseen_depth"
+                   and r["metric"] == "accuracy_change")
+    assert sweep.value(20, "unseen_depth", "svd(rank=1)", "accuracy_change", "gap_vs_iid") == float(row["gap_vs_iid"])
+    figures = res.write_training_figures(other, tmp_path / "figures", relative_to=tmp_path, stem_prefix="p-")
+    assert figures == {"training:dyck-svd-L1-over-training": "figures/p-dyck-svd-L1-over-training.png"}
+    doc = res.render({}, loaded, manifest=manifest, figures={}, training=reference,
+                     others=[res.Family("dyck-paperlike", {}, figures, "", other)])
+    claim = next(line for line in doc.splitlines() if "Over training: does an illusion" in line)
+    assert claim.count("`dyck-svd-L1-over-training` (training seed") == 2
+    assert "## Over training" in doc and "### `dyck-svd-L1-over-training` on `dyck-paperlike` (training seed 1)" in doc
+    assert "![dyck-svd-L1-over-training](figures/p-dyck-svd-L1-over-training.png)" in doc
+
+
+@pytest.mark.parametrize(("signs", "values", "course"), [
+    ((0, 0, 0), (0.01, -0.01, 0.0), "never"),
+    ((0, -1, -1), (0.0, -0.05, -0.1), "appears"),
+    ((-1, 0, 0), (-0.1, -0.01, 0.0), "vanishes"),
+    ((-1, 0, 1), (-0.1, 0.0, 0.1), "flips"),
+    ((0, 1, 0), (0.0, 0.1, 0.0), "comes and goes"),
+    ((-1, -1, -1), (-0.05, -0.1, -0.2), "persists, grows"),
+    ((1, 1, 1), (0.2, 0.1, 0.05), "persists, shrinks"),
+])
+def test_training_course_names_how_an_illusion_changes(signs, values, course):
+    states = [(step, v, s) for step, v, s in zip((1, 2, 3), values, signs, strict=True)]
+    assert res.training_course(states) == course
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ('over_training = "yes"\n', "over_training in .* must be true or false"),
+    ('over_training = true\nmodel = "x"\n', "cannot also name a model or checkpoints"),
+])
+def test_over_training_recipe_errors(tmp_path, extra, message):
+    from illusions.analyses.run import load_analysis_recipe
+    from illusions.errors import IllusionsError
+
+    head, analysis = extra.split("\n", 1)
+    path = tmp_path / "r.toml"
+    path.write_text(f'name = "r"\n{head}\n[analysis]\ntask = "dyck"\nsimplifier = "onehot"\n{analysis}')
+    with pytest.raises(IllusionsError, match=message):
+        load_analysis_recipe(path)
+
+
+def test_export_checkpoints_ships_a_runs_step_checkpoints(env, tmp_path):
+    from illusions.bundled import export_checkpoints, family_checkpoints
+    from illusions.errors import IllusionsError
+    from illusions.io import file_sha256, read_manifest
+    from illusions.models import ModelConfig, load_model
+
+    _, assets, _ = env
+    config = json.loads((assets / "dyck" / "config.json").read_text())
+    cfg = ModelConfig.from_dict(config["model"])
+    run = tmp_path / "run"
+    for step in (5, 10):
+        save_model(build_model(cfg, seed=step), run / "checkpoints" / f"step{step}", meta=config["meta"])
+    shipped = tmp_path / "assets"
+    folder = export_checkpoints(run, "fam", 2, assets=shipped)
+    assert folder == shipped / "checkpoints" / "fam-seed2"
+    assert family_checkpoints("fam", shipped) == {2: folder} and family_checkpoints("dyck", shipped) == {}
+    for step in (5, 10):
+        manifest = read_manifest(folder / f"step{step}")
+        assert manifest["kind"] == "model"
+        assert manifest["files"]["model.safetensors"] == file_sha256(run / "checkpoints" / f"step{step}" / "model.safetensors")
+        load_model(folder / f"step{step}")
+    with pytest.raises(IllusionsError, match="holds no step checkpoints"):
+        export_checkpoints(tmp_path / "empty", "fam", 3, assets=shipped)

@@ -327,3 +327,35 @@ def test_train_command_end_to_end_on_a_small_dyck_recipe(tmp_path, monkeypatch):
     # --resume takes the run's own --steps/--seed, so they need not be repeated.
     resumed = runner.invoke(app, ["train", str(recipe), "--out", str(out), "--resume", "--threads", "1"])
     assert resumed.exit_code == 0, resumed.output
+
+
+def test_wall_keep_leaves_out_a_share_of_the_deepest_training_strings_only():
+    from illusions.tasks.dyck import DyckConfig, DyckTask
+    from illusions.training import training_rows
+
+    task = DyckTask(DyckConfig(n_train=3000, n_eval=20, max_len=64, short_max_brackets=16, seed=3))
+    split = task.splits()["train"]
+    deepest = task.depths(split.tokens).max(axis=-1)
+    wall = deepest.max()
+    everything = training_rows(task, split, TrainConfig())
+    assert np.array_equal(everything, np.arange(len(split)))
+    cfg = TrainConfig(wall_keep=0.25, seed=4)
+    kept = training_rows(task, split, cfg)
+    assert np.array_equal(kept, training_rows(task, split, cfg))  # seeded, not global
+    assert set(np.flatnonzero(deepest < wall)) <= set(kept)  # every shallower string stays
+    at_wall = np.flatnonzero(deepest == wall)
+    share = np.isin(at_wall, kept).mean()
+    assert len(at_wall) >= 40 and 0.1 < share < 0.45
+    other_seed = training_rows(task, split, TrainConfig(wall_keep=0.25, seed=5))
+    assert not np.array_equal(kept, other_seed)
+    with pytest.raises(IllusionsError, match="reports nesting depths"):
+        training_rows(CopyTask(), CopyTask().splits()["train"], cfg)
+
+
+def test_wall_keep_is_checked_and_left_out_of_the_recipe_at_its_default():
+    assert "wall_keep" not in TrainConfig().to_dict()
+    assert TrainConfig(wall_keep=0.5).to_dict()["wall_keep"] == 0.5
+    assert TrainConfig.from_dict(TrainConfig(wall_keep=0.5).to_dict()) == TrainConfig(wall_keep=0.5)
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(IllusionsError, match="wall_keep must lie in"):
+            TrainConfig.from_dict({"wall_keep": bad})

@@ -43,6 +43,8 @@ LOG_FILE = "training_log.json"
 
 
 SEEDS_DIR = "seeds"
+# Step checkpoints along one training run of a family: assets/checkpoints/<family>-seed<N>/step<k>/.
+TRAINING_DIR = "checkpoints"
 _SEED_FOLDER = re.compile(r"^(?P<name>.+)-seed(?P<seed>[0-9]+)$")
 
 
@@ -135,6 +137,32 @@ def catalogue(assets: Path | None = None) -> dict[str, BundledModel]:
 def family_seeds(family: str, assets: Path | None = None) -> dict[int, Path]:
     """The checkpoints of one family by training seed (0 is ``assets/<family>/``)."""
     return {m.seed: m.path for m in catalogue(assets).values() if m.family == family}
+
+
+def family_checkpoints(family: str, assets: Path | None = None) -> dict[int, Path]:
+    """The step-checkpoint folders shipped for a family, by training seed:
+    ``assets/checkpoints/<family>-seed<N>/`` (each holding ``step<k>/`` checkpoints)."""
+    from illusions.models import list_checkpoints
+
+    root = Path(ASSETS if assets is None else assets) / TRAINING_DIR
+    out = {}
+    for folder in root.iterdir() if root.is_dir() else ():
+        match = _SEED_FOLDER.match(folder.name)
+        if match and match["name"] == family and list_checkpoints(folder):
+            out[int(match["seed"])] = folder
+    return dict(sorted(out.items()))
+
+
+def family_description(family: str, assets: Path | None = None) -> str:
+    """The ``description`` of the recipe shipped with a family's seed-0 model ("" when it has none)."""
+    import tomllib
+
+    path = Path(ASSETS if assets is None else assets) / family / RECIPE_FILE
+    try:
+        description = tomllib.loads(path.read_text(encoding="utf-8")).get("description", "")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return ""
+    return description if isinstance(description, str) else ""
 
 
 def model_names(assets: Path | None = None) -> list[str]:
@@ -263,3 +291,30 @@ def export_run(run_dir: Path, task: str, *, recipe_file: Path, assets: Path = AS
         atomic_write_json(stage / METRICS_FILE, metrics)
         atomic_write_json(stage / LOG_FILE, load_history(run_dir))
     return Path(assets) / task
+
+
+def export_checkpoints(run_dir: Path, family: str, seed: int, *, assets: Path = ASSETS) -> Path:
+    """Copy a training run's step checkpoints (``train --save-every``) into
+    ``assets/checkpoints/<family>-seed<seed>/step<k>/`` (weights and config, each step folder written
+    whole with its manifest), for the ``over_training`` analyses of ``illusions reproduce``.
+
+    Returns:
+        The folder holding the ``step<k>/`` checkpoints.
+
+    Raises:
+        IllusionsError: the run holds no step checkpoints.
+    """
+    import shutil
+
+    from illusions.io import staged_dir
+    from illusions.models import CHECKPOINT, list_checkpoints
+
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise IllusionsError(f"{run_dir} holds no step checkpoints (train with --save-every N)")
+    target = Path(assets) / TRAINING_DIR / f"{family}-seed{seed}"
+    for step, folder in found:
+        with staged_dir(target / f"step{step}", kind=CHECKPOINT) as stage:
+            for name in (CONFIG_FILE, WEIGHTS_FILE):
+                shutil.copyfile(folder / name, stage / name)
+    return target

@@ -1,9 +1,11 @@
 """Run every analysis recipe on every training seed of its task: the reproduction's runs.
 
-:func:`plan` pairs each recipe of a folder (``analyses/*.toml``) with each checkpoint of its task:
-the bundled reference model (training seed 0) and the extra seeds shipped under
-``illusions/assets/seeds/<task>-seed<N>/``. :func:`run_all` runs the pairs into
-``<out>/<recipe>/seed<N>/`` (the files of :func:`illusions.analyses.run.write_run`), skipping a run
+:func:`plan` pairs each recipe of a folder (``analyses/*.toml``) with each checkpoint of every bundled
+model *family* of its task: the task's reference family (``assets/<task>/``, training seed 0, and
+``assets/seeds/<task>-seed<N>/``) and any other family trained on the same task (``dyck-paperlike``).
+:func:`run_all` runs the pairs into ``<out>/<recipe>/seed<N>/`` for the reference family and
+``<out>/<recipe>/<family>-seed<N>/`` for another (the files of
+:func:`illusions.analyses.run.write_run`), skipping a run
 whose directory already holds the same spec computed by the same package version, and records the
 wall time of each run in ``<out>/reproduce.json``. :mod:`illusions.reports.results` turns the run
 directories into ``docs/RESULTS.md``. :func:`check_outputs` says, before any work, whether every
@@ -19,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,7 +29,7 @@ from typing import Any
 
 from illusions import __version__
 from illusions.analyses.run import AnalysisRecipe, load_analysis_recipe
-from illusions.bundled import ASSETS, bundled_model_dir, family_seeds
+from illusions.bundled import ASSETS, bundled_model_dir, catalogue, family_checkpoints, family_seeds
 from illusions.errors import IllusionsError
 
 MANIFEST = "reproduce.json"
@@ -41,17 +44,35 @@ def seed_models(task: str, assets: Path = ASSETS) -> dict[int, Path]:
     return dict(sorted(family_seeds(task, assets).items()))
 
 
+def task_families(task: str, assets: Path = ASSETS) -> list[str]:
+    """The bundled model families trained on ``task``: its reference family (named after the task)
+    first, then the others by name (``dyck-paperlike``), read from each family's seed-0 checkpoint."""
+    others = sorted({m.family for m in catalogue(assets).values()
+                     if m.seed == 0 and m.family != task and m.task() == task})
+    return [task, *others]
+
+
+def run_folder(recipe: str, family: str, seed: int, task: str) -> str:
+    """A run's path below the reproduction folder: ``<recipe>/seed<N>`` for the task's reference
+    family (the layout before families existed, so earlier runs are reused), else
+    ``<recipe>/<family>-seed<N>``."""
+    return f"{recipe}/seed{seed}" if family == task else f"{recipe}/{family}-seed{seed}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """One recipe on one training seed's checkpoint."""
+    """One recipe on one training seed's checkpoint of one model family."""
 
     recipe: AnalysisRecipe
     seed: int
     spec: Any  # AnalysisSpec with ``model`` pointing at the seed's checkpoint
     out: Path
+    family: str = ""  # the bundled family; "" for the recipe's task's reference family
 
     @property
     def key(self) -> str:
+        if self.family and self.family != self.recipe.spec.task:
+            return run_folder(self.recipe.name, self.family, self.seed, self.recipe.spec.task)
         return f"{self.recipe.name}/seed{self.seed}"
 
 
@@ -77,45 +98,89 @@ def plan(
     *,
     seeds: Sequence[int] | None = None,
     tasks: Sequence[str] | None = None,
+    families: Sequence[str] | None = None,
     assets: Path = ASSETS,
 ) -> list[Job]:
-    """The jobs: each recipe (of ``tasks``, default all) on each seed (``seeds``, default all shipped).
+    """The jobs: each recipe (of ``tasks``, default all) on each seed (``seeds``, default all shipped)
+    of each bundled family of its task (``families``, default all; see :func:`task_families`).
 
-    A recipe that names its own ``model`` runs on that model only, as seed 0.
+    A recipe that names its own ``model`` runs on that model only, as seed 0 of its task's family.
+
+    Raises:
+        IllusionsError: a seed or family that no recipe's task ships, or a checkpoints recipe.
     """
     jobs = []
-    models_by_task: dict[str, dict[int, Path]] = {}
+    models: dict[tuple[str, str], dict[int, Path]] = {}
+    matched_families: set[str] = set()
     for recipe in recipes:
         spec = recipe.spec
         if tasks and spec.task not in tasks:
             continue
         if spec.checkpoints:
             raise IllusionsError(f"recipe {recipe.source} analyses training checkpoints ({spec.checkpoints}); "
-                                 f"run it with `illusions sweep {recipe.source}` (reproduce does not run such "
-                                 "recipes yet)")
-        if spec.model:
-            available = {0: Path(spec.model)}
-        else:
-            if spec.task not in models_by_task:
-                models_by_task[spec.task] = seed_models(spec.task, assets)
-            available = models_by_task[spec.task]
-        wanted = sorted(available) if seeds is None else [s for s in seeds if s in available]
-        if seeds is not None and not wanted:
-            have = ", ".join(str(s) for s in available)
-            raise IllusionsError(f"no checkpoint of task {spec.task!r} for seed(s) "
-                                 f"{', '.join(str(s) for s in seeds)}; shipped seeds: {have}")
-        for seed in wanted:
-            bundled = seed == 0 and Path(assets) == ASSETS
-            model = spec.model if spec.model else ("" if bundled else str(available[seed]))
-            jobs.append(Job(recipe, seed, dataclasses.replace(spec, model=model),
-                            Path(out) / recipe.name / f"seed{seed}"))
+                                 f"run it with `illusions sweep {recipe.source}`, or set over_training = true "
+                                 "to run it on the step checkpoints shipped for each family")
+        names = [spec.task] if spec.model else task_families(spec.task, assets)
+        for family in names:
+            if families and family not in families:
+                continue
+            matched_families.add(family)
+            if recipe.over_training:
+                # The step checkpoints shipped for this family (usually one training seed's); none, no job.
+                for seed, folder in family_checkpoints(family, assets).items():
+                    if seeds is None or seed in seeds:
+                        jobs.append(Job(recipe, seed, dataclasses.replace(spec, checkpoints=str(folder)),
+                                        Path(out) / run_folder(recipe.name, family, seed, spec.task), family))
+                continue
+            if spec.model:
+                available = {0: Path(spec.model)}
+            else:
+                if (spec.task, family) not in models:
+                    models[spec.task, family] = (seed_models(spec.task, assets) if family == spec.task
+                                                 else dict(sorted(family_seeds(family, assets).items())))
+                available = models[spec.task, family]
+            wanted = sorted(available) if seeds is None else [s for s in seeds if s in available]
+            if seeds is not None and not wanted:
+                if family != spec.task:
+                    continue  # another family without these seeds: the reference family's seeds decide
+                have = ", ".join(str(s) for s in available)
+                raise IllusionsError(f"no checkpoint of task {spec.task!r} for seed(s) "
+                                     f"{', '.join(str(s) for s in seeds)}; shipped seeds: {have}")
+            for seed in wanted:
+                bundled = seed == 0 and Path(assets) == ASSETS and family == spec.task
+                model = spec.model if spec.model else ("" if bundled else str(available[seed]))
+                jobs.append(Job(recipe, seed, dataclasses.replace(spec, model=model),
+                                Path(out) / run_folder(recipe.name, family, seed, spec.task), family))
+    unknown = [f for f in families or () if f not in matched_families]
+    if unknown:
+        known = sorted({f for r in recipes if not tasks or r.spec.task in tasks
+                        for f in ([r.spec.task] if r.spec.model else task_families(r.spec.task, assets))})
+        raise IllusionsError(f"no bundled model family {', '.join(map(repr, unknown))} for these recipes; "
+                             f"families: {', '.join(known)}")
     return jobs
+
+
+def _kind(job: Job) -> Any:
+    """What the job writes: an analysis run, or (``over_training``) an analysis over checkpoints."""
+    if job.spec.checkpoints:
+        from illusions.analyses.checkpoints import CHECKPOINT_SWEEP
+
+        return CHECKPOINT_SWEEP
+    from illusions.analyses.run import ANALYSIS_RUN
+
+    return ANALYSIS_RUN
 
 
 def is_current(job: Job) -> bool:
     """The job's directory holds a finished run of the same spec by this package version."""
     config = job.out / "config.json"
-    if not all((job.out / name).is_file() for name in ("config.json", "metrics.csv", "metrics.json")):
+    if job.spec.checkpoints:
+        from illusions.analyses.checkpoints import SUMMARY_CSV, SUMMARY_JSON
+
+        files = ("config.json", SUMMARY_CSV, SUMMARY_JSON)
+    else:
+        files = ("config.json", "metrics.csv", "metrics.json")
+    if not all((job.out / name).is_file() for name in files):
         return False
     try:
         saved = json.loads(config.read_text())
@@ -143,7 +208,6 @@ def check_outputs(jobs: Sequence[Job], out: Path, results: Path, *, force: bool 
     Raises:
         IllusionsError: naming the first output in the way.
     """
-    from illusions.analyses.run import ANALYSIS_RUN
     from illusions.io import check_creatable, ownership, refuse_foreign
 
     name = {**OUTPUT_NAMES, **(names or {})}
@@ -155,8 +219,9 @@ def check_outputs(jobs: Sequence[Job], out: Path, results: Path, *, force: bool 
                              f"(no {MANIFEST}); choose a new or empty folder")
     stale = []
     for job in jobs:
-        own = ownership(job.out, ANALYSIS_RUN)
-        refuse_foreign(own, ANALYSIS_RUN, str(job.out), foreign_advice="move it away", other_advice="move it away")
+        kind = _kind(job)
+        own = ownership(job.out, kind)
+        refuse_foreign(own, kind, str(job.out), foreign_advice="move it away", other_advice="move it away")
         if own.state == "ours" and (force or not is_current(job)):
             if own.changed:
                 raise IllusionsError(f"{job.out / own.changed[0]} was changed after illusions wrote it; move it "
@@ -187,7 +252,9 @@ def _is_ours(results: Path) -> bool:
 
 
 def _is_tree(out: Path) -> bool:
-    """``out`` holds an earlier reproduction: its manifest, or only recipe folders of analysis runs."""
+    """``out`` holds an earlier reproduction: its manifest, or only recipe folders of analysis runs
+    (or of analyses over checkpoints)."""
+    from illusions.analyses.checkpoints import CHECKPOINT_SWEEP
     from illusions.analyses.run import ANALYSIS_RUN
     from illusions.io import ownership
 
@@ -201,9 +268,14 @@ def _is_tree(out: Path) -> bool:
         for seed_dir in entry.iterdir():
             if seed_dir.name.startswith("."):
                 continue
-            if not seed_dir.name.startswith("seed") or ownership(seed_dir, ANALYSIS_RUN).state != "ours":
+            if not _RUN_FOLDER.match(seed_dir.name) or not any(
+                    ownership(seed_dir, kind).state == "ours" for kind in (ANALYSIS_RUN, CHECKPOINT_SWEEP)):
                 return False
     return True
+
+
+# A run folder below a recipe's folder: seed<N> (reference family) or <family>-seed<N>.
+_RUN_FOLDER = re.compile(r"^(?:.+-)?seed[0-9]+$")
 
 
 def run_all(
@@ -253,7 +325,8 @@ def run_all(
         if not force and is_current(job):
             # A reused run keeps the times it was computed in.
             before = previous.get("runs", {}).get(job.key, {})
-            entries[job.key] = {"recipe": job.recipe.name, "seed": job.seed, "reused": True,
+            entries[job.key] = {"recipe": job.recipe.name, "family": job.family or job.recipe.spec.task,
+                                "seed": job.seed, "reused": True,
                                 "seconds": before.get("seconds"), "cpu_seconds": before.get("cpu_seconds")}
         else:
             todo.append(job)
@@ -320,8 +393,8 @@ def _read_manifest(out: Path) -> dict[str, Any]:
 
 
 def _entry(job: Job, times: tuple[float, float]) -> dict[str, Any]:
-    return {"recipe": job.recipe.name, "seed": job.seed, "reused": False, "seconds": round(times[0], 2),
-            "cpu_seconds": round(times[1], 2)}
+    return {"recipe": job.recipe.name, "family": job.family or job.recipe.spec.task, "seed": job.seed,
+            "reused": False, "seconds": round(times[0], 2), "cpu_seconds": round(times[1], 2)}
 
 
 def run_job(job: Job, report: bool = True, device: str = "cpu", allow_tf32: bool = False) -> tuple[float, float]:
@@ -329,6 +402,9 @@ def run_job(job: Job, report: bool = True, device: str = "cpu", allow_tf32: bool
     from illusions.analyses.run import run_analysis, write_run
 
     t0, c0 = time.perf_counter(), time.process_time()
+    if job.spec.checkpoints:
+        _run_over_training(job, report, device, allow_tf32)
+        return time.perf_counter() - t0, time.process_time() - c0
     run = run_analysis(job.spec, device=device, allow_tf32=allow_tf32)
     extra = None
     if report and job.seed == 0:
@@ -340,6 +416,25 @@ def run_job(job: Job, report: bool = True, device: str = "cpu", allow_tf32: bool
     # check_outputs has allowed the replacement; a folder that is not a run of ours is still refused.
     write_run(run, job.out, extra_files=extra, overwrite=True)
     return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _run_over_training(job: Job, report: bool, device: str, allow_tf32: bool) -> None:
+    """An ``over_training`` job: the analysis on each step checkpoint, with the report over steps."""
+    from illusions.analyses.checkpoints import run_over_checkpoints
+
+    run_files = sweep_files = None
+    if report:  # the sweep's report links to each step's own report
+        from illusions.reports import write_report_files
+        from illusions.reports.checkpoints import write_checkpoint_report
+
+        def run_files(run: Any, stage: Path) -> None:
+            write_report_files(run, stage)
+
+        def sweep_files(sweep: Any, stage: Path) -> None:
+            write_checkpoint_report(sweep, stage)
+
+    run_over_checkpoints(job.spec, job.out, overwrite=True, run_files=run_files, sweep_files=sweep_files,
+                         device=device, allow_tf32=allow_tf32)
 
 
 def analyze_into(spec: Any, out: str, report: bool = True, device: str = "cpu", allow_tf32: bool = False,

@@ -64,6 +64,8 @@ TRAINING_RUN = OutputKind("training-run", "a training run", legacy_required=(TRA
 # The evaluation subset depends only on the split's size, never on the training seed, so runs with
 # different seeds (and the bundled model's test) are scored on the same rows.
 EVAL_SUBSET_SEED = 20240101
+# Second seed word of the generator that picks the wall-reaching strings training keeps (wall_keep).
+WALL_KEEP_STREAM = 0x57A11
 
 _DECAYS = ("cosine", "linear")
 
@@ -90,6 +92,10 @@ class TrainConfig(Config):
         eval_batch_size: sequences per evaluation forward pass.
         checkpoint_every: steps between checkpoints (0: only at the end and on Ctrl-C).
         seed: seeds the model initialisation and the batch order.
+        wall_keep: the share of the training strings that reach the training split's deepest nesting
+            (Dyck: the depth wall, 10) that training uses; the others are left out, chosen with
+            ``seed``. 1.0 (the default, left out of :meth:`to_dict`) uses every string. Needs a task
+            that reports depths. Evaluation splits are untouched.
     """
 
     steps: int = 4000
@@ -109,6 +115,13 @@ class TrainConfig(Config):
     eval_batch_size: int = 128
     checkpoint_every: int = 1000
     seed: int = 0
+    wall_keep: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.wall_keep == 1.0:  # recipes and checkpoints written before the field read back unchanged
+            del out["wall_keep"]
+        return out
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "bucket_width", "log_every", "eval_rows", "eval_batch_size"):
@@ -125,6 +138,8 @@ class TrainConfig(Config):
             raise ValueError(f"decay must be one of {', '.join(_DECAYS)}, got {self.decay!r}")
         if self.weight_decay < 0 or self.grad_clip < 0 or not self.eps > 0:
             raise ValueError("weight_decay and grad_clip must be 0 or more and eps positive")
+        if not 0 < self.wall_keep <= 1:
+            raise ValueError(f"wall_keep must lie in (0, 1], got {self.wall_keep}")
         if len(self.betas) != 2 or not all(isinstance(b, int | float) and 0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
         object.__setattr__(self, "betas", (float(self.betas[0]), float(self.betas[1])))
@@ -261,6 +276,30 @@ class BatchStream:
         self.epoch = int(state["epoch"])
         self.index = int(state["index"])
         self._start_epoch()
+
+
+def training_rows(task: Any, split: Any, cfg: TrainConfig) -> np.ndarray:
+    """The rows of the train split that training draws its batches from: all of them, or with
+    ``cfg.wall_keep < 1`` only that share of the strings reaching the split's deepest nesting (chosen
+    with a generator of its own, seeded by ``cfg.seed``), beside every other string."""
+    from illusions.tasks.base import DataSupport
+
+    n = len(split)
+    if cfg.wall_keep == 1.0:
+        return np.arange(n)
+    refusal = f"wall_keep needs a task that reports nesting depths; task {task.name!r} does not"
+    if not isinstance(task, DataSupport):
+        raise IllusionsError(refusal)
+    deepest = np.empty(n, dtype=np.int64)
+    for start in range(0, n, 8192):
+        depths = task.depths(split.tokens[start : start + 8192])  # [rows, pos]
+        if depths is None:
+            raise IllusionsError(refusal)
+        deepest[start : start + 8192] = np.asarray(depths).max(axis=-1)
+    wall = deepest.max()
+    rng = np.random.default_rng([cfg.seed, WALL_KEEP_STREAM])
+    keep = (deepest < wall) | (rng.random(n) < cfg.wall_keep)
+    return np.flatnonzero(keep)
 
 
 def eval_subset_rows(n_rows: int, k: int) -> np.ndarray:
@@ -484,8 +523,10 @@ class Trainer:
         self.eval_rows = {name: eval_subset_rows(len(s), train_cfg.eval_rows) for name, s in self.splits.items()}
         self.model = build_model(model_cfg, seed=train_cfg.seed, device=device)
         self.opt, self.names = make_optimizer(self.model, train_cfg)
-        self.stream = BatchStream(self.train_split.lengths, train_cfg.batch_size, train_cfg.bucket_width,
-                                  train_cfg.seed)
+        # The rows training draws from (all, unless wall_keep leaves some of the deepest out).
+        self.train_index = training_rows(task, self.train_split, train_cfg)
+        self.stream = BatchStream(self.train_split.lengths[self.train_index], train_cfg.batch_size,
+                                  train_cfg.bucket_width, train_cfg.seed)
         self.history: dict[str, list[Any]] = {"loss": [], "eval": []}
         self.step_count = 0
         # Steps since the last loss-curve point, saved so a resumed run records the same curve.
@@ -538,7 +579,7 @@ class Trainer:
         import torch
 
         t0 = time.perf_counter()
-        rows = next(self.stream)
+        rows = self.train_index[next(self.stream)]
         width = int(self.train_split.lengths[rows].max())
         tokens = torch.as_tensor(self.train_split.tokens[rows, :width], device=self.device).long()  # [batch, pos]
         self.lr = lr_at(self.step_count, self.cfg)

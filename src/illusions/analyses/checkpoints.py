@@ -150,6 +150,34 @@ class CheckpointSweep:
                 "architecture": self.model_description, "steps": self.steps, "by_step": entries}
 
 
+def read_sweep(folder: Path | str) -> CheckpointSweep:
+    """A finished sweep directory read back (``config.json`` and ``checkpoints.csv``), for documents
+    built from earlier runs (``docs/RESULTS.md``).
+
+    Raises:
+        IllusionsError: the folder holds no readable sweep.
+    """
+    import json
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        spec = AnalysisSpec.from_dict(config["spec"])
+        models = {int(k.removeprefix("step")): str(v) for k, v in config["checkpoints"].items()}
+        with open(folder / SUMMARY_CSV, newline="") as fh:
+            raw = list(csv.DictReader(fh))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise IllusionsError(f"{folder} holds no readable analysis over checkpoints ({exc})") from None
+    rows = []
+    for r in raw:
+        row: dict[str, Any] = {"step": int(r["step"]), "split": r["split"], "proxy": r["proxy"],
+                               "metric": r["metric"], "n_positions": int(r["n_positions"])}
+        for key in SUMMARY_FIELDS[4:-1]:
+            row[key] = float(r[key]) if r[key] != "" else float("nan")
+        rows.append(row)
+    return CheckpointSweep(spec, sorted(models), models, rows, str(config.get("architecture", "")))
+
+
 def rows_to_csv(rows: list[dict[str, Any]]) -> str:
     import math
 

@@ -221,8 +221,11 @@ def _check_ints(name: str, values: tuple[Any, ...], *, low: int) -> None:
 class AnalysisRecipe:
     """An analysis recipe (``analyses/*.toml``): a name, what it shows, and its spec.
 
-    The file holds top-level ``name``, ``description`` and ``claim`` strings and an ``[analysis]``
-    table of :class:`AnalysisSpec` fields; unknown keys are refused, naming the file.
+    The file holds top-level ``name``, ``description`` and ``claim`` strings, an optional
+    ``over_training`` boolean and an ``[analysis]`` table of :class:`AnalysisSpec` fields; unknown keys
+    are refused, naming the file. ``over_training = true`` asks ``illusions reproduce`` to run the
+    analysis on every step checkpoint shipped for a bundled family (``assets/checkpoints/``) instead
+    of on its final models.
     """
 
     name: str
@@ -230,6 +233,7 @@ class AnalysisRecipe:
     claim: str
     spec: AnalysisSpec
     source: str
+    over_training: bool = False
 
 
 def load_analysis_recipe(path: Path | str) -> AnalysisRecipe:
@@ -238,10 +242,13 @@ def load_analysis_recipe(path: Path | str) -> AnalysisRecipe:
 
     path = Path(path)
     data = read_toml(path)
-    unknown = sorted(set(data) - {"name", "description", "claim", "analysis"})
+    unknown = sorted(set(data) - {"name", "description", "claim", "over_training", "analysis"})
     if unknown:
         raise IllusionsError(f"unknown key(s) {', '.join(unknown)} in {path}; expected name, description, "
-                             "claim and an [analysis] table")
+                             "claim, over_training and an [analysis] table")
+    over_training = data.get("over_training", False)
+    if not isinstance(over_training, bool):
+        raise IllusionsError(f"over_training in {path} must be true or false, got {over_training!r}")
     if "analysis" not in data:
         raise IllusionsError(f"recipe {path} has no [analysis] table")
     try:
@@ -252,7 +259,11 @@ def load_analysis_recipe(path: Path | str) -> AnalysisRecipe:
     for key, value in texts.items():
         if not isinstance(value, str):
             raise IllusionsError(f"{key} in {path} must be a string")
-    return AnalysisRecipe(texts["name"] or path.stem, texts["description"], texts["claim"], spec, str(path))
+    if over_training and (spec.model or spec.checkpoints):
+        raise IllusionsError(f"recipe {path} sets over_training, which runs on the shipped step checkpoints; "
+                             "it cannot also name a model or checkpoints")
+    return AnalysisRecipe(texts["name"] or path.stem, texts["description"], texts["claim"], spec, str(path),
+                          over_training)
 
 
 def build_simplifiers(spec: AnalysisSpec, *, n_layers: int | None = None,

@@ -33,6 +33,7 @@ def reproduce(
     results: Annotated[Path, typer.Option("--results", help="The Markdown document to write (figures go beside it).")] = Path("docs/RESULTS.md"),
     seeds: Annotated[str | None, typer.Option("--seeds", help="Comma-separated training seeds (default: every shipped checkpoint).")] = None,
     task: Annotated[list[str] | None, typer.Option("--task", help="Only recipes of this task (repeatable).")] = None,
+    family: Annotated[list[str] | None, typer.Option("--family", help="Only this bundled model family, e.g. dyck or dyck-paperlike (repeatable; default: every family of each recipe's task).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute runs even when an identical one exists.")] = False,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html into each seed-0 run.")] = True,
     threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch (per worker with --jobs, per job with Slurm).")] = 2,
@@ -69,7 +70,7 @@ def reproduce(
         if not seed_list:
             fail("--seeds needs at least one seed")
     all_recipes = rep.load_recipes(recipes)
-    planned = rep.plan(all_recipes, out, seeds=seed_list, tasks=task)
+    planned = rep.plan(all_recipes, out, seeds=seed_list, tasks=task, families=family)
     if not planned:
         fail(f"no recipe in {recipes} matches --task {', '.join(task or [])}")
     if jobs < 1:
@@ -93,10 +94,27 @@ def reproduce(
                                   f"(job logs in {runner.folder}/)", soft_wrap=True, highlight=False,
                                   markup=False)
             raise typer.Exit(EXIT_MISSING) from None
-    ran = {j.recipe.name for j in planned}
-    runs = res.load_runs([r for r in all_recipes if r.name in ran], out)
-    figures = res.write_figures(runs, results.parent / "figures", relative_to=results.parent)
-    text = res.render(runs, [r for r in all_recipes if r.name in ran], manifest=manifest, figures=figures)
+    from illusions.bundled import family_description
+
+    used = [r for r in all_recipes if r.name in {j.recipe.name for j in planned}]
+    figure_dir = results.parent / "figures"
+    runs = res.load_runs(used, out)
+    training = res.load_training(used, out)
+    figures = {**res.write_figures(runs, figure_dir, relative_to=results.parent),
+               **res.write_training_figures(training, figure_dir, relative_to=results.parent)}
+    others = []
+    for name in dict.fromkeys(j.family for j in planned if j.family != j.recipe.spec.task):
+        family_runs = res.load_runs(used, out, family=name)
+        family_training = res.load_training(used, out, family=name)
+        prefix = f"{name}-"
+        others.append(res.Family(
+            name, family_runs,
+            {**res.write_figures(family_runs, figure_dir, relative_to=results.parent, stem_prefix=prefix),
+             **res.write_training_figures(family_training, figure_dir, relative_to=results.parent,
+                                          stem_prefix=prefix)},
+            family_description(name), family_training))
+    text = res.render(runs, used, manifest=manifest, figures=figures, others=others, training=training)
     atomic_write_text(results, text)
+    n_figures = len(figures) + sum(len(f.figures) for f in others)
     typer.echo(f"{len(planned)} runs in {out}/ ({manifest['total_seconds']:.0f} s); wrote {results} and "
-               f"{len(figures)} figures in {results.parent / 'figures'}/")
+               f"{n_figures} figures in {figure_dir}/")

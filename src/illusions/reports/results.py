@@ -31,6 +31,10 @@ FAITHFUL_IID = 0.95
 REFERENCE = "iid"
 # The sparse dictionary recipes and the rank correlation their 'predicts' claim asks for.
 SAE_RECIPES = ("dyck-sae-resid-L1", "dyck-sae-z-L1", "code-sae-resid-L1")
+# The family trained to fail on unseen depths as the paper's models did (tasks/dyck-paperlike.toml).
+PAPERLIKE = "dyck-paperlike"
+# The analyses over training checkpoints (recipes with over_training = true).
+TRAINING_RECIPES = ("dyck-svd-L1-over-training",)
 RANK_AGREEMENT = 0.8
 
 
@@ -174,18 +178,71 @@ def bounds_of(metric: str, field: str = "value") -> tuple[float, float]:
     return (-math.inf, math.inf)
 
 
-def load_runs(recipes: Sequence[AnalysisRecipe], runs_dir: Path) -> dict[str, RecipeRuns]:
-    """Every recipe with at least one finished run under ``runs_dir``."""
+def load_runs(recipes: Sequence[AnalysisRecipe], runs_dir: Path, family: str | None = None) -> dict[str, RecipeRuns]:
+    """Every recipe with at least one finished run under ``runs_dir``: the runs of its task's reference
+    family (``<recipe>/seed<N>/``), or with ``family`` another bundled family's
+    (``<recipe>/<family>-seed<N>/``, the layout of :func:`illusions.reproduce.run_folder`)."""
     out = {}
     for recipe in recipes:
         folder = Path(runs_dir) / recipe.name
+        prefix = "seed" if family in (None, recipe.spec.task) else f"{family}-seed"
         rows = {}
-        for seed_dir in sorted(folder.glob("seed*")) if folder.is_dir() else []:
-            suffix = seed_dir.name.removeprefix("seed")
+        for seed_dir in sorted(folder.glob(f"{prefix}*")) if folder.is_dir() else []:
+            suffix = seed_dir.name.removeprefix(prefix)
             if suffix.isdigit() and (seed_dir / "metrics.csv").is_file():
                 rows[int(suffix)] = read_rows(seed_dir)
         if rows:
-            out[recipe.name] = RecipeRuns(recipe, rows, _task_config(folder / f"seed{min(rows)}"))
+            out[recipe.name] = RecipeRuns(recipe, rows, _task_config(folder / f"{prefix}{min(rows)}"))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """The runs of one bundled model family beside the reference family's in the document.
+
+    Attributes:
+        name: the family (``dyck-paperlike``).
+        runs: its runs by recipe (:func:`load_runs` with ``family``).
+        figures: its figures (:func:`write_figures` with ``stem_prefix``).
+        about: one sentence on what the family is, for the document.
+    """
+
+    name: str
+    runs: dict[str, RecipeRuns]
+    figures: dict[str, str] = dataclasses.field(default_factory=dict)
+    about: str = ""
+    training: dict[str, Training] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """An ``over_training`` recipe's analysis over one training run's step checkpoints."""
+
+    recipe: AnalysisRecipe
+    seed: int
+    sweep: Any  # illusions.analyses.checkpoints.CheckpointSweep
+
+    @property
+    def name(self) -> str:
+        return self.recipe.name
+
+
+def load_training(recipes: Sequence[AnalysisRecipe], runs_dir: Path, family: str | None = None) -> dict[str, Training]:
+    """The finished analyses over checkpoints of the ``over_training`` recipes (the lowest seed's when
+    several were run), for the reference family or ``family``."""
+    from illusions.analyses.checkpoints import SUMMARY_CSV, read_sweep
+
+    out = {}
+    for recipe in recipes:
+        if not recipe.over_training:
+            continue
+        folder = Path(runs_dir) / recipe.name
+        prefix = "seed" if family in (None, recipe.spec.task) else f"{family}-seed"
+        found = sorted((int(d.name.removeprefix(prefix)), d) for d in (folder.glob(f"{prefix}*") if folder.is_dir() else [])
+                       if d.name.removeprefix(prefix).isdigit() and (d / SUMMARY_CSV).is_file())
+        if found:
+            seed, run_dir = found[0]
+            out[recipe.name] = Training(recipe, seed, read_sweep(run_dir))
     return out
 
 
@@ -266,7 +323,16 @@ CLAIMS = (
           beyond=True),
     Claim("sae_length", "Do the SAE proxies' gaps survive a length-matched in-distribution control?", SAE_RECIPES,
           "length", beyond=True),
+    Claim("over_training", "Over training: does an illusion (a proxy's accuracy change on a split differing from "
+          "iid's, 95% bootstrap interval excluding 0) appear, grow or vanish as the model learns? Judged on the "
+          "step checkpoints of one training seed per family (*holds* when some proxy x split cell changes "
+          "from one state to another between the first and the final checkpoint).", TRAINING_RECIPES,
+          "over_training", beyond=True),
 )
+
+
+def _claim_number(key: str) -> int:
+    return next(i for i, c in enumerate(CLAIMS, 1) if c.key == key)
 
 
 def ood_splits(runs: RecipeRuns) -> list[str]:
@@ -538,6 +604,64 @@ def judge_sae_direction(all_runs: Sequence[RecipeRuns]) -> tuple[str, str]:
                      f"{cells(under)}; {len(over)} over-state it: {cells(over)}")
 
 
+def _training_states(sweep: Any, proxy: str, split: str) -> list[tuple[int, float, int]]:
+    """Per step: (step, accuracy change minus iid's, -1/+1 when its interval lies below/above 0, else 0)."""
+    out = []
+    for step in sweep.steps:
+        value = sweep.value(step, split, proxy, "accuracy_change", "gap_vs_iid")
+        lo = sweep.value(step, split, proxy, "accuracy_change", "gap_vs_iid_low")
+        hi = sweep.value(step, split, proxy, "accuracy_change", "gap_vs_iid_high")
+        if math.isfinite(value):
+            out.append((step, value, -1 if hi < 0 else 1 if lo > 0 else 0))
+    return out
+
+
+def training_course(states: Sequence[tuple[int, float, int]]) -> str:
+    """How a cell's illusion changes from the first to the final checkpoint."""
+    signs = [s for _, _, s in states]
+    if not any(signs):
+        return "never"
+    first, last = signs[0], signs[-1]
+    if first == 0 and last != 0:
+        return "appears"
+    if first != 0 and last == 0:
+        return "vanishes"
+    if first != 0 and last != 0 and first != last:
+        return "flips"
+    if first == 0 and last == 0:
+        return "comes and goes"
+    grew = abs(states[-1][1]) > abs(states[0][1])
+    return "persists, grows" if grew else "persists, shrinks"
+
+
+def judge_over_training(series: Sequence[Training]) -> tuple[str, str]:
+    parts, courses = [], []
+    for t in series:
+        sweep = t.sweep
+        ood = [s for s in sweep.splits if s != REFERENCE]
+        cells = []
+        for proxy in sweep.proxies:
+            for split in ood:
+                states = _training_states(sweep, proxy, split)
+                if not states:
+                    continue
+                course = training_course(states)
+                courses.append(course)
+                if split.startswith("unseen_depth"):
+                    sig = [str(step) for step, _, sign in states if sign]
+                    cells.append(f"{proxy} on `{split}`: {states[0][1]:+.3f} at step {states[0][0]} -> "
+                                 f"{states[-1][1]:+.3f} at step {states[-1][0]}, {course}"
+                                 + (f" (significant at steps {', '.join(sig)})" if sig else ""))
+        parts.append(f"`{t.name}` (training seed {t.seed}, {len(sweep.steps)} checkpoints): " + "; ".join(cells))
+    if not courses:
+        return "not run", "no analysis over training checkpoints"
+    tally = {c: courses.count(c) for c in dict.fromkeys(courses)}
+    summary = ", ".join(f"{n} {c}" for c, n in tally.items())
+    changed = any(c in ("appears", "vanishes", "flips", "comes and goes") for c in courses)
+    return ("reproduced" if changed else "not reproduced"), (f"over {len(courses)} proxy x split cells: {summary}. "
+                                                             + " ".join(parts))
+
+
 def judge(claim: Claim, runs: dict[str, RecipeRuns]) -> tuple[str, str]:
     present = [runs[name] for name in claim.recipes if name in runs]
     if not present:
@@ -702,11 +826,22 @@ def render(
     *,
     manifest: dict[str, Any],
     figures: dict[str, str],
+    others: Sequence[Family] = (),
+    training: dict[str, Training] | None = None,
 ) -> str:
-    """The Markdown of ``docs/RESULTS.md``; ``figures`` maps a key to a relative image path."""
+    """The Markdown of ``docs/RESULTS.md``; ``figures`` maps a key to a relative image path.
+
+    ``runs`` are the reference families' runs (``dyck``, ``code``); each of ``others`` is another
+    family of a task, shown beside them: its own column in the claims table (judged by the same rules),
+    its model table, per-head tables and recipe sections.
+    """
     entries = manifest.get("runs", {})
     computed = [e for e in entries.values() if not e["reused"]]
-    seeds = sorted({s for r in runs.values() for s in r.seeds})
+    families = [runs, *(f.runs for f in others)]
+    seeds = sorted({s for group in families for r in group.values() for s in r.seeds})
+    n_recipes = len({name for group in families for name in group})
+    family_text = "" if not others else (
+        " on " + ", ".join(["the reference families"] + [f"`{f.name}`" for f in others]))
     lines = [
         "# Results: reproducing *Interpretability Illusions in the Generalization of Simplified Models*",
         "",
@@ -714,9 +849,9 @@ def render(
         "(do not edit by hand, re-run the command). Paper background: the repository's design notes "
         "(`PAPER.md`, `DESIGN.md`); recipes: `analyses/*.toml`.",
         "",
-        f"- **Runs:** {len(entries)} ({len(runs)} recipes x training seeds {', '.join(map(str, seeds))}); "
-        f"{len(computed)} computed in this invocation, {len(entries) - len(computed)} reused from earlier "
-        "identical runs.",
+        f"- **Runs:** {len(entries)} ({n_recipes} recipes x training seeds {', '.join(map(str, seeds))}"
+        f"{family_text}); {len(computed)} computed in this invocation, {len(entries) - len(computed)} reused "
+        "from earlier identical runs.",
         _wall_time_line(manifest, computed, len(entries)),
         f"- **Version:** illusions {manifest.get('illusions_version', '?')}.",
         "",
@@ -742,53 +877,151 @@ def render(
         "than in distribution (the proxy fails where the model generalizes), and *over-states* it when higher. "
         "Rows marked *beyond the paper* are our own questions, judged by the same rules (*holds* / *partly* / "
         "*does not hold*).",
-        "",
-        "## Claims",
-        "",
     ]
-    claim_rows = []
-    for i, claim in enumerate(CLAIMS, 1):
-        verdict, text = judge(claim, runs)
-        if claim.beyond:  # a question of ours, not a finding to reproduce
-            verdict = {"reproduced": "holds", "not reproduced": "does not hold"}.get(verdict, verdict)
-        claim_rows.append([str(i), ("*(beyond the paper)* " if claim.beyond else "") + claim.text, text,
-                           f"**{verdict}**"])
-    lines += _md_table(["#", "claim", "what we measured", "verdict"], claim_rows)
+    if others:
+        named = "; ".join(f"`{f.name}`" + (f" ({f.about})" if f.about else "") for f in others)
+        lines.append(f"- **Model families:** every claim is judged on each family separately, by the same rules, "
+                     f"side by side: the reference models (`dyck`, `code`) and {named}. A claim whose recipes have "
+                     "no run on a family reads *not run* there."
+                     + (f" Claim {_claim_number('original')} is about the paper's own models, so it is judged on "
+                        f"`{PAPERLIKE}`, the family searched to resemble them (`tasks/README.md`); the reference "
+                        "models were chosen to train well, not to match the paper."
+                        if any(f.name == PAPERLIKE for f in others) else ""))
+    lines += ["", "## Claims", ""]
+    training = training or {}
+    lines += _claims_table(runs, training, others)
 
     lines += ["## The models", ""]
+    lines += _models_section(runs, "")
+    for family in others:
+        lines += _models_section(family.runs, family.name)
+
+    lines += _heads_section(runs, figures, "")
+    for family in others:
+        lines += _heads_section(family.runs, family.figures, family.name)
+
+    if training or any(f.training for f in others):
+        lines += ["## Over training", "",
+                  "Each analysis over training runs one recipe on every step checkpoint of one training run (the "
+                  "recipe's fit, splits and proxies at each step). Cells: the proxy's accuracy change (proxy "
+                  "minus original accuracy) on the split minus its value on iid in the same checkpoint, with "
+                  "its 95% bootstrap interval; `*` when the interval excludes 0 (below 0: the proxy "
+                  "under-states the model's generalization there, above 0: over-states it).", ""]
+        lines += _training_section(training, figures, "")
+        for family in others:
+            lines += _training_section(family.training, family.figures, family.name)
+
+    lines += ["## Recipe by recipe", ""]
+    lines += _recipe_sections(runs, recipes, figures)
+    for family in others:
+        if family.runs:
+            lines += [f"## Recipe by recipe: the `{family.name}` models", ""]
+            lines += _recipe_sections(family.runs, recipes, family.figures)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _claim_cells(claim: Claim, runs: dict[str, RecipeRuns], training: dict[str, Training]) -> tuple[str, str]:
+    if claim.kind == "over_training":
+        present = [training[name] for name in claim.recipes if name in training]
+        verdict, text = judge_over_training(present)
+    else:
+        verdict, text = judge(claim, runs)
+    if claim.beyond:  # a question of ours, not a finding to reproduce
+        verdict = {"reproduced": "holds", "not reproduced": "does not hold"}.get(verdict, verdict)
+    return text, f"**{verdict}**"
+
+
+def _claims_table(runs: dict[str, RecipeRuns], training: dict[str, Training], others: Sequence[Family]) -> list[str]:
+    rows = []
+    for i, claim in enumerate(CLAIMS, 1):
+        cells = list(_claim_cells(claim, runs, training))
+        for family in others:
+            cells += list(_claim_cells(claim, family.runs, family.training))
+        rows.append([str(i), ("*(beyond the paper)* " if claim.beyond else "") + claim.text, *cells])
+    header = ["#", "claim", "what we measured", "verdict"]
+    if others:
+        header = ["#", "claim", "reference models: what we measured", "verdict"]
+        for family in others:
+            header += [f"`{family.name}`: what we measured", "verdict"]
+    return _md_table(header, rows)
+
+
+def _models_section(runs: dict[str, RecipeRuns], family: str) -> list[str]:
+    lines = []
     for task, name in (("dyck", "dyck-svd-L1"), ("code", "code-svd-L1")):
         if name in runs:
-            lines += [f"Original accuracy of the `{task}` checkpoints on the evaluated sequences of each split:", ""]
+            lines += [f"Original accuracy of the `{family or task}` checkpoints on the evaluated sequences of each "
+                      "split:", ""]
             lines += model_table(runs[name])
             first = runs[name].proxies()[0]
             if task == "dyck" and deep_groups(runs[name], first):
                 lines += [f"`unseen_depth ({deep_groups(runs[name], first)[0]})` holds only the unseen-depth "
                           "closers whose opener is deeper than the training depth, beside the whole split. "
                           + PAPER_DEPTH_FIGURE, ""]
+    return lines
 
+
+def _heads_section(runs: dict[str, RecipeRuns], figures: dict[str, str], family: str) -> list[str]:
     heads = [r for r in runs.values() if r.recipe.spec.per_head]
-    if heads:
-        lines += ["## Which proxies under- or over-state generalization, per layer and head", "",
-                  "Each proxy simplifies one head only. Accuracy change = proxy minus original accuracy; its gap "
-                  "vs iid is how much more (negative) or less (positive) the proxy loses out of distribution "
-                  "than in distribution, relative to the model.", ""]
-        for r in heads:
-            lines += [f"### `{r.name}`: {r.recipe.description}", ""]
-            if f"heads:{r.name}" in figures:
-                lines += [f"![{r.name}]({figures[f'heads:{r.name}']})", ""]
-            lines += direction_table(r)
-        layer_level = [r for r in runs.values() if not r.recipe.spec.per_head and r.name.startswith("dyck-")]
-        if layer_level:
-            lines += ["### Whole layers, at the reported proxies", ""]
-            rows = []
-            for r in layer_level:
-                proxy = r.selected()
-                for d in direction_rows(r, [proxy]):
-                    rows.append([f"`{r.name}`", f"`{proxy}`", f"`{d['split']}`", d["matched"].fmt(3, signed=True),
-                                 d["call"]])
-            lines += _md_table(["recipe", "proxy", "split", "Δ(proxy−orig) vs len-matched", "call"], rows)
+    if not heads:
+        return []
+    if family:
+        lines = [f"## Which proxies under- or over-state generalization, per layer and head: the `{family}` models",
+                 ""]
+    else:
+        lines = ["## Which proxies under- or over-state generalization, per layer and head", "",
+                 "Each proxy simplifies one head only. Accuracy change = proxy minus original accuracy; its gap "
+                 "vs iid is how much more (negative) or less (positive) the proxy loses out of distribution "
+                 "than in distribution, relative to the model.", ""]
+    for r in heads:
+        lines += [f"### `{r.name}`{f' on `{family}`' if family else ''}: {r.recipe.description}", ""]
+        if f"heads:{r.name}" in figures:
+            lines += [f"![{r.name}]({figures[f'heads:{r.name}']})", ""]
+        lines += direction_table(r)
+    layer_level = [r for r in runs.values() if not r.recipe.spec.per_head and r.name.startswith("dyck-")]
+    if layer_level:
+        lines += [f"### Whole layers, at the reported proxies{f' (`{family}`)' if family else ''}", ""]
+        rows = []
+        for r in layer_level:
+            proxy = r.selected()
+            for d in direction_rows(r, [proxy]):
+                rows.append([f"`{r.name}`", f"`{proxy}`", f"`{d['split']}`", d["matched"].fmt(3, signed=True),
+                             d["call"]])
+        lines += _md_table(["recipe", "proxy", "split", "Δ(proxy−orig) vs len-matched", "call"], rows)
+    return lines
 
-    lines += ["## Recipe by recipe", ""]
+
+def _training_section(training: dict[str, Training], figures: dict[str, str], family: str) -> list[str]:
+    lines = []
+    for t in training.values():
+        sweep = t.sweep
+        ood = [s for s in sweep.splits if s != REFERENCE]
+        lines += [f"### `{t.name}` on {f'`{family}`' if family else 'the reference models'} (training seed "
+                  f"{t.seed})", "", f"{t.recipe.description}", ""]
+        if f"training:{t.name}" in figures:
+            lines += [f"![{t.name}]({figures[f'training:{t.name}']})", ""]
+        rows = [[str(step)] + [f"{sweep.value(step, s, sweep.proxies[0], 'original_accuracy'):.3f}"
+                               for s in sweep.splits] for step in sweep.steps]
+        lines += ["Original accuracy per split:", ""]
+        lines += _md_table(["step"] + [f"`{s}`" for s in sweep.splits], rows)
+        for proxy in sweep.proxies:
+            rows = []
+            for step in sweep.steps:
+                cells = []
+                for split in ood:
+                    states = {st: (v, sign) for st, v, sign in _training_states(sweep, proxy, split)}
+                    v, sign = states.get(step, (float("nan"), 0))
+                    cells.append(f"{v:+.3f}{'*' if sign else ''}" if math.isfinite(v) else "-")
+                agree = sweep.value(step, REFERENCE, proxy, "agreement")
+                rows.append([str(step), f"{agree:.3f}", *cells])
+            lines += [f"`{proxy}`: iid agreement and Δ(proxy−orig acc) vs iid per split:", ""]
+            lines += _md_table(["step", "iid agreement"] + [f"`{s}`" for s in ood], rows)
+    return lines
+
+
+def _recipe_sections(runs: dict[str, RecipeRuns], recipes: Sequence[AnalysisRecipe],
+                     figures: dict[str, str]) -> list[str]:
+    lines = []
     for recipe in recipes:
         r = runs.get(recipe.name)
         if r is None or recipe.spec.per_head:
@@ -813,11 +1046,22 @@ def render(
         if r.groups(proxy, REFERENCE, "category"):
             lines += [f"Agreement by character category at `{proxy}`, mean across seeds:", ""]
             lines += category_table(r, proxy)
-    return "\n".join(lines).rstrip() + "\n"
+    return lines
 
 
 def _wall_time_line(manifest: dict[str, Any], computed: list[dict[str, Any]], n_runs: int) -> str:
     full = manifest.get("full_run")
+    entries = list(manifest.get("runs", {}).values())
+    seconds = [e.get("seconds") for e in entries]
+    if not full and entries and all(isinstance(x, (int, float)) for x in seconds):
+        cpu = [e.get("cpu_seconds") for e in entries]
+        cpu_text = (f" and {_duration(sum(cpu))} of CPU time" if all(isinstance(x, (int, float)) for x in cpu)
+                    else "")
+        return (f"- **Time:** no single invocation computed every run (they were computed in pieces and reused); "
+                f"the {n_runs} runs took {_duration(sum(seconds))} of run time{cpu_text} in all (each run's own "
+                "wall time, summed: runs of parallel workers overlap, so a whole reproduction in one invocation "
+                f"takes less wall time). This invocation took {_duration(manifest.get('total_seconds', 0.0))} and "
+                f"computed {len(computed)} of {n_runs} runs.")
     if not full:
         return (f"- **Wall time:** no whole reproduction is recorded in these runs; this invocation took "
                 f"{_duration(manifest.get('total_seconds', 0.0))} and computed {len(computed)} of {n_runs} runs "
@@ -851,9 +1095,26 @@ def _yerr(stats: Sequence[SeedStat]) -> np.ndarray:
     return np.array([s.errors() for s in stats], dtype=np.float64).T.reshape(2, len(stats))
 
 
-def write_figures(runs: dict[str, RecipeRuns], folder: Path, *, relative_to: Path) -> dict[str, str]:
+def write_training_figures(training: dict[str, Training], folder: Path, *, relative_to: Path,
+                           stem_prefix: str = "") -> dict[str, str]:
+    """The figure over training steps of each analysis over checkpoints (the one its report shows),
+    keyed ``training:<recipe>``."""
+    from illusions.io import atomic_write_bytes
+    from illusions.reports.checkpoints import checkpoint_figure
+
+    out = {}
+    for name, t in training.items():
+        path = Path(folder) / f"{stem_prefix}{name}.png"
+        atomic_write_bytes(path, checkpoint_figure(t.sweep).png)
+        out[f"training:{name}"] = path.resolve().relative_to(Path(relative_to).resolve()).as_posix()
+    return out
+
+
+def write_figures(runs: dict[str, RecipeRuns], folder: Path, *, relative_to: Path,
+                  stem_prefix: str = "") -> dict[str, str]:
     """Draw the sweep, key-depth and per-head figures into ``folder``; keys -> paths relative to
-    ``relative_to`` (the document's folder)."""
+    ``relative_to`` (the document's folder). ``stem_prefix`` starts each file name (another family's
+    figures: ``dyck-paperlike-``); the keys stay the same."""
     import io
 
     from matplotlib.figure import Figure  # not pyplot: no global figure state, no backend switch
@@ -866,7 +1127,7 @@ def write_figures(runs: dict[str, RecipeRuns], folder: Path, *, relative_to: Pat
     def save(fig: Any, key: str, stem: str) -> None:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
-        path = folder / f"{stem}.png"
+        path = folder / f"{stem_prefix}{stem}.png"
         atomic_write_bytes(path, buf.getvalue())
         out[key] = Path(path).resolve().relative_to(Path(relative_to).resolve()).as_posix()
 
