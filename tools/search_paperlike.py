@@ -1,6 +1,7 @@
 """The search for a paper-like Dyck recipe (issue #17): train candidates, measure iid and unseen_depth.
 
-Each candidate is a change of ``tasks/dyck-paperlike.toml`` (the plan and its reasons are in
+Each candidate is a change of ``tools/search_paperlike_start.toml`` (the starting point; the chosen
+configuration is ``tasks/dyck-paperlike.toml``) (the plan and its reasons are in
 ``tasks/README.md``, "Paper-like Dyck: search plan"). For each one this script trains the model with
 ``illusions.training.train`` into ``<out>/<candidate>/run/`` and records, from the final full-split
 evaluation, the accuracy on ``iid`` and ``unseen_depth`` and on the ``unseen_depth`` closers whose
@@ -35,7 +36,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = REPO / "tasks" / "dyck-paperlike.toml"
+# The search's starting point (what tasks/dyck-paperlike.toml held before the search chose a
+# configuration); every candidate is a change of it, so finished candidates stay reusable.
+BASE = REPO / "tools" / "search_paperlike_start.toml"
 IID_TARGET = 0.99  # in-distribution accuracy the recipe must reach
 IID_KEEP = 0.97  # below this a candidate is weak everywhere, not specifically at depth
 DEPTH_TARGET = (0.70, 0.88)  # unseen_depth accuracy of a paper-like model (the paper: ~80%)
@@ -43,7 +46,7 @@ EXIT_BUDGET = 3
 
 # name -> (what it changes and why, {section: {key: value}}); the order of tasks/README.md's table.
 CANDIDATES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
-    "start": ("tasks/dyck-paperlike.toml as it is: half the reference's width and heads", {}),
+    "start": ("the starting point as it is: half the reference's width and heads", {}),
     "reference": ("the reference model's architecture (tasks/dyck.toml)",
                   {"model": {"d_model": 128, "n_heads": 4, "d_head": 32, "d_mlp": 512}}),
     "rotary": ("relative (rotary) positions instead of learned absolute ones",
@@ -90,7 +93,7 @@ CANDIDATES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
                             {"model": {"d_model": 32, "n_heads": 1, "d_head": 32, "d_mlp": 256}}),
 }
 
-HEADER = ("candidate", "change from dyck-paperlike.toml", "parameters", "steps", "iid", "unseen_depth",
+HEADER = ("candidate", "change from the starting point", "parameters", "steps", "iid", "unseen_depth",
           "unseen_depth (opener > 10)", "verdict", "train s", "wall s")
 
 

@@ -839,7 +839,8 @@ def render(
     computed = [e for e in entries.values() if not e["reused"]]
     families = [runs, *(f.runs for f in others)]
     seeds = sorted({s for group in families for r in group.values() for s in r.seeds})
-    n_recipes = len({name for group in families for name in group})
+    n_recipes = len({e["recipe"] for e in entries.values() if "recipe" in e}
+                    | {name for group in families for name in group})
     family_text = "" if not others else (
         " on " + ", ".join(["the reference families"] + [f"`{f.name}`" for f in others]))
     lines = [
