@@ -172,6 +172,12 @@ def _bad_vocab_recipe(tmp: Path, env: Env) -> None:
     (tmp / "recipe.toml").write_text(text)
 
 
+def _bad_wall_keep_recipe(tmp: Path, env: Env) -> None:
+    text = (REPO / "tasks" / "dyck-paperlike.toml").read_text().replace("seed = 0\n", "seed = 0\nwall_keep = 0\n")
+    assert text.count("wall_keep = 0") == 2  # [task] and [train] both end their seed line; both get it
+    (tmp / "recipe.toml").write_text(text.replace("wall_keep = 0\n", "", 1))
+
+
 SETUPS: dict[str, Callable[[Path, Env], None]] = {
     "user_folder": _user_folder,
     "notes_in_run": _notes_in_run,
@@ -186,6 +192,7 @@ SETUPS: dict[str, Callable[[Path, Env], None]] = {
     "bad_ids_cache": _bad_ids_cache,
     "corrupt_weights": _corrupt_weights,
     "bad_vocab_recipe": _bad_vocab_recipe,
+    "bad_wall_keep_recipe": _bad_wall_keep_recipe,
 }
 
 ANALYZE = ("analyze", "dyck", "--simplify", "svd", "--rank", "2", *FAST)
@@ -297,6 +304,12 @@ CASES = [
          ("--over-checkpoints", "holds no step checkpoints"), MODEL_FILES, absent=("new",), fresh_cache=True),
     Case("train-vocab-mismatch-before-progress", ("train", "{tmp}/recipe.toml", "--out", "{tmp}/new"), 2,
          ("d_vocab is 10", "43 tokens"), setup=("bad_vocab_recipe",), absent=("new",), fresh_cache=True),
+    Case("train-wall-keep-out-of-range", ("train", "{tmp}/recipe.toml", "--out", "{tmp}/new"), 2,
+         ("wall_keep must lie in (0, 1], got 0",), setup=("bad_wall_keep_recipe",), absent=("new",),
+         fresh_cache=True),
+    Case("reproduce-unknown-family", ("reproduce", *RECIPES, "--family", "dyck-paperlik", "--out", "{tmp}/rep",
+                                      "--results", "{tmp}/docs/R.md"), 2,
+         ("no bundled model family 'dyck-paperlik'", "dyck-paperlike"), absent=("rep", "docs"), fresh_cache=True),
 ]
 
 
