@@ -396,3 +396,23 @@ def test_export_checkpoints_ships_a_runs_step_checkpoints(env, tmp_path):
         load_model(folder / f"step{step}")
     with pytest.raises(IllusionsError, match="holds no step checkpoints"):
         export_checkpoints(tmp_path / "empty", "fam", 3, assets=shipped)
+
+
+def test_a_sweep_is_cut_to_what_each_models_width_allows(family_env, tmp_path):
+    _, assets, _ = family_env
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "wide.toml").write_text('name = "wide"\ndescription = "d"\nclaim = "c"\n[analysis]\ntask = "dyck"\n'
+                                       'simplifier = "svd"\nranks = [1, 16, 64]\nlayers = [1]\nbreakdowns = []\n'
+                                       + COMMON)
+    (recipes / "too-wide.toml").write_text('name = "too-wide"\ndescription = "d"\nclaim = "c"\n[analysis]\n'
+                                           'task = "dyck"\nsimplifier = "resid-svd"\nranks = [64]\nlayers = [1]\n'
+                                           'breakdowns = []\n' + COMMON)
+    loaded = rep.load_recipes(recipes)
+    jobs = rep.plan(loaded, tmp_path / "runs", families=["dyck-paperlike"], seeds=[0], assets=assets)
+    # d_head 16 bounds the query/key ranks; d_model 32 leaves no rank of the residual-stream recipe.
+    assert [(j.key, j.spec.ranks) for j in jobs] == [("wide/dyck-paperlike-seed0", (1, 16))]
+    rep.run_all(jobs, tmp_path / "runs", report=False)
+    runs = res.load_runs(loaded, tmp_path / "runs", family="dyck-paperlike")
+    doc = res.render({}, loaded, manifest={"runs": {}}, figures={}, others=[res.Family("dyck-paperlike", runs)])
+    assert "The recipe's rank 64 exceed what these models allow (their width) and were left out." in doc

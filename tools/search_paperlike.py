@@ -91,6 +91,14 @@ CANDIDATES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
                            {"model": {"d_model": 32, "d_head": 16, "d_mlp": 256}, "train": {"wall_keep": 0.3}}),
     "narrow-one-head-mlp": ("`narrow-one-head` with d_mlp 256",
                             {"model": {"d_model": 32, "n_heads": 1, "d_head": 32, "d_mlp": 256}}),
+    # Third round, around the chosen `narrow-one-head`: the optimiser and depth settings not yet tried.
+    "one-head-low-lr": ("`narrow-one-head` with peak lr 1e-3 instead of 2e-3",
+                        {"model": {"d_model": 32, "n_heads": 1, "d_head": 32, "d_mlp": 128}, "train": {"lr": 1e-3}}),
+    "one-head-strong-wd": ("`narrow-one-head` with weight decay 0.1",
+                           {"model": {"d_model": 32, "n_heads": 1, "d_head": 32, "d_mlp": 128},
+                            "train": {"weight_decay": 0.1}}),
+    "one-head-three-layers": ("`narrow-one-head` with a third layer",
+                              {"model": {"n_layers": 3, "d_model": 32, "n_heads": 1, "d_head": 32, "d_mlp": 128}}),
 }
 
 HEADER = ("candidate", "change from the starting point", "parameters", "steps", "iid", "unseen_depth",

@@ -52,6 +52,27 @@ def task_families(task: str, assets: Path = ASSETS) -> list[str]:
     return [task, *others]
 
 
+def fit_sweep_to_model(spec: Any, model_dir: Path) -> Any:
+    """``spec`` with its swept values cut to what the model in ``model_dir`` allows (a rank above its
+    ``d_head`` or ``d_model``, as the simplifier's ``sweep_limit`` says), so a recipe written for the
+    reference models also runs on a narrower family; ``None`` when no value is left."""
+    from illusions import registry
+    from illusions.analyses.spec import SWEEP_FIELDS
+    from illusions.models import list_checkpoints, read_checkpoint_config
+
+    limit_name = registry.get_simplifier(spec.simplifier).sweep_limit
+    param, values = spec.sweep_values()
+    if not limit_name or not values:
+        return spec
+    steps = list_checkpoints(model_dir)
+    cfg, _ = read_checkpoint_config(steps[0][1] if steps else model_dir)
+    limit = getattr(cfg, limit_name)
+    kept = tuple(v for v in values if v <= limit)
+    if kept == tuple(values):
+        return spec
+    return dataclasses.replace(spec, **{SWEEP_FIELDS[param]: kept}) if kept else None
+
+
 def run_folder(recipe: str, family: str, seed: int, task: str) -> str:
     """A run's path below the reproduction folder: ``<recipe>/seed<N>`` for the task's reference
     family (the layout before families existed, so earlier runs are reused), else
@@ -128,8 +149,9 @@ def plan(
             if recipe.over_training:
                 # The step checkpoints shipped for this family (usually one training seed's); none, no job.
                 for seed, folder in family_checkpoints(family, assets).items():
-                    if seeds is None or seed in seeds:
-                        jobs.append(Job(recipe, seed, dataclasses.replace(spec, checkpoints=str(folder)),
+                    fitted = fit_sweep_to_model(spec, folder)
+                    if (seeds is None or seed in seeds) and fitted is not None:
+                        jobs.append(Job(recipe, seed, dataclasses.replace(fitted, checkpoints=str(folder)),
                                         Path(out) / run_folder(recipe.name, family, seed, spec.task), family))
                 continue
             if spec.model:
@@ -149,7 +171,11 @@ def plan(
             for seed in wanted:
                 bundled = seed == 0 and Path(assets) == ASSETS and family == spec.task
                 model = spec.model if spec.model else ("" if bundled else str(available[seed]))
-                jobs.append(Job(recipe, seed, dataclasses.replace(spec, model=model),
+                # A recipe's own model is taken as it is (a rank it cannot take is an error there).
+                fitted = spec if spec.model else fit_sweep_to_model(spec, available[seed])
+                if fitted is None:
+                    continue
+                jobs.append(Job(recipe, seed, dataclasses.replace(fitted, model=model),
                                 Path(out) / run_folder(recipe.name, family, seed, spec.task), family))
     unknown = [f for f in families or () if f not in matched_families]
     if unknown:

@@ -1030,6 +1030,12 @@ def _recipe_sections(runs: dict[str, RecipeRuns], recipes: Sequence[AnalysisReci
         proxy = r.selected()
         lines += [f"### `{recipe.name}`", "", f"{recipe.description}", "", f"*Question:* {recipe.claim}", "",
                   f"Seeds {', '.join(map(str, r.seeds))}; reported proxy `{proxy}` ({_param_text(r, proxy)}).", ""]
+        _, asked = recipe.spec.sweep_values()
+        ran = {r.param_of(p) for p in r.proxies()}
+        left_out = [v for v in asked if v not in ran]
+        if left_out and ran:
+            lines += [f"The recipe's {r.param_name()} {', '.join(map(str, left_out))} exceed what these models "
+                      "allow (their width) and were left out.", ""]
         if f"sweep:{recipe.name}" in figures:
             lines += [f"![{recipe.name}]({figures[f'sweep:{recipe.name}']})", ""]
         lines += selected_table(r, proxy)

@@ -125,6 +125,10 @@ class SimplifierConfig(Config):
     # the analysis spec, labels and summaries read these instead of guessing from field names.
     sweep_param: ClassVar[str] = ""
     target_keys: ClassVar[tuple[str, ...]] = ("layers", "heads")
+    # The model dimension that bounds the swept parameter ("d_head" for a rank of queries and keys,
+    # "d_model" for a rank of the residual stream; "" when nothing does), so a sweep written for one
+    # model can be cut to what a narrower model allows (illusions.reproduce).
+    sweep_limit: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         targets = getattr(self, "targets", None)

@@ -73,6 +73,7 @@ class ResidSVD(SimplifierConfig):
     name: ClassVar[str] = "resid-svd"
     data_free: ClassVar[bool] = False
     sweep_param: ClassVar[str] = "rank"
+    sweep_limit: ClassVar[str] = "d_model"
     target_keys: ClassVar[tuple[str, ...]] = ("layers", "resid")
 
     rank: int = 4

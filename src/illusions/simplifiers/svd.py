@@ -170,6 +170,7 @@ class SVD(SimplifierConfig):
     name: ClassVar[str] = "svd"
     data_free: ClassVar[bool] = False
     sweep_param: ClassVar[str] = "rank"
+    sweep_limit: ClassVar[str] = "d_head"
     target_keys: ClassVar[tuple[str, ...]] = ("layers", "heads", "qk")
 
     rank: int = 4

@@ -118,6 +118,7 @@ class WeightSVD(SimplifierConfig):
     name: ClassVar[str] = "weight-svd"
     data_free: ClassVar[bool] = True
     sweep_param: ClassVar[str] = "rank"
+    sweep_limit: ClassVar[str] = "d_head"
     target_keys: ClassVar[tuple[str, ...]] = ("layers", "heads", "qk")
 
     rank: int = 4
