@@ -26,9 +26,11 @@ def test_every_candidate_is_a_valid_change_of_the_recipe_and_the_readme_lists_th
     tool = _tool()
     readme = (REPO / "tasks" / "README.md").read_text()
     assert "| " + " | ".join(tool.HEADER) + " |" in readme
+    # Every candidate is a measured row of the table or named among those not run.
+    not_run = readme.split("- Not run", 1)[1].split("\n\n", 1)[0]
     for name, (_, changes) in tool.CANDIDATES.items():
         tool.resolved_recipe(changes, {})  # validated like a recipe file
-        assert f"| `{name}` |" in readme
+        assert f"| `{name}` |" in readme or f"`{name}`" in not_run, name
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
-"""Extra training seeds of the reference models (src/illusions/assets/seeds/<task>-seed<N>/), for
-intervals across training runs: each is its task's bundled recipe with another --seed, and
+"""Extra training seeds of the bundled families (src/illusions/assets/seeds/<family>-seed<N>/), for
+intervals across training runs: each is its family's bundled recipe with another --seed, and
 reproduces what it recorded."""
 
 from __future__ import annotations
@@ -19,14 +19,16 @@ SEEDS = sorted(p for p in (ASSETS / "seeds").iterdir() if p.is_dir())
 
 
 def _task_and_seed(folder):
-    task, _, seed = folder.name.rpartition("-seed")
-    return task, int(seed)
+    """The family (the folder name's stem, e.g. ``dyck-paperlike``) and the training seed."""
+    family, _, seed = folder.name.rpartition("-seed")
+    return family, int(seed)
 
 
-def test_three_training_seeds_per_task_are_shipped():
-    assert [p.name for p in SEEDS] == ["code-seed1", "code-seed2", "dyck-seed1", "dyck-seed2"]
-    for task in ("code", "dyck"):
-        assert sorted(seed_models(task)) == [0, 1, 2]
+def test_three_training_seeds_per_family_are_shipped():
+    assert [p.name for p in SEEDS] == ["code-seed1", "code-seed2", "dyck-paperlike-seed1", "dyck-paperlike-seed2",
+                                       "dyck-seed1", "dyck-seed2"]
+    for family in ("code", "dyck", "dyck-paperlike"):
+        assert sorted(seed_models(family)) == [0, 1, 2]
 
 
 @pytest.mark.parametrize("folder", SEEDS, ids=lambda p: p.name)
@@ -49,10 +51,9 @@ def test_seed_is_the_bundled_recipe_with_another_training_seed(folder):
 @pytest.mark.slow
 @pytest.mark.parametrize("folder", SEEDS, ids=lambda p: p.name)
 def test_seed_checkpoint_reproduces_its_recorded_subset_accuracies(folder):
-    task_name, _ = _task_and_seed(folder)
     metrics = read_json(folder / METRICS_FILE)
     model, meta = load_model(folder)
-    if task_name == "dyck":
+    if meta["task"]["task"] == "dyck":
         task = DyckTask(DyckConfig.from_dict(meta["task"]["config"]))
     else:
         task = CodeTask.from_meta(meta["task"])  # the pinned corpus: the same on every machine
