@@ -416,3 +416,28 @@ def test_a_sweep_is_cut_to_what_each_models_width_allows(family_env, tmp_path):
     runs = res.load_runs(loaded, tmp_path / "runs", family="dyck-paperlike")
     doc = res.render({}, loaded, manifest={"runs": {}}, figures={}, others=[res.Family("dyck-paperlike", runs)])
     assert "The recipe's rank 64 exceed what these models allow (their width) and were left out." in doc
+
+
+def test_a_failing_local_run_leaves_the_others_and_their_times_recorded(env, tmp_path):
+    """One run that raises no longer takes the whole reproduction down: the others finish, the manifest
+    keeps their times and names the missing run, and a rerun computes only that one."""
+    from illusions.engines import JobsFailed
+
+    _, assets, recipes = env
+    loaded = [r for r in rep.load_recipes(recipes) if r.name == "dyck-svd-L1"]
+    out = tmp_path / "runs"
+    good = rep.plan(loaded, out, assets=assets)
+    broken = rep.Job(good[1].recipe, good[1].seed, good[1].spec.replace(model=str(tmp_path / "gone")), good[1].out)
+    for workers in (1, 2):
+        where = out / f"w{workers}"
+        jobs = [rep.Job(j.recipe, j.seed, j.spec, where / j.out.relative_to(out)) for j in (good[0], broken)]
+        with pytest.raises(JobsFailed) as failed:
+            rep.run_all(jobs, where, report=False, workers=workers, threads=1)
+        assert list(failed.value.missing) == [jobs[1].key] and "gone" in failed.value.missing[jobs[1].key]
+        manifest = json.loads((where / rep.MANIFEST).read_text())
+        assert manifest["missing"] == failed.value.missing
+        assert manifest["runs"][jobs[0].key]["seconds"] > 0 and rep.is_current(jobs[0])
+        assert not (where / jobs[1].key).exists()
+    fixed = [jobs[0], rep.Job(good[1].recipe, good[1].seed, good[1].spec, where / good[1].out.relative_to(out))]
+    again = rep.run_all(fixed, where, report=False)
+    assert [e["reused"] for e in again["runs"].values()] == [True, False] and "missing" not in again

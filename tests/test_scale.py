@@ -157,6 +157,18 @@ def test_local_engine_runs_in_order_and_reports():
         ("k2", "done", 3)]
 
 
+def test_local_engine_reports_a_failing_piece_and_runs_the_rest():
+    engine = engines.LocalEngine()
+    engine.submit("ok", pow, 2, 3)
+    engine.submit("bad", resolve_device, "tpu")
+    engine.submit("after", pow, 3, 2)
+    events = []
+    outcome = engine.wait(events.append)
+    assert outcome.results == {"ok": 8, "after": 9}
+    assert outcome.missing == {"bad": "IllusionsError: unknown device 'tpu'; expected cpu, cuda, cuda:N, mps or auto"}
+    assert ("bad", "failed", 2) in [(e.key, e.kind, e.finished) for e in events]
+
+
 def test_a_job_error_comes_back_as_one_line():
     status, reason = engines.run_in_job(1, resolve_device, "tpu")
     assert status == "error" and reason == "IllusionsError: unknown device 'tpu'; expected cpu, cuda, cuda:N, mps or auto"

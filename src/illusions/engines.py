@@ -100,27 +100,38 @@ class LocalEngine:
         self._work.append((key, fn, args))
 
     def wait(self, progress: Progress | None = None) -> Outcome:
+        """Run every piece of work; one that raises is reported ``failed`` and left ``missing`` (with
+        its one-line reason) while the others go on, as on Slurm. Ctrl-C still stops everything."""
         work, self._work = self._work, []
         results: dict[str, Any] = {}
+        missing: dict[str, str] = {}
         emit = progress or (lambda event: None)
+
+        def finish(key: str, get: Callable[[], Any], i: int) -> None:
+            try:
+                results[key] = get()
+            except Exception as exc:  # noqa: BLE001 - reported as missing, the rest of the work goes on
+                missing[key] = error_line(exc)
+                emit(Event(key, "failed", i, len(work), missing[key]))
+                return
+            emit(Event(key, "done", i, len(work)))
+
         if self.workers <= 1 or len(work) <= 1:
             for i, (key, fn, args) in enumerate(work):
                 emit(Event(key, "start", i, len(work)))
-                results[key] = fn(*args)
-                emit(Event(key, "done", i + 1, len(work)))
-            return Outcome(results, {})
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+                finish(key, lambda fn=fn, args=args: fn(*args), i + 1)
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=set_torch_threads,
-                                 initargs=(self.threads,)) as pool:
-            futures = {pool.submit(fn, *args): key for key, fn, args in work}
-            for i, future in enumerate(as_completed(futures)):
-                key = futures[future]
-                results[key] = future.result()
-                emit(Event(key, "done", i + 1, len(work)))
-        return Outcome({key: results[key] for key, _, _ in work}, {})
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=set_torch_threads,
+                                     initargs=(self.threads,)) as pool:
+                futures = {pool.submit(fn, *args): key for key, fn, args in work}
+                for i, future in enumerate(as_completed(futures)):
+                    finish(futures[future], future.result, i + 1)
+        return Outcome({key: results[key] for key, _, _ in work if key in results},
+                       {key: missing[key] for key, _, _ in work if key in missing})
 
     def cancel(self) -> None:
         """Nothing outlives :meth:`wait` here (the pool shuts down with it)."""
@@ -130,6 +141,12 @@ def set_torch_threads(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+def error_line(exc: BaseException) -> str:
+    """``Type: last line of the message``: why a piece of work failed, in one line."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}".rstrip(": ")
 
 
 def run_in_job(threads: int, fn: Callable[..., Any], *args: Any) -> tuple[str, Any]:
@@ -142,8 +159,7 @@ def run_in_job(threads: int, fn: Callable[..., Any], *args: Any) -> tuple[str, A
     try:
         return "ok", fn(*args)
     except Exception as exc:  # noqa: BLE001 - reported, and the work retried, by the submitting side
-        text = str(exc).strip().splitlines()
-        return "error", f"{type(exc).__name__}: {text[-1] if text else ''}".rstrip(": ")
+        return "error", error_line(exc)
 
 
 def _failure_line(exc: BaseException) -> str:

@@ -334,9 +334,10 @@ def run_all(
     given up on (counted too); ``detail`` says why, or names the Slurm job.
 
     Raises:
-        JobsFailed: some jobs are missing after the engine's retries (Slurm). The manifest is still
-            written, with the runs that finished and a ``missing`` table, and a rerun computes only
-            the missing ones (the finished ones are reused).
+        JobsFailed: some jobs are missing: a run raised (locally), or failed after the engine's retries
+            (Slurm). The other runs go on; the manifest is still written, with the runs that finished
+            (and their times) and a ``missing`` table, and a rerun computes only the missing ones (the
+            finished ones are reused).
     """
     from illusions.engines import JobsFailed, LocalEngine
     from illusions.io import atomic_write_json

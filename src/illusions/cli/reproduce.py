@@ -89,10 +89,10 @@ def reproduce(
                                    progress=lambda job, *rest: display.show(job.key, *rest))
         except JobsFailed as exc:
             display.console.print(f"error: {exc}", soft_wrap=True, highlight=False, markup=False)
+            logs = f" (job logs in {runner.folder}/)" if getattr(runner, "folder", None) else ""
             display.console.print(f"{len(planned) - len(exc.missing)} of {len(planned)} runs are in {out}/; "
-                                  "run the same command again to compute the missing ones "
-                                  f"(job logs in {runner.folder}/)", soft_wrap=True, highlight=False,
-                                  markup=False)
+                                  f"run the same command again to compute the missing ones{logs}",
+                                  soft_wrap=True, highlight=False, markup=False)
             raise typer.Exit(EXIT_MISSING) from None
     from illusions.bundled import family_description
 
