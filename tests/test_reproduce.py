@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import small_dyck
+from illusions import bundled
 from illusions import reproduce as rep
 from illusions.cli import app
 from illusions.models import build_model, save_model
@@ -271,6 +272,10 @@ def test_another_family_is_judged_beside_the_reference(family_env, tmp_path):
     # A tree holding runs of both layouts is ours: a second invocation is not refused.
     rep.check_outputs(jobs, out, tmp_path / "docs" / "RESULTS.md")
     manifest = rep.run_all(jobs, out, report=False)
+    (out / rep.MANIFEST).rename(tmp_path / "manifest.json")  # recognised by its run folders alone
+    rep.check_outputs(jobs, out, tmp_path / "docs" / "RESULTS.md")
+    (tmp_path / "manifest.json").rename(out / rep.MANIFEST)
+    assert bundled.family_description("dyck-paperlike", assets) == "a paper-like family"
     assert [e["reused"] for e in manifest["runs"].values()] == [True, True, False, False]
     assert manifest["runs"]["dyck-svd-L1/dyck-paperlike-seed0"]["family"] == "dyck-paperlike"
     ref = res.load_runs(loaded, out)
@@ -291,10 +296,12 @@ def test_another_family_is_judged_beside_the_reference(family_env, tmp_path):
     header = ("| # | claim | reference models: what we measured | verdict | `dyck-paperlike`: what we measured "
               "| verdict |")
     assert header in doc
-    claim1 = next(line for line in doc.splitlines() if line.startswith("| 1 |"))
-    _, own_text = res.judge(res.CLAIMS[0], other)
-    assert own_text in claim1 and res.judge(res.CLAIMS[0], ref)[1] in claim1
+    claim1 = next(line for line in doc.splitlines() if line.startswith("| 1 |")).split(" | ")
+    # One cell per header column: the reference's text and verdict, then the family's own.
+    assert len(claim1) == header.count(" | ") + 1
+    assert claim1[2] == res.judge(res.CLAIMS[0], ref)[1] and claim1[4] == res.judge(res.CLAIMS[0], other)[1]
     assert "## Recipe by recipe: the `dyck-paperlike` models" in doc and "(a paper-like family)" in doc
+    assert "Claim 6 is about the paper's own models, so it is judged on `dyck-paperlike`" in doc
     assert "Original accuracy of the `dyck-paperlike` checkpoints" in doc
     assert "![dyck-svd-L1](figures/dyck-paperlike-dyck-svd-L1.png)" in doc
     # Computed in two invocations: the time line sums the runs' own times instead of claiming a whole run.
@@ -322,8 +329,11 @@ def test_over_training_recipes_run_on_the_shipped_step_checkpoints_of_each_famil
     rep.check_outputs(jobs, out, tmp_path / "R.md")
     manifest = rep.run_all(jobs, out, report=False)
     assert (out / jobs[1].key / "checkpoints.csv").is_file() and (out / jobs[1].key / "step30").is_dir()
-    # Finished analyses over checkpoints are recognised: reused, and the tree is ours.
+    # Finished analyses over checkpoints are recognised: reused, and the tree is ours (by its manifest,
+    # and by its run folders alone).
     assert all(rep.is_current(j) for j in jobs)
+    rep.check_outputs(jobs, out, tmp_path / "R.md")
+    (out / rep.MANIFEST).unlink()
     rep.check_outputs(jobs, out, tmp_path / "R.md")
     reference = res.load_training(loaded, out)
     other = res.load_training(loaded, out, family="dyck-paperlike")
