@@ -44,6 +44,9 @@ IID_KEEP = 0.97  # below this a candidate is weak everywhere, not specifically a
 DEPTH_TARGET = (0.70, 0.88)  # unseen_depth accuracy of a paper-like model (the paper: ~80%)
 EXIT_BUDGET = 3
 
+# The model settings most candidates share: the narrow model, and the chosen one-head variant of it.
+NARROW = {"d_model": 32, "d_head": 16, "d_mlp": 128}
+ONE_HEAD = {**NARROW, "n_heads": 1, "d_head": 32}
 # name -> (what it changes and why, {section: {key: value}}); the order of tasks/README.md's table.
 CANDIDATES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     "start": ("the starting point as it is: half the reference's width and heads", {}),
@@ -57,7 +60,7 @@ CANDIDATES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     "one-head": ("one head of 64 per layer: counting and matching cannot share a layer",
                  {"model": {"n_heads": 1, "d_head": 64}}),
     "narrow": ("d_model 32, 2x16 heads, d_mlp 128: fewer spare directions for new depths",
-               {"model": {"d_model": 32, "d_head": 16, "d_mlp": 128}}),
+               {"model": NARROW}),
     "three-layers": ("a third layer: more room to build a depth code that may or may not extrapolate",
                      {"model": {"n_layers": 3}}),
     "short-training": ("half the steps: less time after the fit to clean up the circuit",
@@ -68,37 +71,37 @@ CANDIDATES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     "rms-pre": ("RMSPre normalization instead of LayerNorm", {"model": {"normalization": "RMSPre"}}),
     # Second round, around `narrow` (the first candidate near the target: iid 0.988, unseen_depth 0.888).
     "narrow-long": ("`narrow` trained twice as long (14000 steps): more steps to fit in distribution",
-                    {"model": {"d_model": 32, "d_head": 16, "d_mlp": 128}, "train": {"steps": 14000}}),
+                    {"model": NARROW, "train": {"steps": 14000}}),
     "narrow-mlp": ("`narrow` with the start's MLP (d_mlp 256): in-distribution capacity without attention width",
-                   {"model": {"d_model": 32, "d_head": 16, "d_mlp": 256}}),
+                   {"model": {**NARROW, "d_mlp": 256}}),
     "mid-width": ("between `narrow` and `start`: d_model 48, 2x24 heads, d_mlp 192",
                   {"model": {"d_model": 48, "d_head": 24, "d_mlp": 192}}),
     "narrow-one-head": ("`narrow` with one head of 32 per layer",
-                        {"model": {"d_model": 32, "n_heads": 1, "d_head": 32, "d_mlp": 128}}),
+                        {"model": ONE_HEAD}),
     "narrow-rotary": ("`narrow` with rotary positions",
-                      {"model": {"d_model": 32, "d_head": 16, "d_mlp": 128, "positional_embedding": "rotary"}}),
+                      {"model": {**NARROW, "positional_embedding": "rotary"}}),
     "narrow-strong-wd": ("`narrow` with weight decay 0.1",
-                         {"model": {"d_model": 32, "d_head": 16, "d_mlp": 128}, "train": {"weight_decay": 0.1}}),
+                         {"model": NARROW, "train": {"weight_decay": 0.1}}),
     "narrow-attn-only": ("`narrow` without MLPs",
-                         {"model": {"d_model": 32, "d_head": 16, "d_mlp": 0}}),
+                         {"model": {**NARROW, "d_mlp": 0}}),
     # Data: the depth wall (10) made rare in training (train.wall_keep), evaluation splits unchanged.
     "narrow-mlp-rare-wall": ("`narrow-mlp` trained on only 10% of the strings that reach depth 10",
-                             {"model": {"d_model": 32, "d_head": 16, "d_mlp": 256}, "train": {"wall_keep": 0.1}}),
+                             {"model": {**NARROW, "d_mlp": 256}, "train": {"wall_keep": 0.1}}),
     "narrow-long-rare-wall": ("`narrow-long` trained on only 10% of the strings that reach depth 10",
-                              {"model": {"d_model": 32, "d_head": 16, "d_mlp": 128},
+                              {"model": NARROW,
                                "train": {"steps": 14000, "wall_keep": 0.1}}),
     "narrow-mlp-wall-30": ("`narrow-mlp` trained on 30% of the strings that reach depth 10",
-                           {"model": {"d_model": 32, "d_head": 16, "d_mlp": 256}, "train": {"wall_keep": 0.3}}),
+                           {"model": {**NARROW, "d_mlp": 256}, "train": {"wall_keep": 0.3}}),
     "narrow-one-head-mlp": ("`narrow-one-head` with d_mlp 256",
-                            {"model": {"d_model": 32, "n_heads": 1, "d_head": 32, "d_mlp": 256}}),
+                            {"model": {**ONE_HEAD, "d_mlp": 256}}),
     # Third round, around the chosen `narrow-one-head`: the optimiser and depth settings not yet tried.
     "one-head-low-lr": ("`narrow-one-head` with peak lr 1e-3 instead of 2e-3",
-                        {"model": {"d_model": 32, "n_heads": 1, "d_head": 32, "d_mlp": 128}, "train": {"lr": 1e-3}}),
+                        {"model": ONE_HEAD, "train": {"lr": 1e-3}}),
     "one-head-strong-wd": ("`narrow-one-head` with weight decay 0.1",
-                           {"model": {"d_model": 32, "n_heads": 1, "d_head": 32, "d_mlp": 128},
+                           {"model": ONE_HEAD,
                             "train": {"weight_decay": 0.1}}),
     "one-head-three-layers": ("`narrow-one-head` with a third layer",
-                              {"model": {"n_layers": 3, "d_model": 32, "n_heads": 1, "d_head": 32, "d_mlp": 128}}),
+                              {"model": {**ONE_HEAD, "n_layers": 3}}),
 }
 
 HEADER = ("candidate", "change from the starting point", "parameters", "steps", "iid", "unseen_depth",

@@ -91,10 +91,13 @@ class Job:
     family: str = ""  # the bundled family; "" for the recipe's task's reference family
 
     @property
+    def family_name(self) -> str:
+        """The family, the task's reference family (named after the task) when none was given."""
+        return self.family or self.recipe.spec.task
+
+    @property
     def key(self) -> str:
-        if self.family and self.family != self.recipe.spec.task:
-            return run_folder(self.recipe.name, self.family, self.seed, self.recipe.spec.task)
-        return f"{self.recipe.name}/seed{self.seed}"
+        return run_folder(self.recipe.name, self.family_name, self.seed, self.recipe.spec.task)
 
 
 def load_recipes(folder: Path | str) -> list[AnalysisRecipe]:
@@ -131,7 +134,7 @@ def plan(
         IllusionsError: a seed or family that no recipe's task ships, or a checkpoints recipe.
     """
     jobs = []
-    models: dict[tuple[str, str], dict[int, Path]] = {}
+    models: dict[str, dict[int, Path]] = {}
     matched_families: set[str] = set()
     for recipe in recipes:
         spec = recipe.spec
@@ -157,10 +160,9 @@ def plan(
             if spec.model:
                 available = {0: Path(spec.model)}
             else:
-                if (spec.task, family) not in models:
-                    models[spec.task, family] = (seed_models(spec.task, assets) if family == spec.task
-                                                 else dict(sorted(family_seeds(family, assets).items())))
-                available = models[spec.task, family]
+                if family not in models:
+                    models[family] = seed_models(family, assets)
+                available = models[family]
             wanted = sorted(available) if seeds is None else [s for s in seeds if s in available]
             if seeds is not None and not wanted:
                 if family != spec.task:
@@ -352,8 +354,8 @@ def run_all(
         if not force and is_current(job):
             # A reused run keeps the times it was computed in.
             before = previous.get("runs", {}).get(job.key, {})
-            entries[job.key] = {"recipe": job.recipe.name, "family": job.family or job.recipe.spec.task,
-                                "seed": job.seed, "reused": True,
+            entries[job.key] = {"recipe": job.recipe.name, "family": job.family_name, "seed": job.seed,
+                                "reused": True,
                                 "seconds": before.get("seconds"), "cpu_seconds": before.get("cpu_seconds")}
         else:
             todo.append(job)
@@ -420,7 +422,7 @@ def _read_manifest(out: Path) -> dict[str, Any]:
 
 
 def _entry(job: Job, times: tuple[float, float]) -> dict[str, Any]:
-    return {"recipe": job.recipe.name, "family": job.family or job.recipe.spec.task, "seed": job.seed,
+    return {"recipe": job.recipe.name, "family": job.family_name, "seed": job.seed,
             "reused": False, "seconds": round(times[0], 2), "cpu_seconds": round(times[1], 2)}
 
 
@@ -448,18 +450,9 @@ def run_job(job: Job, report: bool = True, device: str = "cpu", allow_tf32: bool
 def _run_over_training(job: Job, report: bool, device: str, allow_tf32: bool) -> None:
     """An ``over_training`` job: the analysis on each step checkpoint, with the report over steps."""
     from illusions.analyses.checkpoints import run_over_checkpoints
+    from illusions.reports.checkpoints import report_writers
 
-    run_files = sweep_files = None
-    if report:  # the sweep's report links to each step's own report
-        from illusions.reports import write_report_files
-        from illusions.reports.checkpoints import write_checkpoint_report
-
-        def run_files(run: Any, stage: Path) -> None:
-            write_report_files(run, stage)
-
-        def sweep_files(sweep: Any, stage: Path) -> None:
-            write_checkpoint_report(sweep, stage)
-
+    run_files, sweep_files = report_writers() if report else (None, None)
     run_over_checkpoints(job.spec, job.out, overwrite=True, run_files=run_files, sweep_files=sweep_files,
                          device=device, allow_tf32=allow_tf32)
 

@@ -272,14 +272,9 @@ def _over_checkpoints(spec: Any, out: Path, as_json: bool, threads: int, report:
     err = Console(stderr=True)
     run_files = sweep_files = None
     if report:
-        from illusions.reports import write_report_files
-        from illusions.reports.checkpoints import write_checkpoint_report
+        from illusions.reports.checkpoints import report_writers
 
-        def run_files(run: Any, stage: Path) -> None:
-            write_report_files(run, stage)
-
-        def sweep_files(sweep: Any, stage: Path) -> None:
-            write_checkpoint_report(sweep, stage)
+        run_files, sweep_files = report_writers()
 
     def progress(i: int, n: int, step: int) -> None:
         if not as_json:

@@ -118,6 +118,20 @@ def build_page(sweep: Any) -> tuple[str, list[plots.StaticFigure]]:
     return html.render_static_page(title=title, subtitle=subtitle, sections=sections), [figure]
 
 
+def report_writers() -> tuple[Any, Any]:
+    """``(run_files, sweep_files)`` for :func:`illusions.analyses.checkpoints.run_over_checkpoints`:
+    each step's own report, and the sweep's report over steps (which links to them)."""
+    from illusions.reports import write_report_files
+
+    def run_files(run: Any, stage: Path) -> None:
+        write_report_files(run, stage)
+
+    def sweep_files(sweep: Any, stage: Path) -> None:
+        write_checkpoint_report(sweep, stage)
+
+    return run_files, sweep_files
+
+
 def write_checkpoint_report(sweep: Any, directory: Path) -> Path:
     """Write ``report.html`` and ``fig_checkpoints.png`` for a checkpoint sweep into ``directory``."""
     page, figures = build_page(sweep)

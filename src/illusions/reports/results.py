@@ -184,16 +184,24 @@ def load_runs(recipes: Sequence[AnalysisRecipe], runs_dir: Path, family: str | N
     (``<recipe>/<family>-seed<N>/``, the layout of :func:`illusions.reproduce.run_folder`)."""
     out = {}
     for recipe in recipes:
-        folder = Path(runs_dir) / recipe.name
-        prefix = "seed" if family in (None, recipe.spec.task) else f"{family}-seed"
-        rows = {}
-        for seed_dir in sorted(folder.glob(f"{prefix}*")) if folder.is_dir() else []:
-            suffix = seed_dir.name.removeprefix(prefix)
-            if suffix.isdigit() and (seed_dir / "metrics.csv").is_file():
-                rows[int(suffix)] = read_rows(seed_dir)
-        if rows:
-            out[recipe.name] = RecipeRuns(recipe, rows, _task_config(folder / f"{prefix}{min(rows)}"))
+        found = _run_dirs(runs_dir, recipe, family, "metrics.csv")
+        if found:
+            rows = {seed: read_rows(run_dir) for seed, run_dir in found}
+            out[recipe.name] = RecipeRuns(recipe, rows, _task_config(found[0][1]))
     return out
+
+
+def _run_dirs(runs_dir: Path, recipe: AnalysisRecipe, family: str | None, marker: str) -> list[tuple[int, Path]]:
+    """``(seed, folder)`` of a recipe's finished runs (those holding ``marker``) for the reference family
+    (``seed<N>``) or ``family`` (``<family>-seed<N>``), by seed."""
+    folder = Path(runs_dir) / recipe.name
+    prefix = "seed" if family in (None, recipe.spec.task) else f"{family}-seed"
+    found = []
+    for run_dir in folder.glob(f"{prefix}*") if folder.is_dir() else []:
+        suffix = run_dir.name.removeprefix(prefix)
+        if suffix.isdigit() and (run_dir / marker).is_file():
+            found.append((int(suffix), run_dir))
+    return sorted(found)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,12 +242,7 @@ def load_training(recipes: Sequence[AnalysisRecipe], runs_dir: Path, family: str
 
     out = {}
     for recipe in recipes:
-        if not recipe.over_training:
-            continue
-        folder = Path(runs_dir) / recipe.name
-        prefix = "seed" if family in (None, recipe.spec.task) else f"{family}-seed"
-        found = sorted((int(d.name.removeprefix(prefix)), d) for d in (folder.glob(f"{prefix}*") if folder.is_dir() else [])
-                       if d.name.removeprefix(prefix).isdigit() and (d / SUMMARY_CSV).is_file())
+        found = _run_dirs(runs_dir, recipe, family, SUMMARY_CSV) if recipe.over_training else []
         if found:
             seed, run_dir = found[0]
             out[recipe.name] = Training(recipe, seed, read_sweep(run_dir))
@@ -662,7 +665,10 @@ def judge_over_training(series: Sequence[Training]) -> tuple[str, str]:
                                                              + " ".join(parts))
 
 
-def judge(claim: Claim, runs: dict[str, RecipeRuns]) -> tuple[str, str]:
+def judge(claim: Claim, runs: dict[str, RecipeRuns],
+          training: dict[str, Training] | None = None) -> tuple[str, str]:
+    if claim.kind == "over_training":
+        return judge_over_training([training[name] for name in claim.recipes if name in (training or {})])
     present = [runs[name] for name in claim.recipes if name in runs]
     if not present:
         return "not run", "recipes " + ", ".join(f"`{r}`" for r in claim.recipes) + " were not run"
@@ -922,11 +928,7 @@ def render(
 
 
 def _claim_cells(claim: Claim, runs: dict[str, RecipeRuns], training: dict[str, Training]) -> tuple[str, str]:
-    if claim.kind == "over_training":
-        present = [training[name] for name in claim.recipes if name in training]
-        verdict, text = judge_over_training(present)
-    else:
-        verdict, text = judge(claim, runs)
+    verdict, text = judge(claim, runs, training)
     if claim.beyond:  # a question of ours, not a finding to reproduce
         verdict = {"reproduced": "holds", "not reproduced": "does not hold"}.get(verdict, verdict)
     return text, f"**{verdict}**"
@@ -1006,12 +1008,13 @@ def _training_section(training: dict[str, Training], figures: dict[str, str], fa
         lines += ["Original accuracy per split:", ""]
         lines += _md_table(["step"] + [f"`{s}`" for s in sweep.splits], rows)
         for proxy in sweep.proxies:
+            states = {split: {st: (v, sign) for st, v, sign in _training_states(sweep, proxy, split)}
+                      for split in ood}
             rows = []
             for step in sweep.steps:
                 cells = []
                 for split in ood:
-                    states = {st: (v, sign) for st, v, sign in _training_states(sweep, proxy, split)}
-                    v, sign = states.get(step, (float("nan"), 0))
+                    v, sign = states[split].get(step, (float("nan"), 0))
                     cells.append(f"{v:+.3f}{'*' if sign else ''}" if math.isfinite(v) else "-")
                 agree = sweep.value(step, REFERENCE, proxy, "agreement")
                 rows.append([str(step), f"{agree:.3f}", *cells])
