@@ -230,7 +230,8 @@ class DataSupport:
         return {}
 
     def depths(self, ids: np.ndarray) -> np.ndarray | None:
-        """The nesting depth after every token of one row, or None where the task has no depth."""
+        """The nesting depth after every token of one row (``[pos]``) or of several (``[rows, pos]``,
+        as :func:`illusions.training.training_rows` asks), or None where the task has no depth."""
         return None
 
     def decode(self, ids: np.ndarray) -> str:

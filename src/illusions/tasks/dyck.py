@@ -304,7 +304,8 @@ class DyckTask(DataSupport):
     # -- structure --------------------------------------------------------------------------------
 
     def depths(self, ids: np.ndarray) -> np.ndarray:
-        """Depth after each token of one string's ids (START/END/PAD keep the depth before them)."""
+        """Depth after each token of one string's ids, or of each row of ``[rows, pos]`` ids
+        (START/END/PAD keep the depth before them)."""
         return depth_after(np.asarray(ids), self.config.n_types).astype(np.int64)
 
     def structure(self, ids: np.ndarray) -> list[tuple[int, ...]]:
