@@ -102,7 +102,7 @@ def test_analyze_takes_a_bundled_name_and_computes_what_its_folder_gives(assets,
 
 
 def test_reproduce_seeds_come_from_the_catalogue(assets):
-    from illusions.reproduce import seed_models
+    from illusions.reproduction.plan import seed_models
 
     _, folder = assets
     assert seed_models("dyck", folder) == {0: folder / "dyck", 1: folder / "seeds" / "dyck-seed1"}

@@ -177,10 +177,10 @@ def test_checkpoint_specs_refuse_mixed_runs(trained, tmp_path):
 
 
 def test_a_checkpoint_spec_is_not_run_as_a_single_analysis_nor_by_reproduce(tmp_path, tiny_config):
-    from illusions import reproduce as rep
     from illusions.analyses.run import run_analysis
     from illusions.errors import IllusionsError
     from illusions.models import build_model, save_model
+    from illusions.reproduction.plan import load_recipes, plan
 
     save_model(build_model(tiny_config), tmp_path / "run" / CHECKPOINTS_DIR / "step5")
     spec = AnalysisSpec(simplifier="onehot", checkpoints=str(tmp_path / "run"))
@@ -191,4 +191,4 @@ def test_a_checkpoint_spec_is_not_run_as_a_single_analysis_nor_by_reproduce(tmp_
     recipes.mkdir()
     (recipes / "r.toml").write_text(f'name = "r"\n[analysis]\nsimplifier = "onehot"\ncheckpoints = "{tmp_path / "run"}"\n')
     with pytest.raises(IllusionsError, match="analyses training checkpoints"):
-        rep.plan(rep.load_recipes(recipes), tmp_path / "out")
+        plan(load_recipes(recipes), tmp_path / "out")

@@ -1,7 +1,7 @@
 """Layers point one way: a module imports only from its own layer or the layers below it.
 
 The pipeline reads top to bottom (tasks -> models -> activations -> simplifiers -> analyses -> reports ->
-reproduce -> cli); every ``import illusions.*`` in the package, at module level or inside a function,
+reproduction -> cli); every ``import illusions.*`` in the package, at module level or inside a function,
 is checked against this order, so an upward arrow or an import cycle between packages fails here.
 """
 
@@ -25,7 +25,7 @@ RANK = {
     "registry": 6,
     "analyses": 7, "recipes": 7,
     "reports": 8,
-    "reproduce": 9, "engines": 9,
+    "reproduction": 9, "engines": 9,
     "cli": 10, "__main__": 11,
 }
 

@@ -115,7 +115,9 @@ def test_dyck_declares_the_deep_opener_group_from_its_training_depth():
 
 def test_results_report_the_deep_group_beside_the_whole_split():
     from illusions.analyses.run import AnalysisRecipe
-    from illusions.reports import results as res
+    from illusions.reproduction.aggregate import RecipeRuns
+    from illusions.reproduction.document import model_table
+    from illusions.reproduction.judges import PAPER_DEPTH_FIGURE, judge_original
 
     def row(split, metric, value, group_by="all", group="all", n=100):
         return {"split": split, "proxy": "svd(rank=4)", "simplifier": "svd", "param": "rank", "param_value": 4,
@@ -130,12 +132,12 @@ def test_results_report_the_deep_group_beside_the_whole_split():
                    row("unseen_depth", "original_accuracy", 0.85 - seed / 100, POSITION_GROUP, "opener > 10", 80),
                    row("unseen_depth", "agreement", 0.5, POSITION_GROUP, "opener > 10", 80)] for seed in (0, 1)}
     recipe = AnalysisRecipe("dyck-svd-L1", "d", "c", AnalysisSpec(ranks=(4,)), "r.toml")
-    runs = res.RecipeRuns(recipe, rows)
-    verdict, text = res.judge_original(runs)
+    runs = RecipeRuns(recipe, rows)
+    verdict, text = judge_original(runs)
     assert verdict == "not reproduced"  # judged on the whole split, as before
     assert "original accuracy on unseen_depth 0.965" in text
     assert "on `unseen_depth (opener > 10)` (80 of 1000 positions) 0.845" in text
-    assert res.PAPER_DEPTH_FIGURE in text
-    table = "\n".join(res.model_table(runs))
+    assert PAPER_DEPTH_FIGURE in text
+    table = "\n".join(model_table(runs))
     assert "| `unseen_depth (opener > 10)` | 0.850 | 0.840 |" in table
     assert table.index("`unseen_depth`") < table.index("`unseen_depth (opener > 10)`")

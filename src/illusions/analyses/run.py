@@ -342,7 +342,7 @@ def write_run(run: RunResult, out: Path, *, extra_files: Callable[[Path], None] 
 @dataclasses.dataclass(frozen=True)
 class RunSummary:
     """What the tables of a run need, without the model, the task or the records: what a job that
-    ran an analysis elsewhere (a Slurm job, :func:`illusions.reproduce.analyze_into`) sends back."""
+    ran an analysis elsewhere (a Slurm job, :func:`illusions.reproduction.run.analyze_into`) sends back."""
 
     spec: AnalysisSpec
     model_description: str

@@ -323,7 +323,7 @@ def _on_slurm(spec: Any, out: Path, report: bool, threads: int, device: str, all
     for every swept value); waits, retries, and returns the run's summary."""
     from illusions.cli.scale import JobDisplay
     from illusions.engines import JobsFailed
-    from illusions.reproduce import analyze_into
+    from illusions.reproduction.run import analyze_into
 
     engine, device = _slurm_engine(slurm, threads=threads, logs=out.parent / "slurm-logs", device=device)
     key = out.name

@@ -317,6 +317,27 @@ def write_report_files(run: Any, directory: Path) -> None:
     write_files(inputs_from_run(run, directory), directory)
 
 
+def write_run_with_report(run: Any, out: Path, *, report: bool = True, overwrite: bool = False) -> None:
+    """Write a finished run's directory (:func:`illusions.analyses.run.write_run`), with
+    ``report.html`` and its figures inside when ``report``, all in one atomic step.
+
+    Args:
+        run: an :class:`illusions.analyses.run.RunResult`.
+        out: the run directory.
+        report: also write the report files.
+        overwrite: replace an earlier run of ours in ``out`` (the caller checked the location).
+    """
+    from illusions.analyses.run import write_run
+
+    extra = None
+    if report:
+
+        def extra(stage: Path) -> None:
+            write_report_files(run, stage)
+
+    write_run(run, Path(out), extra_files=extra, overwrite=overwrite)
+
+
 def _is_report_file(name: str) -> bool:
     return name == REPORT_FILE or (fnmatch.fnmatchcase(name, "fig_*.png") and "/" not in name)
 

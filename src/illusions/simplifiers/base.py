@@ -127,7 +127,7 @@ class SimplifierConfig(Config):
     target_keys: ClassVar[tuple[str, ...]] = ("layers", "heads")
     # The model dimension that bounds the swept parameter ("d_head" for a rank of queries and keys,
     # "d_model" for a rank of the residual stream; "" when nothing does), so a sweep written for one
-    # model can be cut to what a narrower model allows (illusions.reproduce).
+    # model can be cut to what a narrower model allows (illusions.reproduction.plan).
     sweep_limit: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
