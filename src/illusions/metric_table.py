@@ -54,6 +54,7 @@ class Metric:
         source: :data:`PREDICTIONS`, :data:`DISTRIBUTIONS` or :data:`DICTIONARY`.
         proxies: :data:`ALL`, :data:`ATTENTION` or :data:`DICTIONARIES`.
         over_training: kept by the summary over training checkpoints.
+        in_summary: a column of the per-split summary tables (console, report.html).
         console_decimals: places in the console's narrow tables, where fewer than ``decimals``.
     """
 
@@ -69,6 +70,7 @@ class Metric:
     source: str
     proxies: str
     over_training: bool = False
+    in_summary: bool = False
     console_decimals: int | None = None
 
     @property
@@ -95,18 +97,19 @@ _OPEN = (-_INF, _INF)
 
 METRICS: tuple[Metric, ...] = (
     Metric("original_accuracy", "original accuracy", "original acc", "orig", "", 3, _SHARE, _SHARE_GAP,
-           "higher", PREDICTIONS, ALL, over_training=True),
+           "higher", PREDICTIONS, ALL, over_training=True, in_summary=True),
     Metric("proxy_accuracy", "proxy accuracy", "proxy acc", "proxy", "", 3, _SHARE, _SHARE_GAP,
-           "higher", PREDICTIONS, ALL, over_training=True),
+           "higher", PREDICTIONS, ALL, over_training=True, in_summary=True),
     Metric("agreement", "agreement", "agreement", "agree", "", 3, _SHARE, _SHARE_GAP,
-           "higher", PREDICTIONS, ALL, over_training=True),
+           "higher", PREDICTIONS, ALL, over_training=True, in_summary=True),
     # Proxy minus original accuracy on the same positions: its gap to iid below 0 means the proxy
     # under-states the model's generalization, above 0 that it over-states it.
     Metric("accuracy_change", "accuracy change (proxy - original)", "Δ acc", "Δacc", "", 3, _SHARE_GAP,
            (-2.0, 2.0), "zero", PREDICTIONS, ALL, over_training=True),
     Metric("attention_jsd", "attention JSD", "attn JSD", "JSD", "bits", 3, _SHARE, _OPEN,
-           "lower", DISTRIBUTIONS, ATTENTION),
-    Metric("kl", "KL", "KL", "KL", "nats", 4, (0.0, _INF), _OPEN, "lower", DISTRIBUTIONS, ALL),
+           "lower", DISTRIBUTIONS, ATTENTION, in_summary=True),
+    Metric("kl", "KL", "KL", "KL", "nats", 4, (0.0, _INF), _OPEN, "lower", DISTRIBUTIONS, ALL,
+           in_summary=True),
     Metric("explained_variance", "explained variance", "explained variance", "explained var", "", 3,
            (-_INF, 1.0), _OPEN, "higher", DICTIONARY, DICTIONARIES),
     Metric("normalized_mse", "normalised MSE", "normalised MSE", "norm. MSE", "", 4, (0.0, _INF), _OPEN,
@@ -126,6 +129,8 @@ POSITION_METRICS: tuple[str, ...] = tuple(m.key for m in METRICS if m.source != 
 """Means over scored positions, every proxy, every breakdown (``Records.per_position``)."""
 DICTIONARY_METRICS: tuple[str, ...] = tuple(m.key for m in METRICS if m.source == DICTIONARY)
 """Sparse dictionary statistics over all token positions of a split (``SparseStats.values``)."""
+SUMMARY_METRICS: tuple[str, ...] = tuple(m.key for m in METRICS if m.in_summary)
+"""The columns of the per-split summary tables, in order."""
 OVER_TRAINING_METRICS: tuple[str, ...] = tuple(m.key for m in METRICS if m.over_training)
 """What the summary over training checkpoints keeps."""
 
