@@ -2,8 +2,9 @@
 
 :class:`AnalysisSpec` is what the ``analyze`` / ``sweep`` commands, analysis recipes
 (``analyses/*.toml``, read by :func:`load_analysis_recipe`) and the Python API build; nothing
-downstream re-checks or re-defaults an option. :func:`build_simplifiers` turns a spec into the
-configured simplifiers. This module imports nothing heavy, so the CLI can read the spec's defaults
+downstream re-checks or re-defaults an option. A spec builds its configured simplifiers once, when it
+is made (:attr:`AnalysisSpec.simplifiers`, by :func:`build_simplifiers`); :data:`SWEEPS` lists the
+swept parameters with their spec fields and flags. This module imports nothing heavy, so the CLI can read the spec's defaults
 at import time; torch arrives only when a simplifier is built.
 """
 
@@ -85,8 +86,9 @@ class AnalysisSpec(Config):
     parameter), and normalises the rest (``max_seqs`` 0 or None means every sequence; a split named
     twice is evaluated once).
 
-    ``ranks`` / ``clusters`` hold the values of the simplifier's swept parameter (its
-    ``sweep_param``: ``rank`` for svd-like methods, ``k`` for k-means ones): one value for
+    ``ranks`` / ``clusters`` / ``widths`` hold the values of the simplifier's swept parameter (its
+    ``sweep_param``: ``rank`` for svd-like methods, ``k`` for k-means ones, ``width`` for sparse
+    dictionaries; one row of :data:`SWEEPS` each): one value for
     ``analyze``, several for a sweep, none for the method's default. An empty ``model`` means the
     bundled reference model of ``task``. ``layers`` empty means the last layer; ``heads`` empty means
     every head of the targeted layers. ``per_head`` makes one proxy per (layer, head) of those, each
