@@ -94,6 +94,11 @@ def test_full_rank_svd_agrees_everywhere(dyck_env):
         (["analyze", "dyck", "--simplify", "kmeans", "--clusters", "100000"], "k must be in 1.."),
         (["analyze", "dyck", "--layer", "5"], "layer 5 does not exist"),
         (["sweep", "dyck", "--ranks", "1,x"], "--ranks must be comma-separated integers"),
+        (["sweep", "dyck"], "give --ranks, --clusters or --widths (the values to sweep)"),
+        (["sweep", "dyck", "--simplify", "sae", "--ranks", "4"], "--ranks does not apply to sae"),
+        # The SAE's top-k is --top-k (--k still works, a deprecated alias); messages name --top-k.
+        (["analyze", "dyck", "--top-k", "4"], "--top-k does not apply to svd"),
+        (["analyze", "dyck", "--k", "4"], "--top-k does not apply to svd"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_run_dir(dyck_env, tmp_path, args, message):

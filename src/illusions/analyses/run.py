@@ -35,6 +35,7 @@ from illusions.analyses.spec import (  # noqa: F401  (re-exported: the spec is p
     AnalysisSpec,
     build_simplifiers,
     load_analysis_recipe,
+    per_head_simplifiers,
 )
 from illusions.analyses.summary import DISCRETE, ROW_FIELDS, summarize, to_json
 from illusions.errors import IllusionsError
@@ -152,21 +153,19 @@ def run_analysis(spec: AnalysisSpec, *, progress: Callable[[str, int, int], None
     if spec.checkpoints:
         raise IllusionsError("this spec analyses training checkpoints; run it with "
                              "illusions.analyses.checkpoints.run_over_checkpoints (`illusions sweep --over-checkpoints`)")
-    simplifiers = build_simplifiers(spec)  # bad parameters fail before the model is loaded
     where = resolve_device(device)
     with matmul_precision(where, allow_tf32):
-        run = _run_on(spec, simplifiers, where, progress)
+        run = _run_on(spec, where, progress)
     run.runtime = {"device": describe_device(where), "allow_tf32": bool(allow_tf32) and where.type == "cuda"}
     return run
 
 
-def _run_on(spec: AnalysisSpec, simplifiers: list[Any], device: Any,
-            progress: Callable[[str, int, int], None] | None) -> RunResult:
+def _run_on(spec: AnalysisSpec, device: Any, progress: Callable[[str, int, int], None] | None) -> RunResult:
     from illusions.analyses.faithfulness import analyze
 
     task, model, source, desc = load_task_and_model(spec, device=device)
-    if spec.per_head:
-        simplifiers = build_simplifiers(spec, n_layers=model.cfg.n_layers, n_heads=model.cfg.n_heads)
+    # The spec's simplifiers (built and checked when the spec was made), placed per head if asked.
+    simplifiers = per_head_simplifiers(spec, model.cfg.n_layers, model.cfg.n_heads)
     splits = task.splits()
     eval_splits = list(spec.splits) or [s for s in splits if s != spec.fit_split]
     unknown = [s for s in eval_splits if s not in splits]

@@ -8,6 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from illusions.metric_table import DICTIONARY_METRICS, SUMMARY_METRICS, metric
+
 
 def _ci(value: float, low: float, high: float, digits: int = 3) -> str:
     """``value ±h`` with h the half-width of the 95% interval (exact bounds are in the CSV/JSON)."""
@@ -68,8 +70,7 @@ def print_summary(run: Any, console: Console | None = None) -> None:
             names = [split] + list(dict.fromkeys(group_label(split, r["group"]) for r in grouped
                                                  if r["proxy"] == proxy and r["split"] == split))
             for name in names:
-                m = {k: by[(proxy, name, k)] for k in ("original_accuracy", "proxy_accuracy", "agreement",
-                                                      "attention_jsd", "kl")}
+                m = {k: by[(proxy, name, k)] for k in SUMMARY_METRICS}
                 share = excluded_share(m["agreement"]) if _finite(m["agreement"]["gap_vs_matched"]) else None
                 if share is not None and share >= _EXCLUDED_MARK:
                     excluded[name] = max(excluded.get(name, 0.0), share)
@@ -111,8 +112,8 @@ def print_summary(run: Any, console: Console | None = None) -> None:
         print_sparse(rows, proxies, console)
 
 
-SPARSE_COLUMNS = (("explained_variance", "explained var", 3), ("normalized_mse", "norm. MSE", 3),
-                  ("l0", "L0", 1), ("dead_fraction", "dead latents", 3), ("new_latent_fraction", "new latents", 3))
+# (metric, header, decimals) of the sparse dictionary table: a narrow console table.
+SPARSE_COLUMNS = tuple((k, metric(k).tiny, metric(k).console_places) for k in DICTIONARY_METRICS)
 
 
 def print_sparse(rows: list[dict[str, Any]], proxies: list[str], console: Console) -> None:
@@ -155,8 +156,8 @@ def _groups_note(run: Any, grouped: list[dict[str, Any]]) -> str:
     return "; ".join(parts) + " (its gaps compare it with the whole of iid)."
 
 
-_METRIC_COLUMNS = (("pos", None, 0), ("orig", "original_accuracy", 3), ("proxy", "proxy_accuracy", 3),
-                   ("agree", "agreement", 3), ("JSD", "attention_jsd", 3), ("KL", "kl", 4))
+# (compact header, metric, decimals) of the summary table's columns; "pos" is the position count.
+_METRIC_COLUMNS = (("pos", None, 0), *((metric(k).tiny, k, metric(k).decimals) for k in SUMMARY_METRICS))
 
 
 def _summary_table(title: str, proxies: list[str], body: list[tuple[str, str, dict[str, Any]]],
@@ -171,7 +172,7 @@ def _summary_table(title: str, proxies: list[str], body: list[tuple[str, str, di
         headers = ("split", *(c[0] for c in columns), "Δ iid", "Δ len")
     else:
         table = Table(title=title, title_justify="left")
-        headers = ("split", "positions", "original acc", "proxy acc", "agreement", "attn JSD", "KL",
+        headers = ("split", "positions", *(metric(k).short for k in SUMMARY_METRICS),
                    "Δagree\nvs iid", "Δagree vs\nlen-matched")
     many = len(proxies) > 1
     if many:

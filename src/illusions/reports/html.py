@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from illusions.metric_table import DICTIONARY_METRICS, SUMMARY_METRICS, metric
 from illusions.reports.attention import SCALE, AttentionExample
 from illusions.reports.plots import StaticFigure
 
@@ -152,6 +153,10 @@ def _table(header: Sequence[str], body: Sequence[Sequence[str]], left: int = 1) 
     return f"<div class=scroll><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>"
 
 
+# The metrics whose gaps the report's gap table shows, in its column order.
+_GAP_METRICS = ("agreement", "proxy_accuracy", "original_accuracy")
+
+
 def summary_tables(rows: Sequence[dict[str, Any]], splits: Sequence[str], proxies: Sequence[str],
                    reference: str = "iid") -> str:
     """Two tables from the overall rows: estimates with 95% intervals, then gaps to the reference."""
@@ -168,28 +173,23 @@ def summary_tables(rows: Sequence[dict[str, Any]], splits: Sequence[str], proxie
         names = [name for split in splits for name in [split] + list(dict.fromkeys(
             group_label(split, r["group"]) for r in grouped if r["proxy"] == proxy and r["split"] == split))]
         for split in names:
-            m = {k: cell.get((proxy, split, k)) for k in
-                 ("original_accuracy", "proxy_accuracy", "agreement", "attention_jsd", "kl")}
+            m = {k: cell.get((proxy, split, k)) for k in SUMMARY_METRICS}
             if m["agreement"] is None:
                 continue
             first = [esc(proxy)] if many else []
             est_body.append(first + [esc(split), str(int(m["agreement"]["n_positions"])),
                                      str(int(m["agreement"]["n_sequences"]))]
-                            + [fmt_ci(m[k]) for k in ("original_accuracy", "proxy_accuracy", "agreement",
-                                                      "attention_jsd")]
-                            + [fmt_ci(m["kl"], 4)])
+                            + [fmt_ci(m[k], metric(k).decimals) for k in SUMMARY_METRICS])
             if split == reference:
                 continue
             cov = m["agreement"].get("matched_coverage")
             gap_body.append(first + [esc(split)]
-                            + [fmt_gap(m[k], g) for k in ("agreement", "proxy_accuracy", "original_accuracy")
-                               for g in ("gap_vs_ref", "gap_vs_matched")]
+                            + [fmt_gap(m[k], g) for k in _GAP_METRICS for g in ("gap_vs_ref", "gap_vs_matched")]
                             + [_coverage_cell(cov)])
-    est = _table(lead + ["split", "positions", "sequences", "original acc", "proxy acc", "agreement",
-                         "attn JSD (bits)", "KL (nats)"], est_body, left=len(lead) + 1)
-    gaps = _table(lead + ["split", f"Δagreement vs {reference}", "Δagreement vs len-matched",
-                          f"Δproxy acc vs {reference}", "Δproxy acc vs len-matched",
-                          f"Δoriginal acc vs {reference}", "Δoriginal acc vs len-matched",
+    est = _table(lead + ["split", "positions", "sequences", *(metric(k).header for k in SUMMARY_METRICS)],
+                 est_body, left=len(lead) + 1)
+    gaps = _table(lead + ["split", *(f"Δ{metric(k).short} vs {against}" for k in _GAP_METRICS
+                                     for against in (reference, "len-matched")),
                           "len-matched coverage"], gap_body, left=len(lead) + 1)
     return (f"<h3>Estimates (95% bootstrap intervals over sequences)</h3>{est}"
             f"<h3>Gaps: split minus {esc(reference)}, and minus a length-matched {esc(reference)} control"
@@ -210,9 +210,7 @@ def _coverage_cell(cov: Any) -> str:
     return f"{cov:.0%}" + (f" ({excluded:.1%} excluded)" if excluded >= 0.0005 else "")
 
 
-SPARSE_COLUMNS = (("explained_variance", "explained variance", 3), ("normalized_mse", "normalised MSE", 4),
-                  ("l0", "L0 (active latents)", 2), ("dead_fraction", "dead latents", 3),
-                  ("new_latent_fraction", "latents new vs fit data", 3))
+SPARSE_COLUMNS = tuple((k, metric(k).header, metric(k).decimals) for k in DICTIONARY_METRICS)
 
 
 def sparse_table(cell: dict[tuple[str, str, str], dict[str, Any]], splits: Sequence[str],

@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from illusions.metric_table import ALL
+from illusions.metric_table import metric as metric_row
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -161,10 +164,10 @@ def accuracy_figure(rows: Sequence[dict[str, Any]], proxy: str, splits: Sequence
     fig = _fixed_figure(width, height, left=left, right=right, bottom=bottom, top=_LINE_IN + 0.06)
     ax = fig.add_subplot()
     x = np.arange(len(splits), dtype=np.float64)
-    styles = (("original_accuracy", "original accuracy", "o", "#444444", -0.2),
-              ("proxy_accuracy", "proxy accuracy", "s", "#d62728", 0.0),
-              ("agreement", "agreement", "D", "#1f77b4", 0.2))
-    for metric, label, marker, color, dx in styles:
+    styles = (("original_accuracy", "o", "#444444", -0.2), ("proxy_accuracy", "s", "#d62728", 0.0),
+              ("agreement", "D", "#1f77b4", 0.2))
+    for metric, marker, color, dx in styles:
+        label = metric_row(metric).label
         mine = [cell.get((s, metric)) for s in splits]
         keep = [i for i, r in enumerate(mine) if r is not None and _finite(r["value"])]
         if not keep:
@@ -210,12 +213,15 @@ def sweep_figure(rows: Sequence[dict[str, Any]], splits: Sequence[str]) -> Stati
         param, values = "proxy", [float(i) for i in range(len(labels))]
         position = {lab: float(i) for i, lab in enumerate(labels)}
     colors = split_colors(splits)
-    panels: tuple[tuple[str, str], ...] = (("agreement", "agreement"), ("attention_jsd", "attention JSD (bits)"),
+    # The accuracy panel draws the original's accuracy too (dotted), hence its plain axis label.
+    panels: tuple[tuple[str, str], ...] = (("agreement", metric_row("agreement").axis_label),
+                                           ("attention_jsd", metric_row("attention_jsd").axis_label),
                                            ("proxy_accuracy", "accuracy"))
     if any(r["metric"] == "explained_variance" for r in overall):  # sparse dictionaries: their reconstruction
-        panels += (("explained_variance", "explained variance (all positions)"),)
-    # A proxy that changes no attention head directly has no JSD to draw.
-    panels = tuple(p for p in panels if p[0] != "attention_jsd"
+        panels += (("explained_variance", metric_row("explained_variance").axis_label),)
+    # A metric only some proxies have (attention JSD: proxies that change a head directly) is drawn
+    # only where a proxy of the run has it.
+    panels = tuple(p for p in panels if metric_row(p[0]).proxies == ALL
                    or any(r["metric"] == p[0] and _finite(r["value"]) for r in overall))
     fig = _new_figure(4.0 * len(panels), 3.6 if numeric else 4.2)
     axes = fig.subplots(1, len(panels))

@@ -288,6 +288,10 @@ class Proxy:
         attention_heads: ``(layer, head)`` pairs whose attention the proxy changes directly (see
             :attr:`heads`).
         info: JSON diagnostics of the fit (number of fitted vectors, explained variance, inertia).
+        sweep_param: the parameter its simplifier sweeps (the class's ``sweep_param``: ``rank``,
+            ``k``, ``width``; ``""`` for none), set by ``fit``; its value is :attr:`sweep_value`.
+            Labels and summaries read it here. It is not written to ``proxy.json`` (whose format
+            stays as it was), so a loaded proxy has ``""``.
     """
 
     simplifier: str
@@ -295,6 +299,12 @@ class Proxy:
     hooks: tuple[Any, ...]
     attention_heads: tuple[tuple[int, int], ...] = ()
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    sweep_param: str = ""
+
+    @property
+    def sweep_value(self) -> Any:
+        """The value of :attr:`sweep_param` this proxy was fitted with (``""`` when it sweeps nothing)."""
+        return self.params.get(self.sweep_param, "") if self.sweep_param else ""
 
     @property
     def fwd_hooks(self) -> list[tuple[str, Callable]]:

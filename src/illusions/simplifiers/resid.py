@@ -121,6 +121,7 @@ class ResidSVD(SimplifierConfig):
             )
             out[rank] = Proxy(
                 simplifier=self.name,
+                sweep_param=self.sweep_param,
                 params=_params(self.replace(rank=rank), targets),
                 hooks=hooks,
                 attention_heads=resid_heads(model, targets),
@@ -175,6 +176,7 @@ class ResidKMeans(SimplifierConfig):
         assert fit is not None
         return Proxy(
             simplifier=self.name,
+            sweep_param=self.sweep_param,
             params=_params(self, targets),
             hooks=tuple(hooks),
             attention_heads=resid_heads(model, targets),

@@ -628,6 +628,7 @@ class _Dictionary(SimplifierConfig):
             info["architecture"] = hooks[0].architecture
         return Proxy(
             simplifier=self.name,
+            sweep_param=self.sweep_param,
             params=self._params(targets, widths.pop()),
             hooks=tuple(hooks),
             attention_heads=self._attention_heads(model, targets),

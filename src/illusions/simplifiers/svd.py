@@ -245,6 +245,7 @@ class SVD(SimplifierConfig):
             config = self.replace(rank=rank)
             out[rank] = Proxy(
                 simplifier=self.name,
+                sweep_param=self.sweep_param,
                 params=config.resolved_params(targets),
                 hooks=tuple(hooks),
                 attention_heads=tuple(heads),

@@ -160,6 +160,7 @@ class WeightSVD(SimplifierConfig):
                     ))
         return Proxy(
             simplifier=self.name,
+            sweep_param=self.sweep_param,
             params=self.resolved_params(targets),
             hooks=tuple(hooks),
             attention_heads=tuple((layer, head) for layer in targets.layers for head in targets.heads),
