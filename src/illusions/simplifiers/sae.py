@@ -68,9 +68,9 @@ from illusions.simplifiers.base import (
     head_rows,
     register_hook_kind,
     replace_heads,
+    require,
 )
 from illusions.simplifiers.resid import resid_heads, resid_hook_names
-from illusions.simplifiers.svd import require
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
