@@ -219,6 +219,14 @@ class DyckTask(DataSupport):
         """Readable tokens joined by spaces, PAD dropped."""
         return " ".join(self.vocab.tokens[int(i)] for i in np.asarray(ids).ravel() if int(i) != PAD)
 
+    def _depth_limit(self, for_splits: bool) -> tuple[int, str]:
+        """The deepest a string :meth:`parse` accepts may go, and how a "too deep" message names it."""
+        cfg = self.config
+        if for_splits:
+            return cfg.ood_depth_max, (f"ood_depth_max={cfg.ood_depth_max}, the deepest a split holds "
+                                       f"(unseen_depth: depths {cfg.ood_depth_min}..{cfg.ood_depth_max})")
+        return cfg.max_depth, f"max_depth={cfg.max_depth}"
+
     def parse(self, text: str, *, for_splits: bool = False) -> np.ndarray:
         """Validate a user-written string and return its ids with START and END added.
 
@@ -239,7 +247,7 @@ class DyckTask(DataSupport):
                 end (unbalanced), or (``for_splits``) too few brackets (too short).
         """
         cfg = self.config
-        depth_limit = cfg.ood_depth_max if for_splits else cfg.max_depth
+        depth_limit, limit = self._depth_limit(for_splits)
         out = [START]
         stack: list[tuple[int, int, int]] = []  # (opener id, token index, character)
         ended = False
@@ -267,9 +275,6 @@ class DyckTask(DataSupport):
                 )
             if tok < FIRST_OPENER + cfg.n_types:
                 if len(stack) >= depth_limit:
-                    limit = (f"ood_depth_max={cfg.ood_depth_max}, the deepest a split holds (unseen_depth: "
-                             f"depths {cfg.ood_depth_min}..{cfg.ood_depth_max})" if for_splits
-                             else f"max_depth={cfg.max_depth}")
                     raise IllusionsError(
                         f"too deep: {self.vocab.tokens[tok]!r} at {where} reaches depth {len(stack) + 1}, "
                         f"beyond {limit}"
