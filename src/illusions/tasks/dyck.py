@@ -44,7 +44,7 @@ import numpy as np
 from illusions.config import Config
 from illusions.errors import IllusionsError
 from illusions.io import cache_root
-from illusions.tasks.base import DataSupport, PositionGroup, Scored, Split, Vocab
+from illusions.tasks.base import DataOption, DataSupport, PositionGroup, Scored, Split, Vocab
 from illusions.tasks.dyck_splits import SPLIT_NAMES, Progress, TrainIndex, build_splits, cache_key
 from illusions.tasks.dyck_structure import (
     END,
@@ -171,6 +171,12 @@ class DyckTask(DataSupport):
 
     name: ClassVar[str] = "dyck"
     Config: ClassVar[type[DyckConfig]] = DyckConfig
+    data_options: ClassVar[tuple[DataOption, ...]] = (
+        DataOption("check", str, 'Validate one string, e.g. "(a (b b) a)": exit 0 if valid, 2 with the reason.',
+                   config_field=False),
+        DataOption("min_distance", int, "Score closers at least this far from their opener (1: every closer)."),
+    )
+    length_unit: ClassVar[str] = "brackets"
 
     def __init__(self, config: DyckConfig = DyckConfig(), *, cache_dir: Path | None = None) -> None:
         if not isinstance(config, DyckConfig):
@@ -428,6 +434,17 @@ class DyckTask(DataSupport):
             "scored": len(scored),
             "split": self.classify(ids),
         }
+
+    def check_summary(self, result: dict[str, Any]) -> str:
+        md = self.config.min_distance
+        return (
+            f"valid: {result['brackets']} brackets, max depth {result['max_depth']}, "
+            f"{len(result['segments'])} segment(s), {result['scored']} closer(s) at distance >= {md}; "
+            f"relative to the training set it belongs to: {result['split']}"
+        )
+
+    def scored_note(self) -> str:
+        return f"closers at distance >= {self.config.min_distance} from their opener"
 
     def meta(self) -> dict[str, Any]:
         """JSON data saved beside a model trained on this task."""
