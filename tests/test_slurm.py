@@ -19,10 +19,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import small_dyck
 from illusions import engines
 from illusions.cli import app
-from illusions.models import build_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / ".ci" / "slurm.sh"
@@ -65,12 +63,11 @@ def slurm(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def recipes(tmp_path_factory):
+def recipes(tmp_path_factory, tiny_dyck):
     """Two small recipes on a tiny Dyck checkpoint, and a third whose checkpoint does not exist."""
     root = tmp_path_factory.mktemp("slurm-recipes")
-    mp = pytest.MonkeyPatch()
-    task, cfg = small_dyck(root, mp)  # the jobs inherit $ILLUSIONS_CACHE, so they reuse these splits
-    save_model(build_model(cfg, seed=0), root / "model", meta={"task": task.meta()})
+    # The jobs inherit the session's $ILLUSIONS_CACHE, so they reuse the tiny Dyck task's splits.
+    shutil.copytree(tiny_dyck.root / "model", root / "model")
     good = root / "good"
     good.mkdir()
     (good / "svd.toml").write_text(
@@ -84,8 +81,7 @@ def recipes(tmp_path_factory):
     (bad / "lost.toml").write_text(
         f'name = "lost"\n[analysis]\ntask = "dyck"\nmodel = "{root / "missing-model"}"\nsimplifier = "svd"\n'
         'ranks = [2]\n' + COMMON)
-    yield root
-    mp.undo()
+    return root
 
 
 def _reproduce(recipes_dir: Path, out: Path, *extra: str):
