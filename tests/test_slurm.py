@@ -3,7 +3,8 @@
 The fixture installs Debian's slurm-wlm and munge if they are missing (as root, through apt-get),
 starts munged, slurmctld and slurmd with all their state in a temp folder, and stops them by their
 pids when the module ends, whatever happened. Where that cannot be done (not root, no apt-get, no
-submitit) the tests skip and say why.
+submitit) the tests skip and say why. Marked ``slurm``: `make test` and `.ci/run` run them, `make test-fast`
+does not.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from illusions.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / ".ci" / "slurm.sh"
+pytestmark = pytest.mark.slurm
+
 runner = CliRunner()
 COMMON = 'fit_n = 40\nn_boot = 20\nmax_seqs = 20\nsplits = ["iid", "unseen_depth", "seen_struct"]\n'
 
