@@ -9,26 +9,18 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import small_dyck
 from illusions.analyses.faithfulness import analyze
 from illusions.analyses.summary import overall, summarize
 from illusions.cli import app
-from illusions.models import build_model, save_model
 from illusions.registry import make_simplifier
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def dyck_env(tmp_path_factory):
-    """A small Dyck task (cached in a temp folder) and an untrained tiny model saved with its meta."""
-    root = tmp_path_factory.mktemp("dyck")
-    mp = pytest.MonkeyPatch()
-    task, cfg = small_dyck(root, mp)
-    model = build_model(cfg, seed=0)
-    save_model(model, root / "model", meta={"task": task.meta()})
-    yield task, model, root
-    mp.undo()
+def dyck_env(tiny_dyck):
+    """The session's small Dyck task and its untrained tiny model, saved in ``root / "model"``."""
+    return tiny_dyck.task, tiny_dyck.model, tiny_dyck.root
 
 
 def _invoke(args):

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import small_dyck
 from illusions import bundled
 from illusions.cli import app
 from illusions.models import build_model, save_model
@@ -33,11 +32,10 @@ COMMON = 'fit_n = 40\nn_boot = 20\nmax_seqs = 20\nsplits = ["iid", "unseen_depth
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, tiny_dyck):
     """Assets with a tiny 'bundled' Dyck model (seed 0) and a second seed, plus two recipes."""
     root = tmp_path_factory.mktemp("reproduce")
-    mp = pytest.MonkeyPatch()
-    task, cfg = small_dyck(root, mp)
+    task, cfg = tiny_dyck.task, tiny_dyck.config
     assets = root / "assets"
     save_model(build_model(cfg, seed=0), assets / "dyck", meta={"task": task.meta()})
     save_model(build_model(cfg, seed=1), assets / "seeds" / "dyck-seed1", meta={"task": task.meta()})
@@ -49,8 +47,7 @@ def env(tmp_path_factory):
     (recipes / "dyck-heads-onehot.toml").write_text(
         'name = "dyck-heads-onehot"\ndescription = "per head"\nclaim = "c"\n[analysis]\ntask = "dyck"\n'
         'simplifier = "onehot"\nlayers = [0, 1]\nper_head = true\nbreakdowns = []\n' + COMMON)
-    yield root, assets, recipes
-    mp.undo()
+    return root, assets, recipes
 
 
 def test_plan_pairs_every_recipe_with_every_seed(env, tmp_path):

@@ -172,6 +172,21 @@ def check_positive(value: int, what: str, upper: int | None = None) -> None:
         raise IllusionsError(f"{what} must {valid}, got {value}")
 
 
+def qk_hook_name(layer: int, side: str) -> str:
+    """The hook of one layer's queries (``side="q"``) or keys (``"k"``): ``blocks.L.attn.hook_<side>``."""
+    return f"blocks.{layer}.attn.hook_{side}"
+
+
+def require(activations: dict[str, Tensor], name: str, simplifier: str) -> Tensor:
+    """The collected activations at ``name``, or a clear error saying they are missing."""
+    if name not in activations:
+        have = ", ".join(sorted(activations)) or "none"
+        raise IllusionsError(
+            f"{simplifier} needs activations at {name} (collect simplifier.hook_names(model)); got {have}"
+        )
+    return activations[name]
+
+
 @runtime_checkable
 class Simplifier(Protocol):
     """A frozen configuration that fits a :class:`Proxy` from collected activations."""

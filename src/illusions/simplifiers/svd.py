@@ -30,8 +30,10 @@ from illusions.simplifiers.base import (
     Targets,
     check_positive,
     head_rows,
+    qk_hook_name,
     register_hook_kind,
     replace_heads,
+    require,
 )
 
 if TYPE_CHECKING:
@@ -140,20 +142,6 @@ class ProjectionHook(FittedHook):
         rows = head_rows(self.heads, activation.shape[2])
         new = torch.einsum("bphd,hde->bphe", activation[:, :, rows], proj) + offset
         return replace_heads(activation, rows, new, axis=2)
-
-
-def qk_hook_name(layer: int, side: str) -> str:
-    return f"blocks.{layer}.attn.hook_{side}"
-
-
-def require(activations: dict[str, Tensor], name: str, simplifier: str) -> Tensor:
-    """The collected activations at ``name``, or a clear error saying they are missing."""
-    if name not in activations:
-        have = ", ".join(sorted(activations)) or "none"
-        raise IllusionsError(
-            f"{simplifier} needs activations at {name} (collect simplifier.hook_names(model)); got {have}"
-        )
-    return activations[name]
 
 
 @dataclasses.dataclass(frozen=True)

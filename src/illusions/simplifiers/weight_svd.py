@@ -36,10 +36,10 @@ from illusions.simplifiers.base import (
     Targets,
     check_positive,
     head_rows,
+    qk_hook_name,
     register_hook_kind,
     replace_heads,
 )
-from illusions.simplifiers.svd import qk_hook_name
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
