@@ -49,7 +49,7 @@ figcaption { color: #444; font-size: 0.88em; margin-top: 4px; }
 .pair > div { min-width: 0; } .cv canvas { max-width: 100%; } .scroll { overflow-x: auto; }
 .cv { position: relative; min-height: 200px; border: 1px solid #eee; padding: 4px; }
 .cv h4 { margin: 2px 0 6px; }
-html.only-attention header, html.only-attention nav,
+html.only-attention header, html.only-attention nav { display: none; }
 html.only-attention body { margin-top: 0; }
 """
 

@@ -11,8 +11,8 @@
   axis between the removed norm and the second kept direction;
 * the latent table of sparse dictionary proxies and the cards of the top latents.
 
-Hooks for automated checks: ``#only-attention`` shows only the example cards, ``#draw-all`` opens and
-draws every card, and ``<pre id="render-status">`` receives a JSON note (figures drawn, their canvases,
+Hooks for automated checks: ``#only-attention`` shows only the example cards, ``#only-<section>``
+only that section (e.g. ``#only-geometry``), ``#draw-all`` opens and draws every card, and ``<pre id="render-status">`` receives a JSON note (figures drawn, their canvases,
 SVG points per panel, examples, script errors) once everything has drawn.
 """
 
@@ -37,6 +37,7 @@ table.sortable th { cursor: pointer; } table.sortable th[data-dir=asc]::after { 
 table.sortable th[data-dir=desc]::after { content: " \\25BC"; }
 .controls { margin: 8px 0; font-size: 0.9em; } .controls label { margin-right: 12px; }
 .controls input { width: 5em; }
+table.sortable td:first-child, table.examples td:nth-child(2) { text-align: left; }
 #example-table tbody tr { cursor: pointer; } #example-table tbody tr:hover { background: #eef4fb; }
 details.example { margin: 10px 0; border: 1px solid #ddd; padding: 6px 10px; }
 details.example > summary { font-weight: bold; }
@@ -60,6 +61,14 @@ SCRIPT = r"""
   var node = document.getElementById("report-data");
   var data = node ? JSON.parse(node.textContent) : {examples: [], geometry: [], colours: {}};
   var waits = [];
+  // "#only-<section id>" shows that section alone at the top (for screenshots and checks).
+  var only = location.hash.indexOf("#only-") === 0 && location.hash !== "#only-attention" ?
+    location.hash.slice(6) : null;
+  if (only && document.getElementById(only)) {
+    document.querySelectorAll("header, nav, section").forEach(function (e) {
+      if (e.id !== only) { e.style.display = "none"; }
+    });
+  }
 
   function value(cell) {
     var v = cell.getAttribute("data-v");
@@ -161,7 +170,10 @@ SCRIPT = r"""
   }
 
   // --- geometry ---------------------------------------------------------------------------------
-  var SVG = "http://www.w3.org/2000/svg";
+  // The SVG namespace, as the HTML parser assigns it (the page spells out no URL).
+  var probe = document.createElement("div");
+  probe.innerHTML = "<svg></svg>";
+  var SVG = probe.firstChild.namespaceURI;
   var tip = document.getElementById("tooltip");
   var hidden = {}, yMode = "removed", plots = [];
   function el(name, attrs, parent) {

@@ -99,30 +99,31 @@ def sentences(rows: Sequence[dict[str, Any]], proxy: str, splits: Sequence[str],
         if name == reference:
             text += f" (in distribution); the model's own accuracy is {_ci(model)}"
             if faithful:
-                text += f": a faithful proxy in distribution (agreement >= {FAITHFUL})."
+                text += f": a faithful proxy in distribution (agreement at least {FAITHFUL})."
             else:
-                text += (f": <b>not a faithful proxy in distribution</b> (agreement below {FAITHFUL}), so no "
-                         "gap below says whether it under- or over-states the model's generalization.")
+                text += (f". It is <b>not a faithful proxy in distribution</b> (agreement below {FAITHFUL}), so "
+                         "its gaps out of distribution say nothing about whether it under- or over-states the "
+                         "model's generalization.")
             out.append((name, text))
             continue
         gap = _gap(agree)
         if gap is not None:
             kind, v, lo, hi = gap
             where = "above" if v > 0 else "below"
-            interval = f" [{lo:+.3f}, {hi:+.3f}]" if math.isfinite(lo) and math.isfinite(hi) else ""
+            interval = f"gap interval [{lo:+.3f}, {hi:+.3f}]" if math.isfinite(lo) and math.isfinite(hi) else ""
             noise = "" if _excludes_zero(lo, hi) else ", within noise"
-            text += f", {abs(v):.3f}{interval} {where} {kind + ' ' if kind else ''}{html.escape(reference)}{noise}"
+            text += (f", {abs(v):.3f} {where} {kind + ' ' if kind else ''}{html.escape(reference)}"
+                     f"{' (' + interval + noise + ')' if interval else noise}")
         text += f"; the model's own accuracy there is {_ci(model)}"
         change = _gap(cell.get((name, "accuracy_change")))
         if not faithful:
-            text += (f". It is not a faithful proxy in distribution ({reference} agreement "
-                     f"{ref_agree:.3f} < {FAITHFUL}), so this says nothing about the model's generalization.")
+            text += ". Not faithful in distribution, so no verdict on the model's generalization."
         elif change is not None and _excludes_zero(change[2], change[3]):
             verb = "under-states" if change[1] < 0 else "over-states"
             text += (f": the proxy <b>{verb}</b> the model's generalization (its accuracy change is "
-                     f"{change[1]:+.3f} [{change[2]:+.3f}, {change[3]:+.3f}] against {reference}).")
+                     f"{change[1]:+.3f} [{change[2]:+.3f}, {change[3]:+.3f}] against {html.escape(reference)}).")
         else:
-            text += (": the accuracy change against " + reference + " is within noise, so no evidence that "
-                     "the proxy misstates the model's generalization here.")
+            text += (f": its accuracy change against {html.escape(reference)} is within noise, so no evidence "
+                     "that the proxy misstates the model's generalization here.")
         out.append((name, text))
     return out
