@@ -522,9 +522,12 @@ def test_browser_check_catches_a_network_request_and_a_blank_panel(run_dir, tmp_
     (tmp_path / "b").mkdir()
     status = render_in_browser(blank, tmp_path / "b", fragment="#only-attention")["status"]
     assert status["canvases"] == []
-    # A script error is caught too.
+    # Script errors are caught too: one inside a figure (caught and noted), one uncaught (in the console).
     broken = tmp_path / "broken.html"
     broken.write_text(page.replace("function scatter(box, panel, index) {", "function scatter(box, panel, index) {"
-                                   " undefinedName(); ", 1))
+                                   " undefinedName(); ", 1).replace("<body>", "<body><script>alsoUndefined();</script>", 1))
     (tmp_path / "c").mkdir()
-    assert render_in_browser(broken, tmp_path / "c")["status"]["errors"]
+    result = render_in_browser(broken, tmp_path / "c")
+    errors = result["status"]["errors"]
+    assert any("alsoUndefined" in e for e in errors) and sum(e.startswith("geometry ") for e in errors) == 8
+    assert CONSOLE_ERROR.search(result["log"])
