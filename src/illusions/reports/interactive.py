@@ -37,7 +37,8 @@ table.sortable th { cursor: pointer; } table.sortable th[data-dir=asc]::after { 
 table.sortable th[data-dir=desc]::after { content: " \\25BC"; }
 .controls { margin: 8px 0; font-size: 0.9em; } .controls label { margin-right: 12px; }
 .controls input { width: 5em; }
-table.sortable td:first-child, table.examples td:nth-child(2) { text-align: left; }
+table.sortable td:first-child, table.sortable th:first-child, table.examples td:nth-child(2),
+table.examples th:nth-child(2) { text-align: left; }
 #example-table tbody tr { cursor: pointer; } #example-table tbody tr:hover { background: #eef4fb; }
 details.example { margin: 10px 0; border: 1px solid #ddd; padding: 6px 10px; }
 details.example > summary { font-weight: bold; }
