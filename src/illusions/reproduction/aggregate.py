@@ -188,7 +188,7 @@ class RecipeRuns:
 
     def has_control(self) -> bool:
         """The runs carry the strict matched control (the recipe's ``match``), ``gap_vs_control``."""
-        return "gap_vs_control" in self.rows[self.seeds[0]][0]
+        return any("gap_vs_control" in r for r in self.rows[self.seeds[0]])
 
     def selected(self) -> str:
         """The sweep's reported proxy: the smallest parameter with iid agreement >= FAITHFUL_IID in every

@@ -25,7 +25,7 @@ from illusions.reproduction.judges import (
     judge_sae_predicts,
 )
 
-# The sparse dictionary recipes, read by four claims: each SAE at overcomplete widths from three SAE
+# The sparse dictionary recipes, read by four claims: each SAE at an overcomplete width from three SAE
 # training seeds (the -s1 / -s2 recipes), and a transcoder.
 SAE_RECIPES = tuple(f"{stem}{seed}" for stem in ("dyck-sae-resid-L1", "dyck-sae-z-L1", "code-sae-resid-L1")
                     for seed in ("", "-s1", "-s2")) + ("dyck-transcoder-L1",)
@@ -146,7 +146,7 @@ CLAIMS = (
           "shows the same in- vs out-of-distribution gap.", ("dyck-weight-svd-L1",), gap_in_each, beyond=True),
     Claim("resid", "A low-rank (PCA) proxy of the residual stream entering layer 1 shows the same gap.",
           ("dyck-resid-svd",), gap_in_each, beyond=True),
-    Claim("sae", "A sparse autoencoder (SAELens TopK, 16 active latents, no error term, overcomplete: 4x and 8x "
+    Claim("sae", "A sparse autoencoder (SAELens TopK, 16 active latents, no error term, overcomplete: 512 latents, 4x "
           "the reference models' width) in place of the residual stream entering layer 1 or of layer 1's attention "
           "output, or a transcoder in place of layer 1's MLP, trained on training activations, matches the model "
           "in distribution yet diverges out of distribution; likewise on code.", SAE_RECIPES,
