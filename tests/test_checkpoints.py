@@ -99,7 +99,8 @@ def test_sweep_over_checkpoints_runs_each_step_and_summarises_them(trained, tmp_
                                                "config.json", "manifest.json", "report.html", "fig_checkpoints.png"}
     rows = list(csv.DictReader(io.StringIO((out / "checkpoints.csv").read_text())))
     assert sorted({int(r["step"]) for r in rows}) == [10, 20, 30]
-    assert {r["split"] for r in rows} == {"iid", "unseen_depth", "unseen_depth (opener > 10)"}
+    assert {r["split"] for r in rows} == {"iid", "unseen_depth", "unseen_depth (opener > 10)",
+                                         "unseen_depth (key_depth >= 10)"}
     assert {r["metric"] for r in rows} == {"original_accuracy", "proxy_accuracy", "agreement", "accuracy_change"}
     # Each step's figures are those of an ordinary analysis of that checkpoint.
     single = tmp_path / "single"
@@ -115,7 +116,8 @@ def test_sweep_over_checkpoints_runs_each_step_and_summarises_them(trained, tmp_
             assert (r["value"], r["gap_vs_iid"]) == (ref["value"], ref["gap_vs_ref"])
     doc = json.loads((out / "checkpoints.json").read_text())
     assert doc["steps"] == [10, 20, 30] and doc["by_step"][1]["run"] == "step20"
-    assert set(doc["by_step"][0]["original_accuracy"]) == {"iid", "unseen_depth", "unseen_depth (opener > 10)"}
+    assert set(doc["by_step"][0]["original_accuracy"]) == {"iid", "unseen_depth", "unseen_depth (opener > 10)",
+                                                           "unseen_depth (key_depth >= 10)"}
     page = (out / "report.html").read_text()
     assert 'id="fig_checkpoints"' in page and "training step" in page and 'href="step20/report.html"' in page
     assert (out / "step20" / "report.html").is_file()

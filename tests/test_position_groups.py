@@ -107,10 +107,14 @@ def test_report_tables_hold_the_group_row(result):
 
 def test_dyck_declares_the_deep_opener_group_from_its_training_depth():
     task = DyckTask(DyckConfig(max_depth=7, ood_depth_min=8, ood_depth_max=9, max_len=40, short_max_brackets=12))
-    (name, group), = task.position_groups().items()
-    assert name == "opener > 7" and group.split == "unseen_depth" and group.column == "key_depth"
-    np.testing.assert_array_equal(group.mask({"key_depth": np.array([6, 7, 8, 9])}), [False, False, True, True])
-    assert "max_depth=7" in group.description
+    groups = task.position_groups()
+    assert list(groups) == ["opener > 7", "key_depth >= 7"]
+    depths = {"key_depth": np.array([6, 7, 8, 9])}
+    for group, want in zip(groups.values(), ([False, False, True, True], [False, True, True, True]),
+                                   strict=True):
+        assert group.split == "unseen_depth" and group.column == "key_depth"
+        np.testing.assert_array_equal(group.mask(depths), want)
+        assert "max_depth=7" in group.description
 
 
 def test_results_report_the_deep_group_beside_the_whole_split():

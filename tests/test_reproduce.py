@@ -210,10 +210,11 @@ def test_sparse_dictionary_recipe_feeds_its_claims_and_tables(env, tmp_path):
     _, assets, _ = env
     recipes = tmp_path / "recipes"
     recipes.mkdir()
-    (recipes / "dyck-sae-resid-L1.toml").write_text(
-        'name = "dyck-sae-resid-L1"\ndescription = "sae sweep"\nclaim = "c"\n[analysis]\ntask = "dyck"\n'
-        'simplifier = "sae"\nwidths = [8, 16, 32]\ntop_k = 4\nsae_steps = 10\nlayers = [1]\nbreakdowns = []\n'
-        + COMMON)
+    for name, seed in (("dyck-sae-resid-L1", ""), ("dyck-sae-resid-L1-s1", "seed = 1\n")):
+        (recipes / f"{name}.toml").write_text(
+            f'name = "{name}"\ndescription = "sae sweep"\nclaim = "c"\n[analysis]\ntask = "dyck"\n'
+            'simplifier = "sae"\nwidths = [8, 16, 32]\ntop_k = 4\nsae_steps = 10\nlayers = [1]\nbreakdowns = []\n'
+            + seed + COMMON)
     loaded = load_recipes(recipes)
     jobs = plan(loaded, tmp_path / "runs", assets=assets)
     manifest = run_all(jobs, tmp_path / "runs", report=False)
@@ -223,7 +224,14 @@ def test_sparse_dictionary_recipe_feeds_its_claims_and_tables(env, tmp_path):
     ev = sae.stat("sae(width=8)", "iid", "explained_variance")
     assert ev.n == 2 and ev.mean <= 1
     doc = render(runs, loaded, manifest=manifest, figures={})
-    assert "In-distribution reconstruction quality predicts" in doc and "`dyck-sae-resid-L1`: mean rho" in doc
+    # Claim 13 correlates the two dictionaries of each width (SAE seeds 0 and 1), centred per width and seed.
+    assert "In-distribution reconstruction quality predicts" in doc
+    assert "`dyck-sae-resid-L1`, `dyck-sae-resid-L1-s1` (2 dictionaries per width, widths 8, 16, 32): rho `" in doc
+    one = {"dyck-sae-resid-L1": sae}
+    from illusions.reproduction.claims import CLAIMS as ALL
+
+    verdict, text = judge(next(c for c in ALL if c.key == "sae_predicts"), one)
+    assert verdict == "not run" and "several dictionaries per width" in text
     assert "| split | explained variance | normalised MSE | L0 | dead latents | latents new vs training |" in doc
     assert "iid explained var" in doc
     # Reused as they are: the spec a run records reads back equal.

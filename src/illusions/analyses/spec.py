@@ -110,6 +110,10 @@ class AnalysisSpec(Config):
     ``width``); ``site`` (``resid`` or ``z``, sae only), ``architecture`` (standard, topk or
     jumprelu), ``top_k``, ``l1``, ``sae_steps`` and ``sae_from`` (a dictionary saved by SAELens) are
     their options, with their defaults.
+
+    ``match`` names the meta columns of the matched in-distribution control (default ``length``: the
+    length-matched control every run has); any other list adds a control matched on every one of those
+    columns, e.g. ``("length", "distance", "key_depth")`` (:mod:`illusions.analyses.summary`).
     """
 
     task: str = "dyck"
@@ -142,9 +146,10 @@ class AnalysisSpec(Config):
     l1: float = 1.0
     sae_steps: int = 1000
     sae_from: str = ""
+    match: tuple[str, ...] = ("length",)
 
     def __post_init__(self) -> None:
-        for name in (*SWEPT_FIELDS, "layers", "heads", "splits", "breakdowns"):
+        for name in (*SWEPT_FIELDS, "layers", "heads", "splits", "breakdowns", "match"):
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
@@ -182,6 +187,7 @@ class AnalysisSpec(Config):
         unknown = [b for b in self.breakdowns if b not in BREAKDOWNS and not (custom and b.isidentifier())]
         if unknown:
             raise InvalidOption("breakdowns", f"has unknown value(s) {', '.join(unknown)}; known: {', '.join(BREAKDOWNS)}")
+        self._check_match(custom)
         cls = registry.get_simplifier(self.simplifier)
         swept_field = SWEEP_FIELDS.get(cls.sweep_param)
         for name in SWEPT_FIELDS:
@@ -204,6 +210,19 @@ class AnalysisSpec(Config):
         except IllusionsError as exc:
             raise InvalidOption(swept_field or "simplifier", str(exc), whole=True) from None
 
+    def _check_match(self, custom: bool) -> None:
+        """``match``: one or more meta column names, none twice (custom data: any identifier, checked
+        against the data's columns when it is read)."""
+        if not self.match:
+            raise InvalidOption("match", "needs at least one meta column (default: length)")
+        if any(not isinstance(m, str) for m in self.match):
+            raise InvalidOption("match", f"must be meta column names, got {list(self.match)!r}")
+        if len(set(self.match)) != len(self.match):
+            raise InvalidOption("match", f"lists a column twice: {', '.join(self.match)}")
+        unknown = [m for m in self.match if m not in BREAKDOWNS and not (custom and m.isidentifier())]
+        if unknown:
+            raise InvalidOption("match", f"has unknown column(s) {', '.join(unknown)}; known: {', '.join(BREAKDOWNS)}")
+
     def _check_checkpoints(self, custom: bool) -> None:
         from illusions.models import CHECKPOINTS_DIR, list_checkpoints
 
@@ -223,10 +242,12 @@ class AnalysisSpec(Config):
         """JSON data of the spec; ``checkpoints`` only when set, ``widths`` and the sparse dictionary
         options (:data:`SPARSE_FIELDS`) only when set or taken by the simplifier, so runs of one model
         and of the other methods record the same spec as before these fields existed (and earlier runs
-        still count as current)."""
+        still count as current); ``match`` likewise only when it is not the default."""
         out = super().to_dict()
         if not self.checkpoints:
             del out["checkpoints"]
+        if self.match == ("length",):  # the default control: recorded as before the field existed
+            del out["match"]
         fields = {f.name for f in dataclasses.fields(registry.get_simplifier(self.simplifier))}
         default = {f.name: f.default for f in dataclasses.fields(self)}
         for name in ("widths", *SPARSE_FIELDS):

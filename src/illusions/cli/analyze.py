@@ -86,6 +86,9 @@ OPTIONS = (
     _opt("as_json", bool, False, "--json", "Print one JSON object to stdout instead of tables."),
     _opt("by", str | None, None, "--by",
          "Also print a breakdown: key_depth, depth, distance, length, category (custom: a meta name)."),
+    _opt("match", str, ",".join(SPEC["match"]), "--match",
+         "Comma-separated meta columns of a matched iid control, e.g. length,distance,key_depth (default: "
+         "length, the length-matched control every run has; others add a control beside it).", "match"),
     _opt("threads", int, 2, "--threads", "CPU threads for torch."),
     _opt("overwrite", bool, False, "--overwrite", "Replace an earlier run in --out (files illusions did not write are kept)."),
     Option("report", "--report", Annotated[bool, typer.Option("--report/--no-report", help="Write report.html into the run directory.")],
@@ -164,6 +167,8 @@ def _field_value(option: Option, value: Any, sweep: bool) -> Any:
         return not value
     if option.name in ("model", "data", "candidates", "over_checkpoints", "sae_from"):
         return str(value) if value else ""
+    if option.name == "match":
+        return tuple(v.strip() for v in value.split(",") if v.strip())
     if option.field in ("layers", "splits"):
         return tuple(value or ())
     return value

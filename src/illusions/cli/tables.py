@@ -105,6 +105,13 @@ def print_summary(run: Any, console: Console | None = None) -> None:
         parts = ", ".join(f"{share:.1%} of {split}" for split, share in excluded.items())
         note += (f" † len-matched over the length bins iid covers only; positions in other bins are left out "
                  f"of both sides: {parts}.")
+    control = [(name, m["agreement"]) for _, name, m in body if "control_coverage" in m["agreement"]]
+    if control:
+        on = " x ".join(getattr(spec, "match", ()) or ("the --match columns",))
+        cover = ", ".join(dict.fromkeys(f"{r['control_coverage']:.1%} of {name}" for name, r in control
+                                        if _finite(r["control_coverage"])))
+        note += (f" Δ matched: agreement gap vs iid re-weighted to the split's strata of {on}, over the strata iid "
+                 f"has (positions in others are left out of both sides); coverage: {cover or 'none'}.")
     if grouped:
         note += " " + _groups_note(run, grouped)
     console.print(f"[dim]{note}[/dim]")
@@ -166,14 +173,15 @@ def _summary_table(title: str, proxies: list[str], body: list[tuple[str, str, di
 
     names = [r[1] for r in body]
     columns = [c for c in _METRIC_COLUMNS if c[0] not in drop]
+    control = any("gap_vs_control" in m["agreement"] for _, _, m in body)  # a --match control beside
     if compact:
         table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
                       pad_edge=False, collapse_padding=True)
-        headers = ("split", *(c[0] for c in columns), "Δ iid", "Δ len")
+        headers = ("split", *(c[0] for c in columns), "Δ iid", "Δ len", *(("Δ matched",) if control else ()))
     else:
         table = Table(title=title, title_justify="left")
         headers = ("split", "positions", *(metric(k).short for k in SUMMARY_METRICS),
-                   "Δagree\nvs iid", "Δagree vs\nlen-matched")
+                   "Δagree\nvs iid", "Δagree vs\nlen-matched", *(("Δagree vs\nmatched",) if control else ()))
     many = len(proxies) > 1
     if many:
         table.add_column("proxy", no_wrap=True, min_width=max(len(p) for p in proxies))
@@ -198,6 +206,8 @@ def _summary_table(title: str, proxies: list[str], body: list[tuple[str, str, di
         if split in excluded and matched != "-":
             matched += "†"
         cells += [_gap(m["agreement"], "gap_vs_ref"), matched]
+        if control:
+            cells.append(_gap(m["agreement"], "gap_vs_control"))
         table.add_row(*([proxy] if many else []), *cells)
     return table
 

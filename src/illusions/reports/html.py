@@ -128,6 +128,7 @@ def summary_tables(rows: Sequence[dict[str, Any]], splits: Sequence[str], proxie
     many = len(proxies) > 1
     lead = ["proxy"] if many else []
     est_body, gap_body = [], []
+    control = any("gap_vs_control" in r for r in cell.values())  # a --match control beside the length one
     for proxy in proxies:
         names = [name for split in splits for name in [split] + list(dict.fromkeys(
             group_label(split, r["group"]) for r in grouped if r["proxy"] == proxy and r["split"] == split))]
@@ -144,12 +145,15 @@ def summary_tables(rows: Sequence[dict[str, Any]], splits: Sequence[str], proxie
             cov = m["agreement"].get("matched_coverage")
             gap_body.append(first + [esc(split)]
                             + [fmt_gap(m[k], g) for k in _GAP_METRICS for g in ("gap_vs_ref", "gap_vs_matched")]
-                            + [_coverage_cell(cov)])
+                            + [_coverage_cell(cov)]
+                            + ([fmt_gap(m["agreement"], "gap_vs_control"),
+                                _coverage_cell(m["agreement"].get("control_coverage"))] if control else []))
     est = _table(lead + ["split", "positions", "sequences", *(metric(k).header for k in SUMMARY_METRICS)],
                  est_body, left=len(lead) + 1)
     gaps = _table(lead + ["split", *(f"Δ{metric(k).short} vs {against}" for k in _GAP_METRICS
                                      for against in (reference, "len-matched")),
-                          "len-matched coverage"], gap_body, left=len(lead) + 1)
+                          "len-matched coverage", *(("Δagreement vs matched", "matched coverage") if control else ())],
+                  gap_body, left=len(lead) + 1)
     return (f"<h3>Estimates (95% bootstrap intervals over sequences)</h3>{est}"
             f"<h3>Gaps: split minus {esc(reference)}, and minus a length-matched {esc(reference)} control"
             f"</h3>{gaps}<p class=note>Red: the interval excludes 0. The length-matched control re-weights "
@@ -158,7 +162,9 @@ def summary_tables(rows: Sequence[dict[str, Any]], splits: Sequence[str], proxie
             "those positions only (positions in other bins are left out of both sides)."
             + (" A row <i>split (group)</i> holds only that split's positions in a group the task names (for "
                "Dyck: closers whose opener is deeper than the training depth); its gaps compare it with the "
-               f"whole of {esc(reference)}." if grouped else "") + "</p>"
+               f"whole of {esc(reference)}." if grouped else "")
+            + (" <i>Matched</i>: the same control over strata of every column named by <code>--match</code> "
+               "(see config.json), with its own coverage." if control else "") + "</p>"
             + sparse_table(cell, splits, proxies))
 
 

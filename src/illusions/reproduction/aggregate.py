@@ -5,14 +5,21 @@ for a task's reference family, ``<runs>/<recipe>/<family>-seed<N>/`` for another
 metrics are combined across training seeds (:class:`RecipeRuns`): the mean over seeds with a 95%
 t-interval (``mean +- t_{0.975, n-1} * sd / sqrt(n)``, :class:`SeedStat`); the within-run bootstrap
 intervals decide whether a gap is *significant in a seed* (its 95% interval excludes 0,
-:meth:`RecipeRuns.signs`). A sweep is reported at its smallest parameter whose mean ``iid`` agreement
-is at least :data:`FAITHFUL_IID` (the simplest proxy a researcher would accept), or at its largest
-when none qualifies (:meth:`RecipeRuns.selected`).
+:meth:`RecipeRuns.signs`). A sweep is reported at its smallest parameter whose ``iid`` agreement is
+at least :data:`FAITHFUL_IID` in every seed (the simplest proxy a researcher would accept), never at a
+parameter where the proxy is the model itself (agreement 1 on every split in every seed), or at its
+largest other parameter when none qualifies (:meth:`RecipeRuns.selected`); and, so that no single
+parameter decides, at matched iid agreement (:meth:`RecipeRuns.at_iid`, :data:`MATCHED_IID`).
+
+A proxy is *gated* (:meth:`RecipeRuns.gated`) when its iid agreement is at least :data:`FAITHFUL_IID`
+in every seed: only gated proxies get a direction call. Every out-of-distribution split is judged
+whole and on each position group its task declares (:meth:`RecipeRuns.cells`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,10 +28,31 @@ from typing import Any
 import numpy as np
 
 from illusions.analyses.run import AnalysisRecipe, read_rows
+from illusions.analyses.summary import POSITION_GROUP
+from illusions.errors import IllusionsError
 from illusions.reproduction.metrics import bounds_of
 
 FAITHFUL_IID = 0.95
 REFERENCE = "iid"
+# The iid agreements at which each sweep's out-of-distribution agreement is read off (interpolated).
+MATCHED_IID = (0.95, 0.98, 0.99)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One place a claim is judged: a whole out-of-distribution split or a position group of it."""
+
+    split: str
+    group_by: str = "all"
+    group: str = "all"
+
+    @property
+    def name(self) -> str:
+        return self.split if self.group_by == "all" else f"{self.split} ({self.group})"
+
+    @property
+    def where(self) -> dict[str, str]:
+        return {"group_by": self.group_by, "group": self.group}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,11 +153,12 @@ class RecipeRuns:
                 values.append(float(r[field]))
         return SeedStat(tuple(values), bounds_of(metric, field))
 
-    def signs(self, proxy: str, split: str, metric: str, gap: str) -> list[int]:
+    def signs(self, proxy: str, split: str, metric: str, gap: str, group_by: str = "all",
+              group: str = "all") -> list[int]:
         """Per seed: -1 / +1 when the gap's bootstrap interval lies below / above 0, else 0."""
         out = []
         for seed in self.seeds:
-            r = self.row(seed, proxy, split, metric)
+            r = self.row(seed, proxy, split, metric, group_by, group)
             lo, hi = (r[f"{gap}_low"], r[f"{gap}_high"]) if r is not None else (float("nan"),) * 2
             out.append(-1 if hi < 0 else 1 if lo > 0 else 0)
         return out
@@ -139,13 +168,52 @@ class RecipeRuns:
         return list(dict.fromkeys(r["group"] for r in first
                                   if r["proxy"] == proxy and r["split"] == split and r["group_by"] == group_by))
 
+    def cells(self, proxy: str) -> list[Cell]:
+        """The out-of-distribution splits, each followed by its declared position groups."""
+        out = []
+        for split in ood_splits(self):
+            out.append(Cell(split))
+            out += [Cell(split, POSITION_GROUP, g) for g in self.groups(proxy, split, POSITION_GROUP)]
+        return out
+
+    def gated(self, proxy: str) -> bool:
+        """Iid agreement at least FAITHFUL_IID in every seed: a faithful proxy in distribution."""
+        values = [self.row(s, proxy, REFERENCE, "agreement") for s in self.seeds]
+        return bool(values) and all(r is not None and r["value"] >= FAITHFUL_IID for r in values)
+
+    def is_model(self, proxy: str) -> bool:
+        """Agreement 1 on every split in every seed: at full capacity the proxy is the model itself."""
+        rows = [self.row(s, proxy, split, "agreement") for s in self.seeds for split in self.splits()]
+        return all(r is not None and r["value"] == 1.0 for r in rows)
+
+    def has_control(self) -> bool:
+        """The runs carry the strict matched control (the recipe's ``match``), ``gap_vs_control``."""
+        return any("gap_vs_control" in r for r in self.rows[self.seeds[0]])
+
     def selected(self) -> str:
-        """The sweep's reported proxy: the smallest parameter with mean iid agreement >= FAITHFUL_IID."""
-        proxies = self.proxies()
+        """The sweep's reported proxy: the smallest parameter with iid agreement >= FAITHFUL_IID in every
+        seed that is not the model itself, else the largest that is not."""
+        proxies = [p for p in self.proxies() if not self.is_model(p)] or self.proxies()
         for proxy in proxies:
-            if self.stat(proxy, REFERENCE, "agreement").mean >= FAITHFUL_IID:
+            if self.gated(proxy):
                 return proxy
         return proxies[-1]
+
+    def at_iid(self, level: float, cell: Cell, metric: str = "agreement") -> SeedStat:
+        """Per seed, ``metric`` on ``cell`` where the sweep's iid agreement first reaches ``level``,
+        interpolated linearly between the two parameters around it; seeds whose sweep starts above
+        ``level`` or never reaches it are left out."""
+        values = []
+        for seed in self.seeds:
+            pairs = [(self.row(seed, p, REFERENCE, "agreement"), self.row(seed, p, cell.split, metric, **cell.where))
+                     for p in self.proxies()]
+            pts = [(a["value"], b["value"]) for a, b in pairs
+                   if a is not None and b is not None and np.isfinite(a["value"]) and np.isfinite(b["value"])]
+            for (x0, y0), (x1, y1) in itertools.pairwise(pts):
+                if x0 < level <= x1:
+                    values.append(y0 + (y1 - y0) * (level - x0) / (x1 - x0))
+                    break
+        return SeedStat(tuple(values), bounds_of(metric))
 
 
 
@@ -182,6 +250,9 @@ class Training:
     recipe: AnalysisRecipe
     seed: int
     sweep: Any  # illusions.analyses.checkpoints.CheckpointSweep
+    # Each step checkpoint's own run rows (length-matched and strict gaps), keyed by step as seeds are
+    # elsewhere: ``per_step.row(step, ...)``; None when the step runs cannot be read.
+    per_step: RecipeRuns | None = None
 
     @property
     def name(self) -> str:
@@ -198,7 +269,12 @@ def load_training(recipes: Sequence[AnalysisRecipe], runs_dir: Path, family: str
         found = _run_dirs(runs_dir, recipe, family, SUMMARY_CSV) if recipe.over_training else []
         if found:
             seed, run_dir = found[0]
-            out[recipe.name] = Training(recipe, seed, read_sweep(run_dir))
+            sweep = read_sweep(run_dir)
+            try:
+                per_step = RecipeRuns(recipe, {step: read_rows(run_dir / f"step{step}") for step in sweep.steps})
+            except IllusionsError:
+                per_step = None
+            out[recipe.name] = Training(recipe, seed, sweep, per_step)
     return out
 
 

@@ -14,7 +14,6 @@ from collections.abc import Callable
 
 from illusions.reproduction.aggregate import RecipeRuns, Training
 from illusions.reproduction.judges import (
-    RANK_AGREEMENT,
     judge_code_sources,
     judge_direction,
     judge_gap,
@@ -26,8 +25,10 @@ from illusions.reproduction.judges import (
     judge_sae_predicts,
 )
 
-# The sparse dictionary recipes, read by four claims.
-SAE_RECIPES = ("dyck-sae-resid-L1", "dyck-sae-z-L1", "code-sae-resid-L1")
+# The sparse dictionary recipes, read by four claims: each SAE at an overcomplete width from three SAE
+# training seeds (the -s1 / -s2 recipes), and a transcoder.
+SAE_RECIPES = tuple(f"{stem}{seed}" for stem in ("dyck-sae-resid-L1", "dyck-sae-z-L1", "code-sae-resid-L1")
+                    for seed in ("", "-s1", "-s2")) + ("dyck-transcoder-L1",)
 # The family trained to fail on unseen depths as the paper's models did (tasks/dyck-paperlike.toml),
 # on which the document reads the claim about the paper's own models ("original").
 PAPERLIKE = "dyck-paperlike"
@@ -126,7 +127,8 @@ CLAIMS = (
           gap_in_each),
     Claim("direction", "Both directions occur: a proxy can under-state the model's generalization (the model "
           "generalizes, the proxy fails) or over-state it (the proxy generalizes better). Judged on every "
-          "one-head proxy and every whole-layer Dyck proxy at its reported parameter.",
+          "one-head proxy and every whole-layer Dyck proxy at its reported parameter, on whole splits and declared "
+          "groups, only for proxies with iid agreement >= 0.95 in every seed.",
           ("dyck-heads-svd", "dyck-heads-kmeans", "dyck-heads-onehot"), both_directions),
     Claim("key_depth", "Agreement broken down by the depth of the attended bracket diverges beyond the training "
           "depth (10).", ("dyck-svd-L1", "dyck-kmeans-L1", "dyck-onehot-L1"), key_depth),
@@ -136,30 +138,34 @@ CLAIMS = (
           "and on deeper nesting.", ("code-svd-L1", "code-onehot-L1", "code-kmeans-L1"), gap_in_each),
     Claim("code_sources", "The largest code gaps are tied to nesting depth and to copying a word seen earlier "
           "in context (induction).", ("code-svd-L1", "code-onehot-L1", "code-kmeans-L1"), code_sources),
-    Claim("length", "Do the gaps survive a length-matched in-distribution control?",
+    Claim("length", "Do the gaps survive a length-matched in-distribution control, and (Dyck) the strict one matched on "
+          "length x distance x key depth?",
           ("dyck-svd-L1", "dyck-svd-L0", "dyck-kmeans-L1", "dyck-kmeans-L0", "dyck-onehot-L1",
            "code-svd-L1", "code-onehot-L1", "code-kmeans-L1"), length_control, beyond=True),
     Claim("data_free_svd", "A data-free low-rank proxy (SVD of each head's query-key weights, layer 1) "
           "shows the same in- vs out-of-distribution gap.", ("dyck-weight-svd-L1",), gap_in_each, beyond=True),
     Claim("resid", "A low-rank (PCA) proxy of the residual stream entering layer 1 shows the same gap.",
           ("dyck-resid-svd",), gap_in_each, beyond=True),
-    Claim("sae", "A sparse autoencoder (SAELens TopK, 16 active latents, no error term) in place of the residual "
-          "stream entering layer 1 or of layer 1's attention output, trained on training activations, matches "
-          "the model in distribution yet diverges out of distribution; likewise on code.", SAE_RECIPES,
+    Claim("sae", "A sparse autoencoder (SAELens TopK, 16 active latents, no error term, overcomplete: 512 latents, 4x "
+          "the reference models' width) in place of the residual stream entering layer 1 or of layer 1's attention "
+          "output, or a transcoder in place of layer 1's MLP, trained on training activations, matches the model "
+          "in distribution yet diverges out of distribution; likewise on code.", SAE_RECIPES,
           gap_in_each, beyond=True),
-    Claim("sae_predicts", "In-distribution reconstruction quality predicts out-of-distribution faithfulness: "
-          f"across each width sweep, the SAE's iid explained variance rank-orders its agreement on every other "
-          f"split (Spearman rho >= {RANK_AGREEMENT} in every seed; *partly* when the mean rho over seeds and splits "
-          "is positive).", SAE_RECIPES, sae_predicts, beyond=True),
+    Claim("sae_predicts", "In-distribution reconstruction quality predicts out-of-distribution faithfulness at "
+          "fixed width: across dictionaries of one width (SAE training seeds), a dictionary's iid explained variance "
+          "rank-orders its agreement on each other split (Spearman rho, centred per width and training seed, "
+          "pooled; *holds* when its 95% interval lies above 0 on every split, *partly* on some).", SAE_RECIPES,
+          sae_predicts, beyond=True),
     Claim("sae_direction", "Where does the SAE proxy under- or over-state the model's generalization (accuracy "
           "change vs length-matched iid, at each sweep's reported width)?", SAE_RECIPES, sae_direction,
           beyond=True),
     Claim("sae_length", "Do the SAE proxies' gaps survive a length-matched in-distribution control?", SAE_RECIPES,
           length_control, beyond=True),
     Claim("over_training", "Over training: does an illusion (a proxy's accuracy change on a split differing from "
-          "iid's, 95% bootstrap interval excluding 0) appear, grow or vanish as the model learns? Judged on the "
-          "step checkpoints of one training seed per family (*holds* when some proxy x split cell changes "
-          "from one state to another between the first and the final checkpoint).",
+          "length-matched iid's, 95% bootstrap interval excluding 0) appear, vanish or flip as the model learns? "
+          "Judged on the step checkpoints of one training seed per family, only at checkpoints where the proxy's "
+          "iid agreement is >= 0.95 (*holds* when some proxy x split or group keeps one state at its first two such "
+          "checkpoints and another at its last two).",
           ("dyck-svd-L1-over-training",), changes_over_training, beyond=True, over_training=True),
 )
 

@@ -20,7 +20,9 @@ from illusions.analyses.run import AnalysisRecipe
 from illusions.analyses.summary import POSITION_GROUP, group_label
 from illusions.reproduction.aggregate import (
     FAITHFUL_IID,
+    MATCHED_IID,
     REFERENCE,
+    Cell,
     RecipeRuns,
     Training,
     has_sparse,
@@ -29,11 +31,14 @@ from illusions.reproduction.aggregate import (
 )
 from illusions.reproduction.claims import CLAIMS, PAPERLIKE, Claim, claim_number, judge
 from illusions.reproduction.judges import (
+    NOT_FAITHFUL,
+    ONE_SEED,
     PAPER_DEPTH_FIGURE,
     category_drops,
     deep_groups,
     direction_rows,
     gap_cell,
+    strict_cell,
     training_states,
 )
 from illusions.reproduction.metrics import SELECTED_COLUMNS, SPARSE_COLUMNS
@@ -68,18 +73,36 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]
 
 
 def selected_table(runs: RecipeRuns, proxy: str) -> list[str]:
+    """Per split and declared group at ``proxy``: metrics and gaps (the strict control's where the recipe has it)."""
     rows = []
-    for split in runs.splits():
-        is_ref = split == REFERENCE
+    strict = runs.has_control()
+    cells = [Cell(REFERENCE)] + runs.cells(proxy)
+    for cell in cells:
+        is_ref = cell.split == REFERENCE
+        split, where = cell.split, cell.where
         rows.append([
-            f"`{split}`", n_positions(runs, proxy, split),
-            *(runs.stat(proxy, split, metric).fmt() for metric, _ in SELECTED_COLUMNS),
-            "-" if is_ref else gap_cell(runs, proxy, split, "agreement", "gap_vs_ref"),
-            "-" if is_ref else gap_cell(runs, proxy, split, "agreement", "gap_vs_matched"),
-            "-" if is_ref else gap_cell(runs, proxy, split, "accuracy_change", "gap_vs_matched"),
+            f"`{cell.name}`", n_positions(runs, proxy, split, **where),
+            *(runs.stat(proxy, split, metric, **where).fmt() for metric, _ in SELECTED_COLUMNS),
+            "-" if is_ref else gap_cell(runs, proxy, split, "agreement", "gap_vs_ref", **where),
+            "-" if is_ref else gap_cell(runs, proxy, split, "agreement", "gap_vs_matched", **where),
+            "-" if is_ref else gap_cell(runs, proxy, split, "accuracy_change", "gap_vs_matched", **where),
+            *([] if not strict else ["-" if is_ref else strict_cell(runs, proxy, cell, "accuracy_change")]),
         ])
     return _md_table(["split", "positions", *(header for _, header in SELECTED_COLUMNS),
-                      "Δagree vs iid", "Δagree vs len-matched", "Δ(proxy−orig acc) vs len-matched"], rows)
+                      "Δagree vs iid", "Δagree vs len-matched", "Δ(proxy−orig acc) vs len-matched",
+                      *(["… vs strict matched"] if strict else [])], rows)
+
+
+def matched_iid_table(runs: RecipeRuns) -> list[str]:
+    """Agreement per split and group where the sweep's iid agreement reaches each of MATCHED_IID."""
+    proxy = runs.proxies()[0]
+    rows = []
+    for cell in runs.cells(proxy):
+        stats = [runs.at_iid(level, cell) for level in MATCHED_IID]
+        rows.append([f"`{cell.name}`"] + [
+            (st.fmt() + (f" ({st.n}/{len(runs.seeds)} seeds)" if st.n < len(runs.seeds) else "")) if st.values
+            else "n/a" for st in stats])
+    return _md_table(["split"] + [f"agreement at iid {level:.2f}" for level in MATCHED_IID], rows)
 
 
 def sweep_table(runs: RecipeRuns) -> list[str]:
@@ -107,10 +130,10 @@ def sparse_table(runs: RecipeRuns, proxy: str) -> list[str]:
 def direction_table(runs: RecipeRuns) -> list[str]:
     rows = []
     for r in direction_rows(runs):
-        rows.append([f"`{r['proxy']}`", f"`{r['split']}`", r["original"].fmt(), r["proxy_acc"].fmt(),
-                     r["gap"].fmt(3, signed=True), r["matched"].fmt(3, signed=True), r["call"]])
-    return _md_table(["proxy", "split", "original acc", "proxy acc", "Δ(proxy−orig) vs iid",
-                      "… vs len-matched", "call (every seed significant)"], rows)
+        rows.append([f"`{r['proxy']}`", r["iid"].fmt(), f"`{r['split']}`", r["original"].fmt(), r["proxy_acc"].fmt(),
+                     r["gap"].fmt(3, signed=True), r["matched"].fmt(3, signed=True), r["strict"], r["call"]])
+    return _md_table(["proxy", "iid agreement", "split", "original acc", "proxy acc", "Δ(proxy−orig) vs iid",
+                      "… vs len-matched", "… vs strict matched", "call (every seed significant)"], rows)
 
 
 def key_depth_table(runs: RecipeRuns, proxy: str) -> list[str]:
@@ -255,9 +278,24 @@ def _front_matter(runs: dict[str, RecipeRuns], manifest: dict[str, Any], others:
         "- *Δ vs len-matched* compares a split with an in-distribution control re-weighted to the split's "
         "length distribution: the splits differ in length as well as in what they are named for. Length bins "
         f"that iid lacks are left out on both sides; {_excluded_text(runs)}.",
-        f"- A sweep is reported at its **smallest parameter whose mean iid agreement is at least "
-        f"{FAITHFUL_IID}** (the simplest proxy a researcher would accept in distribution), or at its largest "
-        "when none reaches it.",
+        "- *Δ vs strict matched* (Dyck recipes, `match` in the recipe): the same control over strata of length x "
+        "distance x key depth, since the unseen-depth closers differ from iid's in all three. Strata iid lacks "
+        "(every key depth beyond the training depth, and far closers of openers at it) are left out on both sides; "
+        "the cell gives the share of positions matched. Gaps are reported against both controls, side by side.",
+        "- **Every claim is judged on each whole split and on each position group the task declares** (Dyck: "
+        "`unseen_depth (opener > 10)` and `unseen_depth (key_depth >= 10)`, the closers whose opener is beyond, "
+        "or at and beyond, the training depth); a verdict names the cells that carry it.",
+        f"- **The in-distribution gate:** a direction call (*under-states*, *over-states*, *faithful*) is made only "
+        f"for a proxy whose iid agreement is at least {FAITHFUL_IID} **in every seed**; any other proxy reads "
+        f"*{NOT_FAITHFUL}* and counts for no direction (a broken proxy's accuracy change hits a floor wherever "
+        "the model has less accuracy to lose).",
+        f"- A sweep is reported at its **smallest parameter whose iid agreement is at least {FAITHFUL_IID} in every "
+        "seed**, never at a parameter where the proxy is the model itself (agreement 1 on every split in every "
+        "seed, e.g. full rank), or at its largest other parameter when none qualifies. So that no single "
+        "parameter decides, each sweep is also reported **at matched iid agreement** ("
+        + ", ".join(f"{x:.2f}" for x in MATCHED_IID) + "): each seed's out-of-distribution agreement where its "
+        "sweep's iid agreement reaches the level, interpolated linearly between the two parameters around it.",
+        f"- *Over training* rests on **one training seed per family**: {ONE_SEED}.",
         "- **Verdicts:** *reproduced* when the effect is significant in the same direction in every seed "
         "(for gaps: against the length-matched control); *partly* when only in some seeds, only before "
         "length matching, or without the in-distribution match; *not reproduced* otherwise. A proxy "
@@ -309,9 +347,10 @@ def _models_section(runs: dict[str, RecipeRuns], family: str) -> list[str]:
             lines += model_table(runs[name])
             first = runs[name].proxies()[0]
             if task == "dyck" and deep_groups(runs[name], first):
-                lines += [f"`unseen_depth ({deep_groups(runs[name], first)[0]})` holds only the unseen-depth "
-                          "closers whose opener is deeper than the training depth, beside the whole split. "
-                          + PAPER_DEPTH_FIGURE, ""]
+                groups = " and ".join(f"`unseen_depth ({g})`" for g in deep_groups(runs[name], first))
+                lines += [f"{groups} hold only the unseen-depth closers whose opener is deeper than the training "
+                          "depth (or at it and deeper: training strings close an opener at the training depth at "
+                          "once), beside the whole split. " + PAPER_DEPTH_FIGURE, ""]
     return lines
 
 
@@ -339,9 +378,10 @@ def _heads_section(runs: dict[str, RecipeRuns], figures: dict[str, str], family:
         for r in layer_level:
             proxy = r.selected()
             for d in direction_rows(r, [proxy]):
-                rows.append([f"`{r.name}`", f"`{proxy}`", f"`{d['split']}`", d["matched"].fmt(3, signed=True),
-                             d["call"]])
-        lines += _md_table(["recipe", "proxy", "split", "Δ(proxy−orig) vs len-matched", "call"], rows)
+                rows.append([f"`{r.name}`", f"`{proxy}`", d["iid"].fmt(), f"`{d['split']}`",
+                             d["matched"].fmt(3, signed=True), d["strict"], d["call"]])
+        lines += _md_table(["recipe", "proxy", "iid agreement", "split", "Δ(proxy−orig) vs len-matched",
+                            "… vs strict matched", "call"], rows)
     return lines
 
 
@@ -399,6 +439,9 @@ def _recipe_sections(runs: dict[str, RecipeRuns], recipes: Sequence[AnalysisReci
         if len(r.proxies()) > 1:
             lines += ["Agreement per split over the sweep (mean across seeds):", ""]
             lines += sweep_table(r)
+            lines += ["At matched iid agreement (each seed's sweep interpolated where its iid agreement reaches the "
+                      "level; n/a where it starts above it or never reaches it):", ""]
+            lines += matched_iid_table(r)
         if any(r.groups(proxy, s, "key_depth") for s in r.splits()) and recipe.spec.task == "dyck":
             lines += [f"Agreement by key depth (depth of the attended opener) at `{proxy}`, mean across seeds:", ""]
             if f"depth:{recipe.name}" in figures:

@@ -354,18 +354,32 @@ class DyckTask(DataSupport):
         return self._splits
 
     def position_groups(self) -> dict[str, PositionGroup]:
-        """``opener > max_depth``: the ``unseen_depth`` closers whose opener (the bracket the answer
-        depends on) sits deeper than any training string reaches. Most of that split's scored closers
-        have openers within the training depth (only the strings' deepest stretch is new), so the whole
-        split mostly measures in-range depths; this group is where depth generalization is tested."""
+        """Two groups of the ``unseen_depth`` closers, by the depth of their opener (the bracket the
+        answer depends on). Most of that split's scored closers have openers within the training depth
+        (only the strings' deepest stretch is new), so the whole split mostly measures in-range depths.
+
+        ``opener > max_depth``: the opener sits deeper than any training string reaches.
+        ``key_depth >= max_depth``: also the openers at the training maximum itself, which training
+        strings can only close at once (nothing can open above them), so a scored closer (distance
+        ``>= min_distance``) of such an opener is new too: every closer whose position is out of the
+        training distribution by its key depth."""
         deepest = self.config.max_depth
 
         def deeper(key_depth: np.ndarray) -> np.ndarray:
             return key_depth > deepest
 
-        return {f"opener > {deepest}": PositionGroup(
-            "unseen_depth", "key_depth", deeper,
-            f"unseen_depth closers whose opener is deeper than max_depth={deepest}, the training depth")}
+        def at_least(key_depth: np.ndarray) -> np.ndarray:
+            return key_depth >= deepest
+
+        return {
+            f"opener > {deepest}": PositionGroup(
+                "unseen_depth", "key_depth", deeper,
+                f"unseen_depth closers whose opener is deeper than max_depth={deepest}, the training depth"),
+            f"key_depth >= {deepest}": PositionGroup(
+                "unseen_depth", "key_depth", at_least,
+                f"unseen_depth closers whose opener is at or beyond max_depth={deepest}: at the training "
+                f"maximum, training strings close at once, so these far closers are new as well"),
+        }
 
     def sampling_stats(self) -> dict[str, Any]:
         """Per split: candidate strings drawn, how many were kept, and the acceptance rate."""
