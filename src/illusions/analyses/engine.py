@@ -58,7 +58,7 @@ def measure(
     group_names: Mapping[str, Sequence[str]] | None = None,
     discrete: Sequence[str] = DISCRETE,
     position_groups: Mapping[str, PositionGroup] | None = None,
-    labels: Sequence[str] | None = None,
+    labels: Sequence[str | None] | None = None,
     progress: Progress | None = None,
 ) -> Measurement:
     """Fit the simplifiers among ``proxies``, evaluate every proxy on every split, summarise.
@@ -75,7 +75,7 @@ def measure(
             :func:`~illusions.analyses.faithfulness.analyze`.
         breakdowns, n_boot, group_names, discrete, position_groups: as for
             :func:`~illusions.analyses.summary.summarize`.
-        labels: one name per proxy (default: built from the simplifiers).
+        labels: one name per proxy (None: named from its simplifier, e.g. ``svd(rank=4)``).
 
     Returns:
         The :class:`Measurement`.

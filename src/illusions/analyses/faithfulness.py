@@ -139,7 +139,7 @@ def analyze(
     batch_size: int = 64,
     progress: Progress | None = None,
     reference: str | None = None,
-    labels: Sequence[str] | None = None,
+    labels: Sequence[str | None] | None = None,
 ) -> AnalysisResult:
     """Fit each simplifier on ``fit_n`` sequences of ``fit_split`` and evaluate it on every split.
 
@@ -160,7 +160,7 @@ def analyze(
         progress: called as ``progress(stage, done, total)``.
         reference: the split gaps will be measured against; named and absent from the evaluated
             splits, it is an error (rather than gaps that silently come out NaN).
-        labels: one name per proxy (default: :func:`proxy_labels`).
+        labels: one name per proxy, None for :func:`proxy_labels`' name (a repeated name gets ``#2``).
 
     Returns:
         The fitted proxies and per-position records for every (split, proxy) pair.
@@ -206,8 +206,21 @@ def analyze(
             records[(name, j)] = rec if stats[j] is None else dataclasses.replace(rec, sparse=stats[j])
     if progress:
         progress("done", len(eval_splits), len(eval_splits))
-    return AnalysisResult(proxies, list(labels) if labels is not None else proxy_labels(proxies), split_rows,
-                          records, fit_rows)
+    return AnalysisResult(proxies, _labels(proxies, labels), split_rows, records, fit_rows)
+
+
+def _labels(proxies: Sequence[Proxy], given: Sequence[str | None] | None) -> list[str]:
+    """The given labels, :func:`proxy_labels` for the proxies given none, each made unique (``#2``)."""
+    given = list(given) if given is not None else [None] * len(proxies)
+    unnamed = [p for p, label in zip(proxies, given, strict=True) if label is None]
+    defaults = iter(proxy_labels(unnamed)) if unnamed else iter(())
+    labels = [label if label is not None else next(defaults) for label in given]
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if seen[label] == 1 else f"{label}#{seen[label]}")
+    return out
 
 
 def is_fitted(item: Any) -> bool:

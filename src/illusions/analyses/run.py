@@ -285,15 +285,23 @@ def check_run_out(spec: AnalysisSpec, out: Path, *, overwrite: bool = False, opt
     Raises:
         IllusionsError: naming what is in the way.
     """
+    try:
+        model_dir: Path | None = model_folder(spec)[0]
+    except IllusionsError:
+        model_dir = None  # no such model: loading it says so, after the other checks of the spec
+    check_out(out, model_dir, overwrite=overwrite, option=option, overwrite_option=overwrite_option)
+
+
+def check_out(out: Path, model_dir: Path | None, *, overwrite: bool = False, option: str = "output location",
+              overwrite_option: str = "overwrite=True") -> None:
+    """:func:`check_run_out` for a model folder given directly (None: a model in memory): the guards
+    every run directory gets, from the CLI and from :meth:`illusions.Evaluation.save` alike."""
     from illusions.bundled import ASSETS
 
     out = Path(out)
     guards = [(ASSETS, "the bundled models")]
-    try:
-        model_dir, _ = model_folder(spec)
-        guards.insert(0, (model_dir.resolve(), f"the model folder {model_dir}"))
-    except IllusionsError:
-        pass  # no such model: loading it says so, after the other checks of the spec
+    if model_dir is not None:
+        guards.insert(0, (Path(model_dir).resolve(), f"the model folder {model_dir}"))
     resolved = out.resolve()
     for guarded, what in guards:
         if resolved == guarded or guarded in resolved.parents:
