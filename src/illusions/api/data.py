@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from illusions.errors import IllusionsError
-from illusions.tasks.base import Scored, Split, split_id_problem
+from illusions.tasks.base import Scored, Split, id_problem
 
 # Score: which positions of a sequence are scored; targets: the expected token at each.
 ScoreFn = Callable[[np.ndarray], Any]
@@ -345,7 +345,14 @@ def _nth(name: str, what: str, value: Any, row: int) -> Any:
 
 
 def _checked(split: Split, d_vocab: int, n_ctx: int) -> Split:
-    problem = split_id_problem(split, d_vocab)
+    # Positions are checked where they are made (a scored last position is fine with a target given).
+    arrays = {"tokens": split.tokens, "lengths": split.lengths, "seq": split.scored.seq, "target": split.scored.target}
+    ranges = {k: (int(v.min()), int(v.max())) for k, v in arrays.items() if v.size}
+    problem = id_problem(split.name, ranges, n_rows=split.tokens.shape[0], width=split.tokens.shape[1],
+                         vocab_size=d_vocab)
+    pos = split.scored.pos
+    if problem is None and pos.size and (pos.min() < 0 or pos.max() >= split.tokens.shape[1]):
+        problem = f"{split.name} pos holds values {pos.min()}..{pos.max()}, outside 0..{split.tokens.shape[1] - 1}"
     if problem is not None:
         raise IllusionsError(problem)
     if int(split.lengths.max()) > n_ctx:

@@ -107,6 +107,7 @@ def evaluate(
     """
     from illusions.analyses.engine import measure
 
+    _tqdm()  # before anything (TransformerLens, SAELens) imports tqdm.auto and warns
     loaded = as_model(model, device=device)
     net = loaded.model
     items, names = as_proxies(proxy)
@@ -135,19 +136,30 @@ def evaluate(
     return Evaluation(measured, data, loaded, settings, info)
 
 
-def _progress_bar(enabled: bool, total: int) -> Callable[[str, int, int], None] | None:
-    """A ``progress(stage, done, total)`` callback drawing a tqdm bar over splits (with ``close``).
+def _tqdm() -> Any:
+    """``tqdm.auto.tqdm``, imported without its "IProgress not found" warning.
 
-    ``tqdm.auto`` picks the Jupyter widget, which needs ipywidgets; without it tqdm would warn
-    ("IProgress not found") and print nothing useful, so the plain text bar is used instead."""
+    In Jupyter ``tqdm.auto`` picks the widget, which needs ipywidgets; without them it warns once, on
+    first import, and falls back to the text bar. Importing it here first, with that warning off,
+    also keeps it from the bars of libraries the fit uses (SAELens' trainer)."""
+    import importlib.util
+    import warnings
+
+    with warnings.catch_warnings():
+        if importlib.util.find_spec("ipywidgets") is None:
+            from tqdm.std import TqdmWarning
+
+            warnings.simplefilter("ignore", TqdmWarning)
+        from tqdm.auto import tqdm
+    return tqdm
+
+
+def _progress_bar(enabled: bool, total: int) -> Callable[[str, int, int], None] | None:
+    """A ``progress(stage, done, total)`` callback drawing a ``tqdm.auto`` bar over splits (with
+    ``close``)."""
+    tqdm = _tqdm()
     if not enabled:
         return None
-    import importlib.util
-
-    if importlib.util.find_spec("ipywidgets") is not None:
-        from tqdm.auto import tqdm
-    else:
-        from tqdm.std import tqdm
     bar = tqdm(total=total, desc="fitting", unit="split", leave=False)
 
     def update(stage: str, done: int, n: int) -> None:
