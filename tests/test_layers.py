@@ -25,7 +25,7 @@ RANK = {
     "registry": 6,
     "analyses": 7, "recipes": 7,
     "reports": 8,
-    "reproduction": 9, "engines": 9,
+    "reproduction": 9, "engines": 9, "api": 9,
     "cli": 10, "__main__": 11,
 }
 

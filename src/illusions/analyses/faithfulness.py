@@ -138,13 +138,18 @@ def analyze(
     seed: int = 0,
     batch_size: int = 64,
     progress: Progress | None = None,
+    reference: str | None = None,
+    labels: Sequence[str | None] | None = None,
 ) -> AnalysisResult:
     """Fit each simplifier on ``fit_n`` sequences of ``fit_split`` and evaluate it on every split.
 
     Args:
         model: the original model.
-        splits: named splits; ``fit_split`` must be among them.
-        simplifiers: configured simplifiers (e.g. several ranks of one method, for a sweep).
+        splits: named splits; ``fit_split`` must be among them unless every simplifier is data-free
+            or already fitted.
+        simplifiers: configured simplifiers (e.g. several ranks of one method, for a sweep), or
+            proxies ready to run (anything with ``fwd_hooks``: a fitted :class:`Proxy`, a proxy of
+            your own hook functions), which are evaluated as they are.
         candidates: token ids the prediction argmax ranges over (None: whole vocabulary).
         fit_split: the split whose sequences the proxies are fitted on.
         fit_n: number of fitting sequences (the paper fits on about 1,000 training sequences).
@@ -153,12 +158,18 @@ def analyze(
         seed: seeds the choice of fitting and evaluation sequences.
         batch_size: sequences per forward pass.
         progress: called as ``progress(stage, done, total)``.
+        reference: the split gaps will be measured against; named and absent from the evaluated
+            splits, it is an error (rather than gaps that silently come out NaN).
+        labels: one name per proxy, None for :func:`proxy_labels`' name (a repeated name gets ``#2``).
 
     Returns:
         The fitted proxies and per-position records for every (split, proxy) pair.
     """
-    if fit_split not in splits:
-        raise IllusionsError(f"fit split {fit_split!r} not found; splits: {', '.join(splits)}")
+    fitted = [is_fitted(s) for s in simplifiers]
+    needs_data = [s for s, done in zip(simplifiers, fitted, strict=True) if not done and not s.data_free]
+    if fit_split not in splits and needs_data:
+        raise IllusionsError(f"fit split {fit_split!r} not found (the data {needs_data[0].name} is fitted on); "
+                             f"splits: {', '.join(splits)}")
     if eval_splits is None:
         eval_splits = [name for name in splits if name != fit_split]
     unknown = [s for s in eval_splits if s not in splits]
@@ -168,10 +179,20 @@ def analyze(
         raise IllusionsError(f"fit_n must be at least 1, got {fit_n}")
     if not simplifiers:
         raise IllusionsError("no simplifier given")
+    if reference is not None and reference not in eval_splits:
+        raise IllusionsError(f"reference split {reference!r} is not among the evaluated splits "
+                             f"({', '.join(eval_splits)}); name one of them as the reference, or none for no gaps")
+    if labels is not None and len(labels) != len(simplifiers):
+        raise IllusionsError(f"{len(labels)} labels for {len(simplifiers)} proxies")
 
     rng = np.random.default_rng(seed)
-    fit_rows = select_rows(len(splits[fit_split]), fit_n, rng)
-    proxies = fit_proxies(model, splits[fit_split], fit_rows, simplifiers, batch_size=batch_size)
+    fit_rows = select_rows(len(splits[fit_split]), fit_n, rng) if fit_split in splits else np.zeros(0, np.int64)
+    to_fit = [s for s, done in zip(simplifiers, fitted, strict=True) if not done]
+    fitted_now = iter(fit_proxies(model, splits.get(fit_split), fit_rows, to_fit, batch_size=batch_size)
+                      if to_fit else [])
+    proxies = [s if done else next(fitted_now) for s, done in zip(simplifiers, fitted, strict=True)]
+    for proxy in proxies:
+        check_hooks(model, proxy)
     split_rows = {name: select_rows(len(splits[name]), max_seqs, rng) for name in eval_splits}
     records: dict[tuple[str, int], Records] = {}
     for i, name in enumerate(eval_splits):
@@ -185,18 +206,76 @@ def analyze(
             records[(name, j)] = rec if stats[j] is None else dataclasses.replace(rec, sparse=stats[j])
     if progress:
         progress("done", len(eval_splits), len(eval_splits))
-    return AnalysisResult(proxies, proxy_labels(proxies), split_rows, records, fit_rows)
+    return AnalysisResult(proxies, _labels(proxies, labels), split_rows, records, fit_rows)
+
+
+def _labels(proxies: Sequence[Proxy], given: Sequence[str | None] | None) -> list[str]:
+    """The given labels, :func:`proxy_labels` for the proxies given none, each made unique (``#2``)."""
+    given = list(given) if given is not None else [None] * len(proxies)
+    unnamed = [p for p, label in zip(proxies, given, strict=True) if label is None]
+    defaults = iter(proxy_labels(unnamed)) if unnamed else iter(())
+    labels = [label if label is not None else next(defaults) for label in given]
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if seen[label] == 1 else f"{label}#{seen[label]}")
+    return out
+
+
+def is_fitted(item: Any) -> bool:
+    """A proxy ready to run (it has ``fwd_hooks``), as opposed to a simplifier still to be fitted."""
+    return hasattr(item, "fwd_hooks") and not hasattr(item, "fit")
+
+
+def hook_names_of(proxy: Any) -> list[str]:
+    """The hook points a proxy acts at, each once, in the order of its ``fwd_hooks``."""
+    return list(dict.fromkeys(name for name, _ in proxy.fwd_hooks))
+
+
+def check_hooks(model: HookedTransformer, proxy: Any) -> None:
+    """Raise unless the proxy has hooks and each is a hook point of ``model`` (the nearest valid names
+    are suggested)."""
+    from illusions.activations import check_hook_names
+
+    names = hook_names_of(proxy)
+    if not names:
+        raise IllusionsError("a proxy has no hook: give at least one (hook_name, function) pair")
+    check_hook_names(model, names)
+
+
+def start_layer(model: HookedTransformer, hook_names: Sequence[str]) -> int | None:
+    """The block a proxy's forward pass can start at, from its hook names alone: the earliest block
+    any hook lives in, or None (a full forward pass from the tokens) when a hook lies outside the
+    blocks (``hook_embed``, ``hook_pos_embed``, ``ln_final.*``) or the model cannot start part-way.
+
+    The one place that asks whether a model takes ``start_at_layer`` (a backend without it runs
+    every proxy from the tokens: slower, the same numbers).
+    """
+    import inspect
+
+    from illusions.activations import hook_layer
+
+    layers = [hook_layer(name) for name in hook_names]
+    if not layers or any(layer is None for layer in layers):
+        return None
+    try:
+        takes_start = "start_at_layer" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes_start = False
+    return min(layers) if takes_start else None  # type: ignore[type-var]
 
 
 def fit_proxies(
     model: HookedTransformer,
-    split: Split,
+    split: Split | None,
     rows: np.ndarray,
     simplifiers: Sequence[Simplifier],
     *,
     batch_size: int = 64,
 ) -> list[Proxy]:
-    """Collect activations once for all simplifiers' hook points, then fit each one."""
+    """Collect activations once for all simplifiers' hook points, then fit each one (``split`` may be
+    None when every simplifier is data-free)."""
     import torch
 
     from illusions.activations import collect
@@ -249,8 +328,11 @@ def evaluate_split(
 ) -> list[Records]:
     """Run the original model once over ``rows`` of a split and every proxy against it.
 
-    Each proxy runs from its first simplified layer (``start_at_layer``) on the original residual
-    stream cached at that layer, so the shared prefix is computed once per batch for all proxies.
+    Each proxy runs from the first block its hooks touch (:func:`start_layer`, worked out from the
+    hook names) on a copy of the original residual stream cached at that block, so the shared prefix
+    is computed once per batch for all proxies and no hook can change what another proxy starts from;
+    a proxy with a hook outside the blocks runs from the tokens. A hook that never runs in the
+    forward pass is an error, not a proxy that agrees with the model everywhere.
     Everything runs on the model's device; only the per-position records come back to the CPU.
     """
     import torch
@@ -260,7 +342,9 @@ def evaluate_split(
     device = torch.device(model.cfg.device)
     f64 = float64_device(device)  # KL and JSD are float64: on the CPU for MPS
 
-    first_layers = sorted({p.first_layer for p in proxies})
+    hook_sets = [hook_names_of(p) for p in proxies]
+    starts = [start_layer(model, names) for names in hook_sets]
+    first_layers = sorted({s for s in starts if s is not None})
     pattern_layers = sorted({layer for p in proxies for layer, _ in p.heads})
     cache_names = [f"blocks.{layer}.hook_resid_pre" for layer in first_layers] + [
         f"blocks.{layer}.attn.hook_pattern" for layer in pattern_layers
@@ -286,12 +370,20 @@ def evaluate_split(
                 capture_hooks = [
                     (f"blocks.{layer}.attn.hook_pattern", _capture(captured, layer)) for layer in layers
                 ]
-                resid = cache[f"blocks.{proxy.first_layer}.hook_resid_pre"]
-                proxy_logits_full = model.run_with_hooks(
-                    resid,
-                    start_at_layer=proxy.first_layer,
-                    fwd_hooks=list(proxy.fwd_hooks) + capture_hooks,
-                )
+                fired: set[str] = set()
+                hooks = [*proxy.fwd_hooks, *((n, _mark(fired, n)) for n in hook_sets[j]), *capture_hooks]
+                if starts[j] is None:
+                    proxy_logits_full = model.run_with_hooks(tokens, fwd_hooks=hooks)
+                else:
+                    # A copy: a hook that edits its input in place must not reach the cache that
+                    # the other proxies start from.
+                    resid = cache[f"blocks.{starts[j]}.hook_resid_pre"].clone()
+                    proxy_logits_full = model.run_with_hooks(resid, start_at_layer=starts[j], fwd_hooks=hooks)
+                silent = [n for n in hook_sets[j] if n not in fired]
+                if silent:
+                    raise IllusionsError(f"hook(s) {', '.join(silent)} never ran in a forward pass of this model "
+                                         "(a hook point this configuration does not use), so the proxy would "
+                                         "agree with the model everywhere")
                 proxy_logits = gather_scored(proxy_logits_full, sc)
                 jsd = torch.full((len(sc),), float("nan"), dtype=torch.float64, device=f64)
                 if proxy.heads:
@@ -335,6 +427,13 @@ def evaluate_split(
             )
         )
     return out
+
+
+def _mark(fired: set[str], name: str) -> Callable[..., Any]:
+    def hook(activation: Any, hook: Any) -> None:
+        fired.add(name)
+
+    return hook
 
 
 def _capture(store: dict[int, Any], layer: int) -> Callable[..., Any]:

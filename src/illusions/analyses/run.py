@@ -37,7 +37,7 @@ from illusions.analyses.spec import (  # noqa: F401  (re-exported: the spec is p
     load_analysis_recipe,
     per_head_simplifiers,
 )
-from illusions.analyses.summary import CONTROL_FIELDS, DISCRETE, ROW_FIELDS, summarize, to_json
+from illusions.analyses.summary import CONTROL_FIELDS, DISCRETE, ROW_FIELDS, to_json
 from illusions.errors import IllusionsError
 from illusions.io import (
     OutputKind,
@@ -58,6 +58,8 @@ ANALYSIS_RUN = OutputKind(
 # metrics.csv columns read back as integers / as text (the others are floats, empty = NaN).
 _INT_FIELDS = ("n_positions", "n_sequences")
 _TEXT_FIELDS = ("split", "proxy", "simplifier", "param", "group_by", "group", "metric")
+# The split a CLI run's gaps are measured against, when it is evaluated.
+REFERENCE = "iid"
 
 
 @dataclasses.dataclass
@@ -161,7 +163,7 @@ def run_analysis(spec: AnalysisSpec, *, progress: Callable[[str, int, int], None
 
 
 def _run_on(spec: AnalysisSpec, device: Any, progress: Callable[[str, int, int], None] | None) -> RunResult:
-    from illusions.analyses.faithfulness import analyze
+    from illusions.analyses.engine import measure
 
     task, model, source, desc = load_task_and_model(spec, device=device)
     # The spec's simplifiers (built and checked when the spec was made), placed per head if asked.
@@ -171,20 +173,21 @@ def _run_on(spec: AnalysisSpec, device: Any, progress: Callable[[str, int, int],
     unknown = [s for s in eval_splits if s not in splits]
     if unknown:
         raise IllusionsError(f"unknown split(s) {', '.join(unknown)}; {spec.task} splits: {', '.join(splits)}")
-    result = analyze(
-        model, splits, simplifiers, candidates=task.candidates, fit_split=spec.fit_split,
-        fit_n=spec.fit_n, eval_splits=eval_splits, max_seqs=spec.max_seqs, seed=spec.seed,
-        batch_size=spec.batch_size, progress=progress,
-    )
     task_meta = task.meta()
     names = {"category": task_meta["categories"]} if "categories" in task_meta else {}
     names.update(task_meta.get("group_names") or {})
     # Data you bring (task custom) is broken down by every meta column it has.
     breakdowns = tuple(dict.fromkeys((*spec.breakdowns, *task_meta.get("meta_columns", ()))))
-    rows = summarize(result, breakdowns=breakdowns, n_boot=spec.n_boot, seed=spec.seed, group_names=names,
-                     discrete=task_meta.get("discrete", DISCRETE),
-                     position_groups=task.position_groups() if isinstance(task, DataSupport) else None,
-                     match=spec.match)
+    # The engine the Python API calls too (illusions.evaluate). Gaps are measured against iid when
+    # it is evaluated (a run of other splits alone has none).
+    measured = measure(
+        model, splits, simplifiers, candidates=task.candidates, fit_split=spec.fit_split,
+        fit_n=spec.fit_n, eval_splits=eval_splits, max_seqs=spec.max_seqs, seed=spec.seed,
+        batch_size=spec.batch_size, progress=progress, reference=REFERENCE if REFERENCE in eval_splits else None,
+        breakdowns=breakdowns, n_boot=spec.n_boot, group_names=names, discrete=task_meta.get("discrete", DISCRETE),
+        position_groups=task.position_groups() if isinstance(task, DataSupport) else None, match=spec.match,
+    )
+    result, rows = measured.result, measured.rows
     proxies = [{"label": label, "simplifier": p.simplifier, "params": p.params}
                for label, p in zip(result.labels, result.proxies, strict=True)]
     doc = to_json(rows, task=spec.task, model=source, proxies=proxies, match=spec.match)
@@ -284,15 +287,23 @@ def check_run_out(spec: AnalysisSpec, out: Path, *, overwrite: bool = False, opt
     Raises:
         IllusionsError: naming what is in the way.
     """
+    try:
+        model_dir: Path | None = model_folder(spec)[0]
+    except IllusionsError:
+        model_dir = None  # no such model: loading it says so, after the other checks of the spec
+    check_out(out, model_dir, overwrite=overwrite, option=option, overwrite_option=overwrite_option)
+
+
+def check_out(out: Path, model_dir: Path | None, *, overwrite: bool = False, option: str = "output location",
+              overwrite_option: str = "overwrite=True") -> None:
+    """:func:`check_run_out` for a model folder given directly (None: a model in memory): the guards
+    every run directory gets, from the CLI and from :meth:`illusions.Evaluation.save` alike."""
     from illusions.bundled import ASSETS
 
     out = Path(out)
     guards = [(ASSETS, "the bundled models")]
-    try:
-        model_dir, _ = model_folder(spec)
-        guards.insert(0, (model_dir.resolve(), f"the model folder {model_dir}"))
-    except IllusionsError:
-        pass  # no such model: loading it says so, after the other checks of the spec
+    if model_dir is not None:
+        guards.insert(0, (Path(model_dir).resolve(), f"the model folder {model_dir}"))
     resolved = out.resolve()
     for guarded, what in guards:
         if resolved == guarded or guarded in resolved.parents:
