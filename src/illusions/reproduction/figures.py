@@ -11,7 +11,14 @@ from typing import Any
 
 import numpy as np
 
-from illusions.reproduction.aggregate import RecipeRuns, SeedStat, Training, has_sparse, ood_splits
+from illusions.reproduction.aggregate import (
+    FAITHFUL_IID,
+    RecipeRuns,
+    SeedStat,
+    Training,
+    has_sparse,
+    ood_splits,
+)
 from illusions.reproduction.metrics import SWEEP_FIGURE_METRICS
 
 
@@ -120,10 +127,13 @@ def key_depth_figure(name: str, r: RecipeRuns) -> Any:
 
 
 def heads_figure(name: str, r: RecipeRuns) -> Any:
-    """Per head: the accuracy change's gap vs length-matched iid on each out-of-distribution split."""
+    """Per head: the accuracy change's gap vs length-matched iid on each out-of-distribution split. Proxies
+    failing the in-distribution gate (:meth:`RecipeRuns.gated`) are drawn hollow and hatched, their tick
+    marked ``(ungated)``: no direction is read off them."""
     from matplotlib.figure import Figure
 
     proxies = r.proxies()
+    gated = [r.gated(p) for p in proxies]
     ood = ood_splits(r)
     fig = Figure(figsize=(max(6, 0.9 * len(proxies)), 3.4))
     ax = fig.subplots()
@@ -131,12 +141,21 @@ def heads_figure(name: str, r: RecipeRuns) -> Any:
     for i, split in enumerate(ood):
         stats = [r.stat(p, split, "accuracy_change", "gap_vs_matched") for p in proxies]
         pos = np.arange(len(proxies)) + (i - (len(ood) - 1) / 2) * width
-        ax.bar(pos, [s.mean for s in stats], width, yerr=_yerr(stats),
-               capsize=2, label=split)
+        bars = ax.bar(pos, [s.mean for s in stats], width, yerr=_yerr(stats),
+                      capsize=2, label=split)
+        for bar, ok in zip(bars, gated, strict=True):
+            if not ok:  # hollow, hatched in the split's colour
+                bar.set_edgecolor(bar.get_facecolor())
+                bar.set_facecolor("none")
+                bar.set_hatch("///")
     ax.axhline(0, color="black", lw=0.6)
-    ax.set_xticks(np.arange(len(proxies)), [p.split("@")[-1] for p in proxies], fontsize=7)
+    ax.set_xticks(np.arange(len(proxies)), [p.split("@")[-1] + ("" if ok else "\n(ungated)")
+                                             for p, ok in zip(proxies, gated, strict=True)], fontsize=7)
     ax.set_ylabel("Δ(proxy − original acc)\nvs length-matched iid")
-    ax.set_title(f"{name}: below 0 under-states, above 0 over-states generalization", fontsize=9)
+    title = f"{name}: below 0 under-states, above 0 over-states generalization"
+    if not all(gated):
+        title += f"\nhatched: iid agreement < {FAITHFUL_IID} in some seed, not a faithful proxy, no call"
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
     return fig
