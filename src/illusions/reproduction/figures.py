@@ -131,6 +131,7 @@ def heads_figure(name: str, r: RecipeRuns) -> Any:
     failing the in-distribution gate (:meth:`RecipeRuns.gated`) are drawn hollow and hatched, their tick
     marked ``(ungated)``: no direction is read off them."""
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     proxies = r.proxies()
     gated = [r.gated(p) for p in proxies]
@@ -138,11 +139,13 @@ def heads_figure(name: str, r: RecipeRuns) -> Any:
     fig = Figure(figsize=(max(6, 0.9 * len(proxies)), 3.4))
     ax = fig.subplots()
     width = 0.8 / max(len(ood), 1)
+    handles = []
     for i, split in enumerate(ood):
         stats = [r.stat(p, split, "accuracy_change", "gap_vs_matched") for p in proxies]
         pos = np.arange(len(proxies)) + (i - (len(ood) - 1) / 2) * width
         bars = ax.bar(pos, [s.mean for s in stats], width, yerr=_yerr(stats),
                       capsize=2, label=split)
+        handles.append(Patch(facecolor=bars[0].get_facecolor(), label=split))  # solid, whatever the first bar
         for bar, ok in zip(bars, gated, strict=True):
             if not ok:  # hollow, hatched in the split's colour
                 bar.set_edgecolor(bar.get_facecolor())
@@ -157,5 +160,5 @@ def heads_figure(name: str, r: RecipeRuns) -> Any:
         title += f"\nhatched: iid agreement < {FAITHFUL_IID} in some seed, not a faithful proxy, no call"
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=7)
+    ax.legend(handles=handles, fontsize=7)
     return fig
