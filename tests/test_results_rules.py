@@ -219,3 +219,14 @@ def test_per_head_figure_marks_ungated_proxies():
     assert "not a faithful proxy" in ax.get_title()
     gated_only = {s: proxy_rows("onehot@L0H0", 0.99) for s in (0, 1)}
     assert "ungated" not in heads_figure("x", runs_of(gated_only)).axes[0].get_title()
+
+
+def test_length_control_counts_gated_proxies_only():
+    drop = (-0.05, -0.07, -0.03)
+    kept = runs_of({s: proxy_rows("p", 0.99, whole=drop) for s in (0, 1)})
+    broken = runs_of({s: proxy_rows("q", 0.99 if s else 0.5, whole=drop) for s in (0, 1)}, name="dyck-svd-L0")
+    verdict, text = judge_length([kept, broken])
+    assert verdict == "all survive" and text.startswith("1 agreement gaps vs iid are significant")
+    assert NOT_FAITHFUL in text and "`dyck-svd-L0`" in text
+    verdict, text = judge_length([broken])
+    assert verdict == "not judged" and text.startswith("0 agreement gaps")

@@ -334,11 +334,15 @@ def judge_code_sources(all_runs: Sequence[RecipeRuns]) -> tuple[str, str]:
 
 def judge_length(all_runs: Sequence[RecipeRuns]) -> tuple[str, str]:
     """Whole splits: which raw gaps stay significant against the length-matched control and, where the
-    recipe has one, against the strict matched control; the verdict reads the strictest control each has."""
+    recipe has one, against the strict matched control; the verdict reads the strictest control each has.
+    Only reported proxies passing the in-distribution gate count; the others are listed."""
     raw_total = survived = flipped = strict_total = strict_kept = kept = 0
-    lost, strict_lost = [], []
+    lost, strict_lost, unfaithful = [], [], []
     for runs in all_runs:
         proxy = runs.selected()
+        if not runs.gated(proxy):
+            unfaithful.append(unfaithful_text(runs, proxy))
+            continue
         for split in ood_splits(runs):
             raw = runs.signs(proxy, split, "agreement", "gap_vs_ref")
             if not raw or not (all(s == -1 for s in raw) or all(s == 1 for s in raw)):
@@ -356,7 +360,8 @@ def judge_length(all_runs: Sequence[RecipeRuns]) -> tuple[str, str]:
                 strict_kept += strict
                 if not strict:
                     strict_lost.append(f"`{runs.name}`/`{split}`")
-    text = (f"{raw_total} agreement gaps vs iid are significant in every seed at the reported proxies; "
+    text = (f"{raw_total} agreement gaps vs iid are significant in every seed at the reported proxies"
+            + (" that pass the in-distribution gate" if unfaithful else "") + "; "
             f"{survived} stay significant in every seed against the length-matched control"
             + (f"; not: {', '.join(lost)}" if lost else "")
             + (f" ({flipped} reverse sign)" if flipped else ""))
@@ -365,6 +370,10 @@ def judge_length(all_runs: Sequence[RecipeRuns]) -> tuple[str, str]:
         text += (f". Of the {strict_total} in recipes with the strict control ({'; '.join(on)}), "
                  f"{strict_kept} stay significant in every seed against it"
                  + (f"; not: {', '.join(strict_lost)}" if strict_lost else ""))
+    if unfaithful:
+        text += ". " + ungated_note(unfaithful)
+    if unfaithful and not any(r.gated(r.selected()) for r in all_runs):
+        return "not judged", text
     verdict = "all survive" if raw_total and kept == raw_total else "some survive" if kept else "none survive"
     return verdict, text
 
