@@ -286,9 +286,10 @@ def _front_matter(runs: dict[str, RecipeRuns], manifest: dict[str, Any], others:
         "the share of positions matched. Gaps are reported against both controls, side by side.",
         "- **Every claim is judged on each whole split and on each position group the task declares** (Dyck: "
         "`unseen_depth (opener > 10)` and `unseen_depth (key_depth >= 10)`, the closers whose opener is beyond, "
-        "or at and beyond, the training depth); a verdict names the cells that carry it.",
+        "or at and beyond, the training depth; the code task declares none); a verdict names the cells that carry it.",
         f"- **The in-distribution gate:** a direction call (*under-states*, *over-states*, *faithful*), and every "
-        f"other call read off a proxy (the key-depth and code-source claims), is made only for a proxy whose iid "
+        f"other call read off a proxy (the key-depth and code-source claims, and the gaps the control claims count), "
+        f"is made only for a proxy whose iid "
         f"agreement is at least {FAITHFUL_IID} **in every seed**; any other proxy is listed as *{NOT_FAITHFUL}* "
         "and counts for no call (a broken proxy's accuracy change hits a floor wherever the model has less "
         "accuracy to lose); a claim with no gated proxy left reads *not judged*. A gap claim on a proxy below "
