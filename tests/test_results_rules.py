@@ -12,7 +12,7 @@ from illusions.analyses.run import AnalysisRecipe
 from illusions.analyses.spec import AnalysisSpec
 from illusions.analyses.summary import POSITION_GROUP
 from illusions.reproduction.aggregate import Cell, RecipeRuns
-from illusions.reproduction.figures import heads_figure
+from illusions.reproduction.figures import heads_figure, key_depth_figure
 from illusions.reproduction.judges import (
     NOT_FAITHFUL,
     direction_rows,
@@ -230,3 +230,12 @@ def test_length_control_counts_gated_proxies_only():
     assert NOT_FAITHFUL in text and "`dyck-svd-L0`" in text
     verdict, text = judge_length([broken])
     assert verdict == "not judged" and text.startswith("0 agreement gaps")
+
+
+def test_key_depth_figure_says_when_its_proxy_is_ungated():
+    def title(iid0):
+        runs = runs_of({s: depth_rows("svd(rank=4)", 0.99 if s else iid0, 0.95, 0.5) for s in (0, 1)},
+                       name="dyck-svd-L1", task_config={"max_depth": 10})
+        return key_depth_figure("dyck-svd-L1", runs).axes[0].get_title()
+
+    assert "not a faithful proxy" in title(0.6) and "not a faithful proxy" not in title(0.99)

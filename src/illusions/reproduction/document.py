@@ -293,7 +293,8 @@ def _front_matter(runs: dict[str, RecipeRuns], manifest: dict[str, Any], others:
         f"agreement is at least {FAITHFUL_IID} **in every seed**; any other proxy is listed as *{NOT_FAITHFUL}* "
         "and counts for no call (a broken proxy's accuracy change hits a floor wherever the model has less "
         "accuracy to lose); a claim with no gated proxy left reads *not judged*. A gap claim on a proxy below "
-        "the gate reads at most *partly*. The per-head figures draw ungated proxies hatched. Claim "
+        "the gate reads at most *partly*. The per-head figures draw ungated proxies hatched; a key-depth figure's "
+        "title says when its proxy is ungated. Claim "
         f"{claim_number('original')} reads the model's own accuracy, where no proxy enters.",
         "- **Sparse dictionaries** are judged per dictionary: recipes differing only in the SAE training seed "
         "form one site, which holds only when it holds for every dictionary seed; the count is given.",

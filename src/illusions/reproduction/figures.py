@@ -103,7 +103,8 @@ def sweep_figure(name: str, r: RecipeRuns) -> Any:
 
 
 def key_depth_figure(name: str, r: RecipeRuns) -> Any:
-    """Agreement by key depth at the reported proxy, a line per split, the training depth marked."""
+    """Agreement by key depth at the reported proxy, a line per split, the training depth marked; the title
+    says so when the proxy fails the in-distribution gate (claim 5 makes no call on it)."""
     from matplotlib.figure import Figure
 
     proxy = r.selected()
@@ -120,7 +121,9 @@ def key_depth_figure(name: str, r: RecipeRuns) -> Any:
     ax.set_xlabel("key depth (depth of the attended opener)"
                   + (f"; training max {max_depth}" if isinstance(max_depth, int) else ""))
     ax.set_ylabel("agreement")
-    ax.set_title(f"{name} at {proxy}", fontsize=9)
+    ax.set_title(f"{name} at {proxy}" + ("" if r.gated(proxy) else
+                                         f"\niid agreement < {FAITHFUL_IID} in some seed: not a faithful proxy, no call"),
+                 fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return fig
