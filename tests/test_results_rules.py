@@ -12,12 +12,16 @@ from illusions.analyses.run import AnalysisRecipe
 from illusions.analyses.spec import AnalysisSpec
 from illusions.analyses.summary import POSITION_GROUP
 from illusions.reproduction.aggregate import Cell, RecipeRuns
+from illusions.reproduction.figures import heads_figure, key_depth_figure
 from illusions.reproduction.judges import (
     NOT_FAITHFUL,
     direction_rows,
     gated_course,
+    judge_code_sources,
     judge_direction,
     judge_gap,
+    judge_gap_dictionaries,
+    judge_key_depth,
     judge_length,
 )
 
@@ -52,8 +56,8 @@ def proxy_rows(proxy, iid_agree, *, whole=(0.0, -0.01, 0.01), group=None, ood_ag
     return out
 
 
-def runs_of(per_seed, name="dyck-onehot-L1"):
-    return RecipeRuns(AnalysisRecipe(name, "d", "c", AnalysisSpec(), "r.toml"), per_seed)
+def runs_of(per_seed, name="dyck-onehot-L1", spec=None, task_config=None):
+    return RecipeRuns(AnalysisRecipe(name, "d", "c", spec or AnalysisSpec(), "r.toml"), per_seed, task_config or {})
 
 
 def test_a_proxy_below_the_gate_in_one_seed_gets_no_direction_call():
@@ -132,3 +136,106 @@ def test_over_training_course_reads_gated_checkpoints_only(iid, signs, course):
     per_step = runs_of({10 * (k + 1): proxy_rows("svd(rank=4)", a, whole=(sum(bounds[s]) / 2, *bounds[s]))
                         for k, (a, s) in enumerate(zip(iid, signs, strict=True))})
     assert gated_course(per_step, "svd(rank=4)", Cell("unseen_depth"))[1] == course
+
+
+def depth_rows(proxy, iid_agree, shallow, deep):
+    """A proxy's iid agreement and its unseen_depth agreement at key depth 5 (``shallow``) and 12 (``deep``)."""
+    return proxy_rows(proxy, iid_agree) + [row(proxy, "unseen_depth", "agreement", v, group_by="key_depth", group=g)
+                                           for g, v in (("5", shallow), ("12", deep))]
+
+
+def test_key_depth_is_judged_on_gated_proxies_only():
+    deep_drop = {"max_depth": 10}
+    good = runs_of({s: depth_rows("svd(rank=4)", 0.99, 0.95, 0.5 + 0.01 * s) for s in (0, 1, 2)},
+                   name="dyck-svd-L1", task_config=deep_drop)
+    bad = runs_of({s: depth_rows("kmeans(k=4)", 0.99 if s else 0.6, 0.95, 0.5 + 0.01 * s) for s in (0, 1, 2)},
+                  name="dyck-kmeans-L1", task_config=deep_drop)
+    assert judge_key_depth([good])[0] == "reproduced"
+    # The same drop on a proxy below the gate in one seed: listed, not called.
+    verdict, text = judge_key_depth([bad])
+    assert verdict == "not judged" and NOT_FAITHFUL in text and "`dyck-kmeans-L1`" in text
+    assert "at key depth <= 10" not in text
+    # Beside a gated proxy that shows no drop, the ungated one's drop does not carry the claim.
+    flat = runs_of({s: depth_rows("svd(rank=4)", 0.99, 0.95, 0.95 + 0.01 * s) for s in (0, 1, 2)},
+                   name="dyck-svd-L1", task_config=deep_drop)
+    verdict, text = judge_key_depth([flat, bad])
+    assert verdict == "not reproduced" and "`dyck-svd-L1` (rank 4) on unseen_depth" in text and NOT_FAITHFUL in text
+
+
+def code_rows(proxy, iid_agree, copy_drop):
+    """iid, deep_nesting (below length-matched iid in every seed) and java with per-category agreement."""
+    out = [row(proxy, "iid", "agreement", iid_agree), row(proxy, "deep_nesting", "agreement", 0.8, gap=-0.1,
+                                                          lo=-0.15, hi=-0.05)]
+    out += [row(proxy, "java", "agreement", 0.8)]
+    for category, drop in (("copy", copy_drop), ("identifier", -0.05)):
+        out += [row(proxy, "iid", "agreement", 0.9, group_by="category", group=category),
+                row(proxy, "java", "agreement", 0.9 + drop, group_by="category", group=category)]
+    return out
+
+
+def test_code_sources_are_judged_on_gated_proxies_only():
+    good = runs_of({s: code_rows("svd(rank=4)", 0.99, -0.3) for s in (0, 1)}, name="code-svd-L1")
+    bad = runs_of({s: code_rows("onehot", 0.99 if s else 0.7, -0.3) for s in (0, 1)}, name="code-onehot-L1")
+    verdict, text = judge_code_sources([good])
+    assert verdict == "reproduced" and "`copy`" in text
+    verdict, text = judge_code_sources([bad])
+    assert verdict == "not judged" and NOT_FAITHFUL in text and "`code-onehot-L1` (rank 4, iid agreement 0.845" in text
+    # A gated proxy whose largest drop is elsewhere and no nesting gap: the ungated one's hits do not count.
+    other = runs_of({s: code_rows("svd(rank=4)", 0.99, 0.0) for s in (0, 1)}, name="code-svd-L1")
+    for rows in other.rows.values():
+        rows[1].update(gap_vs_matched_low=-0.01, gap_vs_matched_high=0.01)
+    other = runs_of(other.rows, name="code-svd-L1")
+    assert judge_code_sources([other, bad])[0] == "not reproduced"
+
+
+def test_a_dictionary_site_holds_only_when_every_sae_seed_does():
+    drop, none = (-0.2, -0.3, -0.1), (0.0, -0.01, 0.01)
+
+    def dictionary(seed, whole):
+        return runs_of({s: proxy_rows("sae(width=512)", 0.99, whole=whole) for s in (0, 1)},
+                       name="dyck-sae-resid-L1" + (f"-s{seed}" if seed else ""), spec=AnalysisSpec(seed=seed))
+
+    all_three = [dictionary(k, drop) for k in range(3)]
+    assert judge_gap_dictionaries(all_three)[0] == "reproduced"
+    # Two of three dictionaries reproduce the gap: the best seed no longer wins, the count is given.
+    verdict, text = judge_gap_dictionaries([dictionary(0, drop), dictionary(1, drop), dictionary(2, none)])
+    assert verdict == "not reproduced" and "2 of 3 dictionaries reproduce it" in text
+
+
+def test_strict_control_names_the_recipes_match_columns():
+    drop = (-0.05, -0.07, -0.03)
+    code = runs_of({s: proxy_rows("p", 0.99, whole=drop, control=(-0.05, -0.07, -0.03, 0.9)) for s in (0, 1)},
+                   name="code-svd-L1", spec=AnalysisSpec(task="code", match=("length", "depth", "category")))
+    assert "strict control (length x depth x category)" in judge_length([code])[1]
+
+
+def test_per_head_figure_marks_ungated_proxies():
+    rows = {s: proxy_rows("onehot@L0H0", 0.99, whole=(0.1, 0.05, 0.15))
+            + proxy_rows("onehot@L1H0", 0.99 if s else 0.2, whole=(0.1, 0.05, 0.15)) for s in (0, 1)}
+    fig = heads_figure("dyck-heads-onehot", runs_of(rows))
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["L0H0", "L1H0\n(ungated)"]
+    assert [bool(b.get_hatch()) for b in ax.patches] == [False, True]
+    assert "not a faithful proxy" in ax.get_title()
+    gated_only = {s: proxy_rows("onehot@L0H0", 0.99) for s in (0, 1)}
+    assert "ungated" not in heads_figure("x", runs_of(gated_only)).axes[0].get_title()
+
+
+def test_length_control_counts_gated_proxies_only():
+    drop = (-0.05, -0.07, -0.03)
+    kept = runs_of({s: proxy_rows("p", 0.99, whole=drop) for s in (0, 1)})
+    broken = runs_of({s: proxy_rows("q", 0.99 if s else 0.5, whole=drop) for s in (0, 1)}, name="dyck-svd-L0")
+    verdict, text = judge_length([kept, broken])
+    assert verdict == "all survive" and text.startswith("1 agreement gaps vs iid are significant")
+    assert NOT_FAITHFUL in text and "`dyck-svd-L0`" in text
+    verdict, text = judge_length([broken])
+    assert verdict == "not judged" and text.startswith("0 agreement gaps")
+
+
+def test_key_depth_figure_says_when_its_proxy_is_ungated():
+    def title(iid0):
+        runs = runs_of({s: depth_rows("svd(rank=4)", 0.99 if s else iid0, 0.95, 0.5) for s in (0, 1)},
+                       name="dyck-svd-L1", task_config={"max_depth": 10})
+        return key_depth_figure("dyck-svd-L1", runs).axes[0].get_title()
+
+    assert "not a faithful proxy" in title(0.6) and "not a faithful proxy" not in title(0.99)

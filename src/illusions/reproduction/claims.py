@@ -17,6 +17,7 @@ from illusions.reproduction.judges import (
     judge_code_sources,
     judge_direction,
     judge_gap,
+    judge_gap_dictionaries,
     judge_key_depth,
     judge_length,
     judge_original,
@@ -60,6 +61,11 @@ def gap_in_each(e: Evidence) -> tuple[str, str]:
     results = [judge_gap(r) for r in e.runs]
     verdict = min((v for v, _ in results), key=_ORDER.index)
     return verdict, "; ".join(t for _, t in results)
+
+
+def gap_in_every_dictionary(e: Evidence) -> tuple[str, str]:
+    """The sparse dictionaries: a site holds only when every dictionary seed of it does; the best site counts."""
+    return judge_gap_dictionaries(e.runs)
 
 
 def both_directions(e: Evidence) -> tuple[str, str]:
@@ -138,8 +144,8 @@ CLAIMS = (
           "and on deeper nesting.", ("code-svd-L1", "code-onehot-L1", "code-kmeans-L1"), gap_in_each),
     Claim("code_sources", "The largest code gaps are tied to nesting depth and to copying a word seen earlier "
           "in context (induction).", ("code-svd-L1", "code-onehot-L1", "code-kmeans-L1"), code_sources),
-    Claim("length", "Do the gaps survive a length-matched in-distribution control, and (Dyck) the strict one matched on "
-          "length x distance x key depth?",
+    Claim("length", "Do the gaps survive a length-matched in-distribution control, and the strict one matched on what "
+          "differs (Dyck: length x distance x key depth; code: length x nesting depth x character category)?",
           ("dyck-svd-L1", "dyck-svd-L0", "dyck-kmeans-L1", "dyck-kmeans-L0", "dyck-onehot-L1",
            "code-svd-L1", "code-onehot-L1", "code-kmeans-L1"), length_control, beyond=True),
     Claim("data_free_svd", "A data-free low-rank proxy (SVD of each head's query-key weights, layer 1) "
@@ -149,8 +155,9 @@ CLAIMS = (
     Claim("sae", "A sparse autoencoder (SAELens TopK, 16 active latents, no error term, overcomplete: 512 latents, 4x "
           "the reference models' width) in place of the residual stream entering layer 1 or of layer 1's attention "
           "output, or a transcoder in place of layer 1's MLP, trained on training activations, matches the model "
-          "in distribution yet diverges out of distribution; likewise on code.", SAE_RECIPES,
-          gap_in_each, beyond=True),
+          "in distribution yet diverges out of distribution; likewise on code. Judged per dictionary: a site holds only "
+          "when it holds for every dictionary (SAE training seed) of it.", SAE_RECIPES,
+          gap_in_every_dictionary, beyond=True),
     Claim("sae_predicts", "In-distribution reconstruction quality predicts out-of-distribution faithfulness at "
           "fixed width: across dictionaries of one width (SAE training seeds), a dictionary's iid explained variance "
           "rank-orders its agreement on each other split (Spearman rho, centred per width and training seed, "

@@ -278,17 +278,26 @@ def _front_matter(runs: dict[str, RecipeRuns], manifest: dict[str, Any], others:
         "- *Δ vs len-matched* compares a split with an in-distribution control re-weighted to the split's "
         "length distribution: the splits differ in length as well as in what they are named for. Length bins "
         f"that iid lacks are left out on both sides; {_excluded_text(runs)}.",
-        "- *Δ vs strict matched* (Dyck recipes, `match` in the recipe): the same control over strata of length x "
-        "distance x key depth, since the unseen-depth closers differ from iid's in all three. Strata iid lacks "
-        "(every key depth beyond the training depth, and far closers of openers at it) are left out on both sides; "
-        "the cell gives the share of positions matched. Gaps are reported against both controls, side by side.",
+        "- *Δ vs strict matched* (`match` in the recipe): the same control over strata of what else differs: on "
+        "Dyck length x distance x key depth, since the unseen-depth closers differ from iid's in all three; on "
+        "code length x nesting depth x character category, since other languages and deeper nesting differ from "
+        "iid Python in all three. Strata iid lacks (on Dyck every key depth beyond the training depth, and far "
+        "closers of openers at it; on code nesting deeper than iid's) are left out on both sides; the cell gives "
+        "the share of positions matched. Gaps are reported against both controls, side by side.",
         "- **Every claim is judged on each whole split and on each position group the task declares** (Dyck: "
         "`unseen_depth (opener > 10)` and `unseen_depth (key_depth >= 10)`, the closers whose opener is beyond, "
-        "or at and beyond, the training depth); a verdict names the cells that carry it.",
-        f"- **The in-distribution gate:** a direction call (*under-states*, *over-states*, *faithful*) is made only "
-        f"for a proxy whose iid agreement is at least {FAITHFUL_IID} **in every seed**; any other proxy reads "
-        f"*{NOT_FAITHFUL}* and counts for no direction (a broken proxy's accuracy change hits a floor wherever "
-        "the model has less accuracy to lose).",
+        "or at and beyond, the training depth; the code task declares none); a verdict names the cells that carry it.",
+        f"- **The in-distribution gate:** a direction call (*under-states*, *over-states*, *faithful*), and every "
+        f"other call read off a proxy (the key-depth and code-source claims, and the gaps the control claims count), "
+        f"is made only for a proxy whose iid "
+        f"agreement is at least {FAITHFUL_IID} **in every seed**; any other proxy is listed as *{NOT_FAITHFUL}* "
+        "and counts for no call (a broken proxy's accuracy change hits a floor wherever the model has less "
+        "accuracy to lose); a claim with no gated proxy left reads *not judged*. A gap claim on a proxy below "
+        "the gate reads at most *partly*. The per-head figures draw ungated proxies hatched; a key-depth figure's "
+        "title says when its proxy is ungated. Claim "
+        f"{claim_number('original')} reads the model's own accuracy, where no proxy enters.",
+        "- **Sparse dictionaries** are judged per dictionary: recipes differing only in the SAE training seed "
+        "form one site, which holds only when it holds for every dictionary seed; the count is given.",
         f"- A sweep is reported at its **smallest parameter whose iid agreement is at least {FAITHFUL_IID} in every "
         "seed**, never at a parameter where the proxy is the model itself (agreement 1 on every split in every "
         "seed, e.g. full rank), or at its largest other parameter when none qualifies. So that no single "
@@ -370,6 +379,11 @@ def _heads_section(runs: dict[str, RecipeRuns], figures: dict[str, str], family:
         lines += [f"### `{r.name}`{f' on `{family}`' if family else ''}: {r.recipe.description}", ""]
         if f"heads:{r.name}" in figures:
             lines += [f"![{r.name}]({figures[f'heads:{r.name}']})", ""]
+            ungated = [p for p in r.proxies() if not r.gated(p)]
+            if ungated:
+                lines += [f"Hatched bars, ticks marked *(ungated)*: {len(ungated)} of {len(r.proxies())} proxies "
+                          f"({', '.join(f'`{p}`' for p in ungated)}) have iid agreement below {FAITHFUL_IID} in "
+                          f"some seed: {NOT_FAITHFUL}, drawn for completeness, no direction read off them.", ""]
         lines += direction_table(r)
     layer_level = [r for r in runs.values() if not r.recipe.spec.per_head and r.name.startswith("dyck-")]
     if layer_level:

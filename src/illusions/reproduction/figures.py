@@ -11,7 +11,14 @@ from typing import Any
 
 import numpy as np
 
-from illusions.reproduction.aggregate import RecipeRuns, SeedStat, Training, has_sparse, ood_splits
+from illusions.reproduction.aggregate import (
+    FAITHFUL_IID,
+    RecipeRuns,
+    SeedStat,
+    Training,
+    has_sparse,
+    ood_splits,
+)
 from illusions.reproduction.metrics import SWEEP_FIGURE_METRICS
 
 
@@ -96,7 +103,8 @@ def sweep_figure(name: str, r: RecipeRuns) -> Any:
 
 
 def key_depth_figure(name: str, r: RecipeRuns) -> Any:
-    """Agreement by key depth at the reported proxy, a line per split, the training depth marked."""
+    """Agreement by key depth at the reported proxy, a line per split, the training depth marked; the title
+    says so when the proxy fails the in-distribution gate (claim 5 makes no call on it)."""
     from matplotlib.figure import Figure
 
     proxy = r.selected()
@@ -113,30 +121,47 @@ def key_depth_figure(name: str, r: RecipeRuns) -> Any:
     ax.set_xlabel("key depth (depth of the attended opener)"
                   + (f"; training max {max_depth}" if isinstance(max_depth, int) else ""))
     ax.set_ylabel("agreement")
-    ax.set_title(f"{name} at {proxy}", fontsize=9)
+    ax.set_title(f"{name} at {proxy}" + ("" if r.gated(proxy) else
+                                         f"\niid agreement < {FAITHFUL_IID} in some seed: not a faithful proxy, no call"),
+                 fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return fig
 
 
 def heads_figure(name: str, r: RecipeRuns) -> Any:
-    """Per head: the accuracy change's gap vs length-matched iid on each out-of-distribution split."""
+    """Per head: the accuracy change's gap vs length-matched iid on each out-of-distribution split. Proxies
+    failing the in-distribution gate (:meth:`RecipeRuns.gated`) are drawn hollow and hatched, their tick
+    marked ``(ungated)``: no direction is read off them."""
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     proxies = r.proxies()
+    gated = [r.gated(p) for p in proxies]
     ood = ood_splits(r)
     fig = Figure(figsize=(max(6, 0.9 * len(proxies)), 3.4))
     ax = fig.subplots()
     width = 0.8 / max(len(ood), 1)
+    handles = []
     for i, split in enumerate(ood):
         stats = [r.stat(p, split, "accuracy_change", "gap_vs_matched") for p in proxies]
         pos = np.arange(len(proxies)) + (i - (len(ood) - 1) / 2) * width
-        ax.bar(pos, [s.mean for s in stats], width, yerr=_yerr(stats),
-               capsize=2, label=split)
+        bars = ax.bar(pos, [s.mean for s in stats], width, yerr=_yerr(stats),
+                      capsize=2, label=split)
+        handles.append(Patch(facecolor=bars[0].get_facecolor(), label=split))  # solid, whatever the first bar
+        for bar, ok in zip(bars, gated, strict=True):
+            if not ok:  # hollow, hatched in the split's colour
+                bar.set_edgecolor(bar.get_facecolor())
+                bar.set_facecolor("none")
+                bar.set_hatch("///")
     ax.axhline(0, color="black", lw=0.6)
-    ax.set_xticks(np.arange(len(proxies)), [p.split("@")[-1] for p in proxies], fontsize=7)
+    ax.set_xticks(np.arange(len(proxies)), [p.split("@")[-1] + ("" if ok else "\n(ungated)")
+                                             for p, ok in zip(proxies, gated, strict=True)], fontsize=7)
     ax.set_ylabel("Δ(proxy − original acc)\nvs length-matched iid")
-    ax.set_title(f"{name}: below 0 under-states, above 0 over-states generalization", fontsize=9)
+    title = f"{name}: below 0 under-states, above 0 over-states generalization"
+    if not all(gated):
+        title += f"\nhatched: iid agreement < {FAITHFUL_IID} in some seed, not a faithful proxy, no call"
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=7)
+    ax.legend(handles=handles, fontsize=7)
     return fig

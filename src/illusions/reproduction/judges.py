@@ -4,8 +4,11 @@ Each judge returns ``(verdict, what was measured)``. A gap is *reproduced* when 
 the same direction, in every seed (:func:`verdict_of`, against the length-matched control) on a whole
 split or on a position group the task declares; *partly* when only in some seeds, only before length
 matching, or without the in-distribution match (iid agreement below the gate in some seed); *not
-reproduced* otherwise. A direction call (under- / over-states, faithful) is made only for proxies that
-pass the in-distribution gate (:meth:`RecipeRuns.gated`); the others read :data:`NOT_FAITHFUL`. Gaps
+reproduced* otherwise. A direction call (under- / over-states, faithful), and every other call read off
+a proxy (key depth, code sources), is made only for proxies that pass the in-distribution gate
+(:meth:`RecipeRuns.gated`); the others are listed as :data:`NOT_FAITHFUL` (a claim with none left reads
+*not judged*). Sparse dictionaries are judged per dictionary set: a site holds only when every SAE
+training seed's dictionary does (:func:`judge_gap_dictionaries`). Gaps
 against the strict matched control (the recipe's ``match``, ``gap_vs_control``) are reported beside
 the length-matched ones. Which claim reads which recipes through which judge is the table in
 :mod:`illusions.reproduction.claims`.
@@ -113,6 +116,26 @@ def judge_gap(runs: RecipeRuns) -> tuple[str, str]:
     return verdict, text + (f"; {interp}" if interp else "")
 
 
+def judge_gap_dictionaries(all_runs: Sequence[RecipeRuns]) -> tuple[str, str]:
+    """'Matches iid, diverges OOD' for sparse dictionaries: the recipes that differ only in their SAE
+    training ``seed`` are one dictionary set, and a set's verdict is its *worst* dictionary's (:func:`judge_gap`
+    on each), so a site holds only if it holds for every dictionary seed; the claim's verdict is the best
+    set's (sites and tasks are alternatives, as for the other gap claims), with each set's count named."""
+    order = ("reproduced", "partly", "not reproduced")
+    parts, set_verdicts = [], []
+    for group in dictionary_sets(all_runs):
+        results = [judge_gap(r) for r in group]
+        worst = max((v for v, _ in results), key=order.index)
+        set_verdicts.append(worst)
+        held = sum(v == "reproduced" for v, _ in results)
+        names = ", ".join(f"`{r.name}`" for r in group)
+        parts.append(f"{names}: {held} of {len(group)} dictionaries reproduce it (set verdict: {worst}); "
+                     + "; ".join(t for _, t in results))
+    if not set_verdicts:
+        return "not run", "no sparse dictionary runs"
+    return min(set_verdicts, key=order.index), " | ".join(parts)
+
+
 def direction_rows(runs: RecipeRuns, proxies: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Per proxy and OOD split (and declared position group): how the proxy's accuracy shift differs
     from iid (length-matched); a proxy failing the in-distribution gate gets no direction call."""
@@ -188,8 +211,23 @@ def _depth_split(runs: RecipeRuns, proxy: str, split: str, max_depth: int,
     return SeedStat(tuple(inside), (0.0, 1.0)), SeedStat(tuple(beyond), (0.0, 1.0))
 
 
+def unfaithful_text(runs: RecipeRuns, proxy: str) -> str:
+    """How an ungated proxy is listed: recipe, parameter and iid agreement."""
+    return f"`{runs.name}` ({param_text(runs, proxy)}, iid agreement {runs.stat(proxy, REFERENCE, 'agreement').fmt()})"
+
+
+def ungated_note(unfaithful: Sequence[str]) -> str:
+    """The sentence listing the proxies left out by the in-distribution gate ('' when none)."""
+    if not unfaithful:
+        return ""
+    return (f"{NOT_FAITHFUL} (iid agreement below {FAITHFUL_IID} in some seed), so no call: "
+            + ", ".join(unfaithful))
+
+
 def judge_key_depth(all_runs: Sequence[RecipeRuns]) -> tuple[str, str]:
-    parts, verdicts = [], []
+    """Agreement at key depths beyond the training depth vs within it, on unseen_depth, at each recipe's
+    reported proxy; only proxies passing the in-distribution gate are judged, the others are listed."""
+    parts, verdicts, unfaithful = [], [], []
     for runs in all_runs:
         proxy = runs.selected()
         max_depth = runs.task_config.get("max_depth")  # the training strings' deepest nesting
@@ -198,16 +236,22 @@ def judge_key_depth(all_runs: Sequence[RecipeRuns]) -> tuple[str, str]:
         inside, beyond = _depth_split(runs, proxy, "unseen_depth", max_depth)
         if not inside.values:
             continue
+        if not runs.gated(proxy):
+            unfaithful.append(unfaithful_text(runs, proxy))
+            continue
         diff = SeedStat(tuple(b - a for a, b in zip(inside.values, beyond.values, strict=True)), (-1.0, 1.0))
         lo, hi = diff.interval
         verdicts.append("reproduced" if hi < 0 else "partly" if diff.mean < 0 else "not reproduced")
         parts.append(f"`{runs.name}` ({param_text(runs, proxy)}) on unseen_depth: agreement {inside.fmt()} at key "
                      f"depth <= {max_depth} vs {beyond.fmt()} beyond (difference {diff.fmt(3, signed=True)}; "
                      f"{'below 0' if hi < 0 else 'above 0' if lo > 0 else 'includes 0'})")
-    if not verdicts:
+    if not verdicts and not unfaithful:
         return "not run", "no key-depth breakdown available"
+    text = "; ".join(parts + [ungated_note(unfaithful)] if unfaithful else parts)
+    if not verdicts:
+        return "not judged", text
     verdict = "reproduced" if "reproduced" in verdicts else "partly" if "partly" in verdicts else "not reproduced"
-    return verdict, "; ".join(parts)
+    return verdict, text
 
 
 # Which of the depth split's two figures the paper's ~80% is compared with, and why.
@@ -235,7 +279,8 @@ def judge_original(runs: RecipeRuns) -> tuple[str, str]:
         deep = runs.stat(proxy, "unseen_depth", "original_accuracy", group_by=POSITION_GROUP, group=group)
         groups += (f"; on `unseen_depth ({group})` ({n_positions(runs, proxy, 'unseen_depth', POSITION_GROUP, group)}"
                    f" of {n_positions(runs, proxy, 'unseen_depth')} positions) {deep.fmt()}")
-    return verdict, (f"original accuracy on unseen_depth {stat.fmt()} across {stat.n} training seeds "
+    return verdict, (f"the model's own accuracy (no proxy enters, so the in-distribution gate does not apply): "
+                     f"original accuracy on unseen_depth {stat.fmt()} across {stat.n} training seeds "
                      f"(iid {iid.fmt()}){how}{groups}" + (f". {PAPER_DEPTH_FIGURE}" if groups else ""))
 
 
@@ -256,33 +301,48 @@ def category_drops(runs: RecipeRuns, proxy: str) -> dict[str, SeedStat]:
 
 
 def judge_code_sources(all_runs: Sequence[RecipeRuns]) -> tuple[str, str]:
-    parts, hits = [], []
+    """Is the largest code gap tied to nesting depth (deep_nesting below length-matched iid in every seed)
+    and to copying (the largest category drop on other languages)? Only at reported proxies that pass
+    the in-distribution gate; the others are listed."""
+    parts, hits, unfaithful = [], [], []
     for runs in all_runs:
         proxy = runs.selected()
         depth = runs.signs(proxy, "deep_nesting", "agreement", "gap_vs_matched") if "deep_nesting" in runs.splits() else []
         drops = category_drops(runs, proxy)
         if not drops:
             continue
+        if not runs.gated(proxy):
+            unfaithful.append(unfaithful_text(runs, proxy))
+            continue
         worst = min(drops, key=lambda g: drops[g].mean)
         nesting = bool(depth) and all(s == -1 for s in depth)
         hits.append((nesting, worst == "copy"))
         parts.append(f"`{runs.name}` ({param_text(runs, proxy)}): deep_nesting agreement vs length-matched iid "
-                     f"{gap_cell(runs, proxy, 'deep_nesting', 'agreement', 'gap_vs_matched')}; largest "
-                     f"category drop on other languages: `{worst}` ({drops[worst].fmt(3, signed=True)})")
-    if not hits:
+                     f"{gap_cell(runs, proxy, 'deep_nesting', 'agreement', 'gap_vs_matched')}"
+                     + (f", {strict_cell(runs, proxy, Cell('deep_nesting'))} vs strict matched iid"
+                        if "deep_nesting" in runs.splits() and runs.has_control() else "")
+                     + f"; largest category drop on other languages: `{worst}` ({drops[worst].fmt(3, signed=True)})")
+    if not hits and not unfaithful:
         return "not run", "no code runs"
+    text = "; ".join(parts + [ungated_note(unfaithful)] if unfaithful else parts)
+    if not hits:
+        return "not judged", text
     both = any(n and c for n, c in hits)
     either = any(n or c for n, c in hits)
-    return ("reproduced" if both else "partly" if either else "not reproduced"), "; ".join(parts)
+    return ("reproduced" if both else "partly" if either else "not reproduced"), text
 
 
 def judge_length(all_runs: Sequence[RecipeRuns]) -> tuple[str, str]:
     """Whole splits: which raw gaps stay significant against the length-matched control and, where the
-    recipe has one, against the strict matched control; the verdict reads the strictest control each has."""
+    recipe has one, against the strict matched control; the verdict reads the strictest control each has.
+    Only reported proxies passing the in-distribution gate count; the others are listed."""
     raw_total = survived = flipped = strict_total = strict_kept = kept = 0
-    lost, strict_lost = [], []
+    lost, strict_lost, unfaithful = [], [], []
     for runs in all_runs:
         proxy = runs.selected()
+        if not runs.gated(proxy):
+            unfaithful.append(unfaithful_text(runs, proxy))
+            continue
         for split in ood_splits(runs):
             raw = runs.signs(proxy, split, "agreement", "gap_vs_ref")
             if not raw or not (all(s == -1 for s in raw) or all(s == 1 for s in raw)):
@@ -300,14 +360,20 @@ def judge_length(all_runs: Sequence[RecipeRuns]) -> tuple[str, str]:
                 strict_kept += strict
                 if not strict:
                     strict_lost.append(f"`{runs.name}`/`{split}`")
-    text = (f"{raw_total} agreement gaps vs iid are significant in every seed at the reported proxies; "
+    text = (f"{raw_total} agreement gaps vs iid are significant in every seed at the reported proxies"
+            + (" that pass the in-distribution gate" if unfaithful else "") + "; "
             f"{survived} stay significant in every seed against the length-matched control"
             + (f"; not: {', '.join(lost)}" if lost else "")
             + (f" ({flipped} reverse sign)" if flipped else ""))
     if strict_total:
-        text += (f". Of the {strict_total} in recipes with the strict control (length x distance x key depth), "
+        on = sorted({" x ".join(r.recipe.spec.match) for r in all_runs if r.has_control()})
+        text += (f". Of the {strict_total} in recipes with the strict control ({'; '.join(on)}), "
                  f"{strict_kept} stay significant in every seed against it"
                  + (f"; not: {', '.join(strict_lost)}" if strict_lost else ""))
+    if unfaithful:
+        text += ". " + ungated_note(unfaithful)
+    if unfaithful and not any(r.gated(r.selected()) for r in all_runs):
+        return "not judged", text
     verdict = "all survive" if raw_total and kept == raw_total else "some survive" if kept else "none survive"
     return verdict, text
 
