@@ -115,8 +115,8 @@ def test_other_folders_are_refused_naming_what_was_expected(tmp_path, setup, mes
     if setup == "junk-config":
         (folder / "config.json").write_text(json.dumps({"hello": 1}))
     if setup in ("no-weights", "unsupported"):
-        arch = "GPT2LMHeadModel" if setup == "no-weights" else "BertForMaskedLM"
-        (folder / "config.json").write_text(json.dumps({"model_type": "x", "architectures": [arch]}))
+        arch, kind = ("GPT2LMHeadModel", "gpt2") if setup == "no-weights" else ("BertForMaskedLM", "bert")
+        (folder / "config.json").write_text(json.dumps({"model_type": kind, "architectures": [arch]}))
     if setup == "unsupported":
         (folder / "model.safetensors").write_bytes(b"")
     assert message in _analyze(folder, tmp_path)

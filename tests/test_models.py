@@ -84,7 +84,8 @@ def test_corrupt_weights(tiny_model, tmp_path):
     with pytest.raises(IllusionsError, match=f"{WEIGHTS_FILE} does not match the sha256 recorded"):
         load_model(tmp_path / "m")
     (tmp_path / "m" / MANIFEST_FILE).unlink()  # a checkpoint from before manifests: safetensors' own check
-    with pytest.raises(IllusionsError, match=f"{WEIGHTS_FILE} is not a readable safetensors"):
+    with pytest.raises(IllusionsError, match=f"{WEIGHTS_FILE} is truncated or not a safetensors file: its header "
+                                             "claims [0-9,]+ bytes but the file holds 100$"):
         load_model(tmp_path / "m")
 
 
@@ -115,9 +116,16 @@ def test_weights_that_do_not_match_config(tiny_model, tmp_path):
     (tmp_path / "m" / MANIFEST_FILE).unlink()  # else the edit itself is refused first
     path = tmp_path / "m" / CONFIG_FILE
     data = json.loads(path.read_text())
-    data["model"]["d_mlp"] = 128
+    d_mlp = data["model"]["d_mlp"]
+    data["model"]["d_mlp"] = 4 * d_mlp
     path.write_text(json.dumps(data))
-    with pytest.raises(IllusionsError, match="does not match"):
+    with pytest.raises(IllusionsError, match="holds [0-9,]+ values but the model of .* stores at least [0-9,]+; "
+                                             "the config does not describe these weights"):
+        load_model(tmp_path / "m")
+    data["model"]["d_mlp"] = d_mlp // 2  # fewer values than the file holds: the shapes tell
+    path.write_text(json.dumps(data))
+    with pytest.raises(IllusionsError, match=rf"tensor blocks.0.mlp.W_in has shape \[\d+, {d_mlp}\], but the model "
+                                             rf"of .*config.json needs \[\d+, {d_mlp // 2}\]"):
         load_model(tmp_path / "m")
 
 

@@ -113,7 +113,7 @@ class OutputKind:
         name, key, value = self.legacy_marker
         try:
             data = json.loads((directory / name).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError):
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
             return False
         return isinstance(data, dict) and key in data and (value is None or data[key] == value)
 
@@ -167,7 +167,7 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
     """The manifest of ``directory`` as ``{"kind", "files": {path: sha256}}``; None if absent or garbled."""
     try:
         data = json.loads((Path(directory) / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("files"), dict):
         return None
@@ -201,9 +201,20 @@ def record_written(directory: Path, files: list[str]) -> None:
     atomic_write_json(directory / MANIFEST_FILE, manifest)
 
 
+def check_manifest(directory: Path) -> None:
+    """Refuse a directory whose manifest is there but unreadable (garbled, truncated, edited into
+    something else): a damaged manifest must not switch the integrity check off."""
+    path = Path(directory) / MANIFEST_FILE
+    if (path.exists() or path.is_symlink()) and read_manifest(directory) is None:
+        raise IllusionsError(f"{path} is damaged (not an illusions manifest), so the files of {directory} cannot "
+                             "be checked against the sha256 recorded when illusions wrote them; write them again")
+
+
 def changed_files(directory: Path, names: tuple[str, ...] | list[str]) -> list[str]:
     """Those of ``names`` that the manifest of ``directory`` lists with another sha256 than the file
-    has now (a damaged or edited file). Files it does not list, or a missing manifest, pass."""
+    has now (a damaged or edited file). Files it does not list, or a missing manifest, pass; a manifest
+    that is there but unreadable is refused (:func:`check_manifest`)."""
+    check_manifest(directory)
     manifest = read_manifest(directory)
     if manifest is None:
         return []
