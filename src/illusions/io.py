@@ -136,12 +136,22 @@ class Ownership:
         foreign: relative paths (sorted) of files in an ``ours`` directory that illusions did not
             write or that changed since; for ``foreign``, a few of the directory's entries.
         changed: those of ``foreign`` that illusions wrote and that were changed since.
+        link: for ``file``, where the path links to when it is a symbolic link (illusions never writes
+            through one).
     """
 
     state: str
     kind: str | None = None
     foreign: tuple[str, ...] = ()
     changed: tuple[str, ...] = ()
+    link: str | None = None
+
+    def not_a_folder(self, where: str) -> str:
+        """What is wrong with a ``file`` state, for a message about ``where``."""
+        if self.link is not None:
+            return (f"{where} is a symbolic link (to {self.link}); illusions does not write through links, "
+                    "so give the folder itself")
+        return f"{where} exists and is not a directory"
 
 
 def file_sha256(path: Path) -> str:
@@ -230,7 +240,7 @@ def ownership(directory: Path, kind: OutputKind) -> Ownership:
     if not directory.exists() and not directory.is_symlink():
         return Ownership("absent")
     if not directory.is_dir() or directory.is_symlink():
-        return Ownership("file")
+        return Ownership("file", link=os.readlink(directory) if directory.is_symlink() else None)
     files = _files_under(directory)
     manifest = read_manifest(directory)
     if manifest is None and not files and not any(directory.iterdir()):
@@ -289,7 +299,7 @@ def refuse_foreign(own: Ownership, kind: OutputKind, where: str, *, foreign_advi
     """Raise when ``own`` is a plain file, a folder illusions did not write, or an output of another kind
     than ``kind``: the states in which nothing may be written there. ``where`` names the place."""
     if own.state == "file":
-        raise IllusionsError(f"{where} exists and is not a directory")
+        raise IllusionsError(own.not_a_folder(where))
     if own.state == "foreign":
         raise IllusionsError(f"{where} is not empty and was not written by illusions (it holds "
                              f"{', '.join(own.foreign)}); {foreign_advice}")
@@ -321,7 +331,7 @@ def check_creatable(directory: Path, *, target: Path | None = None) -> None:
 
 def _refusal(final: Path, own: Ownership, kind: OutputKind) -> str:
     if own.state == "file":
-        return f"{final} exists and is not a directory"
+        return own.not_a_folder(str(final))
     if own.state == "other":
         return f"{final} holds {kind_noun(own.kind)}, not {kind.noun}; it was left as it is"
     if own.state == "foreign":
