@@ -158,7 +158,7 @@ def run_folder(run_dir: Path) -> Path:
     if not run_dir.is_dir():
         if run_dir.is_symlink():
             raise IllusionsError(f"{run_dir} is a symbolic link to {os.readlink(run_dir)}, which is not a directory")
-        raise IllusionsError(f"{run_dir} {'is not a directory' if run_dir.exists() else 'does not exist'}")
+        raise IllusionsError(f"{run_dir} is not a directory ({'a file' if run_dir.exists() else 'it does not exist'})")
     missing = [f for f in RESULT_FILES if not (run_dir / f).is_file()]
     if missing:
         raise IllusionsError(f"{run_dir} is not an analysis run directory (missing {', '.join(missing)})")
