@@ -157,21 +157,21 @@ def test_save_model_never_replaces_a_hugging_face_folder(tiny_model, tmp_path):
 
 
 def test_size_check_counts_parameters_and_attention_before_allocating(monkeypatch):
-    from illusions import models
+    from illusions import weights
 
-    monkeypatch.setattr(models, "memory_available", lambda: 10**9)
+    monkeypatch.setattr(weights, "memory_available", lambda: 10**9)
     cfg = ModelConfig(n_layers=8, d_model=1024, n_heads=8, d_head=128, d_mlp=4096, n_ctx=128, d_vocab=50)
-    assert 8 * 12 * 1024**2 < models.min_parameters(cfg) < 8 * 13 * 1024**2  # 8 layers of 4d^2 + 8d^2
-    models.check_model_size(cfg)  # ~100M parameters: 0.4 GB for inference
+    assert 8 * 12 * 1024**2 < weights.min_parameters(cfg) < 8 * 13 * 1024**2  # 8 layers of 4d^2 + 8d^2
+    weights.check_model_size(cfg)  # ~100M parameters: 0.4 GB for inference
     with pytest.raises(IllusionsError, match=r"recipe r.toml \(n_layers=8, .*\) needs about 1.5 GiB for its "
                                              r"[0-9,]+\+ parameters and their training state .* 0.9 GiB of memory"):
-        models.check_model_size(cfg, what="recipe r.toml", training=True)
+        weights.check_model_size(cfg, what="recipe r.toml", training=True)
     wide = cfg.replace(n_layers=1, d_model=64, d_head=8, d_mlp=64, n_ctx=20_000)  # attention, not parameters
     with pytest.raises(IllusionsError, match="the attention of one 20,000-token sequence"):
-        models.check_model_size(wide)
+        weights.check_model_size(wide)
     absurd = cfg.replace(n_layers=10**5000)  # no int too long to print, no float overflow
     with pytest.raises(IllusionsError, match=r"n_layers=~10\^5000, .* needs about ~10\^50[0-9]+ bytes"):
-        models.check_model_size(absurd)
+        weights.check_model_size(absurd)
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -303,7 +303,7 @@ def check_run_out(spec: AnalysisSpec, out: Path, *, overwrite: bool = False, opt
 
 def run_config(run: RunResult) -> dict[str, Any]:
     """The ``config.json`` document of a run: resolved spec, version, model, task, sizes."""
-    from illusions.models import weights_sha256
+    from illusions.weights import weights_sha256
 
     # The sha256 of the weight files the model was loaded from, so a later report can refuse another model.
     digests = weights_sha256(run.model) if run.model is not None else None

@@ -176,7 +176,7 @@ def check_model_unchanged(run_dir: Path, config: dict[str, Any], model: Any) -> 
     """Refuse a model whose weight files differ from the ones the run recorded (``model.weights_sha256``
     in its ``config.json``): a report would show another model's attention beside this run's numbers.
     Runs from before the record, and models built in this process, pass."""
-    from illusions.models import weights_sha256
+    from illusions.weights import weights_sha256
 
     entry = config.get("model")
     recorded = entry.get("weights_sha256") if isinstance(entry, dict) else None
