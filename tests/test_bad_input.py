@@ -26,9 +26,11 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import illusions
@@ -117,6 +119,15 @@ def _bad_row(tmp: Path, env: Env) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def _changed_value(tmp: Path, env: Env) -> None:
+    path = tmp / "run" / "metrics.csv"
+    lines = path.read_text().splitlines()
+    cells = lines[3].split(",")
+    cells[8] = "0.999"  # a plausible number: only the manifest's sha256 can tell
+    lines[3] = ",".join(cells)
+    path.write_text("\n".join(lines) + "\n")
+
+
 def _random_csv(tmp: Path, env: Env) -> None:
     path = tmp / "run" / "metrics.csv"
     data = bytearray(path.read_bytes())
@@ -178,6 +189,68 @@ def _bad_wall_keep_recipe(tmp: Path, env: Env) -> None:
     (tmp / "recipe.toml").write_text(text.replace("wall_keep = 0\n", "", 1))
 
 
+def _garbled_manifest(tmp: Path, env: Env) -> None:
+    (tmp / "run" / MANIFEST_FILE).write_text('{"format": "illusions-manifest/1", "files": ')
+
+
+def _garbled_model_manifest(tmp: Path, env: Env) -> None:
+    (tmp / "model" / MANIFEST_FILE).write_bytes(b"\x00garbled")
+
+
+def _no_model_manifest(tmp: Path, env: Env) -> None:
+    (tmp / "model" / MANIFEST_FILE).unlink()  # a checkpoint from before manifests, or made by hand
+
+
+def _edit_model_config(**changes: int) -> Callable[[Path, Env], None]:
+    def edit(tmp: Path, env: Env) -> None:
+        path = tmp / "model" / "config.json"
+        data = json.loads(path.read_text())
+        data["model"].update(changes)
+        path.write_text(json.dumps(data))
+    return edit
+
+
+def _edit_model_weights(name: str, value: Callable[[Any], Any]) -> Callable[[Path, Env], None]:
+    def edit(tmp: Path, env: Env) -> None:
+        from safetensors.torch import load_file, save_file
+
+        path = tmp / "model" / "model.safetensors"
+        state = load_file(str(path))
+        state[name] = value(state[name])
+        save_file(state, str(path), metadata={"format": "illusions-model/1"})
+    return edit
+
+
+def _nan_weight(tensor: Any) -> Any:
+    tensor = tensor.clone()
+    tensor.view(-1)[7] = float("nan")
+    return tensor
+
+
+def _huge_records(tmp: Path, env: Env) -> None:
+    # One member's .npy header claims 2^40 elements over the few bytes it holds.
+    import io
+    import zipfile
+
+    path = tmp / "run" / "records.npz"
+    with zipfile.ZipFile(path) as zf:
+        members = {info.filename: zf.read(info) for info in zf.infolist()}
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<i8", "fortran_order": False, "shape": (2**40,)})
+    members["fit_rows.npy"] = header.getvalue() + bytes(64)
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+
+
+def _deep_config(tmp: Path, env: Env) -> None:
+    (tmp / "run" / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+
+
+def _link_to_run(tmp: Path, env: Env) -> None:
+    (tmp / "link").symlink_to(tmp / "run", target_is_directory=True)
+
+
 SETUPS: dict[str, Callable[[Path, Env], None]] = {
     "user_folder": _user_folder,
     "notes_in_run": _notes_in_run,
@@ -185,6 +258,7 @@ SETUPS: dict[str, Callable[[Path, Env], None]] = {
     "user_results": _user_results,
     "stale_reproduction": _stale_reproduction,
     "bad_row": _bad_row,
+    "changed_value": _changed_value,
     "random_csv": _random_csv,
     "garbage_records": _garbage_records,
     "no_manifest": _no_manifest,
@@ -193,6 +267,17 @@ SETUPS: dict[str, Callable[[Path, Env], None]] = {
     "corrupt_weights": _corrupt_weights,
     "bad_vocab_recipe": _bad_vocab_recipe,
     "bad_wall_keep_recipe": _bad_wall_keep_recipe,
+    "garbled_manifest": _garbled_manifest,
+    "garbled_model_manifest": _garbled_model_manifest,
+    "no_model_manifest": _no_model_manifest,
+    "n_ctx_1e9": _edit_model_config(n_ctx=10**9),
+    "n_layers_100000": _edit_model_config(n_layers=100_000),
+    "nan_weight": _edit_model_weights("blocks.0.attn.W_Q", _nan_weight),
+    "int8_weight": _edit_model_weights("blocks.1.mlp.W_in", lambda t: t.to(torch.int8)),
+    "bool_weight": _edit_model_weights("unembed.b_U", lambda t: t > 0),
+    "huge_records": _huge_records,
+    "deep_config": _deep_config,
+    "link_to_run": _link_to_run,
 }
 
 ANALYZE = ("analyze", "dyck", "--simplify", "svd", "--rank", "2", *FAST)
@@ -307,6 +392,38 @@ CASES = [
     Case("train-wall-keep-out-of-range", ("train", "{tmp}/recipe.toml", "--out", "{tmp}/new"), 2,
          ("wall_keep must lie in (0, 1], got 0",), setup=("bad_wall_keep_recipe",), absent=("new",),
          fresh_cache=True),
+    # issue 24: every parameter from the file, integrity checks that cannot be switched off, one line
+    Case("analyze-garbled-model-manifest", (*ANALYZE, "--out", "{tmp}/new"), 2,
+         ("model/manifest.json is damaged", "cannot be checked"), setup=("corrupt_weights", "garbled_model_manifest"),
+         absent=("new",), fresh_cache=True),
+    Case("report-garbled-run-manifest", ("report", "{run}", "--threads", "1"), 2,
+         ("run/manifest.json is damaged", "cannot be checked"), setup=("changed_value", "garbled_manifest"),
+         absent=("run/report.html",), fresh_cache=True),
+    Case("analyze-nan-weights", (*ANALYZE, "--out", "{tmp}/new"), 2,
+         ("model.safetensors: tensor blocks.0.attn.W_Q holds 1 NaN or infinite value(s)",),
+         setup=("nan_weight", "no_model_manifest"), absent=("new",), fresh_cache=True),
+    Case("analyze-int8-weights", (*ANALYZE, "--out", "{tmp}/new"), 2,
+         ("tensor blocks.1.mlp.W_in is int8, not a floating-point type",),
+         setup=("int8_weight", "no_model_manifest"), absent=("new",), fresh_cache=True),
+    Case("analyze-bool-weights", (*ANALYZE, "--out", "{tmp}/new"), 2, ("tensor unembed.b_U is bool",),
+         setup=("bool_weight", "no_model_manifest"), absent=("new",), fresh_cache=True),
+    Case("analyze-checkpoint-n-ctx-1e9", (*ANALYZE, "--out", "{tmp}/new"), 2,
+         ("n_ctx=1,000,000,000", "more than this machine's"), setup=("n_ctx_1e9", "no_model_manifest"),
+         absent=("new",), fresh_cache=True, subprocess=True),
+    Case("analyze-checkpoint-n-layers-100000", (*ANALYZE, "--out", "{tmp}/new"), 2,
+         ("the config does not describe these weights",), setup=("n_layers_100000", "no_model_manifest"),
+         absent=("new",), fresh_cache=True),
+    Case("report-records-header-claims-2-40-elements", ("report", "{run}", "--threads", "1"), 2,
+         ("records.npz is not an intact records file", "fit_rows.npy claims shape (1,099,511,627,776) of int64"),
+         setup=("huge_records", "no_manifest"), absent=("run/report.html",), fresh_cache=True, subprocess=True),
+    Case("report-config-nested-100k-deep", ("report", "{run}", "--threads", "1"), 2,
+         ("config.json is not JSON illusions reads (nested too deeply)",), setup=("deep_config", "no_manifest"),
+         absent=("run/report.html",), fresh_cache=True, subprocess=True),
+    Case("report-through-a-symlink-to-the-run", ("report", "{tmp}/link", "--threads", "1"), 0,
+         stdout_words=("report.html",), setup=("link_to_run",)),
+    Case("analyze-out-a-symlink-to-a-run", (*ANALYZE, "--out", "{tmp}/link", "--overwrite"), 2,
+         ("is a symbolic link (to", "does not write through links"), ("run/metrics.csv",), ("link_to_run",),
+         fresh_cache=True),
     Case("reproduce-unknown-family", ("reproduce", *RECIPES, "--family", "dyck-paperlik", "--out", "{tmp}/rep",
                                       "--results", "{tmp}/docs/R.md"), 2,
          ("no bundled model family 'dyck-paperlik'", "dyck-paperlike"), absent=("rep", "docs"), fresh_cache=True),
@@ -418,6 +535,27 @@ def test_overwritten_run_lists_only_its_own_files(env, tmp_path):
     run_case(CASES[[c.id for c in CASES].index("analyze-overwrite-keeps-user-files")], env, tmp_path)
     manifest = json.loads((tmp_path / "run" / MANIFEST_FILE).read_text())
     assert "notes.txt" not in manifest["files"] and "metrics.csv" in manifest["files"]
+
+
+def test_report_refuses_a_model_whose_weights_changed_since_the_run(env, tmp_path):
+    """The run records the sha256 of the weights it used; `report` then refuses other bytes there."""
+    from illusions.io import file_sha256
+    from illusions.models import load_model, model_config_of
+
+    shutil.copytree(env.root / "model", tmp_path / "model")
+    cache = {"ILLUSIONS_CACHE": str(env.root / "cache")}
+    argv = _fill((*ANALYZE, "--out", "{tmp}/run"), tmp_path, env.root)
+    assert CliRunner().invoke(app, argv, env=cache).exit_code == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    weights = tmp_path / "model" / "model.safetensors"
+    assert config["model"]["weights_sha256"] == {"model.safetensors": file_sha256(weights)}
+    model, meta = load_model(tmp_path / "model")
+    save_model(build_model(model_config_of(model), seed=1), tmp_path / "model", meta=meta)  # same shape, new weights
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "run"), "--threads", "1"], env=cache)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "(model.safetensors) are not those run" in lines[0] and "sha256 differs" in lines[0], lines[0]
+    assert not (tmp_path / "run" / "report.html").exists()
 
 
 def test_results_table_fits_80_columns_without_cutting_split_names(env, tmp_path):

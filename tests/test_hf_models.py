@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,8 +116,8 @@ def test_other_folders_are_refused_naming_what_was_expected(tmp_path, setup, mes
     if setup == "junk-config":
         (folder / "config.json").write_text(json.dumps({"hello": 1}))
     if setup in ("no-weights", "unsupported"):
-        arch = "GPT2LMHeadModel" if setup == "no-weights" else "BertForMaskedLM"
-        (folder / "config.json").write_text(json.dumps({"model_type": "x", "architectures": [arch]}))
+        arch, kind = ("GPT2LMHeadModel", "gpt2") if setup == "no-weights" else ("BertForMaskedLM", "bert")
+        (folder / "config.json").write_text(json.dumps({"model_type": kind, "architectures": [arch]}))
     if setup == "unsupported":
         (folder / "model.safetensors").write_bytes(b"")
     assert message in _analyze(folder, tmp_path)
@@ -138,3 +139,218 @@ def test_hugging_face_model_for_a_bundled_task_is_refused(folders, tmp_path):
     assert result.exit_code == 2 and "Hugging Face model config, not an illusions checkpoint" in result.stderr
     assert not (tmp_path / "r").exists()
 
+
+
+# ------------------------------------------------------------------ no code from a model folder ever runs
+
+EVIL = """
+import pathlib
+pathlib.Path({marker!r}).write_text("the folder's code ran")
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+
+class EvilConfig(GPT2Config):
+    model_type = "evil"
+
+
+class EvilModel(GPT2LMHeadModel):
+    config_class = EvilConfig
+
+
+class EvilTokenizer(PreTrainedTokenizerFast):
+    pass
+"""
+
+
+def _code_folder(root, where):
+    """A GPT-2 folder with Python of its own that writes a marker file when imported, named by an
+    ``auto_map`` in config.json (with an unknown model_type) or in tokenizer_config.json."""
+    folder = save_hf("gpt2", root / "model", tokenizer=True)
+    marker = root / "marker"
+    (folder / "evil.py").write_text(EVIL.format(marker=str(marker)))
+    name = "config.json" if where == "config" else "tokenizer_config.json"
+    data = json.loads((folder / name).read_text())
+    if where == "config":
+        data.update(model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig",
+                                                 "AutoModelForCausalLM": "evil.EvilModel"})
+    else:
+        data.update(tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]})
+    (folder / name).write_text(json.dumps(data))
+    return folder, marker
+
+
+def _run_with_a_terminal(argv, cwd, answer=b"y\n" * 8, timeout=240):
+    """``python -m illusions ARGV`` with a pseudo-terminal as stdin and stdout (echo off), answering
+    every question with ``answer``; stderr apart. Returns ``(exit code, terminal text, stderr)``."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+    import termios
+    import time
+
+    import illusions
+
+    master, slave = pty.openpty()
+    attrs = termios.tcgetattr(slave)
+    attrs[3] &= ~termios.ECHO
+    termios.tcsetattr(slave, termios.TCSANOW, attrs)
+    src = str(Path(illusions.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("TRUST_REMOTE_CODE", None)
+    proc = subprocess.Popen([sys.executable, "-m", "illusions", *argv], stdin=slave, stdout=slave,
+                            stderr=subprocess.PIPE, cwd=cwd, env=env, start_new_session=True)
+    os.close(slave)
+    os.write(master, answer)
+    seen, deadline = b"", time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.2)[0]:
+                try:
+                    seen += os.read(master, 65536)
+                except OSError:
+                    break
+        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        stderr = proc.stderr.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    return proc.returncode, seen.decode(errors="replace"), stderr
+
+
+@pytest.mark.parametrize("where", ["config", "tokenizer"])
+def test_no_code_in_a_model_folder_ever_runs_with_a_terminal_attached(tmp_path, where):
+    folder, marker = _code_folder(tmp_path, where)
+    data = write_splits(tmp_path / "data")
+    code, terminal, stderr = _run_with_a_terminal(
+        ["analyze", "custom", "--data", str(data), "--model", str(folder), "--rank", "2", "--threads", "1",
+         "--no-report", "--out", str(tmp_path / "run")], cwd=tmp_path)
+    assert not marker.exists(), f"the model folder's code ran\n{terminal}\n{stderr}"
+    assert "custom code" not in terminal, terminal  # transformers never asked
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2, (code, terminal, stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "auto_map" in lines[0], stderr
+    assert "never runs code from a model folder" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------- every parameter from the file, or one line (exit 2)
+
+
+def _edit_weights(folder, change):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    change(state)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _edit_config(folder, **changes):
+    data = json.loads((folder / "config.json").read_text())
+    data.update(changes)
+    (folder / "config.json").write_text(json.dumps(data))
+
+
+def _nan(state):
+    state["transformer.h.1.attn.c_proj.weight"][3, 5] = float("nan")
+
+
+def _inf(state):
+    state["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"][0, 0] = float("-inf")
+
+
+def _header(size):
+    def write(folder):
+        (folder / "model.safetensors").write_bytes(size.to_bytes(8, "little") + b'{"a": 1}')
+    return write
+
+
+BROKEN = {
+    # item 3: every parameter must come from the file
+    "missing-tensor": ("gpt2", lambda f: _edit_weights(f, lambda s: s.pop("transformer.h.1.mlp.c_fc.bias")),
+                       "lacks tensor transformer.h.1.mlp.c_fc.bias that the GPT2LMHeadModel of"),
+    "unexpected-tensor": ("gpt2", lambda f: _edit_weights(f, lambda s: s.update(extra=torch.zeros(3))),
+                          "holds tensor extra, which the GPT2LMHeadModel of"),
+    "wrong-shape": ("gpt2", lambda f: _edit_weights(f, lambda s: s.update(
+        {"transformer.wpe.weight": torch.zeros(16, 32)})), "tensor transformer.wpe.weight has shape [16, 32], but"),
+    "int8-tensor": ("gpt2", lambda f: _edit_weights(f, lambda s: s.update(
+        {"transformer.h.0.attn.c_attn.weight": torch.ones(32, 96, dtype=torch.int8)})),
+        "tensor transformer.h.0.attn.c_attn.weight is int8, not a floating-point type"),
+    "bool-tensor": ("llama-gqa", lambda f: _edit_weights(f, lambda s: s.update(
+        {"model.norm.weight": torch.ones(32, dtype=torch.bool)})), "tensor model.norm.weight is bool"),
+    "nan-weight": ("gpt2", lambda f: _edit_weights(f, _nan),
+                   "tensor transformer.h.1.attn.c_proj.weight holds 1 NaN or infinite value(s)"),
+    "inf-weight": ("neox", lambda f: _edit_weights(f, _inf),
+                   "tensor gpt_neox.layers.0.mlp.dense_h_to_4h.weight holds 1 NaN or infinite value(s)"),
+    "llama-config-over-gpt2-weights": ("gpt2", lambda f: (f / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": VOCAB, "max_position_embeddings": 32})),
+        "lacks tensor model.embed_tokens.weight (and 20 more) that the LlamaForCausalLM of"),
+    # item 5: damaged weight files and configs
+    "truncated-weights": ("gpt2", lambda f: (f / "model.safetensors").write_bytes(
+        (f / "model.safetensors").read_bytes()[:-1000]), "is not a readable safetensors file: tensor"),
+    "empty-weights": ("gpt2", lambda f: (f / "model.safetensors").write_bytes(b""), "is empty (0 bytes)"),
+    "huge-header": ("gpt2", _header(2**62), "its header claims ~10^18 bytes but the file holds 16"),
+    "header-over-safetensors-limit": ("gpt2", _header(200 * 2**20),
+                                      "its header claims 209,715,200 bytes but the file holds 16"),
+    "n-positions-float": ("gpt2", lambda f: _edit_config(f, n_positions=32.0),
+                          "n_positions must be a whole number of at least 1, got 32.0"),
+    "gpt2-model-type-neox-architecture": ("gpt2", lambda f: _edit_config(f, architectures=["GPTNeoXForCausalLM"]),
+                                          "gives model_type 'gpt2' for architecture GPTNeoXForCausalLM, whose "
+                                          "model_type is 'gpt_neox'"),
+    "n-positions-1e9": ("gpt2", lambda f: _edit_config(f, n_positions=10**9), "more than this machine's"),
+    "n-layer-100000": ("llama-gqa", lambda f: _edit_config(f, num_hidden_layers=100_000),
+                       "stores at least 921,601,280; the config does not describe these weights"),
+    "heads-do-not-divide": ("gpt2", lambda f: _edit_config(f, n_head=5), "width of 32 that its 5 heads do not divide"),
+    "unknown-model-type-with-auto-map": ("gpt2", lambda f: _edit_config(f, model_type="evil", auto_map={
+        "AutoConfig": "evil.EvilConfig"}), "config.json names code of the folder's own to run (auto_map)"),
+    "config-nested-deeply": ("gpt2", lambda f: (f / "config.json").write_text("[" * 100_000 + "]" * 100_000),
+                             "config.json is not JSON illusions reads (nested too deeply)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_broken_hugging_face_folder_is_one_line(tmp_path, case):
+    kind, breaks, message = BROKEN[case]
+    folder = save_hf(kind, tmp_path / "model")
+    breaks(folder)
+    assert message in _analyze(folder, tmp_path)
+
+
+def test_weights_named_model_bin_are_named_as_they_are(tmp_path):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    (folder / "model.bin").write_bytes(b"not loaded")
+    line = _analyze(folder, tmp_path)
+    assert "only as model.bin, not safetensors" in line and "pytorch_model.bin" not in line
+
+
+def test_sharded_folder_loads_every_shard_and_records_their_sha256(folders, tmp_path):
+    from illusions.io import file_sha256
+    from illusions.models import weights_sha256
+
+    hf_model("gpt2").save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    shards = sorted(p.name for p in (tmp_path / "sharded").glob("*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    model = load_model_folder(inspect_model_folder(tmp_path / "sharded"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), load_model_folder(inspect_model_folder(folders["gpt2"]))(tokens))
+    assert weights_sha256(model) == {name: file_sha256(tmp_path / "sharded" / name)
+                                     for name in (*shards, "model.safetensors.index.json")}
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    index["weight_map"]["transformer.wte.weight"] = "../outside.safetensors"
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(IllusionsError, match="names '../outside.safetensors', which is not a .safetensors file in"):
+        inspect_model_folder(tmp_path / "sharded")
+
+
+def test_a_tied_unembedding_stored_with_other_values_is_refused(tmp_path):
+    folder = save_hf("gpt2", tmp_path / "model")
+    _edit_weights(folder, lambda s: s.update({"lm_head.weight": s["transformer.wte.weight"] + 1}))
+    with pytest.raises(IllusionsError, match="holds lm_head.weight and transformer.wte.weight, which its config ties"):
+        load_model_folder(inspect_model_folder(folder))

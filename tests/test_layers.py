@@ -16,7 +16,7 @@ PACKAGE = Path(illusions.__file__).parent
 
 # Rank of each top-level module or package of illusions; an import may only go to an equal or lower rank.
 RANK = {
-    "errors": 0, "config": 0, "io": 0, "devices": 0,
+    "errors": 0, "config": 0, "io": 0, "devices": 0, "weights": 0,
     "tasks": 1, "metrics": 1, "metric_table": 1,
     "scoring": 2,
     "models": 3, "activations": 3,

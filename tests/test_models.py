@@ -84,7 +84,8 @@ def test_corrupt_weights(tiny_model, tmp_path):
     with pytest.raises(IllusionsError, match=f"{WEIGHTS_FILE} does not match the sha256 recorded"):
         load_model(tmp_path / "m")
     (tmp_path / "m" / MANIFEST_FILE).unlink()  # a checkpoint from before manifests: safetensors' own check
-    with pytest.raises(IllusionsError, match=f"{WEIGHTS_FILE} is not a readable safetensors"):
+    with pytest.raises(IllusionsError, match=f"{WEIGHTS_FILE} is truncated or not a safetensors file: its header "
+                                             "claims [0-9,]+ bytes but the file holds 100$"):
         load_model(tmp_path / "m")
 
 
@@ -115,9 +116,16 @@ def test_weights_that_do_not_match_config(tiny_model, tmp_path):
     (tmp_path / "m" / MANIFEST_FILE).unlink()  # else the edit itself is refused first
     path = tmp_path / "m" / CONFIG_FILE
     data = json.loads(path.read_text())
-    data["model"]["d_mlp"] = 128
+    d_mlp = data["model"]["d_mlp"]
+    data["model"]["d_mlp"] = 4 * d_mlp
     path.write_text(json.dumps(data))
-    with pytest.raises(IllusionsError, match="does not match"):
+    with pytest.raises(IllusionsError, match="holds [0-9,]+ values but the model of .* stores at least [0-9,]+; "
+                                             "the config does not describe these weights"):
+        load_model(tmp_path / "m")
+    data["model"]["d_mlp"] = d_mlp // 2  # fewer values than the file holds: the shapes tell
+    path.write_text(json.dumps(data))
+    with pytest.raises(IllusionsError, match=rf"tensor blocks.0.mlp.W_in has shape \[\d+, {d_mlp}\], but the model "
+                                             rf"of .*config.json needs \[\d+, {d_mlp // 2}\]"):
         load_model(tmp_path / "m")
 
 
@@ -146,3 +154,57 @@ def test_save_model_never_replaces_a_hugging_face_folder(tiny_model, tmp_path):
     (tmp_path / "old" / MANIFEST_FILE).unlink()
     assert ownership(tmp_path / "old", CHECKPOINT).state == "ours"
     save_model(tiny_model, tmp_path / "old")
+
+
+def test_size_check_counts_parameters_and_attention_before_allocating(monkeypatch):
+    from illusions import weights
+
+    monkeypatch.setattr(weights, "memory_available", lambda: 10**9)
+    cfg = ModelConfig(n_layers=8, d_model=1024, n_heads=8, d_head=128, d_mlp=4096, n_ctx=128, d_vocab=50)
+    assert 8 * 12 * 1024**2 < weights.min_parameters(cfg) < 8 * 13 * 1024**2  # 8 layers of 4d^2 + 8d^2
+    weights.check_model_size(cfg)  # ~100M parameters: 0.4 GB for inference
+    with pytest.raises(IllusionsError, match=r"recipe r.toml \(n_layers=8, .*\) needs about 1.5 GiB for its "
+                                             r"[0-9,]+\+ parameters and their training state .* 0.9 GiB of memory"):
+        weights.check_model_size(cfg, what="recipe r.toml", training=True)
+    wide = cfg.replace(n_layers=1, d_model=64, d_head=8, d_mlp=64, n_ctx=20_000)  # attention, not parameters
+    with pytest.raises(IllusionsError, match="the attention of one 20,000-token sequence"):
+        weights.check_model_size(wide)
+    absurd = cfg.replace(n_layers=10**5000)  # no int too long to print, no float overflow
+    with pytest.raises(IllusionsError, match=r"n_layers=~10\^5000, .* needs about ~10\^50[0-9]+ bytes"):
+        weights.check_model_size(absurd)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda s: s.pop("blocks.1.attn.W_K"), "lacks tensor blocks.1.attn.W_K that the model of"),
+    (lambda s: s.update(extra=torch.zeros(2)), "holds tensor extra, which the model of"),
+    (lambda s: s.update({"blocks.0.ln1.w": s["blocks.0.ln1.w"].to(torch.int8)}), "blocks.0.ln1.w is int8"),
+    (lambda s: s["unembed.W_U"].view(-1).__setitem__(3, float("inf")), "tensor unembed.W_U holds 1 NaN or infinite"),
+    (lambda s: s.update({"blocks.0.attn.IGNORE": torch.tensor(0.0)}), "the fixed buffer blocks.0.attn.IGNORE differs"),
+])
+def test_every_parameter_of_a_checkpoint_comes_from_its_file(tiny_model, tmp_path, change, message):
+    from safetensors.torch import load_file, save_file
+
+    save_model(tiny_model, tmp_path / "m")
+    (tmp_path / "m" / MANIFEST_FILE).unlink()  # a checkpoint made by hand: only the contents can tell
+    state = load_file(str(tmp_path / "m" / WEIGHTS_FILE))
+    change(state)
+    save_file(state, str(tmp_path / "m" / WEIGHTS_FILE))
+    with pytest.raises(IllusionsError, match=message.replace("(", r"\(")):
+        load_model(tmp_path / "m")
+
+
+def test_loaded_checkpoint_keeps_the_sha256_of_its_weights(tiny_model, tmp_path):
+    from illusions.io import file_sha256
+    from illusions.models import weights_sha256
+
+    save_model(tiny_model, tmp_path / "m")
+    loaded, _ = load_model(tmp_path / "m")
+    assert weights_sha256(loaded) == {WEIGHTS_FILE: file_sha256(tmp_path / "m" / WEIGHTS_FILE)}
+    assert weights_sha256(tiny_model) is None  # built here, not loaded
+
+
+def test_a_garbled_manifest_does_not_switch_the_check_off(tiny_model, tmp_path):
+    save_model(tiny_model, tmp_path / "m")
+    (tmp_path / "m" / MANIFEST_FILE).write_text("{")
+    with pytest.raises(IllusionsError, match=f"{MANIFEST_FILE} is damaged"):
+        load_model(tmp_path / "m")

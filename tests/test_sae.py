@@ -395,3 +395,13 @@ def test_other_proxies_rows_do_not_change_beside_a_dictionary(dyck_env):
     assert rows_to_csv([r for r in mixed if r["simplifier"] == "svd"]) == rows_to_csv(alone)  # NaN-safe
     sparse = {(r["split"], r["metric"]) for r in mixed if r["simplifier"] == "sae" and r["metric"] in SPARSE_METRICS}
     assert sparse == {(s, m) for s in ("iid", "unseen_depth") for m in SPARSE_METRICS}
+
+
+def test_a_dictionary_whose_weights_do_not_fit_its_cfg_is_one_line(model, tokens, tmp_path):
+    _lens_sae("standard", 32, 8, "blocks.1.hook_resid_pre").save_model(tmp_path / "saved")
+    cfg = json.loads((tmp_path / "saved" / "cfg.json").read_text())
+    cfg["d_sae"] = 12  # the weights hold 8 latents
+    (tmp_path / "saved" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(IllusionsError, match="SAELens could not load it") as caught:
+        fit_proxy(model, SAE(sae_from=str(tmp_path / "saved")), tokens, LENGTHS)
+    assert "\n" not in str(caught.value) and "size mismatch" in str(caught.value)

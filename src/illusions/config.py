@@ -80,6 +80,12 @@ def read_json(path: Path) -> Any:
         raise IllusionsError(f"{path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise IllusionsError(f"{path} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise IllusionsError(f"{path} is not JSON illusions reads (nested too deeply)") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise IllusionsError(f"{path} is not JSON illusions reads ({str(exc)[:120]})") from None
+    except IsADirectoryError:
+        raise IllusionsError(f"{path} is a directory, not a JSON file") from None
 
 
 def read_toml(path: Path) -> dict[str, Any]:

@@ -113,7 +113,7 @@ class OutputKind:
         name, key, value = self.legacy_marker
         try:
             data = json.loads((directory / name).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError):
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
             return False
         return isinstance(data, dict) and key in data and (value is None or data[key] == value)
 
@@ -136,12 +136,22 @@ class Ownership:
         foreign: relative paths (sorted) of files in an ``ours`` directory that illusions did not
             write or that changed since; for ``foreign``, a few of the directory's entries.
         changed: those of ``foreign`` that illusions wrote and that were changed since.
+        link: for ``file``, where the path links to when it is a symbolic link (illusions never writes
+            through one).
     """
 
     state: str
     kind: str | None = None
     foreign: tuple[str, ...] = ()
     changed: tuple[str, ...] = ()
+    link: str | None = None
+
+    def not_a_folder(self, where: str) -> str:
+        """What is wrong with a ``file`` state, for a message about ``where``."""
+        if self.link is not None:
+            return (f"{where} is a symbolic link (to {self.link}); illusions does not write through links, "
+                    "so give the folder itself")
+        return f"{where} exists and is not a directory"
 
 
 def file_sha256(path: Path) -> str:
@@ -167,7 +177,7 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
     """The manifest of ``directory`` as ``{"kind", "files": {path: sha256}}``; None if absent or garbled."""
     try:
         data = json.loads((Path(directory) / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("files"), dict):
         return None
@@ -201,9 +211,20 @@ def record_written(directory: Path, files: list[str]) -> None:
     atomic_write_json(directory / MANIFEST_FILE, manifest)
 
 
+def check_manifest(directory: Path) -> None:
+    """Refuse a directory whose manifest is there but unreadable (garbled, truncated, edited into
+    something else): a damaged manifest must not switch the integrity check off."""
+    path = Path(directory) / MANIFEST_FILE
+    if (path.exists() or path.is_symlink()) and read_manifest(directory) is None:
+        raise IllusionsError(f"{path} is damaged (not an illusions manifest), so the files of {directory} cannot "
+                             "be checked against the sha256 recorded when illusions wrote them; write them again")
+
+
 def changed_files(directory: Path, names: tuple[str, ...] | list[str]) -> list[str]:
     """Those of ``names`` that the manifest of ``directory`` lists with another sha256 than the file
-    has now (a damaged or edited file). Files it does not list, or a missing manifest, pass."""
+    has now (a damaged or edited file). Files it does not list, or a missing manifest, pass; a manifest
+    that is there but unreadable is refused (:func:`check_manifest`)."""
+    check_manifest(directory)
     manifest = read_manifest(directory)
     if manifest is None:
         return []
@@ -219,7 +240,7 @@ def ownership(directory: Path, kind: OutputKind) -> Ownership:
     if not directory.exists() and not directory.is_symlink():
         return Ownership("absent")
     if not directory.is_dir() or directory.is_symlink():
-        return Ownership("file")
+        return Ownership("file", link=os.readlink(directory) if directory.is_symlink() else None)
     files = _files_under(directory)
     manifest = read_manifest(directory)
     if manifest is None and not files and not any(directory.iterdir()):
@@ -278,7 +299,7 @@ def refuse_foreign(own: Ownership, kind: OutputKind, where: str, *, foreign_advi
     """Raise when ``own`` is a plain file, a folder illusions did not write, or an output of another kind
     than ``kind``: the states in which nothing may be written there. ``where`` names the place."""
     if own.state == "file":
-        raise IllusionsError(f"{where} exists and is not a directory")
+        raise IllusionsError(own.not_a_folder(where))
     if own.state == "foreign":
         raise IllusionsError(f"{where} is not empty and was not written by illusions (it holds "
                              f"{', '.join(own.foreign)}); {foreign_advice}")
@@ -310,7 +331,7 @@ def check_creatable(directory: Path, *, target: Path | None = None) -> None:
 
 def _refusal(final: Path, own: Ownership, kind: OutputKind) -> str:
     if own.state == "file":
-        return f"{final} exists and is not a directory"
+        return own.not_a_folder(str(final))
     if own.state == "other":
         return f"{final} holds {kind_noun(own.kind)}, not {kind.noun}; it was left as it is"
     if own.state == "foreign":

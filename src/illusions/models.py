@@ -13,8 +13,17 @@ which :func:`load_model` checks, so a damaged or altered checkpoint is refused r
 + ``model.safetensors``, a tokenizer optionally) of an architecture in :data:`HF_CONVERSIONS`:
 :func:`inspect_model_folder` reads either kind of folder from its config alone, and
 :func:`load_model_folder` loads the weights, converting a Hugging Face model with TransformerLens'
-own per-architecture weight conversion. Nothing here touches the network: every ``transformers``
-call is ``local_files_only``, and weights load from safetensors only.
+own per-architecture weight conversion. Nothing here touches the network or runs code from a model
+folder: a folder is read only as JSON (its configs; one with an ``auto_map`` is refused) and
+safetensors (its weights), ``transformers`` builds its configs and models from its own classes, and
+its one file-reading call (the tokenizer) passes ``trust_remote_code=False`` and ``local_files_only``.
+
+Every parameter of a loaded model comes from its file: before any weight is read, the tensors a
+safetensors header declares are compared with those the config's architecture has (names, shapes,
+floating-point dtypes) and the model's size with the machine's memory; after reading, non-finite
+weights are refused, each naming the tensor. The sha256 of the weight files a model was loaded from
+is kept so a run can record it and a report refuse a model whose bytes changed since. The checks
+themselves live in :mod:`illusions.weights`.
 """
 
 from __future__ import annotations
@@ -30,6 +39,18 @@ from typing import TYPE_CHECKING, Any
 from illusions.config import Config, read_json
 from illusions.errors import IllusionsError
 from illusions.io import MANIFEST_FILE, OutputKind, atomic_write_json, changed_files, staged_dir
+from illusions.weights import (  # noqa: F401  (check_model_size, weights_sha256: part of this module's API)
+    TensorEntry,
+    check_finite,
+    check_model_size,
+    check_tensors,
+    check_values_fit,
+    read_safetensors_header,
+    read_weights,
+    remember_sha256,
+    tensors_of,
+    weights_sha256,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -164,7 +185,11 @@ def save_model(model: HookedTransformer, directory: Path, *, meta: dict[str, Any
 
 
 def read_checkpoint_config(directory: Path) -> tuple[ModelConfig, dict[str, Any]]:
-    """Read and validate a checkpoint's ``config.json``: its :class:`ModelConfig` and ``meta``."""
+    """Read and validate a checkpoint's ``config.json``: its :class:`ModelConfig` and ``meta``.
+
+    A model too large for this machine's memory is refused here (:func:`check_model_size`), before
+    anything is allocated.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise IllusionsError(f"model directory {directory} does not exist or is not a directory")
@@ -179,32 +204,47 @@ def read_checkpoint_config(directory: Path) -> tuple[ModelConfig, dict[str, Any]
     if unknown:
         raise IllusionsError(f"unknown key(s) {', '.join(unknown)} in {path}")
     cfg = ModelConfig.from_dict(data["model"], source=str(path))
+    check_model_size(cfg, what=f"the model of {path}")
     return cfg, dict(data.get("meta") or {})
 
 
 def load_model(directory: Path, *, device: str | torch.device = "cpu") -> tuple[HookedTransformer, dict[str, Any]]:
-    """Load a checkpoint written by :func:`save_model`: ``(model, meta)``. No pickle is involved."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """Load a checkpoint written by :func:`save_model`: ``(model, meta)``. No pickle is involved.
 
+    Every tensor of the model must be in the file with its shape, as a float where the model has a
+    float, and finite; the sha256 of the bytes loaded is kept (:func:`weights_sha256`).
+    """
     directory = Path(directory)
     cfg, meta = read_checkpoint_config(directory)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise IllusionsError(f"{weights} does not exist")
     check_checkpoint_files(directory, (CONFIG_FILE, WEIGHTS_FILE))
-    try:
-        state = load_file(str(weights), device=str(device))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise IllusionsError(f"{weights} is not a readable safetensors file ({exc})") from None
+    data, digest = read_weights(weights)
+    found = read_safetensors_header(weights, data)
+    what = f"the model of {directory / CONFIG_FILE}"
+    check_values_fit(weights, found, cfg, what)
     model = build_model(cfg, device=device)
+    expected = {k: (tuple(v.shape), v.is_floating_point()) for k, v in model.state_dict().items()}
+    check_tensors(weights, found, expected, model=what)
+    import torch
+
+    state = tensors_of(weights, data)
+    parameters = dict(model.named_parameters())
+    check_finite(weights, state, parameters)
+    # Fixed buffers (the attention's IGNORE value, rotary tables) are not learned: they must be the
+    # values the config gives, or the model would compute something else than the one trained.
+    for name, buffer in model.state_dict().items():
+        if name not in parameters and not torch.equal(state[name].to(buffer.device), buffer):
+            raise IllusionsError(f"{weights}: the fixed buffer {name} differs from the value its config gives; "
+                                 "the file was changed")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = " ".join(line.strip() for line in first[:3])
-        raise IllusionsError(f"{weights} does not match {directory / CONFIG_FILE}: {detail}") from None
+        raise IllusionsError(f"{weights} does not match {directory / CONFIG_FILE}: "
+                             f"{' '.join(str(exc).split())[:300]}") from None
     model.eval()
+    remember_sha256(model, {WEIGHTS_FILE: digest})
     return model, meta
 
 
@@ -267,11 +307,27 @@ HF_CONVERSIONS = {
     "GPTNeoXForCausalLM": "convert_neox_weights",
     "LlamaForCausalLM": "convert_llama_weights",
 }
+# The model_type config.json must state for each architecture, and the transformers config class that
+# is built from it (from the JSON alone: transformers never opens the folder).
+HF_MODEL_TYPES = {"GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox", "LlamaForCausalLM": "llama"}
+_HF_CONFIG_CLASSES = {"GPT2LMHeadModel": "GPT2Config", "GPTNeoXForCausalLM": "GPTNeoXConfig",
+                      "LlamaForCausalLM": "LlamaConfig"}
+# The sizes each architecture's config gives, which must be whole numbers >= 1 (the second tuple: or null).
+_HF_SIZES = {
+    "GPT2LMHeadModel": (("n_embd", "n_head", "n_layer", "n_positions", "vocab_size"), ("n_inner",)),
+    "GPTNeoXForCausalLM": (("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers",
+                            "max_position_embeddings", "vocab_size"), ()),
+    "LlamaForCausalLM": (("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers",
+                          "max_position_embeddings", "vocab_size"), ("num_key_value_heads", "head_dim")),
+}
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
-_PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-# TransformerLens keeps an n_ctx x n_ctx causal mask per layer, so rotary models (whose context is
-# only a limit, not a table of weights) are loaded with at most this context.
+HF_INDEX = "model.safetensors.index.json"
+# The one tokenizer file read (JSON, by the tokenizers library); other tokenizer formats are not read.
+TOKENIZER_FILE = "tokenizer.json"
+_TOKENIZER_CONFIG = "tokenizer_config.json"
+_SHARD = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.safetensors$")
+# TransformerLens keeps rotary sine/cosine tables of n_ctx rows per layer, so rotary models (whose
+# context is only a limit, not a table of weights) are loaded with at most this context.
 ROTARY_MAX_CTX = 4096
 EXPECTED_MODEL = ("an illusions checkpoint (config.json + model.safetensors written by illusions) or a "
                   "Hugging Face model folder (config.json + model.safetensors, as save_pretrained writes)")
@@ -289,8 +345,9 @@ class ModelFolder:
         architecture: the Hugging Face architecture, or ``illusions``.
         meta: an illusions checkpoint's meta; for a Hugging Face folder its model type and
             architecture.
-        has_tokenizer: the folder holds tokenizer files (Hugging Face folders only).
+        has_tokenizer: the folder holds a ``tokenizer.json`` (Hugging Face folders only).
         hooked: the ``HookedTransformerConfig`` of a Hugging Face folder (None for a checkpoint).
+        hf_config: the ``transformers`` config of a Hugging Face folder, built from its JSON.
     """
 
     path: Path
@@ -301,10 +358,17 @@ class ModelFolder:
     meta: dict[str, Any]
     has_tokenizer: bool = False
     hooked: Any = dataclasses.field(default=None, repr=False, compare=False)
+    hf_config: Any = dataclasses.field(default=None, repr=False, compare=False)
 
 
 def inspect_model_folder(path: Path | str, *, device: str | torch.device = "cpu") -> ModelFolder:
-    """What a ``--model`` folder is, read from its ``config.json`` without loading weights.
+    """What a ``--model`` folder is, read from its ``config.json`` and its weights' safetensors
+    header, without loading weights.
+
+    A Hugging Face folder is refused when its config names code to run (``auto_map``), its
+    ``model_type`` is not its architecture's, a size is not a whole number, the model cannot fit in
+    memory, or its weight file's tensors are not exactly those of the architecture (names, shapes,
+    floating-point dtypes).
 
     Raises:
         IllusionsError: one line naming what was expected, for a folder that is neither an illusions
@@ -312,7 +376,9 @@ def inspect_model_folder(path: Path | str, *, device: str | torch.device = "cpu"
     """
     path = Path(path)
     if not path.is_dir():
-        raise IllusionsError(f"model {path} does not exist or is not a directory; expected {EXPECTED_MODEL}")
+        what = ("is a symbolic link to nothing" if path.is_symlink() and not path.exists() else
+                "is a file, not a directory" if path.exists() else "does not exist or is not a directory")
+        raise IllusionsError(f"model {path} {what}; expected {EXPECTED_MODEL}")
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise IllusionsError(f"model {path} has no {CONFIG_FILE}; expected {EXPECTED_MODEL}")
@@ -321,6 +387,8 @@ def inspect_model_folder(path: Path | str, *, device: str | torch.device = "cpu"
         cfg, meta = read_checkpoint_config(path)
         if not (path / WEIGHTS_FILE).is_file():
             raise IllusionsError(f"model {path} has no {WEIGHTS_FILE}; expected {EXPECTED_MODEL}")
+        found = read_safetensors_header(path / WEIGHTS_FILE)
+        check_values_fit(path / WEIGHTS_FILE, found, cfg, f"the model of {config_path}")
         return ModelFolder(path, ILLUSIONS, cfg.d_vocab, cfg.n_ctx, ILLUSIONS, meta)
     if isinstance(data, dict) and ("model_type" in data or "architectures" in data):
         return _inspect_hf(path, data, device)
@@ -330,41 +398,159 @@ def inspect_model_folder(path: Path | str, *, device: str | torch.device = "cpu"
 
 def _inspect_hf(path: Path, data: dict[str, Any], device: str | torch.device) -> ModelFolder:
     files = {p.name for p in path.iterdir()}
+    _refuse_code(path, data, files)
+    archs = data.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and len(archs) == 1 and isinstance(archs[0], str) else ""
+    model_type = data.get("model_type")
+    if arch not in HF_CONVERSIONS:
+        named = arch or (str(archs)[:60] if archs else "") or (str(model_type)[:40] if model_type else "Hugging Face")
+        raise IllusionsError(
+            f"model {path} is a {named} model; illusions converts "
+            f"{', '.join(HF_CONVERSIONS)} (the architectures TransformerLens converts offline)")
+    if model_type != HF_MODEL_TYPES[arch]:
+        said = f"model_type {str(model_type)[:40]!r}" if model_type is not None else "no model_type"
+        raise IllusionsError(f"{path / CONFIG_FILE} gives {said} for architecture {arch}, whose model_type is "
+                             f"{HF_MODEL_TYPES[arch]!r}; a config whose two disagree is not read")
     if not files & set(HF_WEIGHTS):
-        if files & set(_PICKLE_WEIGHTS) or any(f.endswith(".bin") for f in files):
+        other = sorted(f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")))
+        if other:
             raise IllusionsError(
-                f"model {path} holds its weights only as pytorch_model.bin (pickle), which illusions does not "
-                "load; convert it to safetensors (transformers: AutoModelForCausalLM.from_pretrained(folder)"
-                ".save_pretrained(folder) writes model.safetensors)")
+                f"model {path} holds its weights only as {', '.join(other[:3])}{' ...' if len(other) > 3 else ''}, "
+                "not safetensors; illusions never loads pickle (torch.save) files: convert it to safetensors "
+                "(transformers: AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder) writes "
+                "model.safetensors)")
         raise IllusionsError(f"model {path} has a Hugging Face {CONFIG_FILE} but no model.safetensors; "
                              f"expected {EXPECTED_MODEL}")
-    archs = data.get("architectures") or []
-    arch = str(archs[0]) if isinstance(archs, list) and archs else ""
-    if arch not in HF_CONVERSIONS:
-        raise IllusionsError(
-            f"model {path} is a {arch or data.get('model_type') or 'Hugging Face'} model; illusions converts "
-            f"{', '.join(HF_CONVERSIONS)} (the architectures TransformerLens converts offline)")
-    hooked = hf_hooked_config(_hf_auto_config(path), device=device)
-    has_tokenizer = bool(files & set(_TOKENIZER_FILES))
-    meta = {"huggingface": {"architecture": arch, "model_type": data.get("model_type", "")}}
-    return ModelFolder(path, HUGGINGFACE, hooked.d_vocab, hooked.n_ctx, arch, meta, has_tokenizer, hooked)
+    hf = _hf_config(path, data, arch)
+    hooked = hf_hooked_config(hf, device=device)
+    check_model_size(hooked, what=f"model {path}")
+    model = f"the {arch} of {path / CONFIG_FILE}"
+    found: dict[str, TensorEntry] = {}
+    for name in _hf_weight_files(path, files):
+        found.update(_shard_header(path, name, found))
+    where = path / (WEIGHTS_FILE if WEIGHTS_FILE in files else HF_INDEX)
+    check_values_fit(where, found, hooked, model)
+    skeleton, expected, tied = _hf_skeleton(arch, hf, path)
+    found = _as_model_names(where, found, _file_names(skeleton))
+    check_tensors(where, found, expected, model=model, optional=tuple(tied))
+    meta = {"huggingface": {"architecture": arch, "model_type": model_type}}
+    return ModelFolder(path, HUGGINGFACE, hooked.d_vocab, hooked.n_ctx, arch, meta, TOKENIZER_FILE in files, hooked,
+                       hf)
+
+
+def _refuse_code(path: Path, data: dict[str, Any], files: set[str]) -> None:
+    """Refuse a folder whose configs name Python code of its own (``auto_map``): it is never run."""
+    configs = [(CONFIG_FILE, data)]
+    if _TOKENIZER_CONFIG in files:
+        configs.append((_TOKENIZER_CONFIG, read_json(path / _TOKENIZER_CONFIG)))
+    for name, config in configs:
+        if isinstance(config, dict) and "auto_map" in config:
+            raise IllusionsError(f"model {path}: {name} names code of the folder's own to run (auto_map); "
+                                 "illusions never runs code from a model folder, it reads "
+                                 f"{', '.join(HF_CONVERSIONS)} from JSON and safetensors only")
+
+
+def _hf_config(path: Path, data: dict[str, Any], arch: str) -> Any:
+    """The ``transformers`` config of ``arch`` built from the JSON already read (no file is opened)."""
+    import transformers
+
+    required, optional = _HF_SIZES[arch]
+    for key in (*required, *optional):
+        value = data.get(key)
+        if key not in data or (value is None and key in optional):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise IllusionsError(f"{path / CONFIG_FILE}: {key} must be a whole number of at least 1, got "
+                                 f"{str(value)[:40]}")
+    errors: list[type[BaseException]] = [ValueError, TypeError, KeyError, AttributeError, AssertionError]
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+
+        errors.append(StrictDataclassError)
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        pass
+    with _quiet_transformers():
+        try:
+            return getattr(transformers, _HF_CONFIG_CLASSES[arch]).from_dict(data)
+        except tuple(errors) as exc:
+            raise IllusionsError(f"{path / CONFIG_FILE} is not a readable {arch} config "
+                                 f"({' '.join(str(exc).split())[:200]})") from None
+
+
+def _hf_weight_files(path: Path, files: set[str]) -> list[str]:
+    """The safetensors files holding a Hugging Face folder's weights: ``model.safetensors``, else the
+    shards its index names (plain file names in the folder)."""
+    if WEIGHTS_FILE in files:
+        return [WEIGHTS_FILE]
+    index = read_json(path / HF_INDEX)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise IllusionsError(f"{path / HF_INDEX} has no weight_map of tensor names to files")
+    shards = sorted({str(v) for v in weight_map.values()})
+    for shard in shards:
+        if not _SHARD.match(shard) or not (path / shard).is_file():
+            raise IllusionsError(f"{path / HF_INDEX} names {shard[:80]!r}, which is not a .safetensors file in "
+                                 f"{path}")
+    return shards
+
+
+def _shard_header(path: Path, name: str, seen: dict[str, TensorEntry]) -> dict[str, TensorEntry]:
+    found = read_safetensors_header(path / name)
+    twice = [t for t in found if t in seen]
+    if twice:
+        raise IllusionsError(f"{path / name} holds tensor {twice[0]}, which another shard holds too")
+    return found
+
+
+def _hf_skeleton(arch: str, hf: Any, path: Path) -> tuple[Any, dict[str, tuple[tuple[int, ...], bool]], dict[str, str]]:
+    """The architecture's ``transformers`` model on the meta device (no memory, no weights): the model,
+    ``name -> (shape, floating)`` of every tensor it stores, and its tied tensors (``target -> source``)."""
+    import torch
+    import transformers
+
+    with torch.device("meta"), warnings.catch_warnings(), _quiet_transformers():
+        warnings.simplefilter("ignore")
+        try:
+            model = getattr(transformers, arch)(hf)
+        except (ValueError, TypeError, KeyError, AttributeError, AssertionError, RuntimeError) as exc:
+            raise IllusionsError(f"{path / CONFIG_FILE} does not describe a {arch} transformers can build "
+                                 f"({_first_line(exc)})") from None
+    expected = {k: (tuple(v.shape), v.is_floating_point()) for k, v in model.state_dict().items()}
+    tied = dict(model.get_expanded_tied_weights_keys()) if hasattr(model, "get_expanded_tied_weights_keys") else {}
+    return model, expected, {k: v for k, v in tied.items() if k in expected and v in expected}
+
+
+def _file_names(model: Any) -> Callable[[str], str]:
+    """How ``transformers`` renames a file's tensor names to its model's when loading (GPT-NeoX files
+    hold ``embed_out.weight`` for the model's ``lm_head.weight``): its pure renamings, applied in order."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:  # older transformers: file names are the model's own
+        return lambda name: name
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+
+    def rename(name: str) -> str:
+        for renaming in renamings:
+            name, _ = renaming.rename_source_key(name)
+        return name
+
+    return rename
+
+
+def _as_model_names(where: Path, found: dict[str, Any], rename: Callable[[str], str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in found.items():
+        key = rename(name)
+        if key in out:
+            raise IllusionsError(f"{where} holds two tensors for {key}")
+        out[key] = value
+    return out
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _hf_auto_config(path: Path) -> Any:
-    """The folder's ``transformers`` config (defaults filled in), read offline."""
-    from transformers import AutoConfig
-
-    with _quiet_transformers():
-        try:
-            return AutoConfig.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise IllusionsError(f"{path / CONFIG_FILE} is not a readable Hugging Face config "
-                                 f"({_first_line(exc)})") from None
 
 
 def hf_hooked_config(hf: Any, *, device: str | torch.device = "cpu") -> Any:
@@ -373,9 +559,10 @@ def hf_hooked_config(hf: Any, *, device: str | torch.device = "cpu") -> Any:
 
     The fields follow TransformerLens' own ``convert_hf_model_config`` for the architecture, read from
     the local config instead of the Hub's. Variants the conversion would get wrong (rope scaling,
-    Llama biases, NeoX without attention biases, GPT-2 cross-attention) are refused. Weights are
-    loaded unprocessed (no LayerNorm folding or centring), so the model computes what the Hugging
-    Face model computes.
+    Llama biases, NeoX without attention biases, GPT-2 cross-attention, heads that do not divide the
+    width, a rotary width that is not an even whole number) are refused. Weights are loaded
+    unprocessed (no LayerNorm folding or centring), so the model computes what the Hugging Face
+    model computes.
     """
     from transformer_lens import HookedTransformerConfig
     from transformer_lens.utilities.activation_functions import SUPPORTED_ACTIVATIONS
@@ -394,11 +581,16 @@ def hf_hooked_config(hf: Any, *, device: str | torch.device = "cpu") -> Any:
         theta = params.get("rope_theta", getattr(hf, "rope_theta", None))
         return float(theta if theta is not None else 10000.0)
 
+    def head_width(width: int, heads: int) -> int:
+        if width % heads:
+            raise refuse(f"a width of {width} that its {heads} heads do not divide")
+        return width // heads
+
     if arch == "GPT2LMHeadModel":
         if getattr(hf, "add_cross_attention", False):
             raise refuse("cross-attention")
         kw: dict[str, Any] = {
-            "d_model": hf.n_embd, "n_heads": hf.n_head, "d_head": hf.n_embd // hf.n_head,
+            "d_model": hf.n_embd, "n_heads": hf.n_head, "d_head": head_width(hf.n_embd, hf.n_head),
             "d_mlp": hf.n_inner or 4 * hf.n_embd, "n_layers": hf.n_layer, "n_ctx": hf.n_positions,
             "eps": hf.layer_norm_epsilon, "d_vocab": hf.vocab_size, "act_fn": hf.activation_function,
             "use_attn_scale": getattr(hf, "scale_attn_weights", True),
@@ -408,7 +600,10 @@ def hf_hooked_config(hf: Any, *, device: str | torch.device = "cpu") -> Any:
     elif arch == "GPTNeoXForCausalLM":
         if not getattr(hf, "attention_bias", True):
             raise refuse("no attention biases")
-        d_head = hf.hidden_size // hf.num_attention_heads
+        d_head = head_width(hf.hidden_size, hf.num_attention_heads)
+        rotary = get_rotary_pct_from_config(hf) * d_head
+        if not (isinstance(rotary, int | float) and rotary >= 2 and float(rotary).is_integer() and int(rotary) % 2 == 0):
+            raise refuse(f"a rotary width of {rotary} (rotary_pct x head width), not an even whole number")
         kw = {
             "d_model": hf.hidden_size, "n_heads": hf.num_attention_heads, "d_head": d_head,
             "d_mlp": hf.intermediate_size, "n_layers": hf.num_hidden_layers,
@@ -416,14 +611,16 @@ def hf_hooked_config(hf: Any, *, device: str | torch.device = "cpu") -> Any:
             "d_vocab": hf.vocab_size, "act_fn": hf.hidden_act,
             "parallel_attn_mlp": getattr(hf, "use_parallel_residual", True),
             "positional_embedding_type": "rotary", "rotary_adjacent_pairs": False,
-            "rotary_dim": round(get_rotary_pct_from_config(hf) * d_head), "rotary_base": rope_theta(),
+            "rotary_dim": int(rotary), "rotary_base": rope_theta(),
             "normalization_type": "LN",
         }
     elif arch == "LlamaForCausalLM":
         if getattr(hf, "attention_bias", False) or getattr(hf, "mlp_bias", False):
             raise refuse("attention or MLP biases")
-        d_head = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        d_head = getattr(hf, "head_dim", None) or head_width(hf.hidden_size, hf.num_attention_heads)
         n_kv = getattr(hf, "num_key_value_heads", None)
+        if n_kv is not None and hf.num_attention_heads % n_kv:
+            raise refuse(f"{hf.num_attention_heads} query heads that its {n_kv} key/value heads do not divide")
         kw = {
             "d_model": hf.hidden_size, "n_heads": hf.num_attention_heads, "d_head": d_head,
             "d_mlp": hf.intermediate_size, "n_layers": hf.num_hidden_layers,
@@ -440,17 +637,23 @@ def hf_hooked_config(hf: Any, *, device: str | torch.device = "cpu") -> Any:
         raise IllusionsError(f"no TransformerLens conversion for {arch}; supported: {', '.join(HF_CONVERSIONS)}")
     if kw["act_fn"] not in SUPPORTED_ACTIVATIONS:
         raise refuse(f"activation {kw['act_fn']!r}")
-    return HookedTransformerConfig(**kw, original_architecture=arch, default_prepend_bos=False,
-                                   device=str(device))
+    try:
+        return HookedTransformerConfig(**kw, original_architecture=arch, default_prepend_bos=False,
+                                       device=str(device))
+    except (ValueError, TypeError, AssertionError) as exc:
+        raise IllusionsError(f"this {arch} config does not make a TransformerLens model ({_first_line(exc)})") from None
 
 
 def load_model_folder(folder: ModelFolder, *, device: str | torch.device = "cpu") -> HookedTransformer:
     """The ``HookedTransformer`` of a folder read by :func:`inspect_model_folder` (eval mode).
 
-    A Hugging Face model is loaded with ``transformers`` from the folder alone (safetensors, local
-    files only), converted by TransformerLens' weight conversion for its architecture, and loaded
-    strictly: every parameter comes from the checkpoint except those the conversion leaves out and
-    TransformerLens fills with its defaults (GPT-2's zero unembedding bias) and the fixed buffers.
+    A Hugging Face model's weights are read from its safetensors file(s) alone, checked again against
+    the architecture (every tensor present, none extra, shapes, float dtypes) and for non-finite
+    values, placed into the architecture's ``transformers`` model built on the meta device, converted
+    by TransformerLens' weight conversion for the architecture and loaded strictly: every parameter
+    comes from the file except those the conversion leaves out and TransformerLens fills with its
+    defaults (GPT-2's zero unembedding bias) and the fixed buffers. The sha256 of the files read is
+    kept (:func:`weights_sha256`).
     """
     if folder.kind == ILLUSIONS:
         model, _ = load_model(folder.path, device=device)
@@ -458,44 +661,74 @@ def load_model_folder(folder: ModelFolder, *, device: str | torch.device = "cpu"
     import torch
     from transformer_lens import HookedTransformer
     from transformer_lens.pretrained import weight_conversions
-    from transformers import AutoModelForCausalLM
 
-    with _quiet_transformers():
-        try:
-            hf = AutoModelForCausalLM.from_pretrained(str(folder.path), local_files_only=True,
-                                                      use_safetensors=True, dtype=torch.float32)
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            raise IllusionsError(f"the weights in {folder.path} could not be loaded ({_first_line(exc)})") from None
-    hf.eval()
-    convert = getattr(weight_conversions, HF_CONVERSIONS[folder.architecture])
+    path, arch = folder.path, folder.architecture
+    files = {p.name for p in path.iterdir()}
+    names = _hf_weight_files(path, files)
+    digests: dict[str, str] = {}
+    if names != [WEIGHTS_FILE]:
+        digests[HF_INDEX] = read_weights(path / HF_INDEX)[1]
+    raw: dict[str, bytes] = {}
+    found: dict[str, TensorEntry] = {}
+    for name in names:
+        raw[name], digests[name] = read_weights(path / name)
+        entries = read_safetensors_header(path / name, raw[name])
+        twice = [t for t in entries if t in found]
+        if twice:
+            raise IllusionsError(f"{path / name} holds tensor {twice[0]}, which another shard holds too")
+        found.update(entries)
+    where = path / (WEIGHTS_FILE if names == [WEIGHTS_FILE] else HF_INDEX)
+    model_name = f"the {arch} of {path / CONFIG_FILE}"
+    check_values_fit(where, found, folder.hooked, model_name)
+    hf, expected, tied = _hf_skeleton(arch, folder.hf_config, path)
+    rename = _file_names(hf)
+    check_tensors(where, _as_model_names(where, found, rename), expected, model=model_name, optional=tuple(tied))
+    state: dict[str, torch.Tensor] = {}
+    for name in names:
+        tensors = _as_model_names(where, tensors_of(path / name, raw.pop(name), dtype=torch.float32), rename)
+        check_finite(path / name, tensors)
+        state.update(tensors)
+    for target, source in tied.items():
+        if target in state and not torch.equal(state[target], state[source]):
+            raise IllusionsError(f"{where} holds {target} and {source}, which its config ties "
+                                 "(tie_word_embeddings), with different values")
+        state[target] = state[source]
+    try:
+        hf.load_state_dict(state, strict=True, assign=True)
+    except (RuntimeError, ValueError) as exc:
+        raise IllusionsError(f"the weights in {path} do not fit its config ({_first_line(exc)})") from None
+    convert = getattr(weight_conversions, HF_CONVERSIONS[arch])
     with torch.no_grad():
-        state = convert(hf, folder.hooked)
+        converted = convert(hf, folder.hooked)
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         model = HookedTransformer(folder.hooked)
-    unexpected = sorted(set(state) - set(model.state_dict()))
+    unexpected = sorted(set(converted) - set(model.state_dict()))
     if unexpected:
-        raise IllusionsError(f"converting {folder.path} gave weights the model does not have: {', '.join(unexpected[:3])}")
+        raise IllusionsError(f"converting {path} gave weights the model does not have: {', '.join(unexpected[:3])}")
     try:
-        state = model.fill_missing_keys(state)
-        model.load_state_dict({k: v.detach().to(device) for k, v in state.items()}, strict=True)
+        converted = model.fill_missing_keys(converted)
+        model.load_state_dict({k: v.detach().to(device) for k, v in converted.items()}, strict=True)
     except (RuntimeError, ValueError) as exc:
-        raise IllusionsError(f"the weights in {folder.path} do not fit its config ({_first_line(exc)})") from None
-    del hf
+        raise IllusionsError(f"the weights in {path} do not fit its config ({_first_line(exc)})") from None
+    del hf, state, converted
     model.eval()
+    remember_sha256(model, digests)
     return model
 
 
 def load_tokenizer(folder: ModelFolder) -> Any | None:
-    """The tokenizer saved in a Hugging Face folder (loaded offline), or None when it has none."""
+    """The ``tokenizer.json`` of a Hugging Face folder (read by the tokenizers library, offline, no
+    code of the folder's own), or None when it has none."""
     if folder.kind != HUGGINGFACE or not folder.has_tokenizer:
         return None
-    from transformers import AutoTokenizer
+    from transformers import PreTrainedTokenizerFast
 
     with _quiet_transformers():
         try:
-            return AutoTokenizer.from_pretrained(str(folder.path), local_files_only=True)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return PreTrainedTokenizerFast.from_pretrained(str(folder.path), local_files_only=True,
+                                                           trust_remote_code=False)
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception for a malformed file
             raise IllusionsError(f"the tokenizer in {folder.path} could not be loaded ({_first_line(exc)})") from None
 
 

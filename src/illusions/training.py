@@ -455,7 +455,7 @@ def check_out_dir(out_dir: Path, resume: bool) -> None:
         check_creatable(out_dir.parent, target=out_dir)
         return
     if own.state == "file":
-        raise IllusionsError(f"{out_dir} exists and is not a directory; choose another --out")
+        raise IllusionsError(f"{own.not_a_folder(str(out_dir))}; choose another --out")
     if own.state not in ("absent", "empty"):
         what = "a training run" if is_run_dir(out_dir) else "other files"
         raise IllusionsError(

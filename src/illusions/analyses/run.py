@@ -316,10 +316,15 @@ def check_out(out: Path, model_dir: Path | None, *, overwrite: bool = False, opt
 
 def run_config(run: RunResult) -> dict[str, Any]:
     """The ``config.json`` document of a run: resolved spec, version, model, task, sizes."""
+    from illusions.weights import weights_sha256
+
+    # The sha256 of the weight files the model was loaded from, so a later report can refuse another model.
+    digests = weights_sha256(run.model) if run.model is not None else None
     return {
         "illusions_version": __version__,
         "spec": run.spec.to_dict(),
-        "model": {"source": run.model_source, "architecture": run.model_description},
+        "model": {"source": run.model_source, "architecture": run.model_description,
+                  **({"weights_sha256": digests} if digests else {})},
         "task": run.task_meta,
         "fit_rows": int(run.analysis.fit_rows.shape[0]),
         "evaluated_sequences": {k: int(v.shape[0]) for k, v in run.analysis.split_rows.items()},

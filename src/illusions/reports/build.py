@@ -11,6 +11,7 @@ import dataclasses
 import fnmatch
 import json
 import math
+import os
 import zipfile
 import zlib
 from pathlib import Path
@@ -71,21 +72,46 @@ def inputs_from_run(run: Any, directory: Path | None = None) -> ReportInputs:
 
 
 def read_records(path: Path) -> tuple[dict[tuple[str, int], Any], dict[str, np.ndarray], np.ndarray, list[str]]:
-    """``records.npz`` back as ``(records, split_rows, fit_rows, labels)`` (no pickle involved)."""
+    """``records.npz`` back as ``(records, split_rows, fit_rows, labels)`` (no pickle involved).
+
+    Each array's header is checked against the bytes its member holds before numpy reads it, so a
+    header claiming 2^40 elements is refused instead of allocated.
+    """
+    unreadable = f"{path} is not a readable records file (not an intact .npz archive)"
     try:
+        _check_npz_sizes(path)
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
     except FileNotFoundError:
         raise IllusionsError(f"{path} does not exist") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error):
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, MemoryError):
         # numpy's own message for a file that is not an .npz suggests allow_pickle, which is wrong here.
-        raise IllusionsError(f"{path} is not a readable records file (not an intact .npz archive)") from None
+        raise IllusionsError(unreadable) from None
     if "fit_rows" not in arrays or "labels" not in arrays:
         raise IllusionsError(f"{path} is not an illusions records file (no fit_rows/labels)")
     try:
         return _records_of(arrays)
-    except (KeyError, ValueError, IndexError, TypeError) as exc:
-        raise IllusionsError(f"{path} is not an intact illusions records file ({type(exc).__name__}: {exc})") from None
+    except (KeyError, ValueError, IndexError, TypeError, RecursionError) as exc:
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+        raise IllusionsError(f"{path} is not an intact illusions records file ({detail})") from None
+
+
+def _check_npz_sizes(path: Path) -> None:
+    """Refuse an ``.npz`` member whose ``.npy`` header claims another size than the member holds."""
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            with zf.open(info) as fh:
+                major, _ = np.lib.format.read_magic(fh)
+                read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(fh)
+                claimed = fh.tell() + math.prod(shape) * dtype.itemsize
+            if dtype.hasobject or claimed != info.file_size:
+                raise IllusionsError(f"{path} is not an intact records file: {info.filename} claims shape "
+                                     f"{_shape(shape)} of {dtype} ({claimed:,} bytes) but holds {info.file_size:,} bytes")
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(f"{n:,}" if n < 10**15 else "~10^15+" for n in shape) + ")"
 
 
 def _records_of(arrays: dict[str, np.ndarray]) -> tuple[dict[tuple[str, int], Any], dict[str, np.ndarray],
@@ -118,19 +144,62 @@ def _records_of(arrays: dict[str, np.ndarray]) -> tuple[dict[tuple[str, int], An
     return records, split_rows, arrays["fit_rows"], labels
 
 
-def inputs_from_dir(run_dir: Path, task: Any = None, model: Any = None) -> ReportInputs:
-    """Report inputs from a saved run directory; the task and model are loaded unless given."""
-    from illusions.analyses.run import RESULT_FILES, AnalysisSpec, read_rows
+def run_folder(run_dir: Path) -> Path:
+    """The analysis run directory ``run_dir`` names, a symbolic link to one followed: the one check of
+    "is this a run directory" (a folder holding every result file).
+
+    Raises:
+        IllusionsError: naming what ``run_dir`` is instead.
+    """
+    from illusions.analyses.run import RESULT_FILES
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise IllusionsError(f"{run_dir} is not a directory")
+        if run_dir.is_symlink():
+            raise IllusionsError(f"{run_dir} is a symbolic link to {os.readlink(run_dir)}, which is not a directory")
+        raise IllusionsError(f"{run_dir} is not a directory ({'a file' if run_dir.exists() else 'it does not exist'})")
     missing = [f for f in RESULT_FILES if not (run_dir / f).is_file()]
     if missing:
         raise IllusionsError(f"{run_dir} is not an analysis run directory (missing {', '.join(missing)})")
+    return run_dir.resolve() if run_dir.is_symlink() else run_dir
+
+
+def _run_config(run_dir: Path) -> dict[str, Any]:
     config = read_json(run_dir / "config.json")
     if not isinstance(config, dict) or not isinstance(config.get("spec"), dict):
         raise IllusionsError(f"{run_dir / 'config.json'} has no analysis spec")
+    return config
+
+
+def check_model_unchanged(run_dir: Path, config: dict[str, Any], model: Any) -> None:
+    """Refuse a model whose weight files differ from the ones the run recorded (``model.weights_sha256``
+    in its ``config.json``): a report would show another model's attention beside this run's numbers.
+    Runs from before the record, and models built in this process, pass."""
+    from illusions.weights import weights_sha256
+
+    entry = config.get("model")
+    recorded = entry.get("weights_sha256") if isinstance(entry, dict) else None
+    if recorded is None:
+        return
+    where = Path(run_dir) / "config.json"
+    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+        raise IllusionsError(f"{where}: model.weights_sha256 is not a table of weight files and their sha256")
+    loaded = weights_sha256(model)
+    if loaded is None:
+        return
+    for name in sorted(set(recorded) | set(loaded)):
+        if recorded.get(name) != loaded.get(name):
+            raise IllusionsError(f"the weights of model {entry.get('source', '')} ({name}) are not those run "
+                                 f"{run_dir} analysed: their sha256 differs from the one {where} records; "
+                                 "restore the model or run the analysis again")
+
+
+def inputs_from_dir(run_dir: Path, task: Any = None, model: Any = None) -> ReportInputs:
+    """Report inputs from a saved run directory; the task and model are loaded unless given."""
+    from illusions.analyses.run import AnalysisSpec, read_rows
+
+    run_dir = run_folder(run_dir)
+    config = _run_config(run_dir)
     spec = AnalysisSpec.from_dict(config["spec"], source=str(run_dir / "config.json"))
     rows = read_rows(run_dir)
     records, split_rows, fit_rows, labels = read_records(run_dir / "records.npz")
@@ -142,6 +211,7 @@ def inputs_from_dir(run_dir: Path, task: Any = None, model: Any = None) -> Repor
         from illusions.analyses.run import load_task_and_model
 
         task, model, _, _ = load_task_and_model(spec)
+    check_model_unchanged(run_dir, config, model)
     saved = (config.get("task") or {}).get("fingerprint")
     if saved is not None and task.meta().get("fingerprint") != saved:
         raise IllusionsError(f"the data of {run_dir} changed since the run (its files' fingerprint differs); "
@@ -371,17 +441,14 @@ def check_report_dir(run_dir: Path, *, overwrite: bool = False, overwrite_option
     Raises:
         IllusionsError: naming the folder or file in the way.
     """
-    from illusions.analyses.run import ANALYSIS_RUN, RESULT_FILES
-    from illusions.io import MANIFEST_FILE, check_creatable, kind_noun, ownership
+    from illusions.analyses.run import ANALYSIS_RUN
+    from illusions.io import MANIFEST_FILE, check_creatable, check_manifest, kind_noun, ownership
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise IllusionsError(f"{run_dir} is not a directory")
-    missing = [f for f in RESULT_FILES if not (run_dir / f).is_file()]
-    if missing:
-        raise IllusionsError(f"{run_dir} is not an analysis run directory (missing {', '.join(missing)})")
+    run_dir = run_folder(run_dir)
+    check_manifest(run_dir)  # a garbled manifest must not pass for a run from before manifests
     own = ownership(run_dir, ANALYSIS_RUN)
     if own.state != "ours":
+        _run_config(run_dir)  # an unreadable config.json is named as such, not as another kind of output
         raise IllusionsError(f"{run_dir} holds {kind_noun(own.kind)}, not an analysis run")
     damaged = [f for f in own.changed if not _is_report_file(f)]
     if damaged:
@@ -392,6 +459,7 @@ def check_report_dir(run_dir: Path, *, overwrite: bool = False, overwrite_option
     if in_way and not overwrite:
         raise IllusionsError(f"{run_dir / in_way[0]} was not written by illusions or was changed since; "
                              f"pass {overwrite_option} to replace it")
+    _run_config(run_dir)
     check_creatable(run_dir)
 
 
@@ -410,6 +478,7 @@ def rebuild_report(run_dir: Path, *, task: Any = None, model: Any = None, overwr
     from illusions.io import record_written
 
     check_report_dir(run_dir, overwrite=overwrite)
+    run_dir = run_folder(run_dir)
     names = _write_files(inputs_from_dir(run_dir, task=task, model=model), run_dir)
     record_written(run_dir, names)
-    return Path(run_dir) / REPORT_FILE
+    return run_dir / REPORT_FILE

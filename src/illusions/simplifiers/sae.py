@@ -463,7 +463,9 @@ def load_saved(path: str, *, transcoder: bool) -> dict[str, Any]:
     try:
         lens = LensSAE.load_from_disk(directory, device="cpu", dtype="float32")
     except Exception as exc:  # noqa: BLE001 - SAELens raises many kinds (KeyError, ValueError, safetensors, ...)
-        raise IllusionsError(f"sae_from {path}: SAELens could not load it ({type(exc).__name__}: {exc})") from None
+        # One line: a state-dict mismatch's message spans several (one per missing or misshapen tensor).
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise IllusionsError(f"sae_from {path}: SAELens could not load it ({detail[:300]})") from None
     arch = lens.cfg.architecture()
     known = SAVED_TRANSCODERS if transcoder else SAVED_SAES
     if arch not in known:
