@@ -18,7 +18,7 @@ import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -51,7 +51,7 @@ def check_name(value: Any, field: str) -> str:
     """
     if (not isinstance(value, str) or len(value) > NAME_MAX or ".." in value
             or NAME_PATTERN.fullmatch(value) is None):
-        shown = repr(value) if not isinstance(value, str) or len(value) <= 60 else repr(value[:60] + "...")
+        shown = repr(value) if not isinstance(value, str) or len(value) <= 160 else repr(value[:160] + "...")
         raise IllusionsError(f"{field} {shown} is not a plain folder name; use {NAME_RULE}")
     return value
 
@@ -274,6 +274,31 @@ def ownership(directory: Path, kind: OutputKind) -> Ownership:
     return Ownership("foreign", foreign=tuple(entries[:3]) + (("...",) if len(entries) > 3 else ()))
 
 
+def numbered_dir(base: Path, kind: OutputKind, same: Callable[[Path], bool], *,
+                 limit: int = 10_000) -> tuple[Path, bool]:
+    """Where an output goes when the user chose no folder: ``base``, else ``base-2``, ``base-3``, ...
+
+    Returns ``(folder, replace)`` for the first candidate that is absent or empty (``replace``
+    False), or that holds an earlier output of ``kind`` for which ``same(folder)`` holds and whose
+    files are as illusions wrote them (``replace`` True: the rerun of the same thing replaces it).
+    Any other folder (another spec, edited files, a user's folder) is passed over, never touched.
+    """
+    base = Path(base)
+    for n in range(1, limit + 1):
+        folder = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        recover_dir(folder)
+        if not folder.exists() and not folder.is_symlink():
+            return folder, False
+        if folder.is_dir() and not folder.is_symlink() and (same(folder) or not any(folder.iterdir())):
+            own = ownership(folder, kind)
+            if own.state == "empty":
+                return folder, False
+            if own.state == "ours" and not own.changed:
+                return folder, True
+    raise IllusionsError(f"{base} and {limit - 1} numbered folders beside it are all taken; choose a folder "
+                         "with --out")
+
+
 def kind_noun(tag: str | None) -> str:
     kind = _KINDS.get(tag or "")
     return kind.noun if kind is not None else "another kind of illusions output"
@@ -334,11 +359,25 @@ def check_creatable(directory: Path, *, target: Path | None = None) -> None:
         raise IllusionsError(f"cannot create {named}: {existing} is not a directory")
     try:
         fd, probe = tempfile.mkstemp(dir=existing, prefix=".illusions-probe-")
-        os.close(fd)
-        os.unlink(probe)
     except OSError as exc:
         raise IllusionsError(f"cannot write to {named}: no file can be created in {existing} "
                              f"({exc.strerror or exc})") from None
+    try:
+        # A few bytes, flushed to the disk: a disk that is already full fails here, before any work.
+        os.write(fd, bytes(_PROBE_BYTES))
+        os.fsync(fd)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise IllusionsError(f"{_disk_full_what(exc)} under {existing}, so {named} cannot be written; "
+                                 "free some space and run again") from None
+        raise IllusionsError(f"cannot write to {named}: {existing} takes no data ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+# What the probe of check_creatable writes: a disk that cannot take this much is refused up front.
+_PROBE_BYTES = 4096
 
 
 def _refusal(final: Path, own: Ownership, kind: OutputKind) -> str:
@@ -392,8 +431,9 @@ def staged_dir(final: Path, *, kind: OutputKind = FILES, replace: bool = True) -
             (stage / STAGE_MARKER).unlink()
         except BaseException as exc:
             shutil.rmtree(stage, ignore_errors=True)
-            if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
-                raise IllusionsError(disk_full_message(exc, final)) from None
+            # (Inside another staging folder, the outer one names the output the user asked for.)
+            if is_disk_full(exc) and not (final / STAGE_MARKER).is_file():
+                raise IllusionsError(disk_full_message(exc, final, stage)) from None
             raise
         if own.state == "absent":
             os.replace(stage, final)
@@ -411,12 +451,34 @@ STAGE_MARKER = ".illusions-staging"
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def disk_full_message(exc: OSError, final: Path | None = None) -> str:
-    """The one line for a full disk (``ENOSPC``) or an exhausted quota (``EDQUOT``)."""
-    where = exc.filename or final
-    what = "no space left on the device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
-    kept = f"; {final} was left as it was" if final is not None else ""
-    return f"{what} while writing {where}{kept}; free some space and run again"
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is a full disk (``ENOSPC``) or an exhausted quota (``EDQUOT``): an ``OSError``,
+    or an error of a library that writes by itself (safetensors says "os error 28")."""
+    if isinstance(exc, OSError):
+        return exc.errno in _DISK_FULL
+    text = str(exc)
+    return any(f"(os error {code})" in text for code in _DISK_FULL)
+
+
+def disk_full_message(exc: BaseException, final: Path | None = None, stage: Path | None = None, *,
+                      writing: str | None = None) -> str:
+    """The one line for :func:`is_disk_full` errors. ``final`` is the output that was left as it was
+    (files of its staging folder ``stage`` are named by it); ``writing`` says what was being written
+    when the error names no file."""
+    name = getattr(exc, "filename", None)
+    if name is None or (stage is not None and (Path(name) == stage or Path(stage) in Path(name).parents)):
+        name = final
+    what = writing if writing is not None and name is None else name
+    where = f" while writing {what}" if what is not None else ""
+    kept = "" if final is None else (f" ({final} was left as it was)" if final.exists() and Path(name) != final
+                                     else "; it was left as it was" if final.exists() else "; nothing was written")
+    return f"{_disk_full_what(exc)}{where}{kept}; free some space and run again"
+
+
+def _disk_full_what(exc: BaseException) -> str:
+    code = exc.errno if isinstance(exc, OSError) else (
+        errno.EDQUOT if f"(os error {errno.EDQUOT})" in str(exc) else errno.ENOSPC)
+    return "no space left on the device" if code == errno.ENOSPC else "disk quota exceeded"
 
 
 def _new_stage(final: Path) -> tuple[Path, int]:
@@ -437,8 +499,8 @@ def _new_stage(final: Path) -> tuple[Path, int]:
         except BaseException as exc:
             shutil.rmtree(stage, ignore_errors=True)
             os.close(fd)
-            if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
-                raise IllusionsError(disk_full_message(exc, final)) from None
+            if is_disk_full(exc) and not (final / STAGE_MARKER).is_file():
+                raise IllusionsError(disk_full_message(exc, final, stage)) from None
             raise
         return stage, fd
     raise IllusionsError(f"cannot create a staging folder beside {final}")

@@ -58,7 +58,7 @@ def reproduce(
     """
     from illusions import reproduce as rep
     from illusions.engines import JobsFailed
-    from illusions.io import atomic_write_text
+    from illusions.io import atomic_write_text, check_name
     from illusions.reports import results as res
 
     seed_list = None
@@ -69,6 +69,8 @@ def reproduce(
             fail(f"--seeds must be comma-separated integers, got {seeds!r}")
         if not seed_list:
             fail("--seeds needs at least one seed")
+    for name in family or ():
+        check_name(name, "--family")
     all_recipes = rep.load_recipes(recipes)
     planned = rep.plan(all_recipes, out, seeds=seed_list, tasks=task, families=family)
     if not planned:
