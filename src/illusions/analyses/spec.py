@@ -266,7 +266,7 @@ def load_analysis_recipe(path: Path | str) -> AnalysisRecipe:
 
     # The name becomes a folder (runs/<name>, <out>/<name>/seed<N>): one plain path component.
     name = (check_name(texts["name"], f"name in {path}") if texts["name"]
-            else check_name(path.stem, f"recipe {path} names no name, and its file name"))
+            else check_name(path.stem, f"recipe {path} has no name, and its file name"))
     return AnalysisRecipe(name, texts["description"], texts["claim"], spec, str(path), over_training)
 
 
