@@ -1,7 +1,7 @@
 # Two commands on a fresh machine (python3 >= 3.11 and make):
 #   make demo   set up .venv and run the main job
 #   make test   set up .venv and run the test suite
-#   make test-fast  the suite without the tests marked slow (bundled models, training)
+#   make test-fast  the suite without the tests marked slow (bundled models, training) or slurm (a local Slurm)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 THREADS ?= 2
@@ -28,7 +28,7 @@ test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 test-fast: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow and not slurm"
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks tools cli.py

@@ -1,10 +1,12 @@
-"""Shared fixtures: seeded generators and a tiny random HookedTransformer.
+"""Shared fixtures: seeded generators, a tiny random HookedTransformer, and (once per session) a small
+Dyck task with an untrained tiny model saved for it (``tiny_dyck``).
 
 Only fixtures seed anything; library code takes generators or seeds as arguments.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -17,10 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from illusions.models import ModelConfig, build_model
+from illusions.models import ModelConfig, build_model, save_model
 from illusions.tasks.dyck import DyckConfig, DyckTask
 
 torch.set_num_threads(1)
+SESSION_CACHE = Path(os.environ["ILLUSIONS_CACHE"])
 
 TINY = ModelConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=24, d_vocab=13)
 SMALL_DYCK = DyckConfig(n_train=3000, n_eval=40, max_len=40, ood_depth_max=13, short_max_brackets=12)
@@ -29,15 +32,45 @@ SMALL_DYCK = DyckConfig(n_train=3000, n_eval=40, max_len=40, ood_depth_max=13, s
 def small_dyck(root: Path, mp: pytest.MonkeyPatch) -> tuple[DyckTask, ModelConfig]:
     """A small Dyck task with its splits built and cached under ``root``, and a tiny model config for it.
 
-    For CLI tests that need a checkpoint whose saved task meta the commands can rebuild in seconds;
-    ``mp`` points ``$ILLUSIONS_CACHE`` at ``root/cache`` until the caller undoes it.
+    For tests that need a cache of their own (they damage it); ``mp`` points ``$ILLUSIONS_CACHE`` at
+    ``root/cache`` until the caller undoes it. Other tests share the session's :func:`tiny_dyck`.
     """
     mp.setenv("ILLUSIONS_CACHE", str(root / "cache"))
     task = DyckTask(SMALL_DYCK)
     task.splits()
-    cfg = ModelConfig(n_layers=2, d_model=32, n_heads=2, d_head=16, d_mlp=64, n_ctx=SMALL_DYCK.max_len,
-                      d_vocab=len(task.vocab))
-    return task, cfg
+    return task, _small_dyck_model(task)
+
+
+def _small_dyck_model(task: DyckTask) -> ModelConfig:
+    return ModelConfig(n_layers=2, d_model=32, n_heads=2, d_head=16, d_mlp=64, n_ctx=SMALL_DYCK.max_len,
+                       d_vocab=len(task.vocab))
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyDyck:
+    """The small Dyck task with its splits in the session's cache, and an untrained tiny model for it.
+
+    Built once per test session (:func:`tiny_dyck`). CLI commands given ``--model {root}/model`` rebuild
+    the task from the saved meta and find its splits in ``$ILLUSIONS_CACHE`` (the session's folder,
+    inherited by subprocesses), so nothing is generated twice. Read-only: tests write under their
+    own ``tmp_path`` (a test that needs other models saves them there, from ``task`` and ``config``).
+    """
+
+    task: DyckTask
+    config: ModelConfig  # the tiny model's config (2 layers, d_model 32, 2 heads)
+    model: object  # build_model(config, seed=0); tests must not change it
+    root: Path  # holds model/: ``model`` saved with the task's meta
+
+
+@pytest.fixture(scope="session")
+def tiny_dyck(tmp_path_factory) -> TinyDyck:
+    root = tmp_path_factory.mktemp("tiny-dyck")
+    task = DyckTask(SMALL_DYCK, cache_dir=SESSION_CACHE / "dyck")  # where cache_root() / "dyck" points
+    task.splits()
+    config = _small_dyck_model(task)
+    model = build_model(config, seed=0)
+    save_model(model, root / "model", meta={"task": task.meta()})
+    return TinyDyck(task, config, model, root)
 
 
 @pytest.fixture

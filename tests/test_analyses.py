@@ -252,20 +252,31 @@ def test_labels_name_the_head_only_when_proxies_differ_in_heads():
         simplifier: str
         params: dict
         heads: list
+        sweep_param: str = ""
 
-    same = [Fake("svd", {"rank": r}, [(1, 0)]) for r in (2, 4)]
+    # The label reads what the proxy says it sweeps (no registry lookup by name).
+    same = [Fake("svd", {"rank": r}, [(1, 0)], "rank") for r in (2, 4)]
     assert proxy_labels(same) == ["svd(rank=2)", "svd(rank=4)"]
+    assert proxy_labels([Fake("svd", {"rank": 2}, [(1, 0)])]) == ["svd"]
     per_head = [Fake("onehot", {}, [(0, h)]) for h in (0, 1)] + [Fake("onehot", {}, [(1, 0), (1, 1)])]
     assert proxy_labels(per_head) == ["onehot@L0H0", "onehot@L0H1", "onehot@L1H0+L1H1"]
 
 
-def test_per_head_spec_builds_one_simplifier_per_layer_and_head():
-    from illusions.analyses.run import AnalysisSpec, build_simplifiers
+def test_per_head_spec_builds_one_simplifier_per_layer_and_head(monkeypatch):
+    from illusions import registry
+    from illusions.analyses.run import AnalysisSpec, per_head_simplifiers
 
+    built_by_name = []
+    make = registry.make_simplifier
+    monkeypatch.setattr(registry, "make_simplifier", lambda *a, **k: built_by_name.append(a) or make(*a, **k))
     spec = AnalysisSpec(simplifier="svd", ranks=(2, 4), layers=(0, 1), per_head=True)
-    built = build_simplifiers(spec, n_layers=2, n_heads=3)
+    built = per_head_simplifiers(spec, 2, 3)
     assert len(built) == 2 * 2 * 3
     assert [(s.rank, s.targets.layers, s.targets.heads) for s in built[:4]] == [
         (2, (0,), (0,)), (2, (0,), (1,)), (2, (0,), (2,)), (2, (1,), (0,))]
-    whole = build_simplifiers(dataclasses.replace(spec, per_head=False))
-    assert [(s.targets.layers, s.targets.heads) for s in whole] == [((0, 1), ()), ((0, 1), ())]
+    # Placed from the simplifiers the spec built once (one per rank), not built again per head.
+    assert len(built_by_name) == 2 and spec.simplifiers is spec.simplifiers
+    assert built[5] == make("svd", rank=2, layers=(1,), heads=(2,))
+    whole = dataclasses.replace(spec, per_head=False)
+    assert per_head_simplifiers(whole, 2, 3) == list(whole.simplifiers)
+    assert [(s.targets.layers, s.targets.heads) for s in whole.simplifiers] == [((0, 1), ()), ((0, 1), ())]

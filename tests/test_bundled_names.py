@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import small_dyck
 from illusions import bundled
 from illusions.cli import app
 from illusions.config import read_json
@@ -20,11 +19,10 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(tmp_path_factory, tiny_dyck):
     """Assets with two families of tiny Dyck models: dyck (seeds 0, 1) and dyck-paperlike (0, 2)."""
     root = tmp_path_factory.mktemp("named")
-    mp = pytest.MonkeyPatch()
-    task, cfg = small_dyck(root, mp)
+    task, cfg = tiny_dyck.task, tiny_dyck.config
     assets = root / "assets"
     for folder, seed in (("dyck", 0), ("seeds/dyck-seed1", 1), ("dyck-paperlike", 3), ("seeds/dyck-paperlike-seed2", 2)):
         save_model(build_model(cfg, seed=seed), assets / folder, meta={"task": task.meta()})
@@ -32,8 +30,7 @@ def assets(tmp_path_factory):
         {"accuracies": {"iid": {"accuracy": 0.12345, "n_positions": 9}, "unseen_depth": {"accuracy": 0.5}}}))
     (assets / "seeds" / "not-a-seed").mkdir()
     (assets / "empty").mkdir()
-    yield root, assets
-    mp.undo()
+    return root, assets
 
 
 def test_catalogue_names_every_checkpoint_by_family_and_seed(assets):
@@ -102,7 +99,7 @@ def test_analyze_takes_a_bundled_name_and_computes_what_its_folder_gives(assets,
 
 
 def test_reproduce_seeds_come_from_the_catalogue(assets):
-    from illusions.reproduce import seed_models
+    from illusions.reproduction.plan import seed_models
 
     _, folder = assets
     assert seed_models("dyck", folder) == {0: folder / "dyck", 1: folder / "seeds" / "dyck-seed1"}

@@ -99,7 +99,8 @@ def test_sweep_over_checkpoints_runs_each_step_and_summarises_them(trained, tmp_
                                                "config.json", "manifest.json", "report.html", "fig_checkpoints.png"}
     rows = list(csv.DictReader(io.StringIO((out / "checkpoints.csv").read_text())))
     assert sorted({int(r["step"]) for r in rows}) == [10, 20, 30]
-    assert {r["split"] for r in rows} == {"iid", "unseen_depth", "unseen_depth (opener > 10)"}
+    assert {r["split"] for r in rows} == {"iid", "unseen_depth", "unseen_depth (opener > 10)",
+                                         "unseen_depth (key_depth >= 10)"}
     assert {r["metric"] for r in rows} == {"original_accuracy", "proxy_accuracy", "agreement", "accuracy_change"}
     # Each step's figures are those of an ordinary analysis of that checkpoint.
     single = tmp_path / "single"
@@ -115,7 +116,8 @@ def test_sweep_over_checkpoints_runs_each_step_and_summarises_them(trained, tmp_
             assert (r["value"], r["gap_vs_iid"]) == (ref["value"], ref["gap_vs_ref"])
     doc = json.loads((out / "checkpoints.json").read_text())
     assert doc["steps"] == [10, 20, 30] and doc["by_step"][1]["run"] == "step20"
-    assert set(doc["by_step"][0]["original_accuracy"]) == {"iid", "unseen_depth", "unseen_depth (opener > 10)"}
+    assert set(doc["by_step"][0]["original_accuracy"]) == {"iid", "unseen_depth", "unseen_depth (opener > 10)",
+                                                           "unseen_depth (key_depth >= 10)"}
     page = (out / "report.html").read_text()
     assert 'id="fig_checkpoints"' in page and "training step" in page and 'href="step20/report.html"' in page
     assert (out / "step20" / "report.html").is_file()
@@ -177,10 +179,10 @@ def test_checkpoint_specs_refuse_mixed_runs(trained, tmp_path):
 
 
 def test_a_checkpoint_spec_is_not_run_as_a_single_analysis_nor_by_reproduce(tmp_path, tiny_config):
-    from illusions import reproduce as rep
     from illusions.analyses.run import run_analysis
     from illusions.errors import IllusionsError
     from illusions.models import build_model, save_model
+    from illusions.reproduction.plan import load_recipes, plan
 
     save_model(build_model(tiny_config), tmp_path / "run" / CHECKPOINTS_DIR / "step5")
     spec = AnalysisSpec(simplifier="onehot", checkpoints=str(tmp_path / "run"))
@@ -191,4 +193,4 @@ def test_a_checkpoint_spec_is_not_run_as_a_single_analysis_nor_by_reproduce(tmp_
     recipes.mkdir()
     (recipes / "r.toml").write_text(f'name = "r"\n[analysis]\nsimplifier = "onehot"\ncheckpoints = "{tmp_path / "run"}"\n')
     with pytest.raises(IllusionsError, match="analyses training checkpoints"):
-        rep.plan(rep.load_recipes(recipes), tmp_path / "out")
+        plan(load_recipes(recipes), tmp_path / "out")

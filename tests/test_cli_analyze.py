@@ -9,26 +9,18 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import small_dyck
 from illusions.analyses.faithfulness import analyze
 from illusions.analyses.summary import overall, summarize
 from illusions.cli import app
-from illusions.models import build_model, save_model
 from illusions.registry import make_simplifier
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def dyck_env(tmp_path_factory):
-    """A small Dyck task (cached in a temp folder) and an untrained tiny model saved with its meta."""
-    root = tmp_path_factory.mktemp("dyck")
-    mp = pytest.MonkeyPatch()
-    task, cfg = small_dyck(root, mp)
-    model = build_model(cfg, seed=0)
-    save_model(model, root / "model", meta={"task": task.meta()})
-    yield task, model, root
-    mp.undo()
+def dyck_env(tiny_dyck):
+    """The session's small Dyck task and its untrained tiny model, saved in ``root / "model"``."""
+    return tiny_dyck.task, tiny_dyck.model, tiny_dyck.root
 
 
 def _invoke(args):
@@ -94,6 +86,11 @@ def test_full_rank_svd_agrees_everywhere(dyck_env):
         (["analyze", "dyck", "--simplify", "kmeans", "--clusters", "100000"], "k must be in 1.."),
         (["analyze", "dyck", "--layer", "5"], "layer 5 does not exist"),
         (["sweep", "dyck", "--ranks", "1,x"], "--ranks must be comma-separated integers"),
+        (["sweep", "dyck"], "give --ranks, --clusters or --widths (the values to sweep)"),
+        (["sweep", "dyck", "--simplify", "sae", "--ranks", "4"], "--ranks does not apply to sae"),
+        # The SAE's top-k is --top-k (--k still works, a deprecated alias); messages name --top-k.
+        (["analyze", "dyck", "--top-k", "4"], "--top-k does not apply to svd"),
+        (["analyze", "dyck", "--k", "4"], "--top-k does not apply to svd"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_run_dir(dyck_env, tmp_path, args, message):

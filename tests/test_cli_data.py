@@ -113,3 +113,21 @@ def test_bad_settings_exit_2(cache, args, reason):
 def test_unknown_task_lists_the_known_ones(cache):
     result = runner.invoke(app, ["data", "nope", *cache])
     assert result.exit_code == 2 and "known tasks: code, custom, dyck" in result.stderr
+
+
+def test_a_task_declares_its_own_options(monkeypatch, cache):
+    """The command names no task: an option a task adds to its data_options gets the task's help panel,
+    sets the task's config field, and is refused for every other task."""
+    from illusions.tasks.base import DataOption
+
+    extra = DataOption("n_types", int, "Bracket types.")
+    monkeypatch.setattr(DyckTask, "data_options", (*DyckTask.data_options, extra))
+    page = runner.invoke(app, ["data", "dyck", "--help"], env={"COLUMNS": "120"}).stdout
+    panel = page[page.index("Dyck options"):]
+    assert "--n-types" in panel and "Bracket types." in panel and "--n-types" not in page[:page.index("Dyck options")]
+    result = _run(*cache, "--n-types", "27")  # reaches DyckConfig, which refuses it before any generation
+    assert result.exit_code == 2 and "n_types must be in 1..26, got 27" in result.stderr, result.output
+    result = runner.invoke(app, ["data", "code", "--n-types", "3"])
+    assert result.exit_code == 2 and result.stderr.strip() == "error: --n-types can only be used with the dyck task"
+    monkeypatch.undo()
+    assert "--n-types" not in runner.invoke(app, ["data", "dyck", "--help"]).stdout

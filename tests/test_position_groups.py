@@ -107,15 +107,21 @@ def test_report_tables_hold_the_group_row(result):
 
 def test_dyck_declares_the_deep_opener_group_from_its_training_depth():
     task = DyckTask(DyckConfig(max_depth=7, ood_depth_min=8, ood_depth_max=9, max_len=40, short_max_brackets=12))
-    (name, group), = task.position_groups().items()
-    assert name == "opener > 7" and group.split == "unseen_depth" and group.column == "key_depth"
-    np.testing.assert_array_equal(group.mask({"key_depth": np.array([6, 7, 8, 9])}), [False, False, True, True])
-    assert "max_depth=7" in group.description
+    groups = task.position_groups()
+    assert list(groups) == ["opener > 7", "key_depth >= 7"]
+    depths = {"key_depth": np.array([6, 7, 8, 9])}
+    for group, want in zip(groups.values(), ([False, False, True, True], [False, True, True, True]),
+                                   strict=True):
+        assert group.split == "unseen_depth" and group.column == "key_depth"
+        np.testing.assert_array_equal(group.mask(depths), want)
+        assert "max_depth=7" in group.description
 
 
 def test_results_report_the_deep_group_beside_the_whole_split():
     from illusions.analyses.run import AnalysisRecipe
-    from illusions.reports import results as res
+    from illusions.reproduction.aggregate import RecipeRuns
+    from illusions.reproduction.document import model_table
+    from illusions.reproduction.judges import PAPER_DEPTH_FIGURE, judge_original
 
     def row(split, metric, value, group_by="all", group="all", n=100):
         return {"split": split, "proxy": "svd(rank=4)", "simplifier": "svd", "param": "rank", "param_value": 4,
@@ -130,12 +136,12 @@ def test_results_report_the_deep_group_beside_the_whole_split():
                    row("unseen_depth", "original_accuracy", 0.85 - seed / 100, POSITION_GROUP, "opener > 10", 80),
                    row("unseen_depth", "agreement", 0.5, POSITION_GROUP, "opener > 10", 80)] for seed in (0, 1)}
     recipe = AnalysisRecipe("dyck-svd-L1", "d", "c", AnalysisSpec(ranks=(4,)), "r.toml")
-    runs = res.RecipeRuns(recipe, rows)
-    verdict, text = res.judge_original(runs)
+    runs = RecipeRuns(recipe, rows)
+    verdict, text = judge_original(runs)
     assert verdict == "not reproduced"  # judged on the whole split, as before
     assert "original accuracy on unseen_depth 0.965" in text
     assert "on `unseen_depth (opener > 10)` (80 of 1000 positions) 0.845" in text
-    assert res.PAPER_DEPTH_FIGURE in text
-    table = "\n".join(res.model_table(runs))
+    assert PAPER_DEPTH_FIGURE in text
+    table = "\n".join(model_table(runs))
     assert "| `unseen_depth (opener > 10)` | 0.850 | 0.840 |" in table
     assert table.index("`unseen_depth`") < table.index("`unseen_depth (opener > 10)`")

@@ -21,7 +21,7 @@ from illusions.analyses.summary import summarize, to_json
 from illusions.errors import IllusionsError
 from illusions.models import ModelConfig, build_model, describe
 from illusions.reports import rebuild_report, write_report_files
-from illusions.reports.attention import SCALE, choose_example, lower_triangle
+from illusions.reports.attention import PACK_SCALE, choose_example, choose_examples, unpack_patterns
 from illusions.reports.html import BUNDLE_MARK, CSP
 from illusions.simplifiers.base import Targets
 from illusions.simplifiers.svd import SVD
@@ -96,12 +96,13 @@ def make_task() -> BracketTask:
                         "deep": bracket_split("deep", rng, 30, 8, min_depth=6)})
 
 
-def make_run(ranks: tuple[int, ...] = (2,)) -> RunResult:
+def make_run(ranks: tuple[int, ...] = (2,), simplifiers: list[Any] | None = None,
+             spec_fields: dict[str, Any] | None = None) -> RunResult:
     task = make_task()
     model = build_model(MODEL, seed=0)
-    spec = AnalysisSpec(task="dyck", model="tiny", simplifier="svd", ranks=ranks, fit_n=60, max_seqs=25,
-                        n_boot=50, seed=0)
-    simplifiers = [SVD(rank=r, targets=Targets()) for r in ranks]
+    spec = AnalysisSpec(task="dyck", model="tiny", fit_n=60, max_seqs=25, n_boot=50, seed=0,
+                        **(spec_fields or {"simplifier": "svd", "ranks": ranks}))
+    simplifiers = simplifiers or [SVD(rank=r, targets=Targets()) for r in ranks]
     result = analyze(model, task.splits(), simplifiers, candidates=task.candidates, fit_n=spec.fit_n,
                      max_seqs=spec.max_seqs, seed=spec.seed)
     rows = summarize(result, n_boot=spec.n_boot, seed=spec.seed)
@@ -129,22 +130,60 @@ def script_free(page: str) -> str:
     return page[:start] + page[page.index("</script>", start):]
 
 
+def examples_of(page: str) -> list[tuple[str, int]]:
+    """``(split, row)`` of each example card in the page."""
+    return [(m.group(1), int(m.group(2))) for m in re.finditer(
+        r'<details class="example" id="ex-\d+" data-i="\d+"(?: open)?><summary>(\w+): row (\d+) ', page)]
+
+
 def test_report_is_written_with_png_figures_and_every_section(run_dir):
     page = (run_dir / "report.html").read_text(encoding="utf-8")
-    for ident in ("configuration", "summary", "attention", "qk-pca", "key-depth"):
-        assert f'<section id="{ident}">' in page
+    idents = re.findall(r'<section id="([\w-]+)">', page)
+    # The verdict first, the configuration last.
+    assert idents == ["summary", "examples", "geometry", "key-depth", "configuration"]
     pngs = sorted(p.name for p in run_dir.glob("fig_*.png"))
-    assert pngs == ["fig_accuracy.png", "fig_key_depth.png", "fig_qk_pca.png"]
+    assert pngs == ["fig_accuracy.png", "fig_key_depth.png"]
     for name in pngs:
         assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f'<figure id="{name[:-4]}"><svg' in page
-    # The resolved configuration is the run's config.json, verbatim.
+    # The resolved configuration is the run's config.json, verbatim, collapsed.
     config = json.loads((run_dir / "config.json").read_text())
-    assert html.escape(json.dumps(config, indent=2)) in page
-    # Each evaluated split has its summary row and its attention example.
+    assert f"<details class=config><summary>config.json</summary><pre class=config>{html.escape(json.dumps(config, indent=2))}" in page
+    # Each evaluated split has its sentence, its summary row and at least five examples.
+    sentences = re.findall(r'<li data-split="(\w+)">On <b>\1</b>, svd\(rank=2\) agrees with the model at \d\.\d{3} \[', page)
+    assert sentences == ["iid", "deep"]
+    found = examples_of(page)
     for split in ("iid", "deep"):
         assert f"<td class=l>{split}</td>" in page
-        assert re.search(rf"<h3>{split}: row \d+</h3>", page)
+        assert sum(s == split for s, _ in found) >= 5
+    assert len(set(found)) == len(found)
+
+
+def test_summary_sentences_follow_the_numbers(run):
+    """Under/over-states is said only for a proxy faithful in distribution and a gap that excludes 0."""
+    from illusions.reports.verdict import FAITHFUL, sentences
+
+    rows = [dict(r) for r in run.rows]
+    label = run.analysis.labels[0]
+
+    def cell(split, metric):
+        return next(r for r in rows if r["group_by"] == "all" and r["split"] == split and r["metric"] == metric)
+
+    iid, deep = cell("iid", "agreement"), cell("deep", "agreement")
+    iid["value"] = FAITHFUL - 0.01
+    text = dict(sentences(rows, label, ["iid", "deep"]))
+    assert "not a faithful proxy in distribution" in text["iid"]
+    assert "no verdict" in text["deep"] and "states" not in text["deep"]
+    assert f"{deep['value']:.3f} [{deep['ci_low']:.3f}, {deep['ci_high']:.3f}]" in text["deep"]
+    iid["value"] = FAITHFUL
+    change = cell("deep", "accuracy_change")
+    for (v, lo, hi), verdict in (((-0.2, -0.3, -0.1), "under-states"), ((0.2, 0.1, 0.3), "over-states"),
+                                 ((-0.2, -0.3, 0.1), "within noise")):
+        for key in ("gap_vs_matched", "gap_vs_ref"):
+            change.update({key: v, f"{key}_low": lo, f"{key}_high": hi})
+        text = dict(sentences(rows, label, ["iid", "deep"]))
+        assert verdict in text["deep"], (verdict, text["deep"])
+        assert "a faithful proxy in distribution" in text["iid"]
 
 
 def test_bundle_inlined_once_no_network_references_and_strict_csp(run_dir):
@@ -185,27 +224,47 @@ def test_attention_example_is_the_most_disagreeing_sequence(run):
     assert choice.disagreements == max(per_row.values()) == per_row[choice.row]
     assert choice.n_scored == int((rec.rows == choice.row).sum())
     assert choice.disagreements > 0, "rank-2 SVD on a random model should change some prediction"
+    # Most, median and fewest: two each, distinct, in that order of disagreements.
+    picked = choose_examples("deep", rec, n_each=2)
+    assert [c.kind for c in picked] == ["most", "most", "median", "median", "fewest", "fewest"]
+    counts = sorted(per_row.values(), reverse=True)
+    assert [c.disagreements for c in picked[:2]] == counts[:2]
+    assert [c.disagreements for c in picked[-2:]] == counts[-2:]
+    mid = (len(counts) - 2) // 2
+    assert [c.disagreements for c in picked[2:4]] == counts[mid:mid + 2]
+    assert len({c.row for c in picked}) == 6
 
 
-def test_patterns_in_the_page_are_the_models_attention(run, run_dir):
+def test_patterns_and_predictions_in_the_page_are_the_models(run, run_dir):
     import torch
 
     page = (run_dir / "report.html").read_text(encoding="utf-8")
-    blob = re.search(r'<script type="application/json" id="attention-data">(.*?)</script>', page, re.S)
+    blob = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', page, re.S)
     data = json.loads(blob.group(1))
+    assert data["scale"] == PACK_SCALE
+    examples = examples_of(page)
+    assert len(data["examples"]) == len(examples)
     ex = data["examples"][0]
-    split, row = re.search(r'<h3>(\w+): row (\d+)</h3>', page).groups()
+    split, row = examples[0]
     tokens = run.task.splits()[split].tokens[int(row)]
     tokens = tokens[: run.task.splits()[split].lengths[int(row)]]
     assert ex["tokens"] == [TOKENS[t] for t in tokens]
     assert ex["heads"] == ["L1H0", "L1H1", "L1H2", "L1H3"]
     _, cache = run.model.run_with_cache(torch.as_tensor(tokens)[None])
-    want = lower_triangle(cache["blocks.1.attn.hook_pattern"][0].numpy())
-    assert ex["original"] == want
+    want = cache["blocks.1.attn.hook_pattern"][0].numpy()
+    got = unpack_patterns(ex["original"], 4, len(tokens))
+    assert np.abs(got - want).max() <= 0.5 / PACK_SCALE + 1e-6
     assert ex["proxy"] != ex["original"]
-    # Lower triangle in thousandths: each query's row sums to about SCALE.
-    sums = np.array([sum(r) for r in ex["proxy"][0]])
-    assert np.abs(sums - SCALE).max() <= len(tokens)
+    # The card lists every scored position with the target and both predictions, as recorded.
+    rec = run.analysis.records[(split, 0)]
+    card = page[page.index('<details class="example" id="ex-0"'):page.index("</details>")]
+    mine = np.flatnonzero(rec.rows == row)
+    cells = re.findall(r"<tr(?: class=chg)?><td data-v=\"(\d+)\">\d+</td><td[^>]*>[^<]*</td>"
+                       r"<td data-v=\"([^\"]*)\">[^<]*</td><td data-v=\"([^\"]*)\">.*?</td><td data-v=\"([^\"]*)\">", card)
+    assert len(cells) == mine.size > 0
+    for i in mine:
+        want_cells = (str(rec.pos[i]), TOKENS[rec.target[i]], TOKENS[rec.original_pred[i]], TOKENS[rec.proxy_pred[i]])
+        assert tuple(html.unescape(c) for c in next(c for c in cells if c[0] == want_cells[0])) == want_cells
 
 
 def test_sweep_report_has_curves_and_focuses_one_proxy(tmp_path):
@@ -256,23 +315,43 @@ def test_sweep_figure_places_every_proxy(run, monkeypatch, values, numeric):
 
 
 def test_report_of_full_length_examples_stays_small():
-    """The main job's worst case: an example per split, 128 tokens, 8 patterns, all non-zero."""
-    from illusions.reports.attention import AttentionExample, ExampleChoice
-    from illusions.reports.html import attention_section, render_page
+    """The main job's worst case: 6 examples in each of 5 splits, 128 tokens, 4 noisy patterns each."""
+    from illusions.reports.attention import Example, ExampleChoice, pack_patterns
+    from illusions.reports.html import render_page
+    from illusions.reports.interactive import examples_section, payload
 
     n = 128
     causal = np.tril(np.ones((n, n))) / np.arange(1, n + 1)[:, None]  # [pos, key_pos]
     rng = np.random.default_rng(0)
     examples = []
-    for i in range(6):
+    for i in range(30):
         noisy = causal * rng.uniform(0.5, 1.5, size=(4, n, n))
         noisy /= noisy.sum(-1, keepdims=True)
-        tri = lower_triangle(noisy)
-        examples.append(AttentionExample(ExampleChoice(f"split{i}", i, 40, 3, 0.1, (5, 9)),
-                                         tuple("(" for _ in range(n)), ("a", "b", "c", "d"), tri, tri))
-    body, data = attention_section(examples, "")
-    page = render_page(title="t", subtitle=[], sections=[], attention_data=data)
-    assert len(page.encode()) < 4_000_000, len(page.encode())
+        packed = pack_patterns(noisy)
+        positions = tuple({"pos": p, "target": "(", "original": "(", "proxy": ")", "kl": 0.5, "jsd": 0.1,
+                           "depth": 3, "key_depth": 2} for p in range(0, n, 2))
+        examples.append(Example(ExampleChoice(f"split{i // 6}", i, 64, 3, 0.1, (5, 9)), tuple("(" for _ in range(n)),
+                                positions, ("a", "b", "c", "d"), packed, packed))
+    body, data = examples_section(examples, [f"split{k}" for k in range(5)])
+    page = render_page(title="t", subtitle=[], sections=[], data=payload(data, [], {}, PACK_SCALE))
+    assert len(page.encode()) + len(body.encode()) < 5_000_000, len(page.encode()) + len(body.encode())
+
+
+def test_geometry_of_a_full_rank_projection_removes_nothing(run):
+    """Invariance: full-rank SVD is the identity, so every point's removed norm is 0; rank 2 removes some."""
+    from illusions.analyses.faithfulness import fit_proxies
+    from illusions.reports.geometry import panels, sample_rows
+
+    splits = run.task.splits()
+    fit = sample_rows(splits["train"], run.analysis.fit_rows, 40)
+    drawn = {"train": fit, "deep": sample_rows(splits["deep"], run.analysis.split_rows["deep"], 20)}
+    (full,) = fit_proxies(run.model, splits["train"], run.analysis.fit_rows, [SVD(rank=8, targets=Targets())])
+    found = panels(run.model, full, fit, drawn, max_points=50)
+    assert [p.title for p in found] == [f"L1H{h} {side}" for side in ("queries", "keys") for h in range(4)]
+    assert all(pt[2] <= 1e-3 for p in found for pts in p.points.values() for pt in pts)
+    low = panels(run.model, run.analysis.proxies[0], fit, drawn, max_points=50)
+    assert all(p.median_removed["deep"] > 0.01 for p in low)
+    assert {len(p.points["deep"]) for p in low} <= {50} and set(low[0].points) == {"train", "deep"}
 
 
 def test_rebuild_refuses_a_directory_that_is_not_a_run(tmp_path):
@@ -301,6 +380,8 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 # Log lines that mean the page tried the network: a request, or one the CSP blocked.
 NETWORK_LOG = re.compile(r"NotifyBeforeURLRequest: https?://|URLRequest.*https?://|Content Security Policy",
                          re.I)
+# A console message at error level (Chromium logs them as CONSOLE(...) with the level in the line).
+CONSOLE_ERROR = re.compile(r"CONSOLE\(\d+\)\] \"(?:Uncaught|Error)|:ERROR:CONSOLE|\"Uncaught ", re.I)
 
 
 def chromium() -> str | None:
@@ -330,7 +411,7 @@ def render_in_browser(page: Path, workdir: Path, fragment: str = "", height: int
     status = re.search(r'<pre id="render-status" hidden="">(.*?)</pre>', proc.stdout, re.S)
     assert status is not None and status.group(1), "the page's drawing script never reported"
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(np.int64)  # [height, width, 3]
-    return {"status": json.loads(status.group(1)), "pixels": pixels, "log": proc.stderr}
+    return {"status": json.loads(status.group(1)), "pixels": pixels, "log": proc.stderr, "dom": proc.stdout}
 
 
 def canvas_pixels(result: dict[str, Any], canvas: dict[str, float]) -> np.ndarray:
@@ -341,12 +422,13 @@ def canvas_pixels(result: dict[str, Any], canvas: dict[str, float]) -> np.ndarra
 
 @pytest.mark.browser
 def test_attention_panel_draws_in_a_real_browser_with_no_network(run_dir, tmp_path):
-    result = render_in_browser(run_dir / "report.html", tmp_path, fragment="#only-attention")
+    result = render_in_browser(run_dir / "report.html", tmp_path, fragment="#only-attention", height=2400)
     status = result["status"]
     assert status["errors"] == []
-    n_examples = len(re.findall(r'class="example"', (run_dir / "report.html").read_text()))
+    n_examples = len(examples_of((run_dir / "report.html").read_text()))
+    assert status["examples"] == n_examples >= 10
     assert len(status["figures"]) == 2 * n_examples
-    first = [c for c in status["canvases"] if c["figure"] == "attn-0-original"]
+    first = [c for c in status["canvases"] if c["figure"] == "ex-0-original"]
     # Four head thumbnails and the zoomed pattern.
     assert len(first) == 5
     zoomed = max(first, key=lambda c: c["width"] * c["height"])
@@ -366,6 +448,68 @@ def test_attention_panel_draws_in_a_real_browser_with_no_network(run_dir, tmp_pa
 
 
 @pytest.mark.browser
+def test_every_section_is_present_and_drawn_in_a_real_browser(run_dir, tmp_path):
+    """As a reader opens it: sentences, >= 5 examples per split with predictions, the geometry drawn."""
+    result = render_in_browser(run_dir / "report.html", tmp_path)
+    status, dom = result["status"], result["dom"]
+    assert status["errors"] == [] and not CONSOLE_ERROR.search(result["log"]), CONSOLE_ERROR.search(result["log"])
+    assert not NETWORK_LOG.search(result["log"])
+    assert len(re.findall(r'<li data-split="(iid|deep)">On <b>\1</b>, svd\(rank=2\) agrees with the model at', dom)) == 2
+    # Each split's first card is drawn on opening (two figures each); every card lists its predictions.
+    assert len(status["figures"]) == 4
+    cards = re.findall(r'<details class="example" id="ex-\d+" data-i="\d+"(?: open="")?><summary>(\w+): row.*?</details>',
+                       dom, re.S)
+    assert {split: cards.count(split) >= 5 for split in ("iid", "deep")} == {"iid": True, "deep": True}
+    for card in re.findall(r'<details class="example".*?</details>', dom, re.S):
+        assert len(re.findall(r"<span class=\"pred\">[^<]+</span>", card)) >= 2
+    # The example table: one row per card, filterable.
+    assert len(re.findall(r'<tr data-ex="ex-\d+"', dom)) == len(cards)
+    assert re.search(r'<span id="ex-count" class="note">\d+ shown</span>', dom)
+    # Geometry: eight panels (4 heads x queries/keys), every one with points of both splits and the fit data.
+    assert len(re.findall(r'<svg [^>]*class="geo"', dom)) == 8
+    assert len(status["svg_points"]) == 8 and min(status["svg_points"].values()) > 50
+    assert len(re.findall(r"<circle ", dom)) == sum(status["svg_points"].values())
+    # Summary tables sort on click (the script marks each header).
+    assert '<th title="click to sort">' in dom
+
+
+@pytest.fixture(scope="module")
+def sae_dir(tmp_path_factory) -> Path:
+    pytest.importorskip("sae_lens", reason="the sae simplifier needs sae-lens (pip install '.[sae]')")
+    from illusions.simplifiers import SAE
+
+    sae = make_run(simplifiers=[SAE(width=16, top_k=2, sae_steps=30, sae_batch=256)],
+                   spec_fields={"simplifier": "sae", "widths": (16,)})
+    out = tmp_path_factory.mktemp("runs") / "brackets-sae"
+    write_run(sae, out, extra_files=lambda stage: write_report_files(sae, stage))
+    return out
+
+
+def test_sae_report_has_a_latent_table_and_no_subspace(sae_dir):
+    page = (sae_dir / "report.html").read_text(encoding="utf-8")
+    assert re.findall(r'<section id="([\w-]+)">', page) == [
+        "summary", "examples", "geometry", "latents", "key-depth", "configuration"]
+    table = page[page.index('id="latent-table"'):page.index("</table>", page.index('id="latent-table"'))]
+    assert len(re.findall(r"<tr", table)) == 1 + 16  # header and every latent
+    assert "frequency train</th><th>frequency iid</th><th>frequency deep</th>" in table
+    assert "there is no kept subspace to draw" in page
+    details = re.findall(r'<div class="latent"><h4>(blocks\.1\.hook_resid_pre#\d+)', page)
+    assert 1 <= len(details) <= 6
+    assert "Top promoted tokens (W_dec · W_U): <code>" in page
+
+
+@pytest.mark.browser
+def test_sae_latent_table_in_a_real_browser(sae_dir, tmp_path):
+    result = render_in_browser(sae_dir / "report.html", tmp_path, fragment="#only-latents")
+    status, dom = result["status"], result["dom"]
+    assert status["errors"] == [] and not CONSOLE_ERROR.search(result["log"])
+    table = re.search(r'<table class="sortable latents" id="latent-table">.*?</table>', dom, re.S).group(0)
+    assert len(re.findall(r"<tr", table)) == 17 and '<th title="click to sort">' in table
+    # Shown alone at the top: the table's cells are drawn (dark text pixels in the first 600 rows).
+    assert (result["pixels"][:600].sum(axis=2) < 200).sum() > 500
+
+
+@pytest.mark.browser
 def test_browser_check_catches_a_network_request_and_a_blank_panel(run_dir, tmp_path):
     """The browser test's two detectors fire on a page that fetches and on one that never draws."""
     page = (run_dir / "report.html").read_text(encoding="utf-8")
@@ -378,3 +522,12 @@ def test_browser_check_catches_a_network_request_and_a_blank_panel(run_dir, tmp_
     (tmp_path / "b").mkdir()
     status = render_in_browser(blank, tmp_path / "b", fragment="#only-attention")["status"]
     assert status["canvases"] == []
+    # Script errors are caught too: one inside a figure (caught and noted), one uncaught (in the console).
+    broken = tmp_path / "broken.html"
+    broken.write_text(page.replace("function scatter(box, panel, index) {", "function scatter(box, panel, index) {"
+                                   " undefinedName(); ", 1).replace("<body>", "<body><script>alsoUndefined();</script>", 1))
+    (tmp_path / "c").mkdir()
+    result = render_in_browser(broken, tmp_path / "c")
+    errors = result["status"]["errors"]
+    assert any("alsoUndefined" in e for e in errors) and sum(e.startswith("geometry ") for e in errors) == 8
+    assert CONSOLE_ERROR.search(result["log"])

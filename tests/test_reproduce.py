@@ -9,23 +9,33 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import small_dyck
 from illusions import bundled
-from illusions import reproduce as rep
 from illusions.cli import app
 from illusions.models import build_model, save_model
-from illusions.reports import results as res
+from illusions.reproduction.aggregate import (
+    RecipeRuns,
+    SeedStat,
+    has_sparse,
+    load_runs,
+    load_training,
+)
+from illusions.reproduction.claims import CLAIMS, judge
+from illusions.reproduction.document import Family, _duration, render
+from illusions.reproduction.figures import write_figures, write_training_figures
+from illusions.reproduction.judges import _depth_split, judge_gap, judge_key_depth, training_course
+from illusions.reproduction.outputs import check_outputs
+from illusions.reproduction.plan import Job, load_recipes, plan, task_families
+from illusions.reproduction.run import MANIFEST, is_current, run_all
 
 runner = CliRunner()
 COMMON = 'fit_n = 40\nn_boot = 20\nmax_seqs = 20\nsplits = ["iid", "unseen_depth", "seen_struct"]\n'
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, tiny_dyck):
     """Assets with a tiny 'bundled' Dyck model (seed 0) and a second seed, plus two recipes."""
     root = tmp_path_factory.mktemp("reproduce")
-    mp = pytest.MonkeyPatch()
-    task, cfg = small_dyck(root, mp)
+    task, cfg = tiny_dyck.task, tiny_dyck.config
     assets = root / "assets"
     save_model(build_model(cfg, seed=0), assets / "dyck", meta={"task": task.meta()})
     save_model(build_model(cfg, seed=1), assets / "seeds" / "dyck-seed1", meta={"task": task.meta()})
@@ -37,41 +47,40 @@ def env(tmp_path_factory):
     (recipes / "dyck-heads-onehot.toml").write_text(
         'name = "dyck-heads-onehot"\ndescription = "per head"\nclaim = "c"\n[analysis]\ntask = "dyck"\n'
         'simplifier = "onehot"\nlayers = [0, 1]\nper_head = true\nbreakdowns = []\n' + COMMON)
-    yield root, assets, recipes
-    mp.undo()
+    return root, assets, recipes
 
 
 def test_plan_pairs_every_recipe_with_every_seed(env, tmp_path):
     _, assets, recipes = env
-    jobs = rep.plan(rep.load_recipes(recipes), tmp_path, assets=assets)
+    jobs = plan(load_recipes(recipes), tmp_path, assets=assets)
     assert [j.key for j in jobs] == ["dyck-heads-onehot/seed0", "dyck-heads-onehot/seed1",
                                      "dyck-svd-L1/seed0", "dyck-svd-L1/seed1"]
     assert jobs[1].spec.model == str(assets / "seeds" / "dyck-seed1")
-    assert [j.key for j in rep.plan(rep.load_recipes(recipes), tmp_path, seeds=[1], assets=assets)] == [
+    assert [j.key for j in plan(load_recipes(recipes), tmp_path, seeds=[1], assets=assets)] == [
         "dyck-heads-onehot/seed1", "dyck-svd-L1/seed1"]
     with pytest.raises(Exception, match="no checkpoint of task 'dyck' for seed"):
-        rep.plan(rep.load_recipes(recipes), tmp_path, seeds=[5], assets=assets)
+        plan(load_recipes(recipes), tmp_path, seeds=[5], assets=assets)
 
 
 def test_runs_are_reused_results_come_from_the_runs(env, tmp_path):
     _, assets, recipes = env
-    loaded = rep.load_recipes(recipes)
-    jobs = rep.plan(loaded, tmp_path / "runs", assets=assets)
-    first = rep.run_all(jobs, tmp_path / "runs", report=False)
+    loaded = load_recipes(recipes)
+    jobs = plan(loaded, tmp_path / "runs", assets=assets)
+    first = run_all(jobs, tmp_path / "runs", report=False)
     assert not any(e["reused"] for e in first["runs"].values())
-    assert json.loads((tmp_path / "runs" / rep.MANIFEST).read_text())["runs"].keys() == first["runs"].keys()
+    assert json.loads((tmp_path / "runs" / MANIFEST).read_text())["runs"].keys() == first["runs"].keys()
     assert first["full_run"]["runs"] == len(jobs) and first["full_run"]["seconds"] == first["total_seconds"]
     assert first["full_run"]["cpu_seconds"] > 0
-    again = rep.run_all(jobs, tmp_path / "runs", report=False)
+    again = run_all(jobs, tmp_path / "runs", report=False)
     assert all(e["reused"] for e in again["runs"].values())
     # Reused runs keep their times, and the whole-reproduction figure is carried over, not replaced by 0.
     assert again["full_run"] == first["full_run"]
     assert again["runs"][jobs[0].key]["seconds"] == first["runs"][jobs[0].key]["seconds"]
     # A changed spec is not reused.
-    changed = [rep.Job(j.recipe, j.seed, j.spec.replace(n_boot=30), j.out) for j in jobs[:1]]
-    assert not rep.is_current(changed[0])
+    changed = [Job(j.recipe, j.seed, j.spec.replace(n_boot=30), j.out) for j in jobs[:1]]
+    assert not is_current(changed[0])
 
-    runs = res.load_runs(loaded, tmp_path / "runs")
+    runs = load_runs(loaded, tmp_path / "runs")
     heads = runs["dyck-heads-onehot"]
     assert heads.seeds == [0, 1]
     assert heads.proxies() == ["onehot@L0H0", "onehot@L0H1", "onehot@L1H0", "onehot@L1H1"]
@@ -84,12 +93,12 @@ def test_runs_are_reused_results_come_from_the_runs(env, tmp_path):
     stat = runs["dyck-svd-L1"].stat("svd(rank=16)", "iid", "agreement")
     assert stat.values == pytest.approx(values) and stat.mean == pytest.approx(np.mean(values))
 
-    figures = res.write_figures(runs, tmp_path / "docs" / "figures", relative_to=tmp_path / "docs")
+    figures = write_figures(runs, tmp_path / "docs" / "figures", relative_to=tmp_path / "docs")
     assert figures["sweep:dyck-svd-L1"] == "figures/dyck-svd-L1.png"
     assert (tmp_path / "docs" / "figures" / "dyck-heads-onehot.png").read_bytes()[:4] == b"\x89PNG"
-    doc = res.render(runs, loaded, manifest=first, figures=figures)
+    doc = render(runs, loaded, manifest=first, figures=figures)
     assert "| # | claim | what we measured | verdict |" in doc
-    assert f"Wall time of the whole reproduction:** {res._duration(first['total_seconds'])} for all 4 runs" in doc
+    assert f"Wall time of the whole reproduction:** {_duration(first['total_seconds'])} for all 4 runs" in doc
     assert f"{stat.mean:.3f}" in doc
     assert "`onehot@L1H0`" in doc and "![dyck-svd-L1](figures/dyck-svd-L1.png)" in doc
     assert "recipes `dyck-kmeans-L1`, `dyck-kmeans-L0` were not run" in doc
@@ -115,7 +124,7 @@ def _runs(gap_rows):
             seed_rows.append(row)
         rows[seed] = seed_rows
     recipe = AnalysisRecipe("r", "d", "c", AnalysisSpec(ranks=(4,)), "r.toml")
-    return res.RecipeRuns(recipe, rows)
+    return RecipeRuns(recipe, rows)
 
 
 @pytest.mark.parametrize("gaps, verdict", [
@@ -126,16 +135,16 @@ def _runs(gap_rows):
 ])
 def test_gap_verdict_follows_per_seed_significance(gaps, verdict):
     runs = _runs([(0.99, {"unseen_depth": g}) for g in gaps])
-    assert res.judge_gap(runs)[0] == verdict
+    assert judge_gap(runs)[0] == verdict
 
 
 def test_no_in_distribution_match_caps_the_verdict_at_partly():
     runs = _runs([(0.80, {"unseen_depth": (-0.05, -0.08, -0.02)}) for _ in range(2)])
-    assert res.judge_gap(runs)[0] == "partly"
+    assert judge_gap(runs)[0] == "partly"
 
 
 def test_seed_interval_is_a_t_interval_clipped_to_the_range():
-    stat = res.SeedStat((0.9, 1.0, 0.95), (0.0, 1.0))
+    stat = SeedStat((0.9, 1.0, 0.95), (0.0, 1.0))
     half = 4.303 * np.std([0.9, 1.0, 0.95], ddof=1) / np.sqrt(3)
     assert stat.half_width == pytest.approx(half, rel=1e-3)  # t_{0.975, 2} = 4.3027
     assert stat.interval == pytest.approx((0.95 - stat.half_width, 1.0))
@@ -148,13 +157,13 @@ def test_key_depth_claim_splits_at_the_runs_training_depth():
         for depth, value in ((2, 0.9), (5, 0.5)):
             seed_rows.append({**seed_rows[-1], "group_by": "key_depth", "group": str(depth), "value": value})
     def split(d):
-        return res._depth_split(res.RecipeRuns(base.recipe, base.rows), "svd(rank=4)", "unseen_depth", d)
+        return _depth_split(RecipeRuns(base.recipe, base.rows), "svd(rank=4)", "unseen_depth", d)
     assert [s.mean for s in split(3)] == pytest.approx([0.9, 0.5])
     assert [s.values for s in split(10)] == [(), ()]  # nothing beyond depth 10
-    runs = res.RecipeRuns(base.recipe, base.rows, {"max_depth": 3})
-    verdict, text = res.judge_key_depth([runs])
+    runs = RecipeRuns(base.recipe, base.rows, {"max_depth": 3})
+    verdict, text = judge_key_depth([runs])
     assert verdict == "reproduced" and "key depth <= 3" in text
-    assert res.judge_key_depth([res.RecipeRuns(base.recipe, base.rows)])[0] == "not run"
+    assert judge_key_depth([RecipeRuns(base.recipe, base.rows)])[0] == "not run"
 
 
 def test_cli_writes_results_and_refuses_bad_input(env, tmp_path):
@@ -185,11 +194,11 @@ def test_cli_writes_results_and_refuses_bad_input(env, tmp_path):
 
 def test_parallel_workers_write_the_same_runs_as_one_process(env, tmp_path):
     _, assets, recipes = env
-    loaded = [r for r in rep.load_recipes(recipes) if r.name == "dyck-svd-L1"]
-    serial = rep.plan(loaded, tmp_path / "serial", assets=assets)
-    parallel = rep.plan(loaded, tmp_path / "parallel", assets=assets)
-    rep.run_all(serial, tmp_path / "serial", report=False)
-    manifest = rep.run_all(parallel, tmp_path / "parallel", report=False, workers=2, threads=1)
+    loaded = [r for r in load_recipes(recipes) if r.name == "dyck-svd-L1"]
+    serial = plan(loaded, tmp_path / "serial", assets=assets)
+    parallel = plan(loaded, tmp_path / "parallel", assets=assets)
+    run_all(serial, tmp_path / "serial", report=False)
+    manifest = run_all(parallel, tmp_path / "parallel", report=False, workers=2, threads=1)
     assert manifest["workers"] == 2 and list(manifest["runs"]) == [j.key for j in parallel]
     assert len(serial) >= 2  # a pool with one job would run it in this process
     for a, b in zip(serial, parallel, strict=True):
@@ -201,24 +210,32 @@ def test_sparse_dictionary_recipe_feeds_its_claims_and_tables(env, tmp_path):
     _, assets, _ = env
     recipes = tmp_path / "recipes"
     recipes.mkdir()
-    (recipes / "dyck-sae-resid-L1.toml").write_text(
-        'name = "dyck-sae-resid-L1"\ndescription = "sae sweep"\nclaim = "c"\n[analysis]\ntask = "dyck"\n'
-        'simplifier = "sae"\nwidths = [8, 16, 32]\ntop_k = 4\nsae_steps = 10\nlayers = [1]\nbreakdowns = []\n'
-        + COMMON)
-    loaded = rep.load_recipes(recipes)
-    jobs = rep.plan(loaded, tmp_path / "runs", assets=assets)
-    manifest = rep.run_all(jobs, tmp_path / "runs", report=False)
-    runs = res.load_runs(loaded, tmp_path / "runs")
+    for name, seed in (("dyck-sae-resid-L1", ""), ("dyck-sae-resid-L1-s1", "seed = 1\n")):
+        (recipes / f"{name}.toml").write_text(
+            f'name = "{name}"\ndescription = "sae sweep"\nclaim = "c"\n[analysis]\ntask = "dyck"\n'
+            'simplifier = "sae"\nwidths = [8, 16, 32]\ntop_k = 4\nsae_steps = 10\nlayers = [1]\nbreakdowns = []\n'
+            + seed + COMMON)
+    loaded = load_recipes(recipes)
+    jobs = plan(loaded, tmp_path / "runs", assets=assets)
+    manifest = run_all(jobs, tmp_path / "runs", report=False)
+    runs = load_runs(loaded, tmp_path / "runs")
     sae = runs["dyck-sae-resid-L1"]
-    assert res.has_sparse(sae) and sae.proxies() == ["sae(width=8)", "sae(width=16)", "sae(width=32)"]
+    assert has_sparse(sae) and sae.proxies() == ["sae(width=8)", "sae(width=16)", "sae(width=32)"]
     ev = sae.stat("sae(width=8)", "iid", "explained_variance")
     assert ev.n == 2 and ev.mean <= 1
-    doc = res.render(runs, loaded, manifest=manifest, figures={})
-    assert "In-distribution reconstruction quality predicts" in doc and "`dyck-sae-resid-L1`: mean rho" in doc
+    doc = render(runs, loaded, manifest=manifest, figures={})
+    # Claim 13 correlates the two dictionaries of each width (SAE seeds 0 and 1), centred per width and seed.
+    assert "In-distribution reconstruction quality predicts" in doc
+    assert "`dyck-sae-resid-L1`, `dyck-sae-resid-L1-s1` (2 dictionaries per width, widths 8, 16, 32): rho `" in doc
+    one = {"dyck-sae-resid-L1": sae}
+    from illusions.reproduction.claims import CLAIMS as ALL
+
+    verdict, text = judge(next(c for c in ALL if c.key == "sae_predicts"), one)
+    assert verdict == "not run" and "several dictionaries per width" in text
     assert "| split | explained variance | normalised MSE | L0 | dead latents | latents new vs training |" in doc
     assert "iid explained var" in doc
     # Reused as they are: the spec a run records reads back equal.
-    assert all(rep.is_current(job) for job in jobs)
+    assert all(is_current(job) for job in jobs)
 
 
 @pytest.fixture(scope="module")
@@ -248,38 +265,38 @@ def family_env(env, tmp_path_factory):
 
 def test_plan_runs_each_recipe_on_every_family_of_its_task(family_env, tmp_path):
     _, assets, recipes = family_env
-    loaded = [r for r in rep.load_recipes(recipes) if r.name == "dyck-svd-L1"]
-    assert rep.task_families("dyck", assets) == ["dyck", "dyck-paperlike"]
-    jobs = rep.plan(loaded, tmp_path, assets=assets)
+    loaded = [r for r in load_recipes(recipes) if r.name == "dyck-svd-L1"]
+    assert task_families("dyck", assets) == ["dyck", "dyck-paperlike"]
+    jobs = plan(loaded, tmp_path, assets=assets)
     assert [j.key for j in jobs] == ["dyck-svd-L1/seed0", "dyck-svd-L1/seed1", "dyck-svd-L1/dyck-paperlike-seed0",
                                      "dyck-svd-L1/dyck-paperlike-seed1"]
     assert jobs[2].family == "dyck-paperlike" and jobs[2].spec.model == str(assets / "dyck-paperlike")
     assert jobs[3].out == tmp_path / "dyck-svd-L1" / "dyck-paperlike-seed1"
-    only = rep.plan(loaded, tmp_path, families=["dyck-paperlike"], seeds=[1], assets=assets)
+    only = plan(loaded, tmp_path, families=["dyck-paperlike"], seeds=[1], assets=assets)
     assert [j.key for j in only] == ["dyck-svd-L1/dyck-paperlike-seed1"]
     with pytest.raises(Exception, match="no bundled model family 'nope' for these recipes; families: dyck, "
                                         "dyck-paperlike"):
-        rep.plan(loaded, tmp_path, families=["nope"], assets=assets)
+        plan(loaded, tmp_path, families=["nope"], assets=assets)
 
 
 def test_another_family_is_judged_beside_the_reference(family_env, tmp_path):
     _, assets, recipes = family_env
-    loaded = [r for r in rep.load_recipes(recipes) if r.name == "dyck-svd-L1"]
+    loaded = [r for r in load_recipes(recipes) if r.name == "dyck-svd-L1"]
     out = tmp_path / "runs"
-    reference = rep.plan(loaded, out, families=["dyck"], assets=assets)
-    rep.run_all(reference, out, report=False)
-    jobs = rep.plan(loaded, out, assets=assets)
+    reference = plan(loaded, out, families=["dyck"], assets=assets)
+    run_all(reference, out, report=False)
+    jobs = plan(loaded, out, assets=assets)
     # A tree holding runs of both layouts is ours: a second invocation is not refused.
-    rep.check_outputs(jobs, out, tmp_path / "docs" / "RESULTS.md")
-    manifest = rep.run_all(jobs, out, report=False)
-    (out / rep.MANIFEST).rename(tmp_path / "manifest.json")  # recognised by its run folders alone
-    rep.check_outputs(jobs, out, tmp_path / "docs" / "RESULTS.md")
-    (tmp_path / "manifest.json").rename(out / rep.MANIFEST)
+    check_outputs(jobs, out, tmp_path / "docs" / "RESULTS.md")
+    manifest = run_all(jobs, out, report=False)
+    (out / MANIFEST).rename(tmp_path / "manifest.json")  # recognised by its run folders alone
+    check_outputs(jobs, out, tmp_path / "docs" / "RESULTS.md")
+    (tmp_path / "manifest.json").rename(out / MANIFEST)
     assert bundled.family_description("dyck-paperlike", assets) == "a paper-like family"
     assert [e["reused"] for e in manifest["runs"].values()] == [True, True, False, False]
     assert manifest["runs"]["dyck-svd-L1/dyck-paperlike-seed0"]["family"] == "dyck-paperlike"
-    ref = res.load_runs(loaded, out)
-    other = res.load_runs(loaded, out, family="dyck-paperlike")
+    ref = load_runs(loaded, out)
+    other = load_runs(loaded, out, family="dyck-paperlike")
     assert ref["dyck-svd-L1"].seeds == other["dyck-svd-L1"].seeds == [0, 1]
     # The family's numbers are its own runs', not the reference's.
     with open(out / "dyck-svd-L1" / "dyck-paperlike-seed1" / "metrics.csv") as fh:
@@ -288,18 +305,18 @@ def test_another_family_is_judged_beside_the_reference(family_env, tmp_path):
     assert other["dyck-svd-L1"].row(1, "svd(rank=1)", "iid", "agreement")["value"] == value
     assert ref["dyck-svd-L1"].stat("svd(rank=1)", "iid", "agreement").values != \
         other["dyck-svd-L1"].stat("svd(rank=1)", "iid", "agreement").values
-    figures = res.write_figures(other, tmp_path / "docs" / "figures", relative_to=tmp_path / "docs",
+    figures = write_figures(other, tmp_path / "docs" / "figures", relative_to=tmp_path / "docs",
                                 stem_prefix="dyck-paperlike-")
     assert figures["sweep:dyck-svd-L1"] == "figures/dyck-paperlike-dyck-svd-L1.png"
-    family = res.Family("dyck-paperlike", other, figures, "a paper-like family")
-    doc = res.render(ref, loaded, manifest=manifest, figures={}, others=[family])
+    family = Family("dyck-paperlike", other, figures, "a paper-like family")
+    doc = render(ref, loaded, manifest=manifest, figures={}, others=[family])
     header = ("| # | claim | reference models: what we measured | verdict | `dyck-paperlike`: what we measured "
               "| verdict |")
     assert header in doc
     claim1 = next(line for line in doc.splitlines() if line.startswith("| 1 |")).split(" | ")
     # One cell per header column: the reference's text and verdict, then the family's own.
     assert len(claim1) == header.count(" | ") + 1
-    assert claim1[2] == res.judge(res.CLAIMS[0], ref)[1] and claim1[4] == res.judge(res.CLAIMS[0], other)[1]
+    assert claim1[2] == judge(CLAIMS[0], ref)[1] and claim1[4] == judge(CLAIMS[0], other)[1]
     assert "## Recipe by recipe: the `dyck-paperlike` models" in doc and "(a paper-like family)" in doc
     assert "Claim 6 is about the paper's own models, so it is judged on `dyck-paperlike`" in doc
     assert "Original accuracy of the `dyck-paperlike` checkpoints" in doc
@@ -318,25 +335,25 @@ def test_over_training_recipes_run_on_the_shipped_step_checkpoints_of_each_famil
     recipes = tmp_path / "recipes"
     recipes.mkdir()
     (recipes / "over.toml").write_text(OVER_TRAINING)
-    loaded = rep.load_recipes(recipes)
+    loaded = load_recipes(recipes)
     assert loaded[0].over_training
     out = tmp_path / "runs"
-    jobs = rep.plan(loaded, out, assets=assets)
+    jobs = plan(loaded, out, assets=assets)
     assert [j.key for j in jobs] == ["dyck-svd-L1-over-training/seed0",
                                      "dyck-svd-L1-over-training/dyck-paperlike-seed1"]
     assert jobs[1].spec.checkpoints == str(assets / "checkpoints" / "dyck-paperlike-seed1")
-    assert [j.key for j in rep.plan(loaded, out, seeds=[1], assets=assets)] == [jobs[1].key]
-    rep.check_outputs(jobs, out, tmp_path / "R.md")
-    manifest = rep.run_all(jobs, out, report=False)
+    assert [j.key for j in plan(loaded, out, seeds=[1], assets=assets)] == [jobs[1].key]
+    check_outputs(jobs, out, tmp_path / "R.md")
+    manifest = run_all(jobs, out, report=False)
     assert (out / jobs[1].key / "checkpoints.csv").is_file() and (out / jobs[1].key / "step30").is_dir()
     # Finished analyses over checkpoints are recognised: reused, and the tree is ours (by its manifest,
     # and by its run folders alone).
-    assert all(rep.is_current(j) for j in jobs)
-    rep.check_outputs(jobs, out, tmp_path / "R.md")
-    (out / rep.MANIFEST).unlink()
-    rep.check_outputs(jobs, out, tmp_path / "R.md")
-    reference = res.load_training(loaded, out)
-    other = res.load_training(loaded, out, family="dyck-paperlike")
+    assert all(is_current(j) for j in jobs)
+    check_outputs(jobs, out, tmp_path / "R.md")
+    (out / MANIFEST).unlink()
+    check_outputs(jobs, out, tmp_path / "R.md")
+    reference = load_training(loaded, out)
+    other = load_training(loaded, out, family="dyck-paperlike")
     assert reference["dyck-svd-L1-over-training"].seed == 0 and other["dyck-svd-L1-over-training"].seed == 1
     sweep = other["dyck-svd-L1-over-training"].sweep
     assert sweep.steps == [10, 20, 30] and sweep.proxies == ["svd(rank=1)"]
@@ -344,10 +361,10 @@ def test_over_training_recipes_run_on_the_shipped_step_checkpoints_of_each_famil
         row = next(r for r in csv.DictReader(fh) if r["step"] == "20" and r["split"] == "unseen_depth"
                    and r["metric"] == "accuracy_change")
     assert sweep.value(20, "unseen_depth", "svd(rank=1)", "accuracy_change", "gap_vs_iid") == float(row["gap_vs_iid"])
-    figures = res.write_training_figures(other, tmp_path / "figures", relative_to=tmp_path, stem_prefix="p-")
+    figures = write_training_figures(other, tmp_path / "figures", relative_to=tmp_path, stem_prefix="p-")
     assert figures == {"training:dyck-svd-L1-over-training": "figures/p-dyck-svd-L1-over-training.png"}
-    doc = res.render({}, loaded, manifest=manifest, figures={}, training=reference,
-                     others=[res.Family("dyck-paperlike", {}, figures, "", other)])
+    doc = render({}, loaded, manifest=manifest, figures={}, training=reference,
+                     others=[Family("dyck-paperlike", {}, figures, "", other)])
     claim = next(line for line in doc.splitlines() if "Over training: does an illusion" in line)
     assert claim.count("`dyck-svd-L1-over-training` (training seed") == 2
     assert "## Over training" in doc and "### `dyck-svd-L1-over-training` on `dyck-paperlike` (training seed 1)" in doc
@@ -365,7 +382,7 @@ def test_over_training_recipes_run_on_the_shipped_step_checkpoints_of_each_famil
 ])
 def test_training_course_names_how_an_illusion_changes(signs, values, course):
     states = [(step, v, s) for step, v, s in zip((1, 2, 3), values, signs, strict=True)]
-    assert res.training_course(states) == course
+    assert training_course(states) == course
 
 
 @pytest.mark.parametrize(("extra", "message"), [
@@ -418,13 +435,13 @@ def test_a_sweep_is_cut_to_what_each_models_width_allows(family_env, tmp_path):
     (recipes / "too-wide.toml").write_text('name = "too-wide"\ndescription = "d"\nclaim = "c"\n[analysis]\n'
                                            'task = "dyck"\nsimplifier = "resid-svd"\nranks = [64]\nlayers = [1]\n'
                                            'breakdowns = []\n' + COMMON)
-    loaded = rep.load_recipes(recipes)
-    jobs = rep.plan(loaded, tmp_path / "runs", families=["dyck-paperlike"], seeds=[0], assets=assets)
+    loaded = load_recipes(recipes)
+    jobs = plan(loaded, tmp_path / "runs", families=["dyck-paperlike"], seeds=[0], assets=assets)
     # d_head 16 bounds the query/key ranks; d_model 32 leaves no rank of the residual-stream recipe.
     assert [(j.key, j.spec.ranks) for j in jobs] == [("wide/dyck-paperlike-seed0", (1, 16))]
-    rep.run_all(jobs, tmp_path / "runs", report=False)
-    runs = res.load_runs(loaded, tmp_path / "runs", family="dyck-paperlike")
-    doc = res.render({}, loaded, manifest={"runs": {}}, figures={}, others=[res.Family("dyck-paperlike", runs)])
+    run_all(jobs, tmp_path / "runs", report=False)
+    runs = load_runs(loaded, tmp_path / "runs", family="dyck-paperlike")
+    doc = render({}, loaded, manifest={"runs": {}}, figures={}, others=[Family("dyck-paperlike", runs)])
     assert "The recipe's rank 64 exceed what these models allow (their width) and were left out." in doc
 
 
@@ -434,20 +451,20 @@ def test_a_failing_local_run_leaves_the_others_and_their_times_recorded(env, tmp
     from illusions.engines import JobsFailed
 
     _, assets, recipes = env
-    loaded = [r for r in rep.load_recipes(recipes) if r.name == "dyck-svd-L1"]
+    loaded = [r for r in load_recipes(recipes) if r.name == "dyck-svd-L1"]
     out = tmp_path / "runs"
-    good = rep.plan(loaded, out, assets=assets)
-    broken = rep.Job(good[1].recipe, good[1].seed, good[1].spec.replace(model=str(tmp_path / "gone")), good[1].out)
+    good = plan(loaded, out, assets=assets)
+    broken = Job(good[1].recipe, good[1].seed, good[1].spec.replace(model=str(tmp_path / "gone")), good[1].out)
     for workers in (1, 2):
         where = out / f"w{workers}"
-        jobs = [rep.Job(j.recipe, j.seed, j.spec, where / j.out.relative_to(out)) for j in (good[0], broken)]
+        jobs = [Job(j.recipe, j.seed, j.spec, where / j.out.relative_to(out)) for j in (good[0], broken)]
         with pytest.raises(JobsFailed) as failed:
-            rep.run_all(jobs, where, report=False, workers=workers, threads=1)
+            run_all(jobs, where, report=False, workers=workers, threads=1)
         assert list(failed.value.missing) == [jobs[1].key] and "gone" in failed.value.missing[jobs[1].key]
-        manifest = json.loads((where / rep.MANIFEST).read_text())
+        manifest = json.loads((where / MANIFEST).read_text())
         assert manifest["missing"] == failed.value.missing
-        assert manifest["runs"][jobs[0].key]["seconds"] > 0 and rep.is_current(jobs[0])
+        assert manifest["runs"][jobs[0].key]["seconds"] > 0 and is_current(jobs[0])
         assert not (where / jobs[1].key).exists()
-    fixed = [jobs[0], rep.Job(good[1].recipe, good[1].seed, good[1].spec, where / good[1].out.relative_to(out))]
-    again = rep.run_all(fixed, where, report=False)
+    fixed = [jobs[0], Job(good[1].recipe, good[1].seed, good[1].spec, where / good[1].out.relative_to(out))]
+    again = run_all(fixed, where, report=False)
     assert [e["reused"] for e in again["runs"].values()] == [True, False] and "missing" not in again

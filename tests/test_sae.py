@@ -10,13 +10,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import small_dyck
 from illusions.activations import collect
 from illusions.analyses.faithfulness import proxy_label
 from illusions.analyses.sparse import SPARSE_METRICS, SparseStats, stats_of
 from illusions.errors import IllusionsError
 from illusions.metrics import Resampler
-from illusions.models import ModelConfig, build_model, save_model
+from illusions.models import ModelConfig, build_model
 from illusions.registry import make_simplifier
 from illusions.simplifiers import SAE, Proxy, Targets, Transcoder, fit_proxy
 from illusions.simplifiers.sae import SAEHook, TranscoderHook
@@ -334,13 +333,8 @@ def test_spec_defaults_are_the_simplifiers():
 
 
 @pytest.fixture(scope="module")
-def dyck_env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dyck-sae")
-    mp = pytest.MonkeyPatch()
-    task, cfg = small_dyck(root, mp)
-    save_model(build_model(cfg, seed=0), root / "model", meta={"task": task.meta()})
-    yield task, root
-    mp.undo()
+def dyck_env(tiny_dyck):
+    return tiny_dyck.task, tiny_dyck.root
 
 
 @pytest.mark.slow

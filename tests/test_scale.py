@@ -12,26 +12,19 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import small_dyck
 from illusions import engines
 from illusions.analyses.run import AnalysisSpec, run_analysis
 from illusions.cli import app
 from illusions.devices import check_device_name, matmul_precision, resolve_device
 from illusions.errors import IllusionsError
-from illusions.models import build_model, save_model
 
 runner = CliRunner()
 CUDA = torch.cuda.is_available()
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("scale")
-    mp = pytest.MonkeyPatch()
-    task, cfg = small_dyck(root, mp)
-    save_model(build_model(cfg, seed=0), root / "model", meta={"task": task.meta()})
-    yield root
-    mp.undo()
+def env(tiny_dyck):
+    return tiny_dyck.root
 
 
 def _analyze(root, out, *extra):

@@ -10,7 +10,7 @@ from illusions.bundled import ASSETS, METRICS_FILE, bundled_recipe_path
 from illusions.config import read_json
 from illusions.models import load_model, read_checkpoint_config
 from illusions.recipes import load_recipe
-from illusions.reproduce import seed_models
+from illusions.reproduction.plan import seed_models
 from illusions.tasks.code import CodeTask
 from illusions.tasks.dyck import DyckConfig, DyckTask
 from illusions.training import eval_subset_rows, evaluate

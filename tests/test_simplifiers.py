@@ -235,6 +235,15 @@ def test_heads_and_first_layer(tiny_model, tiny_tokens):
     assert _fit(tiny_model, tiny_tokens, EACH[6]).first_layer == 0
 
 
+@pytest.mark.parametrize("simplifier", EACH, ids=IDS)
+def test_a_fitted_proxy_carries_what_its_simplifier_sweeps(tiny_model, tiny_tokens, simplifier):
+    proxy = _fit(tiny_model, tiny_tokens, simplifier)
+    param = type(simplifier).sweep_param
+    assert proxy.sweep_param == param
+    assert proxy.sweep_value == (getattr(simplifier, param) if param else "")
+    assert proxy.to("cpu").sweep_param == param
+
+
 def test_fit_sweep_equals_separate_fits(tiny_model, tiny_tokens):
     for simplifier in (SVD(basis="joint"), ResidSVD()):
         acts = collect(tiny_model, tiny_tokens, simplifier.hook_names(tiny_model), LENGTHS)
@@ -242,6 +251,7 @@ def test_fit_sweep_equals_separate_fits(tiny_model, tiny_tokens):
         for rank, proxy in many.items():
             one = simplifier.replace(rank=rank).fit(tiny_model, acts)
             assert proxy.params == one.params and proxy.params["rank"] == rank
+            assert proxy.sweep_param == one.sweep_param == "rank" and proxy.sweep_value == rank
             for a, b in zip(proxy.hooks, one.hooks, strict=True):
                 assert torch.equal(a.basis, b.basis) and torch.equal(a.mean, b.mean)
                 assert a.basis.shape[-1] == rank

@@ -3,7 +3,8 @@
 The fixture installs Debian's slurm-wlm and munge if they are missing (as root, through apt-get),
 starts munged, slurmctld and slurmd with all their state in a temp folder, and stops them by their
 pids when the module ends, whatever happened. Where that cannot be done (not root, no apt-get, no
-submitit) the tests skip and say why.
+submitit) the tests skip and say why. Marked ``slurm``: `make test` and `.ci/run` run them, `make test-fast`
+does not.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import small_dyck
 from illusions import engines
 from illusions.cli import app
-from illusions.models import build_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / ".ci" / "slurm.sh"
+pytestmark = pytest.mark.slurm
+
 runner = CliRunner()
 COMMON = 'fit_n = 40\nn_boot = 20\nmax_seqs = 20\nsplits = ["iid", "unseen_depth", "seen_struct"]\n'
 
@@ -65,12 +66,11 @@ def slurm(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def recipes(tmp_path_factory):
+def recipes(tmp_path_factory, tiny_dyck):
     """Two small recipes on a tiny Dyck checkpoint, and a third whose checkpoint does not exist."""
     root = tmp_path_factory.mktemp("slurm-recipes")
-    mp = pytest.MonkeyPatch()
-    task, cfg = small_dyck(root, mp)  # the jobs inherit $ILLUSIONS_CACHE, so they reuse these splits
-    save_model(build_model(cfg, seed=0), root / "model", meta={"task": task.meta()})
+    # The jobs inherit the session's $ILLUSIONS_CACHE, so they reuse the tiny Dyck task's splits.
+    shutil.copytree(tiny_dyck.root / "model", root / "model")
     good = root / "good"
     good.mkdir()
     (good / "svd.toml").write_text(
@@ -84,8 +84,7 @@ def recipes(tmp_path_factory):
     (bad / "lost.toml").write_text(
         f'name = "lost"\n[analysis]\ntask = "dyck"\nmodel = "{root / "missing-model"}"\nsimplifier = "svd"\n'
         'ranks = [2]\n' + COMMON)
-    yield root
-    mp.undo()
+    return root
 
 
 def _reproduce(recipes_dir: Path, out: Path, *extra: str):

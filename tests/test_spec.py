@@ -91,3 +91,20 @@ def test_cli_errors_name_the_flags(args, words, tmp_path):
     assert result.exit_code == 2, result.output
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and words in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_sweeps_list_every_swept_parameter_and_the_cli_takes_its_options_from_them():
+    from illusions import registry
+    from illusions.analyses.spec import SWEEP_FIELDS, SWEEPS
+    from illusions.cli.analyze import ANALYZE_VALUES, SWEEP_VALUES
+
+    for name in registry.SIMPLIFIERS:
+        param = registry.get_simplifier(name).sweep_param
+        rows = [s for s in SWEEPS if name in s.methods]
+        assert [s.param for s in rows] == ([param] if param else []), name
+    assert {s.param for s in SWEEPS} == set(SWEEP_FIELDS)
+    assert [(o.flag, o.field) for o in ANALYZE_VALUES] == [(s.flag, s.field) for s in SWEEPS]
+    assert [(o.flag, o.field) for o in SWEEP_VALUES if o.field != "checkpoints"] == [
+        (s.sweep_flag, s.field) for s in SWEEPS]
+    for s in SWEEPS:  # every swept field is a spec field holding a tuple of values
+        assert AnalysisSpec().to_dict().get(s.field, ()) in ((), [])

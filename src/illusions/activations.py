@@ -165,6 +165,23 @@ def collect(
     names = list(dict.fromkeys(hook_names))
     if not names:
         return {}
+    _check_collect(model, names, batch_size=batch_size, max_positions=max_positions)
+    tokens = torch.as_tensor(tokens, dtype=torch.long)
+    if tokens.ndim != 2:
+        raise IllusionsError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
+    mask = as_mask(tokens, mask)
+    if not bool(mask.any()):
+        raise IllusionsError("the mask keeps no positions, so there is nothing to collect")
+    # Shortest rows first (by last kept position), so a batch is padded only to its own longest row.
+    width_of = torch.where(mask, torch.arange(1, mask.shape[1] + 1), 0).amax(dim=1)  # [batch]
+    order = torch.argsort(width_of, stable=True)
+    batches = _batches(order, width_of[order], batch_size, max_positions)
+    out = _collect_batches(model, tokens, mask, names, batches, width_of)
+    return _in_row_order(out, mask, order, model.cfg.device)
+
+
+def _check_collect(model: HookedTransformer, names: list[str], *, batch_size: int, max_positions: int | None) -> None:
+    """Refuse hook names the model lacks or that have no single position axis, and bad batch sizes."""
     check_hook_names(model, names)
     for name in names:
         if name.rsplit(".", 1)[-1] in _PATTERN_HOOKS:
@@ -173,17 +190,22 @@ def collect(
         raise IllusionsError(f"batch_size must be at least 1, got {batch_size}")
     if max_positions is not None and max_positions < 1:
         raise IllusionsError(f"max_positions must be at least 1, got {max_positions}")
+
+
+def _collect_batches(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    mask: Bool[Tensor, "batch pos"],
+    names: list[str],
+    batches: list[Tensor],
+    width_of: Int[Tensor, " batch"],
+) -> dict[str, Tensor]:
+    """The kept activations at ``names``, batch after batch in the order ``batches`` gives the rows, each
+    forward pass trimmed to its batch's width and stopped once every hook has fired."""
+    import torch
+
     device = model.cfg.device
-    tokens = torch.as_tensor(tokens, dtype=torch.long)
-    if tokens.ndim != 2:
-        raise IllusionsError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
-    mask = as_mask(tokens, mask)
-    if not bool(mask.any()):
-        raise IllusionsError("the mask keeps no positions, so there is nothing to collect")
     stop = stop_layer(model, names)
-    # Shortest rows first (by last kept position), so a batch is padded only to its own longest row.
-    width_of = torch.where(mask, torch.arange(1, mask.shape[1] + 1), 0).amax(dim=1)  # [batch]
-    order = torch.argsort(width_of, stable=True)
     captured: dict[str, Tensor] = {}
     keep = mask
 
@@ -195,7 +217,7 @@ def collect(
 
     parts: dict[str, list[Tensor]] = {name: [] for name in names}
     with torch.no_grad():
-        for rows in _batches(order, width_of[order], batch_size, max_positions):
+        for rows in batches:
             width = int(width_of[rows].max())
             if width == 0:
                 continue
@@ -211,7 +233,15 @@ def collect(
                 raise IllusionsError(f"hook(s) {', '.join(missing)} did not run in this model's forward pass")
             for name in names:
                 parts[name].append(captured[name])
-    out = {name: torch.cat(parts[name]) for name in names}
+    return {name: torch.cat(parts[name]) for name in names}
+
+
+def _in_row_order(
+    out: dict[str, Tensor], mask: Bool[Tensor, "batch pos"], order: Int[Tensor, " batch"], device: Any
+) -> dict[str, Tensor]:
+    """``out``, collected with the rows in ``order``, back in the callers' row-major order."""
+    import torch
+
     if bool((order[1:] < order[:-1]).any()):
         # Back to the callers' row order: row r's kept positions sit at start[rank of r] in `out`.
         counts = mask.sum(dim=1)  # [batch]

@@ -38,11 +38,12 @@ from illusions.io import (
     check_output_dir,
     staged_dir,
 )
+from illusions.metric_table import OVER_TRAINING_METRICS
 
 CHECKPOINT_SWEEP = OutputKind("checkpoint-sweep", "an analysis over training checkpoints")
 SUMMARY_CSV = "checkpoints.csv"
 SUMMARY_JSON = "checkpoints.json"
-METRICS = ("original_accuracy", "proxy_accuracy", "agreement", "accuracy_change")
+METRICS = OVER_TRAINING_METRICS  # the metric table's rows marked over_training
 SUMMARY_FIELDS = ("step", "split", "proxy", "metric", "value", "ci_low", "ci_high", "gap_vs_iid",
                   "gap_vs_iid_low", "gap_vs_iid_high", "n_positions")
 

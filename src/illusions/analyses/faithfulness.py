@@ -18,6 +18,7 @@ import numpy as np
 
 from illusions.analyses.sparse import sparse_stats
 from illusions.errors import IllusionsError
+from illusions.metric_table import POSITION_METRICS
 from illusions.metrics import js_divergence, kl_divergence
 from illusions.scoring import gather_scored, iter_batches, restricted_argmax
 from illusions.tasks.base import Split
@@ -67,8 +68,9 @@ class Records:
         }
 
 
-METRICS = ("original_accuracy", "proxy_accuracy", "agreement", "accuracy_change", "attention_jsd", "kl")
-"""Per-split metrics, each the mean of a per-position value (:meth:`Records.per_position`).
+METRICS = POSITION_METRICS
+"""Per-split metrics, each the mean of a per-position value (:meth:`Records.per_position`); the rows
+of :data:`illusions.metric_table.METRICS` computed per scored position, in their order.
 
 ``accuracy_change`` is proxy minus original accuracy on the same positions. Its gap relative to
 ``iid`` says how the proxy misjudges the model's generalization: negative, the proxy *under-states*
@@ -89,15 +91,10 @@ class AnalysisResult:
 
 
 def sweep_param(proxy: Proxy) -> tuple[str, Any]:
-    """The proxy's swept parameter and value: ``("rank", 4)``, or ``("", "")`` for a method that
-    sweeps nothing. The parameter is the registered simplifier's ``sweep_param`` (a proxy-like object
-    from outside the registry may carry its own ``sweep_param``)."""
-    from illusions import registry
-
-    param = getattr(proxy, "sweep_param", None)
-    if param is None:
-        known = proxy.simplifier in registry.SIMPLIFIERS
-        param = registry.get_simplifier(proxy.simplifier).sweep_param if known else ""
+    """The parameter the proxy's simplifier swept and its value, as the proxy carries them
+    (:attr:`~illusions.simplifiers.base.Proxy.sweep_param`): ``("rank", 4)``, or ``("", "")`` for a
+    method that sweeps nothing."""
+    param = getattr(proxy, "sweep_param", "")
     return (param, proxy.params[param]) if param and param in proxy.params else ("", "")
 
 

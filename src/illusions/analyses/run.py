@@ -35,8 +35,9 @@ from illusions.analyses.spec import (  # noqa: F401  (re-exported: the spec is p
     AnalysisSpec,
     build_simplifiers,
     load_analysis_recipe,
+    per_head_simplifiers,
 )
-from illusions.analyses.summary import DISCRETE, ROW_FIELDS, summarize, to_json
+from illusions.analyses.summary import CONTROL_FIELDS, DISCRETE, ROW_FIELDS, summarize, to_json
 from illusions.errors import IllusionsError
 from illusions.io import (
     OutputKind,
@@ -152,21 +153,19 @@ def run_analysis(spec: AnalysisSpec, *, progress: Callable[[str, int, int], None
     if spec.checkpoints:
         raise IllusionsError("this spec analyses training checkpoints; run it with "
                              "illusions.analyses.checkpoints.run_over_checkpoints (`illusions sweep --over-checkpoints`)")
-    simplifiers = build_simplifiers(spec)  # bad parameters fail before the model is loaded
     where = resolve_device(device)
     with matmul_precision(where, allow_tf32):
-        run = _run_on(spec, simplifiers, where, progress)
+        run = _run_on(spec, where, progress)
     run.runtime = {"device": describe_device(where), "allow_tf32": bool(allow_tf32) and where.type == "cuda"}
     return run
 
 
-def _run_on(spec: AnalysisSpec, simplifiers: list[Any], device: Any,
-            progress: Callable[[str, int, int], None] | None) -> RunResult:
+def _run_on(spec: AnalysisSpec, device: Any, progress: Callable[[str, int, int], None] | None) -> RunResult:
     from illusions.analyses.faithfulness import analyze
 
     task, model, source, desc = load_task_and_model(spec, device=device)
-    if spec.per_head:
-        simplifiers = build_simplifiers(spec, n_layers=model.cfg.n_layers, n_heads=model.cfg.n_heads)
+    # The spec's simplifiers (built and checked when the spec was made), placed per head if asked.
+    simplifiers = per_head_simplifiers(spec, model.cfg.n_layers, model.cfg.n_heads)
     splits = task.splits()
     eval_splits = list(spec.splits) or [s for s in splits if s != spec.fit_split]
     unknown = [s for s in eval_splits if s not in splits]
@@ -184,19 +183,22 @@ def _run_on(spec: AnalysisSpec, simplifiers: list[Any], device: Any,
     breakdowns = tuple(dict.fromkeys((*spec.breakdowns, *task_meta.get("meta_columns", ()))))
     rows = summarize(result, breakdowns=breakdowns, n_boot=spec.n_boot, seed=spec.seed, group_names=names,
                      discrete=task_meta.get("discrete", DISCRETE),
-                     position_groups=task.position_groups() if isinstance(task, DataSupport) else None)
+                     position_groups=task.position_groups() if isinstance(task, DataSupport) else None,
+                     match=spec.match)
     proxies = [{"label": label, "simplifier": p.simplifier, "params": p.params}
                for label, p in zip(result.labels, result.proxies, strict=True)]
-    doc = to_json(rows, task=spec.task, model=source, proxies=proxies)
+    doc = to_json(rows, task=spec.task, model=source, proxies=proxies, match=spec.match)
     return RunResult(spec, desc, source, rows, doc, result, task_meta, task=task, model=model)
 
 
 def rows_to_csv(rows: list[dict[str, Any]]) -> str:
+    """The tidy rows as CSV: :data:`ROW_FIELDS`, then the ``--match`` control's fields when rows have them."""
+    fields = list(ROW_FIELDS) + [f for f in CONTROL_FIELDS if rows and f in rows[0]]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(ROW_FIELDS), lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: _csv_value(row[k]) for k in ROW_FIELDS})
+        writer.writerow({k: _csv_value(row[k]) for k in fields})
     return buf.getvalue()
 
 
@@ -224,7 +226,7 @@ def rows_from_csv(text: str, source: str = "metrics.csv") -> list[dict[str, Any]
             if None in raw or any(raw[f] is None for f in ROW_FIELDS):
                 raise IllusionsError(f"{source} line {line} has {'more' if None in raw else 'fewer'} cells than its header")
             row: dict[str, Any] = {}
-            for field in ROW_FIELDS:
+            for field in ROW_FIELDS + tuple(f for f in CONTROL_FIELDS if raw.get(f) is not None):
                 value = raw[field]
                 try:
                     if field in _TEXT_FIELDS:
@@ -385,7 +387,7 @@ def write_run(run: RunResult, out: Path, *, extra_files: Callable[[Path], None] 
 @dataclasses.dataclass(frozen=True)
 class RunSummary:
     """What the tables of a run need, without the model, the task or the records: what a job that
-    ran an analysis elsewhere (a Slurm job, :func:`illusions.reproduce.analyze_into`) sends back."""
+    ran an analysis elsewhere (a Slurm job, :func:`illusions.reproduction.run.analyze_into`) sends back."""
 
     spec: AnalysisSpec
     model_description: str

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from illusions.metric_table import DICTIONARY_METRICS
+
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
     from illusions.simplifiers.base import Proxy
     from illusions.tasks.base import Split
 
-SPARSE_METRICS = ("explained_variance", "normalized_mse", "l0", "dead_fraction", "new_latent_fraction")
+SPARSE_METRICS = DICTIONARY_METRICS  # the table's dictionary rows (illusions.metric_table), in its order
 FIELDS = ("n_tokens", "err", "sq", "x_sum", "l0", "active", "train_active")
 
 

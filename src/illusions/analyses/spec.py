@@ -2,14 +2,16 @@
 
 :class:`AnalysisSpec` is what the ``analyze`` / ``sweep`` commands, analysis recipes
 (``analyses/*.toml``, read by :func:`load_analysis_recipe`) and the Python API build; nothing
-downstream re-checks or re-defaults an option. :func:`build_simplifiers` turns a spec into the
-configured simplifiers. This module imports nothing heavy, so the CLI can read the spec's defaults
+downstream re-checks or re-defaults an option. A spec builds its configured simplifiers once, when it
+is made (:attr:`AnalysisSpec.simplifiers`, by :func:`build_simplifiers`); :data:`SWEEPS` lists the
+swept parameters with their spec fields and flags. This module imports nothing heavy, so the CLI can read the spec's defaults
 at import time; torch arrives only when a simplifier is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +25,46 @@ BREAKDOWNS = ("key_depth", "depth", "distance", "length", "category")
 # name the data's own meta columns, checked when the data is read.
 CUSTOM_TASK = "custom"
 
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """A parameter that simplifiers sweep, and everything that names it: the simplifier field
+    (a class's ``sweep_param``), the spec field that holds its values, and the two CLI flags.
+
+    Attributes:
+        param: the simplifier's field (``rank``); a fitted proxy carries it as ``sweep_param``.
+        field: the :class:`AnalysisSpec` field holding its values (``ranks``).
+        flag: ``analyze``'s option, one value (``--rank``).
+        sweep_flag: ``sweep``'s option, comma-separated values (``--ranks``).
+        what: what one value is, for help text (``rank``).
+        plural: what several values are (``ranks``).
+        methods: the simplifiers that sweep it (``tests/test_spec.py`` checks this against the registry).
+        example: a typical sweep (``1,2,4,8,16``).
+    """
+
+    param: str
+    field: str
+    flag: str
+    sweep_flag: str
+    what: str
+    plural: str
+    methods: tuple[str, ...]
+    example: str
+
+
+# Every swept parameter, the one list of them: the spec's fields, its checks, build_simplifiers and
+# the CLI's options all read it.
+SWEEPS = (
+    Sweep("rank", "ranks", "--rank", "--ranks", "rank", "ranks", ("svd", "resid-svd", "weight-svd"), "1,2,4,8,16"),
+    Sweep("k", "clusters", "--clusters", "--clusters", "number of clusters k", "cluster counts k",
+          ("kmeans", "resid-kmeans"), "2,4,8,16,32,64"),
+    Sweep("width", "widths", "--width", "--widths", "dictionary size (latents)", "dictionary sizes",
+          ("sae", "transcoder"), "64,128,256"),
+)
 # The spec field that holds the values of each simplifier's swept parameter (``sweep_param``).
-SWEEP_FIELDS = {"rank": "ranks", "k": "clusters", "width": "widths"}
+SWEEP_FIELDS = {s.param: s.field for s in SWEEPS}
+SWEPT_FIELDS = tuple(SWEEP_FIELDS.values())
 # The options of the sparse dictionaries (sae, transcoder). They are left out of the spec's JSON while
 # they hold their defaults under a simplifier that does not take them, so the runs of every other
 # method record the same spec as before these fields existed (and earlier runs still count as current).
@@ -46,8 +86,9 @@ class AnalysisSpec(Config):
     parameter), and normalises the rest (``max_seqs`` 0 or None means every sequence; a split named
     twice is evaluated once).
 
-    ``ranks`` / ``clusters`` hold the values of the simplifier's swept parameter (its
-    ``sweep_param``: ``rank`` for svd-like methods, ``k`` for k-means ones): one value for
+    ``ranks`` / ``clusters`` / ``widths`` hold the values of the simplifier's swept parameter (its
+    ``sweep_param``: ``rank`` for svd-like methods, ``k`` for k-means ones, ``width`` for sparse
+    dictionaries; one row of :data:`SWEEPS` each): one value for
     ``analyze``, several for a sweep, none for the method's default. An empty ``model`` means the
     bundled reference model of ``task``. ``layers`` empty means the last layer; ``heads`` empty means
     every head of the targeted layers. ``per_head`` makes one proxy per (layer, head) of those, each
@@ -69,6 +110,10 @@ class AnalysisSpec(Config):
     ``width``); ``site`` (``resid`` or ``z``, sae only), ``architecture`` (standard, topk or
     jumprelu), ``top_k``, ``l1``, ``sae_steps`` and ``sae_from`` (a dictionary saved by SAELens) are
     their options, with their defaults.
+
+    ``match`` names the meta columns of the matched in-distribution control (default ``length``: the
+    length-matched control every run has); any other list adds a control matched on every one of those
+    columns, e.g. ``("length", "distance", "key_depth")`` (:mod:`illusions.analyses.summary`).
     """
 
     task: str = "dyck"
@@ -101,9 +146,10 @@ class AnalysisSpec(Config):
     l1: float = 1.0
     sae_steps: int = 1000
     sae_from: str = ""
+    match: tuple[str, ...] = ("length",)
 
     def __post_init__(self) -> None:
-        for name in ("ranks", "clusters", "widths", "layers", "heads", "splits", "breakdowns"):
+        for name in (*SWEPT_FIELDS, "layers", "heads", "splits", "breakdowns", "match"):
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
@@ -113,7 +159,7 @@ class AnalysisSpec(Config):
             if getattr(self, name) not in table:
                 raise InvalidOption(name, f"unknown {name} {getattr(self, name)!r}; known {name}s: "
                                     f"{', '.join(sorted(table))}", whole=True)
-        for name in ("ranks", "clusters", "widths"):
+        for name in SWEPT_FIELDS:
             _check_ints(name, getattr(self, name), low=1)
         for name in ("layers", "heads"):
             _check_ints(name, getattr(self, name), low=0)
@@ -141,10 +187,10 @@ class AnalysisSpec(Config):
         unknown = [b for b in self.breakdowns if b not in BREAKDOWNS and not (custom and b.isidentifier())]
         if unknown:
             raise InvalidOption("breakdowns", f"has unknown value(s) {', '.join(unknown)}; known: {', '.join(BREAKDOWNS)}")
+        self._check_match(custom)
         cls = registry.get_simplifier(self.simplifier)
-        param, values = self.sweep_values()
         swept_field = SWEEP_FIELDS.get(cls.sweep_param)
-        for name in SWEEP_FIELDS.values():
+        for name in SWEPT_FIELDS:
             if getattr(self, name) and name != swept_field:
                 takes = f"its swept parameter is {cls.sweep_param}" if cls.sweep_param else "it sweeps nothing"
                 raise InvalidOption(name, f"does not apply to {self.simplifier} ({takes})")
@@ -158,11 +204,24 @@ class AnalysisSpec(Config):
                 raise InvalidOption(name, f"does not apply to {self.simplifier} (it targets "
                                     f"{', '.join(cls.target_keys)})")
         try:
-            build_simplifiers(self)  # the method's own range checks, before any model is loaded
+            _ = self.simplifiers  # built once, here: the method's own range checks, before any model is loaded
         except InvalidOption:
             raise
         except IllusionsError as exc:
             raise InvalidOption(swept_field or "simplifier", str(exc), whole=True) from None
+
+    def _check_match(self, custom: bool) -> None:
+        """``match``: one or more meta column names, none twice (custom data: any identifier, checked
+        against the data's columns when it is read)."""
+        if not self.match:
+            raise InvalidOption("match", "needs at least one meta column (default: length)")
+        if any(not isinstance(m, str) for m in self.match):
+            raise InvalidOption("match", f"must be meta column names, got {list(self.match)!r}")
+        if len(set(self.match)) != len(self.match):
+            raise InvalidOption("match", f"lists a column twice: {', '.join(self.match)}")
+        unknown = [m for m in self.match if m not in BREAKDOWNS and not (custom and m.isidentifier())]
+        if unknown:
+            raise InvalidOption("match", f"has unknown column(s) {', '.join(unknown)}; known: {', '.join(BREAKDOWNS)}")
 
     def _check_checkpoints(self, custom: bool) -> None:
         from illusions.models import CHECKPOINTS_DIR, list_checkpoints
@@ -183,10 +242,12 @@ class AnalysisSpec(Config):
         """JSON data of the spec; ``checkpoints`` only when set, ``widths`` and the sparse dictionary
         options (:data:`SPARSE_FIELDS`) only when set or taken by the simplifier, so runs of one model
         and of the other methods record the same spec as before these fields existed (and earlier runs
-        still count as current)."""
+        still count as current); ``match`` likewise only when it is not the default."""
         out = super().to_dict()
         if not self.checkpoints:
             del out["checkpoints"]
+        if self.match == ("length",):  # the default control: recorded as before the field existed
+            del out["match"]
         fields = {f.name for f in dataclasses.fields(registry.get_simplifier(self.simplifier))}
         default = {f.name: f.default for f in dataclasses.fields(self)}
         for name in ("widths", *SPARSE_FIELDS):
@@ -194,6 +255,13 @@ class AnalysisSpec(Config):
             if not taken and getattr(self, name) == default[name]:
                 del out[name]
         return out
+
+    @functools.cached_property
+    def simplifiers(self) -> tuple[Any, ...]:
+        """The configured simplifiers, one per swept value (one with the method's default when none
+        is given), built once when the spec is made (:func:`build_simplifiers`). A per-head spec's are
+        placed on each head by :func:`per_head_simplifiers` once the model's shape is known."""
+        return tuple(build_simplifiers(self))
 
     def sweep_values(self) -> tuple[str, tuple[int, ...]]:
         """The swept parameter's name (the simplifier's ``sweep_param``) and the values given."""
@@ -270,29 +338,33 @@ def load_analysis_recipe(path: Path | str) -> AnalysisRecipe:
     return AnalysisRecipe(name, texts["description"], texts["claim"], spec, str(path), over_training)
 
 
-def build_simplifiers(spec: AnalysisSpec, *, n_layers: int | None = None,
-                      n_heads: int | None = None) -> list[Any]:
+def build_simplifiers(spec: AnalysisSpec) -> list[Any]:
     """One configured simplifier per swept value (one with the method's default when none is given).
 
-    Each gets the spec fields it has (``centered``, ``basis``, ``seed``) and the target keys it reads
-    (its ``target_keys``). With ``spec.per_head`` and the model's shape (``n_layers``, ``n_heads``),
-    one per swept value and targeted (layer, head): the layers of the spec (default the last) times
-    its heads (default all). Without the shape, a per-head spec gets the same simplifiers as a plain
-    one, which is enough to check its parameters before a model is loaded.
+    Each gets the spec fields it has (``centered``, ``basis``, ``seed``, the sparse dictionary
+    options), the target keys it reads (its ``target_keys``) and, under its ``sweep_param``, one value
+    of the spec field that :data:`SWEEPS` names for it. A spec holds the result as
+    :attr:`AnalysisSpec.simplifiers` (built once, when it is made); call that instead.
     """
     cls = registry.get_simplifier(spec.simplifier)
     fields = {f.name for f in dataclasses.fields(cls)}
     common = {name: getattr(spec, name) for name in SIMPLIFIER_FIELDS if name in fields}
     targets = {key: getattr(spec, name) for name, key in TARGET_FIELDS.items()
                if key in cls.target_keys and key not in ("layers", "heads")}
-    if spec.per_head and n_layers is not None and n_heads is not None:
-        from illusions.simplifiers.base import Targets
+    place = {"layers": spec.layers, "heads": spec.heads if "heads" in cls.target_keys else ()}
+    field = SWEEP_FIELDS.get(cls.sweep_param)
+    swept = [{cls.sweep_param: v} for v in getattr(spec, field)] if field else []
+    return [registry.make_simplifier(spec.simplifier, **v, **common, **place, **targets) for v in swept or [{}]]
 
-        where = Targets(layers=spec.layers, heads=spec.heads).resolve_shape(n_layers, n_heads)
-        places = [{"layers": (layer,), "heads": (head,)} for layer in where.layers for head in where.heads]
-    else:
-        places = [{"layers": spec.layers, "heads": spec.heads if "heads" in cls.target_keys else ()}]
-    param, values = spec.sweep_values()
-    swept = [{param: v} for v in values] or [{}]
-    return [registry.make_simplifier(spec.simplifier, **v, **common, **place, **targets)
-            for v in swept for place in places]
+
+def per_head_simplifiers(spec: AnalysisSpec, n_layers: int, n_heads: int) -> list[Any]:
+    """The spec's simplifiers for a model of ``n_layers`` blocks of ``n_heads`` heads: with
+    ``spec.per_head``, each placed on one (layer, head) of the targeted layers (default the last) and
+    heads (default all), per swept value; otherwise :attr:`AnalysisSpec.simplifiers` as they are."""
+    if not spec.per_head:
+        return list(spec.simplifiers)
+    from illusions.simplifiers.base import Targets
+
+    where = Targets(layers=spec.layers, heads=spec.heads).resolve_shape(n_layers, n_heads)
+    return [dataclasses.replace(s, targets=dataclasses.replace(s.targets, layers=(layer,), heads=(head,)))
+            for s in spec.simplifiers for layer in where.layers for head in where.heads]

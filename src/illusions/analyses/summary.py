@@ -10,6 +10,15 @@ from the reference are left out on **both** sides: the control has no positions 
 split's own mean in that gap is taken over its positions in the covered bins only, so both sides
 span the same lengths. The share of the split's positions kept is ``matched_coverage`` (the JSON
 also gives the excluded share, ``1 - coverage``).
+
+The same control generalises to strata over several meta columns (``match``, e.g. ``length``,
+``distance`` and ``key_depth``; ``--match`` on the command line): a stratum is one combination of the
+columns' bins (discrete columns value by value, the others in the breakdowns' round bins), the
+reference is re-weighted to the split's share of positions in each stratum, and the split's positions
+in strata the reference lacks are left out of both sides and counted in the coverage. With the
+default ``match = ("length",)`` that is the length-matched control above; any other ``match`` adds a
+second control beside it, in the row fields :data:`CONTROL_FIELDS` (``gap_vs_control``, its
+interval and ``control_coverage``), which rows carry only then.
 """
 
 from __future__ import annotations
@@ -39,6 +48,11 @@ ROW_FIELDS = (
     "gap_vs_ref_high", "gap_vs_matched", "gap_vs_matched_low", "gap_vs_matched_high",
     "matched_coverage",
 )
+# The control matched on every column of ``match`` (rows carry these only when ``match`` is not just
+# ``length``, whose control is ``gap_vs_matched``): gap, its interval, and the share of positions kept.
+CONTROL_FIELDS = ("gap_vs_control", "gap_vs_control_low", "gap_vs_control_high", "control_coverage")
+# What the matched control matches on unless asked otherwise.
+DEFAULT_MATCH = ("length",)
 
 
 def nice_edges(max_value: float, n_bins: int = 8) -> np.ndarray:
@@ -75,6 +89,7 @@ def summarize(
     group_names: Mapping[str, Sequence[str]] | None = None,
     discrete: Sequence[str] = DISCRETE,
     position_groups: Mapping[str, PositionGroup] | None = None,
+    match: Sequence[str] = DEFAULT_MATCH,
 ) -> list[dict[str, Any]]:
     """Tidy rows: the overall estimate of each metric per split and proxy, then the breakdowns.
 
@@ -88,6 +103,10 @@ def summarize(
     after a split's breakdowns, the rows of each named group of its positions: every metric with its
     interval and its gaps to ``reference`` (and to the length-matched control) as for a whole split,
     under ``group_by == "position_group"`` and ``group`` the group's name.
+
+    ``match`` names the meta columns of a second matched control (see the module docstring); with
+    the default (``length`` alone) there is only the length-matched one. A column no record has is
+    refused (:class:`~illusions.errors.IllusionsError`) before anything is computed.
     """
     group_names = group_names or {}
     position_groups = position_groups or {}
@@ -95,19 +114,29 @@ def summarize(
     samplers = {s: _resampler(s, len(result.split_rows[s]), seed, n_boot, level) for s in splits}
     all_records = [r for r in result.records.values() if len(r)]
     length_edges = nice_edges(max((_length(r).max() for r in all_records), default=1))
-    n_strata = len(length_edges) - 1
     edges = {
         col: nice_edges(max((r.meta[col].max() for r in all_records if col in r.meta), default=1))
         for col in breakdowns
         if col not in discrete and col != "length"
     }
     edges["length"] = length_edges
+    match = tuple(dict.fromkeys(match))
+    control = match != DEFAULT_MATCH
+    for col in match if control else ():
+        if col != "length" and col not in discrete and col not in edges:
+            edges[col] = nice_edges(max((r.meta[col].max() for r in all_records if col in r.meta), default=1))
+    by_length = _Strata(("length",), discrete, edges)
+    by_match = _Strata(match, discrete, edges) if control else None
+    if by_match is not None:
+        by_match.check(all_records)
     rows: list[dict[str, Any]] = []
     for j, proxy in enumerate(result.proxies):
         param, param_value = sweep_param(proxy)
         base = {"proxy": result.labels[j], "simplifier": proxy.simplifier, "param": param,
                 "param_value": param_value}
-        ref = _reference(result.records.get((reference, j)), samplers.get(reference), length_edges)
+        ref_rec, ref_sampler = result.records.get((reference, j)), samplers.get(reference)
+        ref = _reference(ref_rec, ref_sampler, by_length)
+        ref_control = _reference(ref_rec, ref_sampler, by_match) if by_match is not None else None
         for split in splits:
             rec = result.records[(split, j)]
             sampler = samplers[split]
@@ -116,8 +145,10 @@ def summarize(
             lo, hi = sampler.intervals(reps)
             gaps: dict[str, np.ndarray] = {}
             if ref is not None and split != reference and len(rec):
-                gaps = _gaps(points[0], reps[:, 0], ref, _strata(rec, length_edges), n_strata, sampler,
-                             values, rec.seq)
+                gaps = _gaps(points[0], reps[:, 0], ref, ref.ids(by_length.codes(rec)), sampler, values, rec.seq)
+                if ref_control is not None:
+                    gaps.update(_control(_gaps(points[0], reps[:, 0], ref_control,
+                                               ref_control.ids(by_match.codes(rec)), sampler, values, rec.seq)))
             n_seqs = int(np.unique(rec.seq).shape[0])
             rows += _overall_rows({**base, "split": split, "group_by": "all", "group": "all"}, points[0],
                                   lo[0], hi[0], gaps, len(rec), n_seqs)
@@ -164,12 +195,25 @@ def summarize(
                 g_lo, g_hi = sampler.intervals(g_reps[:, 1:])
                 g_gaps: dict[str, np.ndarray] = {}
                 if ref is not None and split != reference:
-                    g_gaps = _gaps(g_points[1], g_reps[:, 1], ref, _strata(rec, length_edges)[mask], n_strata,
+                    g_gaps = _gaps(g_points[1], g_reps[:, 1], ref, ref.ids(by_length.codes(rec))[mask],
                                    sampler, values[mask], rec.seq[mask])
+                    if ref_control is not None:
+                        g_gaps.update(_control(_gaps(g_points[1], g_reps[:, 1], ref_control,
+                                                     ref_control.ids(by_match.codes(rec))[mask], sampler,
+                                                     values[mask], rec.seq[mask])))
                 rows += _overall_rows({**base, "split": split, "group_by": POSITION_GROUP, "group": name},
                                       g_points[1], g_lo[0], g_hi[0], g_gaps, int(mask.sum()),
                                       int(np.unique(rec.seq[mask]).shape[0]))
+    if control:  # every row carries the control's fields (NaN where it has none), for one CSV header
+        rows = [{**r, **{f: r.get(f, float("nan")) for f in CONTROL_FIELDS}} for r in rows]
     return rows
+
+
+def _control(gaps: Mapping[str, Any]) -> dict[str, Any]:
+    """The matched-gap fields of :func:`_gaps` renamed as the ``match`` control's (:data:`CONTROL_FIELDS`)."""
+    names = {"gap_vs_matched": "gap_vs_control", "gap_vs_matched_low": "gap_vs_control_low",
+             "gap_vs_matched_high": "gap_vs_control_high", "matched_coverage": "control_coverage"}
+    return {names[k]: v for k, v in gaps.items() if k in names}
 
 
 def _overall_rows(base: dict[str, Any], points: np.ndarray, lo: np.ndarray, hi: np.ndarray,
@@ -180,7 +224,8 @@ def _overall_rows(base: dict[str, Any], points: np.ndarray, lo: np.ndarray, hi: 
         row = {**base, "metric": metric, "value": points[k], "ci_low": lo[k], "ci_high": hi[k],
                "n_positions": n_positions, "n_sequences": n_sequences}
         row.update({name: float(v[k]) if np.ndim(v) else v for name, v in gaps.items()})
-        out.append(_complete(row))
+        extra = {f: row[f] for f in CONTROL_FIELDS if f in row}
+        out.append({**_complete(row), **{f: v.item() if isinstance(v, np.generic) else v for f, v in extra.items()}})
     return out
 
 
@@ -190,50 +235,85 @@ def _matrix(rec: Records) -> np.ndarray:
     return np.stack([per[m] for m in METRICS], axis=1) if len(rec) else np.zeros((0, len(METRICS)))
 
 
-def _strata(rec: Records, length_edges: np.ndarray) -> np.ndarray:
-    return np.digitize(_length(rec), length_edges[1:-1])
+class _Strata:
+    """Codes positions by the bins of the matched columns: one integer per column and position
+    (discrete columns by value, ``length`` and the other columns by the bin of ``edges`` they fall in)."""
+
+    def __init__(self, columns: Sequence[str], discrete: Sequence[str], edges: Mapping[str, np.ndarray]) -> None:
+        self.columns = tuple(columns)
+        self.discrete = tuple(discrete)
+        self.edges = edges
+
+    def check(self, records: Sequence[Records]) -> None:
+        from illusions.errors import IllusionsError
+
+        for col in self.columns:
+            if col != "length" and any(col not in r.meta for r in records):
+                have = sorted(set().union(*(r.meta for r in records))) if records else []
+                raise IllusionsError(f"cannot match on {col!r}: the scored positions have no such meta column "
+                                     f"(they have {', '.join(have) or 'none'})")
+
+    def codes(self, rec: Records) -> np.ndarray:
+        """``[n, n_columns]`` int64 codes of the positions' strata."""
+        out = []
+        for col in self.columns:
+            column = _length(rec) if col == "length" else rec.meta[col]
+            if col in self.discrete and col != "length":
+                out.append(np.asarray(column, dtype=np.int64))
+            else:
+                out.append(np.digitize(column, self.edges[col][1:-1]).astype(np.int64))
+        return np.stack(out, axis=1) if out else np.zeros((len(rec), 0), np.int64)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Reference:
     points: np.ndarray  # [m] overall
     reps: np.ndarray  # [n_boot, m]
+    keys: np.ndarray  # [n_strata, n_columns] the codes of the strata the reference has positions in (sorted)
     strata_points: np.ndarray  # [n_strata, m]
     strata_reps: np.ndarray  # [n_boot, n_strata, m]
-    present: np.ndarray  # [n_strata] bool: the reference has positions in this length bin
+
+    def ids(self, codes: np.ndarray) -> np.ndarray:
+        """``[n]`` each position's stratum among :attr:`keys` (-1 where the reference has none)."""
+        n_ref = len(self.keys)
+        both = np.concatenate([self.keys, codes])
+        _, inverse = np.unique(both, axis=0, return_inverse=True)
+        inverse = np.asarray(inverse).reshape(-1)
+        where = np.full(len(both), -1, np.int64)
+        where[inverse[:n_ref]] = np.arange(n_ref)
+        return where[inverse[n_ref:]]
 
 
-def _reference(rec: Records | None, sampler: Resampler | None, length_edges: np.ndarray) -> _Reference | None:
+def _reference(rec: Records | None, sampler: Resampler | None, strata: _Strata) -> _Reference | None:
     if rec is None or sampler is None or not len(rec):
         return None
     values = _matrix(rec)
     points, reps = sampler.grouped(values, rec.seq, np.zeros(len(rec), np.int64), 1)
-    strata = _strata(rec, length_edges)
-    n_strata = len(length_edges) - 1
-    s_points, s_reps = sampler.grouped(values, rec.seq, strata, n_strata)
-    present = np.bincount(strata, minlength=n_strata) > 0
-    return _Reference(points[0], reps[:, 0], s_points, s_reps, present)
+    keys, ids = np.unique(strata.codes(rec), axis=0, return_inverse=True)
+    ids = np.asarray(ids).reshape(-1)
+    s_points, s_reps = sampler.grouped(values, rec.seq, ids, len(keys))
+    return _Reference(points[0], reps[:, 0], keys, s_points, s_reps)
 
 
 def _gaps(
-    points: np.ndarray, reps: np.ndarray, ref: _Reference, strata: np.ndarray, n_strata: int,
+    points: np.ndarray, reps: np.ndarray, ref: _Reference, ids: np.ndarray,
     sampler: Resampler, values: np.ndarray, seq: np.ndarray,
 ) -> dict[str, Any]:
-    """Gap columns of one split vs the reference and vs the length-matched reference control.
+    """Gap columns of one split vs the reference and vs the matched reference control.
 
-    The matched gap compares like with like: the split's positions in length bins the reference
-    lacks are excluded from the split's side as they are from the control's.
+    ``ids`` are the positions' strata among the reference's (-1: a stratum the reference lacks). The
+    matched gap compares like with like: those positions are excluded from the split's side as they
+    are from the control's.
     """
     gap_lo, gap_hi = sampler.intervals(reps - ref.reps)
-    share = np.bincount(strata, minlength=n_strata).astype(np.float64)
-    share /= share.sum()
-    weight = np.where(ref.present, share, 0.0)
+    covered = ids >= 0  # [n] the position's stratum occurs in the reference
+    weight = np.bincount(ids[covered], minlength=len(ref.keys)).astype(np.float64)
+    weight /= float(len(ids))
     coverage = float(weight.sum())
     out: dict[str, Any] = {"gap_vs_ref": points - ref.points, "gap_vs_ref_low": gap_lo,
                            "gap_vs_ref_high": gap_hi, "matched_coverage": coverage}
     if coverage == 0:
         return out
-    covered = ref.present[strata]  # [n] the position's length bin occurs in the reference
     if covered.all():
         own_points, own_reps = points, reps
     else:
@@ -279,6 +359,7 @@ def to_json(
     task: str,
     model: str,
     proxies: Sequence[dict[str, Any]],
+    match: Sequence[str] = DEFAULT_MATCH,
 ) -> dict[str, Any]:
     """The JSON document printed by ``--json`` and written to ``metrics.json``.
 
@@ -286,7 +367,8 @@ def to_json(
     {"value", "ci"}}}, ...}`` for the first proxy, with every proxy (for sweeps) under ``"proxies"``
     in the same shape, and gaps and breakdowns beside the metrics. A task's named position groups,
     when it has any, are under ``"groups"``: ``{"SPLIT (NAME)": {"split", "group", ...}}`` in the shape
-    of a split's entry.
+    of a split's entry. With a ``match`` other than ``length`` alone, each gap also has
+    ``"vs_matched_iid": {"on": [COLUMN, ...], "value", "ci", "coverage", "excluded_share"}``.
     """
     docs = []
     for proxy in proxies:
@@ -315,6 +397,14 @@ def to_json(
                         "excluded_share": excluded_share(r),
                     },
                 }
+                if "control_coverage" in r:
+                    coverage = _num(r["control_coverage"])
+                    entry["gaps"][r["metric"]]["vs_matched_iid"] = {
+                        "on": list(match), "value": _num(r["gap_vs_control"]),
+                        "ci": [_num(r["gap_vs_control_low"]), _num(r["gap_vs_control_high"])],
+                        "coverage": coverage,
+                        "excluded_share": None if coverage is None else max(0.0, round(1.0 - coverage, 10)),
+                    }
         breakdowns: dict[str, Any] = {}
         for r in mine:
             if r["group_by"] in ("all", POSITION_GROUP):

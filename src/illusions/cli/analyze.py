@@ -1,8 +1,8 @@
 """`illusions analyze` and `illusions sweep`: faithfulness of a simplified proxy per split.
 
 Both commands share one options definition (:data:`OPTIONS`); they differ only in how the swept
-parameter's values are given (``--rank 4`` / ``--ranks 1,2,4``; ``--width`` / ``--widths`` for the sparse
-dictionaries). Each option maps to one
+parameter's values are given (``--rank 4`` / ``--ranks 1,2,4``, ``--clusters``, ``--width`` / ``--widths``:
+one option per row of :data:`illusions.analyses.spec.SWEEPS`). Each option maps to one
 :class:`~illusions.analyses.run.AnalysisSpec` field, the spec checks every value, and its errors name
 parameters, which :func:`_spec` turns back into the flags the user typed. ``--device`` and
 ``--allow-tf32`` (both commands) and ``--engine`` with its Slurm options (``sweep``) say where the
@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
-from illusions.analyses.spec import BREAKDOWNS, CUSTOM_TASK, AnalysisSpec
+from illusions.analyses.spec import BREAKDOWNS, CUSTOM_TASK, SWEEPS, SWEPT_FIELDS, AnalysisSpec
 from illusions.cli.app import command, fail, set_threads
 from illusions.cli.scale import (
     CpusOpt,
@@ -54,6 +54,12 @@ def _opt(name: str, kind: Any, default: Any, flag: str, help: str, field: str | 
     return Option(name, flag, Annotated[kind, typer.Option(flag, help=help)], default, field)
 
 
+def _methods(sweep: Any) -> str:
+    """``svd, resid-svd and weight-svd``: the simplifiers that sweep a parameter, for help text."""
+    *rest, last = sweep.methods
+    return f"{', '.join(rest)} and {last}" if rest else last
+
+
 # Options of both commands, in the order --help lists them (after the swept values).
 OPTIONS = (
     _opt("simplify", str, SPEC["simplifier"], "--simplify", "Simplifier name (see `illusions list`).", "simplifier"),
@@ -80,6 +86,9 @@ OPTIONS = (
     _opt("as_json", bool, False, "--json", "Print one JSON object to stdout instead of tables."),
     _opt("by", str | None, None, "--by",
          "Also print a breakdown: key_depth, depth, distance, length, category (custom: a meta name)."),
+    _opt("match", str, ",".join(SPEC["match"]), "--match",
+         "Comma-separated meta columns of a matched iid control, e.g. length,distance,key_depth (default: "
+         "length, the length-matched control every run has; others add a control beside it).", "match"),
     _opt("threads", int, 2, "--threads", "CPU threads for torch."),
     _opt("overwrite", bool, False, "--overwrite", "Replace an earlier run in --out (files illusions did not write are kept)."),
     Option("report", "--report", Annotated[bool, typer.Option("--report/--no-report", help="Write report.html into the run directory.")],
@@ -90,7 +99,9 @@ OPTIONS = (
          "sae: the residual stream ('resid', see --resid) or the targeted heads' attention output ('z').", "site"),
     _opt("architecture", str, SPEC["architecture"], "--architecture",
          "sae/transcoder: standard, topk or jumprelu (SAELens).", "architecture"),
-    _opt("k", int, SPEC["top_k"], "--k", "sae/transcoder topk: active latents per position.", "top_k"),
+    Option("top_k", "--top-k", Annotated[int, typer.Option(
+        "--top-k", "--k", help="sae/transcoder topk: active latents per position (--k: deprecated alias).")],
+        SPEC["top_k"], "top_k"),
     _opt("l1", float, SPEC["l1"], "--l1", "sae/transcoder standard and jumprelu: sparsity coefficient.", "l1"),
     _opt("sae_steps", int, SPEC["sae_steps"], "--sae-steps", "sae/transcoder: training steps.", "sae_steps"),
     _opt("sae_from", Path | None, None, "--sae-from",
@@ -110,17 +121,13 @@ SLURM_OPTIONS = (
     Option("slurm_logs", "--slurm-logs", SlurmLogsOpt, None),
 )
 
-# The swept parameter's values: one per analysis, a list per sweep (spec fields ranks / clusters).
-ANALYZE_VALUES = (
-    _opt("rank", int | None, None, "--rank", "Rank for svd, resid-svd and weight-svd.", "ranks"),
-    _opt("clusters", int | None, None, "--clusters", "k for kmeans and resid-kmeans.", "clusters"),
-    _opt("width", int | None, None, "--width", "Dictionary size (latents) for sae and transcoder.", "widths"),
-)
+# The swept parameter's values, one option per row of SWEEPS: one value per analysis, a list per sweep.
+ANALYZE_VALUES = tuple(
+    _opt(s.flag.removeprefix("--"), int | None, None, s.flag, f"{s.what.capitalize()} for {_methods(s)}.", s.field)
+    for s in SWEEPS)
 SWEEP_VALUES = (
-    _opt("ranks", str | None, None, "--ranks", "Comma-separated ranks, e.g. 1,2,4,8,16.", "ranks"),
-    _opt("clusters", str | None, None, "--clusters", "Comma-separated k, e.g. 2,4,8,16,32,64.", "clusters"),
-    _opt("widths", str | None, None, "--widths", "Comma-separated dictionary sizes for sae/transcoder, e.g. 64,128,256.",
-         "widths"),
+    *(_opt(s.sweep_flag.removeprefix("--"), str | None, None, s.sweep_flag,
+           f"Comma-separated {s.plural} for {_methods(s)}, e.g. {s.example}.", s.field) for s in SWEEPS),
     _opt("over_checkpoints", str | None, None, "--over-checkpoints",
          "Run the analysis on every step checkpoint of a training run saved with `illusions train "
          "--save-every N` (the run folder or its checkpoints/); writes one run per step and a summary "
@@ -150,7 +157,7 @@ def _heads(text: str) -> tuple[int, ...]:
 
 def _field_value(option: Option, value: Any, sweep: bool) -> Any:
     """The spec value of an option as typed on the command line."""
-    if option.field in ("ranks", "clusters", "widths"):
+    if option.field in SWEPT_FIELDS:
         if value is None:
             return ()
         return _int_list(value, option.flag) if sweep else (value,)
@@ -160,6 +167,8 @@ def _field_value(option: Option, value: Any, sweep: bool) -> Any:
         return not value
     if option.name in ("model", "data", "candidates", "over_checkpoints", "sae_from"):
         return str(value) if value else ""
+    if option.name == "match":
+        return tuple(v.strip() for v in value.split(",") if v.strip())
     if option.field in ("layers", "splits"):
         return tuple(value or ())
     return value
@@ -171,8 +180,9 @@ def _spec(task: str, given: dict[str, Any], values: tuple[Option, ...], sweep: b
 
     options = values + OPTIONS
     fields = {o.field: _field_value(o, given[o.name], sweep) for o in options if o.field}
-    if sweep and not (fields["ranks"] or fields["clusters"] or fields["widths"] or fields["checkpoints"]):
-        fail("give --ranks, --clusters or --widths (the values to sweep) or --over-checkpoints")
+    if sweep and not (any(fields[name] for name in SWEPT_FIELDS) or fields["checkpoints"]):
+        flags = [s.sweep_flag for s in SWEEPS]
+        fail(f"give {', '.join(flags[:-1])} or {flags[-1]} (the values to sweep) or --over-checkpoints")
     flags = {o.field: o.flag for o in options if o.field} | {"task": "TASK"}
     try:
         return AnalysisSpec(task=task, **fields)
@@ -330,7 +340,7 @@ def _on_slurm(spec: Any, out: Path, report: bool, threads: int, device: str, all
     for every swept value); waits, retries, and returns the run's summary."""
     from illusions.cli.scale import JobDisplay
     from illusions.engines import JobsFailed
-    from illusions.reproduce import analyze_into
+    from illusions.reproduction.run import analyze_into
 
     engine, device = _slurm_engine(slurm, threads=threads, logs=out.parent / "slurm-logs", device=device)
     key = out.name
@@ -387,7 +397,8 @@ def _define(name: str, sweep: bool, doc: str) -> None:
 
 
 _define("analyze", False, "Fit a simplifier on training data and measure its faithfulness on every split.")
-_define("sweep", True, "Run one simplifier over several ranks or cluster counts: one table, one tidy CSV.\n\n"
+_define("sweep", True, f"Run one simplifier over several {', '.join(s.plural for s in SWEEPS[:-1])} or "
+        f"{SWEEPS[-1].plural}: one table, one tidy CSV.\n\n"
         "With --engine slurm the whole sweep runs as one Slurm job (one process fits once and shares each "
         "split's clean pass among the swept values, about twice as fast as a job per value); the command "
         "waits for it and prints the same tables.")

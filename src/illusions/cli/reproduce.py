@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -56,39 +56,56 @@ def reproduce(
     failed one up to --retries times, and exits 1 naming the runs still missing (run it again to
     compute only those).
     """
-    from illusions import reproduce as rep
-    from illusions.engines import JobsFailed
-    from illusions.io import atomic_write_text, check_name
-    from illusions.reports import results as res
+    from illusions.io import check_name
+    from illusions.reproduction.document import write_document
+    from illusions.reproduction.outputs import check_outputs
+    from illusions.reproduction.plan import load_recipes, plan
 
-    seed_list = None
-    if seeds is not None:
-        try:
-            seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-        except ValueError:
-            fail(f"--seeds must be comma-separated integers, got {seeds!r}")
-        if not seed_list:
-            fail("--seeds needs at least one seed")
+    seed_list = _seed_list(seeds)
     for name in family or ():
         check_name(name, "--family")
-    all_recipes = rep.load_recipes(recipes)
-    planned = rep.plan(all_recipes, out, seeds=seed_list, tasks=task, families=family)
+    all_recipes = load_recipes(recipes)
+    planned = plan(all_recipes, out, seeds=seed_list, tasks=task, families=family)
     if not planned:
         fail(f"no recipe in {recipes} matches --task {', '.join(task or [])}")
     if jobs < 1:
         fail(f"--jobs must be at least 1, got {jobs}")
-    rep.check_outputs(planned, out, results, force=force, overwrite=overwrite,
-                      names={"out": "--out", "results": "--results", "overwrite": "--overwrite"})
+    check_outputs(planned, out, results, force=force, overwrite=overwrite,
+                  names={"out": "--out", "results": "--results", "overwrite": "--overwrite"})
     set_threads(threads)
     runner, device = make_engine(engine, threads=threads, logs=slurm_logs or out / "slurm-logs",
                                  partition=partition, time=time, cpus_per_task=cpus_per_task,
                                  gpus_per_task=gpus_per_task, slurm_opt=slurm_opt, retries=retries,
                                  device=device, workers=jobs, logs_given=slurm_logs is not None)
+    manifest = _run(planned, out, runner, force=force, report=report, workers=jobs, threads=threads,
+                    device=device, allow_tf32=allow_tf32)
+    n_figures = write_document(all_recipes, planned, out, results, manifest)
+    typer.echo(f"{len(planned)} runs in {out}/ ({manifest['total_seconds']:.0f} s); wrote {results} and "
+               f"{n_figures} figures in {results.parent / 'figures'}/")
+
+
+def _seed_list(seeds: str | None) -> list[int] | None:
+    """``--seeds`` as integers (None: every shipped seed)."""
+    if seeds is None:
+        return None
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        fail(f"--seeds must be comma-separated integers, got {seeds!r}")
+    if not seed_list:
+        fail("--seeds needs at least one seed")
+    return seed_list
+
+
+def _run(planned: list[Any], out: Path, runner: Any, **options: Any) -> dict[str, Any]:
+    """Run the jobs with a progress display; exit 1 naming the runs still missing when some failed."""
+    from illusions.engines import JobsFailed
+    from illusions.reproduction.run import run_all
+
     with JobDisplay(len(planned)) as display:
         try:
-            manifest = rep.run_all(planned, out, force=force, report=report, workers=jobs, threads=threads,
-                                   device=device, allow_tf32=allow_tf32, engine=runner,
-                                   progress=lambda job, *rest: display.show(job.key, *rest))
+            return run_all(planned, out, engine=runner, progress=lambda job, *rest: display.show(job.key, *rest),
+                           **options)
         except JobsFailed as exc:
             display.console.print(f"error: {exc}", soft_wrap=True, highlight=False, markup=False)
             logs = f" (job logs in {runner.folder}/)" if getattr(runner, "folder", None) else ""
@@ -96,27 +113,3 @@ def reproduce(
                                   f"run the same command again to compute the missing ones{logs}",
                                   soft_wrap=True, highlight=False, markup=False)
             raise typer.Exit(EXIT_MISSING) from None
-    from illusions.bundled import family_description
-
-    used = [r for r in all_recipes if r.name in {j.recipe.name for j in planned}]
-    figure_dir = results.parent / "figures"
-    runs = res.load_runs(used, out)
-    training = res.load_training(used, out)
-    figures = {**res.write_figures(runs, figure_dir, relative_to=results.parent),
-               **res.write_training_figures(training, figure_dir, relative_to=results.parent)}
-    others = []
-    for name in dict.fromkeys(j.family for j in planned if j.family != j.recipe.spec.task):
-        family_runs = res.load_runs(used, out, family=name)
-        family_training = res.load_training(used, out, family=name)
-        prefix = f"{name}-"
-        others.append(res.Family(
-            name, family_runs,
-            {**res.write_figures(family_runs, figure_dir, relative_to=results.parent, stem_prefix=prefix),
-             **res.write_training_figures(family_training, figure_dir, relative_to=results.parent,
-                                          stem_prefix=prefix)},
-            family_description(name), family_training))
-    text = res.render(runs, used, manifest=manifest, figures=figures, others=others, training=training)
-    atomic_write_text(results, text)
-    n_figures = len(figures) + sum(len(f.figures) for f in others)
-    typer.echo(f"{len(planned)} runs in {out}/ ({manifest['total_seconds']:.0f} s); wrote {results} and "
-               f"{n_figures} figures in {figure_dir}/")

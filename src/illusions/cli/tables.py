@@ -8,6 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from illusions.metric_table import DICTIONARY_METRICS, SUMMARY_METRICS, metric
+
 
 def _ci(value: float, low: float, high: float, digits: int = 3) -> str:
     """``value ±h`` with h the half-width of the 95% interval (exact bounds are in the CSV/JSON)."""
@@ -68,8 +70,7 @@ def print_summary(run: Any, console: Console | None = None) -> None:
             names = [split] + list(dict.fromkeys(group_label(split, r["group"]) for r in grouped
                                                  if r["proxy"] == proxy and r["split"] == split))
             for name in names:
-                m = {k: by[(proxy, name, k)] for k in ("original_accuracy", "proxy_accuracy", "agreement",
-                                                      "attention_jsd", "kl")}
+                m = {k: by[(proxy, name, k)] for k in SUMMARY_METRICS}
                 share = excluded_share(m["agreement"]) if _finite(m["agreement"]["gap_vs_matched"]) else None
                 if share is not None and share >= _EXCLUDED_MARK:
                     excluded[name] = max(excluded.get(name, 0.0), share)
@@ -104,6 +105,13 @@ def print_summary(run: Any, console: Console | None = None) -> None:
         parts = ", ".join(f"{share:.1%} of {split}" for split, share in excluded.items())
         note += (f" † len-matched over the length bins iid covers only; positions in other bins are left out "
                  f"of both sides: {parts}.")
+    control = [(name, m["agreement"]) for _, name, m in body if "control_coverage" in m["agreement"]]
+    if control:
+        on = " x ".join(getattr(spec, "match", ()) or ("the --match columns",))
+        cover = ", ".join(dict.fromkeys(f"{r['control_coverage']:.1%} of {name}" for name, r in control
+                                        if _finite(r["control_coverage"])))
+        note += (f" Δ matched: agreement gap vs iid re-weighted to the split's strata of {on}, over the strata iid "
+                 f"has (positions in others are left out of both sides); coverage: {cover or 'none'}.")
     if grouped:
         note += " " + _groups_note(run, grouped)
     console.print(f"[dim]{note}[/dim]")
@@ -111,8 +119,8 @@ def print_summary(run: Any, console: Console | None = None) -> None:
         print_sparse(rows, proxies, console)
 
 
-SPARSE_COLUMNS = (("explained_variance", "explained var", 3), ("normalized_mse", "norm. MSE", 3),
-                  ("l0", "L0", 1), ("dead_fraction", "dead latents", 3), ("new_latent_fraction", "new latents", 3))
+# (metric, header, decimals) of the sparse dictionary table: a narrow console table.
+SPARSE_COLUMNS = tuple((k, metric(k).tiny, metric(k).console_places) for k in DICTIONARY_METRICS)
 
 
 def print_sparse(rows: list[dict[str, Any]], proxies: list[str], console: Console) -> None:
@@ -155,8 +163,8 @@ def _groups_note(run: Any, grouped: list[dict[str, Any]]) -> str:
     return "; ".join(parts) + " (its gaps compare it with the whole of iid)."
 
 
-_METRIC_COLUMNS = (("pos", None, 0), ("orig", "original_accuracy", 3), ("proxy", "proxy_accuracy", 3),
-                   ("agree", "agreement", 3), ("JSD", "attention_jsd", 3), ("KL", "kl", 4))
+# (compact header, metric, decimals) of the summary table's columns; "pos" is the position count.
+_METRIC_COLUMNS = (("pos", None, 0), *((metric(k).tiny, k, metric(k).decimals) for k in SUMMARY_METRICS))
 
 
 def _summary_table(title: str, proxies: list[str], body: list[tuple[str, str, dict[str, Any]]],
@@ -165,14 +173,15 @@ def _summary_table(title: str, proxies: list[str], body: list[tuple[str, str, di
 
     names = [r[1] for r in body]
     columns = [c for c in _METRIC_COLUMNS if c[0] not in drop]
+    control = any("gap_vs_control" in m["agreement"] for _, _, m in body)  # a --match control beside
     if compact:
         table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
                       pad_edge=False, collapse_padding=True)
-        headers = ("split", *(c[0] for c in columns), "Δ iid", "Δ len")
+        headers = ("split", *(c[0] for c in columns), "Δ iid", "Δ len", *(("Δ matched",) if control else ()))
     else:
         table = Table(title=title, title_justify="left")
-        headers = ("split", "positions", "original acc", "proxy acc", "agreement", "attn JSD", "KL",
-                   "Δagree\nvs iid", "Δagree vs\nlen-matched")
+        headers = ("split", "positions", *(metric(k).short for k in SUMMARY_METRICS),
+                   "Δagree\nvs iid", "Δagree vs\nlen-matched", *(("Δagree vs\nmatched",) if control else ()))
     many = len(proxies) > 1
     if many:
         table.add_column("proxy", no_wrap=True, min_width=max(len(p) for p in proxies))
@@ -197,6 +206,8 @@ def _summary_table(title: str, proxies: list[str], body: list[tuple[str, str, di
         if split in excluded and matched != "-":
             matched += "†"
         cells += [_gap(m["agreement"], "gap_vs_ref"), matched]
+        if control:
+            cells.append(_gap(m["agreement"], "gap_vs_control"))
         table.add_row(*([proxy] if many else []), *cells)
     return table
 

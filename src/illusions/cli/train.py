@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -47,24 +48,44 @@ def train(
     from illusions.cli.scale import local_device
 
     device = local_device(device)
-    import time
-
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-    from rich.table import Table
 
+    err = Console(stderr=True)
+    plan = _plan(task, out, steps=steps, seed=seed, resume=resume, save_every=save_every)
+    _build_splits(err, plan)
+    result = _train_with_progress(err, plan, device=device, allow_tf32=allow_tf32)
+    if result.interrupted:
+        where = ("in the final evaluation, after the last step" if result.step >= plan.train_cfg.steps
+                 else f"at step {result.step}/{plan.train_cfg.steps}")
+        err.print(
+            f"interrupted {where}; checkpoint saved in {plan.out}. "
+            f"Continue with: illusions train {task} --out {plan.out} --resume"
+        )
+        raise typer.Exit(130)
+    _print_result(Console(), plan, result)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What one `illusions train` call trains: the recipe with the command line's changes, where to, and how."""
+
+    recipe: Any  # illusions.recipes.Recipe
+    model_cfg: Any  # illusions.models.ModelConfig
+    train_cfg: Any  # illusions.training.TrainConfig
+    task: Any  # the task object the recipe makes
+    out: Path
+    resume: bool
+    save_every: int  # 0: no step checkpoints
+
+
+def _plan(task: str, out: Path | None, *, steps: int | None, seed: int | None, resume: bool,
+          save_every: int | None) -> _Plan:
+    """The recipe named by ``task`` with --steps/--seed (or, resuming, the run's own settings) applied,
+    checked as far as it can be without data."""
     from illusions.models import ModelConfig
     from illusions.recipes import resolve_recipe
     from illusions.training import TrainConfig, check_out_dir, read_trainer_state
-    from illusions.training import train as run_training
 
-    err = Console(stderr=True)
     recipe = resolve_recipe(task, {"model": ModelConfig, "train": TrainConfig})
     out = out if out is not None else Path("runs") / f"train-{recipe.task_name}"
     # Everything that can be checked without data is checked before the first line of progress.
@@ -94,11 +115,31 @@ def train(
             f"model d_vocab is {model_cfg.d_vocab} but task {task_obj.name!r} has {len(task_obj.vocab)} tokens; "
             f"set d_vocab = {len(task_obj.vocab)} in the recipe's [model]"
         )
+    return _Plan(recipe, model_cfg, train_cfg, task_obj, out, resume, save_every)
 
-    err.print(f"[dim]recipe {recipe.source}; building {recipe.task_name} splits (cached after the first run)[/]")
+
+def _build_splits(err: Any, plan: _Plan) -> None:
+    """Build (or load) the task's splits, saying so on stderr, before training starts."""
+    import time
+
+    err.print(f"[dim]recipe {plan.recipe.source}; building {plan.recipe.task_name} splits (cached after the first run)[/]")
     t0 = time.perf_counter()
-    task_obj.splits()
-    err.print(f"[dim]splits ready in {time.perf_counter() - t0:.1f}s; training {train_cfg.steps} steps into {out}[/]")
+    plan.task.splits()
+    err.print(f"[dim]splits ready in {time.perf_counter() - t0:.1f}s; training {plan.train_cfg.steps} steps "
+              f"into {plan.out}[/]")
+
+
+def _train_with_progress(err: Any, plan: _Plan, *, device: Any, allow_tf32: bool) -> Any:
+    """Train as planned, with a progress bar on a terminal and a line per evaluation on stderr."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from illusions.training import train as run_training
 
     columns = (
         TextColumn("[bold]train"),
@@ -111,7 +152,7 @@ def train(
     )
     # Without a terminal the bar would only be drawn once at the end; the per-evaluation lines remain.
     with Progress(*columns, console=err, transient=False, disable=not err.is_terminal) as bar:
-        handle = bar.add_task("train", total=train_cfg.steps, loss="-", tps="-", acc="")
+        handle = bar.add_task("train", total=plan.train_cfg.steps, loss="-", tps="-", acc="")
 
         def progress(p: Any) -> None:
             acc = " ".join(f"{k} {v:.3f}" for k, v in p.accuracies.items())
@@ -121,30 +162,27 @@ def train(
                 err.print(f"step {p.step}: loss {p.loss:.4f} lr {p.lr:.2e} {p.tokens_per_s:,.0f} tok/s | {acc}",
                           soft_wrap=True)
 
-        result = run_training(
-            task_obj,
-            model_cfg,
-            train_cfg,
-            out,
-            resume=resume,
+        return run_training(
+            plan.task,
+            plan.model_cfg,
+            plan.train_cfg,
+            plan.out,
+            resume=plan.resume,
             progress=progress,
             device=device,
             allow_tf32=allow_tf32,
-            recipe={**recipe.to_dict(), "source": recipe.source},
-            save_every=save_every,
+            recipe={**plan.recipe.to_dict(), "source": plan.recipe.source},
+            save_every=plan.save_every,
         )
 
-    console = Console()
-    if result.interrupted:
-        where = ("in the final evaluation, after the last step" if result.step >= train_cfg.steps
-                 else f"at step {result.step}/{train_cfg.steps}")
-        err.print(
-            f"interrupted {where}; checkpoint saved in {out}. "
-            f"Continue with: illusions train {task} --out {out} --resume"
-        )
-        raise typer.Exit(130)
+
+def _print_result(console: Any, plan: _Plan, result: Any) -> None:
+    """The finished run: accuracy per split, throughput, the checkpoint and any step checkpoints."""
+    from rich.table import Table
+
+    out = plan.out
     table = Table(title=f"accuracy at step {result.step} (scored positions)", title_justify="left")
-    for col in ("split", "accuracy", "positions", f"subset ({train_cfg.eval_rows} rows)"):
+    for col in ("split", "accuracy", "positions", f"subset ({plan.train_cfg.eval_rows} rows)"):
         table.add_column(col, justify="left" if col == "split" else "right")
     for name, sub in result.subset_accuracies.items():
         full = result.accuracies.get(name)
@@ -160,11 +198,12 @@ def train(
         f"({result.tokens_per_s:,.0f} tok/s), {result.wall_seconds:.0f}s in all"
     )
     console.print(f"checkpoint: {out}")
-    if save_every:
+    if plan.save_every:
         from illusions.models import CHECKPOINTS_DIR, list_checkpoints
 
         saved = list_checkpoints(out)
         steps_text = ", ".join(str(k) for k, _ in saved) if len(saved) <= 12 else (
             f"{saved[0][0]}, {saved[1][0]}, ..., {saved[-1][0]}")
         console.print(f"step checkpoints: {out / CHECKPOINTS_DIR}/ ({len(saved)}: steps {steps_text}); "
-                      f"analyse them with e.g. `illusions sweep {recipe.task_name} --over-checkpoints {out} --simplify onehot`")
+                      f"analyse them with e.g. `illusions sweep {plan.recipe.task_name} --over-checkpoints {out} "
+                      "--simplify onehot`")

@@ -24,9 +24,8 @@ from illusions.errors import IllusionsError
 from illusions.io import atomic_write_bytes, atomic_write_text
 
 REPORT_FILE = "report.html"
-# Sequences per split used for the query/key scatter, and heads drawn there.
-PCA_SEQS = 200
-PCA_HEADS = 4
+# Sequences per split drawn in the geometry panels and read for the latent table.
+GEOMETRY_SEQS = 200
 
 
 @dataclasses.dataclass
@@ -179,7 +178,7 @@ def build_report(inputs: ReportInputs) -> tuple[str, list[Any]]:
     Returns:
         ``(html, figures)``; each figure also goes beside the page as ``<name>.png``.
     """
-    from illusions.reports import attention, geometry, html, plots
+    from illusions.reports import attention, geometry, html, interactive, latents, plots, verdict
 
     spec = inputs.spec
     splits = list(inputs.split_rows)
@@ -189,18 +188,22 @@ def build_report(inputs: ReportInputs) -> tuple[str, list[Any]]:
     proxy = inputs.proxies[j]
     figures: list[Any] = []
     sections: list[Any] = []
-
     model_cfg = inputs.config.get("model", {})
-    sections.append(html.Section("configuration", "Configuration", (
-        "<p>The fully resolved run configuration (<code>config.json</code>).</p>"
-        + html.config_block(inputs.config))))
+    colours = {spec.fit_split: interactive.FIT_COLOUR, **plots.split_colors(splits)}
 
+    # The verdict in words first, then the tables it is read from.
     acc = plots.accuracy_figure(inputs.rows, label, splits)
     figures.append(acc)
     defs = "".join(f"<li><b>{html.esc(s)}</b>: {html.esc(all_splits[s].description or 'no description')}</li>"
                    for s in splits if s in all_splits)
-    sections.append(html.Section("summary", "Per-split summary", (
-        html.summary_tables(inputs.rows, splits, inputs.labels)
+    words = verdict.sentences(inputs.rows, label, splits)
+    sections.append(html.Section("summary", "Summary", (
+        interactive.verdict_list(words)
+        + "<p class=note>Agreement: share of scored positions where the proxy predicts what the model predicts; "
+        "length-matched: the gap to iid re-weighted to the split's lengths. A proxy counts as faithful in "
+        f"distribution when its iid agreement is at least {verdict.FAITHFUL}; only then does a significant "
+        "change of accuracy against iid say whether it under- or over-states the model's generalization.</p>"
+        + html.summary_tables(inputs.rows, splits, inputs.labels)
         + html.figure(acc, f"Original accuracy, proxy accuracy and agreement of {html.esc(label)} per split.")
         + (f"<h3>Split definitions</h3><ul>{defs}</ul>" if defs else ""))))
 
@@ -213,40 +216,54 @@ def build_report(inputs: ReportInputs) -> tuple[str, list[Any]]:
 
     examples = attention.build_examples(
         inputs.model, all_splits, {s: inputs.records[(s, j)] for s in splits}, proxy, inputs.task.vocab.tokens)
-    worst = max(range(len(examples)), key=lambda i: (examples[i].choice.disagreements,
-                                                     _nan_low(examples[i].choice.mean_jsd), -i), default=None)
-    intro = (f"<p>Attention of the simplified heads of <b>{html.esc(label)}</b>, original model (left) beside "
-             "the proxy (right), for the sequence of each split where they disagree most (most changed "
-             "predictions, then highest attention JSD). Hover a head to zoom, click to lock.")
-    if worst is not None:
-        c = examples[worst].choice
-        intro += (f" The example with most disagreement overall is from <b>{html.esc(c.split)}</b> "
-                  f"(row {c.row}, {c.disagreements} changed predictions).")
-    intro += "</p>"
-    if not examples:
-        intro += "<p class=note>This proxy changes no attention head directly, so there is nothing to draw.</p>"
-    attn_html, attn_data = html.attention_section(examples, intro)
-    sections.append(html.Section("attention", "Attention patterns", attn_html))
+    browser, example_data = interactive.examples_section(examples, splits)
+    sections.append(html.Section("examples", "Examples", (
+        f"<p>Per split, the sequences where <b>{html.esc(label)}</b> changes the most, a median number and the "
+        "fewest of the model's predictions (then highest attention JSD). Filter by split or by a range of any "
+        "column, click a header to sort, click a row to open its card: the tokens, every scored position's "
+        "target and both predictions with KL(original || proxy) and attention JSD, and the attention of the "
+        "simplified heads, original model (left) beside the proxy (right); hover a head to zoom, click to lock."
+        " Each split's first card is open; the others draw when opened.</p>" + browser)))
 
-    agreement = {s: next((r["value"] for r in inputs.rows if r["group_by"] == "all" and r["proxy"] == label
-                          and r["split"] == s and r["metric"] == "agreement"), float("nan")) for s in splits}
-    ood = geometry.pick_ood_split(agreement)
-    heads = [tuple(h) for h in proxy.heads][:PCA_HEADS]
-    if ood is not None and heads and spec.fit_split in all_splits:
-        fit = geometry.sample_rows(all_splits[spec.fit_split], inputs.fit_rows, PCA_SEQS)
-        far = geometry.sample_rows(all_splits[ood], inputs.split_rows[ood], PCA_SEQS)
-        panels = geometry.qk_panels(inputs.model, fit, far, heads, seed=spec.seed)
-        pca = plots.scatter_figure(panels, spec.fit_split, ood)
-        figures.append(pca)
-        body = html.figure(pca, (
-            f"Queries (at scored positions) and keys (at the attended position) of {len(heads)} simplified "
-            f"head(s), projected on the first two principal directions of the {len(fit)} "
-            f"{html.esc(spec.fit_split)} sequences' vectors. Circles: {html.esc(spec.fit_split)} "
-            f"(in distribution); triangles: {html.esc(ood)} ({len(far)} sequences; the split where the proxy "
-            "agrees least). At most 200 points per split and panel."))
+    fit_name = spec.fit_split
+    row_ids = {fit_name: inputs.fit_rows[:GEOMETRY_SEQS],
+               **{s: inputs.split_rows[s][:GEOMETRY_SEQS] for s in splits if s != fit_name}}
+    drawn = {s: geometry.sample_rows(all_splits[s], rows, GEOMETRY_SEQS) for s, rows in row_ids.items()
+             if s in all_splits}
+    geo_data: list[Any] = []
+    if geometry.supported(proxy) and fit_name in drawn:
+        found = geometry.panels(inputs.model, proxy, drawn[fit_name], drawn, fit_name=fit_name, row_ids=row_ids,
+                                seed=spec.seed)
+        geo_data = geometry.panel_payload(found, list(drawn))
+        centroid = found and found[0].kind == "centroid"
+        body = (f"<p>What <b>{html.esc(label)}</b> keeps and what it throws away, on the {len(drawn[fit_name])} "
+                f"{html.esc(fit_name)} sequences it was fitted on (grey) and on each split (at most "
+                f"{GEOMETRY_SEQS} sequences, {geometry.MAX_POINTS} points per panel and split). Horizontal: the "
+                "proxy's output on its first kept direction (the top principal direction of its outputs on the "
+                "fitting data); vertical: "
+                + ("the distance to the nearest centroid" if centroid else "the norm of the part the proxy "
+                   "removes (off its kept subspace)")
+                + ", |x − proxy(x)|. Queries at scored positions, keys at the attended position. Vectors that "
+                "leave what was fitted sit higher. Hover a point for its values, drag to zoom (double-click "
+                "resets), click a legend entry to hide a split.</p>"
+                + interactive.geometry_section(found, fit_name, list(drawn)))
     else:
-        body = "<p class=note>No simplified attention head or no out-of-distribution split to project.</p>"
-    sections.append(html.Section("qk-pca", "Queries and keys (2-D PCA)", body))
+        body = ("<p class=note>This proxy replaces no query, key or residual vector by a projection or a "
+                "centroid, so there is no kept subspace to draw.</p>")
+    sections.append(html.Section("geometry", "Geometry: leaving the fitted subspace", body))
+
+    found_latents = latents.latents(inputs.model, proxy, drawn.get(fit_name), drawn, inputs.task.vocab.tokens,
+                                    fit_name=fit_name, row_ids=row_ids) if fit_name in drawn else []
+    if found_latents:
+        groups = list(drawn)
+        sections.append(html.Section("latents", "Latents", (
+            f"<p>Latents of <b>{html.esc(label)}</b>: the share of token positions where each is active on the "
+            f"fitting data and on each split (at most {GEOMETRY_SEQS} sequences each), <i>new</i> when it never "
+            "fired on the data the dictionary was fitted on, and the OOD score (largest rise of frequency from "
+            "the fitting data to a split other than iid). For the top latents, their strongest activations out "
+            "of distribution and the tokens their decoder direction promotes directly (W_dec · W_U, final layer "
+            f"norm ignored). At most {latents.MAX_ROWS} latents listed.</p>"
+            + interactive.latents_section(found_latents, groups, fit_name))))
 
     breakdown = plots.breakdown_figure(inputs.rows, label, splits, by="key_depth")
     if breakdown is not None:
@@ -267,15 +284,19 @@ def build_report(inputs: ReportInputs) -> tuple[str, list[Any]]:
                     f"Agreement and accuracy of {html.esc(label)} by {what}, one line per split "
                     "(bars: 95% intervals)."))))
     # Data you bring (task custom) is broken down by each of its meta columns.
-    drawn = {"key_depth"} if breakdown is not None else {"key_depth", "category", "depth"}
+    drawn_by = {"key_depth"} if breakdown is not None else {"key_depth", "category", "depth"}
     for by in inputs.config.get("task", {}).get("meta_columns", []):
-        extra = None if by in drawn else plots.breakdown_figure(inputs.rows, label, splits, by=by)
+        extra = None if by in drawn_by else plots.breakdown_figure(inputs.rows, label, splits, by=by)
         if extra is not None:
             extra = dataclasses.replace(extra, name=f"fig_meta_{by}")  # never a built-in figure's name
             figures.append(extra)
             sections.append(html.Section(f"by-{by}", f"Agreement by {by}", html.figure(extra, (
                 f"Agreement and accuracy of {html.esc(label)} by the meta column {html.esc(by)} of your data, "
                 "one line per split (bars: 95% intervals)."))))
+
+    sections.append(html.Section("configuration", "Configuration", (
+        "<p>The fully resolved run configuration (<code>config.json</code>), collapsed.</p>"
+        + html.config_block(inputs.config))))
 
     title = f"{spec.task}: how faithful is {label.split('(')[0]} out of distribution?"
     subtitle = [
@@ -285,12 +306,9 @@ def build_report(inputs: ReportInputs) -> tuple[str, list[Any]]:
         + (f"; detailed figures show {html.esc(label)} (agreement varies most across splits)"
            if len(inputs.labels) > 1 else ""),
     ]
-    page = html.render_page(title=title, subtitle=subtitle, sections=sections, attention_data=attn_data)
+    data = interactive.payload(example_data, geo_data, colours, attention.PACK_SCALE)
+    page = html.render_page(title=title, subtitle=subtitle, sections=sections, data=data)
     return page, figures
-
-
-def _nan_low(x: float) -> float:
-    return x if math.isfinite(x) else -1.0
 
 
 def write_files(inputs: ReportInputs, directory: Path) -> Path:
@@ -321,6 +339,27 @@ def write_report_files(run: Any, directory: Path) -> None:
         directory: the run's (staging) directory.
     """
     write_files(inputs_from_run(run, directory), directory)
+
+
+def write_run_with_report(run: Any, out: Path, *, report: bool = True, overwrite: bool = False) -> None:
+    """Write a finished run's directory (:func:`illusions.analyses.run.write_run`), with
+    ``report.html`` and its figures inside when ``report``, all in one atomic step.
+
+    Args:
+        run: an :class:`illusions.analyses.run.RunResult`.
+        out: the run directory.
+        report: also write the report files.
+        overwrite: replace an earlier run of ours in ``out`` (the caller checked the location).
+    """
+    from illusions.analyses.run import write_run
+
+    extra = None
+    if report:
+
+        def extra(stage: Path) -> None:
+            write_report_files(run, stage)
+
+    write_run(run, Path(out), extra_files=extra, overwrite=overwrite)
 
 
 def _is_report_file(name: str) -> bool:

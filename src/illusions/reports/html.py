@@ -7,9 +7,11 @@ classic script, with element ids derived from the example's position in the repo
 own helpers use random uuids and load JavaScript from a CDN). A strict Content-Security-Policy makes
 any network fetch impossible. Static figures are inline SVG.
 
-Two hooks for automated checks, harmless for a reader: ``report.html#only-attention`` shows only the
-attention section at the top of the page, and after drawing, ``<pre id="render-status">`` holds a
-JSON note of every canvas the figures drew (with its position on the page) and any script error.
+Hooks for automated checks, harmless for a reader: ``report.html#only-attention`` shows only the
+example cards (all opened and drawn) at the top of the page, ``#draw-all`` opens and draws every card,
+and after drawing, ``<pre id="render-status">`` holds a JSON note of every canvas the figures drew (with
+its position on the page), the points of each geometry panel and any script error
+(:mod:`illusions.reports.interactive`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from illusions.reports.attention import SCALE, AttentionExample
+from illusions.metric_table import DICTIONARY_METRICS, SUMMARY_METRICS, metric
+from illusions.reports.interactive import SCRIPT, STYLE
 from illusions.reports.plots import StaticFigure
 
 CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:"
@@ -47,8 +50,7 @@ figcaption { color: #444; font-size: 0.88em; margin-top: 4px; }
 .pair > div { min-width: 0; } .cv canvas { max-width: 100%; } .scroll { overflow-x: auto; }
 .cv { position: relative; min-height: 200px; border: 1px solid #eee; padding: 4px; }
 .cv h4 { margin: 2px 0 6px; }
-html.only-attention header, html.only-attention nav,
-html.only-attention section:not(#attention) { display: none; }
+html.only-attention header, html.only-attention nav { display: none; }
 html.only-attention body { margin-top: 0; }
 """
 
@@ -58,48 +60,6 @@ window.__report = {errors: [], figures: []};
 window.addEventListener("error", function (e) { window.__report.errors.push(String(e.message)); });
 if (location.hash === "#only-attention") { document.documentElement.classList.add("only-attention"); }
 """
-
-_RENDER_SCRIPT = """
-(function () {
-  var state = window.__report;
-  var node = document.getElementById("attention-data");
-  var data = node ? JSON.parse(node.textContent) : {scale: 1, examples: []};
-  function expand(tri) {
-    var n = tri.length;
-    return tri.map(function (row) {
-      var out = new Array(n);
-      for (var j = 0; j < n; j++) { out[j] = j < row.length ? row[j] / data.scale : 0; }
-      return out;
-    });
-  }
-  data.examples.forEach(function (ex) {
-    ["original", "proxy"].forEach(function (kind) {
-      var id = ex.id + "-" + kind;
-      try {
-        CircuitsVis.render(id, CircuitsVis.AttentionHeads, {
-          attention: ex[kind].map(expand),
-          tokens: ex.tokens,
-          attentionHeadNames: ex.heads,
-          maskUpperTri: true
-        });
-        state.figures.push(id);
-      } catch (err) { state.errors.push(id + ": " + String(err)); }
-    });
-  });
-  setTimeout(function () {
-    var canvases = [];
-    state.figures.forEach(function (id) {
-      document.getElementById(id).querySelectorAll("canvas").forEach(function (c) {
-        var r = c.getBoundingClientRect();
-        canvases.push({figure: id, x: r.left, y: r.top, width: r.width, height: r.height});
-      });
-    });
-    document.getElementById("render-status").textContent = JSON.stringify(
-      {figures: state.figures, canvases: canvases, errors: state.errors});
-  }, 3000);
-})();
-"""
-
 
 def circuitsvis_bundle() -> str:
     """The CircuitsVis browser bundle from the installed wheel, safe to inline in ``<script>``."""
@@ -149,7 +109,11 @@ def _table(header: Sequence[str], body: Sequence[Sequence[str]], left: int = 1) 
     cls = lambda i: " class=l" if i < left else ""  # noqa: E731
     head = "".join(f"<th{cls(i)}>{esc(h)}</th>" for i, h in enumerate(header))
     rows = "".join("<tr>" + "".join(f"<td{cls(i)}>{c}</td>" for i, c in enumerate(r)) + "</tr>" for r in body)
-    return f"<div class=scroll><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>"
+    return f"<div class=scroll><table class=sortable><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>"
+
+
+# The metrics whose gaps the report's gap table shows, in its column order.
+_GAP_METRICS = ("agreement", "proxy_accuracy", "original_accuracy")
 
 
 def summary_tables(rows: Sequence[dict[str, Any]], splits: Sequence[str], proxies: Sequence[str],
@@ -164,33 +128,32 @@ def summary_tables(rows: Sequence[dict[str, Any]], splits: Sequence[str], proxie
     many = len(proxies) > 1
     lead = ["proxy"] if many else []
     est_body, gap_body = [], []
+    control = any("gap_vs_control" in r for r in cell.values())  # a --match control beside the length one
     for proxy in proxies:
         names = [name for split in splits for name in [split] + list(dict.fromkeys(
             group_label(split, r["group"]) for r in grouped if r["proxy"] == proxy and r["split"] == split))]
         for split in names:
-            m = {k: cell.get((proxy, split, k)) for k in
-                 ("original_accuracy", "proxy_accuracy", "agreement", "attention_jsd", "kl")}
+            m = {k: cell.get((proxy, split, k)) for k in SUMMARY_METRICS}
             if m["agreement"] is None:
                 continue
             first = [esc(proxy)] if many else []
             est_body.append(first + [esc(split), str(int(m["agreement"]["n_positions"])),
                                      str(int(m["agreement"]["n_sequences"]))]
-                            + [fmt_ci(m[k]) for k in ("original_accuracy", "proxy_accuracy", "agreement",
-                                                      "attention_jsd")]
-                            + [fmt_ci(m["kl"], 4)])
+                            + [fmt_ci(m[k], metric(k).decimals) for k in SUMMARY_METRICS])
             if split == reference:
                 continue
             cov = m["agreement"].get("matched_coverage")
             gap_body.append(first + [esc(split)]
-                            + [fmt_gap(m[k], g) for k in ("agreement", "proxy_accuracy", "original_accuracy")
-                               for g in ("gap_vs_ref", "gap_vs_matched")]
-                            + [_coverage_cell(cov)])
-    est = _table(lead + ["split", "positions", "sequences", "original acc", "proxy acc", "agreement",
-                         "attn JSD (bits)", "KL (nats)"], est_body, left=len(lead) + 1)
-    gaps = _table(lead + ["split", f"Δagreement vs {reference}", "Δagreement vs len-matched",
-                          f"Δproxy acc vs {reference}", "Δproxy acc vs len-matched",
-                          f"Δoriginal acc vs {reference}", "Δoriginal acc vs len-matched",
-                          "len-matched coverage"], gap_body, left=len(lead) + 1)
+                            + [fmt_gap(m[k], g) for k in _GAP_METRICS for g in ("gap_vs_ref", "gap_vs_matched")]
+                            + [_coverage_cell(cov)]
+                            + ([fmt_gap(m["agreement"], "gap_vs_control"),
+                                _coverage_cell(m["agreement"].get("control_coverage"))] if control else []))
+    est = _table(lead + ["split", "positions", "sequences", *(metric(k).header for k in SUMMARY_METRICS)],
+                 est_body, left=len(lead) + 1)
+    gaps = _table(lead + ["split", *(f"Δ{metric(k).short} vs {against}" for k in _GAP_METRICS
+                                     for against in (reference, "len-matched")),
+                          "len-matched coverage", *(("Δagreement vs matched", "matched coverage") if control else ())],
+                  gap_body, left=len(lead) + 1)
     return (f"<h3>Estimates (95% bootstrap intervals over sequences)</h3>{est}"
             f"<h3>Gaps: split minus {esc(reference)}, and minus a length-matched {esc(reference)} control"
             f"</h3>{gaps}<p class=note>Red: the interval excludes 0. The length-matched control re-weights "
@@ -199,7 +162,9 @@ def summary_tables(rows: Sequence[dict[str, Any]], splits: Sequence[str], proxie
             "those positions only (positions in other bins are left out of both sides)."
             + (" A row <i>split (group)</i> holds only that split's positions in a group the task names (for "
                "Dyck: closers whose opener is deeper than the training depth); its gaps compare it with the "
-               f"whole of {esc(reference)}." if grouped else "") + "</p>"
+               f"whole of {esc(reference)}." if grouped else "")
+            + (" <i>Matched</i>: the same control over strata of every column named by <code>--match</code> "
+               "(see config.json), with its own coverage." if control else "") + "</p>"
             + sparse_table(cell, splits, proxies))
 
 
@@ -210,9 +175,7 @@ def _coverage_cell(cov: Any) -> str:
     return f"{cov:.0%}" + (f" ({excluded:.1%} excluded)" if excluded >= 0.0005 else "")
 
 
-SPARSE_COLUMNS = (("explained_variance", "explained variance", 3), ("normalized_mse", "normalised MSE", 4),
-                  ("l0", "L0 (active latents)", 2), ("dead_fraction", "dead latents", 3),
-                  ("new_latent_fraction", "latents new vs fit data", 3))
+SPARSE_COLUMNS = tuple((k, metric(k).header, metric(k).decimals) for k in DICTIONARY_METRICS)
 
 
 def sparse_table(cell: dict[tuple[str, str, str], dict[str, Any]], splits: Sequence[str],
@@ -244,32 +207,6 @@ def figure(fig: StaticFigure, caption: str) -> str:
             f"<span class=note>(PNG: {esc(fig.name)}.png)</span></figcaption></figure>")
 
 
-def attention_section(examples: Sequence[AttentionExample], intro: str) -> tuple[str, str]:
-    """The attention section's HTML and the JSON payload its script draws from."""
-    blocks, payload = [], []
-    for i, ex in enumerate(examples):
-        ident = f"attn-{i}"
-        c = ex.choice
-        jsd = f"{c.mean_jsd:.4f} bits" if _finite(c.mean_jsd) else "n/a"
-        changed = ", ".join(f"{p} ({esc(ex.tokens[p])})" for p in c.changed_pos[:20])
-        more = f" … and {len(c.changed_pos) - 20} more" if len(c.changed_pos) > 20 else ""
-        hidden = (f" Not drawn: {esc(', '.join(ex.hidden_heads))}." if ex.hidden_heads else "")
-        blocks.append(
-            f'<div class="example" id="{ident}"><h3>{esc(c.split)}: row {c.row}</h3>'
-            f"<p class=note>{len(ex.tokens)} tokens, {c.n_scored} scored positions, "
-            f"{c.disagreements} changed predictions, mean attention JSD {jsd}."
-            f"{' Changed at query positions: ' + changed + more + '.' if changed else ''}{hidden}</p>"
-            f'<div class="pair"><div class="cv"><h4>original model</h4><div id="{ident}-original"></div></div>'
-            f'<div class="cv"><h4>proxy</h4><div id="{ident}-proxy"></div></div></div></div>'
-        )
-        payload.append({"id": ident, "tokens": list(ex.tokens), "heads": list(ex.head_names),
-                        "original": ex.original, "proxy": ex.proxy})
-    data = json.dumps({"scale": SCALE, "examples": payload}, separators=(",", ":"), ensure_ascii=True)
-    # Inside <script> the HTML parser only looks for "<"-sequences; "\u003c" is "<" to JSON.
-    data = data.replace("<", "\\u003c")
-    return intro + "".join(blocks), data
-
-
 @dataclasses.dataclass(frozen=True)
 class Section:
     ident: str
@@ -277,20 +214,22 @@ class Section:
     body: str
 
 
-def render_page(*, title: str, subtitle: Sequence[str], sections: Sequence[Section],
-                attention_data: str) -> str:
-    """The complete page: sections in order, the bundle once, then the drawing script."""
+def render_page(*, title: str, subtitle: Sequence[str], sections: Sequence[Section], data: str) -> str:
+    """The complete page: sections in order, the bundle once, then the drawing script
+    (:mod:`illusions.reports.interactive`) over ``data``, its JSON."""
     return (
         _page_start(title, subtitle, sections, head_script=f"<script>{_HEAD_SCRIPT}</script>")
-        + '<pre id="render-status" hidden></pre>'
-        f'<script type="application/json" id="attention-data">{attention_data}</script>\n'
+        + '<pre id="render-status" hidden></pre><div id="tooltip"></div>'
+        f'<script type="application/json" id="report-data">{data}</script>\n'
         f"<script>{BUNDLE_MARK}\n{circuitsvis_bundle()}\n</script>\n"
-        f"<script>{_RENDER_SCRIPT}</script>\n</body></html>\n"
+        f"<script>{SCRIPT}</script>\n</body></html>\n"
     )
 
 
 def config_block(config: dict[str, Any]) -> str:
-    return f"<pre class=config>{esc(json.dumps(config, indent=2))}</pre>"
+    """The configuration, collapsed until opened."""
+    return (f"<details class=config><summary>config.json</summary><pre class=config>"
+            f"{esc(json.dumps(config, indent=2))}</pre></details>")
 
 
 def render_static_page(*, title: str, subtitle: Sequence[str], sections: Sequence[Section]) -> str:
@@ -307,6 +246,6 @@ def _page_start(title: str, subtitle: Sequence[str], sections: Sequence[Section]
         "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
         '<meta name=viewport content="width=device-width, initial-scale=1">'
-        f"<title>{esc(title)}</title><style>{_STYLE}</style>{head_script}</head>\n"
+        f"<title>{esc(title)}</title><style>{_STYLE}{STYLE}</style>{head_script}</head>\n"
         f"<body><header><h1>{esc(title)}</h1>{sub}</header><nav>{nav}</nav>{body}"
     )

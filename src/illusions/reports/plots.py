@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from illusions.metric_table import ALL
+from illusions.metric_table import metric as metric_row
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -161,10 +164,10 @@ def accuracy_figure(rows: Sequence[dict[str, Any]], proxy: str, splits: Sequence
     fig = _fixed_figure(width, height, left=left, right=right, bottom=bottom, top=_LINE_IN + 0.06)
     ax = fig.add_subplot()
     x = np.arange(len(splits), dtype=np.float64)
-    styles = (("original_accuracy", "original accuracy", "o", "#444444", -0.2),
-              ("proxy_accuracy", "proxy accuracy", "s", "#d62728", 0.0),
-              ("agreement", "agreement", "D", "#1f77b4", 0.2))
-    for metric, label, marker, color, dx in styles:
+    styles = (("original_accuracy", "o", "#444444", -0.2), ("proxy_accuracy", "s", "#d62728", 0.0),
+              ("agreement", "D", "#1f77b4", 0.2))
+    for metric, marker, color, dx in styles:
+        label = metric_row(metric).label
         mine = [cell.get((s, metric)) for s in splits]
         keep = [i for i, r in enumerate(mine) if r is not None and _finite(r["value"])]
         if not keep:
@@ -210,12 +213,15 @@ def sweep_figure(rows: Sequence[dict[str, Any]], splits: Sequence[str]) -> Stati
         param, values = "proxy", [float(i) for i in range(len(labels))]
         position = {lab: float(i) for i, lab in enumerate(labels)}
     colors = split_colors(splits)
-    panels: tuple[tuple[str, str], ...] = (("agreement", "agreement"), ("attention_jsd", "attention JSD (bits)"),
+    # The accuracy panel draws the original's accuracy too (dotted), hence its plain axis label.
+    panels: tuple[tuple[str, str], ...] = (("agreement", metric_row("agreement").axis_label),
+                                           ("attention_jsd", metric_row("attention_jsd").axis_label),
                                            ("proxy_accuracy", "accuracy"))
     if any(r["metric"] == "explained_variance" for r in overall):  # sparse dictionaries: their reconstruction
-        panels += (("explained_variance", "explained variance (all positions)"),)
-    # A proxy that changes no attention head directly has no JSD to draw.
-    panels = tuple(p for p in panels if p[0] != "attention_jsd"
+        panels += (("explained_variance", metric_row("explained_variance").axis_label),)
+    # A metric only some proxies have (attention JSD: proxies that change a head directly) is drawn
+    # only where a proxy of the run has it.
+    panels = tuple(p for p in panels if metric_row(p[0]).proxies == ALL
                    or any(r["metric"] == p[0] and _finite(r["value"]) for r in overall))
     fig = _new_figure(4.0 * len(panels), 3.6 if numeric else 4.2)
     axes = fig.subplots(1, len(panels))
@@ -312,86 +318,3 @@ def breakdown_figure(rows: Sequence[dict[str, Any]], proxy: str, splits: Sequenc
             ax.set_xticks(range(len(named)), named, fontsize=8)
     left.legend(fontsize=8)
     return render(fig, f"fig_{by}")
-
-
-@dataclasses.dataclass(frozen=True)
-class ScatterPanel:
-    """Points of one head and side projected on the first two principal directions of the fit data.
-
-    Attributes:
-        title: e.g. ``L1H0 queries``.
-        xy: ``[n, 2]`` coordinates.
-        color: ``[n]`` value that colours each point (depth, key depth or position).
-        color_label: what ``color`` is.
-        in_dist: ``[n]`` true for points from the fitting split, false for the out-of-distribution one.
-        explained: fraction of the fit data's variance the two directions hold.
-    """
-
-    title: str
-    xy: np.ndarray
-    color: np.ndarray
-    color_label: str
-    in_dist: np.ndarray
-    explained: float
-
-
-def scatter_figure(panels: Sequence[ScatterPanel], id_name: str, ood_name: str) -> StaticFigure:
-    """A grid of 2-D PCA scatters, two panels (queries, keys) per head, coloured by depth.
-
-    Circles are in-distribution points (the fitting split), triangles out-of-distribution ones. One
-    colour scale and one legend serve every panel (per-panel colorbars and legends doubled the
-    drawing time of the main job's report). The grid is placed by fixed margins in inches rather
-    than by constrained layout, which measured every tick label of the eight panels on each save
-    and took half of this figure's drawing time.
-    """
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-
-    n_cols = 2
-    n_rows = max(1, math.ceil(len(panels) / n_cols))
-    width, height = 10.0, 3.0 * n_rows + 0.6
-    # Inches: room for y tick labels (left), x tick labels (bottom), the legend (top), the colour bar
-    # (right), and a panel title plus the x tick labels of the panel above (between rows).
-    left, right, bottom, top, col_gap, row_gap = 0.55, 1.0, 0.3, 0.55, 0.55, 0.5
-    panel_w = (width - left - right - (n_cols - 1) * col_gap) / n_cols
-    panel_h = (height - bottom - top - (n_rows - 1) * row_gap) / n_rows
-    fig = Figure(figsize=(width, height))
-    grid = fig.add_gridspec(n_rows, n_cols, left=left / width, right=1 - right / width, bottom=bottom / height,
-                            top=1 - top / height, wspace=col_gap / panel_w, hspace=row_gap / panel_h)
-    axes = np.array([fig.add_subplot(grid[i, j]) for i in range(n_rows) for j in range(n_cols)])
-    colors = [p.color for p in panels if p.color.size]
-    lo = float(min(c.min() for c in colors)) if colors else 0.0
-    hi = float(max(c.max() for c in colors)) if colors else 1.0
-    mappable = None
-    for ax, panel in zip(axes, panels, strict=False):
-        for mask, marker in ((panel.in_dist, "o"), (~panel.in_dist, "^")):
-            if not mask.any():
-                continue
-            mappable = ax.scatter(panel.xy[mask, 0], panel.xy[mask, 1], c=panel.color[mask], cmap="viridis",
-                                  vmin=lo, vmax=max(hi, lo + 1e-9), marker=marker, s=12, alpha=0.75,
-                                  linewidths=0, rasterized=True)
-        ax.set_title(f"{panel.title} (PC1+PC2: {panel.explained:.0%} of fit variance)", fontsize=9, y=_TITLE_Y)
-        ax.tick_params(labelsize=7)
-        # Principal-plane coordinates need only a rough scale; each tick is objects to build, measure
-        # and draw twice, and at the default density they were a quarter of this figure's time.
-        ax.locator_params(nbins=5)
-        _unlabelled(ax.xaxis, ax.yaxis)
-    for ax in axes[len(panels):]:
-        ax.set_axis_off()
-    if panels:
-        # Neutral legend markers: colour encodes depth, shape encodes the split.
-        first = panels[0]
-        handles = [Line2D([], [], marker=m, color="#555555", linestyle="none", markersize=5,
-                          label=f"{name} ({int(mask.sum())} points per panel)")
-                   for mask, m, name in ((first.in_dist, "o", id_name), (~first.in_dist, "^", ood_name))]
-        fig.legend(handles=handles, fontsize=8, loc="upper center", ncols=2,
-                   bbox_to_anchor=(0.5, 1 - 0.04 / height))
-    if mappable is not None:
-        # A bar 0.15 in wide beside the grid, over the middle 60% of its height.
-        grid_h = height - bottom - top
-        cax = fig.add_axes((1 - (right - 0.2) / width, (bottom + 0.2 * grid_h) / height, 0.15 / width,
-                            0.6 * grid_h / height))
-        bar = fig.colorbar(mappable, cax=cax)
-        bar.set_label(" / ".join(dict.fromkeys(p.color_label for p in panels)), fontsize=8)
-        bar.ax.tick_params(labelsize=7)
-    return render(fig, "fig_qk_pca")

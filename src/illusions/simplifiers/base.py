@@ -127,7 +127,7 @@ class SimplifierConfig(Config):
     target_keys: ClassVar[tuple[str, ...]] = ("layers", "heads")
     # The model dimension that bounds the swept parameter ("d_head" for a rank of queries and keys,
     # "d_model" for a rank of the residual stream; "" when nothing does), so a sweep written for one
-    # model can be cut to what a narrower model allows (illusions.reproduce).
+    # model can be cut to what a narrower model allows (illusions.reproduction.plan).
     sweep_limit: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
@@ -170,6 +170,21 @@ def check_positive(value: int, what: str, upper: int | None = None) -> None:
     if value < 1 or (upper is not None and value > upper):
         valid = f"be in 1..{upper}" if upper is not None else "be at least 1"
         raise IllusionsError(f"{what} must {valid}, got {value}")
+
+
+def qk_hook_name(layer: int, side: str) -> str:
+    """The hook of one layer's queries (``side="q"``) or keys (``"k"``): ``blocks.L.attn.hook_<side>``."""
+    return f"blocks.{layer}.attn.hook_{side}"
+
+
+def require(activations: dict[str, Tensor], name: str, simplifier: str) -> Tensor:
+    """The collected activations at ``name``, or a clear error saying they are missing."""
+    if name not in activations:
+        have = ", ".join(sorted(activations)) or "none"
+        raise IllusionsError(
+            f"{simplifier} needs activations at {name} (collect simplifier.hook_names(model)); got {have}"
+        )
+    return activations[name]
 
 
 @runtime_checkable
@@ -288,6 +303,10 @@ class Proxy:
         attention_heads: ``(layer, head)`` pairs whose attention the proxy changes directly (see
             :attr:`heads`).
         info: JSON diagnostics of the fit (number of fitted vectors, explained variance, inertia).
+        sweep_param: the parameter its simplifier sweeps (the class's ``sweep_param``: ``rank``,
+            ``k``, ``width``; ``""`` for none), set by ``fit``; its value is :attr:`sweep_value`.
+            Labels and summaries read it here. It is not written to ``proxy.json`` (whose format
+            stays as it was), so a loaded proxy has ``""``.
     """
 
     simplifier: str
@@ -295,6 +314,12 @@ class Proxy:
     hooks: tuple[Any, ...]
     attention_heads: tuple[tuple[int, int], ...] = ()
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    sweep_param: str = ""
+
+    @property
+    def sweep_value(self) -> Any:
+        """The value of :attr:`sweep_param` this proxy was fitted with (``""`` when it sweeps nothing)."""
+        return self.params.get(self.sweep_param, "") if self.sweep_param else ""
 
     @property
     def fwd_hooks(self) -> list[tuple[str, Callable]]:

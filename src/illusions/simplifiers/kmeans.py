@@ -34,10 +34,11 @@ from illusions.simplifiers.base import (
     Targets,
     check_positive,
     head_rows,
+    qk_hook_name,
     register_hook_kind,
     replace_heads,
+    require,
 )
-from illusions.simplifiers.svd import qk_hook_name, require
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -162,6 +163,24 @@ class CentroidHook(FittedHook):
         return replace_heads(activation, rows, new, axis=2)
 
 
+# The k-means settings every centroid simplifier (kmeans, resid-kmeans) has, each an integer >= 1.
+KMEANS_FIELDS = ("k", "n_init", "max_iter", "minibatch_above")
+
+
+def check_kmeans_fields(config: Any) -> None:
+    """Refuse a centroid simplifier whose :data:`KMEANS_FIELDS` are not integers >= 1, in that order."""
+    for name in KMEANS_FIELDS:
+        check_positive(getattr(config, name), name)
+
+
+def centroids_for(config: Any, x: Float[Tensor, "n d"], where: str) -> CentroidFit:
+    """:func:`fit_centroids` with a centroid simplifier's settings (``k``, ``seed`` and :data:`KMEANS_FIELDS`)."""
+    return fit_centroids(
+        x, config.k, seed=config.seed, n_init=config.n_init, max_iter=config.max_iter,
+        minibatch_above=config.minibatch_above, where=where,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class KMeans(SimplifierConfig):
     """Queries/keys replaced by the nearest of ``k`` centroids, per head.
@@ -189,20 +208,14 @@ class KMeans(SimplifierConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive(self.k, "k")
-        check_positive(self.n_init, "n_init")
-        check_positive(self.max_iter, "max_iter")
-        check_positive(self.minibatch_above, "minibatch_above")
+        check_kmeans_fields(self)
 
     def hook_names(self, model: HookedTransformer) -> list[str]:
         targets = self.targets.resolve(model)
         return [qk_hook_name(layer, side) for layer in targets.layers for side in targets.qk]
 
     def centroids(self, x: Float[Tensor, "n d"], where: str) -> CentroidFit:
-        return fit_centroids(
-            x, self.k, seed=self.seed, n_init=self.n_init, max_iter=self.max_iter,
-            minibatch_above=self.minibatch_above, where=where,
-        )
+        return centroids_for(self, x, where)
 
     def fit(self, model: HookedTransformer, activations: dict[str, Tensor]) -> Proxy:
         targets = self.targets.resolve(model)
@@ -223,6 +236,7 @@ class KMeans(SimplifierConfig):
             n_fitted = fits[0].n
         return Proxy(
             simplifier=self.name,
+            sweep_param=self.sweep_param,
             params=self.resolved_params(targets),
             hooks=tuple(hooks),
             attention_heads=tuple((layer, head) for layer in targets.layers for head in targets.heads),

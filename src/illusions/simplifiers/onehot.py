@@ -83,6 +83,7 @@ class OneHot(SimplifierConfig):
         )
         return Proxy(
             simplifier=self.name,
+            sweep_param=self.sweep_param,
             params=self.resolved_params(targets),
             hooks=hooks,
             attention_heads=tuple((layer, head) for layer in targets.layers for head in targets.heads),

@@ -27,9 +27,15 @@ from illusions.simplifiers.base import (
     SimplifierConfig,
     Targets,
     check_positive,
+    require,
 )
-from illusions.simplifiers.kmeans import MINIBATCH_ABOVE, CentroidHook, fit_centroids
-from illusions.simplifiers.svd import PCAFit, ProjectionHook, pca, require
+from illusions.simplifiers.kmeans import (
+    MINIBATCH_ABOVE,
+    CentroidHook,
+    centroids_for,
+    check_kmeans_fields,
+)
+from illusions.simplifiers.svd import PCAFit, ProjectionHook, pca
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -121,6 +127,7 @@ class ResidSVD(SimplifierConfig):
             )
             out[rank] = Proxy(
                 simplifier=self.name,
+                sweep_param=self.sweep_param,
                 params=_params(self.replace(rank=rank), targets),
                 hooks=hooks,
                 attention_heads=resid_heads(model, targets),
@@ -154,8 +161,7 @@ class ResidKMeans(SimplifierConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("k", "n_init", "max_iter", "minibatch_above"):
-            check_positive(getattr(self, name), name)
+        check_kmeans_fields(self)
 
     def hook_names(self, model: HookedTransformer) -> list[str]:
         return resid_hook_names(model, self.targets.resolve(model))
@@ -166,15 +172,13 @@ class ResidKMeans(SimplifierConfig):
         inertia = {}
         fit = None
         for name in resid_hook_names(model, targets):
-            fit = fit_centroids(
-                require(activations, name, self.name), self.k, seed=self.seed, n_init=self.n_init,
-                max_iter=self.max_iter, minibatch_above=self.minibatch_above, where=name,
-            )
+            fit = centroids_for(self, require(activations, name, self.name), name)
             hooks.append(CentroidHook(hook_name=name, heads=None, centroids=fit.centroids))
             inertia[name] = fit.inertia
         assert fit is not None
         return Proxy(
             simplifier=self.name,
+            sweep_param=self.sweep_param,
             params=_params(self, targets),
             hooks=tuple(hooks),
             attention_heads=resid_heads(model, targets),

@@ -68,9 +68,9 @@ from illusions.simplifiers.base import (
     head_rows,
     register_hook_kind,
     replace_heads,
+    require,
 )
 from illusions.simplifiers.resid import resid_heads, resid_hook_names
-from illusions.simplifiers.svd import require
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -359,10 +359,7 @@ def train_dictionary(
         The inference weights on raw activations (``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``,
         ``threshold`` or None) and ``architecture``, ``top_k``, ``normalize``, ``subtract_b_dec``.
     """
-    lens = require_sae_lens()
-    from sae_lens.config import SAETrainerConfig
-    from sae_lens.training.sae_trainer import SAETrainer
-
+    require_sae_lens()  # before anything else: a missing SAELens is the first thing to say
     transcoder = target is not None
     d_in = int(x.shape[1])
     if transcoder and int(target.shape[1]) != d_in:
@@ -372,45 +369,10 @@ def train_dictionary(
     data = x.float() * scale_in
     if transcoder:
         data = torch.cat([data, target.float() * scale_out], dim=1)  # [n, 2 d]: [u, y]
-    common = {"d_in": d_in, "d_sae": width, "dtype": "float32", "device": "cpu",
-              "apply_b_dec_to_input": not transcoder, "normalize_activations": "none"}
-    if architecture == "standard":
-        cls, cfg = lens.StandardTrainingSAE, lens.StandardTrainingSAEConfig(**common, l1_coefficient=l1)
-    elif architecture == "topk":
-        cls, cfg = lens.TopKTrainingSAE, lens.TopKTrainingSAEConfig(**common, k=top_k)
-    elif architecture == "jumprelu":
-        cls, cfg = lens.JumpReLUTrainingSAE, lens.JumpReLUTrainingSAEConfig(**common, l0_coefficient=l1)
-    else:
-        raise IllusionsError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
-    if transcoder:
-        cls = _transcoder_class(cls)
-    # SAELens initialises from torch's global RNG; seed it only inside a fork, so the caller's
-    # global RNG state is exactly as it was. Built on the CPU (the same weights on every device),
-    # then moved to the activations' device.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        sae = cls(cfg)
-    device = x.device
-    sae = sae.to(device)
-    batch = min(batch, int(x.shape[0]))
-    trainer_cfg = SAETrainerConfig(
-        total_training_samples=steps * batch, train_batch_size_samples=batch, lr=lr, lr_end=lr,
-        lr_scheduler_name="constant", lr_decay_steps=steps // 5, device=str(device),
-        dead_feature_window=max(1, steps // 10), feature_sampling_window=steps + 1,
-        logger=lens.LoggingConfig(log_to_wandb=False),
-    )
-    provider = _batches(data, batch, torch.Generator().manual_seed(seed))
-    trainer = SAETrainer(trainer_cfg, sae, provider)
-    # SAETrainer.fit() draws a tqdm bar on stderr that cannot be switched off, so drive the trainer
-    # through the per-step seams SAELens documents for outside coordinators (its MultiSAETrainer
-    # does the same). The data are pre-scaled: there is no norm estimate and nothing for the
-    # trainer's scaler to fold.
-    while trainer.n_training_samples < trainer_cfg.total_training_samples:
-        trainer.maybe_reset_sparsity()
-        trainer.step(next(provider))
-        trainer.n_training_steps += 1
-    trainer.set_final_sae_metadata()
-
+    sae, cfg = _training_sae(architecture, d_in=d_in, width=width, top_k=top_k, l1=l1, transcoder=transcoder,
+                             seed=seed)
+    sae = sae.to(x.device)
+    _train_steps(sae, data, steps=steps, batch=min(batch, int(x.shape[0])), lr=lr, seed=seed)
     with torch.no_grad():
         w_enc = sae.W_enc.detach().float().cpu().clone()
         b_enc = sae.b_enc.detach().float().cpu().clone()
@@ -429,6 +391,59 @@ def train_dictionary(
             "threshold": threshold, "architecture": architecture,
             "top_k": top_k if architecture == "topk" else 0, "normalize": "none",
             "subtract_b_dec": not transcoder}
+
+
+def _training_sae(
+    architecture: str, *, d_in: int, width: int, top_k: int, l1: float, transcoder: bool, seed: int
+) -> tuple[Any, Any]:
+    """A fresh SAELens training SAE (or transcoder) of ``architecture`` on the CPU, and its config."""
+    lens = require_sae_lens()
+    common = {"d_in": d_in, "d_sae": width, "dtype": "float32", "device": "cpu",
+              "apply_b_dec_to_input": not transcoder, "normalize_activations": "none"}
+    if architecture == "standard":
+        cls, cfg = lens.StandardTrainingSAE, lens.StandardTrainingSAEConfig(**common, l1_coefficient=l1)
+    elif architecture == "topk":
+        cls, cfg = lens.TopKTrainingSAE, lens.TopKTrainingSAEConfig(**common, k=top_k)
+    elif architecture == "jumprelu":
+        cls, cfg = lens.JumpReLUTrainingSAE, lens.JumpReLUTrainingSAEConfig(**common, l0_coefficient=l1)
+    else:
+        raise IllusionsError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
+    if transcoder:
+        cls = _transcoder_class(cls)
+    # SAELens initialises from torch's global RNG; seed it only inside a fork, so the caller's
+    # global RNG state is exactly as it was. Built on the CPU (the same weights on every device),
+    # then moved to the activations' device by the caller.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        sae = cls(cfg)
+    return sae, cfg
+
+
+def _train_steps(sae: Any, data: Tensor, *, steps: int, batch: int, lr: float, seed: int) -> None:
+    """``steps`` steps of SAELens' ``SAETrainer`` on ``sae`` (on ``data``'s device), batches of ``batch`` rows of
+    ``data`` drawn with ``seed``."""
+    lens = require_sae_lens()
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    device = data.device
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=steps * batch, train_batch_size_samples=batch, lr=lr, lr_end=lr,
+        lr_scheduler_name="constant", lr_decay_steps=steps // 5, device=str(device),
+        dead_feature_window=max(1, steps // 10), feature_sampling_window=steps + 1,
+        logger=lens.LoggingConfig(log_to_wandb=False),
+    )
+    provider = _batches(data, batch, torch.Generator().manual_seed(seed))
+    trainer = SAETrainer(trainer_cfg, sae, provider)
+    # SAETrainer.fit() draws a tqdm bar on stderr that cannot be switched off, so drive the trainer
+    # through the per-step seams SAELens documents for outside coordinators (its MultiSAETrainer
+    # does the same). The data are pre-scaled: there is no norm estimate and nothing for the
+    # trainer's scaler to fold.
+    while trainer.n_training_samples < trainer_cfg.total_training_samples:
+        trainer.maybe_reset_sparsity()
+        trainer.step(next(provider))
+        trainer.n_training_steps += 1
+    trainer.set_final_sae_metadata()
 
 
 # ---------------------------------------------------------------- dictionaries saved by SAELens
@@ -628,6 +643,7 @@ class _Dictionary(SimplifierConfig):
             info["architecture"] = hooks[0].architecture
         return Proxy(
             simplifier=self.name,
+            sweep_param=self.sweep_param,
             params=self._params(targets, widths.pop()),
             hooks=tuple(hooks),
             attention_heads=self._attention_heads(model, targets),

@@ -30,8 +30,10 @@ from illusions.simplifiers.base import (
     Targets,
     check_positive,
     head_rows,
+    qk_hook_name,
     register_hook_kind,
     replace_heads,
+    require,
 )
 
 if TYPE_CHECKING:
@@ -142,20 +144,6 @@ class ProjectionHook(FittedHook):
         return replace_heads(activation, rows, new, axis=2)
 
 
-def qk_hook_name(layer: int, side: str) -> str:
-    return f"blocks.{layer}.attn.hook_{side}"
-
-
-def require(activations: dict[str, Tensor], name: str, simplifier: str) -> Tensor:
-    """The collected activations at ``name``, or a clear error saying they are missing."""
-    if name not in activations:
-        have = ", ".join(sorted(activations)) or "none"
-        raise IllusionsError(
-            f"{simplifier} needs activations at {name} (collect simplifier.hook_names(model)); got {have}"
-        )
-    return activations[name]
-
-
 @dataclasses.dataclass(frozen=True)
 class SVD(SimplifierConfig):
     """Queries/keys projected onto their top-``rank`` principal directions, per head.
@@ -245,6 +233,7 @@ class SVD(SimplifierConfig):
             config = self.replace(rank=rank)
             out[rank] = Proxy(
                 simplifier=self.name,
+                sweep_param=self.sweep_param,
                 params=config.resolved_params(targets),
                 hooks=tuple(hooks),
                 attention_heads=tuple(heads),

@@ -36,10 +36,10 @@ from illusions.simplifiers.base import (
     Targets,
     check_positive,
     head_rows,
+    qk_hook_name,
     register_hook_kind,
     replace_heads,
 )
-from illusions.simplifiers.svd import qk_hook_name
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -160,6 +160,7 @@ class WeightSVD(SimplifierConfig):
                     ))
         return Proxy(
             simplifier=self.name,
+            sweep_param=self.sweep_param,
             params=self.resolved_params(targets),
             hooks=tuple(hooks),
             attention_heads=tuple((layer, head) for layer in targets.layers for head in targets.heads),

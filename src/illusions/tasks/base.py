@@ -192,14 +192,44 @@ class Task(Protocol):
         ...
 
 
+@dataclasses.dataclass(frozen=True)
+class DataOption:
+    """One option a task adds to ``illusions data TASK`` (shown in the task's own help panel, refused
+    with one line for every other task).
+
+    Attributes:
+        name: the parameter's name; its flag is ``--name`` with ``_`` written ``-`` (``min_distance``:
+            ``--min-distance``).
+        type: ``int`` or ``str``; the option takes one value and is unset (None) by default.
+        help: the help line.
+        config_field: the value replaces the task config's field of the same name; False for an
+            action the command carries out instead of listing the splits (``check``:
+            :meth:`DataSupport.check` on the value).
+    """
+
+    name: str
+    type: type
+    help: str
+    config_field: bool = True
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
 class DataSupport:
     """What ``illusions data`` may ask of a task, with defaults that mean "not offered".
 
-    A task subclasses this (beside satisfying :class:`Task`) and overrides what it can do: cache its
-    splits on disk, describe a split with its own statistics, report sampling acceptance, show the depth
-    under every token of a row, or check one string typed by the user. The command calls these methods
-    and never probes a task with ``hasattr``.
+    A task subclasses this (beside satisfying :class:`Task`) and overrides what it can do: declare its
+    own ``data`` options, cache its splits on disk, describe a split with its own statistics, report
+    sampling acceptance, show the depth under every token of a row, or check one string typed by the
+    user. The command calls these methods and never probes a task with ``hasattr`` or names a task.
     """
+
+    #: Options of ``illusions data`` that only this task takes (its help panel: "<Name> options").
+    data_options: ClassVar[tuple[DataOption, ...]] = ()
+    #: What a split's length counts, for the ``data`` table's caption ("len: length in <unit>").
+    length_unit: ClassVar[str] = "tokens"
 
     #: Where the splits are cached (None: not cached on disk).
     cache_path: Any = None
@@ -237,6 +267,14 @@ class DataSupport:
     def decode(self, ids: np.ndarray) -> str:
         """A readable form of one row of token ids."""
         return " ".join(self.vocab.tokens[int(t)] for t in ids)  # type: ignore[attr-defined]
+
+    def scored_note(self) -> str | None:
+        """What the ``data`` table's "scored" column counts, for its caption (None: nothing to add)."""
+        return None
+
+    def check_summary(self, result: dict[str, Any]) -> str:
+        """The line ``illusions data TASK --check`` prints for a valid string (``result`` from :meth:`check`)."""
+        return f"valid: {result['tokens']} tokens"
 
     def check(self, text: str, progress: Any = None) -> dict[str, Any]:
         """Validate one string: ``{"valid": True, "tokens": n, ...}``; raises IllusionsError saying

@@ -47,7 +47,7 @@ import numpy as np
 from illusions.config import Config
 from illusions.errors import IllusionsError
 from illusions.io import ChecksumError, cache_root, load_npz_verified, save_npz_mappable
-from illusions.tasks.base import DataSupport, Scored, Split, Vocab, id_problem
+from illusions.tasks.base import DataOption, DataSupport, Scored, Split, Vocab, id_problem
 from illusions.tasks.code_corpus import (
     MACHINE,
     Corpus,
@@ -302,6 +302,10 @@ class CodeTask(DataSupport):
 
     name: ClassVar[str] = "code"
     Config: ClassVar[type[CodeConfig]] = CodeConfig
+    data_options: ClassVar[tuple[DataOption, ...]] = (
+        DataOption("corpus", str, "'machine' (this machine's Python stdlib, JDK src.zip, npm) or a CodeSearchNet JSONL "
+                   "file or folder (.jsonl / .jsonl.gz); default: the pinned corpus shipped with illusions."),
+    )
 
     def __init__(self, config: CodeConfig | None = None, *, cache_dir: Path | str | None = None) -> None:
         self.config = config if config is not None else CodeConfig()

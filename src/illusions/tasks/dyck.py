@@ -44,7 +44,7 @@ import numpy as np
 from illusions.config import Config
 from illusions.errors import IllusionsError
 from illusions.io import cache_root
-from illusions.tasks.base import DataSupport, PositionGroup, Scored, Split, Vocab
+from illusions.tasks.base import DataOption, DataSupport, PositionGroup, Scored, Split, Vocab
 from illusions.tasks.dyck_splits import SPLIT_NAMES, Progress, TrainIndex, build_splits, cache_key
 from illusions.tasks.dyck_structure import (
     END,
@@ -171,6 +171,12 @@ class DyckTask(DataSupport):
 
     name: ClassVar[str] = "dyck"
     Config: ClassVar[type[DyckConfig]] = DyckConfig
+    data_options: ClassVar[tuple[DataOption, ...]] = (
+        DataOption("check", str, 'Validate one string, e.g. "(a (b b) a)": exit 0 if valid, 2 with the reason.',
+                   config_field=False),
+        DataOption("min_distance", int, "Score closers at least this far from their opener (1: every closer)."),
+    )
+    length_unit: ClassVar[str] = "brackets"
 
     def __init__(self, config: DyckConfig = DyckConfig(), *, cache_dir: Path | None = None) -> None:
         if not isinstance(config, DyckConfig):
@@ -219,6 +225,14 @@ class DyckTask(DataSupport):
         """Readable tokens joined by spaces, PAD dropped."""
         return " ".join(self.vocab.tokens[int(i)] for i in np.asarray(ids).ravel() if int(i) != PAD)
 
+    def _depth_limit(self, for_splits: bool) -> tuple[int, str]:
+        """The deepest a string :meth:`parse` accepts may go, and how a "too deep" message names it."""
+        cfg = self.config
+        if for_splits:
+            return cfg.ood_depth_max, (f"ood_depth_max={cfg.ood_depth_max}, the deepest a split holds "
+                                       f"(unseen_depth: depths {cfg.ood_depth_min}..{cfg.ood_depth_max})")
+        return cfg.max_depth, f"max_depth={cfg.max_depth}"
+
     def parse(self, text: str, *, for_splits: bool = False) -> np.ndarray:
         """Validate a user-written string and return its ids with START and END added.
 
@@ -239,7 +253,7 @@ class DyckTask(DataSupport):
                 end (unbalanced), or (``for_splits``) too few brackets (too short).
         """
         cfg = self.config
-        depth_limit = cfg.ood_depth_max if for_splits else cfg.max_depth
+        depth_limit, limit = self._depth_limit(for_splits)
         out = [START]
         stack: list[tuple[int, int, int]] = []  # (opener id, token index, character)
         ended = False
@@ -267,9 +281,6 @@ class DyckTask(DataSupport):
                 )
             if tok < FIRST_OPENER + cfg.n_types:
                 if len(stack) >= depth_limit:
-                    limit = (f"ood_depth_max={cfg.ood_depth_max}, the deepest a split holds (unseen_depth: "
-                             f"depths {cfg.ood_depth_min}..{cfg.ood_depth_max})" if for_splits
-                             else f"max_depth={cfg.max_depth}")
                     raise IllusionsError(
                         f"too deep: {self.vocab.tokens[tok]!r} at {where} reaches depth {len(stack) + 1}, "
                         f"beyond {limit}"
@@ -343,18 +354,32 @@ class DyckTask(DataSupport):
         return self._splits
 
     def position_groups(self) -> dict[str, PositionGroup]:
-        """``opener > max_depth``: the ``unseen_depth`` closers whose opener (the bracket the answer
-        depends on) sits deeper than any training string reaches. Most of that split's scored closers
-        have openers within the training depth (only the strings' deepest stretch is new), so the whole
-        split mostly measures in-range depths; this group is where depth generalization is tested."""
+        """Two groups of the ``unseen_depth`` closers, by the depth of their opener (the bracket the
+        answer depends on). Most of that split's scored closers have openers within the training depth
+        (only the strings' deepest stretch is new), so the whole split mostly measures in-range depths.
+
+        ``opener > max_depth``: the opener sits deeper than any training string reaches.
+        ``key_depth >= max_depth``: also the openers at the training maximum itself, which training
+        strings can only close at once (nothing can open above them), so a scored closer (distance
+        ``>= min_distance``) of such an opener is new too: every closer whose position is out of the
+        training distribution by its key depth."""
         deepest = self.config.max_depth
 
         def deeper(key_depth: np.ndarray) -> np.ndarray:
             return key_depth > deepest
 
-        return {f"opener > {deepest}": PositionGroup(
-            "unseen_depth", "key_depth", deeper,
-            f"unseen_depth closers whose opener is deeper than max_depth={deepest}, the training depth")}
+        def at_least(key_depth: np.ndarray) -> np.ndarray:
+            return key_depth >= deepest
+
+        return {
+            f"opener > {deepest}": PositionGroup(
+                "unseen_depth", "key_depth", deeper,
+                f"unseen_depth closers whose opener is deeper than max_depth={deepest}, the training depth"),
+            f"key_depth >= {deepest}": PositionGroup(
+                "unseen_depth", "key_depth", at_least,
+                f"unseen_depth closers whose opener is at or beyond max_depth={deepest}: at the training "
+                f"maximum, training strings close at once, so these far closers are new as well"),
+        }
 
     def sampling_stats(self) -> dict[str, Any]:
         """Per split: candidate strings drawn, how many were kept, and the acceptance rate."""
@@ -423,6 +448,17 @@ class DyckTask(DataSupport):
             "scored": len(scored),
             "split": self.classify(ids),
         }
+
+    def check_summary(self, result: dict[str, Any]) -> str:
+        md = self.config.min_distance
+        return (
+            f"valid: {result['brackets']} brackets, max depth {result['max_depth']}, "
+            f"{len(result['segments'])} segment(s), {result['scored']} closer(s) at distance >= {md}; "
+            f"relative to the training set it belongs to: {result['split']}"
+        )
+
+    def scored_note(self) -> str:
+        return f"closers at distance >= {self.config.min_distance} from their opener"
 
     def meta(self) -> dict[str, Any]:
         """JSON data saved beside a model trained on this task."""

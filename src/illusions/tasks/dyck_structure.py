@@ -171,19 +171,49 @@ def score(
     """
     tokens = np.asarray(tokens)
     lengths = np.asarray(lengths, dtype=np.int64)
+    _check_score_inputs(tokens, lengths, min_distance=min_distance, n_types=n_types)
+    seq, close, opener, query_depth, string_depth = _match_closers(
+        tokens, lengths, min_distance=min_distance, n_types=n_types
+    )
+    n_brackets = ((tokens >= FIRST_OPENER) & (tokens < FIRST_OPENER + 2 * n_types)).sum(axis=1, dtype=np.int64)
+    meta = {
+        "distance": close - opener,
+        "depth": query_depth,
+        "key_depth": query_depth.copy(),
+        "key_pos": opener,
+        "length": n_brackets[seq],
+        "max_depth": string_depth[seq],
+    }
+    target = tokens[seq, close].astype(np.int64)
+    return Scored(seq=seq, pos=close - 1, target=target, meta=meta)
+
+
+def _check_score_inputs(tokens: np.ndarray, lengths: np.ndarray, *, min_distance: int, n_types: int) -> None:
+    """Refuse what :func:`score` cannot read: wrong shapes, ``min_distance < 1``, tokens beyond a row's
+    length that are not PAD, ids outside the vocabulary."""
     if tokens.ndim != 2 or lengths.shape != (tokens.shape[0],):
         raise IllusionsError(
             f"expected tokens [batch, pos] and lengths [batch], got {tokens.shape} and {lengths.shape}"
         )
     if min_distance < 1:
         raise IllusionsError(f"min_distance must be at least 1, got {min_distance}")
-    batch, width = tokens.shape
-    beyond = np.arange(width)[None, :] >= lengths[:, None]
+    beyond = np.arange(tokens.shape[1])[None, :] >= lengths[:, None]
     if np.any(tokens[beyond] != PAD):
         bad = int(np.flatnonzero(np.any(beyond & (tokens != PAD), axis=1))[0])
         raise IllusionsError(f"row {bad} has non-PAD tokens beyond its length {int(lengths[bad])}")
     if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= FIRST_OPENER + 2 * n_types):
         raise IllusionsError(f"token ids must lie in 0..{FIRST_OPENER + 2 * n_types - 1}")
+
+
+def _match_closers(
+    tokens: np.ndarray, lengths: np.ndarray, *, min_distance: int, n_types: int
+) -> tuple[np.ndarray, ...]:
+    """Match every closer with its opener: ``(seq, close, opener, query_depth)`` of the closers at
+    distance >= ``min_distance`` in row, then position order, and each row's maximum depth ``[batch]``.
+
+    Raises IllusionsError on the first unbalanced row (a closer without or with the wrong opener, or
+    brackets never closed)."""
+    batch, width = tokens.shape
     opener_lo, closer_lo, closer_hi = (
         FIRST_OPENER,
         FIRST_OPENER + n_types,
@@ -234,22 +264,6 @@ def score(
         sorted_row = close = opener = query_depth = np.zeros(0, dtype=np.int64)
     seq = order[sorted_row]
     by_row = np.lexsort((close, seq))
-    seq, close, opener, query_depth = (
-        seq[by_row],
-        close[by_row],
-        opener[by_row],
-        query_depth[by_row],
-    )
     string_depth = np.empty(batch, dtype=np.int64)
     string_depth[order] = top
-    n_brackets = ((tokens >= opener_lo) & (tokens < closer_hi)).sum(axis=1, dtype=np.int64)
-    meta = {
-        "distance": close - opener,
-        "depth": query_depth,
-        "key_depth": query_depth.copy(),
-        "key_pos": opener,
-        "length": n_brackets[seq],
-        "max_depth": string_depth[seq],
-    }
-    target = tokens[seq, close].astype(np.int64)
-    return Scored(seq=seq, pos=close - 1, target=target, meta=meta)
+    return seq[by_row], close[by_row], opener[by_row], query_depth[by_row], string_depth
