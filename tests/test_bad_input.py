@@ -732,3 +732,31 @@ def test_a_kill_between_a_checkpoint_s_renames_still_resumes(env, tmp_path):
     meta = json.loads((out / "config.json").read_text())["meta"]
     assert meta["step"] == 3 and meta["finished"] is True
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "leftovers not cleaned"
+
+
+def _can_mount_tmpfs() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                            "mount -t tmpfs -o size=16k tmpfs /mnt"], capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unshare and a tmpfs mount in a user namespace")
+def test_a_real_full_disk_under_out(env, tmp_path):
+    """The table's full disks are simulated; this one is real: a 16 KiB tmpfs (mounted in a private
+    user and mount namespace) under --out fills while the run is written."""
+    shutil.copytree(env.root / "model", tmp_path / "model")
+    (tmp_path / "disk").mkdir()
+    argv = " ".join(f"'{a}'" for a in _fill((*ANALYZE, "--out", "{tmp}/disk/run"), tmp_path, env.root))
+    pythonpath = os.pathsep.join([str(Path(illusions.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
+    script = (f"mount -t tmpfs -o size=16k tmpfs '{tmp_path}/disk' && "
+              f"'{sys.executable}' -m illusions {argv} >/dev/null; echo \"rc=$?\"; ls -A '{tmp_path}/disk'")
+    proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "ILLUSIONS_CACHE": str(env.root / "cache"), "PYTHONPATH": pythonpath,
+                               "OMP_NUM_THREADS": "1"})
+    assert proc.stdout.split() == ["rc=2"], (proc.stdout, proc.stderr)  # and nothing left on the disk
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: no space left on the device"), proc.stderr
+    assert "disk/run" in lines[0] and "Traceback" not in proc.stderr
