@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/illusions analyze dyck --simplify svd --rank 4 --threads $(THREADS) --overwrite
+	$(VENV)/bin/illusions analyze dyck --simplify svd --rank 4 --threads $(THREADS)
 
 reproduce: setup
 	$(VENV)/bin/illusions reproduce --jobs 2 --threads 1 --overwrite

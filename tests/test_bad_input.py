@@ -17,6 +17,7 @@ command failed before building or loading any data.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -67,6 +68,8 @@ class Case:
         replaced: paths whose bytes must differ afterwards (an output that was replaced).
         fresh_cache: run on an empty data cache that must stay empty (it failed before any work).
         subprocess: run ``python -m illusions`` in a new process instead of CliRunner.
+        fault: ``(name, path)``: a fault from ``FAULTS`` injected below ``path`` (placeholders as in
+            ``argv``) while the command runs (CliRunner rows only).
     """
 
     id: str
@@ -81,6 +84,7 @@ class Case:
     replaced: tuple[str, ...] = ()
     fresh_cache: bool = False
     subprocess: bool = False
+    fault: tuple[str, str] = ()
 
 
 # ------------------------------------------------------------------------------------------ setups
@@ -249,6 +253,34 @@ def _deep_config(tmp: Path, env: Env) -> None:
 
 def _link_to_run(tmp: Path, env: Env) -> None:
     (tmp / "link").symlink_to(tmp / "run", target_is_directory=True)
+ANALYSIS_TABLE = '[analysis]\ntask = "dyck"\nsimplifier = "onehot"\nfit_n = 50\nn_boot = 20\nmax_seqs = 20\n'
+
+
+def _recipe_named(name: str) -> Callable[[Path, Env], None]:
+    """An analysis recipe ``{tmp}/recipes/r.toml`` (also ``{tmp}/r.toml``) whose name is ``name``."""
+
+    def setup(tmp: Path, env: Env) -> None:
+        text = f"name = {json.dumps(name.format(tmp=tmp))}\n{ANALYSIS_TABLE}model = {json.dumps(str(tmp / 'model'))}\n"
+        (tmp / "recipes").mkdir()
+        (tmp / "recipes" / "r.toml").write_text(text)
+        (tmp / "r.toml").write_text(text)
+
+    return setup
+
+
+def _tiny_recipe(tmp: Path, env: Env) -> None:
+    fields = "\n".join(f"{k} = {v}" for k, v in SMALL_DYCK.to_dict().items())
+    (tmp / "tiny.toml").write_text(TINY_RECIPE.format(task=fields, n_ctx=SMALL_DYCK.max_len))
+
+
+def _training_recipe_with_a_name(tmp: Path, env: Env) -> None:
+    _tiny_recipe(tmp, env)
+    (tmp / "tiny.toml").write_text('name = "../escape"\n' + (tmp / "tiny.toml").read_text())
+
+
+def _user_folder_at_the_default_out(tmp: Path, env: Env) -> None:
+    (tmp / "runs" / "dyck-svd-rank2").mkdir(parents=True)
+    (tmp / "runs" / "dyck-svd-rank2" / "thesis.tex").write_text("\\chapter{Years of work}\n")
 
 
 SETUPS: dict[str, Callable[[Path, Env], None]] = {
@@ -278,6 +310,51 @@ SETUPS: dict[str, Callable[[Path, Env], None]] = {
     "huge_records": _huge_records,
     "deep_config": _deep_config,
     "link_to_run": _link_to_run,
+    "recipe_named_dotdot_escape": _recipe_named("../../escape"),
+    "recipe_named_absolute": _recipe_named("{tmp}/elsewhere"),
+    "recipe_named_dotdot": _recipe_named(".."),
+    "recipe_named_hidden": _recipe_named(".hidden"),
+    "tiny_recipe": _tiny_recipe,
+    "training_recipe_with_a_name": _training_recipe_with_a_name,
+    "user_folder_at_the_default_out": _user_folder_at_the_default_out,
+}
+
+
+# ------------------------------------------------------------------------------------------ faults
+
+
+def _no_space(place: Path, monkeypatch: pytest.MonkeyPatch, *, probe_fails: bool) -> None:
+    """Writes below ``place`` fail as on a full disk: a flush (``os.fsync``: every atomic write and
+    the probe of an output check make one) raises ENOSPC, and safetensors' writer raises the error a
+    real full disk gives it. With ``probe_fails`` False the disk fills only after the output checks."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    place = place.resolve()
+    real_fsync, real_save = os.fsync, safetensors.torch.save_file
+
+    def below(path: str | Path) -> bool:
+        resolved = Path(path).resolve()
+        return resolved == place or place in resolved.parents
+
+    def fsync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if below(path) and (probe_fails or not Path(path).name.startswith(".illusions-probe-")):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    def save_file(tensors, filename, *args, **kwargs):
+        if below(filename):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+
+
+FAULTS: dict[str, Callable[[Path, pytest.MonkeyPatch], None]] = {
+    "disk_full": lambda place, mp: _no_space(place, mp, probe_fails=True),
+    "disk_fills": lambda place, mp: _no_space(place, mp, probe_fails=False),
 }
 
 ANALYZE = ("analyze", "dyck", "--simplify", "svd", "--rank", "2", *FAST)
@@ -424,6 +501,49 @@ CASES = [
     Case("analyze-out-a-symlink-to-a-run", (*ANALYZE, "--out", "{tmp}/link", "--overwrite"), 2,
          ("is a symbolic link (to", "does not write through links"), ("run/metrics.csv",), ("link_to_run",),
          fresh_cache=True),
+    # 8. names that become folders are one plain path component; outputs stay inside --out
+    Case("reproduce-recipe-name-escapes", ("reproduce", "--recipes", "{tmp}/recipes", "--task", "dyck", "--seeds", "0",
+                                           "--threads", "1", "--no-report", "--out", "{tmp}/rep", "--results",
+                                           "{tmp}/docs/R.md"), 2,
+         ("name in", "'../../escape'", "not a plain folder name", "letters, digits"),
+         setup=("recipe_named_dotdot_escape",), absent=("rep", "docs", "{tmp}/../escape"), fresh_cache=True),
+    Case("sweep-recipe-name-absolute", ("sweep", "{tmp}/r.toml", "--threads", "1", "--no-report"), 2,
+         ("name in", "elsewhere", "not a plain folder name"), setup=("recipe_named_absolute",),
+         absent=("elsewhere", "runs"), fresh_cache=True, subprocess=True),
+    Case("analyze-recipe-name-dotdot", ("analyze", "{tmp}/r.toml", "--threads", "1", "--no-report"), 2,
+         ("name in", "'..'", "not a plain folder name"), setup=("recipe_named_dotdot",), absent=("runs",),
+         fresh_cache=True, subprocess=True),
+    Case("analyze-recipe-name-hidden", ("analyze", "{tmp}/r.toml", "--threads", "1", "--no-report"), 2,
+         ("'.hidden'", "starting with a letter or digit"), setup=("recipe_named_hidden",), absent=("runs",),
+         fresh_cache=True, subprocess=True),
+    Case("reproduce-family-not-a-name", ("reproduce", *RECIPES, "--family", "../x", "--out", "{tmp}/rep",
+                                         "--results", "{tmp}/docs/R.md"), 2,
+         ("--family '../x' is not a plain folder name",), absent=("rep", "docs"), fresh_cache=True),
+    Case("train-recipe-with-a-name", ("train", "{tmp}/tiny.toml", "--out", "{tmp}/new", "--threads", "1"), 2,
+         ("unknown section(s) or key(s) name",), setup=("training_recipe_with_a_name",),
+         absent=("new", "{tmp}/../escape"), fresh_cache=True),
+    # 9. a full disk under --out: one line, no half-written output, the earlier one kept
+    Case("analyze-disk-full", (*ANALYZE, "--out", "{tmp}/full/run"), 2,
+         ("no space left on the device under", "full/run cannot be written"), absent=("full/run",),
+         fault=("disk_full", "{tmp}/full"), fresh_cache=True),
+    Case("analyze-disk-fills", (*ANALYZE, "--out", "{tmp}/full/run"), 2,
+         ("no space left on the device while writing", "full/run; nothing was written"), absent=("full/run",),
+         fault=("disk_fills", "{tmp}/full")),
+    Case("analyze-overwrite-disk-fills", ("analyze", "dyck", "--simplify", "svd", "--rank", "1", *FAST, "--out",
+                                          "{run}", "--overwrite"), 2,
+         ("no space left on the device while writing", "it was left as it was"),
+         ("run/metrics.csv", "run/config.json", "run/records.npz", "run/manifest.json"),
+         fault=("disk_fills", "{tmp}")),
+    Case("report-disk-fills", ("report", "{run}", "--threads", "1"), 2,
+         ("no space left on the device while writing the report into", "results are untouched"),
+         ("run/metrics.csv", "run/manifest.json"), absent=("run/report.html",), fault=("disk_fills", "{run}")),
+    Case("train-disk-full", ("train", "{tmp}/tiny.toml", "--out", "{tmp}/full/train", "--threads", "1"), 2,
+         ("no space left on the device under", "full/train cannot be written"), setup=("tiny_recipe",),
+         absent=("full/train",), fault=("disk_full", "{tmp}/full"), fresh_cache=True),
+    # 10. without --out, a rerun just works: the same spec replaces its run, another goes to a numbered folder
+    Case("analyze-default-out-holds-a-user-folder", (*ANALYZE,), 0, ("note:", "runs/dyck-svd-rank2-2"),
+         ("runs/dyck-svd-rank2/thesis.tex",), ("user_folder_at_the_default_out",),
+         stdout_words=("wrote runs/dyck-svd-rank2-2/",), subprocess=True),
     Case("reproduce-unknown-family", ("reproduce", *RECIPES, "--family", "dyck-paperlik", "--out", "{tmp}/rep",
                                       "--results", "{tmp}/docs/R.md"), 2,
          ("no bundled model family 'dyck-paperlik'", "dyck-paperlike"), absent=("rep", "docs"), fresh_cache=True),
@@ -470,7 +590,7 @@ def _files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
 
 
-def run_case(case: Case, env: Env, tmp: Path) -> None:
+def run_case(case: Case, env: Env, tmp: Path, monkeypatch: pytest.MonkeyPatch | None = None) -> None:
     shutil.copytree(env.root / "model", tmp / "model")
     shutil.copytree(env.root / "run", tmp / "run")
     cache = tmp / "cache"
@@ -489,7 +609,14 @@ def run_case(case: Case, env: Env, tmp: Path) -> None:
                                    "OMP_NUM_THREADS": "1"}, timeout=300)
         code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
     else:
+        if case.fault:
+            name, place = case.fault
+            assert monkeypatch is not None, "a fault needs the test's monkeypatch"
+            (tmp / "full").mkdir(exist_ok=True)
+            FAULTS[name](_path(place, tmp), monkeypatch)
         result = CliRunner().invoke(app, argv, env={"ILLUSIONS_CACHE": str(cache)})
+        if monkeypatch is not None:
+            monkeypatch.undo()
         if result.exception is not None and not isinstance(result.exception, SystemExit):
             raise result.exception
         code, stdout, stderr = result.exit_code, result.stdout, result.stderr
@@ -513,13 +640,13 @@ def run_case(case: Case, env: Env, tmp: Path) -> None:
         assert not _path(p, tmp).exists(), f"{p} was written"
     if case.fresh_cache:
         assert not _files(cache), f"data was built or loaded before the error: {_files(cache)}"
-    leftovers = [p.name for p in tmp.iterdir() if p.name.startswith(".")]
-    assert not leftovers, f"staging folders left behind: {leftovers}"
+    leftovers = [str(p.relative_to(tmp)) for p in tmp.rglob(".*") if not p.is_relative_to(cache)]
+    assert not leftovers, f"staging folders or temporary files left behind: {leftovers}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case, env, tmp_path):
-    run_case(case, env, tmp_path)
+def test_bad_input(case, env, tmp_path, monkeypatch):
+    run_case(case, env, tmp_path, monkeypatch)
 
 
 def test_case_ids_are_unique_and_setups_exist():
@@ -634,3 +761,137 @@ def test_ctrl_c_during_the_final_evaluation_saves_and_resume_finishes(env, tmp_p
     assert result.exit_code == 0, result.output
     meta = json.loads((out / "config.json").read_text())["meta"]
     assert meta["step"] == 3 and meta["finished"] is True and set(meta["accuracies"]) >= {"iid", "unseen_depth"}
+
+
+def test_a_rerun_without_out_replaces_the_same_spec_and_numbers_another(env, tmp_path, monkeypatch):
+    """Without --out the same command twice just works (the same spec's run is replaced); another spec
+    with the same default name goes to runs/<name>-2 and says so; an explicit --out keeps its rule."""
+    shutil.copytree(env.root / "model", tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    cache = {"ILLUSIONS_CACHE": str(env.root / "cache")}
+    argv = _fill(ANALYZE, tmp_path, env.root)
+    runs = tmp_path / "runs"
+
+    def analyze(*extra: str) -> Any:
+        result = CliRunner().invoke(app, [*argv, *extra], env=cache)
+        assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+        return result
+
+    first = analyze()
+    assert first.exit_code == 0, first.output
+    assert "wrote runs/dyck-svd-rank2/" in first.stdout and "note:" not in first.stderr
+    (runs / "dyck-svd-rank2" / "notes.txt").write_text("mine")
+    before = json.loads((runs / "dyck-svd-rank2" / MANIFEST_FILE).read_text())["files"]
+    second = analyze()
+    assert second.exit_code == 0, second.output
+    assert "wrote runs/dyck-svd-rank2/" in second.stdout and "note:" not in second.stderr
+    assert sorted(p.name for p in runs.iterdir()) == ["dyck-svd-rank2"]
+    assert json.loads((runs / "dyck-svd-rank2" / MANIFEST_FILE).read_text())["files"] == before  # same files
+    assert (runs / "dyck-svd-rank2" / "notes.txt").read_text() == "mine"
+    # Another spec of the same default name (another seed): a numbered folder, and a line saying so.
+    other = analyze("--seed", "1")
+    assert other.exit_code == 0, other.output
+    assert "wrote runs/dyck-svd-rank2-2/" in other.stdout
+    assert "note:" in other.stderr and "runs/dyck-svd-rank2-2" in other.stderr
+    again = analyze("--seed", "1")
+    assert again.exit_code == 0 and "wrote runs/dyck-svd-rank2-2/" in again.stdout, again.output
+    # A run whose files were edited since is never replaced: the rerun goes to the next free number.
+    (runs / "dyck-svd-rank2" / "metrics.csv").write_text("edited by hand\n")
+    edited = analyze()
+    assert edited.exit_code == 0 and "wrote runs/dyck-svd-rank2-3/" in edited.stdout, edited.output
+    assert (runs / "dyck-svd-rank2" / "metrics.csv").read_text() == "edited by hand\n"
+    assert sorted(p.name for p in runs.iterdir()) == ["dyck-svd-rank2", "dyck-svd-rank2-2", "dyck-svd-rank2-3"]
+    # An explicit --out keeps today's rule: an earlier run there is replaced only with --overwrite.
+    explicit = analyze("--out", "runs/dyck-svd-rank2-3")
+    assert explicit.exit_code == 2 and "already holds an analysis run" in explicit.stderr, explicit.output
+    # sweep follows the same rule.
+    sweep = ("sweep", "dyck", "--ranks", "1,2", *_fill(FAST, tmp_path, env.root))
+    for expected in ("runs/dyck-svd-rank1_2/", "runs/dyck-svd-rank1_2/"):
+        result = CliRunner().invoke(app, list(sweep), env=cache)
+        assert result.exit_code == 0 and f"wrote {expected}" in result.stdout, result.output
+    assert not [p for p in runs.iterdir() if p.name.startswith(".")]
+
+
+def test_a_disk_that_fills_during_training_ends_in_one_line(env, tmp_path, monkeypatch):
+    """ENOSPC at training's checkpoint: exit 2 with one error line, and no half-written run."""
+    _tiny_recipe(tmp_path, Env(env.root))
+    (tmp_path / "full").mkdir()
+    out = tmp_path / "full" / "train"
+    FAULTS["disk_fills"](tmp_path / "full", monkeypatch)
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "tiny.toml"), "--out", str(out), "--threads", "1"],
+                                env={"ILLUSIONS_CACHE": str(env.root / "cache")})
+    monkeypatch.undo()
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert errors == [result.stderr.strip().splitlines()[-1]], result.stderr
+    assert errors[0].startswith("error: no space left on the device while writing") and str(out) in errors[0]
+    assert "nothing was written" in errors[0]
+    assert list((tmp_path / "full").iterdir()) == [], "a half-written run or staging folder was left"
+
+
+def test_a_kill_between_a_checkpoint_s_renames_still_resumes(env, tmp_path):
+    """The issue's case: SIGKILL between the two renames of a training checkpoint (on a platform
+    without an atomic exchange) left no run folder; the next `train --resume` must find the run."""
+    _tiny_recipe(tmp_path, Env(env.root))
+    text = (tmp_path / "tiny.toml").read_text().replace("checkpoint_every = 0", "checkpoint_every = 1")
+    (tmp_path / "tiny.toml").write_text(text)
+    out = tmp_path / "train"
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "import illusions.io as io\n"
+        "from illusions.cli import app\n"
+        "out = Path(sys.argv[1])\n"
+        "io.exchange_dirs = lambda a, b: False\n"
+        "real, seen = io._rename, []\n"
+        "def rename(src, dst):\n"
+        "    if Path(dst) == out and Path(src).name.endswith('.partial'):\n"
+        "        seen.append(src)\n"
+        "        if len(seen) == 1:\n"  # the checkpoint of step 2 replacing that of step 1
+        "            os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    real(src, dst)\n"
+        "io._rename = rename\n"
+        "app(['train', sys.argv[2], '--out', str(out), '--threads', '1'])\n"
+    )
+    pythonpath = os.pathsep.join([str(Path(illusions.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path / "tiny.toml")], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, "ILLUSIONS_CACHE": str(env.root / "cache"), "PYTHONPATH": pythonpath,
+                               "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not out.exists(), "the fault did not strike between the renames"
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "tiny.toml"), "--out", str(out), "--resume",
+                                      "--threads", "1"], env={"ILLUSIONS_CACHE": str(env.root / "cache")})
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "config.json").read_text())["meta"]
+    assert meta["step"] == 3 and meta["finished"] is True
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "leftovers not cleaned"
+
+
+def _can_mount_tmpfs() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                            "mount -t tmpfs -o size=16k tmpfs /mnt"], capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unshare and a tmpfs mount in a user namespace")
+def test_a_real_full_disk_under_out(env, tmp_path):
+    """The table's full disks are simulated; this one is real: a 16 KiB tmpfs (mounted in a private
+    user and mount namespace) under --out fills while the run is written."""
+    shutil.copytree(env.root / "model", tmp_path / "model")
+    (tmp_path / "disk").mkdir()
+    argv = " ".join(f"'{a}'" for a in _fill((*ANALYZE, "--out", "{tmp}/disk/run"), tmp_path, env.root))
+    pythonpath = os.pathsep.join([str(Path(illusions.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
+    script = (f"mount -t tmpfs -o size=16k tmpfs '{tmp_path}/disk' && "
+              f"'{sys.executable}' -m illusions {argv} >/dev/null; echo \"rc=$?\"; ls -A '{tmp_path}/disk'")
+    proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "ILLUSIONS_CACHE": str(env.root / "cache"), "PYTHONPATH": pythonpath,
+                               "OMP_NUM_THREADS": "1"})
+    assert proc.stdout.split() == ["rc=2"], (proc.stdout, proc.stderr)  # and nothing left on the disk
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: no space left on the device"), proc.stderr
+    assert "disk/run" in lines[0] and "Traceback" not in proc.stderr

@@ -193,3 +193,99 @@ def test_check_creatable_refuses_proc_and_paths_through_files(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(IllusionsError, match="is not a directory"):
         check_creatable(tmp_path / "f" / "sub")
+
+
+# ---------------------------------------------------------------- a kill in the middle of a replacement
+
+# Runs in a fresh process: writes run 1 into OUT (plus a user's notes), then replaces it with run 2 and
+# is killed (SIGKILL, nothing runs after it) at the moment MODE names.
+KILL_SCRIPT = r"""
+import os, shutil, signal, sys
+from pathlib import Path
+import illusions.io as io
+
+out, mode = Path(sys.argv[1]), sys.argv[2]
+with io.staged_dir(out) as stage:
+    (stage / "weights.bin").write_bytes(b"1" * 1000)
+    (stage / "sub").mkdir()
+    (stage / "sub" / "state.json").write_text('{"step": 1}')
+(out / "notes.txt").write_text("a user's notes")
+
+def kill():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+real_replace, real_rmtree = os.replace, shutil.rmtree
+if mode == "fallback":
+    io.exchange_dirs = lambda a, b: False  # a platform without an atomic exchange
+if mode in ("between-renames", "fallback"):
+    def replace(src, dst):
+        # The second rename of a two-rename swap: the staging folder onto the (now missing) run folder.
+        if Path(src).name.endswith(".partial") and Path(dst) == out:
+            kill()
+        real_replace(src, dst)
+    os.replace = replace
+elif mode == "after-swap":
+    def rmtree(path, *a, **k):
+        if Path(path).parent == out.parent and Path(path).name.startswith("." + out.name):
+            kill()
+        real_rmtree(path, *a, **k)
+    shutil.rmtree = rmtree
+with io.staged_dir(out) as stage:
+    (stage / "weights.bin").write_bytes(b"2" * 1000)
+    (stage / "sub").mkdir()
+    (stage / "sub" / "state.json").write_text('{"step": 2}')
+    if mode == "mid-write":
+        kill()
+print("not killed")
+"""
+
+
+@pytest.mark.parametrize("mode", ["between-renames", "fallback", "after-swap", "mid-write"])
+def test_a_kill_during_a_replacement_never_hides_the_output(tmp_path, mode):
+    """SIGKILL at any moment of a replacement: on the next start the folder holds the old or the new
+    output, whole, with the user's files, and the hidden leftovers illusions wrote are gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from illusions.io import FILES, check_output_dir, ownership
+
+    out = tmp_path / "run"
+    # A user's hidden folder named like a leftover must survive the clean-up.
+    lookalike = tmp_path / ".run.abcdefgh.old"
+    lookalike.mkdir()
+    (lookalike / "mine.txt").write_text("keep")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(out), mode], env=env, capture_output=True,
+                          text=True, timeout=120)
+    if mode == "between-renames" and proc.returncode == 0:
+        # The platform swapped in one atomic step: there was no moment between two renames.
+        assert "not killed" in proc.stdout
+    else:
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+    check_output_dir(out, FILES, overwrite=True)  # the next start
+    assert ownership(out, FILES).state == "ours"
+    weights = (out / "weights.bin").read_bytes()
+    assert weights in (b"1" * 1000, b"2" * 1000)
+    step = {b"1" * 1000: 1, b"2" * 1000: 2}[weights]
+    assert json.loads((out / "sub" / "state.json").read_text()) == {"step": step}, "old and new mixed"
+    assert (out / "notes.txt").read_text() == "a user's notes"
+    assert ownership(out, FILES).changed == ()
+    hidden = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+    assert hidden == [lookalike.name], f"leftovers not cleaned: {hidden}"
+    assert (lookalike / "mine.txt").read_text() == "keep"
+
+
+def test_a_live_writer_s_staging_folder_is_left_alone(tmp_path):
+    """Recovery in one process never touches the staging folder of a writer still at work."""
+    from illusions.io import recover_dir, staged_dir
+
+    out = tmp_path / "run"
+    with staged_dir(out) as stage:
+        (stage / "a.txt").write_text("x")
+        assert recover_dir(out) == []
+        assert stage.is_dir() and (stage / "a.txt").is_file()
+    assert (out / "a.txt").read_text() == "x"
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]

@@ -9,14 +9,16 @@ array straight from the file: opening costs nothing, and only the rows a run tou
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fnmatch
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -31,6 +33,36 @@ def cache_root() -> Path:
     """Where generated data is cached: ``$ILLUSIONS_CACHE`` or ``~/.cache/illusions``."""
     env = os.environ.get("ILLUSIONS_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "illusions"
+
+
+# A name that becomes one folder of a path (a recipe's or run's name, a model family): one plain path
+# component that is the same on every file system, never hidden, never "." or "..".
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+NAME_MAX = 100
+NAME_RULE = (f"letters, digits, '.', '_' and '-', starting with a letter or digit, no '..', "
+             f"at most {NAME_MAX} characters")
+
+
+def check_name(value: Any, field: str) -> str:
+    """``value`` if it is one plain path component (:data:`NAME_RULE`), else :class:`IllusionsError`.
+
+    ``field`` names where the value came from in the message, e.g. ``"name in analyses/x.toml"``.
+    Every user-supplied name that becomes part of an output path goes through here before any work.
+    """
+    if (not isinstance(value, str) or len(value) > NAME_MAX or ".." in value
+            or NAME_PATTERN.fullmatch(value) is None):
+        shown = repr(value) if not isinstance(value, str) or len(value) <= 160 else repr(value[:160] + "...")
+        raise IllusionsError(f"{field} {shown} is not a plain folder name; use {NAME_RULE}")
+    return value
+
+
+def check_inside(path: Path, root: Path, what: str = "output") -> Path:
+    """``path`` if it resolves (symlinks followed) to ``root`` or below it, else :class:`IllusionsError`:
+    the second guard behind :func:`check_name` for paths derived from names."""
+    resolved, base = Path(path).resolve(), Path(root).resolve()
+    if resolved != base and base not in resolved.parents:
+        raise IllusionsError(f"{what} {path} would lie outside {root} (at {resolved}); refused")
+    return Path(path)
 
 
 @contextmanager
@@ -170,7 +202,7 @@ def _files_under(directory: Path) -> list[str]:
         out += [(rel_root / f).as_posix() for f in files]
         # A linked directory is listed as an entry, never followed.
         out += [(rel_root / d).as_posix() for d in dirs if (Path(root) / d).is_symlink()]
-    return sorted(p for p in out if p != MANIFEST_FILE)
+    return sorted(p for p in out if p not in (MANIFEST_FILE, STAGE_MARKER))
 
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:
@@ -243,8 +275,8 @@ def ownership(directory: Path, kind: OutputKind) -> Ownership:
         return Ownership("file", link=os.readlink(directory) if directory.is_symlink() else None)
     files = _files_under(directory)
     manifest = read_manifest(directory)
-    if manifest is None and not files and not any(directory.iterdir()):
-        return Ownership("empty")
+    if manifest is None and not files and not any(p.name != STAGE_MARKER for p in directory.iterdir()):
+        return Ownership("empty")  # (a staging folder being built, holding only its marker, is empty too)
     if manifest is not None:
         tag = manifest.get("kind")
         if tag != kind.tag:
@@ -263,6 +295,31 @@ def ownership(directory: Path, kind: OutputKind) -> Ownership:
     return Ownership("foreign", foreign=tuple(entries[:3]) + (("...",) if len(entries) > 3 else ()))
 
 
+def numbered_dir(base: Path, kind: OutputKind, same: Callable[[Path], bool], *,
+                 limit: int = 10_000) -> tuple[Path, bool]:
+    """Where an output goes when the user chose no folder: ``base``, else ``base-2``, ``base-3``, ...
+
+    Returns ``(folder, replace)`` for the first candidate that is absent or empty (``replace``
+    False), or that holds an earlier output of ``kind`` for which ``same(folder)`` holds and whose
+    files are as illusions wrote them (``replace`` True: the rerun of the same thing replaces it).
+    Any other folder (another spec, edited files, a user's folder) is passed over, never touched.
+    """
+    base = Path(base)
+    for n in range(1, limit + 1):
+        folder = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        recover_dir(folder)
+        if not folder.exists() and not folder.is_symlink():
+            return folder, False
+        if folder.is_dir() and not folder.is_symlink() and (same(folder) or not any(folder.iterdir())):
+            own = ownership(folder, kind)
+            if own.state == "empty":
+                return folder, False
+            if own.state == "ours" and not own.changed:
+                return folder, True
+    raise IllusionsError(f"{base} and {limit - 1} numbered folders beside it are all taken; choose a folder "
+                         "with --out")
+
+
 def kind_noun(tag: str | None) -> str:
     kind = _KINDS.get(tag or "")
     return kind.noun if kind is not None else "another kind of illusions output"
@@ -279,6 +336,7 @@ def check_output_dir(
         IllusionsError: naming ``option`` and what is in the way.
     """
     out = Path(out)
+    recover_dir(out)
     own = ownership(out, kind)
     where = f"{option} {out}" if option else str(out)
     refuse_foreign(own, kind, where, foreign_advice="choose a new or empty folder",
@@ -322,11 +380,25 @@ def check_creatable(directory: Path, *, target: Path | None = None) -> None:
         raise IllusionsError(f"cannot create {named}: {existing} is not a directory")
     try:
         fd, probe = tempfile.mkstemp(dir=existing, prefix=".illusions-probe-")
-        os.close(fd)
-        os.unlink(probe)
     except OSError as exc:
         raise IllusionsError(f"cannot write to {named}: no file can be created in {existing} "
                              f"({exc.strerror or exc})") from None
+    try:
+        # A few bytes, flushed to the disk: a disk that is already full fails here, before any work.
+        os.write(fd, bytes(_PROBE_BYTES))
+        os.fsync(fd)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise IllusionsError(f"{_disk_full_what(exc)} under {existing}, so {named} cannot be written; "
+                                 "free some space and run again") from None
+        raise IllusionsError(f"cannot write to {named}: {existing} takes no data ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+# What the probe of check_creatable writes: a disk that cannot take this much is refused up front.
+_PROBE_BYTES = 4096
 
 
 def _refusal(final: Path, own: Ownership, kind: OutputKind) -> str:
@@ -352,45 +424,293 @@ def staged_dir(final: Path, *, kind: OutputKind = FILES, replace: bool = True) -
     the same ``kind``; files in it that illusions did not write (or that changed since) are carried
     into the new directory, unless the new one writes a file of the same name: then nothing is
     replaced. Anything else raises :class:`IllusionsError` and leaves ``final`` untouched.
+
+    The replacement is one atomic exchange where the platform has it (Linux ``renameat2``), so a kill
+    at any moment leaves ``final`` holding the old or the new directory; elsewhere two renames, and a
+    kill between them is repaired by :func:`recover_dir` (called here and by the output checks) on the
+    next start. A disk that fills up (``ENOSPC``) is one :class:`IllusionsError`.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
-    stage.chmod(0o777 & ~_umask())
+    recover_dir(final)
+    stage, lock = _new_stage(final)
     try:
-        yield stage
-        write_manifest(stage, kind)
-        own = ownership(final, kind)
-        if own.state not in ("absent", "empty", "ours") or (own.state == "ours" and not replace):
-            raise IllusionsError(_refusal(final, own, kind))
-        for rel in own.foreign:
-            target = stage / rel
-            if target.exists() or target.is_symlink():
-                raise IllusionsError(f"{final / rel} was not written by illusions or was changed since, and the new "
-                                     f"{kind.noun.split(' ', 1)[-1]} would replace it; move it away first")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            _link_or_copy(final / rel, target)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        try:
+            yield stage
+            write_manifest(stage, kind)
+            own = ownership(final, kind)
+            if own.state not in ("absent", "empty", "ours") or (own.state == "ours" and not replace):
+                raise IllusionsError(_refusal(final, own, kind))
+            for rel in own.foreign:
+                target = stage / rel
+                if target.exists() or target.is_symlink():
+                    raise IllusionsError(f"{final / rel} was not written by illusions or was changed since, and "
+                                         f"the new {kind.noun.split(' ', 1)[-1]} would replace it; move it away first")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                _link_or_copy(final / rel, target)
+            # From here the stage is proved ours by its manifest; the marker must not reach ``final``.
+            (stage / STAGE_MARKER).unlink()
+        except BaseException as exc:
+            shutil.rmtree(stage, ignore_errors=True)
+            # (Inside another staging folder, the outer one names the output the user asked for.)
+            if is_disk_full(exc) and not (final / STAGE_MARKER).is_file():
+                raise IllusionsError(disk_full_message(exc, final, stage)) from None
+            raise
+        if own.state == "absent":
+            os.replace(stage, final)
+        elif (final / STAGE_MARKER).is_file():
+            _move_entries(stage, final)  # into a staging folder being built: its own swap publishes it
+        else:
+            _swap_in(stage, final)
+    finally:
+        os.close(lock)
+
+
+# Inside a staging folder while its block runs: proves the folder is illusions' own (with the lock
+# its writer holds on the folder, that the writer is gone when the lock is free). Never in an output.
+STAGE_MARKER = ".illusions-staging"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is a full disk (``ENOSPC``) or an exhausted quota (``EDQUOT``): an ``OSError``,
+    or an error of a library that writes by itself (safetensors says "os error 28")."""
+    if isinstance(exc, OSError):
+        return exc.errno in _DISK_FULL
+    text = str(exc)
+    return any(f"(os error {code})" in text for code in _DISK_FULL)
+
+
+def disk_full_message(exc: BaseException, final: Path | None = None, stage: Path | None = None, *,
+                      writing: str | None = None) -> str:
+    """The one line for :func:`is_disk_full` errors. ``final`` is the output that was left as it was
+    (files of its staging folder ``stage`` are named by it); ``writing`` says what was being written
+    when the error names no file."""
+    name = getattr(exc, "filename", None)
+    if name is None or (stage is not None and (Path(name) == stage or Path(stage) in Path(name).parents)):
+        name = final
+    what = writing if writing is not None and name is None else name
+    where = f" while writing {what}" if what is not None else ""
+    kept = "" if final is None else (f" ({final} was left as it was)" if final.exists() and Path(name) != final
+                                     else "; it was left as it was" if final.exists() else "; nothing was written")
+    return f"{_disk_full_what(exc)}{where}{kept}; free some space and run again"
+
+
+def _disk_full_what(exc: BaseException) -> str:
+    code = exc.errno if isinstance(exc, OSError) else (
+        errno.EDQUOT if f"(os error {errno.EDQUOT})" in str(exc) else errno.ENOSPC)
+    return "no space left on the device" if code == errno.ENOSPC else "disk quota exceeded"
+
+
+def _new_stage(final: Path) -> tuple[Path, int]:
+    """A fresh staging folder beside ``final``, marked as ours and locked for as long as its writer
+    lives (the returned descriptor holds the lock)."""
+    for _ in range(100):
+        stage = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
+        fd = os.open(stage, os.O_RDONLY | os.O_DIRECTORY)
+        _lock(fd, block=True)
+        # A recovery in another process may have taken the empty folder before the lock: start again.
+        if os.fstat(fd).st_nlink == 0 or not _same_inode(fd, stage):
+            os.close(fd)
+            continue
+        try:
+            stage.chmod(0o777 & ~_umask())
+            marker = {"format": "illusions-stage/1", "pid": os.getpid(), "host": os.uname().nodename}
+            (stage / STAGE_MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
+        except BaseException as exc:
+            shutil.rmtree(stage, ignore_errors=True)
+            os.close(fd)
+            if is_disk_full(exc) and not (final / STAGE_MARKER).is_file():
+                raise IllusionsError(disk_full_message(exc, final, stage)) from None
+            raise
+        return stage, fd
+    raise IllusionsError(f"cannot create a staging folder beside {final}")
+
+
+def _same_inode(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def _lock(fd: int, *, block: bool) -> bool:
+    """Take an exclusive ``flock`` on ``fd``; False when another holder has it (``block=False``).
+    Where the file system has no locks, nothing is locked and True is returned."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            return True
         raise
-    if own.state == "absent":
-        os.replace(stage, final)
+    return True
+
+
+def _move_entries(stage: Path, final: Path) -> None:
+    """Move what ``stage`` holds into ``final`` (another staging folder, not yet published)."""
+    for entry in os.listdir(stage):
+        target = final / entry
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(stage / entry, target)
+    stage.rmdir()
+
+
+def _swap_in(stage: Path, final: Path) -> None:
+    """Put ``stage`` in the place of the directory ``final`` and remove the old one."""
+    if exchange_dirs(stage, final):
+        # ``final`` is the new directory and ``stage`` the old one: nothing can be lost from here on.
+        shutil.rmtree(stage, ignore_errors=True)
         return
-    # Rename the old directory aside (onto a fresh empty name), move the new one in, then drop the old.
-    backup = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".old"))
+    # Two renames. The old directory stays locked while it is aside, so that a recovery running in
+    # another process leaves it alone; a kill between the renames leaves ``final`` missing and the
+    # backup, which recover_dir moves back on the next start.
+    old = os.open(final, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.replace(final, backup)
-    except BaseException:
-        backup.rmdir()
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+        _lock(old, block=True)
+        backup = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".old"))
+        try:
+            _rename(final, backup)
+        except BaseException:
+            backup.rmdir()
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        try:
+            _rename(stage, final)
+        except BaseException:
+            _rename(backup, final)
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        shutil.rmtree(backup, ignore_errors=True)
+    finally:
+        os.close(old)
+
+
+def _rename(src: Path, dst: Path) -> None:
+    """``os.replace``; its own name so that fault tests can stop the program between two renames."""
+    os.replace(src, dst)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_renameat2: Any = None
+
+
+def exchange_dirs(a: Path, b: Path) -> bool:
+    """Swap the directories ``a`` and ``b`` in one atomic step (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``); False, with nothing changed, where the platform or file system cannot."""
+    global _renameat2
+    if _renameat2 is None:
+        _renameat2 = False
+        try:
+            import ctypes
+
+            fn = ctypes.CDLL(None, use_errno=True).renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _renameat2 = fn
+        except (OSError, AttributeError):
+            pass
+    if not _renameat2:
+        return False
+    import ctypes
+
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False  # an old kernel or a file system without exchange (NFS, some FUSE)
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def recover_dir(final: Path) -> list[str]:
+    """Repair what a killed replacement of ``final`` left beside it; returns what it did, in words.
+
+    If ``final`` is missing and a backup ``.<name>.XXXXXXXX.old`` that illusions wrote is there (a
+    kill between the two renames of :func:`staged_dir`), the backup is moved back to ``final``. Then
+    hidden staging folders and backups of ``final`` whose writer is gone are removed, but only those
+    illusions can prove it wrote: a staging folder marked by :data:`STAGE_MARKER`, an empty folder,
+    or a folder whose every file its manifest lists unchanged or that is the same file as in
+    ``final`` (files a user added were carried over by hard links). Anything else is left alone.
+    """
+    final = Path(final)
     try:
-        os.replace(stage, final)
-    except BaseException:
-        os.replace(backup, final)
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
+        names = os.listdir(final.parent)
+    except OSError:
+        return []
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.[a-z0-9_]{{8}}\.(partial|old)")
+    leftovers = sorted(n for n in names if pattern.fullmatch(n))
+    if not leftovers:
+        return []
+    done: list[str] = []
+    held: dict[str, int] = {}
+    try:
+        for name in leftovers:
+            path = final.parent / name
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            except OSError:
+                continue  # gone, a link or not a directory: not ours to touch
+            if not _lock(fd, block=False):
+                os.close(fd)  # its writer is still at work
+                continue
+            held[name] = fd
+        backups = [n for n in held if n.endswith(".old") and _written_by_us(final.parent / n)]
+        if len(backups) == 1 and not final.exists() and not final.is_symlink():
+            os.replace(final.parent / backups[0], final)
+            os.close(held.pop(backups[0]))
+            done.append(f"restored {final} from {backups[0]}, left by an interrupted replacement")
+        for name, fd in list(held.items()):
+            path = final.parent / name
+            if not _same_inode(fd, path):
+                continue
+            if _disposable(path, final):
+                shutil.rmtree(path, ignore_errors=True)
+                done.append(f"removed {path}, left by an interrupted run")
+    finally:
+        for fd in held.values():
+            os.close(fd)
+    return done
+
+
+def _written_by_us(directory: Path) -> bool:
+    """``directory`` holds a manifest, a staging marker, or a legacy output of some kind."""
+    if (directory / STAGE_MARKER).is_file() or read_manifest(directory) is not None:
+        return True
+    return any(k.is_legacy(directory) for k in _KINDS.values())
+
+
+def _disposable(directory: Path, final: Path) -> bool:
+    """Whether removing the leftover ``directory`` can lose nothing a user could want (see
+    :func:`recover_dir`)."""
+    if (directory / STAGE_MARKER).is_file():
+        return True
+    files = _files_under(directory)
+    manifest = read_manifest(directory)
+    if manifest is None:
+        return not files and not any(directory.iterdir())
+    listed = manifest["files"]
+    for rel in files:
+        path, twin = directory / rel, final / rel
+        if path.is_symlink():
+            if not (twin.is_symlink() and os.readlink(path) == os.readlink(twin)):
+                return False
+            continue
+        if rel in listed and file_sha256(path) == listed[rel]:
+            continue
+        try:
+            if twin.is_file() and (os.path.samefile(path, twin) or file_sha256(path) == file_sha256(twin)):
+                continue
+        except OSError:
+            pass
+        return False
+    return True
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

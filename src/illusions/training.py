@@ -43,7 +43,14 @@ import numpy as np
 
 from illusions.config import Config, read_json
 from illusions.errors import IllusionsError
-from illusions.io import OutputKind, atomic_write_json, check_creatable, ownership, staged_dir
+from illusions.io import (
+    OutputKind,
+    atomic_write_json,
+    check_creatable,
+    ownership,
+    recover_dir,
+    staged_dir,
+)
 from illusions.models import CONFIG_FILE, WEIGHTS_FILE, ModelConfig, check_checkpoint_files
 
 if TYPE_CHECKING:
@@ -447,6 +454,7 @@ def check_out_dir(out_dir: Path, resume: bool) -> None:
         IllusionsError: naming the folder and what is wrong with it.
     """
     out_dir = Path(out_dir)
+    recover_dir(out_dir)  # a run whose checkpoint swap was killed halfway is whole again
     own = ownership(out_dir, TRAINING_RUN)
     if resume:
         if own.state != "ours" or not is_run_dir(out_dir):

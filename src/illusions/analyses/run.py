@@ -314,6 +314,49 @@ def check_out(out: Path, model_dir: Path | None, *, overwrite: bool = False, opt
     check_output_dir(out, ANALYSIS_RUN, overwrite=overwrite, option=option, overwrite_option=overwrite_option)
 
 
+def default_run_dir(spec: AnalysisSpec, name: str | None = None, *, root: Path = Path("runs"),
+                    overwrite: bool = False) -> tuple[Path, bool, str | None]:
+    """Where a run goes when no ``--out`` was given: ``<root>/<name>`` (default the spec's
+    :meth:`~AnalysisSpec.default_name`), so that running the same command again just works.
+
+    An earlier run there of the same spec (its ``config.json`` records the same resolved spec, its
+    files are as illusions wrote them) is replaced; otherwise the run goes to the first free numbered
+    folder ``<name>-2``, ``<name>-3``, ... (or the one holding the same spec). With ``overwrite`` it is
+    ``<root>/<name>`` whatever it holds (:func:`check_run_out` still refuses a folder not ours).
+
+    Returns:
+        ``(folder, replace, note)``: ``replace`` says the folder holds the earlier run to replace;
+        ``note`` is a line to show when the run goes elsewhere than ``<root>/<name>`` (else None).
+
+    Raises:
+        IllusionsError: the name is not one plain path component.
+    """
+    from illusions.io import check_inside, check_name, numbered_dir
+
+    base = Path(root) / check_name(name or spec.default_name(), "run name")
+    check_inside(base, root, "run folder")
+    if overwrite:
+        return base, True, None
+    kind = ANALYSIS_RUN
+    if spec.checkpoints:
+        from illusions.analyses.checkpoints import CHECKPOINT_SWEEP
+
+        kind = CHECKPOINT_SWEEP
+    folder, replace = numbered_dir(base, kind, lambda d: same_spec(d, spec))
+    note = None if folder == base else (f"{base} holds another run (or files that are not an unchanged run of "
+                                        f"this spec); this run goes to {folder}")
+    return folder, replace, note
+
+
+def same_spec(folder: Path, spec: AnalysisSpec) -> bool:
+    """Whether the run (or analysis over checkpoints) in ``folder`` records ``spec`` in its config.json."""
+    try:
+        saved = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(saved, dict) and saved.get("spec") == json.loads(json.dumps(spec.to_dict()))
+
+
 def run_config(run: RunResult) -> dict[str, Any]:
     """The ``config.json`` document of a run: resolved spec, version, model, task, sizes."""
     from illusions.weights import weights_sha256

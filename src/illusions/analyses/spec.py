@@ -330,8 +330,12 @@ def load_analysis_recipe(path: Path | str) -> AnalysisRecipe:
     if over_training and (spec.model or spec.checkpoints):
         raise IllusionsError(f"recipe {path} sets over_training, which runs on the shipped step checkpoints; "
                              "it cannot also name a model or checkpoints")
-    return AnalysisRecipe(texts["name"] or path.stem, texts["description"], texts["claim"], spec, str(path),
-                          over_training)
+    from illusions.io import check_name
+
+    # The name becomes a folder (runs/<name>, <out>/<name>/seed<N>): one plain path component.
+    name = (check_name(texts["name"], f"name in {path}") if texts["name"]
+            else check_name(path.stem, f"recipe {path} has no name, and its file name"))
+    return AnalysisRecipe(name, texts["description"], texts["claim"], spec, str(path), over_training)
 
 
 def build_simplifiers(spec: AnalysisSpec) -> list[Any]:

@@ -237,7 +237,14 @@ def _run(spec: Any, out: Path | None, as_json: bool, by: str | None, threads: in
     from illusions.analyses.run import check_run_out, write_run
     from illusions.cli.scale import local_device
 
-    out = out or Path("runs") / (name or spec.default_name())
+    if out is None:
+        # No folder chosen: a rerun replaces the same spec's run, or goes to a new numbered folder.
+        from illusions.analyses.run import default_run_dir
+
+        out, replace, note = default_run_dir(spec, name, overwrite=overwrite)
+        overwrite = overwrite or replace
+        if note:
+            typer.echo(f"note: {note}", err=True)
     if spec.checkpoints:
         if slurm is not None and slurm["engine"] != "local":
             fail("--over-checkpoints runs on this machine; --engine slurm does not apply to it")

@@ -52,6 +52,12 @@ def command(name: str | None = None, **kwargs: Any) -> Callable[[F], F]:
                 return fn(*args, **kw)
             except IllusionsError as exc:
                 fail(str(exc))
+            except Exception as exc:
+                from illusions.io import disk_full_message, is_disk_full
+
+                if not is_disk_full(exc):
+                    raise
+                fail(disk_full_message(exc))
             except KeyboardInterrupt:
                 typer.echo("interrupted", err=True)
                 raise typer.Exit(130) from None

@@ -56,11 +56,14 @@ def reproduce(
     failed one up to --retries times, and exits 1 naming the runs still missing (run it again to
     compute only those).
     """
+    from illusions.io import check_name
     from illusions.reproduction.document import write_document
     from illusions.reproduction.outputs import check_outputs
     from illusions.reproduction.plan import load_recipes, plan
 
     seed_list = _seed_list(seeds)
+    for name in family or ():
+        check_name(name, "--family")
     all_recipes = load_recipes(recipes)
     planned = plan(all_recipes, out, seeds=seed_list, tasks=task, families=family)
     if not planned:

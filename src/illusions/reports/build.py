@@ -7,6 +7,7 @@ report from disk gives the bytes ``analyze`` wrote, and the same run always give
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import json
@@ -385,13 +386,18 @@ def write_files(inputs: ReportInputs, directory: Path) -> Path:
     return Path(directory) / _write_files(inputs, directory)[-1]
 
 
-def _write_files(inputs: ReportInputs, directory: Path) -> list[str]:
+def _write_files(inputs: ReportInputs, directory: Path, written: list[str] | None = None) -> list[str]:
+    """Write the report's files; ``written`` collects the names of those written so far (each file
+    is whole or absent), so that a caller can record them when a later one fails (a full disk)."""
     page, figures = build_report(inputs)
     directory = Path(directory)
+    written = [] if written is None else written
     names = [f"{fig.name}.png" for fig in figures] + [REPORT_FILE]
     for fig, name in zip(figures, names, strict=False):
         atomic_write_bytes(directory / name, fig.png)
+        written.append(name)
     atomic_write_text(directory / REPORT_FILE, page)
+    written.append(REPORT_FILE)
     return names
 
 
@@ -475,10 +481,23 @@ def rebuild_report(run_dir: Path, *, task: Any = None, model: Any = None, overwr
     Returns:
         The path of the rewritten report.
     """
-    from illusions.io import record_written
+    from illusions.io import disk_full_message, is_disk_full, record_written
 
     check_report_dir(run_dir, overwrite=overwrite)
     run_dir = run_folder(run_dir)
-    names = _write_files(inputs_from_dir(run_dir, task=task, model=model), run_dir)
-    record_written(run_dir, names)
-    return run_dir / REPORT_FILE
+    inputs = inputs_from_dir(run_dir, task=task, model=model)
+    written: list[str] = []
+    try:
+        _write_files(inputs, run_dir, written)
+    except BaseException as exc:
+        # Even when a write fails halfway (a full disk), the manifest lists the files that were
+        # replaced, so the run stays one illusions recognises as its own, unchanged.
+        if written:
+            with contextlib.suppress(OSError):
+                record_written(run_dir, written)
+        if is_disk_full(exc):
+            raise IllusionsError(disk_full_message(
+                exc, writing=f"the report into {run_dir} (the run's results are untouched)")) from None
+        raise
+    record_written(run_dir, written)
+    return Path(run_dir) / REPORT_FILE

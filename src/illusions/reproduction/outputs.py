@@ -33,7 +33,7 @@ def check_outputs(jobs: Sequence[Job], out: Path, results: Path, *, force: bool 
     Raises:
         IllusionsError: naming the first output in the way.
     """
-    from illusions.io import check_creatable, ownership, refuse_foreign
+    from illusions.io import check_creatable, check_inside, ownership, recover_dir, refuse_foreign
 
     name = {**OUTPUT_NAMES, **(names or {})}
     out, results = Path(out), Path(results)
@@ -44,6 +44,8 @@ def check_outputs(jobs: Sequence[Job], out: Path, results: Path, *, force: bool 
                              f"(no {MANIFEST}); choose a new or empty folder")
     stale = []
     for job in jobs:
+        check_inside(job.out, out, "run folder")  # behind the recipe name rule (load_analysis_recipe)
+        recover_dir(job.out)
         kind = job_kind(job)
         own = ownership(job.out, kind)
         refuse_foreign(own, kind, str(job.out), foreign_advice="move it away", other_advice="move it away")
