@@ -25,6 +25,7 @@ import numpy as np
 from illusions.analyses.faithfulness import METRICS, AnalysisResult, Records, sweep_param
 from illusions.analyses.sparse import estimates as sparse_estimates
 from illusions.analyses.spec import BREAKDOWNS
+from illusions.analyses.warning_signals import THRESHOLDS, WARNING_GROUP, warning_rows
 from illusions.metrics import Resampler
 from illusions.tasks.base import PositionGroup
 
@@ -169,6 +170,9 @@ def summarize(
                 rows += _overall_rows({**base, "split": split, "group_by": POSITION_GROUP, "group": name},
                                       g_points[1], g_lo[0], g_hi[0], g_gaps, int(mask.sum()),
                                       int(np.unique(rec.seq[mask]).shape[0]))
+        # Unsupervised warning signals: how well each ranks the proxy's disagreements, per split and pooled.
+        rows += warning_rows(base, {s: result.records[(s, j)] for s in splits}, samplers,
+                             proxy.info.get(THRESHOLDS, {}), _complete)
     return rows
 
 
@@ -286,7 +290,8 @@ def to_json(
     {"value", "ci"}}}, ...}`` for the first proxy, with every proxy (for sweeps) under ``"proxies"``
     in the same shape, and gaps and breakdowns beside the metrics. A task's named position groups,
     when it has any, are under ``"groups"``: ``{"SPLIT (NAME)": {"split", "group", ...}}`` in the shape
-    of a split's entry.
+    of a split's entry. A proxy's warning signals, when it has any, are under ``"warnings"``:
+    ``{SPLIT or "overall": {SIGNAL: {METRIC: {"value", "ci", "n_positions"}}}}``.
     """
     docs = []
     for proxy in proxies:
@@ -316,7 +321,13 @@ def to_json(
                     },
                 }
         breakdowns: dict[str, Any] = {}
+        warnings: dict[str, Any] = {}
         for r in mine:
+            if r["group_by"] == WARNING_GROUP:
+                cell = warnings.setdefault(r["split"], {}).setdefault(r["group"], {})
+                cell[r["metric"]] = {"value": _num(r["value"]), "ci": [_num(r["ci_low"]), _num(r["ci_high"])],
+                                     "n_positions": int(r["n_positions"])}
+                continue
             if r["group_by"] in ("all", POSITION_GROUP):
                 continue
             cell = breakdowns.setdefault(r["split"], {}).setdefault(r["group_by"], {}).setdefault(
@@ -326,12 +337,16 @@ def to_json(
                "splits": splits, "breakdowns": breakdowns}
         if groups:
             doc["groups"] = groups
+        if warnings:
+            doc["warnings"] = warnings
         docs.append(doc)
     first = docs[0]
     out = {"task": task, "simplifier": first["simplifier"], "params": first["params"], "model": model,
            "splits": first["splits"], "breakdowns": first["breakdowns"]}
     if "groups" in first:
         out["groups"] = first["groups"]
+    if "warnings" in first:
+        out["warnings"] = first["warnings"]
     return {**out, "proxies": docs}
 
 

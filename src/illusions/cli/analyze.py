@@ -300,9 +300,10 @@ def _print_run(run: Any, out: Path, as_json: bool, by: str | None, report: bool)
     if as_json:
         typer.echo(json.dumps(run.document))
         return
-    from illusions.cli.tables import print_breakdown, print_summary
+    from illusions.cli.tables import print_breakdown, print_summary, print_warnings
 
     print_summary(run)
+    print_warnings(run)
     if by:
         print_breakdown(run, by)
     typer.echo(f"wrote {out}/ (config.json, metrics.json, metrics.csv{', report.html' if report else ''})")
