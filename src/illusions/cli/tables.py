@@ -306,3 +306,19 @@ def print_warnings(run: Any, console: Console | None = None) -> None:
         console.print("[dim]AUROC: how well the signal ranks the positions where the proxy's prediction differs "
                       "from the model's (0.5 = chance, 1 = perfect); flagged: positions above the signal's 99th "
                       "percentile on the fitting data, n of them; overall pools every split.[/dim]")
+
+
+def print_circuits(run: Any, console: Console | None = None) -> None:
+    """For each circuit proxy: the components it keeps and ablates, and how the search found them."""
+    console = console or result_console()
+    for label, proxy in zip(run.analysis.labels, run.analysis.proxies, strict=True):
+        if proxy.simplifier != "circuit":
+            continue
+        kept, ablated = proxy.info.get("kept", []), proxy.info.get("ablated", [])
+        console.print(f"{label}: keeps {len(kept)} of {len(kept) + len(ablated)} components: "
+                      f"{', '.join(kept) or 'none'}; {proxy.params['ablation']}-ablated: {', '.join(ablated) or 'none'}")
+        search = proxy.info.get("circuit_search")
+        if search:
+            console.print(f"[dim]found by greedy pruning on {search['data']}: agreement with the model "
+                          f"{search['agreement']:.3f} >= {search['threshold']} (tried last layer first, MLP "
+                          f"before heads, heads from the highest index)[/dim]")
