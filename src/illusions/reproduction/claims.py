@@ -15,6 +15,8 @@ from collections.abc import Callable
 from illusions.reproduction.aggregate import RecipeRuns, Training
 from illusions.reproduction.judges import (
     RANK_AGREEMENT,
+    WARNING_AUROC,
+    judge_circuit,
     judge_code_sources,
     judge_direction,
     judge_gap,
@@ -24,6 +26,7 @@ from illusions.reproduction.judges import (
     judge_over_training,
     judge_sae_direction,
     judge_sae_predicts,
+    judge_warnings,
 )
 
 # The sparse dictionary recipes, read by four claims.
@@ -95,6 +98,14 @@ def changes_over_training(e: Evidence) -> tuple[str, str]:
     return judge_over_training(e.training)
 
 
+def warnings_flag(e: Evidence) -> tuple[str, str]:
+    return judge_warnings(e.runs)
+
+
+def circuit_stays(e: Evidence) -> tuple[str, str]:
+    return judge_circuit(e.runs)
+
+
 @dataclasses.dataclass(frozen=True)
 class Claim:
     """One row of the document's claims table.
@@ -161,6 +172,15 @@ CLAIMS = (
           "step checkpoints of one training seed per family (*holds* when some proxy x split cell changes "
           "from one state to another between the first and the final checkpoint).",
           ("dyck-svd-L1-over-training",), changes_over_training, beyond=True, over_training=True),
+    Claim("warnings", "Can the activations alone say where a simplified explanation will fail? Each unsupervised "
+          "warning signal (the share of a query or key outside the kept subspace, the distance to the nearest "
+          "centroid over its cluster's spread, the attention mass one-hot drops) flags the positions where the "
+          f"proxy disagrees with the model: AUROC >= {WARNING_AUROC} in every seed, pooled over the splits, at "
+          "each recipe's reported proxy.",
+          ("dyck-warnings-L1", "code-warnings-L1", "dyck-kmeans-L1", "dyck-onehot-L1"), warnings_flag, beyond=True),
+    Claim("circuit", "Does a circuit found faithful in distribution (greedy pruning of heads and MLPs on training "
+          "data, agreement >= 0.95, the others mean-ablated) stay faithful on the out-of-distribution splits, after "
+          "length matching?", ("dyck-circuit", "code-circuit"), circuit_stays, beyond=True),
 )
 
 
