@@ -149,3 +149,38 @@ def test_spec_passes_circuit_options_and_refuses_them_elsewhere():
         AnalysisSpec(simplifier="svd", keep=("L1H0",))
     with pytest.raises(InvalidOption, match="circuit needs"):
         AnalysisSpec(simplifier="circuit")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--simplify", "circuit"], "error: circuit needs the components to keep"),
+    (["--simplify", "circuit", "--keep", "L9H0"], "error: component L9H0 does not exist; this model has layers 0..1"),
+    (["--simplify", "circuit", "--keep", "all", "--ablation", "median"], "ablation must be one of mean, resample, zero"),
+    (["--simplify", "svd", "--keep", "L1H0"], "error: --keep does not apply to svd"),
+])
+def test_cli_refuses_bad_circuit_options_in_one_line(tiny_dyck, tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from illusions.cli import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["analyze", "dyck", "--model", str(tiny_dyck.root / "model"), *args,
+                                      "--out", str(out), "--threads", "1", "--max-seqs", "5", "--fit-n", "10"])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_cli_prints_the_found_circuit_and_its_table(tiny_dyck, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from illusions.cli import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["analyze", "dyck", "--model", str(tiny_dyck.root / "model"), "--simplify",
+                                      "circuit", "--find-circuit", "0.9", "--out", str(out), "--threads", "1",
+                                      "--max-seqs", "5", "--fit-n", "20", "--no-report", "--split", "iid"])
+    assert result.exit_code == 0, result.output
+    keep = json.loads((out / "metrics.json").read_text())["params"]["keep"]
+    assert f"circuit: keeps {0 if keep == ['none'] else len(keep)} of 6 components" in result.output
+    assert "found by greedy pruning" in result.output and "iid" in result.output
