@@ -172,7 +172,7 @@ def summarize(
                                       int(np.unique(rec.seq[mask]).shape[0]))
         # Unsupervised warning signals: how well each ranks the proxy's disagreements, per split and pooled.
         rows += warning_rows(base, {s: result.records[(s, j)] for s in splits}, samplers,
-                             proxy.info.get(THRESHOLDS, {}), _complete)
+                             getattr(proxy, "info", {}).get(THRESHOLDS, {}), _complete)
     return rows
 
 

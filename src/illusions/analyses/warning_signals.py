@@ -70,7 +70,9 @@ class SignalCollector:
     """
 
     def __init__(self, proxy: Proxy) -> None:
-        self.sites = [site for hook in proxy.hooks for site in hook.signal_sites()]
+        # A proxy or hook made outside this package may declare no signals (no ``signal_sites``).
+        self.sites = [site for hook in getattr(proxy, "hooks", ())
+                      for site in (hook.signal_sites() if hasattr(hook, "signal_sites") else [])]
         self.values: dict[str, Any] = {}
 
     @property
@@ -129,7 +131,7 @@ def calibrate(
                 for name, value in got.items():
                     seen.setdefault(name, []).append(value)
         thresholds = {name: float(np.quantile(np.concatenate(v), quantile)) for name, v in sorted(seen.items())}
-        out.append(dataclasses.replace(proxy, info={**proxy.info, THRESHOLDS: thresholds}))
+        out.append(dataclasses.replace(proxy, info={**getattr(proxy, "info", {}), THRESHOLDS: thresholds}))
     return out
 
 
