@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -15,13 +16,14 @@ def test_rows_are_complete_and_keys_unique():
     for m in mt.METRICS:
         assert m.label and m.short and m.tiny and m.decimals >= 0
         assert m.better in ("higher", "lower", "zero", "")
-        assert m.source in (mt.PREDICTIONS, mt.DISTRIBUTIONS, mt.DICTIONARY)
-        assert m.proxies in (mt.ALL, mt.ATTENTION, mt.DICTIONARIES)
+        assert m.source in (mt.PREDICTIONS, mt.DISTRIBUTIONS, mt.DICTIONARY, mt.WARNINGS)
+        assert m.proxies in (mt.ALL, mt.ATTENTION, mt.DICTIONARIES, mt.SIGNALS)
         assert (m.source == mt.DICTIONARY) == (m.proxies == mt.DICTIONARIES)
+        assert (m.source == mt.WARNINGS) == (m.proxies == mt.SIGNALS)
         assert m.bounds[0] < m.bounds[1] and m.gap_bounds[0] < m.gap_bounds[1]
         # A gap between two values in [lo, hi] lies in [lo - hi, hi - lo].
         assert m.gap_bounds[0] <= m.bounds[0] - m.bounds[1] or math.isinf(m.gap_bounds[0])
-    assert set(mt.POSITION_METRICS) | set(mt.DICTIONARY_METRICS) == set(keys)
+    assert set(mt.POSITION_METRICS) | set(mt.DICTIONARY_METRICS) | set(mt.WARNING_METRICS) == set(keys)
     assert set(mt.SUMMARY_METRICS) <= set(mt.POSITION_METRICS) >= set(mt.OVER_TRAINING_METRICS)
 
 
@@ -52,6 +54,14 @@ def test_the_engine_computes_exactly_the_rows_of_the_table_in_order():
     stats = SparseStats(n_tokens=np.array([2, 3]), err=np.ones(2), sq=np.full(2, 4.0), x_sum=np.ones((2, 2)),
                         l0=np.ones(2), active=np.ones((2, 5), bool), train_active=np.ones(5, bool))
     assert tuple(stats.values(np.ones((1, 2)))) == SPARSE_METRICS == mt.DICTIONARY_METRICS
+    from illusions.analyses.summary import _complete
+    from illusions.analyses.warning_signals import warning_rows
+    from illusions.metrics import Resampler
+
+    signal = {"offspace_q": np.array([0.1, 0.9, 0.5])}
+    rows = warning_rows({"proxy": "p"}, {"iid": dataclasses.replace(rec, warnings=signal)},
+                        {"iid": Resampler.draw(3, np.random.default_rng(0), n_boot=20)}, {"offspace_q": 0.4}, _complete)
+    assert tuple(r["metric"] for r in rows) == mt.WARNING_METRICS
 
 
 def test_metric_table_imports_nothing_heavy():

@@ -297,7 +297,7 @@ def test_sweep_figure_places_every_proxy(run, monkeypatch, values, numeric):
     from illusions.reports import plots
 
     labels = ["p@L1H0", "p@L1H1", "p@L1H2"]
-    splits = list(dict.fromkeys(r["split"] for r in run.rows))
+    splits = list(dict.fromkeys(r["split"] for r in run.rows if r["group_by"] == "all"))
     monkeypatch.setattr(plots, "render", lambda fig, name: fig)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. matplotlib's "No artists with labels found to put in legend"

@@ -389,7 +389,11 @@ def test_other_proxies_rows_do_not_change_beside_a_dictionary(dyck_env):
     svd = make_simplifier("svd", rank=2)
     alone = summarize(analyze(model, task.splits(), [svd], **kw), n_boot=20)
     mixed = summarize(analyze(model, task.splits(), [svd, SAE(width=8, top_k=2, **QUICK)], **kw), n_boot=20)
-    assert {r["metric"] for r in alone} == set(METRICS)
+    from illusions.analyses.warning_signals import WARNING_GROUP
+    from illusions.metric_table import WARNING_METRICS
+
+    assert {r["metric"] for r in alone if r["group_by"] != WARNING_GROUP} == set(METRICS)
+    assert {r["metric"] for r in alone if r["group_by"] == WARNING_GROUP} == set(WARNING_METRICS)
     from illusions.analyses.run import rows_to_csv
 
     assert rows_to_csv([r for r in mixed if r["simplifier"] == "svd"]) == rows_to_csv(alone)  # NaN-safe

@@ -6,8 +6,10 @@ over-training summary (:data:`OVER_TRAINING_METRICS`), the console tables, repor
 and the seed aggregation of the reproduction (:func:`bounds`). Adding a metric is one :class:`Metric`
 row here plus its function: a per-position value in
 :meth:`illusions.analyses.faithfulness.Records.per_position` (``source`` ``predictions`` or
-``distributions``) or a per-split statistic in :meth:`illusions.analyses.sparse.SparseStats.values`
-(``source`` ``dictionary``); ``tests/test_metric_table.py`` checks that the two agree.
+``distributions``), a per-split statistic in :meth:`illusions.analyses.sparse.SparseStats.values`
+(``source`` ``dictionary``) or a per-signal statistic in
+:func:`illusions.analyses.warning_signals.warning_rows` (``source`` ``warnings``);
+``tests/test_metric_table.py`` checks that they agree.
 
 How each surface names a metric (so one row serves all of them):
 
@@ -29,10 +31,12 @@ import math
 PREDICTIONS = "predictions"  # per scored position, from the argmax predictions (and the targets)
 DISTRIBUTIONS = "distributions"  # per scored position, from next-token or attention distributions
 DICTIONARY = "dictionary"  # per split, from a sparse dictionary's reconstruction over all token positions
+WARNINGS = "warnings"  # per split and warning signal, from the signal and the disagreements (analyses/warning_signals)
 # Which proxies have it (``Metric.proxies``).
 ALL = "all"
 ATTENTION = "attention"  # only proxies that change an attention pattern directly (NaN for the others)
 DICTIONARIES = "dictionaries"  # only sparse dictionary proxies (sae, transcoder): no rows for the others
+SIGNALS = "signals"  # only proxies whose hooks declare warning signals: no rows for the others
 
 _INF = math.inf
 
@@ -51,8 +55,8 @@ class Metric:
         bounds: the range of the value.
         gap_bounds: the range of its gap between two splits.
         better: ``higher``, ``lower``, ``zero`` (closer to 0 is better) or ``""`` (neither).
-        source: :data:`PREDICTIONS`, :data:`DISTRIBUTIONS` or :data:`DICTIONARY`.
-        proxies: :data:`ALL`, :data:`ATTENTION` or :data:`DICTIONARIES`.
+        source: :data:`PREDICTIONS`, :data:`DISTRIBUTIONS`, :data:`DICTIONARY` or :data:`WARNINGS`.
+        proxies: :data:`ALL`, :data:`ATTENTION`, :data:`DICTIONARIES` or :data:`SIGNALS`.
         over_training: kept by the summary over training checkpoints.
         in_summary: a column of the per-split summary tables (console, report.html).
         console_decimals: places in the console's narrow tables, where fewer than ``decimals``.
@@ -120,15 +124,26 @@ METRICS: tuple[Metric, ...] = (
            "lower", DICTIONARY, DICTIONARIES),
     Metric("new_latent_fraction", "latents new vs fit data", "latents new vs fit data", "new latents", "", 3,
            _SHARE, _OPEN, "lower", DICTIONARY, DICTIONARIES),
+    # Unsupervised warning signals (analyses/warning_signals.py), one row set per signal: how well the
+    # signal ranks the positions where the proxy disagrees with the model (0.5 = chance), and the
+    # agreement / share of the positions it flags above its training 99th percentile.
+    Metric("warning_auroc", "warning AUROC (signal vs disagreement)", "warning AUROC", "AUROC", "", 3,
+           _SHARE, _SHARE_GAP, "higher", WARNINGS, SIGNALS),
+    Metric("warning_flagged_agreement", "agreement where the signal flags", "flagged agreement", "flag agree",
+           "", 3, _SHARE, _SHARE_GAP, "", WARNINGS, SIGNALS),
+    Metric("warning_flagged_share", "share of positions flagged", "flagged share", "flagged", "", 3,
+           _SHARE, _SHARE_GAP, "", WARNINGS, SIGNALS),
 )
 """Every metric, in the order rows, tables and figures list them."""
 
 BY_KEY: dict[str, Metric] = {m.key: m for m in METRICS}
 
-POSITION_METRICS: tuple[str, ...] = tuple(m.key for m in METRICS if m.source != DICTIONARY)
+POSITION_METRICS: tuple[str, ...] = tuple(m.key for m in METRICS if m.source in (PREDICTIONS, DISTRIBUTIONS))
 """Means over scored positions, every proxy, every breakdown (``Records.per_position``)."""
 DICTIONARY_METRICS: tuple[str, ...] = tuple(m.key for m in METRICS if m.source == DICTIONARY)
 """Sparse dictionary statistics over all token positions of a split (``SparseStats.values``)."""
+WARNING_METRICS: tuple[str, ...] = tuple(m.key for m in METRICS if m.source == WARNINGS)
+"""Per warning signal and split (``analyses.warning_signals.warning_rows``)."""
 SUMMARY_METRICS: tuple[str, ...] = tuple(m.key for m in METRICS if m.in_summary)
 """The columns of the per-split summary tables, in order."""
 OVER_TRAINING_METRICS: tuple[str, ...] = tuple(m.key for m in METRICS if m.over_training)

@@ -91,6 +91,8 @@ def _fill() -> None:
                         "residual stream or attention output through a sparse autoencoder")
     register_simplifier("transcoder", "illusions.simplifiers.sae:Transcoder",
                         "an MLP replaced by a sparse transcoder of its input")
+    register_simplifier("circuit", "illusions.simplifiers.circuit:Circuit",
+                        "keep named heads and MLPs (--keep, or --find-circuit), ablate the others")
 
 
 _fill()

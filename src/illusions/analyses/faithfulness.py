@@ -39,6 +39,8 @@ class Records:
     ``attention_jsd`` is NaN when the proxy leaves every attention pattern unchanged by construction
     (no targeted head). ``sparse`` holds the per-sequence dictionary statistics of a sparse
     dictionary proxy (:class:`illusions.analyses.sparse.SparseStats`), None for other proxies.
+    ``warnings`` holds each unsupervised warning signal of the proxy per position
+    (:mod:`illusions.analyses.warning_signals`), empty when its hooks declare none.
     """
 
     rows: np.ndarray
@@ -51,6 +53,7 @@ class Records:
     kl: np.ndarray
     meta: Mapping[str, np.ndarray]
     sparse: Any = None
+    warnings: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.seq.shape[0])
@@ -191,6 +194,11 @@ def analyze(
     fitted_now = iter(fit_proxies(model, splits.get(fit_split), fit_rows, to_fit, batch_size=batch_size)
                       if to_fit else [])
     proxies = [s if done else next(fitted_now) for s, done in zip(simplifiers, fitted, strict=True)]
+    if fit_split in splits:
+        proxies = refine_proxies(model, splits[fit_split], fit_rows, simplifiers, proxies, candidates=candidates,
+                                 batch_size=batch_size)
+        # Each warning signal's threshold, fixed on the fitting sequences (its training 99th percentile).
+        proxies = calibrate_warnings(model, splits[fit_split], fit_rows, proxies, batch_size=batch_size)
     for proxy in proxies:
         check_hooks(model, proxy)
     split_rows = {name: select_rows(len(splits[name]), max_seqs, rng) for name in eval_splits}
@@ -317,6 +325,30 @@ def fit_proxies(
     return out
 
 
+def refine_proxies(
+    model: HookedTransformer,
+    split: Split,
+    rows: np.ndarray,
+    simplifiers: Sequence[Simplifier],
+    proxies: Sequence[Proxy],
+    *,
+    candidates: np.ndarray | None,
+    batch_size: int = 64,
+) -> list[Proxy]:
+    """Proxies whose simplifier searches on the fitting sequences after fitting (``refine``: the
+    circuit search of :mod:`illusions.simplifiers.circuit`) replaced by what the search keeps."""
+    return [s.refine(model, p, split, rows, candidates=candidates, batch_size=batch_size)
+            if hasattr(s, "refine") else p for s, p in zip(simplifiers, proxies, strict=True)]
+
+
+def calibrate_warnings(model: HookedTransformer, split: Split, rows: np.ndarray, proxies: Sequence[Proxy],
+                       *, batch_size: int = 64) -> list[Proxy]:
+    """:func:`illusions.analyses.warning_signals.calibrate`: each signal's threshold on the fitting rows."""
+    from illusions.analyses.warning_signals import calibrate
+
+    return calibrate(model, split, rows, proxies, batch_size=batch_size)
+
+
 def evaluate_split(
     model: HookedTransformer,
     split: Split,
@@ -337,6 +369,7 @@ def evaluate_split(
     """
     import torch
 
+    from illusions.analyses.warning_signals import SignalCollector
     from illusions.devices import float64_device
 
     device = torch.device(model.cfg.device)
@@ -352,6 +385,8 @@ def evaluate_split(
     local_seq = np.full(len(split), -1, dtype=np.int64)
     local_seq[rows] = np.arange(rows.shape[0])
     parts: list[list[dict[str, np.ndarray]]] = [[] for _ in proxies]
+    # Each proxy's warning signals, read by capture hooks in front of its own during its pass.
+    collectors = [SignalCollector(p) for p in proxies]
 
     with torch.inference_mode():
         for batch in iter_batches(split, batch_size, rows=rows):
@@ -371,7 +406,8 @@ def evaluate_split(
                     (f"blocks.{layer}.attn.hook_pattern", _capture(captured, layer)) for layer in layers
                 ]
                 fired: set[str] = set()
-                hooks = [*proxy.fwd_hooks, *((n, _mark(fired, n)) for n in hook_sets[j]), *capture_hooks]
+                hooks = [*collectors[j].hooks, *proxy.fwd_hooks, *((n, _mark(fired, n)) for n in hook_sets[j]),
+                         *capture_hooks]
                 if starts[j] is None:
                     proxy_logits_full = model.run_with_hooks(tokens, fwd_hooks=hooks)
                 else:
@@ -404,6 +440,7 @@ def evaluate_split(
                         "kl": kl_divergence(clean_logits.to(f64), proxy_logits.to(f64)).cpu().numpy(),
                         "meta:seq_len": split.lengths[batch.rows[sc.seq]],
                         **{f"meta:{k}": v for k, v in sc.meta.items()},
+                        **{f"warn:{k}": v for k, v in collectors[j].gather(seq_t, pos_t).items()},
                     }
                 )
     out = []
@@ -424,6 +461,7 @@ def evaluate_split(
                 attention_jsd=joined["attention_jsd"],
                 kl=joined["kl"],
                 meta={k.removeprefix("meta:"): v for k, v in joined.items() if k.startswith("meta:")},
+                warnings={k.removeprefix("warn:"): v for k, v in joined.items() if k.startswith("warn:")},
             )
         )
     return out

@@ -75,6 +75,17 @@ class RunResult:
     model: Any = None  # the original HookedTransformer
     runtime: dict[str, Any] = dataclasses.field(default_factory=lambda: {"device": "cpu", "allow_tf32": False})
 
+    def warnings(self, proxy: str | None = None) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+        """The unsupervised warning signals of one proxy (default: the first), as metrics.json holds
+        them: ``{split or "overall": {signal: {metric: {"value", "ci", "n_positions"}}}}`` with the
+        metrics of :data:`illusions.metric_table.WARNING_METRICS`; empty for a proxy without signals.
+        """
+        docs = self.document.get("proxies", [])
+        doc = next((d for d in docs if proxy is None or d["label"] == proxy), None)
+        if doc is None:
+            raise IllusionsError(f"no proxy {proxy!r}; proxies: {', '.join(d['label'] for d in docs)}")
+        return doc.get("warnings", {})
+
 
 def load_task_and_model(spec: AnalysisSpec, *, device: Any = "cpu") -> tuple[Any, Any, str, str]:
     """The task (configured as the model was trained) and the model on ``device``:

@@ -69,9 +69,11 @@ SWEPT_FIELDS = tuple(SWEEP_FIELDS.values())
 # they hold their defaults under a simplifier that does not take them, so the runs of every other
 # method record the same spec as before these fields existed (and earlier runs still count as current).
 SPARSE_FIELDS = ("site", "architecture", "top_k", "l1", "sae_steps", "sae_from")
+# The options of the circuit simplifier, left out of the spec's JSON like SPARSE_FIELDS.
+CIRCUIT_FIELDS = ("keep", "ablation", "find_circuit")
 # Spec fields passed to a simplifier that has a field of the same name; ``seed`` is also the
 # evaluation sampling seed, so it is never refused.
-SIMPLIFIER_FIELDS = ("centered", "basis", "seed", *SPARSE_FIELDS)
+SIMPLIFIER_FIELDS = ("centered", "basis", "seed", *SPARSE_FIELDS, *CIRCUIT_FIELDS)
 # Spec fields that become the simplifier's Targets (spec name -> Targets key).
 TARGET_FIELDS = {"layers": "layers", "heads": "heads", "target": "qk", "resid": "resid"}
 
@@ -114,6 +116,11 @@ class AnalysisSpec(Config):
     ``match`` names the meta columns of the matched in-distribution control (default ``length``: the
     length-matched control every run has); any other list adds a control matched on every one of those
     columns, e.g. ``("length", "distance", "key_depth")`` (:mod:`illusions.analyses.summary`).
+
+    ``keep`` (component names such as ``L1H0``, ``mlp0``, or ``all`` / ``none``), ``ablation``
+    (``mean``, ``resample`` or ``zero``) and ``find_circuit`` (0, or the agreement a greedy circuit
+    search keeps on the fitting data) are the options of ``circuit``
+    (:mod:`illusions.simplifiers.circuit`).
     """
 
     task: str = "dyck"
@@ -147,9 +154,12 @@ class AnalysisSpec(Config):
     sae_steps: int = 1000
     sae_from: str = ""
     match: tuple[str, ...] = ("length",)
+    keep: tuple[str, ...] = ()
+    ablation: str = "mean"
+    find_circuit: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in (*SWEPT_FIELDS, "layers", "heads", "splits", "breakdowns", "match"):
+        for name in (*SWEPT_FIELDS, "layers", "heads", "splits", "breakdowns", "match", "keep"):
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
@@ -240,7 +250,8 @@ class AnalysisSpec(Config):
 
     def to_dict(self) -> dict[str, Any]:
         """JSON data of the spec; ``checkpoints`` only when set, ``widths`` and the sparse dictionary
-        options (:data:`SPARSE_FIELDS`) only when set or taken by the simplifier, so runs of one model
+        options (:data:`SPARSE_FIELDS`) and the circuit's (:data:`CIRCUIT_FIELDS`) only when set or taken by
+        the simplifier, so runs of one model
         and of the other methods record the same spec as before these fields existed (and earlier runs
         still count as current); ``match`` likewise only when it is not the default."""
         out = super().to_dict()
@@ -250,7 +261,7 @@ class AnalysisSpec(Config):
             del out["match"]
         fields = {f.name for f in dataclasses.fields(registry.get_simplifier(self.simplifier))}
         default = {f.name: f.default for f in dataclasses.fields(self)}
-        for name in ("widths", *SPARSE_FIELDS):
+        for name in ("widths", *SPARSE_FIELDS, *CIRCUIT_FIELDS):
             taken = name in fields or (name == "widths" and "width" in fields)
             if not taken and getattr(self, name) == default[name]:
                 del out[name]

@@ -34,6 +34,7 @@ import numpy as np
 from illusions.analyses.faithfulness import METRICS, AnalysisResult, Records, sweep_param
 from illusions.analyses.sparse import estimates as sparse_estimates
 from illusions.analyses.spec import BREAKDOWNS
+from illusions.analyses.warning_signals import THRESHOLDS, WARNING_GROUP, warning_rows
 from illusions.metrics import Resampler
 from illusions.tasks.base import PositionGroup
 
@@ -204,6 +205,9 @@ def summarize(
                 rows += _overall_rows({**base, "split": split, "group_by": POSITION_GROUP, "group": name},
                                       g_points[1], g_lo[0], g_hi[0], g_gaps, int(mask.sum()),
                                       int(np.unique(rec.seq[mask]).shape[0]))
+        # Unsupervised warning signals: how well each ranks the proxy's disagreements, per split and pooled.
+        rows += warning_rows(base, {s: result.records[(s, j)] for s in splits}, samplers,
+                             getattr(proxy, "info", {}).get(THRESHOLDS, {}), _complete)
     if control:  # every row carries the control's fields (NaN where it has none), for one CSV header
         rows = [{**r, **{f: r.get(f, float("nan")) for f in CONTROL_FIELDS}} for r in rows]
     return rows
@@ -369,6 +373,8 @@ def to_json(
     when it has any, are under ``"groups"``: ``{"SPLIT (NAME)": {"split", "group", ...}}`` in the shape
     of a split's entry. With a ``match`` other than ``length`` alone, each gap also has
     ``"vs_matched_iid": {"on": [COLUMN, ...], "value", "ci", "coverage", "excluded_share"}``.
+    A proxy's warning signals, when it has any, are under ``"warnings"``:
+    ``{SPLIT or "overall": {SIGNAL: {METRIC: {"value", "ci", "n_positions"}}}}``.
     """
     docs = []
     for proxy in proxies:
@@ -406,7 +412,13 @@ def to_json(
                         "excluded_share": None if coverage is None else max(0.0, round(1.0 - coverage, 10)),
                     }
         breakdowns: dict[str, Any] = {}
+        warnings: dict[str, Any] = {}
         for r in mine:
+            if r["group_by"] == WARNING_GROUP:
+                cell = warnings.setdefault(r["split"], {}).setdefault(r["group"], {})
+                cell[r["metric"]] = {"value": _num(r["value"]), "ci": [_num(r["ci_low"]), _num(r["ci_high"])],
+                                     "n_positions": int(r["n_positions"])}
+                continue
             if r["group_by"] in ("all", POSITION_GROUP):
                 continue
             cell = breakdowns.setdefault(r["split"], {}).setdefault(r["group_by"], {}).setdefault(
@@ -416,12 +428,16 @@ def to_json(
                "splits": splits, "breakdowns": breakdowns}
         if groups:
             doc["groups"] = groups
+        if warnings:
+            doc["warnings"] = warnings
         docs.append(doc)
     first = docs[0]
     out = {"task": task, "simplifier": first["simplifier"], "params": first["params"], "model": model,
            "splits": first["splits"], "breakdowns": first["breakdowns"]}
     if "groups" in first:
         out["groups"] = first["groups"]
+    if "warnings" in first:
+        out["warnings"] = first["warnings"]
     return {**out, "proxies": docs}
 
 

@@ -107,6 +107,15 @@ OPTIONS = (
     _opt("sae_from", Path | None, None, "--sae-from",
          "sae/transcoder: a dictionary saved by SAELens (cfg.json + safetensors) instead of training one.",
          "sae_from"),
+    _opt("keep", str | None, None, "--keep",
+         "circuit: comma-separated components kept (heads L1H0, MLPs mlp0), or 'all' / 'none'; the others "
+         "are ablated.", "keep"),
+    _opt("ablation", str, SPEC["ablation"], "--ablation",
+         "circuit: how ablated components are replaced: mean (over the fitting data), resample or zero.",
+         "ablation"),
+    _opt("find_circuit", float, SPEC["find_circuit"], "--find-circuit",
+         "circuit: find the circuit by greedy pruning on the fitting data, keeping agreement >= this "
+         "(e.g. 0.95); starts from --keep (default: every component).", "find_circuit"),
 )
 
 # Where a sweep runs (sweep only): this machine, or one Slurm job for the whole sweep.
@@ -163,6 +172,8 @@ def _field_value(option: Option, value: Any, sweep: bool) -> Any:
         return _int_list(value, option.flag) if sweep else (value,)
     if option.name == "heads":
         return _heads(value)
+    if option.name == "keep":
+        return tuple(k.strip() for k in value.split(",") if k.strip()) if value else ()
     if option.name == "uncentered":
         return not value
     if option.name in ("model", "data", "candidates", "over_checkpoints", "sae_from"):
@@ -312,9 +323,11 @@ def _print_run(run: Any, out: Path, as_json: bool, by: str | None, report: bool)
     if as_json:
         typer.echo(json.dumps(run.document))
         return
-    from illusions.cli.tables import print_breakdown, print_summary
+    from illusions.cli.tables import print_breakdown, print_circuits, print_summary, print_warnings
 
     print_summary(run)
+    print_circuits(run)
+    print_warnings(run)
     if by:
         print_breakdown(run, by)
     typer.echo(f"wrote {out}/ (config.json, metrics.json, metrics.csv{', report.html' if report else ''})")

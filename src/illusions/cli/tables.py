@@ -285,3 +285,50 @@ def print_checkpoints(sweep: Any, console: Console | None = None) -> None:
     console.print("[dim]Δ: the proxy's accuracy change on the split minus on iid, in the same checkpoint: "
                   "below 0 the proxy under-states the model's generalization, above 0 it over-states it; "
                   "* marks an interval that excludes 0 (intervals in checkpoints.csv).[/dim]")
+
+
+def print_warnings(run: Any, console: Console | None = None) -> None:
+    """Per proxy: each warning signal's AUROC for the proxy's disagreements per split and pooled
+    (``overall``), with the agreement and share of the positions it flags above its training 99th
+    percentile; nothing for proxies without signals."""
+    from illusions.analyses.warning_signals import WARNING_GROUP
+    from illusions.metric_table import WARNING_METRICS
+
+    console = console or result_console()
+    rows = [r for r in run.rows if r["group_by"] == WARNING_GROUP]
+    for proxy in dict.fromkeys(r["proxy"] for r in rows):
+        mine = {(r["split"], r["group"], r["metric"]): r for r in rows if r["proxy"] == proxy}
+        table = Table(title=f"{proxy}: unsupervised warning signals (no labels) vs the proxy's disagreements",
+                      title_justify="left")
+        table.add_column("split")
+        table.add_column("signal")
+        for key in WARNING_METRICS:
+            table.add_column(metric(key).header, justify="right")
+        for split, signal in dict.fromkeys((s, g) for s, g, _ in mine):
+            cells = []
+            for key in WARNING_METRICS:
+                r = mine[(split, signal, key)]
+                text = _ci(r["value"], r["ci_low"], r["ci_high"], metric(key).decimals)
+                cells.append(f"{text} n={int(r['n_positions'])}" if key == "warning_flagged_agreement" else text)
+            table.add_row(split, signal, *cells)
+        console.print(table)
+    if rows:
+        console.print("[dim]AUROC: how well the signal ranks the positions where the proxy's prediction differs "
+                      "from the model's (0.5 = chance, 1 = perfect); flagged: positions above the signal's 99th "
+                      "percentile on the fitting data, n of them; overall pools every split.[/dim]")
+
+
+def print_circuits(run: Any, console: Console | None = None) -> None:
+    """For each circuit proxy: the components it keeps and ablates, and how the search found them."""
+    console = console or result_console()
+    for label, proxy in zip(run.analysis.labels, run.analysis.proxies, strict=True):
+        if proxy.simplifier != "circuit":
+            continue
+        kept, ablated = proxy.info.get("kept", []), proxy.info.get("ablated", [])
+        console.print(f"{label}: keeps {len(kept)} of {len(kept) + len(ablated)} components: "
+                      f"{', '.join(kept) or 'none'}; {proxy.params['ablation']}-ablated: {', '.join(ablated) or 'none'}")
+        search = proxy.info.get("circuit_search")
+        if search:
+            console.print(f"[dim]found by greedy pruning on {search['data']}: agreement with the model "
+                          f"{search['agreement']:.3f} >= {search['threshold']} (tried last layer first, MLP "
+                          f"before heads, heads from the highest index)[/dim]")

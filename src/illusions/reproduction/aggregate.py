@@ -137,8 +137,9 @@ class RecipeRuns:
         return self.rows[self.seeds[0]][0]["param"]
 
     def splits(self) -> list[str]:
+        """The evaluated splits (those with whole-split rows; warning rows pooled over splits are not one)."""
         first = self.rows[self.seeds[0]]
-        return list(dict.fromkeys(r["split"] for r in first))
+        return list(dict.fromkeys(r["split"] for r in first if r["group_by"] == "all"))
 
     def row(self, seed: int, proxy: str, split: str, metric: str, group_by: str = "all",
             group: str = "all") -> dict[str, Any] | None:

@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 from illusions.reproduction.aggregate import RecipeRuns, Training
 from illusions.reproduction.judges import (
+    WARNING_AUROC,
+    judge_circuit,
     judge_code_sources,
     judge_direction,
     judge_gap,
@@ -24,6 +26,7 @@ from illusions.reproduction.judges import (
     judge_over_training,
     judge_sae_direction,
     judge_sae_predicts,
+    judge_warnings,
 )
 
 # The sparse dictionary recipes, read by four claims: each SAE at an overcomplete width from three SAE
@@ -102,6 +105,14 @@ def changes_over_training(e: Evidence) -> tuple[str, str]:
     return judge_over_training(e.training)
 
 
+def warnings_flag(e: Evidence) -> tuple[str, str]:
+    return judge_warnings(e.runs)
+
+
+def circuit_stays(e: Evidence) -> tuple[str, str]:
+    return judge_circuit(e.runs)
+
+
 @dataclasses.dataclass(frozen=True)
 class Claim:
     """One row of the document's claims table.
@@ -174,6 +185,15 @@ CLAIMS = (
           "iid agreement is >= 0.95 (*holds* when some proxy x split or group keeps one state at its first two such "
           "checkpoints and another at its last two).",
           ("dyck-svd-L1-over-training",), changes_over_training, beyond=True, over_training=True),
+    Claim("warnings", "Can the activations alone say where a simplified explanation will fail? Each unsupervised "
+          "warning signal (the share of a query or key outside the kept subspace, the distance to the nearest "
+          "centroid over its cluster's spread, the attention mass one-hot drops) flags the positions where the "
+          f"proxy disagrees with the model: AUROC >= {WARNING_AUROC} in every seed, pooled over the splits, at "
+          "each recipe's reported proxy.",
+          ("dyck-warnings-L1", "code-warnings-L1", "dyck-kmeans-L1", "dyck-onehot-L1"), warnings_flag, beyond=True),
+    Claim("circuit", "Does a circuit found faithful in distribution (greedy pruning of heads and MLPs on training "
+          "data, agreement >= 0.95, the others mean-ablated) stay faithful on the out-of-distribution splits, after "
+          "length matching?", ("dyck-circuit", "code-circuit"), circuit_stays, beyond=True),
 )
 
 

@@ -552,3 +552,62 @@ def judge_over_training(series: Sequence[Training]) -> tuple[str, str]:
         return "not judged", f"no proxy passes the gate at {MIN_GATED_STEPS} checkpoints ({summary}). " + " ".join(parts)
     changed = any(c in ("appears", "vanishes", "flips") for c in courses)
     return ("reproduced" if changed else "not reproduced"), f"{summary}. " + " ".join(parts)
+
+
+# The AUROC the warning-signal claim asks of each signal, in every seed.
+WARNING_AUROC = 0.8
+
+
+def judge_warnings(all_runs: Sequence[RecipeRuns]) -> tuple[str, str]:
+    """Does each unsupervised warning signal flag the proxy's failures? At each recipe's reported
+    proxy, every signal's AUROC for the disagreements, pooled over the evaluated splits
+    (``split = "overall"``), must reach :data:`WARNING_AUROC` in every seed: *reproduced* when every
+    signal does, *partly* when some do, *not reproduced* when none does."""
+    from illusions.analyses.warning_signals import POOLED, WARNING_GROUP
+
+    cells, passed, total = [], 0, 0
+    for runs in all_runs:
+        proxy = runs.selected()
+        for signal in runs.groups(proxy, POOLED, WARNING_GROUP):
+            per_seed = [runs.row(seed, proxy, POOLED, "warning_auroc", WARNING_GROUP, signal) for seed in runs.seeds]
+            values = [float(r["value"]) for r in per_seed if r is not None]
+            ok = bool(values) and len(values) == len(runs.seeds) and all(v >= WARNING_AUROC for v in values)
+            total += 1
+            passed += ok
+            stat = runs.stat(proxy, POOLED, "warning_auroc", group_by=WARNING_GROUP, group=signal)
+            cells.append(f"`{runs.name}` {signal} {stat.fmt()} ({sum(v >= WARNING_AUROC for v in values)}/"
+                         f"{len(runs.seeds)} seeds >= {WARNING_AUROC})")
+    if not total:
+        return "not run", "no warning signal rows in the runs (runs made before the signals existed?)"
+    verdict = "reproduced" if passed == total else "partly" if passed else "not reproduced"
+    return verdict, (f"{passed}/{total} signals reach AUROC >= {WARNING_AUROC} for the proxy's disagreements in "
+                     f"every seed (pooled over splits, at each recipe's reported proxy): " + "; ".join(cells))
+
+
+def judge_circuit(all_runs: Sequence[RecipeRuns]) -> tuple[str, str]:
+    """Does a circuit found faithful in distribution stay faithful out of distribution, after
+    matching? Per recipe (its one circuit proxy): found faithful when its mean iid agreement reaches
+    :data:`FAITHFUL_IID`; it stays faithful on a split unless the agreement gap vs length-matched iid
+    is significantly negative in every seed. *reproduced* (holds) when every faithful circuit stays
+    faithful on every OOD split, *partly* when it drops only in some seeds (or only before matching),
+    *not reproduced* when some split drops in every seed; *not reproduced* too when no circuit was
+    found faithful in distribution (the question does not arise)."""
+    verdicts, texts = [], []
+    for runs in all_runs:
+        proxy = runs.proxies()[0]
+        iid = runs.stat(proxy, REFERENCE, "agreement")
+        splits = ood_splits(runs)
+        matched = {s: runs.signs(proxy, s, "agreement", "gap_vs_matched") for s in splits}
+        raw = {s: runs.signs(proxy, s, "agreement", "gap_vs_ref") for s in splits}
+        drop = verdict_of(matched, raw, -1)  # the drop's own verdict: reproduced = drops in every seed
+        if iid.mean < FAITHFUL_IID:
+            verdicts.append("not reproduced")
+            texts.append(f"`{runs.name}`: not faithful in distribution (iid agreement {iid.fmt()})")
+            continue
+        verdicts.append({"reproduced": "not reproduced", "partly": "partly"}.get(drop, "reproduced"))
+        worst = min(splits, key=lambda s: runs.stat(proxy, s, "agreement", "gap_vs_matched").mean)
+        texts.append(f"`{runs.name}`: iid agreement {iid.fmt()}; lowest on `{worst}`, agreement "
+                     f"{runs.stat(proxy, worst, 'agreement').fmt()}, "
+                     f"{gap_cell(runs, proxy, worst, 'agreement', 'gap_vs_matched')} vs length-matched iid")
+    order = ("not reproduced", "partly", "reproduced")  # the claim holds only where every circuit does
+    return min(verdicts, key=order.index), "; ".join(texts)

@@ -230,6 +230,15 @@ class FittedHook:
             raise ValueError(f"{self.hook_name} is not inside a block")
         return layer
 
+    def signal_sites(self) -> list[tuple[str, Callable[[Tensor], dict[str, Tensor]]]]:
+        """The hook's unsupervised warning signals: ``[(hook point, fn)]``, where ``fn`` maps the
+        activation arriving at that point (before any replacement) to ``{signal name: [batch, pos]}``
+        values, higher meaning "further from what the proxy was fitted on". They need the model's
+        activations only, no labels and no comparison with the original model
+        (:mod:`illusions.analyses.warnings` runs them during the evaluation pass). ``[]`` (the
+        default): the hook declares none."""
+        return []
+
     def tensors(self) -> dict[str, Tensor]:
         import torch
 
@@ -262,6 +271,19 @@ class FittedHook:
         for key, value in self.tensors().items():
             bits.append(f"{key}{list(value.shape)}")
         return f"{type(self).__name__}({', '.join(bits)})"
+
+
+def signal_site(hook_name: str) -> str:
+    """What a hook point is called in a warning signal's name: ``q``, ``k``, ``z``, ``resid``, ``mlp``."""
+    leaf = hook_name.rsplit(".", 1)[-1].removeprefix("hook_")
+    return "resid" if leaf.startswith("resid") else "mlp" if leaf.startswith("mlp") else leaf
+
+
+def off_share(x: Tensor, kept: Tensor) -> Tensor:
+    """``|x - kept| / |x|`` along the last axis (0 where ``x`` is 0): the share of ``x``'s norm a
+    replacement ``kept`` does not keep; 0 for the identity, 1 when nothing of ``x`` is kept."""
+    norm = x.norm(dim=-1)
+    return (x - kept).norm(dim=-1) / norm.clamp_min(1e-30) * (norm > 0)
 
 
 def head_rows(heads: tuple[int, ...] | None, n_heads: int) -> slice | list[int]:

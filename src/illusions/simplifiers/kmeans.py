@@ -38,6 +38,7 @@ from illusions.simplifiers.base import (
     register_hook_kind,
     replace_heads,
     require,
+    signal_site,
 )
 
 if TYPE_CHECKING:
@@ -141,6 +142,9 @@ class CentroidHook(FittedHook):
     hook_name: str
     heads: tuple[int, ...] | None
     centroids: Tensor = dataclasses.field(repr=False)
+    # [heads k] or [k]: each cluster's training spread (:func:`cluster_spread`), for the warning signal;
+    # None in proxies saved before it existed (the signal is then the plain distance).
+    spread: Tensor | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_sq_norms", (self.centroids * self.centroids).sum(-1))  # [heads k] or [k]
@@ -161,6 +165,54 @@ class CentroidHook(FittedHook):
         flat = x.permute(2, 0, 1, 3).reshape(heads, batch * pos, d)  # [heads batch*pos d_head]
         new = nearest(flat, centroids, sq_norms).view(heads, batch, pos, d).permute(1, 2, 0, 3)  # [batch pos heads d_head]
         return replace_heads(activation, rows, new, axis=2)
+
+    def signal_sites(self) -> list[tuple[str, Any]]:
+        """``centroid_distance_<site>``: the distance to the nearest centroid relative to that
+        cluster's training spread,
+
+            s(x) = |x - c_{j*}| / sigma_{j*},   sigma_j = sqrt(mean_{i in cluster j} |x_i - c_j|^2),
+
+        the largest over the targeted heads (about 1 for a typical fitting vector, 0 on a centroid)."""
+        return [(self.hook_name, self.distance)]
+
+    def distance(self, activation: Tensor) -> dict[str, Tensor]:
+        like = {"device": activation.device, "dtype": activation.dtype}
+        centroids = self.centroids.to(**like)
+        x = activation if self.heads is None else activation[:, :, head_rows(self.heads, activation.shape[2])]
+        if self.heads is None:
+            x, centroids = x[:, :, None], centroids[None]  # one "head": [batch pos 1 d], [1 k d]
+        # |x - c|^2 = |x|^2 - 2 x.c + |c|^2, without a [batch pos heads k d] difference.
+        sq = ((x * x).sum(-1, keepdim=True) - 2 * torch.einsum("bphd,hkd->bphk", x, centroids)
+              + (centroids * centroids).sum(-1))  # [batch pos heads k]
+        best, index = sq.min(-1)  # [batch pos heads]
+        dist = best.clamp_min(0).sqrt()
+        if self.spread is not None:
+            spread = self.spread.to(**like).reshape(centroids.shape[0], -1)  # [heads k]
+            dist = dist / spread[torch.arange(spread.shape[0], device=x.device), index]
+        return {f"centroid_distance_{signal_site(self.hook_name)}": dist.amax(-1)}
+
+
+def cluster_spread(x: Float[Tensor, "n d"], centroids: Float[Tensor, "k d"]) -> Float[Tensor, " k"]:
+    """Each cluster's RMS distance of its fitted vectors to its centroid; a cluster with none (or
+    all on its centroid) gets the RMS over all clusters (1 if that is 0 too), so no spread is 0."""
+    index = nearest_index(x, centroids)
+    sq = ((x - centroids[index]) ** 2).sum(-1).double()  # [n]
+    k = centroids.shape[0]
+    total = torch.zeros(k, dtype=torch.float64, device=x.device).index_add_(0, index, sq)
+    count = torch.zeros(k, dtype=torch.float64, device=x.device).index_add_(0, index, torch.ones_like(sq))
+    overall = float((sq.mean()).sqrt()) if sq.numel() else 0.0
+    spread = (total / count.clamp_min(1)).sqrt()
+    return spread.where(spread > 0, torch.tensor(overall or 1.0, dtype=torch.float64)).float()
+
+
+def nearest_index(x: Float[Tensor, "n d"], centroids: Float[Tensor, "k d"]) -> Tensor:
+    """The index of each row's nearest centroid (lowest index on ties), in chunks."""
+    sq_norms = (centroids * centroids).sum(-1)
+    out = []
+    for start in range(0, x.shape[0], 1 << 15):
+        chunk = x[start : start + (1 << 15)]
+        out.append((sq_norms[None] - 2 * chunk @ centroids.T).argmin(-1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
 # The k-means settings every centroid simplifier (kmeans, resid-kmeans) has, each an integer >= 1.
@@ -230,6 +282,8 @@ class KMeans(SimplifierConfig):
                 hook_name=name,
                 heads=targets.heads,
                 centroids=torch.stack([f.centroids for f in fits]).contiguous(),  # [heads k d_head]
+                spread=torch.stack([cluster_spread(data[:, head], f.centroids)
+                                    for head, f in zip(targets.heads, fits, strict=True)]),  # [heads k]
             ))
             inertia[name] = [f.inertia for f in fits]
             algorithms.update(f.algorithm for f in fits)

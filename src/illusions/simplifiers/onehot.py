@@ -55,6 +55,15 @@ class OneHotPatternHook(FittedHook):
         rows = head_rows(self.heads, activation.shape[1])
         return replace_heads(activation, rows, hard_attention(activation[:, rows]), axis=1)
 
+    def signal_sites(self) -> list[tuple[str, Any]]:
+        """``offargmax_mass``: the attention mass the hard proxy throws away, ``1 - max_j a_j``,
+        the largest over the targeted heads (0 for a one-hot row, near 1 for a flat one)."""
+        return [(self.hook_name, self.offargmax)]
+
+    def offargmax(self, pattern: Tensor) -> dict[str, Tensor]:
+        rows = pattern[:, head_rows(self.heads, pattern.shape[1])]  # [batch heads query_pos key_pos]
+        return {"offargmax_mass": (1 - rows.amax(-1)).amax(1)}  # [batch query_pos]
+
 
 @dataclasses.dataclass(frozen=True)
 class OneHot(SimplifierConfig):

@@ -34,6 +34,7 @@ from illusions.simplifiers.kmeans import (
     CentroidHook,
     centroids_for,
     check_kmeans_fields,
+    cluster_spread,
 )
 from illusions.simplifiers.svd import PCAFit, ProjectionHook, pca
 
@@ -172,8 +173,10 @@ class ResidKMeans(SimplifierConfig):
         inertia = {}
         fit = None
         for name in resid_hook_names(model, targets):
-            fit = centroids_for(self, require(activations, name, self.name), name)
-            hooks.append(CentroidHook(hook_name=name, heads=None, centroids=fit.centroids))
+            x = require(activations, name, self.name)
+            fit = centroids_for(self, x, name)
+            hooks.append(CentroidHook(hook_name=name, heads=None, centroids=fit.centroids,
+                                      spread=cluster_spread(x, fit.centroids)))
             inertia[name] = fit.inertia
         assert fit is not None
         return Proxy(

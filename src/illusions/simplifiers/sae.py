@@ -66,6 +66,7 @@ from illusions.simplifiers.base import (
     Targets,
     check_positive,
     head_rows,
+    off_share,
     register_hook_kind,
     replace_heads,
     require,
@@ -198,6 +199,19 @@ class DictionaryHook(FittedHook):
         x = self.flatten(collected[self.hook_name])
         return x, x
 
+    def new_latent_activation(self, codes: Tensor) -> Tensor:
+        """The summed activation of the latents that never fired on the fitting data, per vector
+        (``sum_{j not in A} f_j(x)``, ``A`` = ``train_active``): 0 on every fitting vector."""
+        never = (~self.train_active.to(codes.device)).to(codes.dtype)  # [d_sae]
+        return codes @ never
+
+    def dictionary_input(self, activation: Tensor) -> Tensor:
+        """The dictionary's input vectors ``[batch, pos, d_in]`` at its hook point (heads flattened)."""
+        if self.heads is None:
+            return activation
+        x = activation[:, :, head_rows(self.heads, activation.shape[2])]  # [batch pos heads d_head]
+        return x.reshape(x.shape[0], x.shape[1], -1)
+
 
 @register_hook_kind
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
@@ -217,6 +231,17 @@ class SAEHook(DictionaryHook):
         batch, pos, heads, d = x.shape
         new = self.forward(x.reshape(batch, pos, heads * d))[0].view(batch, pos, heads, d)
         return replace_heads(activation, rows, new, axis=2)
+
+    def signal_sites(self) -> list[tuple[str, Any]]:
+        """Two signals from the activation ``x`` the SAE reads: ``recon_error``, the share of ``x``
+        the reconstruction misses, ``|x - x_hat| / |x|``, and ``new_latents``, the summed activation
+        of latents never active on the fitting data (:meth:`new_latent_activation`)."""
+        return [(self.hook_name, self.signals)]
+
+    def signals(self, activation: Tensor) -> dict[str, Tensor]:
+        x = self.dictionary_input(activation)
+        out, codes = self.forward(x)
+        return {"recon_error": off_share(x, out), "new_latents": self.new_latent_activation(codes)}
 
 
 @register_hook_kind
@@ -241,6 +266,11 @@ class TranscoderHook(DictionaryHook):
 
     def hook_pairs(self) -> list[tuple[str, Any]]:
         return [(self.input_name, self.read_input), (self.hook_name, self)]
+
+    def signal_sites(self) -> list[tuple[str, Any]]:
+        """``new_latents`` at the MLP's input (:meth:`DictionaryHook.new_latent_activation`). The
+        reconstruction error needs the MLP's true output, which the signal does not compare with."""
+        return [(self.input_name, lambda x: {"new_latents": self.new_latent_activation(self.forward(x)[1])})]
 
     def read_input(self, activation: Tensor, hook: Any = None) -> Tensor:
         self._pending["out"] = self.forward(activation)[0]

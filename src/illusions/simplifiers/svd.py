@@ -30,10 +30,12 @@ from illusions.simplifiers.base import (
     Targets,
     check_positive,
     head_rows,
+    off_share,
     qk_hook_name,
     register_hook_kind,
     replace_heads,
     require,
+    signal_site,
 )
 
 if TYPE_CHECKING:
@@ -142,6 +144,26 @@ class ProjectionHook(FittedHook):
         rows = head_rows(self.heads, activation.shape[2])
         new = torch.einsum("bphd,hde->bphe", activation[:, :, rows], proj) + offset
         return replace_heads(activation, rows, new, axis=2)
+
+    def signal_sites(self) -> list[tuple[str, Any]]:
+        """``offspace_<site>`` (``offspace_q``, ``offspace_k``, ``offspace_resid``): the share of the
+        centred activation outside the kept subspace,
+
+            s(x) = |(x - mean)(I - V V^T)| / |x - mean|   in [0, 1],
+
+        the largest over the targeted heads; 0 at full rank (the projection keeps everything)."""
+        return [(self.hook_name, self.offspace)]
+
+    def offspace(self, activation: Tensor) -> dict[str, Tensor]:
+        proj = self._proj.to(device=activation.device, dtype=activation.dtype)
+        mean = self.mean.to(device=activation.device, dtype=activation.dtype)
+        name = f"offspace_{signal_site(self.hook_name)}"
+        if self.heads is None:
+            centred = activation - mean  # [batch pos d_model]
+            return {name: off_share(centred, centred @ proj)}
+        centred = activation[:, :, head_rows(self.heads, activation.shape[2])] - mean  # [batch pos heads d_head]
+        share = off_share(centred, torch.einsum("bphd,hde->bphe", centred, proj))  # [batch pos heads]
+        return {name: share.amax(-1)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,9 +36,11 @@ from illusions.simplifiers.base import (
     Targets,
     check_positive,
     head_rows,
+    off_share,
     qk_hook_name,
     register_hook_kind,
     replace_heads,
+    signal_site,
 )
 
 if TYPE_CHECKING:
@@ -104,6 +106,16 @@ class LinearMapHook(FittedHook):
         rows = head_rows(self.heads, activation.shape[2])
         new = torch.einsum("bphd,hde->bphe", activation[:, :, rows], matrix)
         return replace_heads(activation, rows, new, axis=2)
+
+    def signal_sites(self) -> list[tuple[str, Any]]:
+        """``offspace_<site>``: the share of the activation the rank-r map does not keep,
+        ``s(x) = |x - x M| / |x|``, the largest over the targeted heads (0 where ``M`` is the identity)."""
+        return [(self.hook_name, self.offspace)]
+
+    def offspace(self, activation: Tensor) -> dict[str, Tensor]:
+        x = activation[:, :, head_rows(self.heads, activation.shape[2])]  # [batch pos heads d_head]
+        kept = torch.einsum("bphd,hde->bphe", x, self.matrix.to(device=x.device, dtype=x.dtype))
+        return {f"offspace_{signal_site(self.hook_name)}": off_share(x, kept).amax(-1)}
 
 
 @dataclasses.dataclass(frozen=True)
