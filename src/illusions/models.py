@@ -1,7 +1,9 @@
 """The one module that builds TransformerLens models, and saves/loads them without pickle.
 
-All TransformerLens construction lives here so that a later move to TransformerLens 4.x (which
-removes ``HookedTransformer``/``HookedTransformerConfig``) touches one file.
+All TransformerLens construction lives here. Under TransformerLens 4 (no ``HookedTransformer``) each
+entry point hands over to :mod:`illusions.backends.tl4`, which builds ``TransformerBridge``s from the
+same files; :func:`illusions.backends.uses_bridge` decides, from what the installed TransformerLens
+offers.
 
 A checkpoint is a directory with two fixed files:
     config.json        {"format": ..., "model": ModelConfig fields, "meta": {...}}
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -117,6 +120,13 @@ def build_model(cfg: ModelConfig, *, seed: int = 0, device: str | torch.device =
     caller's global RNG state is restored afterwards (no global seeding leaks out of the library).
     """
     import torch
+
+    from illusions import backends
+
+    if backends.uses_bridge():
+        from illusions.backends import tl4
+
+        return tl4.build_model(cfg, seed=seed, device=device)
     from transformer_lens import HookedTransformer
 
     htc = hooked_config(cfg, device)
@@ -155,8 +165,15 @@ def save_model(model: HookedTransformer, directory: Path, *, meta: dict[str, Any
     from safetensors.torch import save_file
 
     directory = Path(directory)
+    from illusions import backends
+
     cfg = model_config_of(model)
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    if backends.uses_bridge():  # saved as a HookedTransformer state dict, loadable under either
+        from illusions.backends import tl4
+
+        state = {k: v.cpu().contiguous().clone() for k, v in tl4.tl_state_dict(model).items()}
+    else:
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     with staged_dir(directory, kind=CHECKPOINT) as stage:
         save_file(state, str(stage / WEIGHTS_FILE), metadata={"format": FORMAT})
         atomic_write_json(stage / CONFIG_FILE, {"format": FORMAT, "model": cfg.to_dict(), "meta": meta or {}})
@@ -197,6 +214,12 @@ def load_model(directory: Path, *, device: str | torch.device = "cpu") -> tuple[
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError, ValueError) as exc:
         raise IllusionsError(f"{weights} is not a readable safetensors file ({exc})") from None
+    from illusions import backends
+
+    if backends.uses_bridge():
+        from illusions.backends import tl4
+
+        return tl4.load_state(cfg, state, device=device, source=str(weights)), meta
     model = build_model(cfg, device=device)
     try:
         model.load_state_dict(state, strict=True)
@@ -377,7 +400,10 @@ def hf_hooked_config(hf: Any, *, device: str | torch.device = "cpu") -> Any:
     loaded unprocessed (no LayerNorm folding or centring), so the model computes what the Hugging
     Face model computes.
     """
-    from transformer_lens import HookedTransformerConfig
+    try:
+        from transformer_lens import HookedTransformerConfig
+    except ImportError:  # TransformerLens 4
+        HookedTransformerConfig = None  # noqa: N806
     from transformer_lens.utilities.activation_functions import SUPPORTED_ACTIVATIONS
     from transformer_lens.utilities.hf_utils import get_rotary_pct_from_config
 
@@ -440,6 +466,8 @@ def hf_hooked_config(hf: Any, *, device: str | torch.device = "cpu") -> Any:
         raise IllusionsError(f"no TransformerLens conversion for {arch}; supported: {', '.join(HF_CONVERSIONS)}")
     if kw["act_fn"] not in SUPPORTED_ACTIVATIONS:
         raise refuse(f"activation {kw['act_fn']!r}")
+    if HookedTransformerConfig is None:  # TransformerLens 4: the same fields, read by backends.tl4
+        return types.SimpleNamespace(**kw, original_architecture=arch, device=str(device))
     return HookedTransformerConfig(**kw, original_architecture=arch, default_prepend_bos=False,
                                    device=str(device))
 
@@ -456,9 +484,9 @@ def load_model_folder(folder: ModelFolder, *, device: str | torch.device = "cpu"
         model, _ = load_model(folder.path, device=device)
         return model
     import torch
-    from transformer_lens import HookedTransformer
-    from transformer_lens.pretrained import weight_conversions
     from transformers import AutoModelForCausalLM
+
+    from illusions import backends
 
     with _quiet_transformers():
         try:
@@ -467,6 +495,14 @@ def load_model_folder(folder: ModelFolder, *, device: str | torch.device = "cpu"
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise IllusionsError(f"the weights in {folder.path} could not be loaded ({_first_line(exc)})") from None
     hf.eval()
+    if backends.uses_bridge():
+        from illusions.backends import tl4
+
+        return tl4.load_hf(folder.path, hf, architecture=folder.architecture, d_vocab=folder.d_vocab,
+                           tokenizer=load_tokenizer(folder), device=device)
+    from transformer_lens import HookedTransformer
+    from transformer_lens.pretrained import weight_conversions
+
     convert = getattr(weight_conversions, HF_CONVERSIONS[folder.architecture])
     with torch.no_grad():
         state = convert(hf, folder.hooked)

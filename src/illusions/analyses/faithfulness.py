@@ -23,8 +23,7 @@ from illusions.scoring import gather_scored, iter_batches, restricted_argmax
 from illusions.tasks.base import Split
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
-
+    from illusions.backends import LensModel
     from illusions.simplifiers.base import Proxy, Simplifier
 
 Progress = Callable[[str, int, int], None]
@@ -129,7 +128,7 @@ def select_rows(n: int, limit: int | None, rng: np.random.Generator) -> np.ndarr
 
 
 def analyze(
-    model: HookedTransformer,
+    model: LensModel,
     splits: Mapping[str, Split],
     simplifiers: Sequence[Simplifier],
     *,
@@ -192,7 +191,7 @@ def analyze(
 
 
 def fit_proxies(
-    model: HookedTransformer,
+    model: LensModel,
     split: Split,
     rows: np.ndarray,
     simplifiers: Sequence[Simplifier],
@@ -242,7 +241,7 @@ def fit_proxies(
 
 
 def evaluate_split(
-    model: HookedTransformer,
+    model: LensModel,
     split: Split,
     rows: np.ndarray,
     proxies: Sequence[Proxy],
@@ -253,17 +252,21 @@ def evaluate_split(
     """Run the original model once over ``rows`` of a split and every proxy against it.
 
     Each proxy runs from its first simplified layer (``start_at_layer``) on the original residual
-    stream cached at that layer, so the shared prefix is computed once per batch for all proxies.
+    stream cached at that layer, so the shared prefix is computed once per batch for all proxies; a
+    model that cannot start at a layer (:func:`illusions.backends.runs_from_layer`) runs each proxy's
+    whole forward pass instead.
     Everything runs on the model's device; only the per-position records come back to the CPU.
     """
     import torch
 
+    from illusions.backends import runs_from_layer
     from illusions.devices import float64_device
 
     device = torch.device(model.cfg.device)
     f64 = float64_device(device)  # KL and JSD are float64: on the CPU for MPS
 
-    first_layers = sorted({p.first_layer for p in proxies})
+    from_layer = runs_from_layer(model)  # False on TransformerLens 3.9's bridge: whole forward passes
+    first_layers = sorted({p.first_layer for p in proxies}) if from_layer else []
     pattern_layers = sorted({layer for p in proxies for layer, _ in p.heads})
     cache_names = [f"blocks.{layer}.hook_resid_pre" for layer in first_layers] + [
         f"blocks.{layer}.attn.hook_pattern" for layer in pattern_layers
@@ -289,12 +292,15 @@ def evaluate_split(
                 capture_hooks = [
                     (f"blocks.{layer}.attn.hook_pattern", _capture(captured, layer)) for layer in layers
                 ]
-                resid = cache[f"blocks.{proxy.first_layer}.hook_resid_pre"]
-                proxy_logits_full = model.run_with_hooks(
-                    resid,
-                    start_at_layer=proxy.first_layer,
-                    fwd_hooks=list(proxy.fwd_hooks) + capture_hooks,
-                )
+                if from_layer:
+                    resid = cache[f"blocks.{proxy.first_layer}.hook_resid_pre"]
+                    proxy_logits_full = model.run_with_hooks(
+                        resid,
+                        start_at_layer=proxy.first_layer,
+                        fwd_hooks=list(proxy.fwd_hooks) + capture_hooks,
+                    )
+                else:  # the same prefix, recomputed: no hook acts below first_layer
+                    proxy_logits_full = model.run_with_hooks(tokens, fwd_hooks=list(proxy.fwd_hooks) + capture_hooks)
                 proxy_logits = gather_scored(proxy_logits_full, sc)
                 jsd = torch.full((len(sc),), float("nan"), dtype=torch.float64, device=f64)
                 if proxy.heads:

@@ -31,8 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
-
+    from illusions.backends import LensModel
     from illusions.metrics import Resampler
     from illusions.simplifiers.base import Proxy
     from illusions.tasks.base import Split
@@ -97,7 +96,7 @@ def dictionary_hooks(proxy: Proxy) -> list[Any]:
 
 
 def sparse_stats(
-    model: HookedTransformer,
+    model: LensModel,
     split: Split,
     rows: np.ndarray,
     proxies: Sequence[Proxy],

@@ -18,7 +18,8 @@ import numpy as np
 if TYPE_CHECKING:
     from jaxtyping import Float
     from torch import Tensor
-    from transformer_lens import HookedTransformer
+
+    from illusions.backends import LensModel
 
 # Patterns are stored as integers in units of 1/SCALE (three decimals).
 SCALE = 1000
@@ -81,7 +82,7 @@ def choose_example(split: str, records: Any) -> ExampleChoice | None:
 
 
 def head_patterns(
-    model: HookedTransformer,
+    model: LensModel,
     tokens: np.ndarray,
     heads: Sequence[tuple[int, int]],
     fwd_hooks: Sequence[tuple[str, Any]] = (),
@@ -145,7 +146,7 @@ class AttentionExample:
 
 
 def build_examples(
-    model: HookedTransformer,
+    model: LensModel,
     splits: Mapping[str, Any],
     records: Mapping[str, Any],
     proxy: Any,

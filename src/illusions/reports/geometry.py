@@ -17,8 +17,7 @@ import numpy as np
 from illusions.reports.plots import ScatterPanel
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
-
+    from illusions.backends import LensModel
     from illusions.tasks.base import Split
 
 
@@ -61,7 +60,7 @@ def _subsample(n: int, limit: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def qk_panels(
-    model: HookedTransformer,
+    model: LensModel,
     fit: Split,
     ood: Split,
     heads: Sequence[tuple[int, int]],

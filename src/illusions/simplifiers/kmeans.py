@@ -40,7 +40,7 @@ from illusions.simplifiers.base import (
 from illusions.simplifiers.svd import qk_hook_name, require
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from illusions.backends import LensModel
 
 MINIBATCH_ABOVE = 100_000
 MINIBATCH_SIZE = 4096
@@ -194,7 +194,7 @@ class KMeans(SimplifierConfig):
         check_positive(self.max_iter, "max_iter")
         check_positive(self.minibatch_above, "minibatch_above")
 
-    def hook_names(self, model: HookedTransformer) -> list[str]:
+    def hook_names(self, model: LensModel) -> list[str]:
         targets = self.targets.resolve(model)
         return [qk_hook_name(layer, side) for layer in targets.layers for side in targets.qk]
 
@@ -204,7 +204,7 @@ class KMeans(SimplifierConfig):
             minibatch_above=self.minibatch_above, where=where,
         )
 
-    def fit(self, model: HookedTransformer, activations: dict[str, Tensor]) -> Proxy:
+    def fit(self, model: LensModel, activations: dict[str, Tensor]) -> Proxy:
         targets = self.targets.resolve(model)
         hooks = []
         inertia: dict[str, list[float]] = {}

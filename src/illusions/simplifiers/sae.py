@@ -73,7 +73,7 @@ from illusions.simplifiers.resid import resid_heads, resid_hook_names
 from illusions.simplifiers.svd import require
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from illusions.backends import LensModel
 
 ARCHITECTURES = ("standard", "topk", "jumprelu")
 SITES = ("resid", "z")
@@ -499,7 +499,7 @@ def saved_metadata(path: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- the simplifiers
 
 
-def mlp_input_name(model: HookedTransformer, layer: int) -> str:
+def mlp_input_name(model: LensModel, layer: int) -> str:
     """The MLP's input in block ``layer``: after its LayerNorm when there is one."""
     name = f"blocks.{layer}.ln2.hook_normalized"
     return name if name in model.hook_dict else f"blocks.{layer}.hook_resid_mid"
@@ -571,10 +571,10 @@ class _Dictionary(SimplifierConfig):
                                  f"{', '.join(mine)}")
 
     # Subclasses: where the dictionary acts in each targeted layer.
-    def _sites(self, model: HookedTransformer, targets: ResolvedTargets) -> list[dict[str, Any]]:
+    def _sites(self, model: LensModel, targets: ResolvedTargets) -> list[dict[str, Any]]:
         raise NotImplementedError
 
-    def _attention_heads(self, model: HookedTransformer, targets: ResolvedTargets) -> tuple[tuple[int, int], ...]:
+    def _attention_heads(self, model: LensModel, targets: ResolvedTargets) -> tuple[tuple[int, int], ...]:
         """Heads of the first attention layer that reads what the dictionary replaced."""
         after = {layer + 1 for layer in targets.layers}
         return tuple((layer, head) for layer in sorted(after) if layer < model.cfg.n_layers
@@ -583,11 +583,11 @@ class _Dictionary(SimplifierConfig):
     def _params(self, targets: ResolvedTargets, width: int) -> dict[str, Any]:
         raise NotImplementedError
 
-    def hook_names(self, model: HookedTransformer) -> list[str]:
+    def hook_names(self, model: LensModel) -> list[str]:
         targets = self.targets.resolve(model)
         return list(dict.fromkeys(name for site in self._sites(model, targets) for name in site["collect"]))
 
-    def fit(self, model: HookedTransformer, activations: dict[str, Tensor]) -> Proxy:
+    def fit(self, model: LensModel, activations: dict[str, Tensor]) -> Proxy:
         targets = self.targets.resolve(model)
         sites = self._sites(model, targets)
         if self.sae_from and len(sites) > 1:
@@ -687,7 +687,7 @@ class SAE(_Dictionary):
             raise IllusionsError("heads apply to the attention-output site (site z); a residual-stream SAE "
                                  "reads whole vectors")
 
-    def _sites(self, model: HookedTransformer, targets: ResolvedTargets) -> list[dict[str, Any]]:
+    def _sites(self, model: LensModel, targets: ResolvedTargets) -> list[dict[str, Any]]:
         if self.site == "resid":
             names = resid_hook_names(model, targets)
             return [{"layer": layer, "hook": name, "input": name, "collect": [name], "heads": None, "flatten": lambda a: a, "out_width": model.cfg.d_model}
@@ -702,7 +702,7 @@ class SAE(_Dictionary):
                         "flatten": lambda a, h=heads: a[:, list(h)].reshape(a.shape[0], -1)})
         return out
 
-    def _attention_heads(self, model: HookedTransformer, targets: ResolvedTargets) -> tuple[tuple[int, int], ...]:
+    def _attention_heads(self, model: LensModel, targets: ResolvedTargets) -> tuple[tuple[int, int], ...]:
         if self.site == "resid":
             return resid_heads(model, targets)
         return super()._attention_heads(model, targets)
@@ -724,7 +724,7 @@ class Transcoder(_Dictionary):
     name: ClassVar[str] = "transcoder"
     target_keys: ClassVar[tuple[str, ...]] = ("layers",)
 
-    def _sites(self, model: HookedTransformer, targets: ResolvedTargets) -> list[dict[str, Any]]:
+    def _sites(self, model: LensModel, targets: ResolvedTargets) -> list[dict[str, Any]]:
         if model.cfg.attn_only or not model.cfg.d_mlp:
             raise IllusionsError("this model is attention-only: there is no MLP for a transcoder to replace")
         saved = saved_metadata(self.sae_from).get("hook_name") if self.sae_from else None
