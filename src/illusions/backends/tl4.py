@@ -46,7 +46,7 @@ def _check_supported(cfg: Any) -> None:
 def bridge_config(cfg: Any, *, device: str | torch.device = "cpu", seed: int | None = None) -> Any:
     """The ``TransformerBridgeConfig`` of a :class:`~illusions.models.ModelConfig` (the same fields
     :func:`illusions.models.hooked_config` gives ``HookedTransformerConfig``)."""
-    from transformer_lens import TransformerBridgeConfig
+    from transformer_lens.config import TransformerBridgeConfig
 
     _check_supported(cfg)
     norm = None if cfg.normalization == "none" else cfg.normalization
@@ -61,7 +61,7 @@ def bridge_config(cfg: Any, *, device: str | torch.device = "cpu", seed: int | N
 
 def _boot(cfg: Any, device: str | torch.device, seed: int | None) -> Any:
     import torch
-    from transformer_lens import TransformerBridge
+    from transformer_lens.model_bridge import TransformerBridge
 
     # Without a seed the native model takes torch's default initialisation from the global RNG (the
     # weights are then replaced); the fork keeps the caller's RNG state as it was.
@@ -182,7 +182,7 @@ def load_hf(path: Path, hf: Any, *, architecture: str, d_vocab: int, tokenizer: 
             device: str | torch.device = "cpu") -> Any:
     """The bridge of a Hugging Face model ``hf`` already loaded from ``path`` (offline, safetensors),
     in compatibility mode without weight processing, eval mode."""
-    from transformer_lens import TransformerBridge
+    from transformer_lens.model_bridge import TransformerBridge
 
     hf = _ungroup(hf)
     with warnings.catch_warnings():

@@ -89,9 +89,15 @@ _CHUNK = 8192  # rows per pass when encoding many vectors (bounds the [rows, d_s
 
 def require_sae_lens() -> Any:
     """The ``sae_lens`` module, or one clear error saying how to install it."""
+    from illusions import backends
+
     try:
         import sae_lens
     except ImportError:
+        if backends.uses_bridge():  # SAELens 6 requires transformer-lens<4 and fails to import on 4.x
+            raise IllusionsError("the sae and transcoder simplifiers need SAELens 6, which does not run on "
+                                 "TransformerLens 4 (installed here, illusions[tl4]); use an environment "
+                                 "with pip install 'illusions[sae]' (TransformerLens 3.9)") from None
         raise IllusionsError("the sae and transcoder simplifiers need SAELens 6: "
                              "pip install 'illusions[sae]' (sae-lens>=6,<7)") from None
     return sae_lens
@@ -584,6 +590,7 @@ class _Dictionary(SimplifierConfig):
         raise NotImplementedError
 
     def hook_names(self, model: LensModel) -> list[str]:
+        require_sae_lens()  # before any activation is collected
         targets = self.targets.resolve(model)
         return list(dict.fromkeys(name for site in self._sites(model, targets) for name in site["collect"]))
 
