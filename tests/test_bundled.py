@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformer_lens import HookedTransformer
 
 from illusions.bundled import (
     LOG_FILE,
@@ -51,7 +50,10 @@ def test_trained_by_exactly_the_repository_recipe():
     assert meta["task"]["config"] == recipe.task.to_dict()
 
 
+@pytest.mark.tl3
 def test_loads_into_a_plain_hooked_transformer_with_identical_logits():
+    from transformer_lens import HookedTransformer
+
     model, meta = load_bundled("dyck")
     assert type(model) is HookedTransformer
     fresh = build_model(read_checkpoint_config(bundled_model_dir("dyck"))[0], seed=123)

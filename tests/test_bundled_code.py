@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformer_lens import HookedTransformer
 from typer.testing import CliRunner
 
 from illusions.bundled import (
@@ -57,7 +57,7 @@ SNIPPET_CORRECT = 164  # of 223 characters
 SNIPPET_LOSS = 0.9723
 
 
-def _snippet_figures(model: HookedTransformer, vocab: list[str]) -> tuple[int, float]:
+def _snippet_figures(model: Any, vocab: list[str]) -> tuple[int, float]:
     """Top-1 next-character hits over the whole snippet and its mean loss in nats."""
     index = {t: i for i, t in enumerate(vocab)}
     ids = [index["<bos>"]] + [index.get(c, index["<unk>"]) for c in SNIPPET]
@@ -91,7 +91,10 @@ def test_trained_by_exactly_the_repository_recipe():
     assert len(meta["task"]["vocab"]) == cfg.d_vocab
 
 
+@pytest.mark.tl3
 def test_loads_into_a_plain_hooked_transformer_with_identical_logits():
+    from transformer_lens import HookedTransformer
+
     model, meta = load_bundled("code")
     assert type(model) is HookedTransformer
     fresh = build_model(read_checkpoint_config(bundled_model_dir("code"))[0], seed=123)

@@ -164,6 +164,7 @@ def test_weight_svd_scores_equal_the_explicit_rank_r_form(tiny_model, tiny_token
     x = clean[names[0]]  # [batch pos d_model], the attention input
     x1 = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1).double()  # [batch pos d_model+1]
     causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
+    scale = getattr(attn, "attn_scale", None) or tiny_model.cfg.d_head**0.5  # a TransformerBridge has no attn_scale
     for qk in ("q", "k", "qk"):
         proxy = WeightSVD(rank=rank, targets=Targets(layers=(layer,), heads=heads, qk=qk)).fit(tiny_model)
         with tiny_model.hooks(fwd_hooks=proxy.fwd_hooks):
@@ -177,9 +178,9 @@ def test_weight_svd_scores_equal_the_explicit_rank_r_form(tiny_model, tiny_token
             w_k = torch.cat([attn.W_K[h], attn.b_K[h][None]]).double()
             u, s, vh = torch.linalg.svd(w_q @ w_k.T)  # the (d_model+1)^2 bilinear form
             form = u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]
-            explicit = x1 @ form @ x1.transpose(1, 2) / attn.attn_scale  # [batch pos pos]
+            explicit = x1 @ form @ x1.transpose(1, 2) / scale  # [batch pos pos]
             torch.testing.assert_close(scores[:, h][:, causal], explicit[:, causal].float(), atol=1e-4, rtol=1e-4)
-            full = x1 @ w_q @ w_k.T @ x1.transpose(1, 2) / attn.attn_scale
+            full = x1 @ w_q @ w_k.T @ x1.transpose(1, 2) / scale
             assert (full - explicit)[:, causal].abs().max() > 1e-2  # the truncation did something
 
 

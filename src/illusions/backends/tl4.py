@@ -68,7 +68,19 @@ def _boot(cfg: Any, device: str | torch.device, seed: int | None) -> Any:
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         bridge = TransformerBridge.boot_native(bridge_config(cfg, device=device, seed=seed), device=str(device))
+        _train_unembed_bias(bridge)
     return bridge
+
+
+def _train_unembed_bias(bridge: Any) -> None:
+    """Make the unembedding bias a parameter, as ``HookedTransformer``'s ``b_U`` is (the native bridge
+    keeps it as a zero buffer), so training updates the same weights under either TransformerLens."""
+    import torch
+
+    head = bridge.unembed._original_component
+    bias = head._buffers.pop("bias", None)
+    if bias is not None:
+        head.bias = torch.nn.Parameter(bias.clone())
 
 
 def build_model(cfg: Any, *, seed: int, device: str | torch.device = "cpu") -> Any:
@@ -87,20 +99,26 @@ def load_state(cfg: Any, state: dict[str, torch.Tensor], *, device: str | torch.
     Raises:
         IllusionsError: when the state dict does not fit ``cfg`` (a missing, extra or misshapen tensor).
     """
+    model = _boot(cfg, device, None)
+    load_weights(model, state, source=source)
+    model.eval()
+    return model
+
+
+def load_weights(model: Any, state: dict[str, torch.Tensor], *, source: str = "the checkpoint") -> None:
+    """Load a ``HookedTransformer`` state dict into a native bridge in place, strictly (TransformerLens'
+    ``convert_tl_checkpoint``; the two attention buffers HookedTransformer saves are not weights)."""
     from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
 
-    model = _boot(cfg, device, None)
-    tl_cfg = model.cfg
+    device = next(model.parameters()).device
     weights = {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] not in _HT_BUFFERS}
     try:
-        converted = convert_tl_checkpoint(weights, tl_cfg)
+        converted = convert_tl_checkpoint(weights, model.cfg)
         model.load_state_dict({k: v.to(device) for k, v in converted.items()}, strict=True)
     except (RuntimeError, ValueError, KeyError) as exc:
         lines = str(exc).strip().splitlines()
         detail = " ".join(line.strip() for line in lines[:3])
         raise IllusionsError(f"{source} does not match its config: {detail}") from None
-    model.eval()
-    return model
 
 
 def tl_state_dict(model: Any) -> dict[str, torch.Tensor]:
