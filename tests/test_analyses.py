@@ -173,19 +173,19 @@ def _records(agree: np.ndarray, length: np.ndarray):
 
 
 def test_length_matched_control_reweights_reference_strata():
-    from illusions.analyses.summary import METRICS, _gaps, _matrix, _reference
+    from illusions.analyses.summary import METRICS, _gaps, _matrix, _reference, _Strata
     from illusions.metrics import Resampler
 
     # Reference: short strings (bin 0) never agree, long ones (bin 1) always; 30 short, 10 long.
     ref_rec = _records(np.r_[np.zeros(30, bool), np.ones(10, bool)], np.r_[np.full(30, 5), np.full(10, 15)])
     edges = np.array([0, 10, 20])
-    ref = _reference(ref_rec, Resampler.draw(40, np.random.default_rng(0), n_boot=200), edges)
+    strata = _Strata(("length",), (), {"length": edges})
+    ref = _reference(ref_rec, Resampler.draw(40, np.random.default_rng(0), n_boot=200), strata)
     # The split: a quarter short, three quarters long, always agreeing.
     rec = _records(np.ones(20, bool), np.r_[np.full(5, 5), np.full(15, 15)])
     sampler = Resampler.draw(20, np.random.default_rng(1), n_boot=200)
     points, reps = sampler.grouped(_matrix(rec), rec.seq, np.zeros(20, np.int64), 1)
-    gaps = _gaps(points[0], reps[:, 0], ref, np.digitize(rec.meta["length"], edges[1:-1]), 2, sampler,
-                 _matrix(rec), rec.seq)
+    gaps = _gaps(points[0], reps[:, 0], ref, ref.ids(strata.codes(rec)), sampler, _matrix(rec), rec.seq)
     k = METRICS.index("agreement")
     assert gaps["gap_vs_ref"][k] == pytest.approx(1.0 - 0.25)  # raw reference mean is 10/40
     # Re-weighted to the split's 25/75 lengths the control is 0.75, exact in every replicate.
@@ -200,6 +200,7 @@ def test_length_matched_gap_leaves_uncovered_bins_out_of_both_sides():
         _gaps,
         _matrix,
         _reference,
+        _Strata,
         excluded_share,
         to_json,
     )
@@ -209,12 +210,12 @@ def test_length_matched_gap_leaves_uncovered_bins_out_of_both_sides():
     # agreeing, and 10 long ones (bin 1, absent from the reference), none agreeing.
     ref_rec = _records(np.ones(30, bool), np.full(30, 5))
     edges = np.array([0, 10, 20])
-    ref = _reference(ref_rec, Resampler.draw(30, np.random.default_rng(0), n_boot=200), edges)
+    strata = _Strata(("length",), (), {"length": edges})
+    ref = _reference(ref_rec, Resampler.draw(30, np.random.default_rng(0), n_boot=200), strata)
     rec = _records(np.r_[np.ones(10, bool), np.zeros(10, bool)], np.r_[np.full(10, 5), np.full(10, 15)])
     sampler = Resampler.draw(20, np.random.default_rng(1), n_boot=200)
     points, reps = sampler.grouped(_matrix(rec), rec.seq, np.zeros(20, np.int64), 1)
-    gaps = _gaps(points[0], reps[:, 0], ref, np.digitize(rec.meta["length"], edges[1:-1]), 2, sampler,
-                 _matrix(rec), rec.seq)
+    gaps = _gaps(points[0], reps[:, 0], ref, ref.ids(strata.codes(rec)), sampler, _matrix(rec), rec.seq)
     k = METRICS.index("agreement")
     assert gaps["gap_vs_ref"][k] == pytest.approx(-0.5)  # raw: the long half pulls the split down
     # Matched: short against short on both sides, so no gap (it was -0.5 when the split's side kept

@@ -205,6 +205,7 @@ def test_parallel_workers_write_the_same_runs_as_one_process(env, tmp_path):
         assert (a.out / "metrics.csv").read_bytes() == (b.out / "metrics.csv").read_bytes()
 
 
+@pytest.mark.sae
 def test_sparse_dictionary_recipe_feeds_its_claims_and_tables(env, tmp_path):
     pytest.importorskip("sae_lens", reason="the sae simplifier needs sae-lens (pip install '.[sae]')")
     _, assets, _ = env

@@ -20,6 +20,7 @@ from illusions.registry import make_simplifier
 from illusions.simplifiers import SAE, Proxy, Targets, Transcoder, fit_proxy
 from illusions.simplifiers.sae import SAEHook, TranscoderHook
 
+pytestmark = pytest.mark.sae
 sae_lens = pytest.importorskip("sae_lens", reason="the sae/transcoder simplifiers need sae-lens (pip install '.[sae]')")
 
 # Enough steps for a no-sparsity dictionary to become (almost) the identity on the tiny model.

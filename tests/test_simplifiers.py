@@ -157,17 +157,33 @@ def test_weight_svd_scores_equal_the_explicit_rank_r_form(tiny_model, tiny_token
     layer, heads, rank = 1, (0, 2), 2
     attn = tiny_model.blocks[layer].attn
     with torch.no_grad():  # TransformerLens initialises biases to zero; trained ones are not
-        attn.b_Q.normal_(generator=torch_gen)
-        attn.b_K.normal_(generator=torch_gen)
+        if hasattr(attn, "q"):  # a TransformerBridge: b_Q/b_K are per-head copies of q.bias/k.bias
+            attn.q.bias.normal_(generator=torch_gen)
+            attn.k.bias.normal_(generator=torch_gen)
+        else:
+            attn.b_Q.normal_(generator=torch_gen)
+            attn.b_K.normal_(generator=torch_gen)
     names = [f"blocks.{layer}.ln1.hook_normalized", f"blocks.{layer}.attn.hook_attn_scores"]
-    _, clean = tiny_model.run_with_cache(tiny_tokens, names_filter=names)
+
+    def run_with_scores() -> dict[str, torch.Tensor]:
+        if not hasattr(attn, "q"):
+            return tiny_model.run_with_cache(tiny_tokens, names_filter=names)[1]
+        # TransformerLens 4.3's native bridge fires hook_attn_scores with the pattern, so the scores
+        # are worked out from the queries and keys the (hooked) model computed.
+        qk_names = [f"blocks.{layer}.attn.hook_q", f"blocks.{layer}.attn.hook_k"]
+        _, got = tiny_model.run_with_cache(tiny_tokens, names_filter=[names[0], *qk_names])
+        scores = torch.einsum("bqhd,bkhd->bhqk", got[qk_names[0]], got[qk_names[1]]) / tiny_model.cfg.d_head**0.5
+        return {names[0]: got[names[0]], names[1]: scores}
+
+    clean = run_with_scores()
     x = clean[names[0]]  # [batch pos d_model], the attention input
     x1 = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1).double()  # [batch pos d_model+1]
     causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
+    scale = getattr(attn, "attn_scale", None) or tiny_model.cfg.d_head**0.5  # a TransformerBridge has no attn_scale
     for qk in ("q", "k", "qk"):
         proxy = WeightSVD(rank=rank, targets=Targets(layers=(layer,), heads=heads, qk=qk)).fit(tiny_model)
         with tiny_model.hooks(fwd_hooks=proxy.fwd_hooks):
-            _, cache = tiny_model.run_with_cache(tiny_tokens, names_filter=names)
+            cache = run_with_scores()
         scores = cache[names[1]]
         for h in range(tiny_model.cfg.n_heads):
             if h not in heads:
@@ -177,9 +193,9 @@ def test_weight_svd_scores_equal_the_explicit_rank_r_form(tiny_model, tiny_token
             w_k = torch.cat([attn.W_K[h], attn.b_K[h][None]]).double()
             u, s, vh = torch.linalg.svd(w_q @ w_k.T)  # the (d_model+1)^2 bilinear form
             form = u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]
-            explicit = x1 @ form @ x1.transpose(1, 2) / attn.attn_scale  # [batch pos pos]
+            explicit = x1 @ form @ x1.transpose(1, 2) / scale  # [batch pos pos]
             torch.testing.assert_close(scores[:, h][:, causal], explicit[:, causal].float(), atol=1e-4, rtol=1e-4)
-            full = x1 @ w_q @ w_k.T @ x1.transpose(1, 2) / attn.attn_scale
+            full = x1 @ w_q @ w_k.T @ x1.transpose(1, 2) / scale
             assert (full - explicit)[:, causal].abs().max() > 1e-2  # the truncation did something
 
 

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     import numpy as np
     from jaxtyping import Bool, Int
     from torch import Tensor
-    from transformer_lens import HookedTransformer
+
+    from illusions.backends import LensModel
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 # Hooks that run before block 0: collecting only these needs the embedding and nothing else.
@@ -39,7 +40,7 @@ def hook_layer(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def check_hook_names(model: HookedTransformer, names: list[str] | tuple[str, ...]) -> None:
+def check_hook_names(model: LensModel, names: list[str] | tuple[str, ...]) -> None:
     """Raise :class:`IllusionsError` unless every name is a hook point of ``model``.
 
     The message names the closest valid hooks, so ``blocks.1.attn.hook_query`` points at
@@ -89,7 +90,7 @@ def as_mask(tokens: Int[Tensor, "batch pos"], lengths_or_mask: Any) -> Bool[Tens
     return mask
 
 
-def stop_layer(model: HookedTransformer, names: list[str] | tuple[str, ...]) -> int | None:
+def stop_layer(model: LensModel, names: list[str] | tuple[str, ...]) -> int | None:
     """One past the deepest block any of ``names`` lives in (None: the whole model must run)."""
     deepest = -1
     for name in names:
@@ -123,7 +124,7 @@ class _AllCaptured(Exception):
 
 
 def collect(
-    model: HookedTransformer,
+    model: LensModel,
     tokens: Int[Tensor, "batch pos"] | np.ndarray,
     hook_names: list[str] | tuple[str, ...],
     mask: Bool[Tensor, "batch pos"] | Any,
@@ -141,7 +142,7 @@ def collect(
     order of ``tokens`` whatever order the batches ran in.
 
     Args:
-        model: a ``HookedTransformer``; its hooks are left exactly as they were.
+        model: a ``HookedTransformer`` or ``TransformerBridge`` (:class:`illusions.backends.LensModel`); its hooks are left exactly as they were.
         tokens: ``[batch, pos]`` token ids (a numpy array is accepted).
         hook_names: hook points, spelled out (``blocks.1.attn.hook_q``); validated against
             ``model.hook_dict``.
@@ -180,7 +181,7 @@ def collect(
     return _in_row_order(out, mask, order, model.cfg.device)
 
 
-def _check_collect(model: HookedTransformer, names: list[str], *, batch_size: int, max_positions: int | None) -> None:
+def _check_collect(model: LensModel, names: list[str], *, batch_size: int, max_positions: int | None) -> None:
     """Refuse hook names the model lacks or that have no single position axis, and bad batch sizes."""
     check_hook_names(model, names)
     for name in names:
@@ -193,7 +194,7 @@ def _check_collect(model: HookedTransformer, names: list[str], *, batch_size: in
 
 
 def _collect_batches(
-    model: HookedTransformer,
+    model: LensModel,
     tokens: Int[Tensor, "batch pos"],
     mask: Bool[Tensor, "batch pos"],
     names: list[str],
@@ -209,11 +210,16 @@ def _collect_batches(
     captured: dict[str, Tensor] = {}
     keep = mask
 
-    def capture(activation: Tensor, hook: Any) -> None:
-        # [batch, pos, ...] indexed by a [batch, pos] mask -> [n_batch, ...], row-major
-        captured[hook.name] = activation.detach()[keep]  # stays on the model's device
-        if len(captured) == len(names):
-            raise _AllCaptured
+    def capture(name: str) -> Any:
+        # Keyed by the name asked for, not ``hook.name``: a TransformerBridge fires an aliased hook
+        # (``blocks.1.attn.hook_q``) under its own name (``blocks.1.attn.q.hook_out``).
+        def hook_fn(activation: Tensor, hook: Any) -> None:
+            # [batch, pos, ...] indexed by a [batch, pos] mask -> [n_batch, ...], row-major
+            captured[name] = activation.detach()[keep]  # stays on the model's device
+            if len(captured) == len(names):
+                raise _AllCaptured
+
+        return hook_fn
 
     parts: dict[str, list[Tensor]] = {name: [] for name in names}
     with torch.no_grad():
@@ -224,7 +230,7 @@ def _collect_batches(
             keep = mask[rows, :width].to(device)
             captured.clear()
             try:
-                with model.hooks(fwd_hooks=[(name, capture) for name in names]):
+                with model.hooks(fwd_hooks=[(name, capture(name)) for name in names]):
                     model(tokens[rows, :width].to(device), stop_at_layer=stop)
             except _AllCaptured:
                 pass

@@ -1,7 +1,9 @@
 """The one module that builds TransformerLens models, and saves/loads them without pickle.
 
-All TransformerLens construction lives here so that a later move to TransformerLens 4.x (which
-removes ``HookedTransformer``/``HookedTransformerConfig``) touches one file.
+All TransformerLens construction lives here. Under TransformerLens 4 (no ``HookedTransformer``) each
+entry point hands over to :mod:`illusions.backends.tl4`, which builds ``TransformerBridge``s from the
+same files; :func:`illusions.backends.uses_bridge` decides, from what the installed TransformerLens
+offers.
 
 A checkpoint is a directory with two fixed files:
     config.json        {"format": ..., "model": ModelConfig fields, "meta": {...}}
@@ -31,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -138,6 +141,13 @@ def build_model(cfg: ModelConfig, *, seed: int = 0, device: str | torch.device =
     caller's global RNG state is restored afterwards (no global seeding leaks out of the library).
     """
     import torch
+
+    from illusions import backends
+
+    if backends.uses_bridge():
+        from illusions.backends import tl4
+
+        return tl4.build_model(cfg, seed=seed, device=device)
     from transformer_lens import HookedTransformer
 
     htc = hooked_config(cfg, device)
@@ -176,8 +186,15 @@ def save_model(model: HookedTransformer, directory: Path, *, meta: dict[str, Any
     from safetensors.torch import save_file
 
     directory = Path(directory)
+    from illusions import backends
+
     cfg = model_config_of(model)
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    if backends.uses_bridge():  # saved as a HookedTransformer state dict, loadable under either
+        from illusions.backends import tl4
+
+        state = {k: v.cpu().contiguous().clone() for k, v in tl4.tl_state_dict(model).items()}
+    else:
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     with staged_dir(directory, kind=CHECKPOINT) as stage:
         save_file(state, str(stage / WEIGHTS_FILE), metadata={"format": FORMAT})
         atomic_write_json(stage / CONFIG_FILE, {"format": FORMAT, "model": cfg.to_dict(), "meta": meta or {}})
@@ -224,20 +241,35 @@ def load_model(directory: Path, *, device: str | torch.device = "cpu") -> tuple[
     found = read_safetensors_header(weights, data)
     what = f"the model of {directory / CONFIG_FILE}"
     check_values_fit(weights, found, cfg, what)
+    from illusions import backends
+
+    bridge = backends.uses_bridge()  # TransformerLens 4: checked in TL format, converted by backends.tl4
     model = build_model(cfg, device=device)
-    expected = {k: (tuple(v.shape), v.is_floating_point()) for k, v in model.state_dict().items()}
+    if bridge:
+        from illusions.backends import tl4
+
+        reference = tl4.tl_state_dict(model)
+        parameters = [k for k in reference if not k.endswith(("IGNORE", ".mask"))]
+    else:
+        reference = model.state_dict()
+        parameters = list(dict(model.named_parameters()))
+    expected = {k: (tuple(v.shape), v.is_floating_point()) for k, v in reference.items()}
     check_tensors(weights, found, expected, model=what)
     import torch
 
     state = tensors_of(weights, data)
-    parameters = dict(model.named_parameters())
     check_finite(weights, state, parameters)
     # Fixed buffers (the attention's IGNORE value, rotary tables) are not learned: they must be the
     # values the config gives, or the model would compute something else than the one trained.
-    for name, buffer in model.state_dict().items():
-        if name not in parameters and not torch.equal(state[name].to(buffer.device), buffer):
+    learned = set(parameters)
+    for name, buffer in reference.items():
+        if name not in learned and not torch.equal(state[name].to(buffer.device), buffer):
             raise IllusionsError(f"{weights}: the fixed buffer {name} differs from the value its config gives; "
                                  "the file was changed")
+    if bridge:
+        model = tl4.load_state(cfg, state, device=device, source=str(weights))
+        remember_sha256(model, {WEIGHTS_FILE: digest})
+        return model, meta
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -564,7 +596,10 @@ def hf_hooked_config(hf: Any, *, device: str | torch.device = "cpu") -> Any:
     unprocessed (no LayerNorm folding or centring), so the model computes what the Hugging Face
     model computes.
     """
-    from transformer_lens import HookedTransformerConfig
+    try:
+        from transformer_lens import HookedTransformerConfig
+    except ImportError:  # TransformerLens 4
+        HookedTransformerConfig = None  # noqa: N806
     from transformer_lens.utilities.activation_functions import SUPPORTED_ACTIVATIONS
     from transformer_lens.utilities.hf_utils import get_rotary_pct_from_config
 
@@ -637,6 +672,8 @@ def hf_hooked_config(hf: Any, *, device: str | torch.device = "cpu") -> Any:
         raise IllusionsError(f"no TransformerLens conversion for {arch}; supported: {', '.join(HF_CONVERSIONS)}")
     if kw["act_fn"] not in SUPPORTED_ACTIVATIONS:
         raise refuse(f"activation {kw['act_fn']!r}")
+    if HookedTransformerConfig is None:  # TransformerLens 4: the same fields, read by backends.tl4
+        return types.SimpleNamespace(**kw, original_architecture=arch, device=str(device))
     try:
         return HookedTransformerConfig(**kw, original_architecture=arch, default_prepend_bos=False,
                                        device=str(device))
@@ -659,8 +696,6 @@ def load_model_folder(folder: ModelFolder, *, device: str | torch.device = "cpu"
         model, _ = load_model(folder.path, device=device)
         return model
     import torch
-    from transformer_lens import HookedTransformer
-    from transformer_lens.pretrained import weight_conversions
 
     path, arch = folder.path, folder.architecture
     files = {p.name for p in path.iterdir()}
@@ -697,6 +732,13 @@ def load_model_folder(folder: ModelFolder, *, device: str | torch.device = "cpu"
         hf.load_state_dict(state, strict=True, assign=True)
     except (RuntimeError, ValueError) as exc:
         raise IllusionsError(f"the weights in {path} do not fit its config ({_first_line(exc)})") from None
+    from illusions import backends
+
+    if backends.uses_bridge():  # TransformerLens 4: the checked folder, loaded whole by transformers
+        return _load_hf_bridge(folder, digests, device=device)
+    from transformer_lens import HookedTransformer
+    from transformer_lens.pretrained import weight_conversions
+
     convert = getattr(weight_conversions, HF_CONVERSIONS[arch])
     with torch.no_grad():
         converted = convert(hf, folder.hooked)
@@ -713,6 +755,28 @@ def load_model_folder(folder: ModelFolder, *, device: str | torch.device = "cpu"
         raise IllusionsError(f"the weights in {path} do not fit its config ({_first_line(exc)})") from None
     del hf, state, converted
     model.eval()
+    remember_sha256(model, digests)
+    return model
+
+
+def _load_hf_bridge(folder: ModelFolder, digests: dict[str, str], *, device: str | torch.device) -> Any:
+    """A Hugging Face folder as a TransformerLens 4 bridge, after :func:`load_model_folder` checked every
+    tensor of it: ``transformers`` loads it offline from safetensors (no code of the folder's own:
+    ``trust_remote_code=False``; ``auto_map`` folders were refused before), then the bridge wraps it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from illusions.backends import tl4
+
+    with _quiet_transformers():
+        try:
+            hf = AutoModelForCausalLM.from_pretrained(str(folder.path), local_files_only=True, use_safetensors=True,
+                                                      dtype=torch.float32, trust_remote_code=False)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise IllusionsError(f"the weights in {folder.path} could not be loaded ({_first_line(exc)})") from None
+    hf.eval()
+    model = tl4.load_hf(folder.path, hf, architecture=folder.architecture, d_vocab=folder.d_vocab,
+                        tokenizer=load_tokenizer(folder), device=device)
     remember_sha256(model, digests)
     return model
 

@@ -566,8 +566,15 @@ class Trainer:
         """Load the weights, optimizer state, data order and history of the run in ``out_dir``."""
         from safetensors.torch import load_file
 
+        from illusions import backends
+
         weights = load_file(str(self.out_dir / WEIGHTS_FILE), device=self.device)
-        self.model.load_state_dict(weights, strict=True)
+        if backends.uses_bridge():  # the file holds HookedTransformer names (models.save_model)
+            from illusions.backends import tl4
+
+            tl4.load_weights(self.model, weights, source=str(self.out_dir / WEIGHTS_FILE))
+        else:
+            self.model.load_state_dict(weights, strict=True)
         load_optimizer_tensors(self.opt, self.names, load_file(str(self.out_dir / OPTIMIZER_FILE), device=self.device))
         self.stream.restore(saved["data"])
         self.history = saved["history"]

@@ -24,8 +24,7 @@ from illusions.scoring import gather_scored, iter_batches, restricted_argmax
 from illusions.tasks.base import Split
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
-
+    from illusions.backends import LensModel
     from illusions.simplifiers.base import Proxy, Simplifier
 
 Progress = Callable[[str, int, int], None]
@@ -129,7 +128,7 @@ def select_rows(n: int, limit: int | None, rng: np.random.Generator) -> np.ndarr
 
 
 def analyze(
-    model: HookedTransformer,
+    model: LensModel,
     splits: Mapping[str, Split],
     simplifiers: Sequence[Simplifier],
     *,
@@ -241,7 +240,7 @@ def hook_names_of(proxy: Any) -> list[str]:
     return list(dict.fromkeys(name for name, _ in proxy.fwd_hooks))
 
 
-def check_hooks(model: HookedTransformer, proxy: Any) -> None:
+def check_hooks(model: LensModel, proxy: Any) -> None:
     """Raise unless the proxy has hooks and each is a hook point of ``model`` (the nearest valid names
     are suggested)."""
     from illusions.activations import check_hook_names
@@ -252,7 +251,7 @@ def check_hooks(model: HookedTransformer, proxy: Any) -> None:
     check_hook_names(model, names)
 
 
-def start_layer(model: HookedTransformer, hook_names: Sequence[str]) -> int | None:
+def start_layer(model: LensModel, hook_names: Sequence[str]) -> int | None:
     """The block a proxy's forward pass can start at, from its hook names alone: the earliest block
     any hook lives in, or None (a full forward pass from the tokens) when a hook lies outside the
     blocks (``hook_embed``, ``hook_pos_embed``, ``ln_final.*``) or the model cannot start part-way.
@@ -260,22 +259,18 @@ def start_layer(model: HookedTransformer, hook_names: Sequence[str]) -> int | No
     The one place that asks whether a model takes ``start_at_layer`` (a backend without it runs
     every proxy from the tokens: slower, the same numbers).
     """
-    import inspect
-
     from illusions.activations import hook_layer
+    from illusions.backends import runs_from_layer
 
     layers = [hook_layer(name) for name in hook_names]
     if not layers or any(layer is None for layer in layers):
         return None
-    try:
-        takes_start = "start_at_layer" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        takes_start = False
-    return min(layers) if takes_start else None  # type: ignore[type-var]
+    # Probed once per model (TransformerLens 3.9's bridge has the argument but raises).
+    return min(layers) if runs_from_layer(model) else None  # type: ignore[type-var]
 
 
 def fit_proxies(
-    model: HookedTransformer,
+    model: LensModel,
     split: Split | None,
     rows: np.ndarray,
     simplifiers: Sequence[Simplifier],
@@ -326,7 +321,7 @@ def fit_proxies(
 
 
 def refine_proxies(
-    model: HookedTransformer,
+    model: LensModel,
     split: Split,
     rows: np.ndarray,
     simplifiers: Sequence[Simplifier],
@@ -341,7 +336,7 @@ def refine_proxies(
             if hasattr(s, "refine") else p for s, p in zip(simplifiers, proxies, strict=True)]
 
 
-def calibrate_warnings(model: HookedTransformer, split: Split, rows: np.ndarray, proxies: Sequence[Proxy],
+def calibrate_warnings(model: LensModel, split: Split, rows: np.ndarray, proxies: Sequence[Proxy],
                        *, batch_size: int = 64) -> list[Proxy]:
     """:func:`illusions.analyses.warning_signals.calibrate`: each signal's threshold on the fitting rows."""
     from illusions.analyses.warning_signals import calibrate
@@ -350,7 +345,7 @@ def calibrate_warnings(model: HookedTransformer, split: Split, rows: np.ndarray,
 
 
 def evaluate_split(
-    model: HookedTransformer,
+    model: LensModel,
     split: Split,
     rows: np.ndarray,
     proxies: Sequence[Proxy],
@@ -363,7 +358,8 @@ def evaluate_split(
     Each proxy runs from the first block its hooks touch (:func:`start_layer`, worked out from the
     hook names) on a copy of the original residual stream cached at that block, so the shared prefix
     is computed once per batch for all proxies and no hook can change what another proxy starts from;
-    a proxy with a hook outside the blocks runs from the tokens. A hook that never runs in the
+    a proxy with a hook outside the blocks, or any proxy of a model that cannot start at a layer
+    (:func:`illusions.backends.runs_from_layer`), runs from the tokens. A hook that never runs in the
     forward pass is an error, not a proxy that agrees with the model everywhere.
     Everything runs on the model's device; only the per-position records come back to the CPU.
     """

@@ -33,8 +33,7 @@ import numpy as np
 from illusions.metric_table import DICTIONARY_METRICS
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
-
+    from illusions.backends import LensModel
     from illusions.metrics import Resampler
     from illusions.simplifiers.base import Proxy
     from illusions.tasks.base import Split
@@ -99,7 +98,7 @@ def dictionary_hooks(proxy: Proxy) -> list[Any]:
 
 
 def sparse_stats(
-    model: HookedTransformer,
+    model: LensModel,
     split: Split,
     rows: np.ndarray,
     proxies: Sequence[Proxy],

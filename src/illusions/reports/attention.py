@@ -21,7 +21,8 @@ import numpy as np
 if TYPE_CHECKING:
     from jaxtyping import Float
     from torch import Tensor
-    from transformer_lens import HookedTransformer
+
+    from illusions.backends import LensModel
 
 # Packed patterns are bytes in units of 1/PACK_SCALE.
 PACK_SCALE = 255
@@ -111,7 +112,7 @@ def choose_example(split: str, records: Any) -> ExampleChoice | None:
 
 
 def head_patterns(
-    model: HookedTransformer,
+    model: LensModel,
     tokens: np.ndarray,
     heads: Sequence[tuple[int, int]],
     fwd_hooks: Sequence[tuple[str, Any]] = (),
@@ -213,7 +214,7 @@ def positions_of(records: Any, row: int, vocab_tokens: Sequence[str]) -> tuple[d
 
 
 def build_examples(
-    model: HookedTransformer,
+    model: LensModel,
     splits: Mapping[str, Any],
     records: Mapping[str, Any],
     proxy: Any,

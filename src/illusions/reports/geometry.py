@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
-
+    from illusions.backends import LensModel
     from illusions.tasks.base import Split
 
 # Hook classes with a geometry, and what their ``removed`` norm is called.
@@ -111,7 +110,7 @@ def _apply(hook: Any, x: np.ndarray, head: int | None) -> np.ndarray:
 
 
 def panels(
-    model: HookedTransformer,
+    model: LensModel,
     proxy: Any,
     fit: Split,
     splits: Mapping[str, Split],

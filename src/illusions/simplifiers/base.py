@@ -25,7 +25,8 @@ from illusions.io import MANIFEST_FILE, OutputKind, atomic_write_json, changed_f
 
 if TYPE_CHECKING:
     from torch import Tensor
-    from transformer_lens import HookedTransformer
+
+    from illusions.backends import LensModel
 
 PROXY_CONFIG_FILE = "proxy.json"
 PROXY_WEIGHTS_FILE = "proxy.safetensors"
@@ -92,7 +93,7 @@ class Targets(Config):
         if self.resid not in RESID_CHOICES:
             raise IllusionsError(f"resid must be one of {', '.join(RESID_CHOICES)}, got {self.resid!r}")
 
-    def resolve(self, model: HookedTransformer) -> ResolvedTargets:
+    def resolve(self, model: LensModel) -> ResolvedTargets:
         """Explicit layers and heads for ``model``; out-of-range values raise with the valid range."""
         return self.resolve_shape(model.cfg.n_layers, model.cfg.n_heads)
 
@@ -196,11 +197,11 @@ class Simplifier(Protocol):
     sweep_param: ClassVar[str]
     target_keys: ClassVar[tuple[str, ...]]
 
-    def hook_names(self, model: HookedTransformer) -> list[str]:
+    def hook_names(self, model: LensModel) -> list[str]:
         """Validated hook points whose activations :meth:`fit` needs (``[]`` when data-free)."""
         ...
 
-    def fit(self, model: HookedTransformer, activations: dict[str, Tensor]) -> Proxy:
+    def fit(self, model: LensModel, activations: dict[str, Tensor]) -> Proxy:
         """The fitted proxy; ``activations = collect(model, tokens, self.hook_names(model), mask)``."""
         ...
 
@@ -376,7 +377,7 @@ class Proxy:
         """A copy whose hook tensors live on ``device``."""
         return dataclasses.replace(self, hooks=tuple(h.to(device) for h in self.hooks))
 
-    def check(self, model: HookedTransformer) -> None:
+    def check(self, model: LensModel) -> None:
         """Raise :class:`IllusionsError` unless ``model`` has every hook point, head and width the
         proxy was fitted for (e.g. before running a loaded proxy on a model)."""
         from illusions.activations import check_hook_names
@@ -463,7 +464,7 @@ class Proxy:
 
 
 def fit_proxy(
-    model: HookedTransformer,
+    model: LensModel,
     simplifier: Simplifier,
     tokens: Any,
     lengths_or_mask: Any,

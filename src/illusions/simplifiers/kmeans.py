@@ -42,7 +42,7 @@ from illusions.simplifiers.base import (
 )
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from illusions.backends import LensModel
 
 MINIBATCH_ABOVE = 100_000
 MINIBATCH_SIZE = 4096
@@ -262,14 +262,14 @@ class KMeans(SimplifierConfig):
         super().__post_init__()
         check_kmeans_fields(self)
 
-    def hook_names(self, model: HookedTransformer) -> list[str]:
+    def hook_names(self, model: LensModel) -> list[str]:
         targets = self.targets.resolve(model)
         return [qk_hook_name(layer, side) for layer in targets.layers for side in targets.qk]
 
     def centroids(self, x: Float[Tensor, "n d"], where: str) -> CentroidFit:
         return centroids_for(self, x, where)
 
-    def fit(self, model: HookedTransformer, activations: dict[str, Tensor]) -> Proxy:
+    def fit(self, model: LensModel, activations: dict[str, Tensor]) -> Proxy:
         targets = self.targets.resolve(model)
         hooks = []
         inertia: dict[str, list[float]] = {}

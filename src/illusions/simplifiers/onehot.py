@@ -32,7 +32,7 @@ from illusions.simplifiers.base import (
 )
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from illusions.backends import LensModel
 
 
 def hard_attention(
@@ -80,11 +80,11 @@ class OneHot(SimplifierConfig):
 
     targets: Targets = Targets()
 
-    def hook_names(self, model: HookedTransformer) -> list[str]:
+    def hook_names(self, model: LensModel) -> list[str]:
         self.targets.resolve(model)
         return []
 
-    def fit(self, model: HookedTransformer, activations: dict[str, Tensor] | None = None) -> Proxy:
+    def fit(self, model: LensModel, activations: dict[str, Tensor] | None = None) -> Proxy:
         targets = self.targets.resolve(model)
         hooks = tuple(
             OneHotPatternHook(hook_name=f"blocks.{layer}.attn.hook_pattern", heads=targets.heads)

@@ -39,10 +39,10 @@ from illusions.simplifiers.kmeans import (
 from illusions.simplifiers.svd import PCAFit, ProjectionHook, pca
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from illusions.backends import LensModel
 
 
-def resid_hook_names(model: HookedTransformer, targets: ResolvedTargets) -> list[str]:
+def resid_hook_names(model: LensModel, targets: ResolvedTargets) -> list[str]:
     """``blocks.L.hook_<resid>`` for each targeted layer, checked against ``model.hook_dict``."""
     names = [f"blocks.{layer}.hook_{targets.resid}" for layer in targets.layers]
     for name in names:
@@ -54,7 +54,7 @@ def resid_hook_names(model: HookedTransformer, targets: ResolvedTargets) -> list
     return names
 
 
-def resid_heads(model: HookedTransformer, targets: ResolvedTargets) -> tuple[tuple[int, int], ...]:
+def resid_heads(model: LensModel, targets: ResolvedTargets) -> tuple[tuple[int, int], ...]:
     """Heads of the first attention layer reading each simplified stream (see module docstring)."""
     first = {layer if targets.resid == "resid_pre" else layer + 1 for layer in targets.layers}
     return tuple((layer, head) for layer in sorted(first) if layer < model.cfg.n_layers
@@ -91,15 +91,15 @@ class ResidSVD(SimplifierConfig):
         super().__post_init__()
         check_positive(self.rank, "rank")
 
-    def hook_names(self, model: HookedTransformer) -> list[str]:
+    def hook_names(self, model: LensModel) -> list[str]:
         check_positive(self.rank, "rank", model.cfg.d_model)
         return resid_hook_names(model, self.targets.resolve(model))
 
-    def fit(self, model: HookedTransformer, activations: dict[str, Tensor]) -> Proxy:
+    def fit(self, model: LensModel, activations: dict[str, Tensor]) -> Proxy:
         return self.fit_sweep(model, activations, [self.rank])[self.rank]
 
     def fit_sweep(
-        self, model: HookedTransformer, activations: dict[str, Tensor], ranks: list[int]
+        self, model: LensModel, activations: dict[str, Tensor], ranks: list[int]
     ) -> dict[int, Proxy]:
         """One proxy per rank from a single decomposition per hook (for sweeps).
 
@@ -164,10 +164,10 @@ class ResidKMeans(SimplifierConfig):
         super().__post_init__()
         check_kmeans_fields(self)
 
-    def hook_names(self, model: HookedTransformer) -> list[str]:
+    def hook_names(self, model: LensModel) -> list[str]:
         return resid_hook_names(model, self.targets.resolve(model))
 
-    def fit(self, model: HookedTransformer, activations: dict[str, Tensor]) -> Proxy:
+    def fit(self, model: LensModel, activations: dict[str, Tensor]) -> Proxy:
         targets = self.targets.resolve(model)
         hooks = []
         inertia = {}

@@ -74,7 +74,7 @@ from illusions.simplifiers.base import (
 from illusions.simplifiers.resid import resid_heads, resid_hook_names
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from illusions.backends import LensModel
 
 ARCHITECTURES = ("standard", "topk", "jumprelu")
 SITES = ("resid", "z")
@@ -90,9 +90,15 @@ _CHUNK = 8192  # rows per pass when encoding many vectors (bounds the [rows, d_s
 
 def require_sae_lens() -> Any:
     """The ``sae_lens`` module, or one clear error saying how to install it."""
+    from illusions import backends
+
     try:
         import sae_lens
     except ImportError:
+        if backends.uses_bridge():  # SAELens 6 requires transformer-lens<4 and fails to import on 4.x
+            raise IllusionsError("the sae and transcoder simplifiers need SAELens 6, which does not run on "
+                                 "TransformerLens 4 (installed here, illusions[tl4]); use an environment "
+                                 "with pip install 'illusions[sae]' (TransformerLens 3.9)") from None
         raise IllusionsError("the sae and transcoder simplifiers need SAELens 6: "
                              "pip install 'illusions[sae]' (sae-lens>=6,<7)") from None
     return sae_lens
@@ -546,7 +552,7 @@ def saved_metadata(path: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- the simplifiers
 
 
-def mlp_input_name(model: HookedTransformer, layer: int) -> str:
+def mlp_input_name(model: LensModel, layer: int) -> str:
     """The MLP's input in block ``layer``: after its LayerNorm when there is one."""
     name = f"blocks.{layer}.ln2.hook_normalized"
     return name if name in model.hook_dict else f"blocks.{layer}.hook_resid_mid"
@@ -618,10 +624,10 @@ class _Dictionary(SimplifierConfig):
                                  f"{', '.join(mine)}")
 
     # Subclasses: where the dictionary acts in each targeted layer.
-    def _sites(self, model: HookedTransformer, targets: ResolvedTargets) -> list[dict[str, Any]]:
+    def _sites(self, model: LensModel, targets: ResolvedTargets) -> list[dict[str, Any]]:
         raise NotImplementedError
 
-    def _attention_heads(self, model: HookedTransformer, targets: ResolvedTargets) -> tuple[tuple[int, int], ...]:
+    def _attention_heads(self, model: LensModel, targets: ResolvedTargets) -> tuple[tuple[int, int], ...]:
         """Heads of the first attention layer that reads what the dictionary replaced."""
         after = {layer + 1 for layer in targets.layers}
         return tuple((layer, head) for layer in sorted(after) if layer < model.cfg.n_layers
@@ -630,11 +636,12 @@ class _Dictionary(SimplifierConfig):
     def _params(self, targets: ResolvedTargets, width: int) -> dict[str, Any]:
         raise NotImplementedError
 
-    def hook_names(self, model: HookedTransformer) -> list[str]:
+    def hook_names(self, model: LensModel) -> list[str]:
+        require_sae_lens()  # before any activation is collected
         targets = self.targets.resolve(model)
         return list(dict.fromkeys(name for site in self._sites(model, targets) for name in site["collect"]))
 
-    def fit(self, model: HookedTransformer, activations: dict[str, Tensor]) -> Proxy:
+    def fit(self, model: LensModel, activations: dict[str, Tensor]) -> Proxy:
         targets = self.targets.resolve(model)
         sites = self._sites(model, targets)
         if self.sae_from and len(sites) > 1:
@@ -735,7 +742,7 @@ class SAE(_Dictionary):
             raise IllusionsError("heads apply to the attention-output site (site z); a residual-stream SAE "
                                  "reads whole vectors")
 
-    def _sites(self, model: HookedTransformer, targets: ResolvedTargets) -> list[dict[str, Any]]:
+    def _sites(self, model: LensModel, targets: ResolvedTargets) -> list[dict[str, Any]]:
         if self.site == "resid":
             names = resid_hook_names(model, targets)
             return [{"layer": layer, "hook": name, "input": name, "collect": [name], "heads": None, "flatten": lambda a: a, "out_width": model.cfg.d_model}
@@ -750,7 +757,7 @@ class SAE(_Dictionary):
                         "flatten": lambda a, h=heads: a[:, list(h)].reshape(a.shape[0], -1)})
         return out
 
-    def _attention_heads(self, model: HookedTransformer, targets: ResolvedTargets) -> tuple[tuple[int, int], ...]:
+    def _attention_heads(self, model: LensModel, targets: ResolvedTargets) -> tuple[tuple[int, int], ...]:
         if self.site == "resid":
             return resid_heads(model, targets)
         return super()._attention_heads(model, targets)
@@ -772,7 +779,7 @@ class Transcoder(_Dictionary):
     name: ClassVar[str] = "transcoder"
     target_keys: ClassVar[tuple[str, ...]] = ("layers",)
 
-    def _sites(self, model: HookedTransformer, targets: ResolvedTargets) -> list[dict[str, Any]]:
+    def _sites(self, model: LensModel, targets: ResolvedTargets) -> list[dict[str, Any]]:
         if model.cfg.attn_only or not model.cfg.d_mlp:
             raise IllusionsError("this model is attention-only: there is no MLP for a transcoder to replace")
         saved = saved_metadata(self.sae_from).get("hook_name") if self.sae_from else None

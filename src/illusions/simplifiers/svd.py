@@ -39,7 +39,7 @@ from illusions.simplifiers.base import (
 )
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from illusions.backends import LensModel
 
 BASES = ("separate", "joint")
 # Rows per chunk when accumulating the scatter matrix: bounds the float64 copy to ~16 MB at d=32.
@@ -194,21 +194,21 @@ class SVD(SimplifierConfig):
         if self.basis not in BASES:
             raise IllusionsError(f"basis must be one of {', '.join(BASES)}, got {self.basis!r}")
 
-    def _check_rank(self, model: HookedTransformer, ranks: list[int]) -> None:
+    def _check_rank(self, model: LensModel, ranks: list[int]) -> None:
         for rank in ranks:
             check_positive(rank, "rank", model.cfg.d_head)
 
-    def hook_names(self, model: HookedTransformer) -> list[str]:
+    def hook_names(self, model: LensModel) -> list[str]:
         self._check_rank(model, [self.rank])
         targets = self.targets.resolve(model)
         sides = ("q", "k") if self.basis == "joint" else targets.qk
         return [qk_hook_name(layer, side) for layer in targets.layers for side in sides]
 
-    def fit(self, model: HookedTransformer, activations: dict[str, Tensor]) -> Proxy:
+    def fit(self, model: LensModel, activations: dict[str, Tensor]) -> Proxy:
         return self.fit_sweep(model, activations, [self.rank])[self.rank]
 
     def fit_sweep(
-        self, model: HookedTransformer, activations: dict[str, Tensor], ranks: list[int]
+        self, model: LensModel, activations: dict[str, Tensor], ranks: list[int]
     ) -> dict[int, Proxy]:
         """One proxy per rank from a single decomposition per head (for sweeps).
 

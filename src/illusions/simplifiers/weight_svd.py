@@ -44,7 +44,7 @@ from illusions.simplifiers.base import (
 )
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from illusions.backends import LensModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,18 +140,18 @@ class WeightSVD(SimplifierConfig):
         super().__post_init__()
         check_positive(self.rank, "rank")
 
-    def hook_names(self, model: HookedTransformer) -> list[str]:
+    def hook_names(self, model: LensModel) -> list[str]:
         self._check(model)
         self.targets.resolve(model)
         return []
 
-    def _check(self, model: HookedTransformer) -> None:
+    def _check(self, model: LensModel) -> None:
         check_positive(self.rank, "rank", model.cfg.d_head)
         if model.cfg.positional_embedding_type == "rotary":
             raise IllusionsError("weight-svd needs a model without rotary embeddings: rotary queries and "
                                  "keys have no position-free bilinear form")
 
-    def fit(self, model: HookedTransformer, activations: dict[str, Tensor] | None = None) -> Proxy:
+    def fit(self, model: LensModel, activations: dict[str, Tensor] | None = None) -> Proxy:
         self._check(model)
         targets = self.targets.resolve(model)
         hooks = []
