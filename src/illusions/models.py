@@ -462,10 +462,22 @@ def load_model_folder(folder: ModelFolder, *, device: str | torch.device = "cpu"
 
     with _quiet_transformers():
         try:
-            hf = AutoModelForCausalLM.from_pretrained(str(folder.path), local_files_only=True,
-                                                      use_safetensors=True, dtype=torch.float32)
+            # Mismatched shapes come back in the loading info (transformers' own error points at a
+            # report that its silenced logging never printed) and are refused below, naming the tensor.
+            hf, info = AutoModelForCausalLM.from_pretrained(str(folder.path), local_files_only=True,
+                                                            use_safetensors=True, dtype=torch.float32,
+                                                            ignore_mismatched_sizes=True, output_loading_info=True)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            raise IllusionsError(f"the weights in {folder.path} could not be loaded ({_first_line(exc)})") from None
+            text = _first_line(exc)
+            if "above report" in text:  # a conversion error, detailed only in that unprinted report
+                text = "transformers could not convert them to the architecture config.json names"
+            raise IllusionsError(f"the weights in {folder.path} could not be loaded ({text})") from None
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        name, saved, wanted = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more tensor(s))" if len(mismatched) > 1 else ""
+        raise IllusionsError(f"tensor {name} in {folder.path} has shape {list(saved)}, but its config.json makes it "
+                             f"{list(wanted)}{more}")
     hf.eval()
     convert = getattr(weight_conversions, HF_CONVERSIONS[folder.architecture])
     with torch.no_grad():
