@@ -61,7 +61,7 @@ def train(
 
     from illusions.models import ModelConfig
     from illusions.recipes import resolve_recipe
-    from illusions.training import TrainConfig, check_out_dir, read_trainer_state
+    from illusions.training import TrainConfig, check_model_size, check_out_dir, read_trainer_state
     from illusions.training import train as run_training
 
     err = Console(stderr=True)
@@ -85,6 +85,7 @@ def train(
         recipe = recipe.replace("train", **changes)
     model_cfg: ModelConfig = recipe["model"]
     train_cfg: TrainConfig = recipe["train"]
+    check_model_size(model_cfg, device)
     if resume:
         read_trainer_state(out, model_cfg, train_cfg)
     task_obj = recipe.make_task()
@@ -152,13 +153,17 @@ def train(
             name,
             f"{full['accuracy']:.4f}" if full else "-",
             f"{full['n_positions']}" if full else "-",
-            f"{sub['accuracy']:.4f}",
+            f"{sub['accuracy']:.4f}" if sub.get("n_positions") else "-",  # no scored position: no accuracy
         )
     console.print(table)
-    console.print(
-        f"{result.train_tokens:,} tokens in {result.train_seconds:.0f}s of training "
-        f"({result.tokens_per_s:,.0f} tok/s), {result.wall_seconds:.0f}s in all"
-    )
+    if result.train_tokens:
+        console.print(
+            f"{result.train_tokens:,} tokens in {result.train_seconds:.0f}s of training "
+            f"({result.tokens_per_s:,.0f} tok/s), {result.wall_seconds:.0f}s in all"
+        )
+    else:  # a resumed run whose steps were all done: it only evaluated
+        console.print(f"no training step was left (all {train_cfg.steps} were done); "
+                      f"{result.wall_seconds:.0f}s in all")
     console.print(f"checkpoint: {out}")
     if save_every:
         from illusions.models import CHECKPOINTS_DIR, list_checkpoints
