@@ -281,6 +281,44 @@ def _training_recipe_with_a_name(tmp: Path, env: Env) -> None:
 def _user_folder_at_the_default_out(tmp: Path, env: Env) -> None:
     (tmp / "runs" / "dyck-svd-rank2").mkdir(parents=True)
     (tmp / "runs" / "dyck-svd-rank2" / "thesis.tex").write_text("\\chapter{Years of work}\n")
+def _custom_data(tmp: Path, env: Env) -> None:
+    # Splits of data you bring for the tiny Dyck checkpoint (43 tokens, context 40).
+    rng = np.random.default_rng(3)
+    (tmp / "data").mkdir()
+    for name, n in (("train", 40), ("iid", 12), ("long", 12)):
+        rows = [{"tokens": [1, *rng.integers(3, 43, int(rng.integers(6, 30))).tolist()]} for _ in range(n)]
+        (tmp / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _replace_iid(make: Callable[[Path], None]) -> Callable[[Path, Env], None]:
+    def setup(tmp: Path, env: Env) -> None:
+        (tmp / "data" / "iid.jsonl").unlink()
+        make(tmp / "data" / "iid.jsonl")
+    return setup
+
+
+def _iid_line(line: str, *, alone: bool = False) -> Callable[[Path, Env], None]:
+    """Append ``line`` to iid.jsonl (its line 13), or make it the file's only line."""
+    def setup(tmp: Path, env: Env) -> None:
+        with open(tmp / "data" / "iid.jsonl", "w" if alone else "a") as fh:
+            fh.write(line + "\n")
+    return setup
+
+
+def _recipe_not_utf8(tmp: Path, env: Env) -> None:
+    (tmp / "recipe.toml").write_bytes((REPO / "tasks" / "dyck.toml").read_bytes().replace(b"Dyck-(20,10)", b"Dyck \xff"))
+
+
+def _recipe_loop(tmp: Path, env: Env) -> None:
+    (tmp / "recipe.toml").symlink_to("recipe.toml")
+
+
+def _model_recipe(old: str, new: str) -> Callable[[Path, Env], None]:
+    def setup(tmp: Path, env: Env) -> None:
+        text = (REPO / "tasks" / "dyck.toml").read_text()
+        assert text.count(old) == 1
+        (tmp / "recipe.toml").write_text(text.replace(old, new))
+    return setup
 
 
 SETUPS: dict[str, Callable[[Path, Env], None]] = {
@@ -317,6 +355,20 @@ SETUPS: dict[str, Callable[[Path, Env], None]] = {
     "tiny_recipe": _tiny_recipe,
     "training_recipe_with_a_name": _training_recipe_with_a_name,
     "user_folder_at_the_default_out": _user_folder_at_the_default_out,
+    "custom_data": _custom_data,
+    "iid_dir": _replace_iid(lambda p: p.mkdir()),
+    "iid_fifo": _replace_iid(os.mkfifo),
+    "iid_dangling": _replace_iid(lambda p: p.symlink_to(p.parent / "gone.jsonl")),
+    "iid_loop": _replace_iid(lambda p: p.symlink_to(p.name)),
+    "iid_twice_a_key": _iid_line('{"tokens": [1, 5, 6], "tokens": [1, 5]}'),
+    "iid_5000_digits": _iid_line('{"tokens": [1, ' + "7" * 5000 + "]}"),
+    "iid_200000_deep": _iid_line('{"tokens": [1, 5], "meta": {"x": [' + "[" * 200_000 + "]" * 200_000 + "]}}"),
+    "iid_meta_1e29": _iid_line('{"tokens": [1, 5, 6], "meta": {"x": [' + str(10**29) + ", 2]}}", alone=True),
+    "recipe_not_utf8": _recipe_not_utf8,
+    "recipe_dir": lambda tmp, env: (tmp / "recipe.toml").mkdir(),
+    "recipe_loop": _recipe_loop,
+    "recipe_n_ctx_1e9": _model_recipe("n_ctx = 128", "n_ctx = 1000000000"),
+    "recipe_n_layers_1e6": _model_recipe("n_layers = 2", "n_layers = 1000000"),
 }
 
 
@@ -359,6 +411,8 @@ FAULTS: dict[str, Callable[[Path, pytest.MonkeyPatch], None]] = {
 
 ANALYZE = ("analyze", "dyck", "--simplify", "svd", "--rank", "2", *FAST)
 MODEL_FILES = ("model/model.safetensors", "model/config.json")
+CUSTOM = ("analyze", "custom", "--data", "{tmp}/data", "--model", "{model}", "--rank", "2", "--threads", "1",
+          "--n-boot", "20", "--no-report", "--out", "{tmp}/new")
 
 CASES = [
     # 1. never delete what illusions did not write
@@ -547,6 +601,41 @@ CASES = [
     Case("reproduce-unknown-family", ("reproduce", *RECIPES, "--family", "dyck-paperlik", "--out", "{tmp}/rep",
                                       "--results", "{tmp}/docs/R.md"), 2,
          ("no bundled model family 'dyck-paperlik'", "dyck-paperlike"), absent=("rep", "docs"), fresh_cache=True),
+    # issue 24: split files, JSON lines, recipes, sizes and flags (each one line, before the work)
+    *[Case(f"custom-split-{kind}", CUSTOM, 2, ("split file", "data/iid.jsonl", words), setup=("custom_data", f"iid_{kind}"),
+           absent=("new",), fresh_cache=True)
+      for kind, words in (("dir", "is a directory"), ("fifo", "is a FIFO"), ("dangling", "is a dangling symlink"),
+                          ("loop", "is a symlink loop"))],
+    *[Case(f"custom-line-{kind}", CUSTOM, 2, (f"data/iid.jsonl:{line}", words), setup=("custom_data", f"iid_{kind}"),
+           absent=("new",), fresh_cache=True)
+      for kind, line, words in (("twice_a_key", 13, "gives the key 'tokens' twice"),
+                                ("5000_digits", 13, "an integer longer than 4300 digits"),
+                                ("200000_deep", 13, "nests JSON too deep"),
+                                ("meta_1e29", 1, "meta 'x' value 100000000000... (30 digits) is out of range"))],
+    *[Case(f"{command}-recipe-{kind}", (command, "{tmp}/recipe.toml", "--threads", "1", "--out", "{tmp}/new"), 2,
+           ("recipe", "recipe.toml", words), setup=(f"recipe_{kind}",), absent=("new",), fresh_cache=True)
+      for command in ("train", "analyze")
+      for kind, words in (("not_utf8", "is not UTF-8"), ("dir", "is a directory"), ("loop", "is a symlink loop"))],
+    Case("train-recipe-n-ctx-1e9", ("train", "{tmp}/recipe.toml", "--threads", "1", "--out", "{tmp}/new"), 2,
+         ("128,000,000,000 in the positional embedding", "make the recipe's [model] smaller"),
+         setup=("recipe_n_ctx_1e9",), absent=("new",), fresh_cache=True),
+    Case("train-recipe-n-layers-1e6", ("train", "{tmp}/recipe.toml", "--threads", "1", "--out", "{tmp}/new"), 2,
+         ("in the blocks", "n_layers 1000000"), setup=("recipe_n_layers_1e6",), absent=("new",), fresh_cache=True),
+    Case("analyze-threads-100000", ("analyze", "dyck", "--model", "{model}", "--threads", "100000", "--out",
+                                    "{tmp}/new"), 2, ("--threads must be in 1..", "per CPU"), absent=("new",),
+         fresh_cache=True),
+    Case("train-threads-100000", ("train", "dyck", "--threads", "100000", "--out", "{tmp}/new"), 2,
+         ("--threads must be in 1..",), absent=("new",), fresh_cache=True),
+    Case("analyze-n-boot-1e8", ("analyze", "dyck", "--model", "{model}", "--n-boot", "100000000", "--threads", "1",
+                                "--out", "{tmp}/new"), 2, ("--n-boot must be at most 100,000",), absent=("new",),
+         fresh_cache=True),
+    Case("analyze-k-above-the-width", ("analyze", "dyck", "--simplify", "sae", "--width", "16", "--top-k", "32", "--model",
+                                       "{model}", "--threads", "1", "--out", "{tmp}/new"), 2,
+         ("--top-k must be in 1..16 (the dictionary width), got 32",), absent=("new",), not_words=("top_k",),
+         fresh_cache=True),
+    Case("analyze-width-1e9", ("analyze", "dyck", "--simplify", "sae", "--width", "1000000000", "--sae-steps", "5",
+                               *FAST, "--out", "{tmp}/new"), 2,
+         ("a dictionary of width 1,000,000,000", "the width can be at most"), absent=("new",)),
 ]
 
 
@@ -761,6 +850,8 @@ def test_ctrl_c_during_the_final_evaluation_saves_and_resume_finishes(env, tmp_p
     assert result.exit_code == 0, result.output
     meta = json.loads((out / "config.json").read_text())["meta"]
     assert meta["step"] == 3 and meta["finished"] is True and set(meta["accuracies"]) >= {"iid", "unseen_depth"}
+    # No step was left to time: say so instead of "nan tok/s".
+    assert "no training step was left (all 3 were done)" in result.stdout and "nan" not in result.output
 
 
 def test_a_rerun_without_out_replaces_the_same_spec_and_numbers_another(env, tmp_path, monkeypatch):
@@ -895,3 +986,27 @@ def test_a_real_full_disk_under_out(env, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: no space left on the device"), proc.stderr
     assert "disk/run" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_fit_n_beyond_memory_is_one_line_before_collecting(env, tmp_path, monkeypatch):
+    """--fit-n 1e9 takes the whole train split; activations that cannot fit are refused, not collected.
+
+    The machine's memory is made 2 MB here (the tiny model's split needs a few MB), standing in for a
+    bundled model's 200,000 training sequences on a small machine."""
+    from illusions import activations, devices
+
+    collected = []
+    real = activations.collect
+    monkeypatch.setattr(devices, "memory_bytes", lambda device="cpu": 2_000_000)
+    monkeypatch.setattr(activations, "collect", lambda model, tokens, *a, **kw: (
+        collected.append(len(tokens)), real(model, tokens, *a, **kw))[1])
+    shutil.copytree(env.root / "model", tmp_path / "model")
+    argv = _fill(("analyze", "dyck", "--simplify", "svd", "--rank", "2", *FAST, "--fit-n", "1000000000", "--out",
+                  "{tmp}/new"), tmp_path, env.root)
+    result = CliRunner().invoke(app, argv, env={"ILLUSIONS_CACHE": str(env.root / "cache")})
+    assert result.exit_code == 2, (result.output, repr(result.exception))
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "fitting on 3,000 sequences of split train" in lines[0], result.stderr
+    assert "fit on fewer sequences (fit_n at most about" in lines[0]
+    assert collected == [1], collected  # only the one-sequence probe ran
+    assert not (tmp_path / "new").exists()

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -266,6 +267,28 @@ def test_corpus_errors_are_clear(tmp_path):
     _write_jsonl(tmp_path / "java_only.jsonl", [{"code": t, "language": "java"} for t in JAVA])
     assert "usable python functions" in err(tmp_path / "java_only.jsonl", min_chars=5)
 
+
+
+def test_corpus_entries_that_are_not_files_and_repeated_keys_are_refused(tmp_path):
+    """A FIFO or a dangling link named like a JSONL file in a corpus folder is refused, not skipped (a
+    FIFO is never opened for reading, so nothing blocks); so is a line giving one key twice."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    _write_jsonl(folder / "a.jsonl", [{"code": "def f():\n    return 1", "language": "python"}])
+
+    def err() -> str:
+        with pytest.raises(IllusionsError) as exc:
+            load_corpus(str(folder))
+        return str(exc.value)
+
+    os.mkfifo(folder / "b.jsonl")
+    assert err() == f"corpus file {folder / 'b.jsonl'} is a FIFO (named pipe), not a readable file"
+    (folder / "b.jsonl").unlink()
+    (folder / "b.jsonl").symlink_to(tmp_path / "gone.jsonl")
+    assert "b.jsonl is a dangling symlink" in err()
+    (folder / "b.jsonl").unlink()
+    (folder / "b.jsonl").write_text('{"code": "def g(): pass", "language": "python", "code": "x = 1"}\n')
+    assert err() == f"corpus line {folder / 'b.jsonl'}:1 gives the key 'code' twice"
 
 def test_config_rejects_bad_values():
     with pytest.raises(IllusionsError, match="unknown CodeConfig key"):

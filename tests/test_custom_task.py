@@ -6,6 +6,7 @@ loaded (the loader is replaced by one that fails the test)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -150,7 +151,7 @@ def test_reader_defaults_and_explicit_targets(tmp_path):
 GOOD = [{"tokens": [1, 2, 3, 4]}]
 BAD_INPUTS = {
     "missing-train": ({"iid.jsonl": GOOD}, [], "has no train.jsonl"),
-    "not-json": ({"train.jsonl": GOOD, "iid.jsonl": ["{tokens: [1, 2]}"]}, [], "iid.jsonl:1 is not JSON"),
+    "not-json": ({"train.jsonl": GOOD, "iid.jsonl": ["{tokens: [1, 2]}"]}, [], "iid.jsonl:1 is not valid JSON"),
     "token-outside-vocab": ({"train.jsonl": GOOD, "iid.jsonl": [{"tokens": [1, VOCAB]}]}, [],
                             f"token id {VOCAB} is outside the vocabulary"),
     "longer-than-context": ({"train.jsonl": [{"tokens": [1] * (N_CTX + 1)}], "iid.jsonl": GOOD}, [],
@@ -237,3 +238,20 @@ def test_custom_recipe(env, tmp_path):
     assert _agreements(doc) == {"iid": 1.0, "long": 1.0}
     refused = runner.invoke(app, ["analyze", str(recipe), "--data", str(env["data"])])
     assert refused.exit_code == 2 and "--data cannot be combined with a recipe" in refused.stderr
+
+
+@pytest.mark.parametrize(("change", "message", "unsaid"), [
+    ({"vocab_size": -5}, "vocab_size must be a whole number of at least 1, got -5", "0..-6"),
+    ({"n_embd": 64}, "the config does not describe these weights", "above report"),
+])
+def test_a_folder_whose_config_does_not_fit_its_weights_is_one_line(env, tmp_path, change, message, unsaid):
+    folder = tmp_path / "model"
+    shutil.copytree(env["gpt2"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["analyze", "custom", "--data", str(env["data"]), "--model", str(folder), "--rank",
+                                 "2", "--out", str(out), *FAST])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
+    assert unsaid not in result.stderr and not out.exists()

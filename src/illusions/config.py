@@ -8,7 +8,10 @@ they came from, when given), so a typo in a recipe never silently falls back to 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any, Self
@@ -89,11 +92,61 @@ def read_json(path: Path) -> Any:
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    """Read a TOML recipe, turning a missing or malformed file into one clear error naming it."""
+    """Read a TOML recipe, turning a missing, unreadable or malformed file into one clear error naming it.
+
+    The recipe must be a regular UTF-8 file: a directory, FIFO, dangling symlink or symlink loop is
+    refused (see :func:`open_regular`).
+    """
     try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        raise IllusionsError(f"recipe {path} does not exist") from None
+        with os.fdopen(open_regular(path, what="recipe"), "rb") as fh:
+            return tomllib.loads(fh.read().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise IllusionsError(f"recipe {path} is not UTF-8 text (byte {exc.start} cannot be decoded)") from None
+    except OSError as exc:
+        raise IllusionsError(f"cannot read recipe {path} ({exc.strerror or exc})") from None
     except tomllib.TOMLDecodeError as exc:
         raise IllusionsError(f"recipe {path} is not valid TOML ({exc})") from None
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _open_error(path: Path, exc: OSError, what: str) -> IllusionsError:
+    name = f"{what} {path}" if what else str(path)
+    if exc.errno == errno.ELOOP:
+        return IllusionsError(f"{name} is a symlink loop, not a readable file")
+    if isinstance(exc, FileNotFoundError) and path.is_symlink():
+        return IllusionsError(f"{name} is a dangling symlink (to {os.readlink(path)}, which does not exist)")
+    if isinstance(exc, FileNotFoundError):
+        return IllusionsError(f"{name} does not exist")
+    return IllusionsError(f"cannot read {name} ({exc.strerror or exc})")
+
+
+def open_regular(path: Path | str, *, what: str = "") -> int:
+    """A file descriptor open for reading on ``path``, which must be a regular file.
+
+    The file is opened without blocking and checked with ``fstat`` before any byte is read, so a
+    FIFO cannot hang the program and the check and the read see the same file. ``what`` names the
+    file's role in messages (``"split file"``, ``"corpus file"``).
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise _open_error(path, exc, what) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = next((k for test, k in _KINDS if test(mode)), "a special file")
+        name = f"{what} {path}" if what else str(path)
+        raise IllusionsError(f"{name} is {kind}, not a readable file")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def check_regular(path: Path | str, *, what: str = "") -> None:
+    """Refuse ``path`` unless it is a readable regular file (see :func:`open_regular`)."""
+    os.close(open_regular(path, what=what))
+
+

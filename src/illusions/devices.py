@@ -19,9 +19,11 @@ the duration of a run and restores the previous setting afterwards.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from illusions.errors import IllusionsError
@@ -107,3 +109,33 @@ def float64_device(device: torch.device) -> torch.device:
     import torch
 
     return torch.device("cpu") if device.type == "mps" else device
+
+
+def memory_bytes(device: str | torch.device = "cpu") -> int | None:
+    """The most memory tensors on ``device`` can ever use: a CUDA device's total memory, else this
+    machine's physical memory (lowered to the cgroup's ``memory.max`` when a container sets one).
+
+    A bound for refusing sizes that cannot fit (a model, a dictionary, collected activations) before
+    allocating them; it is the total, not what is free now, so the same input is refused or accepted
+    the same way whatever else runs. None when the platform does not say.
+    """
+    import torch
+
+    where = torch.device(device)
+    if where.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(where).total_memory)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        limit = "max"
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
+def gigabytes(n_bytes: float) -> str:
+    """``n_bytes`` for a message: ``12.3 GB`` (decimal units), ``1.2e+03 GB`` beyond 100,000 GB."""
+    value = n_bytes / 1e9
+    return f"{value:,.1f} GB" if value < 1e5 else f"{value:.1e} GB"

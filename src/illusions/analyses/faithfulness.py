@@ -269,6 +269,32 @@ def start_layer(model: LensModel, hook_names: Sequence[str]) -> int | None:
     return min(layers) if runs_from_layer(model) else None  # type: ignore[type-var]
 
 
+def check_fit_memory(model: LensModel, split: Split, tokens: Any, mask: Any, names: list[str]) -> None:
+    """Refuse a fit whose collected activations cannot fit in memory, before collecting them.
+
+    The bytes a position takes at the hook points are read from one sequence; collecting holds the
+    batches and their concatenation (twice the activations), which must fit in the model device's
+    whole memory (:func:`illusions.devices.memory_bytes`).
+    """
+    from illusions.activations import collect
+    from illusions.devices import gigabytes, memory_bytes
+
+    have = memory_bytes(model.cfg.device)
+    if have is None:
+        return
+    probe = collect(model, tokens[:1], names, mask[:1])
+    per_position = sum(t[0].numel() * t.element_size() for t in probe.values())
+    lengths = mask.sum(dim=1)  # [batch]
+    need = 2 * per_position * int(lengths.sum())
+    if need <= have:
+        return
+    fits = int(np.searchsorted(np.cumsum(2 * per_position * lengths.numpy()), have, side="right"))
+    where = "this machine" if str(model.cfg.device) == "cpu" else f"device {model.cfg.device}"
+    raise IllusionsError(f"fitting on {len(lengths):,} sequences of split {split.name} collects {gigabytes(need)} "
+                         f"({per_position:,} bytes a position at {', '.join(names)}, twice while collecting), more "
+                         f"than the {gigabytes(have)} of {where}; fit on fewer sequences (fit_n at most about {fits:,})")
+
+
 def fit_proxies(
     model: LensModel,
     split: Split | None,
@@ -290,6 +316,7 @@ def fit_proxies(
         rows = rows[np.argsort(split.lengths[rows], kind="stable")]
         tokens = torch.as_tensor(split.tokens[rows, : int(split.lengths[rows].max())])
         mask = torch.as_tensor(np.arange(tokens.shape[1])[None, :] < split.lengths[rows][:, None])
+        check_fit_memory(model, split, tokens, mask, names)
         acts = collect(model, tokens, names, mask, batch_size=batch_size)
     # Methods that fit every value of their swept parameter from shared work (``fit_sweep``: one
     # decomposition for all ranks of svd) do so once per group of simplifiers differing only there.

@@ -74,6 +74,10 @@ CIRCUIT_FIELDS = ("keep", "ablation", "find_circuit")
 # Spec fields passed to a simplifier that has a field of the same name; ``seed`` is also the
 # evaluation sampling seed, so it is never refused.
 SIMPLIFIER_FIELDS = ("centered", "basis", "seed", *SPARSE_FIELDS, *CIRCUIT_FIELDS)
+# The most bootstrap resamples: beyond this the ends of a 95% interval move by less than the
+# resampling noise of a percentile (sqrt(0.025 * 0.975 / n_boot), 0.05 percentile points here), while
+# the resampling weights take n_boot x sequences x 8 bytes.
+MAX_N_BOOT = 100_000
 # Spec fields that become the simplifier's Targets (spec name -> Targets key).
 TARGET_FIELDS = {"layers": "layers", "heads": "heads", "target": "qk", "resid": "resid"}
 
@@ -177,6 +181,9 @@ class AnalysisSpec(Config):
                 raise InvalidOption(name, f"lists a value twice: {list(getattr(self, name))}")
         for name, low in (("fit_n", 1), ("seed", 0), ("n_boot", 10), ("batch_size", 1)):
             _check_ints(name, (getattr(self, name),), low=low)
+        if self.n_boot > MAX_N_BOOT:
+            raise InvalidOption("n_boot", f"must be at most {MAX_N_BOOT:,} (more resamples do not sharpen a 95% "
+                                f"interval), got {self.n_boot:,}")
         if self.max_seqs is not None:
             _check_ints("max_seqs", (self.max_seqs,), low=0)
             if self.max_seqs == 0:
@@ -215,8 +222,13 @@ class AnalysisSpec(Config):
                                     f"{', '.join(cls.target_keys)})")
         try:
             _ = self.simplifiers  # built once, here: the method's own range checks, before any model is loaded
-        except InvalidOption:
-            raise
+        except InvalidOption as exc:
+            # A simplifier names its own parameter (top_k, width): the spec field that sets it, so the
+            # CLI can name the flag the user typed (--k, --width).
+            field = SWEEP_FIELDS.get(exc.option, exc.option)
+            if exc.whole or field not in default:
+                raise InvalidOption(swept_field or "simplifier", str(exc), whole=True) from None
+            raise InvalidOption(field, exc.detail) from None
         except IllusionsError as exc:
             raise InvalidOption(swept_field or "simplifier", str(exc), whole=True) from None
 

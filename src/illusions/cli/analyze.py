@@ -200,7 +200,20 @@ def _spec(task: str, given: dict[str, Any], values: tuple[Option, ...], sweep: b
     except InvalidOption as exc:
         if exc.whole:
             fail(exc.detail)
-        fail(f"{flags.get(exc.option, exc.option)} {exc.detail}")
+        fail(f"{_typed(flags.get(exc.option, exc.option))} {exc.detail}")
+
+
+# Deprecated spellings a user may still type (the message names the flag as typed).
+ALIASES = {"--top-k": ("--k",)}
+
+
+def _typed(flag: str) -> str:
+    """``flag`` as the user typed it: a deprecated alias when that is what the command line holds."""
+    import sys
+
+    args = sys.argv[1:]
+    typed = [a for a in ALIASES.get(flag, ()) if any(x == a or x.startswith(a + "=") for x in args)]
+    return typed[0] if typed and not any(x == flag or x.startswith(flag + "=") for x in args) else flag
 
 
 def _recipe(path: str, given: dict[str, Any], values: tuple[Option, ...]) -> tuple[Any, str]:

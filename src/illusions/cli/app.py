@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -85,10 +86,21 @@ def main(
     """Does a simplified explanation of a transformer still describe it out of distribution?"""
 
 
+# --threads may ask for at most this many threads per CPU of this machine: more only oversubscribe
+# the cores (OpenMP slows down, and at tens of thousands of threads fails to start them).
+THREADS_PER_CPU = 4
+
+
+def max_threads() -> int:
+    """The most ``--threads`` accepted: :data:`THREADS_PER_CPU` times this machine's CPU count."""
+    return THREADS_PER_CPU * (os.cpu_count() or 1)
+
+
 def set_threads(threads: int) -> None:
     """Set torch's intra-op thread count (OpenMP collapses when threads outnumber free cores)."""
-    if threads < 1:
-        fail(f"--threads must be at least 1, got {threads}")
+    if not 1 <= threads <= max_threads():
+        fail(f"--threads must be in 1..{max_threads()} ({THREADS_PER_CPU} per CPU of this machine's "
+             f"{os.cpu_count() or 1}), got {threads}")
     import torch
 
     torch.set_num_threads(threads)

@@ -51,7 +51,7 @@ def train(
     from rich.console import Console
 
     err = Console(stderr=True)
-    plan = _plan(task, out, steps=steps, seed=seed, resume=resume, save_every=save_every)
+    plan = _plan(task, out, steps=steps, seed=seed, resume=resume, save_every=save_every, device=device)
     _build_splits(err, plan)
     result = _train_with_progress(err, plan, device=device, allow_tf32=allow_tf32)
     if result.interrupted:
@@ -79,12 +79,12 @@ class _Plan:
 
 
 def _plan(task: str, out: Path | None, *, steps: int | None, seed: int | None, resume: bool,
-          save_every: int | None) -> _Plan:
+          save_every: int | None, device: Any = "cpu") -> _Plan:
     """The recipe named by ``task`` with --steps/--seed (or, resuming, the run's own settings) applied,
     checked as far as it can be without data."""
     from illusions.models import ModelConfig
     from illusions.recipes import resolve_recipe
-    from illusions.training import TrainConfig, check_out_dir, read_trainer_state
+    from illusions.training import TrainConfig, check_model_size, check_out_dir, read_trainer_state
 
     recipe = resolve_recipe(task, {"model": ModelConfig, "train": TrainConfig})
     out = out if out is not None else Path("runs") / f"train-{recipe.task_name}"
@@ -106,6 +106,7 @@ def _plan(task: str, out: Path | None, *, steps: int | None, seed: int | None, r
         recipe = recipe.replace("train", **changes)
     model_cfg: ModelConfig = recipe["model"]
     train_cfg: TrainConfig = recipe["train"]
+    check_model_size(model_cfg, device)
     if resume:
         read_trainer_state(out, model_cfg, train_cfg)
     task_obj = recipe.make_task()
@@ -190,13 +191,17 @@ def _print_result(console: Any, plan: _Plan, result: Any) -> None:
             name,
             f"{full['accuracy']:.4f}" if full else "-",
             f"{full['n_positions']}" if full else "-",
-            f"{sub['accuracy']:.4f}",
+            f"{sub['accuracy']:.4f}" if sub.get("n_positions") else "-",  # no scored position: no accuracy
         )
     console.print(table)
-    console.print(
-        f"{result.train_tokens:,} tokens in {result.train_seconds:.0f}s of training "
-        f"({result.tokens_per_s:,.0f} tok/s), {result.wall_seconds:.0f}s in all"
-    )
+    if result.train_tokens:
+        console.print(
+            f"{result.train_tokens:,} tokens in {result.train_seconds:.0f}s of training "
+            f"({result.tokens_per_s:,.0f} tok/s), {result.wall_seconds:.0f}s in all"
+        )
+    else:  # a resumed run whose steps were all done: it only evaluated
+        console.print(f"no training step was left (all {plan.train_cfg.steps} were done); "
+                      f"{result.wall_seconds:.0f}s in all")
     console.print(f"checkpoint: {out}")
     if plan.save_every:
         from illusions.models import CHECKPOINTS_DIR, list_checkpoints

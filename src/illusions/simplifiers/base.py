@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self, runtime_checkab
 
 from illusions.activations import hook_layer
 from illusions.config import Config, read_json
-from illusions.errors import IllusionsError
+from illusions.errors import IllusionsError, InvalidOption
 from illusions.io import MANIFEST_FILE, OutputKind, atomic_write_json, changed_files, staged_dir
 
 if TYPE_CHECKING:
@@ -164,13 +164,18 @@ class SimplifierConfig(Config):
         return params
 
 
-def check_positive(value: int, what: str, upper: int | None = None) -> None:
-    """Raise unless ``1 <= value`` (and ``value <= upper`` when given), stating the valid range."""
+def check_positive(value: int, what: str, upper: int | None = None, upper_is: str = "") -> None:
+    """Raise unless ``1 <= value`` (and ``value <= upper`` when given), stating the valid range
+    (and what the upper end is, ``upper_is``).
+
+    The error is an :class:`InvalidOption` naming ``what``, the parameter, so that the analysis spec
+    and the CLI can name the option or flag the user set.
+    """
     if isinstance(value, bool) or not isinstance(value, int):
-        raise IllusionsError(f"{what} must be an integer, got {value!r}")
+        raise InvalidOption(what, f"must be an integer, got {value!r}")
     if value < 1 or (upper is not None and value > upper):
-        valid = f"be in 1..{upper}" if upper is not None else "be at least 1"
-        raise IllusionsError(f"{what} must {valid}, got {value}")
+        valid = f"be in 1..{upper}{f' ({upper_is})' if upper_is else ''}" if upper is not None else "be at least 1"
+        raise InvalidOption(what, f"must {valid}, got {value}")
 
 
 def qk_hook_name(layer: int, side: str) -> str:
@@ -414,6 +419,8 @@ class Proxy:
             "info": self.info,
             "hooks": described,
         }
+        if self.sweep_param:  # what it sweeps travels with it (absent for methods that sweep nothing)
+            data["sweep_param"] = self.sweep_param
         with staged_dir(directory, kind=PROXY_DIR) as stage:
             save_file(tensors, str(stage / PROXY_WEIGHTS_FILE), metadata={"format": PROXY_FORMAT})
             atomic_write_json(stage / PROXY_CONFIG_FILE, data)
@@ -460,6 +467,7 @@ class Proxy:
             hooks=tuple(hooks),
             attention_heads=tuple(tuple(p) for p in data.get("attention_heads", [])),
             info=data.get("info", {}),
+            sweep_param=str(data.get("sweep_param", "")),
         )
 
 

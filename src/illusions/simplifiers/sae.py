@@ -374,6 +374,32 @@ def _mean_norm_scale(x: Tensor) -> float:
     return math.sqrt(x.shape[-1]) / mean_norm if mean_norm > 0 else 1.0
 
 
+def dictionary_bytes(d_in: int, width: int, batch: int, n: int) -> int:
+    """Bytes that training a ``width``-latent dictionary on ``n`` vectors of ``d_in`` needs at least.
+
+    The encoder and decoder (``2 d_in width + width + d_in`` floats) with their gradients and Adam's
+    two moments (16 bytes a parameter); a batch's pre-activations, latents and their gradients
+    (``4 batch width`` floats); and the fit summary's record of which latents fired on each fitting
+    vector (``n width`` bytes).
+    """
+    return 16 * (2 * d_in * width + width + d_in) + 16 * batch * width + n * width
+
+
+def check_dictionary_fits(d_in: int, width: int, batch: int, n: int, device: Any) -> None:
+    """Refuse a dictionary too wide to train in ``device``'s memory, before SAELens allocates it (the
+    bound is the device's whole memory, :func:`illusions.devices.memory_bytes`)."""
+    from illusions.devices import gigabytes, memory_bytes
+
+    have, need = memory_bytes(device), dictionary_bytes(d_in, width, batch, n)
+    if have is None or need <= have:
+        return
+    widest = max(0, (have - 16 * d_in) // (16 * (2 * d_in + 1) + 16 * batch + n))
+    where = "this machine" if torch.device(device).type == "cpu" else f"device {device}"
+    raise IllusionsError(f"a dictionary of width {width:,} on {n:,} vectors of {d_in} needs {gigabytes(need)} to "
+                         f"train, more than the {gigabytes(have)} of {where}; the width can be at most {widest:,} "
+                         "here")
+
+
 def train_dictionary(
     x: Float[Tensor, "n d_in"],
     target: Float[Tensor, "n d_out"] | None,
@@ -602,7 +628,7 @@ class _Dictionary(SimplifierConfig):
             self._check_saved_kind()  # fail before any work when there is nothing (fitting) to load
             return
         if self.architecture == "topk":
-            check_positive(self.top_k, "top_k", self.width)
+            check_positive(self.top_k, "top_k", self.width, "the dictionary width")
             if self.l1 != defaults["l1"]:
                 raise IllusionsError(f"l1 is the sparsity coefficient of standard and jumprelu; topk's sparsity is "
                                      f"top_k (got l1={self.l1})")
@@ -658,6 +684,7 @@ class _Dictionary(SimplifierConfig):
                 weights = load_saved(self.sae_from, transcoder=transcoder)
                 self._check_saved(site, weights, int(x.shape[1]))
             else:
+                check_dictionary_fits(int(x.shape[1]), self.width, min(self.sae_batch, n_fitted), n_fitted, x.device)
                 weights = train_dictionary(
                     x, y, architecture=self.architecture, width=self.width, top_k=self.top_k, l1=self.l1,
                     steps=self.sae_steps, batch=self.sae_batch, lr=self.sae_lr, seed=self.seed)

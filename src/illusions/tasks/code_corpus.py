@@ -55,8 +55,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from illusions.config import check_regular
 from illusions.errors import IllusionsError
 from illusions.io import atomic_write_bytes
+from illusions.tasks.jsonl import read_objects
 
 log = logging.getLogger(__name__)
 
@@ -224,57 +226,47 @@ def make_corpus(
 # ----------------------------------------------------------------------------- CodeSearchNet JSONL
 
 
-def _open_text(path: Path):
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
 def jsonl_files(path: Path) -> list[Path]:
-    """The JSONL files a corpus path names: the file itself, or those under a folder, sorted."""
-    if not path.exists():
+    """The JSONL files a corpus path names: the file itself, or those under a folder, sorted.
+
+    In a folder, every entry named like a JSONL file that is not itself a folder is returned, so
+    one that is not a readable regular file (a FIFO, a dangling symlink) is refused when it is read
+    instead of being left out silently.
+    """
+    if not path.exists() and not path.is_symlink():
         raise IllusionsError(f"corpus path {path} does not exist")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(JSONL_SUFFIXES))
+        files = sorted(p for p in path.rglob("*") if p.name.endswith(JSONL_SUFFIXES) and not p.is_dir())
         if not files:
             raise IllusionsError(
                 f"corpus folder {path} holds no {', '.join(JSONL_SUFFIXES)} files"
             )
+        for file in files:
+            check_regular(file, what="corpus file")
         return files
+    check_regular(path, what="corpus file")
     return [path]
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[Function, str]]:
     """Yield ``(function, origin)`` for every line of one CodeSearchNet-style JSONL file.
 
-    Blank lines are skipped. A line that is not a JSON object, or lacks a code or language field,
-    raises an :class:`IllusionsError` naming the file and line.
+    Blank lines are skipped. The file and its lines are read by :func:`illusions.tasks.jsonl.read_objects`
+    (a regular UTF-8 file, each line one JSON object without a repeated key); a line that lacks a
+    code or language field raises an :class:`IllusionsError` naming the file and line.
     """
     path = Path(path)
-    try:
-        with _open_text(path) as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise IllusionsError(f"corpus line {where} is not valid JSON ({exc.msg})") from None
-                if not isinstance(record, dict):
-                    raise IllusionsError(f"corpus line {where} is not a JSON object")
-                code = next((record[k] for k in CODE_FIELDS if isinstance(record.get(k), str)), None)
-                lang = next((record[k] for k in LANGUAGE_FIELDS if isinstance(record.get(k), str)), None)
-                if code is None or lang is None:
-                    raise IllusionsError(
-                        f"corpus line {where} has no code field ({', '.join(CODE_FIELDS)}) "
-                        f"or no language field ({', '.join(LANGUAGE_FIELDS)})"
-                    )
-                text = strip_indent(code)
-                if text:
-                    yield Function(lang.strip().lower(), text), str(path)
-    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
-        raise IllusionsError(f"cannot read corpus file {path} ({exc})") from None
+    for where, record in read_objects(path, what="corpus file", line_label="corpus line "):
+        code = next((record[k] for k in CODE_FIELDS if isinstance(record.get(k), str)), None)
+        lang = next((record[k] for k in LANGUAGE_FIELDS if isinstance(record.get(k), str)), None)
+        if code is None or lang is None:
+            raise IllusionsError(
+                f"{where} has no code field ({', '.join(CODE_FIELDS)}) "
+                f"or no language field ({', '.join(LANGUAGE_FIELDS)})"
+            )
+        text = strip_indent(code)
+        if text:
+            yield Function(lang.strip().lower(), text), str(path)
 
 
 # ----------------------------------------------------------------------------- Python (stdlib, ast)

@@ -14,9 +14,11 @@ gaps are measured against. Each non-blank line is one sequence, a JSON object wi
     "meta": {"name": [...]} optional: one integer or string per scored position, for ``--by name``
                             breakdowns (every line of a split gives the same names).
 
-Everything is read and checked when the task is made, before any model weight is loaded: a line
-that is not JSON, a token id outside the vocabulary, a sequence longer than the model's context, a
-score position out of range, ``score`` / ``target`` / ``meta`` of different lengths, text without a
+Everything is read and checked when the task is made, before any model weight is loaded: a split
+file that is not a readable regular file (a directory, FIFO, dangling symlink, symlink loop), a line
+that is not JSON or gives a key twice (:func:`illusions.tasks.jsonl.read_objects`), a token id
+outside the vocabulary, a sequence longer than the model's context, a score position out of range, a
+meta integer beyond 64 bits, ``score`` / ``target`` / ``meta`` of different lengths, text without a
 tokenizer and an empty split are each one :class:`IllusionsError` naming the file and line.
 
 The argmax of a prediction ranges over the whole vocabulary, or over the token ids listed one per
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,14 +38,17 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from illusions.config import Config
+from illusions.config import Config, check_regular
 from illusions.errors import IllusionsError
 from illusions.tasks.base import DataSupport, Scored, Split, Vocab
+from illusions.tasks.jsonl import read_objects
 
 FIT_SPLIT = "train"
 REFERENCE_SPLIT = "iid"
 SUFFIX = ".jsonl"
 MAX_DISCRETE = 16
+# Integer meta values are stored as int64.
+INT64 = (-(2**63), 2**63 - 1)
 # Meta names the analysis uses itself: the overall group, and the sequence length behind the
 # length-matched gaps and ``--by length``.
 RESERVED_META = ("all", "length", "seq_len")
@@ -124,6 +128,10 @@ class CustomTask(DataSupport):
         if d_vocab is None or n_ctx is None:
             raise IllusionsError("task 'custom' reads your splits against a model; run it with "
                                  "`illusions analyze custom --data DIR --model PATH`")
+        for what, value in (("vocabulary size", d_vocab), ("context length", n_ctx)):
+            if int(value) < 1:
+                raise IllusionsError(f"{model_name} gives a {what} of {value}; it must be at least 1 (check its "
+                                     "config.json)")
         self.config = config
         self.d_vocab = int(d_vocab)
         self.n_ctx = int(n_ctx)
@@ -171,23 +179,9 @@ class CustomTask(DataSupport):
     def _read(self, path: Path) -> _RawSplit:
         name = path.name[: -len(SUFFIX)]
         raw = _RawSplit(name, path, [], [], [], [], {})
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError:
-            raise IllusionsError(f"{path} is not UTF-8 text") from None
-        except OSError as exc:
-            raise IllusionsError(f"cannot read {path}: {exc.strerror}") from None
         names: tuple[str, ...] | None = None
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise IllusionsError(f"{where} is not JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise IllusionsError(f"{where} is not a JSON object; expected {{\"tokens\": [...]}} or {{\"text\": ...}}")
+        expected = "; expected {\"tokens\": [...]} or {\"text\": ...}"
+        for where, obj in read_objects(path, what="split file", expected=expected):
             unknown = sorted(set(obj) - set(_KEYS))
             if unknown:
                 raise IllusionsError(f"{where} has unknown key(s) {', '.join(unknown)}; known: {', '.join(_KEYS)}")
@@ -237,7 +231,7 @@ class CustomTask(DataSupport):
                 raise IllusionsError(f"{where}: tokens is empty")
         bad = next((t for t in tokens if not 0 <= t < self.d_vocab), None)
         if bad is not None:
-            raise IllusionsError(f"{where}: token id {bad} is outside the vocabulary of {self._model} "
+            raise IllusionsError(f"{where}: token id {_show(bad)} is outside the vocabulary of {self._model} "
                                  f"(0..{self.d_vocab - 1})")
         if len(tokens) > self.n_ctx:
             raise IllusionsError(f"{where}: the sequence has {len(tokens)} tokens, more than the context of "
@@ -253,7 +247,7 @@ class CustomTask(DataSupport):
             bad = next((p for p in score if not 0 <= p <= last), None)
             if bad is not None:
                 why = "" if has_target else " (the last position has no next token to predict unless target gives one)"
-                raise IllusionsError(f"{where}: score position {bad} is out of range 0..{last} for a sequence of "
+                raise IllusionsError(f"{where}: score position {_show(bad)} is out of range 0..{last} for a sequence of "
                                      f"{n} tokens{why}")
             if len(set(score)) != len(score):
                 raise IllusionsError(f"{where}: score lists a position twice")
@@ -266,7 +260,7 @@ class CustomTask(DataSupport):
                                      "scored (score and target must have the same length)")
             bad = next((t for t in target if not 0 <= t < self.d_vocab), None)
             if bad is not None:
-                raise IllusionsError(f"{where}: target token id {bad} is outside the vocabulary of {self._model} "
+                raise IllusionsError(f"{where}: target token id {_show(bad)} is outside the vocabulary of {self._model} "
                                      f"(0..{self.d_vocab - 1})")
         else:
             target = [tokens[p + 1] for p in score]
@@ -277,8 +271,9 @@ def split_files(data: Path) -> list[Path]:
     """The split files of a data directory: ``train.jsonl`` first, then ``iid.jsonl``, then the rest."""
     if not data.is_dir():
         raise IllusionsError(f"data directory {data} does not exist or is not a directory")
-    files = sorted(p for p in data.iterdir() if p.name.endswith(SUFFIX) and not p.name.startswith(".")
-                   and p.is_file())
+    files = sorted(p for p in data.iterdir() if p.name.endswith(SUFFIX) and not p.name.startswith("."))
+    for p in files:  # a directory, FIFO or broken link named like a split is refused, not skipped
+        check_regular(p, what="split file")
     names = [p.name[: -len(SUFFIX)] for p in files]
     if FIT_SPLIT not in names:
         raise IllusionsError(f"data directory {data} has no {FIT_SPLIT}{SUFFIX} (the split the proxy is fitted on)")
@@ -332,6 +327,12 @@ def unique_tokens(tokens: Sequence[str], d_vocab: int) -> list[str]:
     return out
 
 
+def _show(value: int) -> str:
+    """An integer for a message: in full up to 24 digits, else its first digits and its length."""
+    text = str(value)
+    return text if len(text) <= 24 else f"{text[:12]}... ({len(text.lstrip('-'))} digits)"
+
+
 def _int_list(value: Any, key: str, where: str) -> list[int]:
     if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
         raise IllusionsError(f"{where}: {key} must be a list of integers")
@@ -358,6 +359,9 @@ def _add_meta(column: _Column, key: str, values: Any, n: int, where: str) -> Non
             is_string = True
         elif isinstance(v, int):
             is_string = False
+            if not INT64[0] <= v <= INT64[1]:
+                raise IllusionsError(f"{where}: meta {key!r} value {_show(v)} is out of range (meta integers are 64-bit: "
+                                     "-2**63..2**63-1)")
         else:
             raise IllusionsError(f"{where}: meta {key!r} values must be integers or strings, got {v!r}")
         if column.strings is None:
