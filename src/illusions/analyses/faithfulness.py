@@ -19,7 +19,7 @@ import numpy as np
 from illusions.analyses.sparse import sparse_stats
 from illusions.errors import IllusionsError
 from illusions.metric_table import POSITION_METRICS
-from illusions.metrics import js_divergence, kl_divergence
+from illusions.metrics import js_divergence, kl_divergence_chunked
 from illusions.scoring import gather_scored, iter_batches, restricted_argmax
 from illusions.tasks.base import Split
 
@@ -138,6 +138,7 @@ def analyze(
     seed: int = 0,
     batch_size: int = 64,
     progress: Progress | None = None,
+    token_budget: int | None = None,
 ) -> AnalysisResult:
     """Fit each simplifier on ``fit_n`` sequences of ``fit_split`` and evaluate it on every split.
 
@@ -153,6 +154,8 @@ def analyze(
         seed: seeds the choice of fitting and evaluation sequences.
         batch_size: sequences per forward pass.
         progress: called as ``progress(stage, done, total)``.
+        token_budget: padded tokens per evaluation batch at most (default: :data:`TOKEN_BUDGET`; see
+            :func:`batch_tokens`).
 
     Returns:
         The fitted proxies and per-position records for every (split, proxy) pair.
@@ -178,7 +181,7 @@ def analyze(
         if progress:
             progress(name, i, len(eval_splits))
         evaluated = evaluate_split(model, splits[name], split_rows[name], proxies, candidates=candidates,
-                                   batch_size=batch_size)
+                                   batch_size=batch_size, token_budget=token_budget)
         # Sparse dictionaries also report their reconstruction and latents on the split.
         stats = sparse_stats(model, splits[name], split_rows[name], proxies, batch_size=batch_size)
         for j, rec in enumerate(evaluated):
@@ -246,8 +249,11 @@ def evaluate_split(
     *,
     candidates: np.ndarray | None,
     batch_size: int = 64,
+    token_budget: int | None = None,
 ) -> list[Records]:
     """Run the original model once over ``rows`` of a split and every proxy against it.
+
+    Batches hold at most ``batch_size`` rows and :func:`batch_tokens` padded tokens.
 
     Each proxy runs from its first simplified layer (``start_at_layer``) on the original residual
     stream cached at that layer, so the shared prefix is computed once per batch for all proxies.
@@ -270,7 +276,7 @@ def evaluate_split(
     parts: list[list[dict[str, np.ndarray]]] = [[] for _ in proxies]
 
     with torch.inference_mode():
-        for batch in iter_batches(split, batch_size, rows=rows):
+        for batch in iter_batches(split, batch_size, rows=rows, max_tokens=batch_tokens(model, token_budget)):
             if len(batch.scored) == 0:
                 continue
             tokens = torch.as_tensor(batch.tokens, device=device)
@@ -309,7 +315,8 @@ def evaluate_split(
                         "original_pred": clean_pred.cpu().numpy(),
                         "proxy_pred": restricted_argmax(proxy_logits, candidates).cpu().numpy(),
                         "attention_jsd": jsd.cpu().numpy(),
-                        "kl": kl_divergence(clean_logits.to(f64), proxy_logits.to(f64)).cpu().numpy(),
+                        "kl": kl_divergence_chunked(clean_logits, proxy_logits, max_elements=KL_CHUNK,
+                                                    device=f64).cpu().numpy(),
                         "meta:seq_len": split.lengths[batch.rows[sc.seq]],
                         **{f"meta:{k}": v for k, v in sc.meta.items()},
                     }
@@ -335,6 +342,23 @@ def evaluate_split(
             )
         )
     return out
+
+
+# Padded tokens per evaluation batch (rows x width) by default: 64 rows of 256 tokens. The bundled
+# tasks' sequences (at most 128 tokens) keep their 64-row batches, so their numbers do not move.
+TOKEN_BUDGET = 16384
+# Logits (batch tokens x vocabulary) per batch at most: 2**27 float32 logits are 512 MB per tensor.
+LOGIT_BUDGET = 2**27
+# Scored positions x vocabulary per float64 KL chunk (2**24: 128 MB per log_softmax copy).
+KL_CHUNK = 2**24
+
+
+def batch_tokens(model: HookedTransformer, token_budget: int | None = None) -> int:
+    """Padded tokens one evaluation batch may hold: ``token_budget`` (default :data:`TOKEN_BUDGET`),
+    and no more than :data:`LOGIT_BUDGET` logits over the model's vocabulary (a 50,257-token
+    vocabulary: 2,670 tokens, 20 rows of 128)."""
+    budget = TOKEN_BUDGET if token_budget is None else int(token_budget)
+    return max(1, min(budget, LOGIT_BUDGET // max(int(model.cfg.d_vocab_out), 1)))
 
 
 def _capture(store: dict[int, Any], layer: int) -> Callable[..., Any]:

@@ -130,6 +130,9 @@ class AnalysisSpec(Config):
     seed: int = 0
     n_boot: int = 1000
     batch_size: int = 64
+    # Padded tokens per evaluation batch at most (rows x width; faithfulness.TOKEN_BUDGET), and never
+    # more than 2**27 logits over the vocabulary (faithfulness.batch_tokens).
+    token_budget: int = 16384
     breakdowns: tuple[str, ...] = BREAKDOWNS
     per_head: bool = False
     data: str = ""
@@ -160,7 +163,7 @@ class AnalysisSpec(Config):
             _check_ints(name, getattr(self, name), low=0)
             if len(set(getattr(self, name))) != len(getattr(self, name)):
                 raise InvalidOption(name, f"lists a value twice: {list(getattr(self, name))}")
-        for name, low in (("fit_n", 1), ("seed", 0), ("n_boot", 10), ("batch_size", 1)):
+        for name, low in (("fit_n", 1), ("seed", 0), ("n_boot", 10), ("batch_size", 1), ("token_budget", 1)):
             _check_ints(name, (getattr(self, name),), low=low)
         if self.max_seqs is not None:
             _check_ints("max_seqs", (self.max_seqs,), low=0)
