@@ -285,6 +285,7 @@ def evaluate_split(
             seq_t = torch.as_tensor(sc.seq, device=device)
             pos_t = torch.as_tensor(sc.pos, device=device)
             clean_logits = gather_scored(logits, sc)
+            del logits  # only the scored positions' logits are kept (memory)
             clean_pred = restricted_argmax(clean_logits, candidates)
             for j, proxy in enumerate(proxies):
                 captured: dict[int, torch.Tensor] = {}
@@ -299,6 +300,7 @@ def evaluate_split(
                     fwd_hooks=list(proxy.fwd_hooks) + capture_hooks,
                 )
                 proxy_logits = gather_scored(proxy_logits_full, sc)
+                del proxy_logits_full
                 jsd = torch.full((len(sc),), float("nan"), dtype=torch.float64, device=f64)
                 if proxy.heads:
                     per_head = []
@@ -347,16 +349,19 @@ def evaluate_split(
 # Padded tokens per evaluation batch (rows x width) by default: 64 rows of 256 tokens. The bundled
 # tasks' sequences (at most 128 tokens) keep their 64-row batches, so their numbers do not move.
 TOKEN_BUDGET = 16384
-# Logits (batch tokens x vocabulary) per batch at most: 2**27 float32 logits are 512 MB per tensor.
-LOGIT_BUDGET = 2**27
-# Scored positions x vocabulary per float64 KL chunk (2**24: 128 MB per log_softmax copy).
-KL_CHUNK = 2**24
+# Logits (batch tokens x vocabulary) per batch at most: 2**24 float32 logits are 64 MB per tensor, and the
+# evaluation holds about three (the clean and proxy logits at scored positions, the proxy pass's output).
+LOGIT_BUDGET = 2**24
+# Scored positions x vocabulary per float64 KL chunk: 2**21 logits are 16 MB per float64 copy, and the
+# KL holds about five (2**24, the whole batch at a 4,096 vocabulary, took the evaluation from 0.15 to 1.1 GB).
+KL_CHUNK = 2**21
 
 
 def batch_tokens(model: HookedTransformer, token_budget: int | None = None) -> int:
     """Padded tokens one evaluation batch may hold: ``token_budget`` (default :data:`TOKEN_BUDGET`),
     and no more than :data:`LOGIT_BUDGET` logits over the model's vocabulary (a 50,257-token
-    vocabulary: 2,670 tokens, 20 rows of 128)."""
+    vocabulary: 333 tokens, 5 rows of 64; the bundled tasks' 43-token vocabulary: no limit below the
+    token budget)."""
     budget = TOKEN_BUDGET if token_budget is None else int(token_budget)
     return max(1, min(budget, LOGIT_BUDGET // max(int(model.cfg.d_vocab_out), 1)))
 
