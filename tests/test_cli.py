@@ -63,3 +63,48 @@ def test_process_entry_point_runs_the_app_and_freezes_the_heap():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split()[-2:] == ["0", "True"], out.stdout
+
+
+def test_default_threads_fit_the_free_cores(monkeypatch):
+    import os
+
+    from illusions.cli.app import MAX_AUTO_THREADS, auto_threads
+
+    def machine(cores: int, load: float | None) -> int:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+
+        def loadavg() -> tuple[float, float, float]:
+            if load is None:
+                raise OSError("no load average here")
+            return (load, load, load)
+
+        monkeypatch.setattr(os, "getloadavg", loadavg)
+        return auto_threads()
+
+    assert machine(2, 0.1) == 2  # idle: the old default
+    assert machine(2, 1.1) == 1  # another process holds one of the two cores
+    assert machine(2, 9.0) == 1  # never fewer than one
+    assert machine(1, 0.0) == 1  # affinity limits it
+    assert machine(16, 0.0) == MAX_AUTO_THREADS  # capped; --threads N asks for more
+    assert machine(16, 15.2) == 1
+    assert machine(2, None) == 2  # no load average: the cores we may use
+
+
+def test_process_entry_point_lets_idle_openmp_threads_sleep_unless_told_otherwise():
+    import os
+
+    code = (
+        "import os, sys\n"
+        "from illusions.cli import run\n"
+        "sys.argv = ['illusions', 'list']\n"
+        "try:\n"
+        "    run()\n"
+        "except SystemExit:\n"
+        "    print(os.environ['OMP_WAIT_POLICY'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.split()[-1] == "PASSIVE", out.stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**env, "OMP_WAIT_POLICY": "ACTIVE"})
+    assert out.stdout.split()[-1] == "ACTIVE", out.stdout

@@ -217,3 +217,27 @@ def test_a_split_named_twice_is_evaluated_once(dyck_env, tmp_path):
     twice = _invoke([*common, "--split", "iid", "--split", "iid", "--out", str(tmp_path / "twice")])
     assert once.exit_code == 0 and twice.exit_code == 0, once.output + twice.output
     assert (tmp_path / "once" / "metrics.csv").read_bytes() == (tmp_path / "twice" / "metrics.csv").read_bytes()
+
+
+def test_an_allocation_that_fails_is_one_line_naming_what_to_reduce(dyck_env, tmp_path, monkeypatch):
+    from illusions.analyses import faithfulness
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 2147483648 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(faithfulness, "evaluate_split", no_memory)
+    _, _, root = dyck_env
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["analyze", "dyck", "--model", str(root / "model"), "--fit-n", "50", "--n-boot", "20",
+                                 "--threads", "1", "--no-report", "--token-budget", "4096", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: out of memory"), result.output
+    assert "--token-budget (now 4096)" in lines[0] and "--batch-size (now 64)" in lines[0]
+    assert "Traceback" not in result.output and not out.exists()
+    # Another error is not dressed up as one of memory.
+    monkeypatch.setattr(faithfulness, "evaluate_split", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape")))
+    with pytest.raises(RuntimeError, match="shape"):
+        _invoke(["analyze", "dyck", "--model", str(root / "model"), "--fit-n", "50", "--n-boot", "20",
+                 "--threads", "1", "--no-report", "--out", str(tmp_path / "other")])

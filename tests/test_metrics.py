@@ -12,7 +12,18 @@ from illusions.metrics import (
     agreement,
     js_divergence,
     kl_divergence,
+    kl_divergence_chunked,
 )
+
+
+def test_chunked_kl_is_the_whole_kl_bit_for_bit():
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(37, 101, generator=gen) * 4
+    q = torch.randn(37, 101, generator=gen) * 4
+    whole = kl_divergence(p, q)
+    for max_elements in (1, 101, 250, 101 * 37, 10**9):  # one row per chunk ... all rows at once
+        assert torch.equal(kl_divergence_chunked(p, q, max_elements=max_elements), whole)
+    assert kl_divergence_chunked(p[:0], q[:0]).shape == (0,)
 
 
 def test_kl_against_hand_computed_value():

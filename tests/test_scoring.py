@@ -31,6 +31,20 @@ def test_batches_cover_every_scored_position_once_and_map_back():
     assert sorted(seen) == list(range(6))
 
 
+def test_token_budget_cuts_batches_by_rows_times_width():
+    split = _split()  # lengths 4, 3, 6, 2: sorted 2, 3, 4, 6
+    widths = [(len(b.rows), b.tokens.shape[1]) for b in iter_batches(split, 64, max_tokens=9)]
+    # 2 rows of width 3 (6 tokens; a third row of width 4 would make 12), then 4 alone, then 6 alone
+    assert widths == [(2, 3), (1, 4), (1, 6)]
+    assert all(rows * width <= 9 or rows == 1 for rows, width in widths)
+    seen = sorted(i for b in iter_batches(split, 64, max_tokens=9) for i in b.index.tolist())
+    assert seen == list(range(6))
+    # a budget below one row's width still runs that row, alone
+    assert [len(b.rows) for b in iter_batches(split, 64, max_tokens=1)] == [1, 1, 1, 1]
+    # no budget: the plain row count
+    assert [len(b.rows) for b in iter_batches(split, 3)] == [3, 1]
+
+
 def test_restricted_argmax_ignores_non_candidates():
     logits = torch.tensor([[0.0, 9.0, 1.0, 2.0], [0.0, 9.0, 3.0, 2.0]])
     assert restricted_argmax(logits, None).tolist() == [1, 1]

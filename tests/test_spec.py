@@ -33,6 +33,8 @@ runner = CliRunner()
         ({"fit_n": 0}, "fit_n", "must be at least 1, got 0"),
         ({"max_seqs": -3}, "max_seqs", "must be at least 0, got -3"),
         ({"n_boot": 5}, "n_boot", "must be at least 10, got 5"),
+        ({"batch_size": 0}, "batch_size", "must be at least 1, got 0"),
+        ({"token_budget": 0}, "token_budget", "must be at least 1, got 0"),
         ({"layers": (1, 1)}, "layers", "lists a value twice"),
         ({"heads": (-1,)}, "heads", "must be at least 0, got -1"),
         ({"breakdowns": ("colour",)}, "breakdowns", "unknown value(s) colour"),

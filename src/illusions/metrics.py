@@ -22,7 +22,7 @@ and shared by every metric and proxy, so comparisons between proxies on one spli
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -42,6 +42,31 @@ def kl_divergence(
     logp = torch.log_softmax(logits_p.double(), dim=-1)
     logq = torch.log_softmax(logits_q.double(), dim=-1)
     return (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)
+
+
+def kl_divergence_chunked(
+    logits_p: Float[Tensor, "n d_vocab"], logits_q: Float[Tensor, "n d_vocab"], *,
+    max_elements: int = 2**24, device: Any = None,
+) -> Float[Tensor, " n"]:
+    """:func:`kl_divergence` over row chunks of at most ``max_elements`` logits each.
+
+    The float64 ``log_softmax`` copies (the exact figure) then exist for one chunk at a time instead
+    of for every scored position of a batch (8,128 positions x 50,257 tokens x 8 bytes = 3.3 GB each).
+    Every row is computed alone, so the numbers are those of :func:`kl_divergence`, bit for bit.
+
+    Args:
+        logits_p, logits_q: ``[n, d_vocab]`` logits (any float dtype).
+        max_elements: logits per chunk (rows x vocabulary); at least one row.
+        device: where the float64 work runs (default: where the logits are).
+    """
+    import torch
+
+    n, vocab = logits_p.shape
+    rows = max(1, max_elements // max(vocab, 1))
+    out = [kl_divergence(logits_p[i : i + rows].to(device or logits_p.device, torch.float64),
+                         logits_q[i : i + rows].to(device or logits_q.device, torch.float64))
+           for i in range(0, n, rows)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64, device=device or logits_p.device)
 
 
 def js_divergence(p: Float[Tensor, "... k"], q: Float[Tensor, "... k"]) -> Float[Tensor, "..."]:

@@ -33,20 +33,24 @@ class Batch:
     index: np.ndarray  # positions of these entries in the split's full Scored arrays
 
 
-def iter_batches(split: Split, batch_size: int, *, rows: np.ndarray | None = None) -> Iterator[Batch]:
+def iter_batches(split: Split, batch_size: int, *, rows: np.ndarray | None = None,
+                 max_tokens: int | None = None) -> Iterator[Batch]:
     """Batches of a split in row order (or of the given ``rows``), each trimmed to its longest row.
 
     Rows are sorted by length within the selection so that padding stays small; every scored position
-    of the selected rows appears in exactly one batch, and ``Batch.index`` maps it back.
+    of the selected rows appears in exactly one batch, and ``Batch.index`` maps it back. A batch holds
+    at most ``batch_size`` rows and, given ``max_tokens``, at most that many padded tokens (rows x its
+    width; a row longer than that goes alone), so long sequences come in fewer rows per batch.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
     rows = np.arange(len(split)) if rows is None else np.asarray(rows, dtype=np.int64)
     rows = rows[np.argsort(split.lengths[rows], kind="stable")]
     order = np.argsort(split.scored.seq, kind="stable")
     seq_sorted = split.scored.seq[order]
-    for start in range(0, rows.shape[0], batch_size):
-        chunk = rows[start : start + batch_size]
+    for chunk in _row_chunks(split.lengths[rows], rows, batch_size, max_tokens):
         width = int(split.lengths[chunk].max())
         local = np.full(len(split), -1, dtype=np.int64)
         local[chunk] = np.arange(chunk.shape[0])
@@ -58,6 +62,20 @@ def iter_batches(split: Split, batch_size: int, *, rows: np.ndarray | None = Non
         sc = split.scored.subset(index)
         sc = Scored(seq=local[sc.seq], pos=sc.pos, target=sc.target, meta=sc.meta)
         yield Batch(rows=chunk, tokens=split.tokens[chunk, :width], scored=sc, index=index)
+
+
+def _row_chunks(widths: np.ndarray, rows: np.ndarray, batch_size: int, max_tokens: int | None) -> list[np.ndarray]:
+    """``rows`` (ascending ``widths``) cut into runs of at most ``batch_size`` rows and ``max_tokens``
+    padded tokens, the widest row of a run setting its width."""
+    if max_tokens is None:
+        return [rows[start : start + batch_size] for start in range(0, rows.shape[0], batch_size)]
+    out, start, n = [], 0, rows.shape[0]
+    for end in range(1, n + 1):
+        # rows start..end-1 go together; row `end` would make the run too long or too wide
+        if end == n or end - start == batch_size or (end + 1 - start) * int(widths[end]) > max_tokens:
+            out.append(rows[start:end])
+            start = end
+    return out
 
 
 def gather_scored(logits: Float[Tensor, "batch pos d_vocab"], scored: Scored) -> Float[Tensor, "n d_vocab"]:

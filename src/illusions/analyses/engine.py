@@ -53,6 +53,7 @@ def measure(
     max_seqs: int | None = None,
     seed: int = 0,
     batch_size: int = 64,
+    token_budget: int | None = None,
     breakdowns: Sequence[str] = BREAKDOWNS,
     n_boot: int = 1000,
     group_names: Mapping[str, Sequence[str]] | None = None,
@@ -72,7 +73,7 @@ def measure(
         candidates: token ids the prediction argmax ranges over (None: whole vocabulary).
         reference: the split gaps are measured against; it must be among the evaluated splits
             (None: no gaps).
-        fit_split, fit_n, eval_splits, max_seqs, seed, batch_size, progress: as for
+        fit_split, fit_n, eval_splits, max_seqs, seed, batch_size, token_budget, progress: as for
             :func:`~illusions.analyses.faithfulness.analyze`.
         breakdowns, n_boot, group_names, discrete, position_groups, match: as for
             :func:`~illusions.analyses.summary.summarize`.
@@ -83,7 +84,7 @@ def measure(
     """
     result = analyze(model, splits, proxies, candidates=candidates, fit_split=fit_split, fit_n=fit_n,
                      eval_splits=eval_splits, max_seqs=max_seqs, seed=seed, batch_size=batch_size,
-                     progress=progress, reference=reference, labels=labels)
+                     token_budget=token_budget, progress=progress, reference=reference, labels=labels)
     rows = summarize(result, reference=reference if reference is not None else "", breakdowns=breakdowns,
                      n_boot=n_boot, seed=seed, group_names=group_names, discrete=discrete,
                      position_groups=position_groups, match=match)

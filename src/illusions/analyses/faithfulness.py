@@ -19,7 +19,7 @@ import numpy as np
 from illusions.analyses.sparse import sparse_stats
 from illusions.errors import IllusionsError
 from illusions.metric_table import POSITION_METRICS
-from illusions.metrics import js_divergence, kl_divergence
+from illusions.metrics import js_divergence, kl_divergence_chunked
 from illusions.scoring import gather_scored, iter_batches, restricted_argmax
 from illusions.tasks.base import Split
 
@@ -142,6 +142,7 @@ def analyze(
     progress: Progress | None = None,
     reference: str | None = None,
     labels: Sequence[str | None] | None = None,
+    token_budget: int | None = None,
 ) -> AnalysisResult:
     """Fit each simplifier on ``fit_n`` sequences of ``fit_split`` and evaluate it on every split.
 
@@ -163,6 +164,8 @@ def analyze(
         reference: the split gaps will be measured against; named and absent from the evaluated
             splits, it is an error (rather than gaps that silently come out NaN).
         labels: one name per proxy, None for :func:`proxy_labels`' name (a repeated name gets ``#2``).
+        token_budget: padded tokens per evaluation batch at most (default: :data:`TOKEN_BUDGET`; see
+            :func:`batch_tokens`).
 
     Returns:
         The fitted proxies and per-position records for every (split, proxy) pair.
@@ -206,7 +209,7 @@ def analyze(
         if progress:
             progress(name, i, len(eval_splits))
         evaluated = evaluate_split(model, splits[name], split_rows[name], proxies, candidates=candidates,
-                                   batch_size=batch_size)
+                                   batch_size=batch_size, token_budget=token_budget)
         # Sparse dictionaries also report their reconstruction and latents on the split.
         stats = sparse_stats(model, splits[name], split_rows[name], proxies, batch_size=batch_size)
         for j, rec in enumerate(evaluated):
@@ -379,8 +382,11 @@ def evaluate_split(
     *,
     candidates: np.ndarray | None,
     batch_size: int = 64,
+    token_budget: int | None = None,
 ) -> list[Records]:
     """Run the original model once over ``rows`` of a split and every proxy against it.
+
+    Batches hold at most ``batch_size`` rows and :func:`batch_tokens` padded tokens.
 
     Each proxy runs from the first block its hooks touch (:func:`start_layer`, worked out from the
     hook names) on a copy of the original residual stream cached at that block, so the shared prefix
@@ -412,7 +418,7 @@ def evaluate_split(
     collectors = [SignalCollector(p) for p in proxies]
 
     with torch.inference_mode():
-        for batch in iter_batches(split, batch_size, rows=rows):
+        for batch in iter_batches(split, batch_size, rows=rows, max_tokens=batch_tokens(model, token_budget)):
             if len(batch.scored) == 0:
                 continue
             tokens = torch.as_tensor(batch.tokens, device=device)
@@ -421,6 +427,7 @@ def evaluate_split(
             seq_t = torch.as_tensor(sc.seq, device=device)
             pos_t = torch.as_tensor(sc.pos, device=device)
             clean_logits = gather_scored(logits, sc)
+            del logits  # only the scored positions' logits are kept (memory)
             clean_pred = restricted_argmax(clean_logits, candidates)
             for j, proxy in enumerate(proxies):
                 captured: dict[int, torch.Tensor] = {}
@@ -444,6 +451,7 @@ def evaluate_split(
                                          "(a hook point this configuration does not use), so the proxy would "
                                          "agree with the model everywhere")
                 proxy_logits = gather_scored(proxy_logits_full, sc)
+                del proxy_logits_full
                 jsd = torch.full((len(sc),), float("nan"), dtype=torch.float64, device=f64)
                 if proxy.heads:
                     per_head = []
@@ -460,7 +468,8 @@ def evaluate_split(
                         "original_pred": clean_pred.cpu().numpy(),
                         "proxy_pred": restricted_argmax(proxy_logits, candidates).cpu().numpy(),
                         "attention_jsd": jsd.cpu().numpy(),
-                        "kl": kl_divergence(clean_logits.to(f64), proxy_logits.to(f64)).cpu().numpy(),
+                        "kl": kl_divergence_chunked(clean_logits, proxy_logits, max_elements=KL_CHUNK,
+                                                    device=f64).cpu().numpy(),
                         "meta:seq_len": split.lengths[batch.rows[sc.seq]],
                         **{f"meta:{k}": v for k, v in sc.meta.items()},
                         **{f"warn:{k}": v for k, v in collectors[j].gather(seq_t, pos_t).items()},
@@ -495,6 +504,26 @@ def _mark(fired: set[str], name: str) -> Callable[..., Any]:
         fired.add(name)
 
     return hook
+
+
+# Padded tokens per evaluation batch (rows x width) by default: 64 rows of 256 tokens. The bundled
+# tasks' sequences (at most 128 tokens) keep their 64-row batches, so their numbers do not move.
+TOKEN_BUDGET = 16384
+# Logits (batch tokens x vocabulary) per batch at most: 2**24 float32 logits are 64 MB per tensor, and the
+# evaluation holds about three (the clean and proxy logits at scored positions, the proxy pass's output).
+LOGIT_BUDGET = 2**24
+# Scored positions x vocabulary per float64 KL chunk: 2**21 logits are 16 MB per float64 copy, and the
+# KL holds about five (2**24, the whole batch at a 4,096 vocabulary, took the evaluation from 0.15 to 1.1 GB).
+KL_CHUNK = 2**21
+
+
+def batch_tokens(model: LensModel, token_budget: int | None = None) -> int:
+    """Padded tokens one evaluation batch may hold: ``token_budget`` (default :data:`TOKEN_BUDGET`),
+    and no more than :data:`LOGIT_BUDGET` logits over the model's vocabulary (a 50,257-token
+    vocabulary: 333 tokens, 5 rows of 64; the bundled tasks' 43-token vocabulary: no limit below the
+    token budget)."""
+    budget = TOKEN_BUDGET if token_budget is None else int(token_budget)
+    return max(1, min(budget, LOGIT_BUDGET // max(int(model.cfg.d_vocab_out), 1)))
 
 
 def _capture(store: dict[int, Any], layer: int) -> Callable[..., Any]:

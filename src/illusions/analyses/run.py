@@ -17,11 +17,12 @@ not write, and files a user added to a run directory are kept.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,26 @@ def run_analysis(spec: AnalysisSpec, *, progress: Callable[[str, int, int], None
     return run
 
 
+@contextlib.contextmanager
+def out_of_memory_as_error(spec: AnalysisSpec) -> Iterator[None]:
+    """An allocation that fails inside the block becomes one :class:`IllusionsError` naming what to
+    reduce (torch's ``OutOfMemoryError`` on a GPU, ``RuntimeError: ... can't allocate`` on the CPU)."""
+    import torch
+
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+        text = str(exc)
+        if not isinstance(exc, torch.OutOfMemoryError | MemoryError) and not any(
+                words in text for words in ("can't allocate", "out of memory", "Cannot allocate memory")):
+            raise
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        raise IllusionsError(
+            f"out of memory ({first[:120]}); pass a smaller --token-budget (now {spec.token_budget}) or "
+            f"--batch-size (now {spec.batch_size}), fewer --fit-n (now {spec.fit_n}) or --max-seqs sequences"
+        ) from None
+
+
 def _run_on(spec: AnalysisSpec, device: Any, progress: Callable[[str, int, int], None] | None) -> RunResult:
     from illusions.analyses.engine import measure
 
@@ -191,13 +212,15 @@ def _run_on(spec: AnalysisSpec, device: Any, progress: Callable[[str, int, int],
     breakdowns = tuple(dict.fromkeys((*spec.breakdowns, *task_meta.get("meta_columns", ()))))
     # The engine the Python API calls too (illusions.evaluate). Gaps are measured against iid when
     # it is evaluated (a run of other splits alone has none).
-    measured = measure(
-        model, splits, simplifiers, candidates=task.candidates, fit_split=spec.fit_split,
-        fit_n=spec.fit_n, eval_splits=eval_splits, max_seqs=spec.max_seqs, seed=spec.seed,
-        batch_size=spec.batch_size, progress=progress, reference=REFERENCE if REFERENCE in eval_splits else None,
-        breakdowns=breakdowns, n_boot=spec.n_boot, group_names=names, discrete=task_meta.get("discrete", DISCRETE),
-        position_groups=task.position_groups() if isinstance(task, DataSupport) else None, match=spec.match,
-    )
+    with out_of_memory_as_error(spec):
+        measured = measure(
+            model, splits, simplifiers, candidates=task.candidates, fit_split=spec.fit_split,
+            fit_n=spec.fit_n, eval_splits=eval_splits, max_seqs=spec.max_seqs, seed=spec.seed,
+            batch_size=spec.batch_size, token_budget=spec.token_budget, progress=progress,
+            reference=REFERENCE if REFERENCE in eval_splits else None, breakdowns=breakdowns, n_boot=spec.n_boot,
+            group_names=names, discrete=task_meta.get("discrete", DISCRETE),
+            position_groups=task.position_groups() if isinstance(task, DataSupport) else None, match=spec.match,
+        )
     result, rows = measured.result, measured.rows
     proxies = [{"label": label, "simplifier": p.simplifier, "params": p.params}
                for label, p in zip(result.labels, result.proxies, strict=True)]

@@ -145,6 +145,9 @@ class AnalysisSpec(Config):
     seed: int = 0
     n_boot: int = 1000
     batch_size: int = 64
+    # Padded tokens per evaluation batch at most (rows x width; faithfulness.TOKEN_BUDGET), and never
+    # more than 2**27 logits over the vocabulary (faithfulness.batch_tokens).
+    token_budget: int = 16384
     breakdowns: tuple[str, ...] = BREAKDOWNS
     per_head: bool = False
     data: str = ""
@@ -179,7 +182,7 @@ class AnalysisSpec(Config):
             _check_ints(name, getattr(self, name), low=0)
             if len(set(getattr(self, name))) != len(getattr(self, name)):
                 raise InvalidOption(name, f"lists a value twice: {list(getattr(self, name))}")
-        for name, low in (("fit_n", 1), ("seed", 0), ("n_boot", 10), ("batch_size", 1)):
+        for name, low in (("fit_n", 1), ("seed", 0), ("n_boot", 10), ("batch_size", 1), ("token_budget", 1)):
             _check_ints(name, (getattr(self, name),), low=low)
         if self.n_boot > MAX_N_BOOT:
             raise InvalidOption("n_boot", f"must be at most {MAX_N_BOOT:,} (more resamples do not sharpen a 95% "

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import typer
 
 from illusions.analyses.spec import BREAKDOWNS, CUSTOM_TASK, SWEEPS, SWEPT_FIELDS, AnalysisSpec
-from illusions.cli.app import command, fail, set_threads
+from illusions.cli.app import AUTO_THREADS_HELP, MAX_AUTO_THREADS, command, fail, set_threads
 from illusions.cli.scale import (
     CpusOpt,
     DeviceOpt,
@@ -82,6 +82,9 @@ OPTIONS = (
     _opt("uncentered", bool, False, "--uncentered", "svd: plain SVD instead of PCA (no centring).", "centered"),
     _opt("basis", str, SPEC["basis"], "--basis", "svd: 'separate' bases for q and k, or one 'joint' basis.", "basis"),
     _opt("n_boot", int, SPEC["n_boot"], "--n-boot", "Bootstrap resamples for the 95% intervals.", "n_boot"),
+    _opt("batch_size", int, SPEC["batch_size"], "--batch-size", "Sequences per forward pass at most.", "batch_size"),
+    _opt("token_budget", int, SPEC["token_budget"], "--token-budget",
+         "Padded tokens (rows x length) per evaluation batch at most; lower it when memory runs out.", "token_budget"),
     _opt("out", Path | None, None, "--out", "Run directory (default: runs/<name>)."),
     _opt("as_json", bool, False, "--json", "Print one JSON object to stdout instead of tables."),
     _opt("by", str | None, None, "--by",
@@ -89,7 +92,7 @@ OPTIONS = (
     _opt("match", str, ",".join(SPEC["match"]), "--match",
          "Comma-separated meta columns of a matched iid control, e.g. length,distance,key_depth (default: "
          "length, the length-matched control every run has; others add a control beside it).", "match"),
-    _opt("threads", int, 2, "--threads", "CPU threads for torch."),
+    _opt("threads", int | None, None, "--threads", AUTO_THREADS_HELP),
     _opt("overwrite", bool, False, "--overwrite", "Replace an earlier run in --out (files illusions did not write are kept)."),
     Option("report", "--report", Annotated[bool, typer.Option("--report/--no-report", help="Write report.html into the run directory.")],
            True),
@@ -255,11 +258,14 @@ def _replace(spec: Any, **changes: Any) -> Any:
         fail(exc.detail if exc.whole else f"--by {exc.detail}")
 
 
-def _run(spec: Any, out: Path | None, as_json: bool, by: str | None, threads: int, report: bool,
+def _run(spec: Any, out: Path | None, as_json: bool, by: str | None, threads: int | None, report: bool,
          name: str | None = None, device: str = "cpu", allow_tf32: bool = False,
          slurm: dict[str, Any] | None = None, overwrite: bool = False) -> None:
     from illusions.analyses.run import check_run_out, write_run
     from illusions.cli.scale import local_device
+
+    if threads is None and slurm is not None and slurm["engine"] != "local":
+        threads = MAX_AUTO_THREADS  # the jobs run elsewhere: this machine's load says nothing about theirs
 
     if out is None:
         # No folder chosen: a rerun replaces the same spec's run, or goes to a new numbered folder.
@@ -275,7 +281,7 @@ def _run(spec: Any, out: Path | None, as_json: bool, by: str | None, threads: in
         _over_checkpoints(spec, out, as_json, threads, report, device, allow_tf32, overwrite)
         return
     check_run_out(spec, out, overwrite=overwrite, option="--out", overwrite_option="--overwrite")
-    set_threads(threads)
+    threads = set_threads(threads)
     if slurm is not None and slurm["engine"] != "local":
         _print_run(_on_slurm(spec, out, report, threads, device, allow_tf32, slurm, overwrite), out, as_json, by,
                    report)
@@ -294,7 +300,7 @@ def _run(spec: Any, out: Path | None, as_json: bool, by: str | None, threads: in
     _print_run(run, out, as_json, by, report)
 
 
-def _over_checkpoints(spec: Any, out: Path, as_json: bool, threads: int, report: bool, device: str,
+def _over_checkpoints(spec: Any, out: Path, as_json: bool, threads: int | None, report: bool, device: str,
                       allow_tf32: bool, overwrite: bool) -> None:
     """One analysis per step checkpoint into ``out``: a run directory per step, the summary over
     steps (checkpoints.csv/.json) and, with ``report``, report.html with the figure over steps."""

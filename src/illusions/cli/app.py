@@ -96,11 +96,42 @@ def max_threads() -> int:
     return THREADS_PER_CPU * (os.cpu_count() or 1)
 
 
-def set_threads(threads: int) -> None:
-    """Set torch's intra-op thread count (OpenMP collapses when threads outnumber free cores)."""
+# The most threads the automatic choice takes (the earlier fixed default); --threads N asks for more.
+MAX_AUTO_THREADS = 2
+AUTO_THREADS_HELP = (f"CPU threads for torch (default: the free cores, at most {MAX_AUTO_THREADS}: the cores this "
+                     "process may use less the 1-minute load average).")
+
+
+def auto_threads(cap: int = MAX_AUTO_THREADS) -> int:
+    """Threads that fit the free cores: the cores this process may run on (``os.sched_getaffinity``)
+    less the 1-minute load average (rounded), at least 1 and at most ``cap``.
+
+    OpenMP's threads wait for each other at every operation; one of them on a core another process
+    holds makes every step wait for the scheduler (on 2 busy cores, 2 threads took 3x the CPU time and
+    2.5x the wall time of 1 thread for the main job), so a busy machine gets fewer threads.
+    """
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    return max(1, min(cap, cores, int(cores - load + 0.5)))
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's intra-op thread count (None: :func:`auto_threads`) and return it; OpenMP collapses
+    when threads outnumber free cores."""
+    if threads is None:
+        threads = auto_threads()
     if not 1 <= threads <= max_threads():
         fail(f"--threads must be in 1..{max_threads()} ({THREADS_PER_CPU} per CPU of this machine's "
              f"{os.cpu_count() or 1}), got {threads}")
     import torch
 
     torch.set_num_threads(threads)
+    return threads

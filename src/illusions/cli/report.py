@@ -7,13 +7,13 @@ from typing import Annotated
 
 import typer
 
-from illusions.cli.app import command, set_threads
+from illusions.cli.app import AUTO_THREADS_HELP, command, set_threads
 
 
 @command("report")
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `analyze` or `sweep`.")],
-    threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch.")] = 2,
+    threads: Annotated[int | None, typer.Option("--threads", help=AUTO_THREADS_HELP)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a report.html or fig_*.png there that illusions did not write.")] = False,
 ) -> None:
     """Rebuild report.html (and its fig_*.png) from a run directory."""

@@ -302,13 +302,19 @@ def build_report(inputs: ReportInputs) -> tuple[str, list[Any]]:
              if s in all_splits}
     geo_data: list[Any] = []
     if geometry.supported(proxy) and fit_name in drawn:
-        found = geometry.panels(inputs.model, proxy, drawn[fit_name], drawn, fit_name=fit_name, row_ids=row_ids,
+        # The leading sequences holding enough scored positions for the points drawn, not all of them.
+        geo_n = {s: geometry.rows_needed(split) for s, split in drawn.items()}
+        geo_ids = {s: row_ids[s][: geo_n[s]] for s in drawn}
+        geo = {s: split if geo_n[s] == len(split) else geometry.sample_rows(all_splits[s], geo_ids[s], geo_n[s])
+               for s, split in drawn.items()}
+        found = geometry.panels(inputs.model, proxy, geo[fit_name], geo, fit_name=fit_name, row_ids=geo_ids,
                                 seed=spec.seed)
-        geo_data = geometry.panel_payload(found, list(drawn))
+        geo_data = geometry.panel_payload(found, list(geo))
         centroid = found and found[0].kind == "centroid"
-        body = (f"<p>What <b>{html.esc(label)}</b> keeps and what it throws away, on the {len(drawn[fit_name])} "
+        body = (f"<p>What <b>{html.esc(label)}</b> keeps and what it throws away, on the {len(geo[fit_name])} "
                 f"{html.esc(fit_name)} sequences it was fitted on (grey) and on each split (at most "
-                f"{GEOMETRY_SEQS} sequences, {geometry.MAX_POINTS} points per panel and split). Horizontal: the "
+                f"{GEOMETRY_SEQS} sequences, fewer once they hold {geometry.ENOUGH_POSITIONS} scored positions; "
+                f"{geometry.MAX_POINTS} points per panel and split). Horizontal: the "
                 "proxy's output on its first kept direction (the top principal direction of its outputs on the "
                 "fitting data); vertical: "
                 + ("the distance to the nearest centroid" if centroid else "the norm of the part the proxy "
@@ -316,7 +322,7 @@ def build_report(inputs: ReportInputs) -> tuple[str, list[Any]]:
                 + ", |x − proxy(x)|. Queries at scored positions, keys at the attended position. Vectors that "
                 "leave what was fitted sit higher. Hover a point for its values, drag to zoom (double-click "
                 "resets), click a legend entry to hide a split.</p>"
-                + interactive.geometry_section(found, fit_name, list(drawn)))
+                + interactive.geometry_section(found, fit_name, list(geo)))
     else:
         body = ("<p class=note>This proxy replaces no query, key or residual vector by a projection or a "
                 "centroid, so there is no kept subspace to draw.</p>")

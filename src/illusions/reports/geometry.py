@@ -35,6 +35,10 @@ _KINDS = {"ProjectionHook": "subspace", "LinearMapHook": "subspace", "CentroidHo
 # Panels drawn at most (heads x sides), and points per panel and split.
 MAX_PANELS = 8
 MAX_POINTS = 250
+# A group's drawn sequences stop once they hold this many scored positions (at least twice the points
+# drawn): the forward passes collecting their vectors are most of this section's time, and a longer
+# split (unseen_depth: ~12 scored positions per sequence) reaches it in a fifth of the sequences.
+ENOUGH_POSITIONS = 2 * MAX_POINTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +189,13 @@ def panels(
             out.append(GeometryPanel(title=title, kind=_KINDS[type(hook).__name__], points=points,
                                      colour_label=label, median_removed=medians, explained=explained))
     return out
+
+
+def rows_needed(split: Split, enough: int = ENOUGH_POSITIONS) -> int:
+    """How many leading rows of ``split`` hold ``enough`` scored positions (all rows if they never do)."""
+    per_row = np.bincount(np.asarray(split.scored.seq, dtype=np.int64), minlength=len(split))
+    reached = np.flatnonzero(np.cumsum(per_row) >= enough)
+    return int(reached[0]) + 1 if reached.size else len(split)
 
 
 def sample_rows(split: Split, rows: np.ndarray, n: int) -> Split:
