@@ -20,7 +20,7 @@ RANK = {
     "tasks": 1, "metrics": 1, "metric_table": 1,
     "scoring": 2,
     "models": 3, "activations": 3, "backends": 3,
-    "training": 4,
+    "training": 4, "training_setup": 4, "training_batches": 4,
     "bundled": 5, "simplifiers": 5,
     "registry": 6,
     "analyses": 7, "recipes": 7,

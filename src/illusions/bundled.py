@@ -270,7 +270,7 @@ def export_run(run_dir: Path, task: str, *, recipe_file: Path, assets: Path = AS
 
     from illusions.io import atomic_write_json, staged_dir
     from illusions.models import CHECKPOINT, read_checkpoint_config
-    from illusions.training import load_history
+    from illusions.training_setup import load_history
 
     run_dir = Path(run_dir)
     _, meta = read_checkpoint_config(run_dir)

@@ -25,6 +25,9 @@ A run directory holds fixed files, none of them pickled:
 Resuming reloads all four and continues with the same batches, learning rates and optimizer state, so
 an interrupted and resumed run ends with the same weights as an uninterrupted one (bit-exact for a
 fixed thread count on CPU).
+
+The configs, the run directory's files and the checks made before training live in
+:mod:`illusions.training_setup`; the batches and evaluation subsets in :mod:`illusions.training_batches`.
 """
 
 from __future__ import annotations
@@ -41,17 +44,34 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from illusions.config import Config, read_json
 from illusions.errors import IllusionsError
-from illusions.io import (
-    OutputKind,
-    atomic_write_json,
-    check_creatable,
-    ownership,
-    recover_dir,
-    staged_dir,
+from illusions.io import atomic_write_json, staged_dir
+from illusions.models import WEIGHTS_FILE, ModelConfig
+
+# The run's configs, files and checks, and its batches, live in modules of their own; their names
+# are re-exported here, where callers have always imported them from.
+from illusions.training_batches import EVAL_SUBSET_SEED as EVAL_SUBSET_SEED
+from illusions.training_batches import WALL_KEEP_STREAM as WALL_KEEP_STREAM
+from illusions.training_batches import BatchStream, eval_subset_rows, training_rows
+from illusions.training_batches import length_grouped_batches as length_grouped_batches
+from illusions.training_setup import (
+    OPTIMIZER_FILE,
+    OPTIMIZER_FORMAT,
+    TRAINER_FILE,
+    TRAINER_FORMAT,
+    TRAINING_RUN,
+    TrainConfig,
+    check_model_size,
+    check_out_dir,
+    check_task_fits,
+    read_trainer_state,
 )
-from illusions.models import CONFIG_FILE, WEIGHTS_FILE, ModelConfig, check_checkpoint_files
+from illusions.training_setup import RUN_FILES as RUN_FILES
+from illusions.training_setup import TRAINING_BYTES_PER_PARAMETER as TRAINING_BYTES_PER_PARAMETER
+from illusions.training_setup import is_run_dir as is_run_dir
+from illusions.training_setup import load_history as load_history
+from illusions.training_setup import model_parameters as model_parameters
+from illusions.training_setup import torch_device_type as torch_device_type
 
 if TYPE_CHECKING:
     import torch
@@ -59,97 +79,6 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from illusions.tasks.base import Split, Task
-
-OPTIMIZER_FILE = "optimizer.safetensors"
-TRAINER_FILE = "trainer.json"
-TRAINER_FORMAT = "illusions-trainer/1"
-OPTIMIZER_FORMAT = "illusions-optimizer/1"
-RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, OPTIMIZER_FILE, TRAINER_FILE)
-TRAINING_RUN = OutputKind("training-run", "a training run", legacy_required=(TRAINER_FILE, CONFIG_FILE, WEIGHTS_FILE),
-                          legacy_files=RUN_FILES, legacy_marker=(TRAINER_FILE, "format", TRAINER_FORMAT))
-
-# The evaluation subset depends only on the split's size, never on the training seed, so runs with
-# different seeds (and the bundled model's test) are scored on the same rows.
-EVAL_SUBSET_SEED = 20240101
-# Second seed word of the generator that picks the wall-reaching strings training keeps (wall_keep).
-WALL_KEEP_STREAM = 0x57A11
-
-_DECAYS = ("cosine", "linear")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig(Config):
-    """Optimiser, schedule, batching, evaluation and checkpointing of one training run.
-
-    Attributes:
-        steps: number of optimizer updates.
-        batch_size: sequences per update.
-        lr: peak learning rate, reached at the end of warmup.
-        min_lr_ratio: the learning-rate floor as a fraction of ``lr``, reached at the last step.
-        warmup_steps: updates of linear warmup from ``lr / warmup_steps``.
-        decay: ``cosine`` or ``linear`` decay from ``lr`` to the floor after warmup.
-        weight_decay: AdamW decoupled weight decay, applied to matrices (not biases or norms).
-        betas: AdamW moment coefficients.
-        eps: AdamW epsilon.
-        grad_clip: maximum global gradient norm; 0 disables clipping.
-        bucket_width: rows whose lengths fall into the same ``bucket_width``-wide bin share batches.
-        log_every: steps between points of the recorded loss curve.
-        eval_every: steps between evaluations (0: only at the end).
-        eval_rows: rows of each split in the fixed evaluation subset.
-        eval_batch_size: sequences per evaluation forward pass.
-        checkpoint_every: steps between checkpoints (0: only at the end and on Ctrl-C).
-        seed: seeds the model initialisation and the batch order.
-        wall_keep: the share of the training strings that reach the training split's deepest nesting
-            (Dyck: the depth wall, 10) that training uses; the others are left out, chosen with
-            ``seed``. 1.0 (the default, left out of :meth:`to_dict`) uses every string. Needs a task
-            that reports depths. Evaluation splits are untouched.
-    """
-
-    steps: int = 4000
-    batch_size: int = 64
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.05
-    warmup_steps: int = 200
-    decay: str = "cosine"
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    bucket_width: int = 8
-    log_every: int = 25
-    eval_every: int = 500
-    eval_rows: int = 256
-    eval_batch_size: int = 128
-    checkpoint_every: int = 1000
-    seed: int = 0
-    wall_keep: float = 1.0
-
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        if self.wall_keep == 1.0:  # recipes and checkpoints written before the field read back unchanged
-            del out["wall_keep"]
-        return out
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "bucket_width", "log_every", "eval_rows", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
-        if self.decay not in _DECAYS:
-            raise ValueError(f"decay must be one of {', '.join(_DECAYS)}, got {self.decay!r}")
-        if self.weight_decay < 0 or self.grad_clip < 0 or not self.eps > 0:
-            raise ValueError("weight_decay and grad_clip must be 0 or more and eps positive")
-        if not 0 < self.wall_keep <= 1:
-            raise ValueError(f"wall_keep must lie in (0, 1], got {self.wall_keep}")
-        if len(self.betas) != 2 or not all(isinstance(b, int | float) and 0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
-        object.__setattr__(self, "betas", (float(self.betas[0]), float(self.betas[1])))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +115,7 @@ class TrainResult:
         interrupted: True when Ctrl-C stopped the run (a checkpoint was saved; resume continues it).
         accuracies: split name -> ``{"accuracy", "n_positions"}`` on the **full** non-train splits,
             measured at the end; empty when interrupted.
-        subset_accuracies: the same on the fixed evaluation subsets (:func:`eval_subset_rows`).
+        subset_accuracies: the same on the fixed evaluation subsets (:func:`~illusions.training_batches.eval_subset_rows`).
         history: ``{"loss": [[step, loss, lr], ...], "eval": [{"step", "accuracies", ...}, ...]}``.
         train_tokens: non-PAD target tokens trained on in this session.
         train_seconds: wall time of the training steps in this session (evaluation and I/O excluded).
@@ -218,102 +147,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     if cfg.decay == "cosine":
         return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
     return floor + (cfg.lr - floor) * (1.0 - frac)
-
-
-def length_grouped_batches(
-    lengths: np.ndarray, batch_size: int, bucket_width: int, rng: np.random.Generator
-) -> list[np.ndarray]:
-    """One epoch of batches in which rows of similar length travel together.
-
-    Rows are shuffled, stably sorted by length bucket (``length // bucket_width``), cut into batches
-    of ``batch_size`` consecutive rows, and the batches are shuffled; every row appears exactly once.
-
-    Args:
-        lengths: ``[n]`` true length of every training row.
-        batch_size: rows per batch (the last batch of the epoch may be smaller).
-        bucket_width: width of the length bins.
-        rng: the generator that decides the order (consumed: two permutations).
-
-    Returns:
-        The batches, each an array of row indices.
-    """
-    perm = rng.permutation(lengths.shape[0])
-    perm = perm[np.argsort(lengths[perm] // bucket_width, kind="stable")]
-    batches = [perm[i : i + batch_size] for i in range(0, perm.shape[0], batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
-class BatchStream:
-    """Endless length-grouped batches whose position can be saved and restored exactly.
-
-    The state is the generator state at the start of the current epoch plus the batch index within
-    it, so resuming regenerates the same epoch and skips to the same batch.
-    """
-
-    def __init__(self, lengths: np.ndarray, batch_size: int, bucket_width: int, seed: int) -> None:
-        self.lengths = np.asarray(lengths)
-        self.batch_size = batch_size
-        self.bucket_width = bucket_width
-        self.rng = np.random.default_rng(seed)
-        self.epoch = 0
-        self.index = 0
-        self._start_epoch()
-
-    def _start_epoch(self) -> None:
-        self.epoch_state = self.rng.bit_generator.state
-        self.batches = length_grouped_batches(self.lengths, self.batch_size, self.bucket_width, self.rng)
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        return self
-
-    def __next__(self) -> np.ndarray:
-        if self.index == len(self.batches):
-            self.epoch += 1
-            self.index = 0
-            self._start_epoch()
-        batch = self.batches[self.index]
-        self.index += 1
-        return batch
-
-    def state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "index": self.index, "rng_state": self.epoch_state}
-
-    def restore(self, state: Mapping[str, Any]) -> None:
-        self.rng.bit_generator.state = dict(state["rng_state"])
-        self.epoch = int(state["epoch"])
-        self.index = int(state["index"])
-        self._start_epoch()
-
-
-def training_rows(task: Any, split: Any, cfg: TrainConfig) -> np.ndarray:
-    """The rows of the train split that training draws its batches from: all of them, or with
-    ``cfg.wall_keep < 1`` only that share of the strings reaching the split's deepest nesting (chosen
-    with a generator of its own, seeded by ``cfg.seed``), beside every other string."""
-    from illusions.tasks.base import DataSupport
-
-    n = len(split)
-    if cfg.wall_keep == 1.0:
-        return np.arange(n)
-    refusal = f"wall_keep needs a task that reports nesting depths; task {task.name!r} does not"
-    if not isinstance(task, DataSupport):
-        raise IllusionsError(refusal)
-    deepest = np.empty(n, dtype=np.int64)
-    for start in range(0, n, 8192):
-        depths = task.depths(split.tokens[start : start + 8192])  # [rows, pos]
-        if depths is None:
-            raise IllusionsError(refusal)
-        deepest[start : start + 8192] = np.asarray(depths).max(axis=-1)
-    wall = deepest.max()
-    rng = np.random.default_rng([cfg.seed, WALL_KEEP_STREAM])
-    keep = (deepest < wall) | (rng.random(n) < cfg.wall_keep)
-    return np.flatnonzero(keep)
-
-
-def eval_subset_rows(n_rows: int, k: int) -> np.ndarray:
-    """The fixed evaluation subset of a split with ``n_rows`` rows: ``min(k, n_rows)`` sorted rows."""
-    if k >= n_rows:
-        return np.arange(n_rows)
-    return np.sort(np.random.default_rng(EVAL_SUBSET_SEED).choice(n_rows, size=k, replace=False))
 
 
 def next_token_loss(
@@ -439,123 +272,6 @@ class _StopFlag:
             signal.signal(signal.SIGINT, previous)
 
 
-def is_run_dir(directory: Path) -> bool:
-    """Whether ``directory`` holds a training run written by :func:`train`."""
-    return (Path(directory) / TRAINER_FILE).is_file()
-
-
-def check_out_dir(out_dir: Path, resume: bool) -> None:
-    """Fail before any work unless ``out_dir`` can take a new run (absent or empty) or, with
-    ``resume``, holds an intact run of ours; and its location must be writable.
-
-    Files a user added to a run folder are kept: every checkpoint carries them over.
-
-    Raises:
-        IllusionsError: naming the folder and what is wrong with it.
-    """
-    out_dir = Path(out_dir)
-    recover_dir(out_dir)  # a run whose checkpoint swap was killed halfway is whole again
-    own = ownership(out_dir, TRAINING_RUN)
-    if resume:
-        if own.state != "ours" or not is_run_dir(out_dir):
-            raise IllusionsError(f"cannot resume: {out_dir} holds no training run ({TRAINER_FILE} is missing)")
-        check_checkpoint_files(out_dir, RUN_FILES)
-        check_creatable(out_dir.parent, target=out_dir)
-        return
-    if own.state == "file":
-        raise IllusionsError(f"{own.not_a_folder(str(out_dir))}; choose another --out")
-    if own.state not in ("absent", "empty"):
-        what = "a training run" if is_run_dir(out_dir) else "other files"
-        raise IllusionsError(
-            f"{out_dir} already holds {what}; pass --resume to continue a run or choose another --out"
-        )
-    check_creatable(out_dir.parent if own.state == "absent" else out_dir, target=out_dir)
-
-
-def _check_task_fits(task: Task, model_cfg: ModelConfig, train_split: Split) -> None:
-    if model_cfg.d_vocab != len(task.vocab):
-        raise IllusionsError(
-            f"model d_vocab is {model_cfg.d_vocab} but task {task.name!r} has {len(task.vocab)} tokens; "
-            f"set d_vocab = {len(task.vocab)} in the recipe's [model]"
-        )
-    longest = int(train_split.lengths.max())
-    if longest > model_cfg.n_ctx:
-        raise IllusionsError(
-            f"training sequences reach {longest} tokens but the model's n_ctx is {model_cfg.n_ctx}; "
-            "raise n_ctx in the recipe's [model]"
-        )
-
-
-# Bytes a parameter takes while training in float32: the weight, its gradient and AdamW's two moments.
-TRAINING_BYTES_PER_PARAMETER = 16
-
-
-def model_parameters(cfg: ModelConfig) -> dict[str, int]:
-    """The parameter count of the ``HookedTransformer`` that ``cfg`` builds, by part, from the config
-    alone (nothing allocated): embedding and unembedding, positional embedding, the blocks.
-
-    TransformerLens 3.9 builds causal masks lazily at the length of the sequences it runs on and
-    caches rotary tables for at most its initial cache size, so neither grows with ``n_ctx`` here.
-    """
-    d, heads = cfg.d_model, cfg.n_heads * cfg.d_head
-    norm = 0 if cfg.normalization in ("none", "LNPre", "RMSPre") else (2 if cfg.normalization == "LN" else 1) * d
-    attention = 4 * heads * d + 3 * heads + d + norm
-    mlp = 0 if cfg.attn_only else 2 * d * cfg.d_mlp + cfg.d_mlp + d + norm
-    if not cfg.attn_only and cfg.act_fn == "solu_ln" and cfg.normalization == "LN":
-        mlp += 2 * cfg.d_mlp  # the LayerNorm inside SoLU
-    learned_positions = cfg.positional_embedding in ("standard", "shortformer")
-    return {
-        "the embedding and unembedding (d_vocab x d_model)": 2 * cfg.d_vocab * d + cfg.d_vocab + norm,
-        "the positional embedding (n_ctx x d_model)": cfg.n_ctx * d if learned_positions else 0,
-        "the blocks (n_layers x (attention + MLP))": cfg.n_layers * (attention + mlp),
-    }
-
-
-def torch_device_type(device: Any) -> str:
-    """``cpu``, ``cuda`` or ``mps`` of a device name or ``torch.device``."""
-    return str(device).split(":")[0]
-
-
-def check_model_size(cfg: ModelConfig, device: Any = "cpu") -> None:
-    """Refuse a model whose training state cannot fit in ``device``'s memory, before allocating it.
-
-    Training in float32 with AdamW holds :data:`TRAINING_BYTES_PER_PARAMETER` bytes a parameter; the
-    bound is the device's whole memory (:func:`illusions.devices.memory_bytes`), so a refused size
-    could never train there, while an accepted one may still need less to be running beside it.
-    """
-    from illusions.devices import gigabytes, memory_bytes
-
-    parts = model_parameters(cfg)
-    total = sum(parts.values())
-    need, have = total * TRAINING_BYTES_PER_PARAMETER, memory_bytes(device)
-    if have is not None and need > have:
-        biggest = max(parts, key=lambda k: parts[k])
-        where = "this machine" if torch_device_type(device) == "cpu" else f"device {device}"
-        raise IllusionsError(
-            f"the recipe's model has {total:,} parameters ({parts[biggest]:,} in {biggest}): training it "
-            f"needs {gigabytes(need)} ({TRAINING_BYTES_PER_PARAMETER} bytes a parameter: weight, gradient and "
-            f"AdamW's two moments) but {where} has {gigabytes(have)}; make the recipe's [model] smaller "
-            f"(n_layers {cfg.n_layers}, d_model {cfg.d_model}, n_ctx {cfg.n_ctx}, d_vocab {cfg.d_vocab})"
-        )
-
-
-def read_trainer_state(out_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict[str, Any]:
-    """The saved trainer state of the run in ``out_dir``, checked against the configs to resume with."""
-    path = out_dir / TRAINER_FILE
-    state = read_json(path)
-    if not isinstance(state, dict) or state.get("format") != TRAINER_FORMAT:
-        raise IllusionsError(f"{path} is not an illusions trainer state (expected format {TRAINER_FORMAT!r})")
-    for key, cfg in (("model", model_cfg), ("train", train_cfg)):
-        saved = state.get(key, {})
-        diff = sorted(k for k, v in cfg.to_dict().items() if saved.get(k) != v)
-        if diff:
-            raise IllusionsError(
-                f"cannot resume {out_dir}: its [{key}] settings differ in {', '.join(diff)}; "
-                "resume with the recipe and options the run started with"
-            )
-    return state
-
-
 class Trainer:
     """One training run: its state (model, optimizer, data order, step, history, timing) and the
     pieces :func:`train` is made of: :meth:`step`, :meth:`evaluate`, :meth:`checkpoint`, :meth:`finish`.
@@ -580,7 +296,7 @@ class Trainer:
         if "train" not in self.splits:
             raise IllusionsError(f"task {task.name!r} has no 'train' split")
         self.train_split = self.splits["train"]
-        _check_task_fits(task, model_cfg, self.train_split)
+        check_task_fits(task, model_cfg, self.train_split)
         self.eval_rows = {name: eval_subset_rows(len(s), train_cfg.eval_rows) for name, s in self.splits.items()}
         self.model = build_model(model_cfg, seed=train_cfg.seed, device=device)
         self.opt, self.names = make_optimizer(self.model, train_cfg)
@@ -883,12 +599,3 @@ def train(
         trainer = Trainer.start(task, model_cfg, train_cfg, out_dir, resume=resume, device=str(device),
                                 recipe=recipe, save_every=save_every)
         return trainer.run(progress)
-
-
-def load_history(out_dir: Path) -> dict[str, list[Any]]:
-    """The loss curve and evaluation history recorded in a run directory's ``trainer.json``."""
-    state = read_json(Path(out_dir) / TRAINER_FILE)
-    if not isinstance(state, dict) or state.get("format") != TRAINER_FORMAT:
-        raise IllusionsError(f"{Path(out_dir) / TRAINER_FILE} is not an illusions trainer state")
-    return state["history"]
-

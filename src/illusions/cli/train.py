@@ -16,7 +16,7 @@ from illusions.errors import IllusionsError
 def _saved_state(out: Path) -> dict[str, Any]:
     """The trainer state of the run in ``out`` (empty when there is none)."""
     from illusions.config import read_json
-    from illusions.training import TRAINER_FILE
+    from illusions.training_setup import TRAINER_FILE
 
     state = read_json(out / TRAINER_FILE) if (out / TRAINER_FILE).is_file() else {}
     return state if isinstance(state, dict) else {}
@@ -71,7 +71,7 @@ class _Plan:
 
     recipe: Any  # illusions.recipes.Recipe
     model_cfg: Any  # illusions.models.ModelConfig
-    train_cfg: Any  # illusions.training.TrainConfig
+    train_cfg: Any  # illusions.training_setup.TrainConfig
     task: Any  # the task object the recipe makes
     out: Path
     resume: bool
@@ -84,7 +84,12 @@ def _plan(task: str, out: Path | None, *, steps: int | None, seed: int | None, r
     checked as far as it can be without data."""
     from illusions.models import ModelConfig
     from illusions.recipes import resolve_recipe
-    from illusions.training import TrainConfig, check_model_size, check_out_dir, read_trainer_state
+    from illusions.training_setup import (
+        TrainConfig,
+        check_model_size,
+        check_out_dir,
+        read_trainer_state,
+    )
 
     recipe = resolve_recipe(task, {"model": ModelConfig, "train": TrainConfig})
     out = out if out is not None else Path("runs") / f"train-{recipe.task_name}"
