@@ -43,269 +43,57 @@ jumprelu_transcoder, jumprelu_skip_transcoder. SAELens' run-time input normalisa
 
 Every fitted dictionary also records which latents fired on its training activations, for the
 per-split latent statistics of :mod:`illusions.analyses.sparse`.
+
+The fitted hooks live in :mod:`illusions.simplifiers.sae_hooks` (pure torch); training with SAELens
+and loading what it saved, in :mod:`illusions.simplifiers.sae_training`; this module holds the
+simplifiers' options and ``fit``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
 from illusions.errors import IllusionsError
 from illusions.simplifiers.base import (
-    FittedHook,
     Proxy,
     ResolvedTargets,
     SimplifierConfig,
     Targets,
     check_positive,
-    head_rows,
-    off_share,
-    register_hook_kind,
-    replace_heads,
     require,
 )
 from illusions.simplifiers.resid import resid_heads, resid_hook_names
 
+# The hooks and the SAELens side live in modules of their own; their names are re-exported here,
+# where callers have always imported them from.
+from illusions.simplifiers.sae_hooks import (
+    ARCHITECTURES,
+    DictionaryHook,
+    SAEHook,
+    TranscoderHook,
+    encode_all,
+)
+from illusions.simplifiers.sae_hooks import RUNTIME_NORMALIZE as RUNTIME_NORMALIZE
+from illusions.simplifiers.sae_training import (
+    SAVED_SAES,
+    SAVED_TRANSCODERS,
+    check_dictionary_fits,
+    load_saved,
+    require_sae_lens,
+    saved_metadata,
+    train_dictionary,
+)
+from illusions.simplifiers.sae_training import dictionary_bytes as dictionary_bytes
+
 if TYPE_CHECKING:
     from illusions.backends import LensModel
 
-ARCHITECTURES = ("standard", "topk", "jumprelu")
 SITES = ("resid", "z")
-# SAELens architectures that --sae-from reads, and the activation each one uses.
-SAVED_SAES = {"standard": "standard", "topk": "topk", "jumprelu": "jumprelu"}
-SAVED_TRANSCODERS = {"transcoder": "standard", "skip_transcoder": "standard",
-                     "jumprelu_transcoder": "jumprelu", "jumprelu_skip_transcoder": "jumprelu"}
-# SAELens applies these input normalisations at run time; the others are folded in after training.
-RUNTIME_NORMALIZE = ("layer_norm", "constant_norm_rescale")
-_LN_EPS = 1e-5  # SAELens' layer_norm epsilon
-_CHUNK = 8192  # rows per pass when encoding many vectors (bounds the [rows, d_sae] codes)
-
-
-def require_sae_lens() -> Any:
-    """The ``sae_lens`` module, or one clear error saying how to install it."""
-    from illusions import backends
-
-    try:
-        import sae_lens
-    except ImportError:
-        if backends.uses_bridge():  # SAELens 6 requires transformer-lens<4 and fails to import on 4.x
-            raise IllusionsError("the sae and transcoder simplifiers need SAELens 6, which does not run on "
-                                 "TransformerLens 4 (installed here, illusions[tl4]); use an environment "
-                                 "with pip install 'illusions[sae]' (TransformerLens 3.9)") from None
-        raise IllusionsError("the sae and transcoder simplifiers need SAELens 6: "
-                             "pip install 'illusions[sae]' (sae-lens>=6,<7)") from None
-    return sae_lens
-
-
-# ---------------------------------------------------------------- the fitted hooks
-
-
-@dataclasses.dataclass(frozen=True, eq=False, repr=False)
-class DictionaryHook(FittedHook):
-    """Encode-decode through a sparse dictionary (maths in the module docstring).
-
-    ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_out]``, ``b_dec [d_out]``;
-    ``threshold [d_sae]`` for jumprelu, ``W_skip [d_in, d_out]`` for skip transcoders;
-    ``train_active [d_sae]`` (bool): the latents that fired on the fitting activations.
-    ``normalize``: ``none`` or one of SAELens' run-time input normalisations.
-    """
-
-    hook_name: str
-    heads: tuple[int, ...] | None
-    architecture: str
-    top_k: int
-    normalize: str
-    subtract_b_dec: bool
-    W_enc: Tensor = dataclasses.field(repr=False)
-    b_enc: Tensor = dataclasses.field(repr=False)
-    W_dec: Tensor = dataclasses.field(repr=False)
-    b_dec: Tensor = dataclasses.field(repr=False)
-    train_active: Tensor = dataclasses.field(repr=False)
-    threshold: Tensor | None = dataclasses.field(default=None, repr=False)
-    W_skip: Tensor | None = dataclasses.field(default=None, repr=False)
-
-    # SAEs map normalised outputs back; SAELens' transcoders do not (their output is another space).
-    denormalize_output: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise IllusionsError(f"unknown dictionary architecture {self.architecture!r}; "
-                                 f"known: {', '.join(ARCHITECTURES)}")
-        if self.architecture == "jumprelu" and self.threshold is None:
-            raise IllusionsError(f"the jumprelu dictionary at {self.hook_name} has no threshold")
-        if self.architecture == "topk" and not 1 <= self.top_k <= self.d_sae:
-            raise IllusionsError(f"top_k={self.top_k} must be in 1..{self.d_sae} (the width)")
-        if self.normalize not in ("none", *RUNTIME_NORMALIZE):
-            raise IllusionsError(f"unknown input normalisation {self.normalize!r}")
-
-    @property
-    def width(self) -> int:
-        """Width of the vectors read (``d_in``)."""
-        return int(self.W_enc.shape[0])
-
-    @property
-    def d_sae(self) -> int:
-        return int(self.W_enc.shape[1])
-
-    def forward(self, x: Float[Tensor, "... d_in"]) -> tuple[Float[Tensor, "... d_out"], Float[Tensor, "... d_sae"]]:
-        """``(output, codes)`` for input vectors ``x``."""
-        like = {"device": x.device, "dtype": x.dtype}
-        raw = x
-        mean = std = scale = None
-        if self.normalize == "layer_norm":
-            mean = x.mean(-1, keepdim=True)
-            x = x - mean
-            std = x.std(-1, keepdim=True)
-            x = x / (std + _LN_EPS)
-        elif self.normalize == "constant_norm_rescale":
-            scale = math.sqrt(x.shape[-1]) / x.norm(dim=-1, keepdim=True)
-            x = x * scale
-        b_dec = self.b_dec.to(**like)
-        if self.subtract_b_dec:
-            x = x - b_dec
-        pre = x @ self.W_enc.to(**like) + self.b_enc.to(**like)  # [... d_sae]
-        if self.architecture == "standard":
-            codes = pre.relu()
-        elif self.architecture == "topk":
-            values, index = torch.topk(pre, k=self.top_k, dim=-1, sorted=False)
-            codes = torch.zeros_like(pre).scatter_(-1, index, values.relu())
-        else:
-            assert self.threshold is not None
-            codes = pre.relu() * (pre > self.threshold.to(**like))
-        out = codes @ self.W_dec.to(**like) + b_dec
-        if self.W_skip is not None:
-            out = out + raw @ self.W_skip.to(**like)
-        if self.denormalize_output:
-            if std is not None and mean is not None:
-                out = out * std + mean
-            if scale is not None:
-                out = out / scale
-        return out, codes
-
-    def flatten(self, collected: Tensor) -> Float[Tensor, "n d_in"]:
-        """Collected activations (``collect``'s layout) as the dictionary's input vectors."""
-        if self.heads is None:
-            return collected
-        return collected[:, list(self.heads)].reshape(collected.shape[0], -1)  # [n, heads * d_head]
-
-    @property
-    def stat_names(self) -> list[str]:
-        """Hook points whose clean activations give the dictionary's input and its target."""
-        return [self.hook_name]
-
-    def input_and_target(self, collected: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """``(input [n, d_in], target [n, d_out])`` from activations collected at :attr:`stat_names`."""
-        x = self.flatten(collected[self.hook_name])
-        return x, x
-
-    def new_latent_activation(self, codes: Tensor) -> Tensor:
-        """The summed activation of the latents that never fired on the fitting data, per vector
-        (``sum_{j not in A} f_j(x)``, ``A`` = ``train_active``): 0 on every fitting vector."""
-        never = (~self.train_active.to(codes.device)).to(codes.dtype)  # [d_sae]
-        return codes @ never
-
-    def dictionary_input(self, activation: Tensor) -> Tensor:
-        """The dictionary's input vectors ``[batch, pos, d_in]`` at its hook point (heads flattened)."""
-        if self.heads is None:
-            return activation
-        x = activation[:, :, head_rows(self.heads, activation.shape[2])]  # [batch pos heads d_head]
-        return x.reshape(x.shape[0], x.shape[1], -1)
-
-
-@register_hook_kind
-@dataclasses.dataclass(frozen=True, eq=False, repr=False)
-class SAEHook(DictionaryHook):
-    """Replace the activation at ``hook_name`` by the SAE's reconstruction.
-
-    With ``heads`` (``hook_z``, ``[batch, pos, head_index, d_head]``) the targeted heads are read
-    flattened, ``[batch, pos, len(heads) * d_head]``, and replaced; other heads pass through. With
-    ``heads=None`` the whole ``[batch, pos, d]`` vector is.
-    """
-
-    def __call__(self, activation: Tensor, hook: Any = None) -> Tensor:
-        if self.heads is None:
-            return self.forward(activation)[0]
-        rows = head_rows(self.heads, activation.shape[2])
-        x = activation[:, :, rows]  # [batch pos heads d_head]
-        batch, pos, heads, d = x.shape
-        new = self.forward(x.reshape(batch, pos, heads * d))[0].view(batch, pos, heads, d)
-        return replace_heads(activation, rows, new, axis=2)
-
-    def signal_sites(self) -> list[tuple[str, Any]]:
-        """Two signals from the activation ``x`` the SAE reads: ``recon_error``, the share of ``x``
-        the reconstruction misses, ``|x - x_hat| / |x|``, and ``new_latents``, the summed activation
-        of latents never active on the fitting data (:meth:`new_latent_activation`)."""
-        return [(self.hook_name, self.signals)]
-
-    def signals(self, activation: Tensor) -> dict[str, Tensor]:
-        x = self.dictionary_input(activation)
-        out, codes = self.forward(x)
-        return {"recon_error": off_share(x, out), "new_latents": self.new_latent_activation(codes)}
-
-
-@register_hook_kind
-@dataclasses.dataclass(frozen=True, eq=False, repr=False)
-class TranscoderHook(DictionaryHook):
-    """Replace ``blocks.L.hook_mlp_out`` by the transcoder's prediction from ``input_name``.
-
-    It acts at two hook points, so :attr:`hook_pairs` gives both: one that reads the MLP's input
-    and computes the prediction (leaving the input unchanged), and ``hook_name``, which returns it.
-    """
-
-    input_name: str = ""
-
-    denormalize_output: ClassVar[bool] = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.input_name:
-            raise IllusionsError(f"the transcoder at {self.hook_name} names no input hook")
-        # The prediction made at the input hook, waiting for the output hook of the same pass.
-        object.__setattr__(self, "_pending", {})
-
-    def hook_pairs(self) -> list[tuple[str, Any]]:
-        return [(self.input_name, self.read_input), (self.hook_name, self)]
-
-    def signal_sites(self) -> list[tuple[str, Any]]:
-        """``new_latents`` at the MLP's input (:meth:`DictionaryHook.new_latent_activation`). The
-        reconstruction error needs the MLP's true output, which the signal does not compare with."""
-        return [(self.input_name, lambda x: {"new_latents": self.new_latent_activation(self.forward(x)[1])})]
-
-    def read_input(self, activation: Tensor, hook: Any = None) -> Tensor:
-        self._pending["out"] = self.forward(activation)[0]
-        return activation
-
-    def __call__(self, activation: Tensor, hook: Any = None) -> Tensor:
-        out = self._pending.pop("out", None)
-        if out is None or out.shape != activation.shape:
-            raise IllusionsError(f"the transcoder at {self.hook_name} ran without its input hook "
-                                 f"{self.input_name} (attach proxy.fwd_hooks, which hold both)")
-        return out.to(activation.dtype)
-
-    @property
-    def stat_names(self) -> list[str]:
-        return [self.input_name, self.hook_name]
-
-    def input_and_target(self, collected: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        return collected[self.input_name], collected[self.hook_name]
-
-
-def encode_all(hook: DictionaryHook, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(output [n, d_out], active [n, d_sae] bool)`` for many input vectors, in chunks."""
-    outs, active = [], []
-    with torch.no_grad():
-        for start in range(0, x.shape[0], _CHUNK):
-            out, codes = hook.forward(x[start : start + _CHUNK])
-            outs.append(out)
-            active.append(codes != 0)
-    return torch.cat(outs), torch.cat(active)
 
 
 def _fit_summary(hook: DictionaryHook, x: Tensor, target: Tensor) -> tuple[Tensor, dict[str, float]]:
@@ -320,262 +108,6 @@ def _fit_summary(hook: DictionaryHook, x: Tensor, target: Tensor) -> tuple[Tenso
         "l0": float(active.sum(1).double().mean()),
         "dead_fraction": float((~fired).double().mean()),
     }
-
-
-# ---------------------------------------------------------------- training with SAELens
-
-
-def _batches(data: Tensor, batch: int, gen: torch.Generator) -> Iterator[Tensor]:
-    """Endless batches of ``batch`` rows of ``data``: a fresh permutation per epoch (drawn on the CPU,
-    so any device gives the same order), last partial batch dropped (SAETrainer counts samples in
-    whole batches)."""
-    n = data.shape[0]
-    while True:
-        perm = torch.randperm(n, generator=gen).to(data.device)
-        for start in range(0, n - batch + 1, batch):
-            yield data[perm[start : start + batch]]
-
-
-_TRANSCODER_CLASSES: dict[type, type] = {}
-
-
-def _transcoder_class(base: type) -> type:
-    """SAELens training SAE class ``base`` turned into a transcoder trainee (module docstring)."""
-    if base in _TRANSCODER_CLASSES:
-        return _TRANSCODER_CLASSES[base]
-
-    class TargetTranscoder(base):  # type: ignore[misc, valid-type]
-        """Batches are ``[u, y]``: the encoder reads ``u``, the losses compare the output with ``y``."""
-
-        def __init__(self, cfg: Any, use_error_term: bool = False) -> None:
-            super().__init__(cfg, use_error_term)
-            self.mse_loss_fn = self._target_mse
-
-        def process_sae_in(self, sae_in: Tensor) -> Tensor:
-            return super().process_sae_in(sae_in[..., : self.cfg.d_in])
-
-        def _target_mse(self, preds: Tensor, batch: Tensor) -> Tensor:
-            return torch.nn.functional.mse_loss(preds, batch[..., self.cfg.d_in :], reduction="none")
-
-        def calculate_aux_loss(self, step_input: Any, feature_acts: Tensor, hidden_pre: Tensor,
-                               sae_out: Tensor) -> Any:
-            target = dataclasses.replace(step_input, sae_in=step_input.sae_in[..., self.cfg.d_in :])
-            return super().calculate_aux_loss(step_input=target, feature_acts=feature_acts,
-                                              hidden_pre=hidden_pre, sae_out=sae_out)
-
-    TargetTranscoder.__name__ = TargetTranscoder.__qualname__ = f"Transcoder{base.__name__}"
-    _TRANSCODER_CLASSES[base] = TargetTranscoder
-    return TargetTranscoder
-
-
-def _mean_norm_scale(x: Tensor) -> float:
-    """The factor that gives ``x`` a mean norm of sqrt(d) (1 for all-zero data)."""
-    mean_norm = float(x.float().norm(dim=-1).mean())
-    return math.sqrt(x.shape[-1]) / mean_norm if mean_norm > 0 else 1.0
-
-
-def dictionary_bytes(d_in: int, width: int, batch: int, n: int) -> int:
-    """Bytes that training a ``width``-latent dictionary on ``n`` vectors of ``d_in`` needs at least.
-
-    The encoder and decoder (``2 d_in width + width + d_in`` floats) with their gradients and Adam's
-    two moments (16 bytes a parameter); a batch's pre-activations, latents and their gradients
-    (``4 batch width`` floats); and the fit summary's record of which latents fired on each fitting
-    vector (``n width`` bytes).
-    """
-    return 16 * (2 * d_in * width + width + d_in) + 16 * batch * width + n * width
-
-
-def check_dictionary_fits(d_in: int, width: int, batch: int, n: int, device: Any) -> None:
-    """Refuse a dictionary too wide to train in ``device``'s memory, before SAELens allocates it (the
-    bound is the device's whole memory, :func:`illusions.devices.memory_bytes`)."""
-    from illusions.devices import gigabytes, memory_bytes
-
-    have, need = memory_bytes(device), dictionary_bytes(d_in, width, batch, n)
-    if have is None or need <= have:
-        return
-    widest = max(0, (have - 16 * d_in) // (16 * (2 * d_in + 1) + 16 * batch + n))
-    where = "this machine" if torch.device(device).type == "cpu" else f"device {device}"
-    raise IllusionsError(f"a dictionary of width {width:,} on {n:,} vectors of {d_in} needs {gigabytes(need)} to "
-                         f"train, more than the {gigabytes(have)} of {where}; the width can be at most {widest:,} "
-                         "here")
-
-
-def train_dictionary(
-    x: Float[Tensor, "n d_in"],
-    target: Float[Tensor, "n d_out"] | None,
-    *,
-    architecture: str,
-    width: int,
-    top_k: int,
-    l1: float,
-    steps: int,
-    batch: int,
-    lr: float,
-    seed: int,
-) -> dict[str, Any]:
-    """Train an SAE (``target is None``) or a transcoder with SAELens' ``SAETrainer``.
-
-    Training runs on the activations' device; the weights come back on the CPU.
-
-    Returns:
-        The inference weights on raw activations (``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``,
-        ``threshold`` or None) and ``architecture``, ``top_k``, ``normalize``, ``subtract_b_dec``.
-    """
-    require_sae_lens()  # before anything else: a missing SAELens is the first thing to say
-    transcoder = target is not None
-    d_in = int(x.shape[1])
-    if transcoder and int(target.shape[1]) != d_in:
-        raise IllusionsError(f"a transcoder needs input and output of one width, got {d_in} and {target.shape[1]}")
-    scale_in = _mean_norm_scale(x)
-    scale_out = _mean_norm_scale(target) if transcoder else scale_in
-    data = x.float() * scale_in
-    if transcoder:
-        data = torch.cat([data, target.float() * scale_out], dim=1)  # [n, 2 d]: [u, y]
-    sae, cfg = _training_sae(architecture, d_in=d_in, width=width, top_k=top_k, l1=l1, transcoder=transcoder,
-                             seed=seed)
-    sae = sae.to(x.device)
-    _train_steps(sae, data, steps=steps, batch=min(batch, int(x.shape[0])), lr=lr, seed=seed)
-    with torch.no_grad():
-        w_enc = sae.W_enc.detach().float().cpu().clone()
-        b_enc = sae.b_enc.detach().float().cpu().clone()
-        w_dec = sae.W_dec.detach().float().cpu().clone()
-        b_dec = sae.b_dec.detach().float().cpu().clone()
-        threshold = sae.threshold.detach().float().cpu().clone() if architecture == "jumprelu" else None
-        if architecture == "topk" and cfg.rescale_acts_by_decoder_norm:
-            # Training ranks pre-activations scaled by the decoder norms; fold them in (exact).
-            norms = w_dec.norm(dim=-1).clamp_min(1e-8)  # [d_sae]
-            w_enc, b_enc, w_dec = w_enc * norms, b_enc * norms, w_dec / norms[:, None]
-        # Trained on (scale_in * u) -> (scale_out * y): fold both scales into the weights.
-        w_enc = w_enc * scale_in
-        w_dec = w_dec / scale_out
-        b_dec = b_dec / scale_out
-    return {"W_enc": w_enc.contiguous(), "b_enc": b_enc, "W_dec": w_dec.contiguous(), "b_dec": b_dec,
-            "threshold": threshold, "architecture": architecture,
-            "top_k": top_k if architecture == "topk" else 0, "normalize": "none",
-            "subtract_b_dec": not transcoder}
-
-
-def _training_sae(
-    architecture: str, *, d_in: int, width: int, top_k: int, l1: float, transcoder: bool, seed: int
-) -> tuple[Any, Any]:
-    """A fresh SAELens training SAE (or transcoder) of ``architecture`` on the CPU, and its config."""
-    lens = require_sae_lens()
-    common = {"d_in": d_in, "d_sae": width, "dtype": "float32", "device": "cpu",
-              "apply_b_dec_to_input": not transcoder, "normalize_activations": "none"}
-    if architecture == "standard":
-        cls, cfg = lens.StandardTrainingSAE, lens.StandardTrainingSAEConfig(**common, l1_coefficient=l1)
-    elif architecture == "topk":
-        cls, cfg = lens.TopKTrainingSAE, lens.TopKTrainingSAEConfig(**common, k=top_k)
-    elif architecture == "jumprelu":
-        cls, cfg = lens.JumpReLUTrainingSAE, lens.JumpReLUTrainingSAEConfig(**common, l0_coefficient=l1)
-    else:
-        raise IllusionsError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
-    if transcoder:
-        cls = _transcoder_class(cls)
-    # SAELens initialises from torch's global RNG; seed it only inside a fork, so the caller's
-    # global RNG state is exactly as it was. Built on the CPU (the same weights on every device),
-    # then moved to the activations' device by the caller.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        sae = cls(cfg)
-    return sae, cfg
-
-
-def _train_steps(sae: Any, data: Tensor, *, steps: int, batch: int, lr: float, seed: int) -> None:
-    """``steps`` steps of SAELens' ``SAETrainer`` on ``sae`` (on ``data``'s device), batches of ``batch`` rows of
-    ``data`` drawn with ``seed``."""
-    lens = require_sae_lens()
-    from sae_lens.config import SAETrainerConfig
-    from sae_lens.training.sae_trainer import SAETrainer
-
-    device = data.device
-    trainer_cfg = SAETrainerConfig(
-        total_training_samples=steps * batch, train_batch_size_samples=batch, lr=lr, lr_end=lr,
-        lr_scheduler_name="constant", lr_decay_steps=steps // 5, device=str(device),
-        dead_feature_window=max(1, steps // 10), feature_sampling_window=steps + 1,
-        logger=lens.LoggingConfig(log_to_wandb=False),
-    )
-    provider = _batches(data, batch, torch.Generator().manual_seed(seed))
-    trainer = SAETrainer(trainer_cfg, sae, provider)
-    # SAETrainer.fit() draws a tqdm bar on stderr that cannot be switched off, so drive the trainer
-    # through the per-step seams SAELens documents for outside coordinators (its MultiSAETrainer
-    # does the same). The data are pre-scaled: there is no norm estimate and nothing for the
-    # trainer's scaler to fold.
-    while trainer.n_training_samples < trainer_cfg.total_training_samples:
-        trainer.maybe_reset_sparsity()
-        trainer.step(next(provider))
-        trainer.n_training_steps += 1
-    trainer.set_final_sae_metadata()
-
-
-# ---------------------------------------------------------------- dictionaries saved by SAELens
-
-
-def load_saved(path: str, *, transcoder: bool) -> dict[str, Any]:
-    """A dictionary saved by SAELens (``cfg.json`` + safetensors) as inference weights.
-
-    Returns the same keys as :func:`train_dictionary`, plus ``W_skip`` (or None), ``lens_architecture``
-    and the ``hook_name``, ``hook_name_out`` and ``hook_head_index`` its metadata gives (or None).
-    """
-    require_sae_lens()
-    from sae_lens import SAE as LensSAE
-
-    directory = Path(path)
-    saved_metadata(path)  # a missing or unreadable cfg.json is one clear error
-    try:
-        lens = LensSAE.load_from_disk(directory, device="cpu", dtype="float32")
-    except Exception as exc:  # noqa: BLE001 - SAELens raises many kinds (KeyError, ValueError, safetensors, ...)
-        # One line: a state-dict mismatch's message spans several (one per missing or misshapen tensor).
-        detail = " ".join(f"{type(exc).__name__}: {exc}".split())
-        raise IllusionsError(f"sae_from {path}: SAELens could not load it ({detail[:300]})") from None
-    arch = lens.cfg.architecture()
-    known = SAVED_TRANSCODERS if transcoder else SAVED_SAES
-    if arch not in known:
-        other = "an SAE" if transcoder else "a transcoder"
-        hint = f" ({arch} is {other}; use the {'sae' if transcoder else 'transcoder'} simplifier)" if (
-            arch in (SAVED_SAES if transcoder else SAVED_TRANSCODERS)) else ""
-        raise IllusionsError(f"sae_from {path} holds a {arch!r} dictionary{hint}; this simplifier reads "
-                             f"{', '.join(known)}")
-    activation = known[arch]
-    with torch.no_grad():
-        w_enc = lens.W_enc.detach().float().clone()
-        b_enc = lens.b_enc.detach().float().clone()
-        w_dec = lens.W_dec.detach().float().clone()
-        b_dec = lens.b_dec.detach().float().clone()
-        threshold = lens.threshold.detach().float().clone() if activation == "jumprelu" else None
-        w_skip = lens.W_skip.detach().float().T.contiguous() if "skip" in arch else None  # [d_in, d_out]
-        top_k = int(lens.cfg.k) if activation == "topk" else 0
-        if activation == "topk" and getattr(lens.cfg, "rescale_acts_by_decoder_norm", False):
-            norms = w_dec.norm(dim=-1).clamp_min(1e-8)
-            w_enc, b_enc, w_dec = w_enc * norms, b_enc * norms, w_dec / norms[:, None]
-    normalize = lens.cfg.normalize_activations
-    meta = lens.cfg.metadata
-    return {"W_enc": w_enc.contiguous(), "b_enc": b_enc, "W_dec": w_dec.contiguous(), "b_dec": b_dec,
-            "threshold": threshold, "W_skip": w_skip, "architecture": activation, "top_k": top_k,
-            "normalize": normalize if normalize in RUNTIME_NORMALIZE else "none",
-            "subtract_b_dec": bool(lens.cfg.apply_b_dec_to_input), "lens_architecture": arch,
-            "hook_name": meta.get("hook_name"), "hook_name_out": meta.get("hook_name_out"),
-            "hook_head_index": meta.get("hook_head_index")}
-
-
-def saved_metadata(path: str) -> dict[str, Any]:
-    """The ``metadata`` table of a saved dictionary's ``cfg.json`` (read as JSON, without SAELens)."""
-    from illusions.config import read_json
-
-    cfg_path = Path(path) / "cfg.json"
-    if not cfg_path.is_file():
-        raise IllusionsError(f"sae_from {path}: no cfg.json there (SAELens saves a dictionary as cfg.json + "
-                             "sae_weights.safetensors)")
-    data = read_json(cfg_path)
-    if not isinstance(data, dict):
-        raise IllusionsError(f"{cfg_path} is not a SAELens configuration (expected a JSON object)")
-    meta = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
-    # Older SAELens configurations keep the hook names at the top level.
-    keys = ("hook_name", "hook_name_out", "hook_head_index", "architecture")
-    return {**{k: data[k] for k in keys if k in data}, **meta}
-
-
-# ---------------------------------------------------------------- the simplifiers
 
 
 def mlp_input_name(model: LensModel, layer: int) -> str:
