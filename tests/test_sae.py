@@ -374,7 +374,7 @@ def test_cli_reports_dictionary_metrics_per_split_and_rebuilds_the_report(dyck_e
 
     bad = runner.invoke(app, ["analyze", "dyck", "--simplify", "sae", "--width", "4", *common,
                               "--out", str(tmp_path / "bad")])
-    assert bad.exit_code == 2 and "--k must be in 1..4 (the dictionary width), got 16" in bad.output
+    assert bad.exit_code == 2 and "--top-k must be in 1..4 (the dictionary width), got 16" in bad.output
     assert not (tmp_path / "bad").exists()
 
 

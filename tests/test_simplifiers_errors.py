@@ -108,7 +108,7 @@ def test_make_simplifier_by_name():
 @pytest.mark.parametrize(
     ("name", "params", "message"),
     [
-        ("pca", {}, r"unknown simplifier 'pca'; known simplifiers: kmeans, onehot, resid-kmeans, resid-svd, sae, svd, transcoder, weight-svd"),
+        ("pca", {}, r"unknown simplifier 'pca'; known simplifiers: circuit, kmeans, onehot, resid-kmeans, resid-svd, sae, svd, transcoder, weight-svd"),
         ("svd", {"ranks": 4}, r"unknown SVD key\(s\) ranks; known keys: rank, centered, basis, targets"),
         ("svd", {"rank": "four"}, r"SVD.rank must be an integer, got 'four'"),
         ("svd", {"centered": "maybe"}, r"SVD.centered must be true or false"),
@@ -139,6 +139,7 @@ def test_every_method_declares_its_sweep_and_targets():
         "weight-svd": ("rank", ("layers", "heads", "qk")),
         "sae": ("width", ("layers", "heads", "resid")),
         "transcoder": ("width", ("layers",)),
+        "circuit": ("", ()),
     }
     for name, (param, _) in declared.items():
         fields = {f.name for f in dataclasses.fields(get_simplifier(name))}
@@ -208,5 +209,6 @@ def test_every_method_satisfies_the_protocol():
 
     for name in SIMPLIFIERS:
         cls = get_simplifier(name)
-        assert cls.name == name and isinstance(cls(), Simplifier)
+        made = cls(keep=("all",)) if name == "circuit" else cls()  # a circuit names what it keeps
+        assert cls.name == name and isinstance(made, Simplifier)
         assert cls.data_free == (name in ("onehot", "weight-svd"))

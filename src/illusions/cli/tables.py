@@ -321,7 +321,14 @@ def print_warnings(run: Any, console: Console | None = None) -> None:
 def print_circuits(run: Any, console: Console | None = None) -> None:
     """For each circuit proxy: the components it keeps and ablates, and how the search found them."""
     console = console or result_console()
-    for label, proxy in zip(run.analysis.labels, run.analysis.proxies, strict=True):
+    analysis = getattr(run, "analysis", None)
+    if analysis is None:  # a run made elsewhere (a Slurm job) sends back its document, not its proxies
+        for proxy in run.document.get("proxies") or [run.document]:
+            if proxy.get("simplifier") == "circuit":
+                keep = proxy.get("params", {}).get("keep", [])
+                console.print(f"{proxy.get('label', 'circuit')}: keeps {', '.join(keep) or 'none'}")
+        return
+    for label, proxy in zip(analysis.labels, analysis.proxies, strict=True):
         if proxy.simplifier != "circuit":
             continue
         kept, ablated = proxy.info.get("kept", []), proxy.info.get("ablated", [])
