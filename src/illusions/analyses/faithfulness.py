@@ -171,6 +171,35 @@ def analyze(
         The fitted proxies and per-position records for every (split, proxy) pair.
     """
     fitted = [is_fitted(s) for s in simplifiers]
+    eval_splits = _check_request(splits, simplifiers, fitted, fit_split=fit_split, eval_splits=eval_splits,
+                                 fit_n=fit_n, reference=reference, labels=labels)
+    rng = np.random.default_rng(seed)
+    fit_rows = select_rows(len(splits[fit_split]), fit_n, rng) if fit_split in splits else np.zeros(0, np.int64)
+    proxies = _fit_all(model, splits, simplifiers, fitted, fit_split, fit_rows, candidates=candidates,
+                       batch_size=batch_size)
+    for proxy in proxies:
+        check_hooks(model, proxy)
+    split_rows = {name: select_rows(len(splits[name]), max_seqs, rng) for name in eval_splits}
+    records: dict[tuple[str, int], Records] = {}
+    for i, name in enumerate(eval_splits):
+        if progress:
+            progress(name, i, len(eval_splits))
+        evaluated = evaluate_split(model, splits[name], split_rows[name], proxies, candidates=candidates,
+                                   batch_size=batch_size, token_budget=token_budget)
+        # Sparse dictionaries also report their reconstruction and latents on the split.
+        stats = sparse_stats(model, splits[name], split_rows[name], proxies, batch_size=batch_size)
+        for j, rec in enumerate(evaluated):
+            records[(name, j)] = rec if stats[j] is None else dataclasses.replace(rec, sparse=stats[j])
+    if progress:
+        progress("done", len(eval_splits), len(eval_splits))
+    return AnalysisResult(proxies, _labels(proxies, labels), split_rows, records, fit_rows)
+
+
+def _check_request(
+    splits: Mapping[str, Split], simplifiers: Sequence[Simplifier], fitted: list[bool], *, fit_split: str,
+    eval_splits: Sequence[str] | None, fit_n: int, reference: str | None, labels: Sequence[str | None] | None,
+) -> Sequence[str]:
+    """:func:`analyze`'s arguments checked before anything runs; returns the splits to evaluate."""
     needs_data = [s for s, done in zip(simplifiers, fitted, strict=True) if not done and not s.data_free]
     if fit_split not in splits and needs_data:
         raise IllusionsError(f"fit split {fit_split!r} not found (the data {needs_data[0].name} is fitted on); "
@@ -189,9 +218,15 @@ def analyze(
                              f"({', '.join(eval_splits)}); name one of them as the reference, or none for no gaps")
     if labels is not None and len(labels) != len(simplifiers):
         raise IllusionsError(f"{len(labels)} labels for {len(simplifiers)} proxies")
+    return eval_splits
 
-    rng = np.random.default_rng(seed)
-    fit_rows = select_rows(len(splits[fit_split]), fit_n, rng) if fit_split in splits else np.zeros(0, np.int64)
+
+def _fit_all(
+    model: LensModel, splits: Mapping[str, Split], simplifiers: Sequence[Simplifier], fitted: list[bool],
+    fit_split: str, fit_rows: np.ndarray, *, candidates: np.ndarray | None, batch_size: int,
+) -> list[Proxy]:
+    """The proxies: the simplifiers not yet fitted fitted on ``fit_rows`` of ``fit_split``, refined,
+    and their warning signals calibrated there (when that split exists)."""
     to_fit = [s for s, done in zip(simplifiers, fitted, strict=True) if not done]
     fitted_now = iter(fit_proxies(model, splits.get(fit_split), fit_rows, to_fit, batch_size=batch_size)
                       if to_fit else [])
@@ -201,22 +236,7 @@ def analyze(
                                  batch_size=batch_size)
         # Each warning signal's threshold, fixed on the fitting sequences (its training 99th percentile).
         proxies = calibrate_warnings(model, splits[fit_split], fit_rows, proxies, batch_size=batch_size)
-    for proxy in proxies:
-        check_hooks(model, proxy)
-    split_rows = {name: select_rows(len(splits[name]), max_seqs, rng) for name in eval_splits}
-    records: dict[tuple[str, int], Records] = {}
-    for i, name in enumerate(eval_splits):
-        if progress:
-            progress(name, i, len(eval_splits))
-        evaluated = evaluate_split(model, splits[name], split_rows[name], proxies, candidates=candidates,
-                                   batch_size=batch_size, token_budget=token_budget)
-        # Sparse dictionaries also report their reconstruction and latents on the split.
-        stats = sparse_stats(model, splits[name], split_rows[name], proxies, batch_size=batch_size)
-        for j, rec in enumerate(evaluated):
-            records[(name, j)] = rec if stats[j] is None else dataclasses.replace(rec, sparse=stats[j])
-    if progress:
-        progress("done", len(eval_splits), len(eval_splits))
-    return AnalysisResult(proxies, _labels(proxies, labels), split_rows, records, fit_rows)
+    return proxies
 
 
 def _labels(proxies: Sequence[Proxy], given: Sequence[str | None] | None) -> list[str]:
@@ -411,8 +431,6 @@ def evaluate_split(
     cache_names = [f"blocks.{layer}.hook_resid_pre" for layer in first_layers] + [
         f"blocks.{layer}.attn.hook_pattern" for layer in pattern_layers
     ]
-    local_seq = np.full(len(split), -1, dtype=np.int64)
-    local_seq[rows] = np.arange(rows.shape[0])
     parts: list[list[dict[str, np.ndarray]]] = [[] for _ in proxies]
     # Each proxy's warning signals, read by capture hooks in front of its own during its pass.
     collectors = [SignalCollector(p) for p in proxies]
@@ -430,36 +448,9 @@ def evaluate_split(
             del logits  # only the scored positions' logits are kept (memory)
             clean_pred = restricted_argmax(clean_logits, candidates)
             for j, proxy in enumerate(proxies):
-                captured: dict[int, torch.Tensor] = {}
-                layers = sorted({layer for layer, _ in proxy.heads})
-                capture_hooks = [
-                    (f"blocks.{layer}.attn.hook_pattern", _capture(captured, layer)) for layer in layers
-                ]
-                fired: set[str] = set()
-                hooks = [*collectors[j].hooks, *proxy.fwd_hooks, *((n, _mark(fired, n)) for n in hook_sets[j]),
-                         *capture_hooks]
-                if starts[j] is None:
-                    proxy_logits_full = model.run_with_hooks(tokens, fwd_hooks=hooks)
-                else:
-                    # A copy: a hook that edits its input in place must not reach the cache that
-                    # the other proxies start from.
-                    resid = cache[f"blocks.{starts[j]}.hook_resid_pre"].clone()
-                    proxy_logits_full = model.run_with_hooks(resid, start_at_layer=starts[j], fwd_hooks=hooks)
-                silent = [n for n in hook_sets[j] if n not in fired]
-                if silent:
-                    raise IllusionsError(f"hook(s) {', '.join(silent)} never ran in a forward pass of this model "
-                                         "(a hook point this configuration does not use), so the proxy would "
-                                         "agree with the model everywhere")
-                proxy_logits = gather_scored(proxy_logits_full, sc)
-                del proxy_logits_full
-                jsd = torch.full((len(sc),), float("nan"), dtype=torch.float64, device=f64)
-                if proxy.heads:
-                    per_head = []
-                    for layer, head in proxy.heads:
-                        clean_pat = cache[f"blocks.{layer}.attn.hook_pattern"][seq_t, head, pos_t]  # [n, key_pos]
-                        proxy_pat = captured[layer][seq_t, head, pos_t]  # [n, key_pos]
-                        per_head.append(js_divergence(clean_pat.to(f64), proxy_pat.to(f64)))
-                    jsd = torch.stack(per_head, dim=0).mean(0)  # [n]
+                proxy_logits, captured = _proxy_logits(model, tokens, cache, proxy, hook_sets[j], starts[j],
+                                                       collectors[j].hooks, sc)
+                jsd = _attention_jsd(cache, captured, proxy, seq_t, pos_t, len(sc), f64)
                 parts[j].append(
                     {
                         "rows": batch.rows[sc.seq],
@@ -475,6 +466,60 @@ def evaluate_split(
                         **{f"warn:{k}": v for k, v in collectors[j].gather(seq_t, pos_t).items()},
                     }
                 )
+    return _join_records(parts, split, rows)
+
+
+def _proxy_logits(model: LensModel, tokens: Any, cache: Any, proxy: Proxy, hook_names: list[str],
+                  start: int | None, signal_hooks: Sequence[Any], sc: Any) -> tuple[Any, dict[int, Any]]:
+    """One proxy's forward pass on a batch: its logits at the scored positions ``sc`` and the
+    attention patterns of the layers it simplifies.
+
+    It runs from the tokens when ``start`` is None, else from a copy of the cached residual stream
+    at block ``start``; a hook of ``hook_names`` that never ran is an error.
+    """
+    captured: dict[int, Any] = {}
+    layers = sorted({layer for layer, _ in proxy.heads})
+    capture_hooks = [
+        (f"blocks.{layer}.attn.hook_pattern", _capture(captured, layer)) for layer in layers
+    ]
+    fired: set[str] = set()
+    hooks = [*signal_hooks, *proxy.fwd_hooks, *((n, _mark(fired, n)) for n in hook_names), *capture_hooks]
+    if start is None:
+        proxy_logits_full = model.run_with_hooks(tokens, fwd_hooks=hooks)
+    else:
+        # A copy: a hook that edits its input in place must not reach the cache that
+        # the other proxies start from.
+        resid = cache[f"blocks.{start}.hook_resid_pre"].clone()
+        proxy_logits_full = model.run_with_hooks(resid, start_at_layer=start, fwd_hooks=hooks)
+    silent = [n for n in hook_names if n not in fired]
+    if silent:
+        raise IllusionsError(f"hook(s) {', '.join(silent)} never ran in a forward pass of this model "
+                             "(a hook point this configuration does not use), so the proxy would "
+                             "agree with the model everywhere")
+    return gather_scored(proxy_logits_full, sc), captured
+
+
+def _attention_jsd(cache: Any, captured: dict[int, Any], proxy: Proxy, seq_t: Any, pos_t: Any, n: int,
+                   f64: Any) -> Any:
+    """``[n]`` float64 JSD between the original and the proxy's attention at the scored positions,
+    averaged over the proxy's heads (NaN when it simplifies none)."""
+    import torch
+
+    jsd = torch.full((n,), float("nan"), dtype=torch.float64, device=f64)
+    if proxy.heads:
+        per_head = []
+        for layer, head in proxy.heads:
+            clean_pat = cache[f"blocks.{layer}.attn.hook_pattern"][seq_t, head, pos_t]  # [n, key_pos]
+            proxy_pat = captured[layer][seq_t, head, pos_t]  # [n, key_pos]
+            per_head.append(js_divergence(clean_pat.to(f64), proxy_pat.to(f64)))
+        jsd = torch.stack(per_head, dim=0).mean(0)  # [n]
+    return jsd
+
+
+def _join_records(parts: list[list[dict[str, np.ndarray]]], split: Split, rows: np.ndarray) -> list[Records]:
+    """Each proxy's batches of per-position values joined into its :class:`Records`."""
+    local_seq = np.full(len(split), -1, dtype=np.int64)
+    local_seq[rows] = np.arange(rows.shape[0])
     out = []
     for chunks in parts:
         joined = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}

@@ -109,11 +109,52 @@ def summarize(
     the default (``length`` alone) there is only the length-matched one. A column no record has is
     refused (:class:`~illusions.errors.IllusionsError`) before anything is computed.
     """
-    group_names = group_names or {}
-    position_groups = position_groups or {}
     splits = list(result.split_rows)
     samplers = {s: _resampler(s, len(result.split_rows[s]), seed, n_boot, level) for s in splits}
     all_records = [r for r in result.records.values() if len(r)]
+    match = tuple(dict.fromkeys(match))
+    control = match != DEFAULT_MATCH
+    edges = _edges(all_records, breakdowns, discrete, match if control else ())
+    by_match = _Strata(match, discrete, edges) if control else None
+    if by_match is not None:
+        by_match.check(all_records)
+    setup = _Setup(reference, tuple(breakdowns), tuple(discrete), edges, group_names or {},
+                   position_groups or {}, _Strata(("length",), discrete, edges), by_match)
+    rows: list[dict[str, Any]] = []
+    for j, proxy in enumerate(result.proxies):
+        param, param_value = sweep_param(proxy)
+        base = {"proxy": result.labels[j], "simplifier": proxy.simplifier, "param": param,
+                "param_value": param_value}
+        ref_rec, ref_sampler = result.records.get((reference, j)), samplers.get(reference)
+        refs = (_reference(ref_rec, ref_sampler, setup.by_length),
+                _reference(ref_rec, ref_sampler, by_match) if by_match is not None else None)
+        for split in splits:
+            rows += _split_rows(setup, refs, {**base, "split": split}, result.records[(split, j)], samplers[split])
+        # Unsupervised warning signals: how well each ranks the proxy's disagreements, per split and pooled.
+        rows += warning_rows(base, {s: result.records[(s, j)] for s in splits}, samplers,
+                             getattr(proxy, "info", {}).get(THRESHOLDS, {}), _complete)
+    if control:  # every row carries the control's fields (NaN where it has none), for one CSV header
+        rows = [{**r, **{f: r.get(f, float("nan")) for f in CONTROL_FIELDS}} for r in rows]
+    return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    """What :func:`summarize` computes every split's rows with."""
+
+    reference: str
+    breakdowns: tuple[str, ...]
+    discrete: tuple[str, ...]
+    edges: dict[str, np.ndarray]
+    group_names: Mapping[str, Sequence[str]]
+    position_groups: Mapping[str, PositionGroup]
+    by_length: _Strata
+    by_match: _Strata | None
+
+
+def _edges(all_records: Sequence[Records], breakdowns: Sequence[str], discrete: Sequence[str],
+           match: Sequence[str]) -> dict[str, np.ndarray]:
+    """The bin edges of every binned column: the breakdowns', ``length``, and the matched columns'."""
     length_edges = nice_edges(max((_length(r).max() for r in all_records), default=1))
     edges = {
         col: nice_edges(max((r.meta[col].max() for r in all_records if col in r.meta), default=1))
@@ -121,95 +162,96 @@ def summarize(
         if col not in discrete and col != "length"
     }
     edges["length"] = length_edges
-    match = tuple(dict.fromkeys(match))
-    control = match != DEFAULT_MATCH
-    for col in match if control else ():
+    for col in match:
         if col != "length" and col not in discrete and col not in edges:
             edges[col] = nice_edges(max((r.meta[col].max() for r in all_records if col in r.meta), default=1))
-    by_length = _Strata(("length",), discrete, edges)
-    by_match = _Strata(match, discrete, edges) if control else None
-    if by_match is not None:
-        by_match.check(all_records)
-    rows: list[dict[str, Any]] = []
-    for j, proxy in enumerate(result.proxies):
-        param, param_value = sweep_param(proxy)
-        base = {"proxy": result.labels[j], "simplifier": proxy.simplifier, "param": param,
-                "param_value": param_value}
-        ref_rec, ref_sampler = result.records.get((reference, j)), samplers.get(reference)
-        ref = _reference(ref_rec, ref_sampler, by_length)
-        ref_control = _reference(ref_rec, ref_sampler, by_match) if by_match is not None else None
-        for split in splits:
-            rec = result.records[(split, j)]
-            sampler = samplers[split]
-            values = _matrix(rec)
-            points, reps = sampler.grouped(values, rec.seq, np.zeros(len(rec), np.int64), 1)
-            lo, hi = sampler.intervals(reps)
-            gaps: dict[str, np.ndarray] = {}
-            if ref is not None and split != reference and len(rec):
-                gaps = _gaps(points[0], reps[:, 0], ref, ref.ids(by_length.codes(rec)), sampler, values, rec.seq)
-                if ref_control is not None:
-                    gaps.update(_control(_gaps(points[0], reps[:, 0], ref_control,
-                                               ref_control.ids(by_match.codes(rec)), sampler, values, rec.seq)))
-            n_seqs = int(np.unique(rec.seq).shape[0])
-            rows += _overall_rows({**base, "split": split, "group_by": "all", "group": "all"}, points[0],
-                                  lo[0], hi[0], gaps, len(rec), n_seqs)
-            if rec.sparse is not None:  # sparse dictionary proxies: reconstruction and latents
-                n_tokens = int(rec.sparse.n_tokens.sum())
-                for metric, (value, low, high) in sparse_estimates(rec.sparse, sampler).items():
-                    rows.append(_complete({**base, "split": split, "group_by": "all", "group": "all",
-                                           "metric": metric, "value": value, "ci_low": low, "ci_high": high,
-                                           "n_positions": n_tokens, "n_sequences": len(rec.sparse.n_tokens)}))
-            for col in breakdowns:
-                if not len(rec) or (col != "length" and col not in rec.meta):
-                    continue
-                column = _length(rec) if col == "length" else rec.meta[col]
-                if col in discrete:
-                    groups, inverse = np.unique(column, return_inverse=True)
-                    names = group_names.get(col)
-                    labels = [names[int(g)] if names is not None and 0 <= g < len(names) else str(int(g))
-                              for g in groups]
-                else:
-                    e = edges[col]
-                    groups, inverse = np.unique(np.digitize(column, e[1:-1]), return_inverse=True)
-                    names = bin_labels(e)
-                    labels = [names[int(g)] for g in groups]
-                g_points, g_reps = sampler.grouped(values, rec.seq, inverse, len(groups))
-                g_lo, g_hi = sampler.intervals(g_reps)
-                n_pos = np.bincount(inverse, minlength=len(groups))
-                pairs = np.unique(inverse * sampler.n_seqs + rec.seq)
-                n_seq = np.bincount(pairs // sampler.n_seqs, minlength=len(groups))
-                for g, label in enumerate(labels):
-                    for k, metric in enumerate(METRICS):
-                        rows.append(_complete({
-                            **base, "split": split, "group_by": col, "group": label, "metric": metric,
-                            "value": g_points[g, k], "ci_low": g_lo[g, k], "ci_high": g_hi[g, k],
-                            "n_positions": int(n_pos[g]), "n_sequences": int(n_seq[g]),
-                        }))
-            for name, group in position_groups.items():
-                if group.split != split or not len(rec):
-                    continue
-                mask = group.mask(rec.meta)
-                if mask is None or not mask.any():
-                    continue
-                # The group's own estimates and gaps, computed as for the whole split on its positions.
-                g_points, g_reps = sampler.grouped(values, rec.seq, mask.astype(np.int64), 2)
-                g_lo, g_hi = sampler.intervals(g_reps[:, 1:])
-                g_gaps: dict[str, np.ndarray] = {}
-                if ref is not None and split != reference:
-                    g_gaps = _gaps(g_points[1], g_reps[:, 1], ref, ref.ids(by_length.codes(rec))[mask],
-                                   sampler, values[mask], rec.seq[mask])
-                    if ref_control is not None:
-                        g_gaps.update(_control(_gaps(g_points[1], g_reps[:, 1], ref_control,
-                                                     ref_control.ids(by_match.codes(rec))[mask], sampler,
-                                                     values[mask], rec.seq[mask])))
-                rows += _overall_rows({**base, "split": split, "group_by": POSITION_GROUP, "group": name},
-                                      g_points[1], g_lo[0], g_hi[0], g_gaps, int(mask.sum()),
-                                      int(np.unique(rec.seq[mask]).shape[0]))
-        # Unsupervised warning signals: how well each ranks the proxy's disagreements, per split and pooled.
-        rows += warning_rows(base, {s: result.records[(s, j)] for s in splits}, samplers,
-                             getattr(proxy, "info", {}).get(THRESHOLDS, {}), _complete)
-    if control:  # every row carries the control's fields (NaN where it has none), for one CSV header
-        rows = [{**r, **{f: r.get(f, float("nan")) for f in CONTROL_FIELDS}} for r in rows]
+    return edges
+
+
+def _split_rows(setup: _Setup, refs: tuple[_Reference | None, _Reference | None], base: dict[str, Any],
+                rec: Records, sampler: Resampler) -> list[dict[str, Any]]:
+    """One split's rows for one proxy: overall (with gaps), sparse, breakdowns, position groups."""
+    split = base["split"]
+    ref, ref_control = refs
+    values = _matrix(rec)
+    points, reps = sampler.grouped(values, rec.seq, np.zeros(len(rec), np.int64), 1)
+    lo, hi = sampler.intervals(reps)
+    gaps: dict[str, np.ndarray] = {}
+    if ref is not None and split != setup.reference and len(rec):
+        gaps = _both_gaps(setup, refs, points[0], reps[:, 0], rec, sampler, values, None)
+    n_seqs = int(np.unique(rec.seq).shape[0])
+    rows = _overall_rows({**base, "group_by": "all", "group": "all"}, points[0],
+                         lo[0], hi[0], gaps, len(rec), n_seqs)
+    if rec.sparse is not None:  # sparse dictionary proxies: reconstruction and latents
+        n_tokens = int(rec.sparse.n_tokens.sum())
+        for metric, (value, low, high) in sparse_estimates(rec.sparse, sampler).items():
+            rows.append(_complete({**base, "group_by": "all", "group": "all",
+                                   "metric": metric, "value": value, "ci_low": low, "ci_high": high,
+                                   "n_positions": n_tokens, "n_sequences": len(rec.sparse.n_tokens)}))
+    for col in setup.breakdowns:
+        if not len(rec) or (col != "length" and col not in rec.meta):
+            continue
+        rows += _breakdown_rows(setup, base, col, rec, sampler, values)
+    for name, group in setup.position_groups.items():
+        if group.split != split or not len(rec):
+            continue
+        mask = group.mask(rec.meta)
+        if mask is None or not mask.any():
+            continue
+        # The group's own estimates and gaps, computed as for the whole split on its positions.
+        g_points, g_reps = sampler.grouped(values, rec.seq, mask.astype(np.int64), 2)
+        g_lo, g_hi = sampler.intervals(g_reps[:, 1:])
+        g_gaps: dict[str, np.ndarray] = {}
+        if ref is not None and split != setup.reference:
+            g_gaps = _both_gaps(setup, refs, g_points[1], g_reps[:, 1], rec, sampler, values, mask)
+        rows += _overall_rows({**base, "group_by": POSITION_GROUP, "group": name},
+                              g_points[1], g_lo[0], g_hi[0], g_gaps, int(mask.sum()),
+                              int(np.unique(rec.seq[mask]).shape[0]))
+    return rows
+
+
+def _both_gaps(setup: _Setup, refs: tuple[_Reference | None, _Reference | None], points: np.ndarray,
+               reps: np.ndarray, rec: Records, sampler: Resampler, values: np.ndarray,
+               mask: np.ndarray | None) -> dict[str, Any]:
+    """:func:`_gaps` to the length-matched reference, and to the ``match`` control when there is one,
+    of the positions ``mask`` selects (all when None)."""
+    ref, ref_control = refs
+    keep = slice(None) if mask is None else mask
+    gaps = _gaps(points, reps, ref, ref.ids(setup.by_length.codes(rec))[keep], sampler, values[keep],
+                 rec.seq[keep])
+    if ref_control is not None:
+        gaps.update(_control(_gaps(points, reps, ref_control, ref_control.ids(setup.by_match.codes(rec))[keep],
+                                   sampler, values[keep], rec.seq[keep])))
+    return gaps
+
+
+def _breakdown_rows(setup: _Setup, base: dict[str, Any], col: str, rec: Records, sampler: Resampler,
+                    values: np.ndarray) -> list[dict[str, Any]]:
+    """The estimate of every metric within each group (value or bin) of the meta column ``col``."""
+    column = _length(rec) if col == "length" else rec.meta[col]
+    if col in setup.discrete:
+        groups, inverse = np.unique(column, return_inverse=True)
+        names = setup.group_names.get(col)
+        labels = [names[int(g)] if names is not None and 0 <= g < len(names) else str(int(g))
+                  for g in groups]
+    else:
+        e = setup.edges[col]
+        groups, inverse = np.unique(np.digitize(column, e[1:-1]), return_inverse=True)
+        names = bin_labels(e)
+        labels = [names[int(g)] for g in groups]
+    g_points, g_reps = sampler.grouped(values, rec.seq, inverse, len(groups))
+    g_lo, g_hi = sampler.intervals(g_reps)
+    n_pos = np.bincount(inverse, minlength=len(groups))
+    pairs = np.unique(inverse * sampler.n_seqs + rec.seq)
+    n_seq = np.bincount(pairs // sampler.n_seqs, minlength=len(groups))
+    rows = []
+    for g, label in enumerate(labels):
+        for k, metric in enumerate(METRICS):
+            rows.append(_complete({
+                **base, "group_by": col, "group": label, "metric": metric,
+                "value": g_points[g, k], "ci_low": g_lo[g, k], "ci_high": g_hi[g, k],
+                "n_positions": int(n_pos[g]), "n_sequences": int(n_seq[g]),
+            }))
     return rows
 
 
@@ -376,61 +418,7 @@ def to_json(
     A proxy's warning signals, when it has any, are under ``"warnings"``:
     ``{SPLIT or "overall": {SIGNAL: {METRIC: {"value", "ci", "n_positions"}}}}``.
     """
-    docs = []
-    for proxy in proxies:
-        label = proxy["label"]
-        mine = [r for r in rows if r["proxy"] == label]
-        splits: dict[str, Any] = {}
-        groups: dict[str, Any] = {}
-        for r in mine:
-            if r["group_by"] not in ("all", POSITION_GROUP):
-                continue
-            head = {"n_positions": int(r["n_positions"]), "n_sequences": int(r["n_sequences"]), "gaps": {}}
-            if r["group_by"] == "all":
-                entry = splits.setdefault(r["split"], head)
-            else:
-                entry = groups.setdefault(group_label(r["split"], r["group"]),
-                                          {"split": r["split"], "group": r["group"], **head})
-            entry[r["metric"]] = {"value": _num(r["value"]), "ci": [_num(r["ci_low"]), _num(r["ci_high"])]}
-            if _num(r["gap_vs_ref"]) is not None:
-                entry["gaps"][r["metric"]] = {
-                    "vs_iid": {"value": _num(r["gap_vs_ref"]),
-                               "ci": [_num(r["gap_vs_ref_low"]), _num(r["gap_vs_ref_high"])]},
-                    "vs_length_matched_iid": {
-                        "value": _num(r["gap_vs_matched"]),
-                        "ci": [_num(r["gap_vs_matched_low"]), _num(r["gap_vs_matched_high"])],
-                        "coverage": _num(r["matched_coverage"]),
-                        "excluded_share": excluded_share(r),
-                    },
-                }
-                if "control_coverage" in r:
-                    coverage = _num(r["control_coverage"])
-                    entry["gaps"][r["metric"]]["vs_matched_iid"] = {
-                        "on": list(match), "value": _num(r["gap_vs_control"]),
-                        "ci": [_num(r["gap_vs_control_low"]), _num(r["gap_vs_control_high"])],
-                        "coverage": coverage,
-                        "excluded_share": None if coverage is None else max(0.0, round(1.0 - coverage, 10)),
-                    }
-        breakdowns: dict[str, Any] = {}
-        warnings: dict[str, Any] = {}
-        for r in mine:
-            if r["group_by"] == WARNING_GROUP:
-                cell = warnings.setdefault(r["split"], {}).setdefault(r["group"], {})
-                cell[r["metric"]] = {"value": _num(r["value"]), "ci": [_num(r["ci_low"]), _num(r["ci_high"])],
-                                     "n_positions": int(r["n_positions"])}
-                continue
-            if r["group_by"] in ("all", POSITION_GROUP):
-                continue
-            cell = breakdowns.setdefault(r["split"], {}).setdefault(r["group_by"], {}).setdefault(
-                r["group"], {"n_positions": int(r["n_positions"])})
-            cell[r["metric"]] = {"value": _num(r["value"]), "ci": [_num(r["ci_low"]), _num(r["ci_high"])]}
-        doc = {"simplifier": proxy["simplifier"], "label": label, "params": proxy["params"],
-               "splits": splits, "breakdowns": breakdowns}
-        if groups:
-            doc["groups"] = groups
-        if warnings:
-            doc["warnings"] = warnings
-        docs.append(doc)
+    docs = [_proxy_doc([r for r in rows if r["proxy"] == proxy["label"]], proxy, match) for proxy in proxies]
     first = docs[0]
     out = {"task": task, "simplifier": first["simplifier"], "params": first["params"], "model": model,
            "splits": first["splits"], "breakdowns": first["breakdowns"]}
@@ -439,6 +427,67 @@ def to_json(
     if "warnings" in first:
         out["warnings"] = first["warnings"]
     return {**out, "proxies": docs}
+
+
+def _proxy_doc(mine: Sequence[dict[str, Any]], proxy: dict[str, Any], match: Sequence[str]) -> dict[str, Any]:
+    """One proxy's entry of :func:`to_json` from its rows ``mine``."""
+    splits: dict[str, Any] = {}
+    groups: dict[str, Any] = {}
+    for r in mine:
+        if r["group_by"] not in ("all", POSITION_GROUP):
+            continue
+        head = {"n_positions": int(r["n_positions"]), "n_sequences": int(r["n_sequences"]), "gaps": {}}
+        if r["group_by"] == "all":
+            entry = splits.setdefault(r["split"], head)
+        else:
+            entry = groups.setdefault(group_label(r["split"], r["group"]),
+                                      {"split": r["split"], "group": r["group"], **head})
+        entry[r["metric"]] = {"value": _num(r["value"]), "ci": [_num(r["ci_low"]), _num(r["ci_high"])]}
+        if _num(r["gap_vs_ref"]) is not None:
+            entry["gaps"][r["metric"]] = _gap_entry(r, match)
+    breakdowns: dict[str, Any] = {}
+    warnings: dict[str, Any] = {}
+    for r in mine:
+        if r["group_by"] == WARNING_GROUP:
+            cell = warnings.setdefault(r["split"], {}).setdefault(r["group"], {})
+            cell[r["metric"]] = {"value": _num(r["value"]), "ci": [_num(r["ci_low"]), _num(r["ci_high"])],
+                                 "n_positions": int(r["n_positions"])}
+            continue
+        if r["group_by"] in ("all", POSITION_GROUP):
+            continue
+        cell = breakdowns.setdefault(r["split"], {}).setdefault(r["group_by"], {}).setdefault(
+            r["group"], {"n_positions": int(r["n_positions"])})
+        cell[r["metric"]] = {"value": _num(r["value"]), "ci": [_num(r["ci_low"]), _num(r["ci_high"])]}
+    doc = {"simplifier": proxy["simplifier"], "label": proxy["label"], "params": proxy["params"],
+           "splits": splits, "breakdowns": breakdowns}
+    if groups:
+        doc["groups"] = groups
+    if warnings:
+        doc["warnings"] = warnings
+    return doc
+
+
+def _gap_entry(r: Mapping[str, Any], match: Sequence[str]) -> dict[str, Any]:
+    """A metric's gaps in :func:`to_json`: to iid, to length-matched iid, and to the ``match`` control."""
+    gap = {
+        "vs_iid": {"value": _num(r["gap_vs_ref"]),
+                   "ci": [_num(r["gap_vs_ref_low"]), _num(r["gap_vs_ref_high"])]},
+        "vs_length_matched_iid": {
+            "value": _num(r["gap_vs_matched"]),
+            "ci": [_num(r["gap_vs_matched_low"]), _num(r["gap_vs_matched_high"])],
+            "coverage": _num(r["matched_coverage"]),
+            "excluded_share": excluded_share(r),
+        },
+    }
+    if "control_coverage" in r:
+        coverage = _num(r["control_coverage"])
+        gap["vs_matched_iid"] = {
+            "on": list(match), "value": _num(r["gap_vs_control"]),
+            "ci": [_num(r["gap_vs_control_low"]), _num(r["gap_vs_control_high"])],
+            "coverage": coverage,
+            "excluded_share": None if coverage is None else max(0.0, round(1.0 - coverage, 10)),
+        }
+    return gap
 
 
 def group_label(split: str, group: str) -> str:

@@ -142,12 +142,7 @@ def as_splits(
     if not isinstance(splits, Mapping) or not splits:
         raise IllusionsError("splits must be a dict of split name -> data with at least one split")
     d_vocab, n_ctx = int(model.cfg.d_vocab), int(model.cfg.n_ctx)
-    for mapping, what in ((score, "score"), (targets, "targets")):
-        if isinstance(mapping, Mapping):
-            unknown = [k for k in mapping if k not in splits]
-            if unknown:
-                raise IllusionsError(f"{what} names split(s) {', '.join(map(str, unknown))} that are not among the "
-                                     f"splits ({', '.join(splits)})")
+    _check_split_keys(splits, score, targets)
     jsonl = {str(k): v for k, v in splits.items() if _is_jsonl(v)}
     read = _read_jsonl(jsonl, d_vocab, n_ctx, model) if jsonl else ({}, {})
     out: dict[str, Split] = {}
@@ -169,6 +164,35 @@ def as_splits(
             tokens, lengths = _tokens_and_lengths(name, value, pad)
             split = _scored_split(name, tokens, lengths, mine_score, mine_targets, d_vocab)
         out[name] = _checked(split, d_vocab, n_ctx)
+    fit_split = _add_fit(out, fit, pad, model)
+    eval_splits = [n for n in out if n != fit_split]
+    if not eval_splits:
+        raise IllusionsError(f"no split to evaluate: the only split, {fit_split!r}, is the one the proxies are "
+                             "fitted on")
+    columns = read[1]
+    meta_columns = list(dict.fromkeys(c for s in out.values() for c in s.scored.meta))
+    return out, {
+        "fit_split": fit_split, "eval_splits": eval_splits, "meta_columns": meta_columns,
+        # JSONL columns as the custom task codes them; positions in round bins.
+        "discrete": [c for c in meta_columns if columns.get(c, {}).get("discrete", False)],
+        "group_names": {c: v["names"] for c, v in columns.items() if v.get("names") is not None},
+    }
+
+
+def _check_split_keys(splits: Mapping[str, Any], score: Any, targets: Any) -> None:
+    """A ``score`` or ``targets`` dict names only splits there are."""
+    for mapping, what in ((score, "score"), (targets, "targets")):
+        if isinstance(mapping, Mapping):
+            unknown = [k for k in mapping if k not in splits]
+            if unknown:
+                raise IllusionsError(f"{what} names split(s) {', '.join(map(str, unknown))} that are not among the "
+                                     f"splits ({', '.join(splits)})")
+
+
+def _add_fit(out: dict[str, Split], fit: Any, pad: int | None, model: Any) -> str:
+    """The name of the fitting split: ``fit`` when it names one of ``out``, else ``train``; fitting data
+    given as data is added to ``out`` (every position scored) under a name no split has."""
+    d_vocab, n_ctx = int(model.cfg.d_vocab), int(model.cfg.n_ctx)
     fit_split = "train"
     if isinstance(fit, str) and not _is_jsonl(fit):
         if fit not in out:
@@ -183,18 +207,7 @@ def as_splits(
             tokens, lengths = fitted.tokens, fitted.lengths
         out[fit_split] = _checked(_scored_split(fit_split, tokens, lengths, None, None, d_vocab, every=True),
                                   d_vocab, n_ctx)
-    eval_splits = [n for n in out if n != fit_split]
-    if not eval_splits:
-        raise IllusionsError(f"no split to evaluate: the only split, {fit_split!r}, is the one the proxies are "
-                             "fitted on")
-    columns = read[1]
-    meta_columns = list(dict.fromkeys(c for s in out.values() for c in s.scored.meta))
-    return out, {
-        "fit_split": fit_split, "eval_splits": eval_splits, "meta_columns": meta_columns,
-        # JSONL columns as the custom task codes them; positions in round bins.
-        "discrete": [c for c in meta_columns if columns.get(c, {}).get("discrete", False)],
-        "group_names": {c: v["names"] for c, v in columns.items() if v.get("names") is not None},
-    }
+    return fit_split
 
 
 def _is_jsonl(value: Any) -> bool:

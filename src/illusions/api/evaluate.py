@@ -37,24 +37,10 @@ TASK_NAME = "python"  # how a run directory written by Evaluation.save names its
 
 
 def evaluate(
-    model: Any,
-    proxy: Any,
-    splits: Mapping[str, Any],
-    *,
-    reference: str | None = "iid",
-    fit: Any = None,
-    score: Any = None,
-    targets: Any = None,
-    candidates: Any = None,
-    pad: int | None = None,
-    fit_n: int = 1000,
-    max_seqs: int | None = None,
-    n_boot: int = 1000,
-    match: Sequence[str] = ("length",),
-    seed: int = 0,
-    batch_size: int = 64,
-    device: Any = None,
-    progress: bool = True,
+    model: Any, proxy: Any, splits: Mapping[str, Any], *, reference: str | None = "iid", fit: Any = None,
+    score: Any = None, targets: Any = None, candidates: Any = None, pad: int | None = None, fit_n: int = 1000,
+    max_seqs: int | None = None, n_boot: int = 1000, match: Sequence[str] = ("length",), seed: int = 0,
+    batch_size: int = 64, device: Any = None, progress: bool = True,
 ) -> Evaluation:
     """How faithful is a proxy of ``model`` on each split, compared with the model itself?
 
@@ -111,18 +97,9 @@ def evaluate(
     """
     from illusions.analyses.engine import measure
 
-    _tqdm()  # before anything (TransformerLens, SAELens) imports tqdm.auto and warns
-    loaded = as_model(model, device=device)
+    loaded, items, labels, data, info = _inputs(model, proxy, splits, reference=reference, fit=fit, score=score,
+                                                targets=targets, pad=pad, device=device)
     net = loaded.model
-    items, names = as_proxies(proxy)
-    items = [p.for_model(net) if isinstance(p, HookProxy) else p for p in items]
-    labels = [name if name is not None else p.name if isinstance(p, HookProxy) else None
-              for p, name in zip(items, names, strict=True)]
-    data, info = as_splits(splits, net, score=score, targets=targets, pad=pad, fit=fit)
-    if reference is not None and reference not in info["eval_splits"]:
-        raise IllusionsError(f"reference split {reference!r} is not among the evaluated splits "
-                             f"({', '.join(info['eval_splits'])}); pass reference='NAME' for one of them, or "
-                             "reference=None for no gaps")
     cands = check_candidates(candidates, int(net.cfg.d_vocab))
     bar = _progress_bar(progress, len(info["eval_splits"]))
     try:
@@ -138,6 +115,26 @@ def evaluate(
                 "n_boot": n_boot, "match": list(match), "seed": seed, "batch_size": batch_size,
                 "candidates": None if cands is None else cands.tolist()}
     return Evaluation(measured, data, loaded, settings, info)
+
+
+def _inputs(model: Any, proxy: Any, splits: Mapping[str, Any], *, reference: str | None, fit: Any, score: Any,
+            targets: Any, pad: int | None, device: Any) -> tuple[LoadedModel, list[Any], list[str | None], Any,
+                                                                  dict[str, Any]]:
+    """:func:`evaluate`'s model, proxies (with their labels) and splits, checked: ``(loaded, proxies,
+    labels, splits, info)``."""
+    _tqdm()  # before anything (TransformerLens, SAELens) imports tqdm.auto and warns
+    loaded = as_model(model, device=device)
+    net = loaded.model
+    items, names = as_proxies(proxy)
+    items = [p.for_model(net) if isinstance(p, HookProxy) else p for p in items]
+    labels = [name if name is not None else p.name if isinstance(p, HookProxy) else None
+              for p, name in zip(items, names, strict=True)]
+    data, info = as_splits(splits, net, score=score, targets=targets, pad=pad, fit=fit)
+    if reference is not None and reference not in info["eval_splits"]:
+        raise IllusionsError(f"reference split {reference!r} is not among the evaluated splits "
+                             f"({', '.join(info['eval_splits'])}); pass reference='NAME' for one of them, or "
+                             "reference=None for no gaps")
+    return loaded, items, labels, data, info
 
 
 def _tqdm() -> Any:

@@ -51,7 +51,7 @@ def print_summary(run: Any, console: Console | None = None) -> None:
     without the interval half-widths (``metrics.csv`` and ``--json`` keep the exact intervals) under
     short headers; split and proxy names are never cut.
     """
-    from illusions.analyses.summary import POSITION_GROUP, excluded_share, group_label
+    from illusions.analyses.summary import POSITION_GROUP
 
     console = console or result_console()
     rows = [r for r in run.rows if r["group_by"] == "all"]
@@ -59,9 +59,24 @@ def print_summary(run: Any, console: Console | None = None) -> None:
     proxies = list(dict.fromkeys(r["proxy"] for r in rows))
     title = (f"{spec.task}: {', '.join(proxies)} "
              f"on {run.model_source} model ({run.model_description})")
-    by = {(r["proxy"], r["split"], r["metric"]): r for r in rows}
     # A task's named position groups print under their split as "split (name)".
     grouped = [r for r in run.rows if r["group_by"] == POSITION_GROUP]
+    body, excluded = _summary_body(rows, grouped, proxies)
+    table, compact, dropped = _fitted_summary_table(console, title, proxies, body, excluded)
+    console.print(table)
+    note = _summary_note(run, body, excluded, grouped, compact=compact, dropped=dropped)
+    console.print(f"[dim]{note}[/dim]")
+    if any(r["metric"] == "explained_variance" for r in rows):
+        print_sparse(rows, proxies, console)
+
+
+def _summary_body(rows: list[dict[str, Any]], grouped: list[dict[str, Any]], proxies: list[str],
+                  ) -> tuple[list[tuple[str, str, dict[str, Any]]], dict[str, float]]:
+    """The summary table's lines ``(proxy, split or group, metric -> row)`` and, per split, the share
+    of positions the length-matched gap leaves out where it is at least :data:`_EXCLUDED_MARK`."""
+    from illusions.analyses.summary import excluded_share, group_label
+
+    by = {(r["proxy"], r["split"], r["metric"]): r for r in rows}
     by.update({(r["proxy"], group_label(r["split"], r["group"]), r["metric"]): r for r in grouped})
     body: list[tuple[str, str, dict[str, Any]]] = []
     excluded: dict[str, float] = {}
@@ -75,6 +90,13 @@ def print_summary(run: Any, console: Console | None = None) -> None:
                 if share is not None and share >= _EXCLUDED_MARK:
                     excluded[name] = max(excluded.get(name, 0.0), share)
                 body.append((proxy, name, m))
+    return body, excluded
+
+
+def _fitted_summary_table(console: Console, title: str, proxies: list[str], body: list[Any],
+                          excluded: dict[str, float]) -> tuple[Table, bool, list[str]]:
+    """The full summary table, or the compact one (with columns dropped while still too wide) when the
+    full one is wider than the console: ``(table, compact, dropped columns)``."""
     from rich.measure import Measurement
 
     def width(t: Table) -> int:
@@ -92,7 +114,12 @@ def print_summary(run: Any, console: Console | None = None) -> None:
                 break
             dropped.append(column)
             table = _summary_table(title, proxies, body, excluded, compact=True, drop=tuple(dropped))
-    console.print(table)
+    return table, compact, dropped
+
+
+def _summary_note(run: Any, body: list[tuple[str, str, dict[str, Any]]], excluded: dict[str, float],
+                  grouped: list[dict[str, Any]], *, compact: bool, dropped: list[str]) -> str:
+    """The note under the summary table: what its columns and marks mean."""
     note = ("± half-width of the 95% bootstrap interval over sequences" if not compact else
             "values without intervals (the 95% intervals are in metrics.csv and --json); orig/proxy: accuracy "
             "of the original and the proxy; agree: agreement; Δ iid / Δ len: agreement gap vs iid / vs "
@@ -107,16 +134,14 @@ def print_summary(run: Any, console: Console | None = None) -> None:
                  f"of both sides: {parts}.")
     control = [(name, m["agreement"]) for _, name, m in body if "control_coverage" in m["agreement"]]
     if control:
-        on = " x ".join(getattr(spec, "match", ()) or ("the --match columns",))
+        on = " x ".join(getattr(run.spec, "match", ()) or ("the --match columns",))
         cover = ", ".join(dict.fromkeys(f"{r['control_coverage']:.1%} of {name}" for name, r in control
                                         if _finite(r["control_coverage"])))
         note += (f" Δ matched: agreement gap vs iid re-weighted to the split's strata of {on}, over the strata iid "
                  f"has (positions in others are left out of both sides); coverage: {cover or 'none'}.")
     if grouped:
         note += " " + _groups_note(run, grouped)
-    console.print(f"[dim]{note}[/dim]")
-    if any(r["metric"] == "explained_variance" for r in rows):
-        print_sparse(rows, proxies, console)
+    return note
 
 
 # (metric, header, decimals) of the sparse dictionary table: a narrow console table.

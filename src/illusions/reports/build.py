@@ -248,7 +248,7 @@ def build_report(inputs: ReportInputs) -> tuple[str, list[Any]]:
     Returns:
         ``(html, figures)``; each figure also goes beside the page as ``<name>.png``.
     """
-    from illusions.reports import attention, geometry, html, interactive, latents, plots, verdict
+    from illusions.reports import attention, html, interactive, plots
 
     spec = inputs.spec
     splits = list(inputs.split_rows)
@@ -258,16 +258,40 @@ def build_report(inputs: ReportInputs) -> tuple[str, list[Any]]:
     proxy = inputs.proxies[j]
     figures: list[Any] = []
     sections: list[Any] = []
-    model_cfg = inputs.config.get("model", {})
     colours = {spec.fit_split: interactive.FIT_COLOUR, **plots.split_colors(splits)}
 
     # The verdict in words first, then the tables it is read from.
+    sections.append(_summary_section(inputs, label, splits, all_splits, figures))
+    if len(inputs.labels) > 1:
+        sections.append(_sweep_section(inputs, splits, figures))
+    examples, example_data = _examples_section(inputs, j, label, proxy, splits, all_splits)
+    sections.append(examples)
+    row_ids, drawn = _drawn_rows(inputs, splits, all_splits)
+    geometry_section, geo_data = _geometry_section(inputs, label, proxy, row_ids, drawn, all_splits)
+    sections.append(geometry_section)
+    sections += _latents_sections(inputs, label, proxy, row_ids, drawn)
+    sections += _breakdown_sections(inputs, label, splits, figures)
+    sections.append(html.Section("configuration", "Configuration", (
+        "<p>The fully resolved run configuration (<code>config.json</code>), collapsed.</p>"
+        + html.config_block(inputs.config))))
+
+    title = f"{spec.task}: how faithful is {label.split('(')[0]} out of distribution?"
+    data = interactive.payload(example_data, geo_data, colours, attention.PACK_SCALE)
+    page = html.render_page(title=title, subtitle=_subtitle(inputs, label), sections=sections, data=data)
+    return page, figures
+
+
+def _summary_section(inputs: ReportInputs, label: str, splits: list[str], all_splits: dict[str, Any],
+                     figures: list[Any]) -> Any:
+    """The verdict in words, the summary tables, the accuracy figure (added to ``figures``), the splits."""
+    from illusions.reports import html, interactive, plots, verdict
+
     acc = plots.accuracy_figure(inputs.rows, label, splits)
     figures.append(acc)
     defs = "".join(f"<li><b>{html.esc(s)}</b>: {html.esc(all_splits[s].description or 'no description')}</li>"
                    for s in splits if s in all_splits)
     words = verdict.sentences(inputs.rows, label, splits)
-    sections.append(html.Section("summary", "Summary", (
+    return html.Section("summary", "Summary", (
         interactive.verdict_list(words)
         + "<p class=note>Agreement: share of scored positions where the proxy predicts what the model predicts; "
         "length-matched: the gap to iid re-weighted to the split's lengths. A proxy counts as faithful in "
@@ -275,31 +299,57 @@ def build_report(inputs: ReportInputs) -> tuple[str, list[Any]]:
         "change of accuracy against iid say whether it under- or over-states the model's generalization.</p>"
         + html.summary_tables(inputs.rows, splits, inputs.labels)
         + html.figure(acc, f"Original accuracy, proxy accuracy and agreement of {html.esc(label)} per split.")
-        + (f"<h3>Split definitions</h3><ul>{defs}</ul>" if defs else ""))))
+        + (f"<h3>Split definitions</h3><ul>{defs}</ul>" if defs else "")))
 
-    if len(inputs.labels) > 1:
-        sweep = plots.sweep_figure(inputs.rows, splits)
-        figures.append(sweep)
-        sections.append(html.Section("sweep", "Sweep", html.figure(
-            sweep, "Agreement, attention JSD and accuracy per proxy (against the swept parameter when the "
-                   "proxies form a sweep), one colour per split (bars: 95% intervals).")))
+
+def _sweep_section(inputs: ReportInputs, splits: list[str], figures: list[Any]) -> Any:
+    """The sweep figure (added to ``figures``) of a run with several proxies."""
+    from illusions.reports import html, plots
+
+    sweep = plots.sweep_figure(inputs.rows, splits)
+    figures.append(sweep)
+    return html.Section("sweep", "Sweep", html.figure(
+        sweep, "Agreement, attention JSD and accuracy per proxy (against the swept parameter when the "
+               "proxies form a sweep), one colour per split (bars: 95% intervals)."))
+
+
+def _examples_section(inputs: ReportInputs, j: int, label: str, proxy: Any, splits: list[str],
+                      all_splits: dict[str, Any]) -> tuple[Any, Any]:
+    """The example browser of proxy ``j`` and its data for the page's payload."""
+    from illusions.reports import attention, html, interactive
 
     examples = attention.build_examples(
         inputs.model, all_splits, {s: inputs.records[(s, j)] for s in splits}, proxy, inputs.task.vocab.tokens)
     browser, example_data = interactive.examples_section(examples, splits)
-    sections.append(html.Section("examples", "Examples", (
+    return html.Section("examples", "Examples", (
         f"<p>Per split, the sequences where <b>{html.esc(label)}</b> changes the most, a median number and the "
         "fewest of the model's predictions (then highest attention JSD). Filter by split or by a range of any "
         "column, click a header to sort, click a row to open its card: the tokens, every scored position's "
         "target and both predictions with KL(original || proxy) and attention JSD, and the attention of the "
         "simplified heads, original model (left) beside the proxy (right); hover a head to zoom, click to lock."
-        " Each split's first card is open; the others draw when opened.</p>" + browser)))
+        " Each split's first card is open; the others draw when opened.</p>" + browser)), example_data
 
-    fit_name = spec.fit_split
+
+def _drawn_rows(inputs: ReportInputs, splits: list[str],
+                all_splits: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The leading sequences (at most :data:`GEOMETRY_SEQS`) of the fitting data and of each split that
+    the geometry and latents sections draw: ``(row_ids, drawn)``."""
+    from illusions.reports import geometry
+
+    fit_name = inputs.spec.fit_split
     row_ids = {fit_name: inputs.fit_rows[:GEOMETRY_SEQS],
                **{s: inputs.split_rows[s][:GEOMETRY_SEQS] for s in splits if s != fit_name}}
     drawn = {s: geometry.sample_rows(all_splits[s], rows, GEOMETRY_SEQS) for s, rows in row_ids.items()
              if s in all_splits}
+    return row_ids, drawn
+
+
+def _geometry_section(inputs: ReportInputs, label: str, proxy: Any, row_ids: dict[str, Any],
+                      drawn: dict[str, Any], all_splits: dict[str, Any]) -> tuple[Any, list[Any]]:
+    """What the proxy keeps and throws away, and the panels' data (none when it keeps no subspace)."""
+    from illusions.reports import geometry, html, interactive
+
+    fit_name = inputs.spec.fit_split
     geo_data: list[Any] = []
     if geometry.supported(proxy) and fit_name in drawn:
         # The leading sequences holding enough scored positions for the points drawn, not all of them.
@@ -308,7 +358,7 @@ def build_report(inputs: ReportInputs) -> tuple[str, list[Any]]:
         geo = {s: split if geo_n[s] == len(split) else geometry.sample_rows(all_splits[s], geo_ids[s], geo_n[s])
                for s, split in drawn.items()}
         found = geometry.panels(inputs.model, proxy, geo[fit_name], geo, fit_name=fit_name, row_ids=geo_ids,
-                                seed=spec.seed)
+                                seed=inputs.spec.seed)
         geo_data = geometry.panel_payload(found, list(geo))
         centroid = found and found[0].kind == "centroid"
         body = (f"<p>What <b>{html.esc(label)}</b> keeps and what it throws away, on the {len(geo[fit_name])} "
@@ -326,21 +376,36 @@ def build_report(inputs: ReportInputs) -> tuple[str, list[Any]]:
     else:
         body = ("<p class=note>This proxy replaces no query, key or residual vector by a projection or a "
                 "centroid, so there is no kept subspace to draw.</p>")
-    sections.append(html.Section("geometry", "Geometry: leaving the fitted subspace", body))
+    return html.Section("geometry", "Geometry: leaving the fitted subspace", body), geo_data
 
+
+def _latents_sections(inputs: ReportInputs, label: str, proxy: Any, row_ids: dict[str, Any],
+                      drawn: dict[str, Any]) -> list[Any]:
+    """The latents section of a proxy with a dictionary (none otherwise)."""
+    from illusions.reports import html, interactive, latents
+
+    fit_name = inputs.spec.fit_split
     found_latents = latents.latents(inputs.model, proxy, drawn.get(fit_name), drawn, inputs.task.vocab.tokens,
                                     fit_name=fit_name, row_ids=row_ids) if fit_name in drawn else []
-    if found_latents:
-        groups = list(drawn)
-        sections.append(html.Section("latents", "Latents", (
-            f"<p>Latents of <b>{html.esc(label)}</b>: the share of token positions where each is active on the "
-            f"fitting data and on each split (at most {GEOMETRY_SEQS} sequences each), <i>new</i> when it never "
-            "fired on the data the dictionary was fitted on, and the OOD score (largest rise of frequency from "
-            "the fitting data to a split other than iid). For the top latents, their strongest activations out "
-            "of distribution and the tokens their decoder direction promotes directly (W_dec · W_U, final layer "
-            f"norm ignored). At most {latents.MAX_ROWS} latents listed.</p>"
-            + interactive.latents_section(found_latents, groups, fit_name))))
+    if not found_latents:
+        return []
+    groups = list(drawn)
+    return [html.Section("latents", "Latents", (
+        f"<p>Latents of <b>{html.esc(label)}</b>: the share of token positions where each is active on the "
+        f"fitting data and on each split (at most {GEOMETRY_SEQS} sequences each), <i>new</i> when it never "
+        "fired on the data the dictionary was fitted on, and the OOD score (largest rise of frequency from "
+        "the fitting data to a split other than iid). For the top latents, their strongest activations out "
+        "of distribution and the tokens their decoder direction promotes directly (W_dec · W_U, final layer "
+        f"norm ignored). At most {latents.MAX_ROWS} latents listed.</p>"
+        + interactive.latents_section(found_latents, groups, fit_name)))]
 
+
+def _breakdown_sections(inputs: ReportInputs, label: str, splits: list[str], figures: list[Any]) -> list[Any]:
+    """Agreement by key depth; for tasks without it (code), by character category and nesting depth; and
+    by each meta column of data you bring. Their figures are added to ``figures``."""
+    from illusions.reports import html, plots
+
+    sections: list[Any] = []
     breakdown = plots.breakdown_figure(inputs.rows, label, splits, by="key_depth")
     if breakdown is not None:
         figures.append(breakdown)
@@ -369,22 +434,22 @@ def build_report(inputs: ReportInputs) -> tuple[str, list[Any]]:
             sections.append(html.Section(f"by-{by}", f"Agreement by {by}", html.figure(extra, (
                 f"Agreement and accuracy of {html.esc(label)} by the meta column {html.esc(by)} of your data, "
                 "one line per split (bars: 95% intervals)."))))
+    return sections
 
-    sections.append(html.Section("configuration", "Configuration", (
-        "<p>The fully resolved run configuration (<code>config.json</code>), collapsed.</p>"
-        + html.config_block(inputs.config))))
 
-    title = f"{spec.task}: how faithful is {label.split('(')[0]} out of distribution?"
-    subtitle = [
+def _subtitle(inputs: ReportInputs, label: str) -> list[str]:
+    """The page's subtitle lines: the model, the proxies and how they were fitted."""
+    from illusions.reports import html
+
+    spec = inputs.spec
+    model_cfg = inputs.config.get("model", {})
+    return [
         f"model: {html.esc(model_cfg.get('source', ''))} ({html.esc(model_cfg.get('architecture', ''))})",
         f"proxies: {html.esc(', '.join(inputs.labels))}; fitted on {len(inputs.fit_rows)} "
         f"{html.esc(spec.fit_split)} sequences; seed {spec.seed}"
         + (f"; detailed figures show {html.esc(label)} (agreement varies most across splits)"
            if len(inputs.labels) > 1 else ""),
     ]
-    data = interactive.payload(example_data, geo_data, colours, attention.PACK_SCALE)
-    page = html.render_page(title=title, subtitle=subtitle, sections=sections, data=data)
-    return page, figures
 
 
 def write_files(inputs: ReportInputs, directory: Path) -> Path:

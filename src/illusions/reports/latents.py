@@ -127,23 +127,7 @@ def latents(
     for lat in found[:TOP_LATENTS]:
         k = next(k for k, h in enumerate(hooks) if lat.name.startswith(h.hook_name + "#"))
         hook = hooks[k]
-        cands = []
-        for tag in ood:
-            values = codes[tag][k][:, lat.index]
-            for n in np.argsort(-values, kind="stable")[:CONTEXTS]:
-                if values[n] > 0:
-                    cands.append((float(values[n]), tag, int(n)))
-        cands.sort(key=lambda c: (-c[0], ood.index(c[1]), c[2]))
-        contexts = []
-        for value, tag, n in cands[:CONTEXTS]:
-            seq, pos = where[tag]
-            split = groups[tag]
-            row_tokens = split.tokens[seq[n], : int(split.lengths[seq[n]])]
-            p = int(pos[n])
-            text = [str(vocab_tokens[int(t)]) for t in row_tokens]
-            row = int(np.asarray(row_ids[tag])[seq[n]]) if row_ids and tag in row_ids else int(seq[n])
-            contexts.append((tag, row, p, round(value, 4), " ".join(text[max(0, p - BEFORE):p]), text[p],
-                             " ".join(text[p + 1:p + 1 + AFTER])))
+        contexts = _contexts(lat, [codes[tag][k] for tag in ood], ood, where, groups, vocab_tokens, row_ids)
         with torch.inference_mode():
             direction = _output_to_resid(model, hook, hook.W_dec[lat.index:lat.index + 1].float().cpu())
             effect = (direction @ w_u)[0].numpy()  # [d_vocab]
@@ -151,3 +135,28 @@ def latents(
         promoted = tuple((str(vocab_tokens[int(t)]), round(float(effect[t]), 3)) for t in top)
         detailed.append(dataclasses.replace(lat, contexts=tuple(contexts), promoted=promoted))
     return detailed + found[TOP_LATENTS:]
+
+
+def _contexts(lat: Latent, ood_codes: Sequence[np.ndarray], ood: Sequence[str],
+              where: Mapping[str, tuple[np.ndarray, np.ndarray]], groups: Mapping[str, Split],
+              vocab_tokens: Sequence[str], row_ids: Mapping[str, np.ndarray] | None) -> list[tuple[Any, ...]]:
+    """The :data:`CONTEXTS` positions of the ``ood`` splits (codes ``ood_codes``) where latent ``lat``'s
+    code is largest: ``(split, row, position, value, tokens before, token, tokens after)``."""
+    cands = []
+    for tag, tag_codes in zip(ood, ood_codes, strict=True):
+        values = tag_codes[:, lat.index]
+        for n in np.argsort(-values, kind="stable")[:CONTEXTS]:
+            if values[n] > 0:
+                cands.append((float(values[n]), tag, int(n)))
+    cands.sort(key=lambda c: (-c[0], ood.index(c[1]), c[2]))
+    contexts = []
+    for value, tag, n in cands[:CONTEXTS]:
+        seq, pos = where[tag]
+        split = groups[tag]
+        row_tokens = split.tokens[seq[n], : int(split.lengths[seq[n]])]
+        p = int(pos[n])
+        text = [str(vocab_tokens[int(t)]) for t in row_tokens]
+        row = int(np.asarray(row_ids[tag])[seq[n]]) if row_ids and tag in row_ids else int(seq[n])
+        contexts.append((tag, row, p, round(value, 4), " ".join(text[max(0, p - BEFORE):p]), text[p],
+                         " ".join(text[p + 1:p + 1 + AFTER])))
+    return contexts
