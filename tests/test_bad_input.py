@@ -933,7 +933,7 @@ def test_a_kill_between_a_checkpoint_s_renames_still_resumes(env, tmp_path):
     script = (
         "import os, signal, sys\n"
         "from pathlib import Path\n"
-        "import illusions.io as io\n"
+        "import illusions.io.staging as io\n"
         "from illusions.cli import app\n"
         "out = Path(sys.argv[1])\n"
         "io.exchange_dirs = lambda a, b: False\n"

@@ -16,13 +16,8 @@ from hf_fixtures import N_CTX, VOCAB, save_hf, word_tokenizer, write_jsonl, writ
 from illusions.analyses.run import AnalysisSpec, run_analysis
 from illusions.cli import app
 from illusions.errors import IllusionsError
-from illusions.models import (
-    ModelConfig,
-    build_model,
-    folder_tokens,
-    inspect_model_folder,
-    save_model,
-)
+from illusions.model_folders import folder_tokens, inspect_model_folder
+from illusions.models import ModelConfig, build_model, save_model
 from illusions.reports import rebuild_report
 from illusions.tasks.custom import CustomConfig, CustomTask
 
@@ -191,7 +186,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written_before_loading_weights(env
     def no_weights(*args, **kwargs):
         raise AssertionError("weights were loaded before the input was checked")
 
-    monkeypatch.setattr("illusions.models.load_model_folder", no_weights)
+    monkeypatch.setattr("illusions.model_folders.load_model_folder", no_weights)
     model = env["neox"] if "--model-neox" in extra else env["gpt2"]
     extra = [e for e in extra if e != "--model-neox"]
     if extra[:1] == ["--candidates"]:

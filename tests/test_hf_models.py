@@ -14,15 +14,14 @@ from typer.testing import CliRunner
 from hf_fixtures import VOCAB, hf_model, save_hf, write_splits
 from illusions.cli import app
 from illusions.errors import IllusionsError
-from illusions.models import (
+from illusions.model_folders import (
     HUGGINGFACE,
     ILLUSIONS,
-    describe,
     inspect_model_folder,
     load_model_folder,
     load_tokenizer,
-    save_model,
 )
+from illusions.models import describe, save_model
 
 runner = CliRunner()
 KINDS = ("gpt2", "neox", "llama-gqa")

@@ -203,6 +203,7 @@ KILL_SCRIPT = r"""
 import os, shutil, signal, sys
 from pathlib import Path
 import illusions.io as io
+import illusions.io.staging as staging
 
 out, mode = Path(sys.argv[1]), sys.argv[2]
 with io.staged_dir(out) as stage:
@@ -216,7 +217,7 @@ def kill():
 
 real_replace, real_rmtree = os.replace, shutil.rmtree
 if mode == "fallback":
-    io.exchange_dirs = lambda a, b: False  # a platform without an atomic exchange
+    staging.exchange_dirs = lambda a, b: False  # a platform without an atomic exchange
 if mode in ("between-renames", "fallback"):
     def replace(src, dst):
         # The second rename of a two-rename swap: the staging folder onto the (now missing) run folder.

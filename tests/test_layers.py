@@ -19,7 +19,7 @@ RANK = {
     "errors": 0, "config": 0, "io": 0, "devices": 0, "weights": 0,
     "tasks": 1, "metrics": 1, "metric_table": 1,
     "scoring": 2,
-    "models": 3, "activations": 3, "backends": 3,
+    "models": 3, "model_folders": 3, "activations": 3, "backends": 3,
     "training": 4, "training_setup": 4, "training_batches": 4,
     "bundled": 5, "simplifiers": 5,
     "registry": 6,

@@ -294,7 +294,7 @@ def remember_sha256(model: Any, digests: dict[str, str]) -> None:
 
 def weights_sha256(model: Any) -> dict[str, str] | None:
     """``{file: sha256}`` of the weight files ``model`` was loaded from by
-    :func:`illusions.models.load_model` or :func:`illusions.models.load_model_folder` (None for a
+    :func:`illusions.models.load_model` or :func:`illusions.model_folders.load_model_folder` (None for a
     model built or trained in this process)."""
     try:
         found = _WEIGHTS_SHA256.get(model)

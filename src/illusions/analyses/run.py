@@ -134,7 +134,8 @@ def model_folder(spec: AnalysisSpec) -> tuple[Path, str | None]:
 def _custom_task_and_model(spec: AnalysisSpec, task_cls: Any, device: Any = "cpu") -> tuple[Any, Any, str, str]:
     """Task ``custom``: the spec's data read and checked against the model folder's vocabulary,
     context and tokenizer, all before any weight is loaded; then the model."""
-    from illusions.models import describe, folder_tokens, inspect_model_folder, load_model_folder
+    from illusions.model_folders import folder_tokens, inspect_model_folder, load_model_folder
+    from illusions.models import describe
 
     path, name = model_folder(spec)
     folder = inspect_model_folder(path, device=device)

@@ -62,7 +62,7 @@ def as_model(model: Any, *, device: Any = None) -> LoadedModel:
     """
     if isinstance(model, str | os.PathLike):
         from illusions.bundled import resolve_model
-        from illusions.models import ILLUSIONS, inspect_model_folder, load_model_folder
+        from illusions.model_folders import ILLUSIONS, inspect_model_folder, load_model_folder
 
         path, name = resolve_model(str(model))
         folder = inspect_model_folder(path, device=device or "cpu")

@@ -93,7 +93,7 @@ class _RawSplit:
 class CustomTask(DataSupport):
     """Splits read from ``config.data`` and checked against a model's vocabulary and context.
 
-    The analysis builds it from a model folder (:func:`illusions.models.folder_tokens` gives the
+    The analysis builds it from a model folder (:func:`illusions.model_folders.folder_tokens` gives the
     tokenizer and readable tokens); every file is read and checked here, in the constructor.
 
     Args:
