@@ -108,3 +108,19 @@ def tiny_model():
 def tiny_tokens(torch_gen) -> torch.Tensor:
     """``[batch=6, pos=16]`` random tokens from the tiny vocabulary."""
     return torch.randint(0, TINY.d_vocab, (6, 16), generator=torch_gen)
+
+
+# Small settings for reproduction recipes in tests (appended to a recipe's [analysis] table).
+TINY_RECIPE_SETTINGS = 'fit_n = 40\nn_boot = 20\nmax_seqs = 20\nsplits = ["iid", "unseen_depth", "seen_struct"]\n'
+
+
+def tiny_reproduction(root: Path, tiny_dyck) -> tuple[Path, Path]:
+    """``root/assets`` with a tiny 'bundled' Dyck model (seed 0) and a second training seed, and an
+    empty ``root/recipes`` folder: the setting of the reproduction's tests."""
+    task, cfg = tiny_dyck.task, tiny_dyck.config
+    assets = root / "assets"
+    save_model(build_model(cfg, seed=0), assets / "dyck", meta={"task": task.meta()})
+    save_model(build_model(cfg, seed=1), assets / "seeds" / "dyck-seed1", meta={"task": task.meta()})
+    recipes = root / "recipes"
+    recipes.mkdir()
+    return assets, recipes

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import TINY_RECIPE_SETTINGS, tiny_reproduction
 from illusions import bundled
 from illusions.cli import app
 from illusions.models import build_model, save_model
@@ -28,19 +29,14 @@ from illusions.reproduction.plan import Job, load_recipes, plan, task_families
 from illusions.reproduction.run import MANIFEST, is_current, run_all
 
 runner = CliRunner()
-COMMON = 'fit_n = 40\nn_boot = 20\nmax_seqs = 20\nsplits = ["iid", "unseen_depth", "seen_struct"]\n'
+COMMON = TINY_RECIPE_SETTINGS
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, tiny_dyck):
     """Assets with a tiny 'bundled' Dyck model (seed 0) and a second seed, plus two recipes."""
     root = tmp_path_factory.mktemp("reproduce")
-    task, cfg = tiny_dyck.task, tiny_dyck.config
-    assets = root / "assets"
-    save_model(build_model(cfg, seed=0), assets / "dyck", meta={"task": task.meta()})
-    save_model(build_model(cfg, seed=1), assets / "seeds" / "dyck-seed1", meta={"task": task.meta()})
-    recipes = root / "recipes"
-    recipes.mkdir()
+    assets, recipes = tiny_reproduction(root, tiny_dyck)
     (recipes / "dyck-svd-L1.toml").write_text(
         'name = "dyck-svd-L1"\ndescription = "svd sweep"\nclaim = "c"\n[analysis]\ntask = "dyck"\n'
         'simplifier = "svd"\nranks = [1, 16]\nlayers = [1]\n' + COMMON)

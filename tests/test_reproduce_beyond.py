@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from illusions.models import build_model, save_model
+from conftest import TINY_RECIPE_SETTINGS, tiny_reproduction
 from illusions.reproduction.aggregate import RecipeRuns, load_runs
 from illusions.reproduction.claims import CLAIMS, claim_number, judge
 from illusions.reproduction.document import render
@@ -13,18 +13,13 @@ from illusions.reproduction.judges import judge_circuit, judge_warnings
 from illusions.reproduction.plan import load_recipes, plan
 from illusions.reproduction.run import run_all
 
-COMMON = 'fit_n = 40\nn_boot = 20\nmax_seqs = 20\nsplits = ["iid", "unseen_depth", "seen_struct"]\n'
+COMMON = TINY_RECIPE_SETTINGS
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_dyck):
     root = tmp_path_factory.mktemp("beyond")
-    task, cfg = tiny_dyck.task, tiny_dyck.config
-    assets = root / "assets"
-    save_model(build_model(cfg, seed=0), assets / "dyck", meta={"task": task.meta()})
-    save_model(build_model(cfg, seed=1), assets / "seeds" / "dyck-seed1", meta={"task": task.meta()})
-    recipes = root / "recipes"
-    recipes.mkdir()
+    assets, recipes = tiny_reproduction(root, tiny_dyck)
     (recipes / "dyck-warnings-L1.toml").write_text(
         'name = "dyck-warnings-L1"\ndescription = "d"\nclaim = "c"\n[analysis]\ntask = "dyck"\n'
         'simplifier = "svd"\nranks = [2]\nlayers = [1]\n' + COMMON)
