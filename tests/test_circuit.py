@@ -61,11 +61,14 @@ def test_a_kept_head_passes_through_and_zero_ablation_zeroes_the_rest(fitted):
     proxy = Circuit(keep=("L1H0", "mlp1"), ablation="zero").fit(model, {})
     seen = {}
 
-    def grab(act, hook):
-        seen[hook.name] = act.clone()
+    def grab(name):
+        def hook(act, hook):  # keyed by the name asked for (a TransformerLens 4 bridge names hooks its own way)
+            seen[name] = act.clone()
+        return hook
 
     x = _tokens(splits)
-    model.run_with_hooks(x, fwd_hooks=[*proxy.fwd_hooks, ("blocks.1.attn.hook_z", grab), ("blocks.0.hook_mlp_out", grab)])
+    model.run_with_hooks(x, fwd_hooks=[*proxy.fwd_hooks, ("blocks.1.attn.hook_z", grab("blocks.1.attn.hook_z")),
+                                       ("blocks.0.hook_mlp_out", grab("blocks.0.hook_mlp_out"))])
     clean_z = model.run_with_cache(x, names_filter="blocks.1.attn.hook_z")[1]["blocks.1.attn.hook_z"]
     z = seen["blocks.1.attn.hook_z"]
     assert torch.all(z[:, :, 1] == 0) and torch.all(seen["blocks.0.hook_mlp_out"] == 0)

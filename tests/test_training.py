@@ -361,6 +361,7 @@ def test_wall_keep_is_checked_and_left_out_of_the_recipe_at_its_default():
             TrainConfig.from_dict({"wall_keep": bad})
 
 
+@pytest.mark.tl3  # counted against HookedTransformer (the TransformerLens 4 bridge refuses rotary and shortformer)
 @pytest.mark.parametrize("change", [{}, {"d_mlp": 0}, {"normalization": "RMS", "positional_embedding": "rotary"},
                                     {"normalization": "none", "positional_embedding": "shortformer"},
                                     {"normalization": "LNPre", "act_fn": "solu_ln"}, {"act_fn": "solu_ln"},
