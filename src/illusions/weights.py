@@ -66,18 +66,12 @@ def memory_needed(cfg: Any, *, training: bool = False) -> int:
 
 
 def memory_available() -> int:
-    """This machine's physical memory in bytes (or its cgroup's limit, when lower)."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        total = 1 << 40
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit.isdigit():
-            total = min(total, int(limit))
-    except OSError:
-        pass
-    return total
+    """This machine's physical memory in bytes (or its cgroup's limit, when lower): the one reading of
+    it, :func:`illusions.devices.memory_bytes`; 1 TiB where the platform does not say."""
+    from illusions.devices import memory_bytes
+
+    total = memory_bytes("cpu")
+    return (1 << 40) if total is None else total
 
 
 def check_model_size(cfg: Any, *, what: str = "this model", training: bool = False) -> None:
