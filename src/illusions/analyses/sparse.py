@@ -93,7 +93,7 @@ def dictionary_hooks(proxy: Proxy) -> list[Any]:
     """The proxy's sparse dictionary hooks (empty for every other kind of proxy)."""
     from illusions.simplifiers.sae import DictionaryHook
 
-    # The engine needs only fwd_hooks, first_layer and heads of a proxy; one without hooks has none.
+    # The engine needs only fwd_hooks and heads of a proxy; one without hooks has none.
     return [h for h in getattr(proxy, "hooks", ()) if isinstance(h, DictionaryHook)]
 
 
