@@ -148,7 +148,12 @@ def test_sweep_on_slurm_is_one_job_with_the_local_files(slurm, recipes, tmp_path
 
 def test_engine_resubmits_a_cancelled_job_and_gives_up_on_a_failing_one(slurm, tmp_path):
     engine = engines.SlurmEngine(tmp_path / "logs", retries=1, poll_s=0.5, settle_s=2.0, time="5")
-    engine.submit("sleepy", time.sleep, 3)
+    # The first attempt waits (up to 2 min) for a file that appears only once the engine has seen it
+    # cancelled and resubmitted it, so it cannot finish before the cancellation however slowly the
+    # other sbatch calls go (it once did, under load, with a 3 s sleep); the second attempt ends at once.
+    released = tmp_path / "released"
+    engine.submit("sleepy", subprocess.check_call,
+                  ["sh", "-c", f"for i in $(seq 240); do test -e '{released}' && exit 0; sleep 0.5; done; exit 1"])
     engine.submit("sum", operator.add, 2, 3)
     engine.submit("broken", operator.truediv, 1, 0)
     events = []
@@ -160,9 +165,11 @@ def test_engine_resubmits_a_cancelled_job_and_gives_up_on_a_failing_one(slurm, t
             # A real cancellation of the first attempt: the queue shows it CANCELLED, with no result.
             cancelled.append(event.detail)
             subprocess.run(["scancel", event.detail.removeprefix("job ")], check=True)
+        if event.key == "sleepy" and event.kind == "retry":
+            released.touch()  # the first attempt is gone; the second may finish
 
     outcome = engine.wait(progress)
-    assert outcome.results == {"sleepy": None, "sum": 5}
+    assert outcome.results == {"sleepy": 0, "sum": 5}
     assert list(outcome.missing) == ["broken"]
     assert "ZeroDivisionError: division by zero" in outcome.missing["broken"]
     retries = {e.key: e.detail for e in events if e.kind == "retry"}
