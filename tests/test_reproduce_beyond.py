@@ -74,13 +74,25 @@ def test_warning_claim_asks_every_seed(values, verdict):
 
 
 def test_circuit_claim_fails_when_the_circuit_drops_in_every_seed_and_holds_when_it_does_not():
-    def runs(gap):
-        iid = _rows((0.99, 0.98), "agreement", "all", "all", "iid")
+    def runs(gap, control=None, iid_values=(0.99, 0.98)):
+        iid = _rows(iid_values, "agreement", "all", "all", "iid")
         ood = _rows((0.99 + gap[0], 0.98 + gap[0]), "agreement", "all", "all", "unseen_depth")
         for seed in ood:
             ood[seed][0].update(gap_vs_matched=gap[0], gap_vs_matched_low=gap[1], gap_vs_matched_high=gap[2],
                                 gap_vs_ref=gap[0], gap_vs_ref_low=gap[1], gap_vs_ref_high=gap[2])
+            if control is not None:  # the recipe's strict matched control
+                for row in (ood[seed][0], iid[seed][0]):
+                    row.update(gap_vs_control=control[0], gap_vs_control_low=control[1],
+                               gap_vs_control_high=control[2], control_coverage=0.8)
         return _recipe_runs({s: iid[s] + ood[s] for s in iid})
 
     assert judge_circuit([runs((-0.1, -0.15, -0.05))])[0] == "not reproduced"
     assert judge_circuit([runs((0.0, -0.02, 0.02))])[0] == "reproduced"
+    # A drop must hold against the strict control too: gone there, the call is only partly.
+    assert judge_circuit([runs((-0.1, -0.15, -0.05), control=(-0.01, -0.04, 0.02))])[0] == "partly"
+    verdict, text = judge_circuit([runs((-0.1, -0.15, -0.05), control=(-0.08, -0.12, -0.03))])
+    assert verdict == "not reproduced" and "drops in every seed against every control on: `unseen_depth`" in text
+    assert "80% of positions matched" in text
+    # The gate asks every seed, not the mean: 0.99 and 0.93 average 0.96 but fail it.
+    verdict, text = judge_circuit([runs((0.0, -0.02, 0.02), iid_values=(0.99, 0.93))])
+    assert verdict == "not reproduced" and "not faithful in distribution" in text

@@ -192,8 +192,9 @@ CLAIMS = (
           "each recipe's reported proxy.",
           ("dyck-warnings-L1", "code-warnings-L1", "dyck-kmeans-L1", "dyck-onehot-L1"), warnings_flag, beyond=True),
     Claim("circuit", "Does a circuit found faithful in distribution (greedy pruning of heads and MLPs on training "
-          "data, agreement >= 0.95, the others mean-ablated) stay faithful on the out-of-distribution splits, after "
-          "length matching?", ("dyck-circuit", "code-circuit"), circuit_stays, beyond=True),
+          "data, agreement >= 0.95, the others mean-ablated; iid agreement >= 0.95 in every seed) stay faithful on the "
+          "out-of-distribution splits and their declared groups, against the length-matched and the strict matched "
+          "control (a drop counts when significant in every seed against both)?", ("dyck-circuit", "code-circuit"), circuit_stays, beyond=True),
 )
 
 

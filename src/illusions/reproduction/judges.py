@@ -586,28 +586,47 @@ def judge_warnings(all_runs: Sequence[RecipeRuns]) -> tuple[str, str]:
 
 def judge_circuit(all_runs: Sequence[RecipeRuns]) -> tuple[str, str]:
     """Does a circuit found faithful in distribution stay faithful out of distribution, after
-    matching? Per recipe (its one circuit proxy): found faithful when its mean iid agreement reaches
-    :data:`FAITHFUL_IID`; it stays faithful on a split unless the agreement gap vs length-matched iid
-    is significantly negative in every seed. *reproduced* (holds) when every faithful circuit stays
-    faithful on every OOD split, *partly* when it drops only in some seeds (or only before matching),
-    *not reproduced* when some split drops in every seed; *not reproduced* too when no circuit was
-    found faithful in distribution (the question does not arise)."""
+    matching? Per recipe (its one circuit proxy): found faithful when it passes the in-distribution
+    gate (iid agreement >= :data:`FAITHFUL_IID` in every seed). On a split or declared position group
+    it *drops* when its agreement gap is significantly negative in every seed against every control the
+    recipe has (length-matched iid and, with a ``match``, the strict matched control). *reproduced*
+    (the circuit holds) when every gated circuit drops nowhere and no gap is negative in any seed,
+    *partly* when some gap is negative only in some seeds, only against one control or only before
+    matching, *not reproduced* when some cell drops; *not reproduced* too when a circuit fails the
+    gate (the question does not arise)."""
     verdicts, texts = [], []
     for runs in all_runs:
         proxy = runs.proxies()[0]
         iid = runs.stat(proxy, REFERENCE, "agreement")
-        splits = ood_splits(runs)
-        matched = {s: runs.signs(proxy, s, "agreement", "gap_vs_matched") for s in splits}
-        raw = {s: runs.signs(proxy, s, "agreement", "gap_vs_ref") for s in splits}
-        drop = verdict_of(matched, raw, -1)  # the drop's own verdict: reproduced = drops in every seed
-        if iid.mean < FAITHFUL_IID:
+        if not runs.gated(proxy):
             verdicts.append("not reproduced")
-            texts.append(f"`{runs.name}`: not faithful in distribution (iid agreement {iid.fmt()})")
+            texts.append(f"`{runs.name}`: not faithful in distribution (iid agreement {iid.fmt()}, "
+                         f"below {FAITHFUL_IID} in some seed)")
             continue
-        verdicts.append({"reproduced": "not reproduced", "partly": "partly"}.get(drop, "reproduced"))
-        worst = min(splits, key=lambda s: runs.stat(proxy, s, "agreement", "gap_vs_matched").mean)
-        texts.append(f"`{runs.name}`: iid agreement {iid.fmt()}; lowest on `{worst}`, agreement "
-                     f"{runs.stat(proxy, worst, 'agreement').fmt()}, "
-                     f"{gap_cell(runs, proxy, worst, 'agreement', 'gap_vs_matched')} vs length-matched iid")
+        n_seeds = len(runs.seeds)
+        strict = runs.has_control()
+
+        def every_seed(signs: list[int]) -> bool:
+            return len(signs) == n_seeds and all(x == -1 for x in signs)
+
+        dropped, some = [], []
+        for c in runs.cells(proxy):
+            matched = runs.signs(proxy, c.split, "agreement", "gap_vs_matched", **c.where)
+            control = runs.signs(proxy, c.split, "agreement", "gap_vs_control", **c.where) if strict else matched
+            raw = runs.signs(proxy, c.split, "agreement", "gap_vs_ref", **c.where)
+            if every_seed(matched) and every_seed(control):
+                dropped.append(c.name)
+            elif -1 in matched or -1 in control or every_seed(raw):
+                some.append(c.name)
+        verdicts.append("not reproduced" if dropped else "partly" if some else "reproduced")
+        whole = [c for c in runs.cells(proxy) if c.group_by == "all"]
+        worst = min(whole, key=lambda c: runs.stat(proxy, c.split, "agreement", "gap_vs_matched").mean)
+        texts.append(f"`{runs.name}`: iid agreement {iid.fmt()}; lowest on `{worst.name}`, agreement "
+                     f"{runs.stat(proxy, worst.split, 'agreement').fmt()}, "
+                     f"{gap_cell(runs, proxy, worst.split, 'agreement', 'gap_vs_matched')} vs length-matched iid, "
+                     f"{strict_cell(runs, proxy, worst)} vs strict matched iid; drops in every seed against "
+                     f"every control on: {', '.join(f'`{n}`' for n in dropped) or 'none'}"
+                     + (f"; below 0 only in some seeds or against one control on: "
+                        f"{', '.join(f'`{n}`' for n in some)}" if some else ""))
     order = ("not reproduced", "partly", "reproduced")  # the claim holds only where every circuit does
     return min(verdicts, key=order.index), "; ".join(texts)
