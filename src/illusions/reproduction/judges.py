@@ -584,6 +584,10 @@ def judge_warnings(all_runs: Sequence[RecipeRuns]) -> tuple[str, str]:
                      f"every seed (pooled over splits, at each recipe's reported proxy): " + "; ".join(cells))
 
 
+def _below_in_every_seed(signs: Sequence[int]) -> bool:
+    return bool(signs) and all(x == -1 for x in signs)
+
+
 def judge_circuit(all_runs: Sequence[RecipeRuns]) -> tuple[str, str]:
     """Does a circuit found faithful in distribution stay faithful out of distribution, after
     matching? Per recipe (its one circuit proxy): found faithful when it passes the in-distribution
@@ -603,20 +607,15 @@ def judge_circuit(all_runs: Sequence[RecipeRuns]) -> tuple[str, str]:
             texts.append(f"`{runs.name}`: not faithful in distribution (iid agreement {iid.fmt()}, "
                          f"below {FAITHFUL_IID} in some seed)")
             continue
-        n_seeds = len(runs.seeds)
         strict = runs.has_control()
-
-        def every_seed(signs: list[int]) -> bool:
-            return len(signs) == n_seeds and all(x == -1 for x in signs)
-
         dropped, some = [], []
         for c in runs.cells(proxy):
             matched = runs.signs(proxy, c.split, "agreement", "gap_vs_matched", **c.where)
             control = runs.signs(proxy, c.split, "agreement", "gap_vs_control", **c.where) if strict else matched
             raw = runs.signs(proxy, c.split, "agreement", "gap_vs_ref", **c.where)
-            if every_seed(matched) and every_seed(control):
+            if _below_in_every_seed(matched) and _below_in_every_seed(control):
                 dropped.append(c.name)
-            elif -1 in matched or -1 in control or every_seed(raw):
+            elif -1 in matched or -1 in control or _below_in_every_seed(raw):
                 some.append(c.name)
         verdicts.append("not reproduced" if dropped else "partly" if some else "reproduced")
         whole = [c for c in runs.cells(proxy) if c.group_by == "all"]
