@@ -115,6 +115,51 @@ def test_search_is_deterministic_keeps_its_threshold_and_is_what_it_reports(fitt
     assert search_order(model)[0] == f"mlp{model.cfg.n_layers - 1}"
 
 
+def test_the_search_collects_the_fitting_activations_once_and_finds_what_a_fresh_collection_finds(
+        fitted, tiny_dyck, monkeypatch):
+    """The fit's collection is the only pass that collects activations over the fitting sequences; the
+    circuit, its search and every metric are those of a search on activations collected afresh (the
+    way the search ran when it collected them a second time)."""
+    import illusions.activations as activations
+    from illusions.analyses.run import rows_to_csv
+    from illusions.analyses.summary import summarize
+    from illusions.simplifiers.circuit import greedy_search
+
+    model, splits, _ = fitted
+    real, collected = activations.collect, []
+
+    def counting(model, tokens, names, mask, **kw):
+        collected.append((int(tokens.shape[0]), tuple(names)))
+        return real(model, tokens, names, mask, **kw)
+
+    monkeypatch.setattr(activations, "collect", counting)
+    kw = {"candidates": tiny_dyck.task.candidates, "fit_n": 40, "eval_splits": ["iid"], "max_seqs": 10}
+    circuit = Circuit(find_circuit=0.5, ablation="resample", seed=1)  # removes L1H1, L1H0
+    result = analyze(model, splits, [circuit], **kw)
+    monkeypatch.undo()
+    # One collection of the 40 fitting sequences (beside the memory check's one-sequence probe).
+    assert [c for c in collected if c[0] > 1] == [(40, tuple(sorted(circuit.hook_names(model))))]
+    # The search as it ran on a second collection of the same fitting sequences.
+    split, rows = splits["train"], result.fit_rows
+    order = rows[np.argsort(split.lengths[rows], kind="stable")]
+    tokens = torch.as_tensor(split.tokens[order, : int(split.lengths[order].max())])
+    mask = torch.as_tensor(np.arange(tokens.shape[1])[None, :] < split.lengths[order][:, None])
+    every = circuit.ablations(model, real(model, tokens, circuit.hook_names(model), mask))
+    kept, steps, final = greedy_search(model, circuit, every, split, rows, candidates=tiny_dyck.task.candidates)
+    search = result.proxies[0].info["circuit_search"]
+    assert result.proxies[0].info["kept"] == kept and search["steps"] == steps and search["agreement"] == final
+    assert 0 < len(kept) < len(components(model)), "a search that removes some components, not all"
+    fresh = analyze(model, splits, [circuit.proxy(model, every, kept)], **kw)
+    assert rows_to_csv(summarize(fresh, n_boot=30)) == rows_to_csv(summarize(result, n_boot=30))
+
+
+def test_a_search_needs_the_fitted_proxy_that_ablates_everything(fitted, tiny_dyck):
+    model, splits, rows = fitted
+    partial = fit_proxies(model, splits["train"], rows, [Circuit(keep=("L1H0",))])[0]
+    with pytest.raises(IllusionsError, match="every component ablated"):
+        Circuit(find_circuit=0.9).refine(model, partial, splits["train"], rows, candidates=tiny_dyck.task.candidates)
+
+
 def test_the_search_at_threshold_one_of_an_exact_model_removes_only_what_changes_nothing(fitted, tiny_dyck):
     model, splits, _ = fitted
     kw = {"candidates": tiny_dyck.task.candidates, "fit_n": 20, "eval_splits": ["iid"], "max_seqs": 5}

@@ -31,7 +31,10 @@ to the lowest (the output end first). A component is removed (ablated) for good 
 without it still agrees with the original model's prediction (argmax over the task's candidates) on
 at least a share ``t`` of the fitting sequences' scored positions. One pass, no randomness: the same
 model, data and ``t`` give the same circuit. The circuit found is the proxy's ``keep`` parameter;
-the search (order, agreement after each try) is in ``proxy.info["circuit_search"]``.
+the search (order, agreement after each try) is in ``proxy.info["circuit_search"]``. The fitting
+activations are collected once, by the fit: with ``find_circuit`` the fitted proxy ablates every
+component (its hooks hold every component's ablation), and the search (``refine``) reads the
+ablations back from those hooks instead of running the fitting sequences through the model again.
 """
 
 from __future__ import annotations
@@ -214,7 +217,10 @@ class Circuit(SimplifierConfig):
         return names + ([f"blocks.{layer}.hook_mlp_out" for layer in range(cfg.n_layers)] if not cfg.attn_only else [])
 
     def fit(self, model: HookedTransformer, activations: dict[str, Tensor]) -> Proxy:
-        return self.proxy(model, self.ablations(model, activations), self.kept(model))
+        """The circuit keeping ``keep``; with ``find_circuit``, the circuit keeping nothing, whose hooks
+        hold every component's ablation for :meth:`refine`'s search (which starts from ``keep``)."""
+        kept = self.kept(model)
+        return self.proxy(model, self.ablations(model, activations), [] if self.find_circuit else kept)
 
     def ablations(self, model: HookedTransformer, activations: dict[str, Tensor]) -> dict[str, AblationHook]:
         """Every component ablated: ``{hook name: AblationHook}`` over all heads (and every MLP)."""
@@ -263,21 +269,27 @@ class Circuit(SimplifierConfig):
         fitting ``rows`` of ``split``; otherwise ``proxy`` unchanged."""
         if not self.find_circuit:
             return proxy
-        from illusions.activations import collect
-
-        names = self.hook_names(model)
-        acts = {}
-        if names:
-            order = rows[np.argsort(split.lengths[rows], kind="stable")]
-            tokens = torch.as_tensor(split.tokens[order, : int(split.lengths[order].max())])
-            mask = torch.as_tensor(np.arange(tokens.shape[1])[None, :] < split.lengths[order][:, None])
-            acts = collect(model, tokens, names, mask, batch_size=batch_size)
-        every = self.ablations(model, acts)
+        every = ablations_of(model, proxy)
         kept, steps, final = greedy_search(model, self, every, split, rows, candidates=candidates,
                                            batch_size=batch_size)
         search = {"threshold": self.find_circuit, "order": search_order(model), "steps": steps,
                   "agreement": final, "data": f"{len(rows)} fitting sequences of the fit split"}
         return self.proxy(model, every, kept, info={"circuit_search": search})
+
+
+def ablations_of(model: HookedTransformer, proxy: Proxy) -> dict[str, AblationHook]:
+    """Every component's ablation (:meth:`Circuit.ablations`) read back from a fitted proxy that keeps
+    no component (what :meth:`Circuit.fit` returns with ``find_circuit``), without new activations."""
+    every = {hook.hook_name: hook for hook in proxy.hooks if isinstance(hook, AblationHook)}
+    cfg = model.cfg
+    want = [f"blocks.{layer}.attn.hook_z" for layer in range(cfg.n_layers)]
+    want += [] if cfg.attn_only else [f"blocks.{layer}.hook_mlp_out" for layer in range(cfg.n_layers)]
+    whole = set(every) == set(want) and all(
+        every[f"blocks.{layer}.attn.hook_z"].heads == tuple(range(cfg.n_heads)) for layer in range(cfg.n_layers))
+    if not whole:
+        raise IllusionsError("the circuit search needs the proxy Circuit.fit returns with find_circuit "
+                             "(every component ablated); this one keeps some")
+    return every
 
 
 def greedy_search(model: HookedTransformer, circuit: Circuit, every: dict[str, AblationHook], split: Split,
