@@ -147,3 +147,90 @@ def test_no_rows_for_a_proxy_without_signals():
     empty = np.zeros(3, np.int64)
     rec = Records(np.arange(3), np.arange(3), empty, empty, empty, empty, np.zeros(3), np.zeros(3), {})
     assert warning_rows({}, {"iid": rec}, {"iid": Resampler.draw(3, np.random.default_rng(0))}, {}, _complete) == []
+
+
+# --- the transcoder's signals ------------------------------------------------------------------------
+
+def _relu_model(tiny_dyck):
+    import dataclasses
+
+    from illusions.models import build_model
+
+    return build_model(dataclasses.replace(tiny_dyck.config, act_fn="relu"), seed=1)
+
+
+def _mlp_transcoder(model, layer=1, **change):
+    """Layer ``layer``'s ReLU MLP as a standard transcoder (W_enc = W_in, W_dec = W_out): it reproduces
+    the MLP exactly; ``change`` replaces fields (e.g. ``train_active``, ``W_dec``)."""
+    from illusions.simplifiers.sae_hooks import TranscoderHook
+
+    mlp = model.blocks[layer].mlp
+    fields = {"hook_name": f"blocks.{layer}.hook_mlp_out", "heads": None,
+              "input_name": f"blocks.{layer}.ln2.hook_normalized", "architecture": "standard", "top_k": 0,
+              "normalize": "none", "subtract_b_dec": False, "W_enc": mlp.W_in.detach(), "b_enc": mlp.b_in.detach(),
+              "W_dec": mlp.W_out.detach(), "b_dec": mlp.b_out.detach(),
+              "train_active": torch.ones(mlp.W_in.shape[1], dtype=torch.bool)}
+    return TranscoderHook(**{**fields, **change})
+
+
+def _transcoder_signals(model, hook, tokens):
+    from illusions.simplifiers.base import Proxy
+
+    proxy = Proxy("transcoder", {"width": hook.d_sae}, (hook,))
+    collector = SignalCollector(proxy)
+    watched = model.run_with_hooks(tokens, fwd_hooks=collector.hooks + proxy.fwd_hooks)
+    assert torch.equal(watched, model.run_with_hooks(tokens, fwd_hooks=proxy.fwd_hooks))
+    return collector.values
+
+
+def test_a_transcoder_that_reproduces_the_mlp_has_no_error_and_no_new_latent(tiny_dyck):
+    model = _relu_model(tiny_dyck)
+    tokens = torch.as_tensor(tiny_dyck.task.splits()["iid"].tokens[:6])
+    values = _transcoder_signals(model, _mlp_transcoder(model), tokens)
+    assert set(values) == {"recon_error", "new_latents"}
+    assert values["recon_error"].shape == tokens.shape and values["recon_error"].abs().max() < 1e-5
+    assert values["new_latents"].abs().max() == 0
+
+
+def test_transcoder_error_is_the_missed_share_of_the_mlp_output_and_unseen_latents_flag(tiny_dyck):
+    model = _relu_model(tiny_dyck)
+    tokens = torch.as_tensor(tiny_dyck.task.splits()["iid"].tokens[:6])
+    mlp = model.blocks[1].mlp
+    never = torch.zeros(mlp.W_in.shape[1], dtype=torch.bool)
+    never[::3] = True  # these latents "never fired on the fitting data"
+    hook = _mlp_transcoder(model, train_active=~never, W_dec=0.5 * mlp.W_out.detach())
+    values = _transcoder_signals(model, hook, tokens)
+    # By hand from the clean activations: codes = relu(x W_in + b_in), T(x) = codes (W_out / 2) + b_out.
+    _, cache = model.run_with_cache(tokens)
+    x, y = cache["blocks.1.ln2.hook_normalized"], cache["blocks.1.hook_mlp_out"]
+    codes = (x @ mlp.W_in + mlp.b_in).relu()
+    missed = (y - (codes @ (0.5 * mlp.W_out) + mlp.b_out)).norm(dim=-1) / y.norm(dim=-1)
+    torch.testing.assert_close(values["recon_error"], missed, atol=1e-5, rtol=1e-4)
+    assert values["recon_error"].min() > 0.01
+    unseen = codes[..., never].sum(-1)
+    torch.testing.assert_close(values["new_latents"], unseen, atol=1e-5, rtol=1e-4)
+    assert (unseen > 0).any()
+
+
+def test_transcoder_signals_reach_the_table_csv_and_json(tiny_dyck):
+    from illusions.analyses.run import rows_to_csv
+    from illusions.analyses.summary import to_json
+    from illusions.simplifiers.base import Proxy
+
+    model, task = _relu_model(tiny_dyck), tiny_dyck.task
+    mlp = model.blocks[1].mlp
+    hook = _mlp_transcoder(model, train_active=torch.arange(mlp.W_in.shape[1]) % 2 == 0,
+                           W_dec=0.3 * mlp.W_out.detach())
+    proxy = Proxy("transcoder", {"width": hook.d_sae}, (hook,))
+    result = analyze(model, task.splits(), [proxy], candidates=task.candidates, fit_n=30, max_seqs=15,
+                     eval_splits=["iid", "unseen_depth"])
+    assert set(result.proxies[0].info[THRESHOLDS]) == {"recon_error", "new_latents"}
+    rows = [r for r in summarize(result, n_boot=30) if r["group_by"] == WARNING_GROUP]
+    assert {(r["split"], r["group"], r["metric"]) for r in rows} == {
+        (s, g, m) for s in ("iid", "unseen_depth", POOLED) for g in ("recon_error", "new_latents")
+        for m in WARNING_METRICS}
+    csv = rows_to_csv(rows)
+    assert csv.count(",recon_error,") == csv.count(",new_latents,") == 3 * len(WARNING_METRICS)
+    doc = to_json(rows, task="dyck", model="tiny", proxies=[{"label": result.labels[0], "simplifier": "transcoder",
+                                                            "params": proxy.params}])
+    assert set(doc["warnings"]["unseen_depth"]) == {"recon_error", "new_latents"}

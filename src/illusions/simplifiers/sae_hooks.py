@@ -180,6 +180,16 @@ class TranscoderHook(DictionaryHook):
 
     It acts at two hook points, so :attr:`hook_pairs` gives both: one that reads the MLP's input
     and computes the prediction (leaving the input unchanged), and ``hook_name``, which returns it.
+
+    Its warning signals (:meth:`signal_sites`), per position, with ``x`` the MLP's input, ``y`` the
+    MLP's output in the same pass and ``T(x)`` the transcoder's prediction:
+
+        recon_error   |y - T(x)| / |y|          (0 where y = 0): the share of the MLP's output the
+                      transcoder misses; 0 for a transcoder that reproduces the MLP, 1 for one that
+                      predicts nothing. (Its square, |y - T(x)|^2 / |y|^2, ranks and thresholds the
+                      positions the same way.)
+        new_latents   sum_{j not in A} f_j(x)   (A = ``train_active``): the summed activation of the
+                      latents that never fired on the fitting data; 0 on every fitting position.
     """
 
     input_name: str = ""
@@ -190,16 +200,33 @@ class TranscoderHook(DictionaryHook):
         super().__post_init__()
         if not self.input_name:
             raise IllusionsError(f"the transcoder at {self.hook_name} names no input hook")
-        # The prediction made at the input hook, waiting for the output hook of the same pass.
+        # The prediction made at the input hook, waiting for the output hook of the same pass (one for
+        # the replacement, one for the warning signals, which run before the replacement at each point).
         object.__setattr__(self, "_pending", {})
+        object.__setattr__(self, "_signal_pending", {})
 
     def hook_pairs(self) -> list[tuple[str, Any]]:
         return [(self.input_name, self.read_input), (self.hook_name, self)]
 
     def signal_sites(self) -> list[tuple[str, Any]]:
-        """``new_latents`` at the MLP's input (:meth:`DictionaryHook.new_latent_activation`). The
-        reconstruction error needs the MLP's true output, which the signal does not compare with."""
-        return [(self.input_name, lambda x: {"new_latents": self.new_latent_activation(self.forward(x)[1])})]
+        """``new_latents`` at the MLP's input, ``recon_error`` at its output, before the transcoder
+        replaces it (maths in the class docstring). Neither needs a label or the original model: the
+        MLP's output ``y`` is the activation the proxy is about to replace, as for the SAE's ``x``."""
+        return [(self.input_name, self.input_signals), (self.hook_name, self.output_signals)]
+
+    def input_signals(self, x: Tensor) -> dict[str, Tensor]:
+        """``new_latents`` of the MLP's input ``x``; keeps ``T(x)`` for :meth:`output_signals`."""
+        out, codes = self.forward(x)
+        self._signal_pending["out"] = out
+        return {"new_latents": self.new_latent_activation(codes)}
+
+    def output_signals(self, y: Tensor) -> dict[str, Tensor]:
+        """``recon_error`` of the MLP's output ``y`` against ``T(x)`` from :meth:`input_signals`."""
+        out = self._signal_pending.pop("out", None)
+        if out is None or out.shape != y.shape:
+            raise IllusionsError(f"the transcoder's signal at {self.hook_name} ran without its input signal at "
+                                 f"{self.input_name} (attach every site of signal_sites())")
+        return {"recon_error": off_share(y, out.to(y.dtype))}
 
     def read_input(self, activation: Tensor, hook: Any = None) -> Tensor:
         self._pending["out"] = self.forward(activation)[0]
