@@ -140,9 +140,9 @@ def test_report_is_written_with_png_figures_and_every_section(run_dir):
     page = (run_dir / "report.html").read_text(encoding="utf-8")
     idents = re.findall(r'<section id="([\w-]+)">', page)
     # The verdict first, the configuration last.
-    assert idents == ["summary", "examples", "geometry", "key-depth", "configuration"]
+    assert idents == ["summary", "examples", "geometry", "warnings", "key-depth", "configuration"]
     pngs = sorted(p.name for p in run_dir.glob("fig_*.png"))
-    assert pngs == ["fig_accuracy.png", "fig_key_depth.png"]
+    assert pngs == ["fig_accuracy.png", "fig_key_depth.png", "fig_warnings.png"]
     for name in pngs:
         assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f'<figure id="{name[:-4]}"><svg' in page
@@ -214,6 +214,95 @@ def test_same_run_gives_byte_identical_report_and_rebuild_matches(run, run_dir, 
     path = rebuild_report(copy, task=run.task, model=run.model)
     assert path == copy / "report.html"
     assert path.read_bytes() == first
+
+
+def _section(page: str, ident: str) -> str:
+    start = page.index(f'<section id="{ident}">')
+    return page[start:page.index("</section>", start)]
+
+
+def test_warning_section_states_every_signal_per_split_and_pooled_as_the_rows_say(run, run_dir):
+    """Sentences, table and figure of the warning signals: the numbers are the rows', the best signal
+    is the one with the highest AUROC, the agreement over all positions is the split's agreement row."""
+    from illusions.analyses.warning_signals import POOLED, WARNING_GROUP
+
+    body = _section((run_dir / "report.html").read_text(encoding="utf-8"), "warnings")
+    label = run.analysis.labels[0]
+    warn = {(r["split"], r["group"], r["metric"]): r for r in run.rows if r["group_by"] == WARNING_GROUP}
+    signals = sorted({g for _, g, _ in warn})
+    assert signals == ["offspace_k", "offspace_q"]
+    said = dict(re.findall(r'<li data-split="(\w+)">(.*?)</li>', body))
+    assert list(said) == ["iid", "deep", POOLED]
+    for split, text in said.items():
+        best = max(signals, key=lambda g: (warn[(split, g, "warning_auroc")]["value"], g))
+        auroc = warn[(split, best, "warning_auroc")]
+        assert f"<code>{best}</code>, ranks the positions where {label} disagrees" in text
+        assert f"AUROC {auroc['value']:.3f} [{auroc['ci_low']:.3f}, {auroc['ci_high']:.3f}]" in text
+        chance = "better than chance" if auroc["ci_low"] > 0.5 else "worse than chance" \
+            if auroc["ci_high"] < 0.5 else "no better than chance"
+        assert chance in text
+    agree = {r["split"]: r for r in run.rows if r["group_by"] == "all" and r["metric"] == "agreement"}
+    assert f"against {agree['deep']['value']:.3f} over all positions" in said["deep"]
+    pooled = sum(agree[s]["value"] * agree[s]["n_positions"] for s in ("iid", "deep")) / sum(
+        agree[s]["n_positions"] for s in ("iid", "deep"))
+    assert f"against {pooled:.3f} over all positions" in said[POOLED]
+    # The table: one row per split (and overall) and signal, AUROC and share as the rows hold them.
+    cells = re.findall(r"<tr><td class=l>(\w+)</td><td class=l><code>(\w+)</code></td><td>(\d+)</td><td>(.*?)</td>"
+                       r"<td>(.*?)</td><td>(\d+)</td>", body)
+    assert [(c[0], c[1]) for c in cells] == [(s, g) for s in ("iid", "deep", POOLED) for g in signals]
+    for split, signal, n, auroc, share, flagged in cells:
+        assert int(n) == warn[(split, signal, "warning_auroc")]["n_positions"]
+        assert f"{warn[(split, signal, 'warning_auroc')]['value']:.3f}" in auroc
+        assert f"{warn[(split, signal, 'warning_flagged_share')]['value']:.3f}" in share
+        assert int(flagged) == warn[(split, signal, "warning_flagged_agreement")]["n_positions"]
+    assert '<figure id="fig_warnings"><svg' in body
+
+
+def test_warning_figure_draws_each_signal_on_agreeing_and_disagreeing_positions(run, monkeypatch):
+    from illusions.analyses.warning_signals import THRESHOLDS
+    from illusions.reports import plots, signals
+
+    monkeypatch.setattr(plots, "render", lambda fig, name: fig)
+    records = {s: run.analysis.records[(s, 0)] for s in ("iid", "deep")}
+    thresholds = run.analysis.proxies[0].info[THRESHOLDS]
+    fig = signals.figure(records, run.analysis.labels[0], ["iid", "deep"], thresholds)
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["offspace_k", "offspace_q"]
+    for ax in axes:
+        signal = ax.get_title()
+        medians = sorted(float(line.get_ydata()[0]) for line in ax.lines if line.get_color() == "#000000")
+        want = sorted(float(np.median(rec.warnings[signal][mask])) for rec in records.values()
+                      for mask in (rec.proxy_pred == rec.original_pred, rec.proxy_pred != rec.original_pred)
+                      if mask.any())
+        assert np.allclose(medians, want), (signal, medians, want)
+        assert any(np.allclose(line.get_ydata(), thresholds[signal]) for line in ax.lines
+                   if line.get_linestyle() == "--")
+    # No per-position signals (a run from before records.npz held them): no figure, and the page says why.
+    bare = {s: dataclasses.replace(r, warnings={}) for s, r in records.items()}
+    assert signals.figure(bare, "p", ["iid", "deep"], thresholds) is None
+    note = signals.section_body(run.rows, ["iid", "deep"], run.analysis.labels, run.analysis.labels[0], None)
+    assert "not in this run's records" in note and "<figure" not in note
+
+
+def test_records_keep_the_warning_signals_exactly(run, run_dir):
+    from illusions.reports.build import read_records
+
+    records, _, _, _ = read_records(run_dir / "records.npz")
+    for key, rec in run.analysis.records.items():
+        assert set(records[key].warnings) == set(rec.warnings) == {"offspace_k", "offspace_q"}
+        for name, values in rec.warnings.items():
+            assert records[key].warnings[name].dtype == np.float64
+            assert np.array_equal(records[key].warnings[name], values)
+
+
+def test_a_run_without_signals_has_no_warning_section(tmp_path):
+    from illusions.simplifiers.circuit import Circuit
+
+    circuit = make_run(simplifiers=[Circuit(keep=("L1H0", "mlp1"))],
+                       spec_fields={"simplifier": "circuit", "keep": ("L1H0", "mlp1")})
+    write_report_files(circuit, tmp_path)
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert '<section id="warnings">' not in page and not (tmp_path / "fig_warnings.png").exists()
 
 
 def test_attention_example_is_the_most_disagreeing_sequence(run):
@@ -473,6 +562,23 @@ def test_every_section_is_present_and_drawn_in_a_real_browser(run_dir, tmp_path)
     assert '<th title="click to sort">' in dom
 
 
+@pytest.mark.browser
+def test_warning_section_is_drawn_in_a_real_browser(run_dir, tmp_path):
+    """Shown alone, the warning section's sentences, sortable table and figure draw: the boxes of agreeing
+    (grey) and disagreeing (red) positions are on screen, with no script error and no request."""
+    result = render_in_browser(run_dir / "report.html", tmp_path, fragment="#only-warnings")
+    status, dom = result["status"], result["dom"]
+    assert status["errors"] == [] and not CONSOLE_ERROR.search(result["log"])
+    assert not NETWORK_LOG.search(result["log"])
+    section = re.search(r'<section id="warnings">.*?</section>', dom, re.S).group(0)
+    assert len(re.findall(r'<li data-split="(?:iid|deep|overall)">', section)) == 3
+    assert '<th title="click to sort">' in section and '<figure id="fig_warnings"><svg' in section
+    px = result["pixels"]
+    red = (np.abs(px - np.array([0xD6, 0x27, 0x28])).max(axis=2) < 8).sum()
+    grey = (np.abs(px - 0x9A).max(axis=2) < 6).sum()
+    assert red > 2000 and grey > 2000, (red, grey)
+
+
 @pytest.fixture(scope="module")
 def sae_dir(tmp_path_factory) -> Path:
     pytest.importorskip("sae_lens", reason="the sae simplifier needs sae-lens (pip install '.[sae]')")
@@ -488,7 +594,7 @@ def sae_dir(tmp_path_factory) -> Path:
 def test_sae_report_has_a_latent_table_and_no_subspace(sae_dir):
     page = (sae_dir / "report.html").read_text(encoding="utf-8")
     assert re.findall(r'<section id="([\w-]+)">', page) == [
-        "summary", "examples", "geometry", "latents", "key-depth", "configuration"]
+        "summary", "examples", "geometry", "latents", "warnings", "key-depth", "configuration"]
     table = page[page.index('id="latent-table"'):page.index("</table>", page.index('id="latent-table"'))]
     assert len(re.findall(r"<tr", table)) == 1 + 16  # header and every latent
     assert "frequency train</th><th>frequency iid</th><th>frequency deep</th>" in table

@@ -8,7 +8,8 @@ files of ``runs/<name>/`` atomically (a failed run leaves no directory behind):
     metrics.json    per split: metrics with intervals and gaps; breakdowns; every proxy
     metrics.csv     tidy: one row per split x proxy x parameter x group x metric
     proxies/        each fitted proxy (safetensors + JSON), so a report can be rebuilt
-    records.npz     per-position records (predictions, JSD, KL, meta) for reports and re-analysis
+    records.npz     per-position records (predictions, JSD, KL, meta, warning signals) for reports
+                    and re-analysis
     manifest.json   the sha256 of every file written, marking the folder as a run of ours
 
 An existing run directory is replaced only on request (``overwrite``), never a folder illusions did
@@ -447,6 +448,13 @@ class RunSummary:
     document: dict[str, Any]
 
 
+def _compact(values: np.ndarray) -> np.ndarray:
+    """``values`` as float32 when that loses nothing (a warning signal of a float32 model), else as
+    they are; read back as float64, they are the same numbers."""
+    small = values.astype(np.float32)
+    return small if np.array_equal(small, values, equal_nan=True) else values
+
+
 def _records_npz(result: Any) -> bytes:
     arrays: dict[str, np.ndarray] = {}
     for (split, j), rec in result.records.items():
@@ -458,6 +466,8 @@ def _records_npz(result: Any) -> bytes:
         if rec.sparse is not None:
             for k, v in rec.sparse.arrays().items():
                 arrays[prefix + "sparse/" + k] = v
+        for k, v in rec.warnings.items():
+            arrays[prefix + "warn/" + k] = _compact(v)
     for split, rows in result.split_rows.items():
         arrays[f"{split}/evaluated_rows"] = rows
     arrays["fit_rows"] = result.fit_rows

@@ -140,6 +140,8 @@ def _records_of(arrays: dict[str, np.ndarray]) -> tuple[dict[tuple[str, int], An
             meta={k.removeprefix("meta/"): v for k, v in f.items() if k.startswith("meta/")},
             sparse=SparseStats.from_arrays({k.removeprefix("sparse/"): v for k, v in f.items()
                                             if k.startswith("sparse/")}) if "sparse/err" in f else None,
+            # Stored as float32 where that is exact (analyses/run._compact); float64 as the run had them.
+            warnings={k.removeprefix("warn/"): v.astype(np.float64) for k, v in f.items() if k.startswith("warn/")},
         )
     # npz keys come back sorted; the evaluation order is the one metrics.json lists.
     return records, split_rows, arrays["fit_rows"], labels
@@ -270,6 +272,7 @@ def build_report(inputs: ReportInputs) -> tuple[str, list[Any]]:
     geometry_section, geo_data = _geometry_section(inputs, label, proxy, row_ids, drawn, all_splits)
     sections.append(geometry_section)
     sections += _latents_sections(inputs, label, proxy, row_ids, drawn)
+    sections += _warning_sections(inputs, j, label, proxy, splits, figures)
     sections += _breakdown_sections(inputs, label, splits, figures)
     sections.append(html.Section("configuration", "Configuration", (
         "<p>The fully resolved run configuration (<code>config.json</code>), collapsed.</p>"
@@ -398,6 +401,23 @@ def _latents_sections(inputs: ReportInputs, label: str, proxy: Any, row_ids: dic
         "of distribution and the tokens their decoder direction promotes directly (W_dec · W_U, final layer "
         f"norm ignored). At most {latents.MAX_ROWS} latents listed.</p>"
         + interactive.latents_section(found_latents, groups, fit_name)))]
+
+
+def _warning_sections(inputs: ReportInputs, j: int, label: str, proxy: Any, splits: list[str],
+                      figures: list[Any]) -> list[Any]:
+    """The warning signals of the run's proxies (none when no proxy has any): sentences and table from the
+    rows, the figure of proxy ``j`` (added to ``figures``) from its records' per-position signals."""
+    from illusions.analyses.warning_signals import THRESHOLDS
+    from illusions.reports import html, signals
+
+    if not signals.warning_cells(inputs.rows):
+        return []
+    records = {s: inputs.records[(s, j)] for s in splits if (s, j) in inputs.records}
+    fig = signals.figure(records, label, splits, (getattr(proxy, "info", None) or {}).get(THRESHOLDS, {}))
+    if fig is not None:
+        figures.append(fig)
+    return [html.Section("warnings", "Warning signals: do the activations flag the failures?",
+                         signals.section_body(inputs.rows, splits, inputs.labels, label, fig))]
 
 
 def _breakdown_sections(inputs: ReportInputs, label: str, splits: list[str], figures: list[Any]) -> list[Any]:
