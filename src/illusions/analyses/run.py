@@ -131,6 +131,35 @@ def model_folder(spec: AnalysisSpec) -> tuple[Path, str | None]:
     return resolve_model(spec.model)
 
 
+def model_n_layers(spec: AnalysisSpec) -> int:
+    """How many layers the spec's model has, read from its ``config.json`` alone (no weight is
+    loaded): the model folder, the bundled model, or the first of ``checkpoints``."""
+    from illusions.model_folders import ILLUSIONS, inspect_model_folder
+    from illusions.models import list_checkpoints, read_checkpoint_config
+
+    if spec.checkpoints:
+        path = list_checkpoints(spec.checkpoints)[0][1]
+    else:
+        path = model_folder(spec)[0]
+    folder = inspect_model_folder(path)
+    if folder.kind == ILLUSIONS:
+        return int(read_checkpoint_config(path)[0].n_layers)
+    return int(folder.hooked.n_layers)
+
+
+def resolve_spec_layers(spec: AnalysisSpec) -> AnalysisSpec:
+    """The spec with its layers checked against its model and given as indices (``-1``: the last
+    layer becomes ``n_layers - 1``), before any weight is loaded: what the run prints, names its
+    folder after and records in ``config.json``. The spec itself when it names no layer.
+
+    Raises:
+        InvalidOption: a layer the model does not have, naming the valid range.
+    """
+    if not spec.layers:
+        return spec
+    return spec.resolve_layers(model_n_layers(spec))
+
+
 def _custom_task_and_model(spec: AnalysisSpec, task_cls: Any, device: Any = "cpu") -> tuple[Any, Any, str, str]:
     """Task ``custom``: the spec's data read and checked against the model folder's vocabulary,
     context and tokenizer, all before any weight is loaded; then the model."""
@@ -198,7 +227,9 @@ def out_of_memory_as_error(spec: AnalysisSpec) -> Iterator[None]:
 def _run_on(spec: AnalysisSpec, device: Any, progress: Callable[[str, int, int], None] | None) -> RunResult:
     from illusions.analyses.engine import measure
 
+    spec = resolve_spec_layers(spec)  # -1 -> the last layer's index, checked before any weight loads
     task, model, source, desc = load_task_and_model(spec, device=device)
+    spec = spec.resolve_layers(model.cfg.n_layers)  # the model loaded is the one whose config was read
     # The spec's simplifiers (built and checked when the spec was made), placed per head if asked.
     simplifiers = per_head_simplifiers(spec, model.cfg.n_layers, model.cfg.n_heads)
     splits = task.splits()
