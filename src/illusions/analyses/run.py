@@ -169,9 +169,10 @@ def _custom_task_and_model(spec: AnalysisSpec, task_cls: Any, device: Any = "cpu
     path, name = model_folder(spec)
     folder = inspect_model_folder(path, device=device)
     tokens = folder_tokens(folder)
-    task = task_cls(task_cls.Config(data=spec.data, candidates=spec.candidates), d_vocab=folder.d_vocab,
-                    n_ctx=folder.n_ctx, encode=tokens.encode, vocab_tokens=tokens.tokens, pad_id=tokens.pad_id,
-                    bos_id=tokens.bos_id, model_name=f"model {folder.path}")
+    config = task_cls.Config(data=spec.data, candidates=spec.candidates, window=spec.window, stride=spec.stride)
+    task = task_cls(config, d_vocab=folder.d_vocab, n_ctx=folder.n_ctx, encode=tokens.encode,
+                    vocab_tokens=tokens.tokens, pad_id=tokens.pad_id, bos_id=tokens.bos_id,
+                    model_name=f"model {folder.path}", encode_parts=tokens.encode_parts)
     missing = [b for b in spec.breakdowns if b not in BREAKDOWNS and b not in task.meta_columns]
     if missing:
         raise IllusionsError(f"no meta column {', '.join(missing)} in {spec.data} to break down by; "

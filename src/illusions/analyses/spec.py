@@ -109,6 +109,9 @@ class AnalysisSpec(Config):
     directory of JSONL splits, ``model`` (required) an illusions checkpoint or a Hugging Face model
     folder, ``candidates`` optionally a file of the token ids predictions range over. Every meta
     column of the data is broken down; ``breakdowns`` may name one to insist that it exists.
+    ``window`` (default 0: the model's context) and ``stride`` (default 0: the window's text tokens,
+    windows side by side) say how a ``text`` line longer than the window is cut
+    (:mod:`illusions.tasks.custom`).
 
     ``checkpoints`` (instead of ``model``) is a training run saved with ``--save-every`` (or its
     ``checkpoints/`` folder): the analysis runs once per step checkpoint
@@ -154,6 +157,10 @@ class AnalysisSpec(Config):
     per_head: bool = False
     data: str = ""
     candidates: str = ""
+    # custom: text lines longer than ``window`` tokens (0: the model's context) are cut into windows
+    # ``stride`` tokens apart (0: side by side); illusions.tasks.custom states the rule.
+    window: int = 0
+    stride: int = 0
     checkpoints: str = ""
     widths: tuple[int, ...] = ()
     site: str = "resid"
@@ -204,7 +211,12 @@ class AnalysisSpec(Config):
                                 "model folder")
         if self.checkpoints:
             self._check_checkpoints(custom)
-        for name in ("data", "candidates"):
+        for name in ("window", "stride"):
+            _check_ints(name, (getattr(self, name),), low=0)
+            if name == "window" and self.window == 1:
+                raise InvalidOption(name, "must be at least 2 (a window of one token predicts nothing), or 0 for "
+                                    "the model's context")
+        for name in ("data", "candidates", "window", "stride"):
             if getattr(self, name) and not custom:
                 raise InvalidOption(name, f"is only for task 'custom' (task {self.task!r} makes its own splits)")
         unknown = [b for b in self.breakdowns if b not in BREAKDOWNS and not (custom and b.isidentifier())]
@@ -277,6 +289,9 @@ class AnalysisSpec(Config):
             del out["checkpoints"]
         if self.match == ("length",):  # the default control: recorded as before the field existed
             del out["match"]
+        for name in ("window", "stride"):  # custom data's windows: recorded only when given
+            if not getattr(self, name):
+                del out[name]
         fields = {f.name for f in dataclasses.fields(registry.get_simplifier(self.simplifier))}
         default = {f.name: f.default for f in dataclasses.fields(self)}
         for name in ("widths", *SPARSE_FIELDS, *CIRCUIT_FIELDS):
