@@ -43,24 +43,29 @@ def hf_model(kind: str, *, seed: int = 0) -> Any:
     return model.eval()
 
 
-def word_tokenizer() -> Any:
-    """A whitespace word-level tokenizer over :data:`WORDS` (``<pad>`` = 0, ``<bos>`` = 1)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def word_tokenizer(*, bos: bool = False) -> Any:
+    """A whitespace word-level tokenizer over :data:`WORDS` (``<pad>`` = 0, ``<bos>`` = 1); with
+    ``bos`` its post-processor puts ``<bos>`` before every text it encodes with special tokens (as
+    Llama's tokenizers do)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>")
 
 
-def save_hf(kind: str, path: Path, *, tokenizer: bool = False) -> Path:
-    """``save_pretrained`` a model of ``kind`` (and the word tokenizer) into ``path``."""
+def save_hf(kind: str, path: Path, *, tokenizer: bool = False, bos: bool = False) -> Path:
+    """``save_pretrained`` a model of ``kind`` (and the word tokenizer, adding a BOS with ``bos``)
+    into ``path``."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_model(kind).save_pretrained(path)
     if tokenizer:
-        word_tokenizer().save_pretrained(path)
+        word_tokenizer(bos=bos).save_pretrained(path)
     return path
 
 

@@ -502,6 +502,9 @@ CASES = [
     # 4 and 6: options the spec refuses before any work (the spec owns every analysis option)
     Case("analyze-negative-seed", ("analyze", "dyck", *FAST, "--seed", "-1", "--out", "{tmp}/new"), 2,
          ("--seed must be at least 0, got -1",), absent=("new",), fresh_cache=True, subprocess=True),
+    Case("analyze-layer-beyond-the-start", ("analyze", "dyck", *FAST, "--layer", "-99", "--out", "{tmp}/new"), 2,
+         ("layer -99 does not exist; this model has 2 layers: 0..1, or -2..-1 counting from the end",),
+         absent=("new",)),
     Case("analyze-rank-for-onehot", ("analyze", "dyck", "--simplify", "onehot", "--rank", "4", *FAST,
                                      "--out", "{tmp}/new"), 2,
          ("--rank does not apply to onehot",), absent=("new",), fresh_cache=True),

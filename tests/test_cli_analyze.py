@@ -84,7 +84,9 @@ def test_full_rank_svd_agrees_everywhere(dyck_env):
         (["analyze", "dyck", "--rank", "0"], "rank must be at least 1"),
         (["analyze", "dyck", "--rank", "17"], "rank must be in 1..16"),
         (["analyze", "dyck", "--simplify", "kmeans", "--clusters", "100000"], "k must be in 1.."),
-        (["analyze", "dyck", "--layer", "5"], "layer 5 does not exist"),
+        (["analyze", "dyck", "--layer", "5"], "layer 5 does not exist; this model has 2 layers: 0..1, or -2..-1"),
+        (["analyze", "dyck", "--layer", "-99"], "layer -99 does not exist; this model has 2 layers: 0..1, or -2..-1"),
+        (["analyze", "dyck", "--layer", "-1", "--layer", "1"], "name layer 1 twice"),
         (["sweep", "dyck", "--ranks", "1,x"], "--ranks must be comma-separated integers"),
         (["sweep", "dyck"], "give --ranks, --clusters or --widths (the values to sweep)"),
         (["sweep", "dyck", "--simplify", "sae", "--ranks", "4"], "--ranks does not apply to sae"),
@@ -125,6 +127,20 @@ def test_unwritable_out(dyck_env, tmp_path):
     result = runner.invoke(app, ["analyze", "dyck", "--model", str(root / "model"), "--out", str(blocker)])
     assert result.exit_code == 2
     assert "exists and is not a directory" in result.stderr
+
+
+def test_layer_from_the_end_is_resolved_printed_and_saved(dyck_env, tmp_path):
+    """``--layer -1`` is the last layer: the run records (and names itself after) the index it used,
+    and its metrics are those of ``--layer 1`` on this 2-layer model."""
+    _, _, root = dyck_env
+    common = ["analyze", "dyck", "--simplify", "svd", "--rank", "2", "--model", str(root / "model"), "--fit-n", "40",
+              "--max-seqs", "40", "--n-boot", "20", "--threads", "1", "--no-report", "--split", "iid"]
+    back = runner.invoke(app, [*common, "--layer", "-1", "--out", str(tmp_path / "back")])
+    assert back.exit_code == 0, back.output
+    assert "note: --layer -1 is layer 1 of this model" in back.stderr
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["spec"]["layers"] == [1]
+    assert _invoke([*common, "--layer", "1", "--out", str(tmp_path / "index")]).exit_code == 0
+    assert (tmp_path / "back" / "metrics.csv").read_bytes() == (tmp_path / "index" / "metrics.csv").read_bytes()
 
 
 def test_same_seed_same_metrics_file(dyck_env, tmp_path):

@@ -128,6 +128,84 @@ def test_text_lines_use_the_folder_tokenizer_and_candidates_restrict_predictions
     assert run.task_meta["group_names"]["parity"] == ["a", "even", "odd"]  # one coding across splits
 
 
+def _long_text(rng, n_words):
+    return " ".join(f"w{i}" for i in rng.integers(2, VOCAB - 2, n_words))
+
+
+def test_text_longer_than_the_context_is_cut_into_windows_with_the_bos_in_each(env, tmp_path):
+    """A ``text`` line longer than the context (or ``window``) is cut into windows, not refused: each
+    window starts with the BOS the folder's tokenizer puts in front of any text, never scored; windows
+    start every ``stride`` text tokens and each text token after the first is predicted once."""
+    folder = save_hf("llama-gqa", tmp_path / "llama", tokenizer=True, bos=True)
+    tokens = folder_tokens(inspect_model_folder(folder))
+    rng = np.random.default_rng(0)
+    texts = [_long_text(rng, n) for n in (70, 10, 33)]
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", [{"text": t} for t in texts])
+    write_jsonl(data / "iid.jsonl", [{"text": t} for t in texts])
+
+    def task(window=0, stride=0):
+        return CustomTask(CustomConfig(data=str(data), window=window, stride=stride), d_vocab=VOCAB, n_ctx=N_CTX,
+                          encode=tokens.encode, encode_parts=tokens.encode_parts, bos_id=tokens.bos_id)
+
+    for window, stride in ((0, 0), (16, 5), (9, 8), (N_CTX, 1)):
+        split = task(window, stride).splits()["iid"]
+        width = window or N_CTX
+        assert split.lengths.max() <= width
+        assert (split.tokens[:, 0] == 1).all()  # the BOS opens every window
+        assert not (split.scored.pos == 0).any()  # and is never scored
+        # The windows of each line, in order, predict every text token after the first exactly once
+        # (with stride == window - 1, side by side, a window's first text token has no context).
+        predicted = [int(split.tokens[s, p + 1]) for s, p in zip(split.scored.seq, split.scored.pos, strict=True)]
+        np.testing.assert_array_equal(split.scored.target, predicted)
+        per_line: list[list[int]] = []
+        row = 0
+        for text in texts:
+            body = tokens.encode(text)[1:]
+            room, step = width - 1, stride or width - 1
+            later = -(-max(len(body) - room, 0) // step)  # windows after the first, until one reaches the end
+            alone = step == room and later and len(body) - later * step == 1  # a last window of one token scores nothing
+            rows = list(range(row, row + later + 1 - alone))
+            row += len(rows)
+            got = [int(split.tokens[s, p + 1]) for s, p in zip(split.scored.seq, split.scored.pos, strict=True)
+                   if s in rows]
+            skipped = set(range(width - 1, len(body), width - 1)) if (stride or width - 1) == width - 1 else set()
+            assert got == [t for i, t in enumerate(body) if i >= 1 and i not in skipped], (window, stride, text)
+            per_line.append(rows)
+        assert row == len(split)
+        if (window, stride) == (0, 0):  # a line that fits is one sequence, as the tokenizer encodes it
+            [short] = per_line[1]
+            assert split.tokens[short, : split.lengths[short]].tolist() == tokens.encode(texts[1])
+            assert split.scored.pos[split.scored.seq == short].tolist() == list(range(1, split.lengths[short] - 1))
+    again = task(16, 5)
+    np.testing.assert_array_equal(again.splits()["iid"].tokens, task(16, 5).splits()["iid"].tokens)  # deterministic
+    # two long lines in each of the two splits
+    assert again.meta()["text_windows"]["lines_cut"] == 4 and again.meta()["text_windows"]["window"] == 16
+
+
+def test_text_windows_through_the_cli_and_their_bad_values(env, tmp_path):
+    folder = save_hf("gpt2", tmp_path / "gpt2", tokenizer=True, bos=True)
+    rng = np.random.default_rng(1)
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", [{"text": _long_text(rng, 50)} for _ in range(6)])
+    write_jsonl(data / "iid.jsonl", [{"text": _long_text(rng, 50)} for _ in range(4)])
+    common = ["analyze", "custom", "--data", str(data), "--model", str(folder), "--rank", "2", "--no-report", *FAST]
+    _ok([*common, "--window", "20", "--stride", "10", "--out", str(tmp_path / "run")])
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["spec"]["window"] == 20 and config["spec"]["stride"] == 10
+    for extra, message in ((["--stride", "32"], "stride 32 is longer than a window's 31 text tokens"),
+                           (["--window", "99"], f"window 99 is longer than the context of model {folder} (32"),
+                           (["--window", "1"], "--window must be at least 2"),
+                           (["--window", "-3"], "--window must be at least 0")):
+        result = runner.invoke(app, [*common, *extra, "--out", str(tmp_path / "bad")])
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], (extra, result.output)
+        assert not (tmp_path / "bad").exists()
+    write_jsonl(data / "iid.jsonl", [{"text": _long_text(rng, 50), "score": [3]}])
+    result = runner.invoke(app, [*common, "--out", str(tmp_path / "bad")])
+    assert result.exit_code == 2 and "cannot be cut into windows because it gives score" in result.stderr
+
+
 def test_reader_defaults_and_explicit_targets(tmp_path):
     data = tmp_path / "data"
     write_jsonl(data / "train.jsonl", [{"tokens": [1, 2, 3, 4]}])
@@ -207,6 +285,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written_before_loading_weights(env
     (["analyze", "custom", "--data", "d", "--rank", "2"], "--model is required for task 'custom'"),
     (["analyze", "dyck", "--data", "d", "--rank", "2"], "--data is only for task 'custom'"),
     (["sweep", "dyck", "--candidates", "c", "--ranks", "1,2"], "--candidates is only for task 'custom'"),
+    (["analyze", "dyck", "--window", "16"], "--window is only for task 'custom'"),
     (["analyze", "custom", "--data", "d", "--model", "m", "--by", "not-a-name"], "--by has unknown value(s)"),
     (["data", "custom"], "needs data"),
 ])

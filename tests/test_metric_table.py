@@ -30,7 +30,10 @@ def test_rows_are_complete_and_keys_unique():
 def test_labels_headers_and_bounds():
     assert mt.metric("attention_jsd").header == "attn JSD (bits)"
     assert mt.metric("attention_jsd").axis_label == "attention JSD (bits)"
-    assert mt.metric("explained_variance").axis_label == "explained variance (all positions)"
+    assert mt.metric("explained_variance").axis_label == "explained variance (positions after the first)"
+    assert mt.metric("explained_variance_pooled").axis_label == (
+        "explained variance, first position pooled in (all positions)")
+    assert mt.FIRST_SKIPPED_METRICS == ("explained_variance", "normalized_mse", "mse")
     assert mt.metric("agreement").axis_label == mt.metric("agreement").header == "agreement"
     assert mt.bounds("agreement") == (0.0, 1.0) and mt.bounds("agreement", "gap_vs_ref") == (-1.0, 1.0)
     assert mt.bounds("accuracy_change", "gap_vs_matched") == (-2.0, 2.0)
@@ -52,7 +55,8 @@ def test_the_engine_computes_exactly_the_rows_of_the_table_in_order():
                   attention_jsd=np.zeros(3), kl=np.zeros(3), meta={})
     assert tuple(rec.per_position()) == METRICS == mt.POSITION_METRICS
     stats = SparseStats(n_tokens=np.array([2, 3]), err=np.ones(2), sq=np.full(2, 4.0), x_sum=np.ones((2, 2)),
-                        l0=np.ones(2), active=np.ones((2, 5), bool), train_active=np.ones(5, bool))
+                        l0=np.ones(2), active=np.ones((2, 5), bool), train_active=np.ones(5, bool),
+                        err_first=np.zeros(2), sq_first=np.ones(2), x_first=np.zeros((2, 2)))
     assert tuple(stats.values(np.ones((1, 2)))) == SPARSE_METRICS == mt.DICTIONARY_METRICS
     from illusions.analyses.summary import _complete
     from illusions.analyses.warning_signals import warning_rows

@@ -145,15 +145,17 @@ def test_reconstruction_metrics_match_hand_computation():
     np.testing.assert_array_equal(stats.active, [[True, True, False], [False, True, False]])
     point = {k: float(v[0]) for k, v in stats.values(np.ones((1, 2))).items()}
     # mean x = (2/3, 2); sum |x - mean|^2 = 26 - 3 * (4/9 + 4) = 38/3
-    assert point["explained_variance"] == pytest.approx(1 - 6 / (38 / 3))
-    assert point["normalized_mse"] == pytest.approx(6 / 26)
+    assert point["explained_variance_pooled"] == pytest.approx(1 - 6 / (38 / 3))
+    assert point["normalized_mse_pooled"] == pytest.approx(6 / 26)
+    # Each sequence's first position left out: only (2, 0) is left, reconstructed exactly.
+    assert point["normalized_mse"] == 0.0 and point["mse"] == 0.0
     assert point["l0"] == pytest.approx(4 / 3)
     assert point["dead_fraction"] == pytest.approx(1 / 3)  # latent 2
     assert point["new_latent_fraction"] == pytest.approx(1 / 3)  # latent 1: active here, never in training
     # A bootstrap replicate drawing sequence 0 twice: x = (1, 2), (2, 0) twice each.
     rep = {k: float(v[0]) for k, v in stats.values(np.array([[2.0, 0.0]])).items()}
-    assert rep["explained_variance"] == pytest.approx(1 - 2 / (18 - (36 + 16) / 4))
-    assert rep["normalized_mse"] == pytest.approx(2 / 18)
+    assert rep["explained_variance_pooled"] == pytest.approx(1 - 2 / (18 - (36 + 16) / 4))
+    assert rep["normalized_mse_pooled"] == pytest.approx(2 / 18)
     assert rep["l0"] == pytest.approx(6 / 4)
     assert rep["dead_fraction"] == pytest.approx(1 / 3) and rep["new_latent_fraction"] == pytest.approx(1 / 3)
     sampler = Resampler.draw(2, np.random.default_rng(0), n_boot=50)
@@ -161,8 +163,55 @@ def test_reconstruction_metrics_match_hand_computation():
 
     est = estimates(stats, sampler)
     assert set(est) == set(SPARSE_METRICS)
-    assert est["normalized_mse"][0] == pytest.approx(6 / 26)
-    assert est["normalized_mse"][1] <= est["normalized_mse"][0] <= est["normalized_mse"][2]
+    assert est["normalized_mse_pooled"][0] == pytest.approx(6 / 26)
+    assert est["normalized_mse_pooled"][1] <= est["normalized_mse_pooled"][0] <= est["normalized_mse_pooled"][2]
+
+
+def test_first_position_is_left_out_by_hand():
+    # Sequence 0: x = (1, 2), (2, 0), (0, 1); sequence 1: x = (-1, 4), (3, 3); x_hat = (relu(x1), relu(x2) / 2).
+    acts = {"blocks.0.hook_resid_pre": torch.tensor([[1.0, 2.0], [2.0, 0.0], [0.0, 1.0], [-1.0, 4.0], [3.0, 3.0]])}
+    stats = stats_of([_hand_hook()], acts, np.array([3, 2]))
+    np.testing.assert_array_equal(stats.err_first, [1.0, 5.0])
+    np.testing.assert_array_equal(stats.sq_first, [5.0, 17.0])
+    np.testing.assert_array_equal(stats.x_first, [[1.0, 2.0], [-1.0, 4.0]])
+    point = {k: float(v[0]) for k, v in stats.values(np.ones((1, 2))).items()}
+    # Left: (2, 0), (0, 1), (3, 3); squared errors 0, 0.25, 2.25; mean (5/3, 4/3); sum |x - mean|^2 = 23 - 41/3.
+    assert point["explained_variance"] == pytest.approx(1 - 2.5 / (23 - 41 / 3))
+    assert point["normalized_mse"] == pytest.approx(2.5 / 23)
+    assert point["mse"] == pytest.approx(2.5 / 3)
+    assert stats.n_positions("explained_variance") == 3 and stats.n_positions("explained_variance_pooled") == 5
+    assert stats.n_positions("l0") == 5
+
+
+def _scaling_hook(scale: float) -> SAEHook:
+    """A dictionary that reproduces dimension 0 of a positive x and returns dimension 1 times ``scale``."""
+    return SAEHook(hook_name="blocks.0.hook_resid_pre", heads=None, architecture="standard", top_k=0,
+                   normalize="none", subtract_b_dec=False, W_enc=torch.eye(2), b_enc=torch.zeros(2),
+                   W_dec=torch.tensor([[1.0, 0.0], [0.0, scale]]), b_dec=torch.zeros(2),
+                   train_active=torch.tensor((True, True)))
+
+
+def test_explained_variance_moves_with_reconstruction_when_position_0_is_huge():
+    """A real model's first position (BOS / attention sink) has ~100x the norm of the others: pooled in,
+    it holds nearly all the variance, so the pooled explained variance sits at ~1 however badly the
+    other positions are reconstructed; without it the metric follows the reconstruction."""
+    gen = torch.Generator().manual_seed(0)
+    lengths = np.array([16] * 8)
+    x = 0.5 + torch.rand(int(lengths.sum()), 2, generator=gen)  # positive: relu passes it, the scale decides
+    starts = np.cumsum(lengths) - lengths
+    x[starts] = torch.tensor([2000.0, 0.0]) + 100 * torch.rand(len(starts), 2, generator=gen)
+    acts = {"blocks.0.hook_resid_pre": x}
+    ev, pooled, nmse = [], [], []
+    for scale in (1.0, 0.9, 0.5, 0.0):
+        point = {k: float(v[0]) for k, v in stats_of([_scaling_hook(scale)], acts, lengths).values(
+            np.ones((1, len(lengths)))).items()}
+        ev.append(point["explained_variance"])
+        pooled.append(point["explained_variance_pooled"])
+        nmse.append(point["normalized_mse"])
+    assert ev[0] == pytest.approx(1.0) and ev[1] > ev[2] > ev[3]
+    assert ev[3] < 0.6  # dimension 1 lost entirely: half the variance (and its mean) gone
+    assert min(pooled) > 0.99  # the pooled figure cannot tell a perfect dictionary from one that drops a dimension
+    assert nmse[0] == pytest.approx(0.0, abs=1e-12) and nmse[1] < nmse[2] < nmse[3]
 
 
 def test_stats_arrays_round_trip():

@@ -110,3 +110,24 @@ def test_sweeps_list_every_swept_parameter_and_the_cli_takes_its_options_from_th
         (s.sweep_flag, s.field) for s in SWEEPS]
     for s in SWEEPS:  # every swept field is a spec field holding a tuple of values
         assert AnalysisSpec().to_dict().get(s.field, ()) in ((), [])
+
+
+def test_layers_from_the_end_resolve_against_the_model():
+    """``layers=(-1,)`` (``--layer -1``, ``layers = [-1]`` in a recipe) is the last layer: the spec and
+    the simplifiers' targets (the Python API's ``il.svd(layers=[-1])``) resolve it against the model's
+    layer count, and a layer outside ``-n..n-1`` names the valid range."""
+    from illusions.errors import IllusionsError
+
+    spec = AnalysisSpec(layers=(-1, 0))
+    assert spec.resolve_layers(30).layers == (0, 29)
+    assert spec.resolve_layers(30).simplifiers[0].targets.layers == (0, 29)
+    assert AnalysisSpec(layers=(1,)).resolve_layers(2) == AnalysisSpec(layers=(1,))
+    assert Targets(layers=(-1,)).resolve_shape(3, 4).layers == (2,)
+    assert Targets(layers=(-3, 1)).resolve_shape(3, 4).layers == (0, 1)
+    for layers in ((-99,), (99,), (-4,), (3,)):
+        with pytest.raises(InvalidOption, match=r"does not exist; this model has 3 layers: 0\.\.2, or -3\.\.-1"):
+            AnalysisSpec(layers=layers).resolve_layers(3)
+    with pytest.raises(IllusionsError, match=r"0\.\.2, or -3\.\.-1"):
+        Targets(layers=(-4,)).resolve_shape(3, 4)
+    with pytest.raises(InvalidOption, match="name layer 2 twice"):
+        AnalysisSpec(layers=(-1, 2)).resolve_layers(3)

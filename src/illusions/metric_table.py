@@ -60,6 +60,8 @@ class Metric:
         over_training: kept by the summary over training checkpoints.
         in_summary: a column of the per-split summary tables (console, report.html).
         console_decimals: places in the console's narrow tables, where fewer than ``decimals``.
+        skips_first: a dictionary statistic over every token position but each sequence's first (the
+            BOS token or first token: the attention sink, whose norm on real models dwarfs the rest).
     """
 
     key: str
@@ -76,6 +78,7 @@ class Metric:
     over_training: bool = False
     in_summary: bool = False
     console_decimals: int | None = None
+    skips_first: bool = False
 
     @property
     def header(self) -> str:
@@ -85,8 +88,9 @@ class Metric:
     @property
     def axis_label(self) -> str:
         """Figure axis label with its unit, or the positions it covers when not only the scored ones:
-        ``attention JSD (bits)``, ``explained variance (all positions)``."""
-        note = self.unit or ("all positions" if self.source == DICTIONARY else "")
+        ``attention JSD (bits)``, ``explained variance (positions after the first)``."""
+        scope = "positions after the first" if self.skips_first else "all positions"
+        note = self.unit or (scope if self.source == DICTIONARY else "")
         return f"{self.label} ({note})" if note else self.label
 
     @property
@@ -114,10 +118,21 @@ METRICS: tuple[Metric, ...] = (
            "lower", DISTRIBUTIONS, ATTENTION, in_summary=True),
     Metric("kl", "KL", "KL", "KL", "nats", 4, (0.0, _INF), _OPEN, "lower", DISTRIBUTIONS, ALL,
            in_summary=True),
+    # Reconstruction of the replaced activation over every position but each sequence's first (the
+    # BOS / attention sink, ~100x the norm of the rest on real models: pooled in, one direction holds
+    # nearly all the variance and explained variance reads 1.000 whatever the dictionary does), and
+    # the same over all positions (``_pooled``, the figure before this split) beside it.
     Metric("explained_variance", "explained variance", "explained variance", "explained var", "", 3,
-           (-_INF, 1.0), _OPEN, "higher", DICTIONARY, DICTIONARIES),
+           (-_INF, 1.0), _OPEN, "higher", DICTIONARY, DICTIONARIES, skips_first=True),
+    Metric("explained_variance_pooled", "explained variance, first position pooled in",
+           "explained variance (pooled)", "EV pooled", "", 3, (-_INF, 1.0), _OPEN, "higher", DICTIONARY,
+           DICTIONARIES),
     Metric("normalized_mse", "normalised MSE", "normalised MSE", "norm. MSE", "", 4, (0.0, _INF), _OPEN,
-           "lower", DICTIONARY, DICTIONARIES, console_decimals=3),
+           "lower", DICTIONARY, DICTIONARIES, console_decimals=3, skips_first=True),
+    Metric("normalized_mse_pooled", "normalised MSE, first position pooled in", "normalised MSE (pooled)",
+           "nMSE pooled", "", 4, (0.0, _INF), _OPEN, "lower", DICTIONARY, DICTIONARIES, console_decimals=3),
+    Metric("mse", "MSE per token", "MSE per token", "MSE/token", "", 4, (0.0, _INF), _OPEN, "lower",
+           DICTIONARY, DICTIONARIES, skips_first=True),
     Metric("l0", "L0 (active latents)", "L0 (active latents)", "L0", "", 2, (0.0, _INF), _OPEN,
            "", DICTIONARY, DICTIONARIES, console_decimals=1),
     Metric("dead_fraction", "dead latents", "dead latents", "dead latents", "", 3, _SHARE, _OPEN,
@@ -141,7 +156,9 @@ BY_KEY: dict[str, Metric] = {m.key: m for m in METRICS}
 POSITION_METRICS: tuple[str, ...] = tuple(m.key for m in METRICS if m.source in (PREDICTIONS, DISTRIBUTIONS))
 """Means over scored positions, every proxy, every breakdown (``Records.per_position``)."""
 DICTIONARY_METRICS: tuple[str, ...] = tuple(m.key for m in METRICS if m.source == DICTIONARY)
-"""Sparse dictionary statistics over all token positions of a split (``SparseStats.values``)."""
+"""Sparse dictionary statistics over the token positions of a split (``SparseStats.values``)."""
+FIRST_SKIPPED_METRICS: tuple[str, ...] = tuple(m.key for m in METRICS if m.skips_first)
+"""Dictionary statistics that leave out each sequence's first position."""
 WARNING_METRICS: tuple[str, ...] = tuple(m.key for m in METRICS if m.source == WARNINGS)
 """Per warning signal and split (``analyses.warning_signals.warning_rows``)."""
 SUMMARY_METRICS: tuple[str, ...] = tuple(m.key for m in METRICS if m.in_summary)

@@ -536,12 +536,16 @@ class FolderTokens:
         encode: text -> token ids with the folder's tokenizer (None: the folder has none).
         tokens: readable form of ids ``0..d_vocab-1`` (None: unknown; shown as ``<id>``).
         pad_id: the id to right-pad rows with; bos_id: the beginning-of-sequence id.
+        encode_parts: text -> ``(prefix, text_ids, suffix)``: the special tokens the tokenizer puts in
+            front (a BOS, as its ``add_special_tokens`` behaviour says) and after (an EOS) and the
+            text's own ids between; ``prefix + text_ids + suffix == encode(text)``.
     """
 
     encode: Callable[[str], list[int]] | None
     tokens: list[str] | None
     pad_id: int = 0
     bos_id: int = 0
+    encode_parts: Callable[[str], tuple[list[int], list[int], list[int]]] | None = None
 
 
 def folder_tokens(folder: ModelFolder) -> FolderTokens:
@@ -558,6 +562,9 @@ def folder_tokens(folder: ModelFolder) -> FolderTokens:
     def encode(text: str) -> list[int]:
         return [int(t) for t in tokenizer(text)["input_ids"]]
 
+    def encode_parts(text: str) -> tuple[list[int], list[int], list[int]]:
+        return split_special(encode(text), [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]])
+
     n = min(len(tokenizer), folder.d_vocab)
     tokens = [str(t) for t in tokenizer.convert_ids_to_tokens(list(range(n)))]
     tokens += [f"<{i}>" for i in range(n, folder.d_vocab)]
@@ -568,7 +575,19 @@ def folder_tokens(folder: ModelFolder) -> FolderTokens:
     ids = (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id)
     pad_id = next((int(i) for i in ids if valid(i)), 0)
     bos_id = int(tokenizer.bos_token_id) if valid(tokenizer.bos_token_id) else pad_id
-    return FolderTokens(encode, tokens, pad_id, bos_id)
+    return FolderTokens(encode, tokens, pad_id, bos_id, encode_parts)
+
+
+def split_special(full: list[int], plain: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """``(prefix, plain, suffix)`` of a text encoded with special tokens (``full``) and without them
+    (``plain``): where ``plain`` sits inside ``full``. A tokenizer whose special tokens change the text's
+    own ids (``plain`` not found whole in ``full``) gives ``([], full, [])``: no prefix to repeat."""
+    if not plain:
+        return [], full, []
+    for start in range(len(full) - len(plain) + 1):
+        if full[start: start + len(plain)] == plain:
+            return full[:start], plain, full[start + len(plain):]
+    return [], full, []
 
 
 @contextlib.contextmanager

@@ -132,6 +132,35 @@ def model_folder(spec: AnalysisSpec) -> tuple[Path, str | None]:
     return resolve_model(spec.model)
 
 
+def model_n_layers(spec: AnalysisSpec) -> int:
+    """How many layers the spec's model has, read from its ``config.json`` alone (no weight is
+    loaded): the model folder, the bundled model, or the first of ``checkpoints``."""
+    from illusions.model_folders import ILLUSIONS, inspect_model_folder
+    from illusions.models import list_checkpoints, read_checkpoint_config
+
+    if spec.checkpoints:
+        path = list_checkpoints(spec.checkpoints)[0][1]
+    else:
+        path = model_folder(spec)[0]
+    folder = inspect_model_folder(path)
+    if folder.kind == ILLUSIONS:
+        return int(read_checkpoint_config(path)[0].n_layers)
+    return int(folder.hooked.n_layers)
+
+
+def resolve_spec_layers(spec: AnalysisSpec) -> AnalysisSpec:
+    """The spec with its layers checked against its model and given as indices (``-1``: the last
+    layer becomes ``n_layers - 1``), before any weight is loaded: what the run prints, names its
+    folder after and records in ``config.json``. The spec itself when it names no layer.
+
+    Raises:
+        InvalidOption: a layer the model does not have, naming the valid range.
+    """
+    if not spec.layers:
+        return spec
+    return spec.resolve_layers(model_n_layers(spec))
+
+
 def _custom_task_and_model(spec: AnalysisSpec, task_cls: Any, device: Any = "cpu") -> tuple[Any, Any, str, str]:
     """Task ``custom``: the spec's data read and checked against the model folder's vocabulary,
     context and tokenizer, all before any weight is loaded; then the model."""
@@ -141,9 +170,10 @@ def _custom_task_and_model(spec: AnalysisSpec, task_cls: Any, device: Any = "cpu
     path, name = model_folder(spec)
     folder = inspect_model_folder(path, device=device)
     tokens = folder_tokens(folder)
-    task = task_cls(task_cls.Config(data=spec.data, candidates=spec.candidates), d_vocab=folder.d_vocab,
-                    n_ctx=folder.n_ctx, encode=tokens.encode, vocab_tokens=tokens.tokens, pad_id=tokens.pad_id,
-                    bos_id=tokens.bos_id, model_name=f"model {folder.path}")
+    config = task_cls.Config(data=spec.data, candidates=spec.candidates, window=spec.window, stride=spec.stride)
+    task = task_cls(config, d_vocab=folder.d_vocab, n_ctx=folder.n_ctx, encode=tokens.encode,
+                    vocab_tokens=tokens.tokens, pad_id=tokens.pad_id, bos_id=tokens.bos_id,
+                    model_name=f"model {folder.path}", encode_parts=tokens.encode_parts)
     missing = [b for b in spec.breakdowns if b not in BREAKDOWNS and b not in task.meta_columns]
     if missing:
         raise IllusionsError(f"no meta column {', '.join(missing)} in {spec.data} to break down by; "
@@ -199,7 +229,9 @@ def out_of_memory_as_error(spec: AnalysisSpec) -> Iterator[None]:
 def _run_on(spec: AnalysisSpec, device: Any, progress: Callable[[str, int, int], None] | None) -> RunResult:
     from illusions.analyses.engine import measure
 
+    spec = resolve_spec_layers(spec)  # -1 -> the last layer's index, checked before any weight loads
     task, model, source, desc = load_task_and_model(spec, device=device)
+    spec = spec.resolve_layers(model.cfg.n_layers)  # the model loaded is the one whose config was read
     # The spec's simplifiers (built and checked when the spec was made), placed per head if asked.
     simplifiers = per_head_simplifiers(spec, model.cfg.n_layers, model.cfg.n_heads)
     splits = task.splits()

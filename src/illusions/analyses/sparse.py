@@ -2,15 +2,25 @@
 
 For every evaluated sequence of a split, the clean model is run (up to the dictionaries' layers) and
 each dictionary of the proxy encodes the activation it replaces (a transcoder: the MLP's input, with
-the MLP's output as target ``x``). Over all non-PAD token positions ``t`` of the split (every position
+the MLP's output as target ``x``). Over the non-PAD token positions ``t`` of the split (every position
 the proxy acts on, not only the scored ones), with ``x_hat`` the dictionary's output and ``c`` its
-codes:
+codes; ``T`` is every such position but each sequence's first (position 0: the BOS token, or the first
+token where the tokenizer adds none), ``A`` every one:
 
-    explained_variance   1 - sum_t |x_t - x_hat_t|^2 / sum_t |x_t - mean(x)|^2   (mean over the split)
-    normalized_mse       sum_t |x_t - x_hat_t|^2 / sum_t |x_t|^2
+    explained_variance         1 - sum_T |x_t - x_hat_t|^2 / sum_T |x_t - mean_T(x)|^2
+    explained_variance_pooled  the same over A (mean over A)
+    normalized_mse             sum_T |x_t - x_hat_t|^2 / sum_T |x_t|^2
+    normalized_mse_pooled      the same over A
+    mse                        sum_T |x_t - x_hat_t|^2 / |T|    (squared error per token, summed over dimensions)
     l0                   mean_t #{i : c_ti != 0}            (active latents per position)
     dead_fraction        share of the latents that are never active on the split
     new_latent_fraction  share of the latents active on the split but never on the fitting data
+
+Why position 0 is left out: on real language models the residual stream at the first position (the
+attention sink) has a norm ~100x that of the others (SmolLM2-135M layer 15: ~23,000 against ~160), so
+over ``A`` one direction carries nearly all the variance and explained variance reads 1.000 while the
+proxy's agreement is 0.6; SAELens leaves such positions out as well. The ``_pooled`` figures keep the
+old definition beside. ``l0``, ``dead_fraction`` and ``new_latent_fraction`` count every position.
 
 A proxy with several dictionaries (several layers) pools them: the sums run over all of them, the
 latents are the union of theirs, and ``l0`` adds their active latents. Activations are the clean
@@ -30,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from illusions.metric_table import DICTIONARY_METRICS
+from illusions.metric_table import DICTIONARY_METRICS, FIRST_SKIPPED_METRICS
 
 if TYPE_CHECKING:
     from illusions.backends import LensModel
@@ -39,7 +49,9 @@ if TYPE_CHECKING:
     from illusions.tasks.base import Split
 
 SPARSE_METRICS = DICTIONARY_METRICS  # the table's dictionary rows (illusions.metric_table), in its order
-FIELDS = ("n_tokens", "err", "sq", "x_sum", "l0", "active", "train_active")
+FIELDS = ("n_tokens", "err", "sq", "x_sum", "l0", "active", "train_active", "err_first", "sq_first", "x_first")
+# Read from a run written before the first position was kept apart: those metrics are then NaN.
+_LATER_FIELDS = ("err_first", "sq_first", "x_first")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +66,8 @@ class SparseStats:
         l0: ``[S]`` sum over positions of the number of active latents.
         active: ``[S, n_latents]`` bool, the latent fired somewhere in the sequence.
         train_active: ``[n_latents]`` bool, the latent fired on the fitting data.
+        err_first, sq_first: ``[S]`` the terms of ``err`` and ``sq`` at each sequence's first position.
+        x_first: ``[S, d]`` ``x`` at each sequence's first position.
     """
 
     n_tokens: np.ndarray
@@ -63,19 +77,37 @@ class SparseStats:
     l0: np.ndarray
     active: np.ndarray
     train_active: np.ndarray
+    err_first: np.ndarray
+    sq_first: np.ndarray
+    x_first: np.ndarray
+
+    def n_positions(self, metric: str) -> int:
+        """The token positions ``metric`` is computed over (each sequence's first left out for
+        :data:`~illusions.metric_table.FIRST_SKIPPED_METRICS`)."""
+        total = int(self.n_tokens.sum())
+        return total - int((self.n_tokens > 0).sum()) if metric in FIRST_SKIPPED_METRICS else total
 
     def values(self, weights: np.ndarray) -> dict[str, np.ndarray]:
         """Each metric under sequence weights ``[B, S]`` (ones for the point estimate): ``[B]`` each."""
         n = weights @ self.n_tokens.astype(np.float64)
         err = weights @ self.err
         sq = weights @ self.sq
-        mean_sq = np.einsum("bd,bd->b", weights @ self.x_sum, weights @ self.x_sum)  # |sum x|^2
+        x_sum = weights @ self.x_sum  # [B, d]
+        # Every position but each sequence's first: the sums less their first terms.
+        n_rest = weights @ np.maximum(self.n_tokens - 1, 0).astype(np.float64)
+        err_rest = weights @ (self.err - self.err_first)
+        sq_rest = weights @ (self.sq - self.sq_first)
+        x_rest = x_sum - weights @ self.x_first
         with np.errstate(invalid="ignore", divide="ignore"):
-            variance = sq - mean_sq / n  # sum |x - mean|^2
+            variance = sq - np.einsum("bd,bd->b", x_sum, x_sum) / n  # sum |x - mean|^2
+            variance_rest = sq_rest - np.einsum("bd,bd->b", x_rest, x_rest) / n_rest
             active = ((weights > 0).astype(np.float64) @ self.active.astype(np.float64)) > 0  # [B, latents]
             return {
-                "explained_variance": 1.0 - err / variance,
-                "normalized_mse": err / sq,
+                "explained_variance": 1.0 - err_rest / variance_rest,
+                "explained_variance_pooled": 1.0 - err / variance,
+                "normalized_mse": err_rest / sq_rest,
+                "normalized_mse_pooled": err / sq,
+                "mse": err_rest / n_rest,
                 "l0": (weights @ self.l0) / n,
                 "dead_fraction": 1.0 - active.mean(axis=1),
                 "new_latent_fraction": (active & ~self.train_active[None, :]).mean(axis=1),
@@ -86,7 +118,14 @@ class SparseStats:
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> SparseStats:
-        return cls(**{f: np.asarray(arrays[f]) for f in FIELDS})
+        """The statistics saved by :meth:`arrays`; a run saved before the first position was kept
+        apart has no ``*_first`` arrays, and its first-position-free metrics come out NaN."""
+        fields = {f: np.asarray(arrays[f]) for f in FIELDS if f in arrays or f not in _LATER_FIELDS}
+        for f in _LATER_FIELDS:
+            if f not in fields:
+                like = fields["x_sum"] if f == "x_first" else fields["err"]
+                fields[f] = np.full(like.shape, np.nan)
+        return cls(**fields)
 
 
 def dictionary_hooks(proxy: Proxy) -> list[Any]:
@@ -135,17 +174,28 @@ def stats_of(hooks: Sequence[Any], acts: dict[str, Any], lengths: np.ndarray) ->
 
     n_seqs = len(lengths)
     seq = torch.repeat_interleave(torch.arange(n_seqs), torch.as_tensor(lengths))  # [n] sequence of each position
+    starts = torch.as_tensor(np.cumsum(lengths) - lengths, dtype=torch.long)  # [S] first position of each
+    has = torch.as_tensor(np.asarray(lengths) > 0)  # [S] (a sequence of no position has no first one)
+    first = starts[has]
     err = torch.zeros(n_seqs, dtype=torch.float64)
     sq = torch.zeros(n_seqs, dtype=torch.float64)
     l0 = torch.zeros(n_seqs, dtype=torch.float64)
-    x_sums, actives, trained = [], [], []
+    err_first = torch.zeros(n_seqs, dtype=torch.float64)
+    sq_first = torch.zeros(n_seqs, dtype=torch.float64)
+    x_sums, x_firsts, actives, trained = [], [], [], []
     for hook in hooks:
         x, target = hook.input_and_target(acts)  # [n, d_in], [n, d_out], on the model's device
         recon, active = encode_all(hook, x)
         # Sums in float64 on the CPU (MPS has no float64; the sums are small).
         recon, active, target = recon.cpu().double(), active.cpu(), target.cpu().double()
-        err.index_add_(0, seq, (recon - target).pow(2).sum(-1))
-        sq.index_add_(0, seq, target.pow(2).sum(-1))
+        sq_err, sq_x = (recon - target).pow(2).sum(-1), target.pow(2).sum(-1)  # [n] each
+        err.index_add_(0, seq, sq_err)
+        sq.index_add_(0, seq, sq_x)
+        err_first[has] += sq_err[first]
+        sq_first[has] += sq_x[first]
+        x_first = torch.zeros(n_seqs, target.shape[1], dtype=torch.float64)
+        x_first[has] = target[first]
+        x_firsts.append(x_first)
         l0.index_add_(0, seq, active.sum(-1).double())
         x_sums.append(torch.zeros(n_seqs, target.shape[1], dtype=torch.float64).index_add_(0, seq, target))
         actives.append(torch.zeros(n_seqs, active.shape[1]).index_add_(0, seq, active.float()) > 0)
@@ -153,7 +203,8 @@ def stats_of(hooks: Sequence[Any], acts: dict[str, Any], lengths: np.ndarray) ->
     return SparseStats(
         n_tokens=np.asarray(lengths, dtype=np.int64), err=err.numpy(), sq=sq.numpy(),
         x_sum=torch.cat(x_sums, dim=1).numpy(), l0=l0.numpy(), active=torch.cat(actives, dim=1).numpy(),
-        train_active=torch.cat(trained).numpy(),
+        train_active=torch.cat(trained).numpy(), err_first=err_first.numpy(), sq_first=sq_first.numpy(),
+        x_first=torch.cat(x_firsts, dim=1).numpy(),
     )
 
 

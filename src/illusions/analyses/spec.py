@@ -96,7 +96,9 @@ class AnalysisSpec(Config):
     ``sweep_param``: ``rank`` for svd-like methods, ``k`` for k-means ones, ``width`` for sparse
     dictionaries; one row of :data:`SWEEPS` each): one value for
     ``analyze``, several for a sweep, none for the method's default. An empty ``model`` means the
-    bundled reference model of ``task``. ``layers`` empty means the last layer; ``heads`` empty means
+    bundled reference model of ``task``. ``layers`` empty means the last layer, a negative layer counts
+    from the end (``-1``: the last; :meth:`resolve_layers` turns it into the index, before the run);
+    ``heads`` empty means
     every head of the targeted layers. ``per_head`` makes one proxy per (layer, head) of those, each
     simplifying that head alone, all evaluated in one run (the clean model still runs once per
     split); their labels end in ``@L<layer>H<head>``. ``model`` is a folder (an illusions checkpoint
@@ -107,6 +109,9 @@ class AnalysisSpec(Config):
     directory of JSONL splits, ``model`` (required) an illusions checkpoint or a Hugging Face model
     folder, ``candidates`` optionally a file of the token ids predictions range over. Every meta
     column of the data is broken down; ``breakdowns`` may name one to insist that it exists.
+    ``window`` (default 0: the model's context) and ``stride`` (default 0: the window's text tokens,
+    windows side by side) say how a ``text`` line longer than the window is cut
+    (:mod:`illusions.tasks.custom`).
 
     ``checkpoints`` (instead of ``model``) is a training run saved with ``--save-every`` (or its
     ``checkpoints/`` folder): the analysis runs once per step checkpoint
@@ -152,6 +157,10 @@ class AnalysisSpec(Config):
     per_head: bool = False
     data: str = ""
     candidates: str = ""
+    # custom: text lines longer than ``window`` tokens (0: the model's context) are cut into windows
+    # ``stride`` tokens apart (0: side by side); illusions.tasks.custom states the rule.
+    window: int = 0
+    stride: int = 0
     checkpoints: str = ""
     widths: tuple[int, ...] = ()
     site: str = "resid"
@@ -179,7 +188,8 @@ class AnalysisSpec(Config):
         for name in SWEPT_FIELDS:
             _check_ints(name, getattr(self, name), low=1)
         for name in ("layers", "heads"):
-            _check_ints(name, getattr(self, name), low=0)
+            # A negative layer counts from the end (-1: the last), resolved by resolve_layers.
+            _check_ints(name, getattr(self, name), low=None if name == "layers" else 0)
             if len(set(getattr(self, name))) != len(getattr(self, name)):
                 raise InvalidOption(name, f"lists a value twice: {list(getattr(self, name))}")
         for name, low in (("fit_n", 1), ("seed", 0), ("n_boot", 10), ("batch_size", 1), ("token_budget", 1)):
@@ -201,7 +211,12 @@ class AnalysisSpec(Config):
                                 "model folder")
         if self.checkpoints:
             self._check_checkpoints(custom)
-        for name in ("data", "candidates"):
+        for name in ("window", "stride"):
+            _check_ints(name, (getattr(self, name),), low=0)
+            if name == "window" and self.window == 1:
+                raise InvalidOption(name, "must be at least 2 (a window of one token predicts nothing), or 0 for "
+                                    "the model's context")
+        for name in ("data", "candidates", "window", "stride"):
             if getattr(self, name) and not custom:
                 raise InvalidOption(name, f"is only for task 'custom' (task {self.task!r} makes its own splits)")
         unknown = [b for b in self.breakdowns if b not in BREAKDOWNS and not (custom and b.isidentifier())]
@@ -274,6 +289,9 @@ class AnalysisSpec(Config):
             del out["checkpoints"]
         if self.match == ("length",):  # the default control: recorded as before the field existed
             del out["match"]
+        for name in ("window", "stride"):  # custom data's windows: recorded only when given
+            if not getattr(self, name):
+                del out[name]
         fields = {f.name for f in dataclasses.fields(registry.get_simplifier(self.simplifier))}
         default = {f.name: f.default for f in dataclasses.fields(self)}
         for name in ("widths", *SPARSE_FIELDS, *CIRCUIT_FIELDS):
@@ -289,6 +307,29 @@ class AnalysisSpec(Config):
         placed on each head by :func:`per_head_simplifiers` once the model's shape is known."""
         return tuple(build_simplifiers(self))
 
+    def resolve_layers(self, n_layers: int) -> AnalysisSpec:
+        """This spec with its layers as indices of a model of ``n_layers`` blocks: a negative layer
+        counts from the end (``-1``: the last), so runs, names and ``config.json`` record the index the
+        analysis used. The spec itself when every layer is already an index.
+
+        Raises:
+            InvalidOption: a layer outside ``-n_layers..n_layers-1`` (naming the valid range), or one
+                layer given twice (``-1`` and its index).
+        """
+        n = int(n_layers)
+        bad = [layer for layer in self.layers if not -n <= layer < n]
+        if bad:
+            raise InvalidOption("layers", f"layer {bad[0]} does not exist; this model has {n} layer"
+                                f"{'s' if n != 1 else ''}: 0..{n - 1}, or -{n}..-1 counting from the end", whole=True)
+        if all(layer >= 0 for layer in self.layers):
+            return self
+        resolved = tuple(sorted(layer + n if layer < 0 else layer for layer in self.layers))
+        if len(set(resolved)) != len(resolved):
+            twice = next(layer for layer in resolved if resolved.count(layer) > 1)
+            raise InvalidOption("layers", f"layers {', '.join(map(str, self.layers))} name layer {twice} twice on "
+                                f"this model of {n} layers (-1 is layer {n - 1}); give each layer once", whole=True)
+        return self.replace(layers=resolved)
+
     def sweep_values(self) -> tuple[str, tuple[int, ...]]:
         """The swept parameter's name (the simplifier's ``sweep_param``) and the values given."""
         param = registry.get_simplifier(self.simplifier).sweep_param
@@ -303,11 +344,11 @@ class AnalysisSpec(Config):
         return f"{self.task}-{self.simplifier}{tag}{layer}{over}"
 
 
-def _check_ints(name: str, values: tuple[Any, ...], *, low: int) -> None:
+def _check_ints(name: str, values: tuple[Any, ...], *, low: int | None) -> None:
     for value in values:
         if isinstance(value, bool) or not isinstance(value, int):
             raise InvalidOption(name, f"must be {'an integer' if len(values) == 1 else 'integers'}, got {value!r}")
-        if value < low:
+        if low is not None and value < low:
             raise InvalidOption(name, f"must be at least {low}, got {value}")
 
 

@@ -183,11 +183,11 @@ def _split_rows(setup: _Setup, refs: tuple[_Reference | None, _Reference | None]
     rows = _overall_rows({**base, "group_by": "all", "group": "all"}, points[0],
                          lo[0], hi[0], gaps, len(rec), n_seqs)
     if rec.sparse is not None:  # sparse dictionary proxies: reconstruction and latents
-        n_tokens = int(rec.sparse.n_tokens.sum())
         for metric, (value, low, high) in sparse_estimates(rec.sparse, sampler).items():
             rows.append(_complete({**base, "group_by": "all", "group": "all",
                                    "metric": metric, "value": value, "ci_low": low, "ci_high": high,
-                                   "n_positions": n_tokens, "n_sequences": len(rec.sparse.n_tokens)}))
+                                   "n_positions": rec.sparse.n_positions(metric),
+                                   "n_sequences": len(rec.sparse.n_tokens)}))
     for col in setup.breakdowns:
         if not len(rec) or (col != "length" and col not in rec.meta):
             continue

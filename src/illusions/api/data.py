@@ -217,12 +217,17 @@ def _is_jsonl(value: Any) -> bool:
 def _read_jsonl(paths: Mapping[str, Any], d_vocab: int, n_ctx: int, model: Any) -> tuple[dict[str, Split], dict]:
     """JSONL splits read and checked by the ``custom`` task's own reader (every line as
     ``illusions analyze custom`` reads it), meta columns coded alike across the files."""
+    from illusions.model_folders import split_special
     from illusions.tasks import custom
 
     reader = custom.CustomTask.__new__(custom.CustomTask)
     tokenizer = getattr(model, "tokenizer", None)
     reader.d_vocab, reader.n_ctx, reader._model = d_vocab, n_ctx, "the model"
     reader._encode = (lambda text: tokenizer.encode(text)) if tokenizer is not None else None
+    # Text longer than the context is cut into windows as `analyze custom` cuts it (default window and stride).
+    reader._encode_parts = (lambda text: split_special(tokenizer.encode(text), tokenizer.encode(
+        text, add_special_tokens=False))) if tokenizer is not None else None
+    reader.config, reader.window, reader._cut = custom.CustomConfig(), n_ctx, {"lines": 0, "windows": 0}
     raw = []
     for name, path in paths.items():
         if not Path(path).is_file():

@@ -241,7 +241,8 @@ def simplifier(name: str, **params: Any) -> Any:
     Args:
         name: a name of ``illusions list`` (``svd``, ``kmeans``, ``onehot``, ``resid-svd``,
             ``resid-kmeans``, ``weight-svd``, ``sae``, ``transcoder``).
-        **params: its parameters and targets: ``layers`` (default: the last layer), ``heads``
+        **params: its parameters and targets: ``layers`` (default: the last layer; ``-1`` counts from
+            the end), ``heads``
             (default: every head), ``qk`` (``q``, ``k`` or ``qk``), ``resid`` (``resid_pre``,
             ``resid_mid``, ``resid_post``) where the method reads them. A list or tuple as the value
             of the method's swept parameter (``rank=[1, 2, 4]``) gives one simplifier per value.

@@ -79,6 +79,11 @@ OPTIONS = (
          "custom: directory of JSONL splits (train.jsonl, iid.jsonl, NAME.jsonl).", "data"),
     _opt("candidates", Path | None, None, "--candidates",
          "custom: file of token ids (one per line) predictions range over (default: all).", "candidates"),
+    _opt("window", int, SPEC["window"], "--window",
+         "custom: cut text lines longer than this many tokens into windows (0: the model's context).", "window"),
+    _opt("stride", int, SPEC["stride"], "--stride",
+         "custom: tokens between the starts of two windows of a text line (0: side by side, no overlap).",
+         "stride"),
     _opt("uncentered", bool, False, "--uncentered", "svd: plain SVD instead of PCA (no centring).", "centered"),
     _opt("basis", str, SPEC["basis"], "--basis", "svd: 'separate' bases for q and k, or one 'joint' basis.", "basis"),
     _opt("n_boot", int, SPEC["n_boot"], "--n-boot", "Bootstrap resamples for the 95% intervals.", "n_boot"),
@@ -244,9 +249,27 @@ def _analysis(sweep: bool, given: dict[str, Any]) -> None:
             fail(f"--by must be one of {', '.join(BY_CHOICES)}, got {by!r}")
         # A meta column of the data: the spec insists on it, so a missing one fails before the fit.
         spec = _replace(spec, breakdowns=(*spec.breakdowns, by))
+    spec = _resolved_layers(spec, "layers" if name is not None else "--layer")
     slurm = {o.name: given[o.name] for o in SLURM_OPTIONS} if sweep else None
     _run(spec, given["out"], given["as_json"], given["by"], given["threads"], given["report"], name=name,
          device=given["device"], allow_tf32=given["allow_tf32"], slurm=slurm, overwrite=given["overwrite"])
+
+
+def _resolved_layers(spec: Any, flag: str) -> Any:
+    """The spec with layers given from the end (``--layer -1``) as the model's indices, checked against
+    its config before any weight loads; says which index a negative layer became."""
+    from illusions.analyses.run import resolve_spec_layers
+    from illusions.errors import InvalidOption
+
+    try:
+        resolved = resolve_spec_layers(spec)
+    except InvalidOption as exc:
+        fail(exc.detail if exc.whole else f"{flag} {exc.detail}")
+    if resolved.layers != spec.layers:
+        given = ", ".join(str(x) for x in spec.layers)
+        typer.echo(f"note: {flag} {given} is layer{'s' if len(spec.layers) > 1 else ''} "
+                   f"{', '.join(str(x) for x in resolved.layers)} of this model", err=True)
+    return resolved
 
 
 def _replace(spec: Any, **changes: Any) -> Any:

@@ -151,7 +151,8 @@ SPARSE_COLUMNS = tuple((k, metric(k).tiny, metric(k).console_places) for k in DI
 def print_sparse(rows: list[dict[str, Any]], proxies: list[str], console: Console) -> None:
     """Per split: the sparse dictionary's reconstruction of the replaced activation and its latents."""
     by = {(r["proxy"], r["split"], r["metric"]): r for r in rows}
-    table = Table(title="sparse dictionary on each split (all token positions)", title_justify="left")
+    table = Table(title="sparse dictionary on each split (token positions: all; explained var, norm. MSE and "
+                  "MSE/token leave out each sequence's first)", title_justify="left")
     if len(proxies) > 1:
         table.add_column("proxy")
     table.add_column("split")
@@ -163,14 +164,16 @@ def print_sparse(rows: list[dict[str, Any]], proxies: list[str], console: Consol
             m = {key: by.get((proxy, split, key)) for key, _, _ in SPARSE_COLUMNS}
             if m["explained_variance"] is None:
                 continue
-            cells = [split, str(int(m["explained_variance"]["n_positions"]))]
+            cells = [split, str(int(m["l0"]["n_positions"]))]
             cells += [_ci(m[key]["value"], m[key]["ci_low"], m[key]["ci_high"], digits) for key, _, digits in SPARSE_COLUMNS]
             table.add_row(*([proxy] if len(proxies) > 1 else []), *cells)
         if len(proxies) > 1:
             table.add_section()
     console.print(table)
-    console.print("[dim]explained variance of the replaced activation (1 - residual / variance on the split); "
-                  "norm. MSE = residual / |x|^2; L0: active latents per position; dead: share of latents never "
+    console.print("[dim]explained variance of the replaced activation (1 - residual / variance on the split) and "
+                  "norm. MSE = residual / |x|^2 over every position but each sequence's first (the BOS / attention "
+                  "sink); pooled: over all positions; MSE/token: residual per position; L0: active latents per "
+                  "position; dead: share of latents never "
                   "active on the split; new: share active on the split but never on the fitting data.[/dim]")
 
 

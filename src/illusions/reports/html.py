@@ -188,15 +188,18 @@ def sparse_table(cell: dict[tuple[str, str, str], dict[str, Any]], splits: Seque
             m = {k: cell.get((proxy, split, k)) for k, _, _ in SPARSE_COLUMNS}
             if m["explained_variance"] is None:
                 continue
-            body.append(([esc(proxy)] if many else []) + [esc(split), str(int(m["explained_variance"]["n_positions"]))]
+            body.append(([esc(proxy)] if many else []) + [esc(split), str(int(m["l0"]["n_positions"]))]
                         + [fmt_ci(m[k], digits) for k, _, digits in SPARSE_COLUMNS])
     if not body:
         return ""
     table = _table((["proxy"] if many else []) + ["split", "tokens"] + [h for _, h, _ in SPARSE_COLUMNS], body,
                    left=2 if many else 1)
-    return ("<h3>Sparse dictionary on each split (all token positions, 95% bootstrap intervals)</h3>" + table
+    return ("<h3>Sparse dictionary on each split (95% bootstrap intervals)</h3>" + table
             + "<p class=note>Explained variance of the replaced activation on the split (1 - residual sum of "
-            "squares / the split's variance about its own mean); normalised MSE = residual / sum of |x|^2; L0: "
+            "squares / the split's variance about its own mean), normalised MSE = residual / sum of |x|^2 and MSE "
+            "per token = residual / positions, over every token position but each sequence's first (the BOS "
+            "token or first token, the attention sink whose norm dwarfs the others on real models); "
+            "<i>pooled</i>: the same over all positions (tokens: all positions); L0: "
             "active latents per position; dead: share of latents never active on the split; new: share of "
             "latents active on the split but never on the data the dictionary was fitted on.</p>")
 

@@ -14,7 +14,7 @@ hook descriptions) and ``proxy.safetensors`` (the fitted tensors); nothing is pi
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self, runtime_checkable
 
@@ -39,8 +39,9 @@ QK_CHOICES = ("q", "k", "qk")
 RESID_CHOICES = ("resid_pre", "resid_mid", "resid_post")
 
 
-def _int_tuple(value: Any, what: str) -> tuple[int, ...] | str:
-    """Normalise a layers/heads value: "all", an int, or a sequence of non-negative ints."""
+def _int_tuple(value: Any, what: str, *, negative: bool = False) -> tuple[int, ...] | str:
+    """Normalise a layers/heads value: "all", an int, or a sequence of non-negative ints (with
+    ``negative``, layers counted from the end as well: -1 is the last)."""
     if isinstance(value, str):
         if value == "all":
             return value
@@ -52,11 +53,34 @@ def _int_tuple(value: Any, what: str) -> tuple[int, ...] | str:
     except TypeError:
         raise IllusionsError(f"{what} must be a list of integers or 'all', got {value!r}") from None
     for item in items:
-        if isinstance(item, bool) or not isinstance(item, int) or item < 0:
-            raise IllusionsError(f"{what} must be non-negative integers or 'all', got {value!r}")
+        if isinstance(item, bool) or not isinstance(item, int) or (item < 0 and not negative):
+            kind = "integers (negative: counted from the end)" if negative else "non-negative integers"
+            raise IllusionsError(f"{what} must be {kind} or 'all', got {value!r}")
     if len(set(items)) != len(items):
         raise IllusionsError(f"{what} lists a value twice: {list(items)}")
     return tuple(sorted(items))
+
+
+def resolve_layers(layers: Sequence[int], n_layers: int) -> tuple[int, ...]:
+    """``layers`` as indices ``0..n_layers-1``: a negative one counts from the end (``-1`` is the
+    last layer, ``-n_layers`` the first), as Python indexes a list. Sorted; the one place a layer
+    given from the end becomes an index (:meth:`Targets.resolve_shape`, the analysis spec).
+
+    Raises:
+        IllusionsError: a layer outside ``-n_layers..n_layers-1``, naming the valid range, or two
+            spellings of one layer (``-1`` and ``n_layers - 1``).
+    """
+    out = []
+    for layer in layers:
+        if not -n_layers <= layer < n_layers:
+            raise IllusionsError(f"layer {layer} does not exist; this model has {n_layers} layer"
+                                 f"{'s' if n_layers != 1 else ''}: 0..{n_layers - 1}, or -{n_layers}..-1 "
+                                 "counting from the end")
+        out.append(layer + n_layers if layer < 0 else layer)
+    if len(set(out)) != len(out):
+        raise IllusionsError(f"layers {list(layers)} name one layer twice (on this model of {n_layers} layers "
+                             f"they are {out})")
+    return tuple(sorted(out))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +98,8 @@ class Targets(Config):
     """Where a simplifier acts.
 
     Attributes:
-        layers: block indices; ``()`` means the last layer, ``"all"`` every layer.
+        layers: block indices (negative ones count from the end: ``-1`` is the last layer);
+            ``()`` means the last layer, ``"all"`` every layer.
         heads: head indices within each targeted layer; ``()`` or ``"all"`` means every head.
         qk: for query/key methods, which side is simplified: ``"q"``, ``"k"`` or ``"qk"`` (both).
         resid: for residual methods, the hook: ``resid_pre``, ``resid_mid`` or ``resid_post``.
@@ -86,7 +111,7 @@ class Targets(Config):
     resid: str = "resid_pre"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", _int_tuple(self.layers, "layers"))
+        object.__setattr__(self, "layers", _int_tuple(self.layers, "layers", negative=True))
         object.__setattr__(self, "heads", _int_tuple(self.heads, "heads"))
         if self.qk not in QK_CHOICES:
             raise IllusionsError(f"qk must be one of {', '.join(QK_CHOICES)}, got {self.qk!r}")
@@ -105,10 +130,7 @@ class Targets(Config):
         elif self.layers == ():
             layers = (n_layers - 1,)
         else:
-            layers = self.layers
-        for layer in layers:
-            if layer >= n_layers:
-                raise IllusionsError(f"layer {layer} does not exist; this model has layers 0..{n_layers - 1}")
+            layers = resolve_layers(self.layers, n_layers)
         heads = tuple(range(n_heads)) if self.heads in ("all", ()) else self.heads
         for head in heads:
             if head >= n_heads:

@@ -6,7 +6,12 @@ gaps are measured against. Each non-blank line is one sequence, a JSON object wi
 
     "tokens": [int, ...]    the token ids, or
     "text": "..."           a string encoded with the model folder's tokenizer (as the tokenizer
-                            encodes it, with whatever special tokens it adds);
+                            encodes it, with whatever special tokens it adds); scored by default at
+                            every position but the last and but the special tokens the tokenizer puts
+                            in front (its BOS is never scored); a text longer than ``window`` tokens
+                            (default: the model's context) is cut into windows (:func:`text_windows`:
+                            the BOS repeated in each, ``stride`` text tokens apart, each text token
+                            predicted at most once) when the line gives no score, target or meta;
     "score": [int, ...]     optional: the query positions to score (default: every position but the
                             last); the model's output at position p predicts the token at p + 1;
     "target": [int, ...]    optional: the expected next token at each scored position (default: the
@@ -17,7 +22,9 @@ gaps are measured against. Each non-blank line is one sequence, a JSON object wi
 Everything is read and checked when the task is made, before any model weight is loaded: a split
 file that is not a readable regular file (a directory, FIFO, dangling symlink, symlink loop), a line
 that is not JSON or gives a key twice (:func:`illusions.tasks.jsonl.read_objects`), a token id
-outside the vocabulary, a sequence longer than the model's context, a score position out of range, a
+outside the vocabulary, a ``tokens`` sequence longer than the model's context, a window longer than
+the context or a stride that would skip tokens, a long text line with score / target / meta, a score
+position out of range, a
 meta integer beyond 64 bits, ``score`` / ``target`` / ``meta`` of different lengths, text without a
 tokenizer and an empty split are each one :class:`IllusionsError` naming the file and line.
 
@@ -65,10 +72,16 @@ class CustomConfig(Config):
         data: the directory of JSONL splits.
         candidates: a file of token ids, one per line, the prediction argmax ranges over (empty: the
             whole vocabulary).
+        window: a ``text`` line that encodes to more tokens than this is cut into windows
+            (:func:`text_windows`); 0: the model's context.
+        stride: text tokens between the starts of two windows of a line; 0: a window's text tokens
+            (windows side by side, no overlap).
     """
 
     data: str = ""
     candidates: str = ""
+    window: int = 0
+    stride: int = 0
 
 
 @dataclasses.dataclass
@@ -105,6 +118,9 @@ class CustomTask(DataSupport):
         pad_id: the id rows are right-padded with (never scored, never attended to by scored queries).
         bos_id: the tokenizer's beginning-of-sequence id (recorded; sequences are used as given).
         model_name: how errors name the model.
+        encode_parts: text -> ``(prefix, text_ids, suffix)``, the special tokens the tokenizer adds
+            before and after the text's own ids (:class:`illusions.model_folders.FolderTokens`);
+            None: ``encode``'s ids are all the text's own.
     """
 
     name: ClassVar[str] = "custom"
@@ -121,6 +137,7 @@ class CustomTask(DataSupport):
         pad_id: int = 0,
         bos_id: int = 0,
         model_name: str = "the model",
+        encode_parts: Callable[[str], tuple[Sequence[int], Sequence[int], Sequence[int]]] | None = None,
     ) -> None:
         if not config.data:
             raise IllusionsError("task 'custom' needs data: a directory of JSONL splits (train.jsonl and one "
@@ -136,7 +153,18 @@ class CustomTask(DataSupport):
         self.d_vocab = int(d_vocab)
         self.n_ctx = int(n_ctx)
         self._encode = encode
+        self._encode_parts = encode_parts
         self._model = model_name
+        for what, value in (("window", config.window), ("stride", config.stride)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise IllusionsError(f"{what} must be a whole number of tokens (0: the default), got {value!r}")
+        if config.window > self.n_ctx:
+            raise IllusionsError(f"window {config.window} is longer than the context of {model_name} "
+                                 f"({self.n_ctx} tokens)")
+        if config.window == 1:
+            raise IllusionsError("window must be at least 2 (a window of one token predicts nothing)")
+        self.window = config.window or self.n_ctx
+        self._cut = {"lines": 0, "windows": 0}
         tokens = list(vocab_tokens) if vocab_tokens is not None else [f"<{i}>" for i in range(self.d_vocab)]
         self.vocab = Vocab(tuple(unique_tokens(tokens, self.d_vocab)), pad_id=pad_id, bos_id=bos_id)
         self._candidates = read_candidates(Path(config.candidates), self.d_vocab) if config.candidates else None
@@ -170,6 +198,8 @@ class CustomTask(DataSupport):
             "reference_split": REFERENCE_SPLIT if REFERENCE_SPLIT in self._splits else "",
             "n_candidates": None if self._candidates is None else int(self._candidates.shape[0]),
             "meta_columns": list(self._columns),
+            **({"text_windows": {"window": self.window, "stride": self.config.stride, "lines_cut": self._cut["lines"],
+                                 "windows": self._cut["windows"]}} if self._cut["lines"] else {}),
             "discrete": discrete,
             "group_names": {name: c["names"] for name, c in self._columns.items() if c["names"] is not None},
         }
@@ -185,8 +215,6 @@ class CustomTask(DataSupport):
             unknown = sorted(set(obj) - set(_KEYS))
             if unknown:
                 raise IllusionsError(f"{where} has unknown key(s) {', '.join(unknown)}; known: {', '.join(_KEYS)}")
-            tokens = self._tokens(obj, where)
-            score, target = self._scored(obj, tokens, where)
             meta = obj.get("meta", {})
             if not isinstance(meta, dict):
                 raise IllusionsError(f"{where}: meta must be an object of lists, one value per scored position")
@@ -198,19 +226,58 @@ class CustomTask(DataSupport):
             elif tuple(sorted(meta)) != names:
                 raise IllusionsError(f"{where}: meta names {sorted(meta)} differ from the first line's {list(names)} "
                                      f"(every line of {path.name} gives the same names)")
-            for key in names:
-                _add_meta(raw.meta[key], key, meta[key], len(score), where)
-            row = len(raw.seqs)
-            raw.seqs.append(tokens)
-            raw.seq.extend([row] * len(score))
-            raw.pos.extend(score)
-            raw.target.extend(target)
+            for tokens, window_score in self._pieces(obj, where):
+                if window_score is None:
+                    score, target = self._scored(obj, tokens, where)
+                else:  # a text line's window, or a text line scored by default: its own next tokens
+                    score, target = window_score, [tokens[p + 1] for p in window_score]
+                for key in names:
+                    _add_meta(raw.meta[key], key, meta[key], len(score), where)
+                row = len(raw.seqs)
+                raw.seqs.append(tokens)
+                raw.seq.extend([row] * len(score))
+                raw.pos.extend(score)
+                raw.target.extend(target)
         if not raw.seqs:
             raise IllusionsError(f"{path} holds no sequence (an empty split)")
         if name != FIT_SPLIT and not raw.pos:
             raise IllusionsError(f"{path} has no scored position (an empty split): its sequences are one token "
                                  "long or their score lists are empty")
         return raw
+
+    def _pieces(self, obj: dict[str, Any], where: str) -> list[tuple[list[int], list[int] | None]]:
+        """The sequences one line gives, each with its scored positions (None: as the line's
+        ``score`` / ``target`` say). A ``text`` line scored by default never scores the special tokens
+        the tokenizer puts in front (its BOS); one longer than :attr:`window` is cut by
+        :func:`text_windows`."""
+        if "text" not in obj or "tokens" in obj or not isinstance(obj["text"], str) or self._encode is None:
+            return [(self._tokens(obj, where), None)]
+        if self._encode_parts is not None:
+            prefix, body, suffix = (list(map(int, part)) for part in self._encode_parts(obj["text"]))
+        else:
+            prefix, body, suffix = [], [int(t) for t in self._encode(obj["text"])], []
+        tokens = self._check_ids(prefix + body + suffix, where, limit=False)
+        given = [key for key in ("score", "target") if key in obj]
+        if len(tokens) <= self.window:
+            return [(tokens, None if given else list(range(len(prefix), len(tokens) - 1)))]
+        given += ["meta"] if obj.get("meta") else []
+        if given:
+            raise IllusionsError(f"{where}: the text encodes to {len(tokens)} tokens, more than the window of "
+                                 f"{self.window}, and cannot be cut into windows because it gives "
+                                 f"{' and '.join(given)} (positions of the whole text); shorten it or drop them")
+        room = self.window - len(prefix)
+        if room < 2:
+            raise IllusionsError(f"window {self.window} leaves no room for text after the {len(prefix)} special "
+                                 f"token(s) the tokenizer of {self._model} puts in front; give a longer window")
+        stride = self.config.stride or room
+        if stride > room:
+            raise IllusionsError(f"stride {stride} is longer than a window's {room} text tokens (window {self.window}"
+                                 f"{f' less {len(prefix)} special token(s) in front' if prefix else ''}): windows "
+                                 f"would skip tokens of {where}; give a stride of 1..{room}")
+        windows = text_windows(prefix, body + suffix, room, stride)
+        self._cut["lines"] += 1
+        self._cut["windows"] += len(windows)
+        return windows
 
     def _tokens(self, obj: dict[str, Any], where: str) -> list[int]:
         if ("tokens" in obj) == ("text" in obj):
@@ -229,11 +296,17 @@ class CustomTask(DataSupport):
             tokens = _int_list(obj["tokens"], "tokens", where)
             if not tokens:
                 raise IllusionsError(f"{where}: tokens is empty")
+        return self._check_ids(tokens, where)
+
+    def _check_ids(self, tokens: list[int], where: str, *, limit: bool = True) -> list[int]:
+        """``tokens``, refused when empty, outside the vocabulary or (``limit``) longer than the context."""
+        if not tokens:
+            raise IllusionsError(f"{where}: the text encodes to no token")
         bad = next((t for t in tokens if not 0 <= t < self.d_vocab), None)
         if bad is not None:
             raise IllusionsError(f"{where}: token id {_show(bad)} is outside the vocabulary of {self._model} "
                                  f"(0..{self.d_vocab - 1})")
-        if len(tokens) > self.n_ctx:
+        if limit and len(tokens) > self.n_ctx:
             raise IllusionsError(f"{where}: the sequence has {len(tokens)} tokens, more than the context of "
                                  f"{self._model} ({self.n_ctx} tokens)")
         return tokens
@@ -265,6 +338,37 @@ class CustomTask(DataSupport):
         else:
             target = [tokens[p + 1] for p in score]
         return score, target
+
+
+def text_windows(prefix: Sequence[int], text: Sequence[int], room: int,
+                 stride: int) -> list[tuple[list[int], list[int]]]:
+    """The windows of one long text line: ``(tokens, scored positions)`` each.
+
+    The rule: window ``k`` holds ``prefix`` (the special tokens the tokenizer puts in front, its BOS;
+    repeated in every window, as the tokenizer's ``add_special_tokens`` would put it before any text
+    it encodes) and then ``text[k * stride : k * stride + room]``, ``room`` being the window less
+    the prefix; windows start every ``stride`` text tokens (``1 <= stride <= room``) until one
+    reaches the end of the text (the tokenizer's EOS, when it adds one, is the last text token). A
+    query position is scored when the token it predicts is in the window's text and was not
+    predicted by an earlier window, so every text token after the first is predicted at most once,
+    with the longest context the windows give; the prefix (BOS) position is never scored. With
+    ``stride == room`` (no overlap) the first text token of each window has no context in its window
+    and is not predicted. A window that would score nothing is left out. Deterministic.
+    """
+    b = len(prefix)
+    out: list[tuple[list[int], list[int]]] = []
+    predicted = 1  # text tokens before this index are predicted already (the first one never is)
+    start = 0
+    while True:
+        piece = list(text[start: start + room])
+        # Window position b + i predicts text[start + i + 1].
+        score = [b + i for i in range(len(piece) - 1) if start + i + 1 >= predicted]
+        if score:
+            out.append(([*prefix, *piece], score))
+        predicted = max(predicted, start + len(piece))
+        if start + len(piece) >= len(text):
+            return out
+        start += stride
 
 
 def split_files(data: Path) -> list[Path]:
