@@ -32,9 +32,10 @@ LENGTHS = torch.tensor([16, 10, 12, 5, 16, 8])
         (SVD(rank=9), r"rank must be in 1\.\.8, got 9"),
         (WeightSVD(rank=9), r"rank must be in 1\.\.8, got 9"),
         (ResidSVD(rank=33), r"rank must be in 1\.\.32, got 33"),
-        (SVD(targets=Targets(layers=(2,))), r"layer 2 does not exist; this model has layers 0\.\.1"),
+        (SVD(targets=Targets(layers=(2,))), r"layer 2 does not exist; this model has 2 layers: 0\.\.1, or -2\.\.-1"),
+        (SVD(targets=Targets(layers=(-3,))), r"layer -3 does not exist; this model has 2 layers: 0\.\.1, or -2\.\.-1"),
         (KMeans(targets=Targets(heads=(0, 4))), r"head 4 does not exist; this model has heads 0\.\.3"),
-        (OneHot(targets=Targets(layers=(5,))), r"layers 0\.\.1"),
+        (OneHot(targets=Targets(layers=(5,))), r"layers: 0\.\.1"),
     ],
     ids=lambda v: v.name if hasattr(v, "name") else "",
 )
