@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from conftest import TINY_RECIPE_SETTINGS, tiny_reproduction
-from illusions import bundled
+from illusions import __version__, bundled
 from illusions.cli import app
 from illusions.models import build_model, save_model
 from illusions.reproduction.aggregate import (
@@ -56,6 +57,21 @@ def test_plan_pairs_every_recipe_with_every_seed(env, tmp_path):
         "dyck-heads-onehot/seed1", "dyck-svd-L1/seed1"]
     with pytest.raises(Exception, match="no checkpoint of task 'dyck' for seed"):
         plan(load_recipes(recipes), tmp_path, seeds=[5], assets=assets)
+
+
+def test_the_shipped_plan_names_bundled_checkpoints_not_where_the_package_lies(tmp_path):
+    # A run's spec holds the model as the catalogue names it ("dyck:seed1"), so runs made in one
+    # checkout or install are reused from another (an absolute path made every one of them stale).
+    jobs = plan(load_recipes(Path(__file__).parents[1] / "analyses"), tmp_path)
+    models = {j.spec.model for j in jobs}
+    assert {"", "dyck:seed1", "dyck-paperlike", "dyck-paperlike:seed2", "code:seed2"} <= models
+    assert not any(str(bundled.ASSETS) in m or m.startswith("/") for m in models)
+    job = next(j for j in jobs if j.spec.model == "dyck:seed1")
+    job.out.mkdir(parents=True)
+    for name in ("metrics.csv", "metrics.json"):
+        (job.out / name).write_text("x")
+    (job.out / "config.json").write_text(json.dumps({"illusions_version": __version__, "spec": job.spec.to_dict()}))
+    assert is_current(job)
 
 
 def test_runs_are_reused_results_come_from_the_runs(env, tmp_path):

@@ -29,6 +29,18 @@ def seed_models(task: str, assets: Path = ASSETS) -> dict[int, Path]:
     return dict(sorted(family_seeds(task, assets).items()))
 
 
+def _model_reference(family: str, seed: int, task: str, folder: Path, assets: Path) -> str:
+    """How a job's spec names a bundled checkpoint: ``""`` for the task's reference model, else its
+    catalogue name (``dyck:seed1``, ``dyck-paperlike``), so a run's spec does not depend on where the
+    package lies and runs stay reusable from another checkout or install; a folder outside the
+    package's own assets (tests pass their own) by its path."""
+    if Path(assets) != ASSETS:
+        return str(folder)
+    if seed == 0 and family == task:
+        return ""
+    return next(m.name for m in catalogue(assets).values() if m.family == family and m.seed == seed)
+
+
 def task_families(task: str, assets: Path = ASSETS) -> list[str]:
     """The bundled model families trained on ``task``: its reference family (named after the task)
     first, then the others by name (``dyck-paperlike``), read from each family's seed-0 checkpoint."""
@@ -156,8 +168,7 @@ def plan(
                 raise IllusionsError(f"no checkpoint of task {spec.task!r} for seed(s) "
                                      f"{', '.join(str(s) for s in seeds)}; shipped seeds: {have}")
             for seed in wanted:
-                bundled = seed == 0 and Path(assets) == ASSETS and family == spec.task
-                model = spec.model if spec.model else ("" if bundled else str(available[seed]))
+                model = spec.model if spec.model else _model_reference(family, seed, spec.task, available[seed], assets)
                 # A recipe's own model is taken as it is (a rank it cannot take is an error there).
                 fitted = spec if spec.model else fit_sweep_to_model(spec, available[seed])
                 if fitted is None:
