@@ -270,7 +270,8 @@ def test_warning_figure_draws_each_signal_on_agreeing_and_disagreeing_positions(
     assert [ax.get_title() for ax in axes] == ["offspace_k", "offspace_q"]
     for ax in axes:
         signal = ax.get_title()
-        medians = sorted(float(line.get_ydata()[0]) for line in ax.lines if line.get_color() == "#000000")
+        (lines,) = [c for c in ax.collections if c.get_gid() == "medians"]
+        medians = sorted(float(seg[0][1]) for seg in lines.get_segments())
         want = sorted(float(np.median(rec.warnings[signal][mask])) for rec in records.values()
                       for mask in (rec.proxy_pred == rec.original_pred, rec.proxy_pred != rec.original_pred)
                       if mask.any())
