@@ -65,24 +65,39 @@ if args["kind"] == "ours":
     result = analyze(model, splits, [svd], candidates=None, fit_n=args["fit"], max_seqs=None)
     n = len(result.records[("eval", 0)].kl)
 else:
-    names = (f"blocks.{layer}.attn.hook_q", f"blocks.{layer}.attn.hook_k")
-    n = 0
-    with torch.inference_mode():
-        for i in range(0, args["fit"], 64):
-            model(torch.as_tensor(fit_tokens[i:i + 64]))
-        for i in range(0, args["eval"], 64):
-            tokens = torch.as_tensor(eval_tokens[i:i + 64])
-            clean = model(tokens).argmax(-1)
-            proxy = model.run_with_hooks(tokens, fwd_hooks=[(h, lambda a, hook: a) for h in names]).argmax(-1)
-            n += int((clean == proxy).numel())
+    sys.path.insert(0, args["here"])
+    from bench_memory import bare_loop
+
+    n = bare_loop(model, fit_tokens, eval_tokens, (f"blocks.{layer}.attn.hook_q", f"blocks.{layer}.attn.hook_k"))
 seconds = time.perf_counter() - start
 print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "seconds": seconds, "n": n}))
 """
 
 
-def measure(kind: str, args: dict[str, int]) -> dict[str, float]:
+def bare_loop(model, fit_tokens, eval_tokens, names, batch: int = 64) -> int:
+    """The bare TransformerLens loop: ``model(tokens)`` over the fitting sequences in batches of ``batch``,
+    then per batch of evaluated sequences ``model(tokens)`` and ``model.run_with_hooks`` with an identity
+    hook on each of ``names``, keeping only the argmax. Returns the number of predictions compared."""
+    import torch
+
+    n = 0
+    with torch.inference_mode():
+        for i in range(0, len(fit_tokens), batch):
+            model(torch.as_tensor(fit_tokens[i:i + batch]))
+        for i in range(0, len(eval_tokens), batch):
+            tokens = torch.as_tensor(eval_tokens[i:i + batch])
+            clean = model(tokens).argmax(-1)
+            proxy = model.run_with_hooks(tokens, fwd_hooks=[(h, lambda a, hook: a) for h in names]).argmax(-1)
+            n += int((clean == proxy).numel())
+    return n
+
+
+def measure(kind: str, args: dict[str, int], child: str = CHILD) -> dict[str, float]:
+    """Run ``child`` (``CHILD`` by default) in a fresh process with ``args`` and ``kind`` as its JSON argument;
+    its last stdout line is a JSON object with ``peak_mb`` (its own ``ru_maxrss``) and ``seconds``."""
     env = {**os.environ, "OMP_NUM_THREADS": str(args["threads"])}
-    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps({**args, "kind": kind})], env=env,
+    args = {**args, "here": os.path.dirname(os.path.abspath(__file__))}
+    out = subprocess.run([sys.executable, "-c", child, json.dumps({**args, "kind": kind})], env=env,
                          capture_output=True, text=True)
     if out.returncode != 0:
         last = (out.stderr.strip().splitlines() or ["?"])[-1]
