@@ -106,6 +106,63 @@ def test_proxy_from_start_at_layer_matches_a_full_hooked_run(tiny_model, splits)
     assert rec.kl.mean() > 0
 
 
+def _unembedded_rows(model, monkeypatch) -> list[tuple[int, ...]]:
+    """The shapes the model's unembedding is called on, recorded as they come."""
+    shapes: list[tuple[int, ...]] = []
+    forward = model.unembed.forward
+
+    def record(residual):
+        shapes.append(tuple(residual.shape))
+        return forward(residual)
+
+    monkeypatch.setattr(model.unembed, "forward", record)
+    return shapes
+
+
+def test_only_scored_positions_are_unembedded_and_no_number_moves(tiny_model, splits, monkeypatch):
+    import illusions.backends
+
+    split = splits["ood"]
+    proxies = [FakeProxy(0.0), FakeProxy(0.5)]
+    illusions.backends.runs_from_layer(tiny_model)  # its one-position probe, before counting
+    shapes = _unembedded_rows(tiny_model, monkeypatch)
+    got = evaluate_split(tiny_model, split, np.arange(len(split)), proxies, candidates=None, batch_size=5)
+    # One [1, n_scored] call per pass (clean + two proxies), never [batch, pos]: 3 x the scored positions.
+    assert all(s[0] == 1 for s in shapes)
+    assert sum(s[1] for s in shapes) == 3 * len(split.scored)
+    shapes.clear()
+    monkeypatch.setattr(illusions.backends, "unembeds_rows", lambda model: False)  # the full-logits path
+    want = evaluate_split(tiny_model, split, np.arange(len(split)), proxies, candidates=None, batch_size=5)
+    assert any(s[0] > 1 for s in shapes)  # that path unembeds whole [batch, pos] batches
+    for a, b in zip(got, want, strict=True):
+        for field in ("rows", "pos", "original_pred", "proxy_pred", "kl", "attention_jsd"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+
+
+def test_a_hook_after_the_blocks_gets_the_whole_output_head(tiny_model, splits, monkeypatch):
+    split = splits["ood"]
+
+    @dataclasses.dataclass(frozen=True)
+    class FinalNormProxy(FakeProxy):
+        @property
+        def fwd_hooks(self):
+            return [("ln_final.hook_normalized", QueryScale(self.scale))]
+
+        heads: tuple = ()
+
+    proxy = FinalNormProxy(-1.0)
+    shapes = _unembedded_rows(tiny_model, monkeypatch)
+    (rec,) = evaluate_split(tiny_model, split, np.arange(len(split)), [proxy], candidates=None, batch_size=50)
+    assert (len(split), int(split.lengths.max())) in [s[:2] for s in shapes]  # the proxy's full pass
+    with torch.no_grad():
+        logits = tiny_model.run_with_hooks(torch.as_tensor(split.tokens), fwd_hooks=proxy.fwd_hooks)
+    order = np.lexsort((rec.pos, rec.rows))
+    ref = np.lexsort((split.scored.pos, split.scored.seq))
+    want = logits[split.scored.seq, split.scored.pos].argmax(-1).numpy()
+    np.testing.assert_array_equal(rec.proxy_pred[order], want[ref])
+    assert (rec.proxy_pred != rec.original_pred).any()
+
+
 def test_summary_rows_breakdowns_and_json(tiny_model, splits):
     result = analyze(tiny_model, splits, [FakeSimplifier(1.0), FakeSimplifier(0.0)], candidates=None,
                      fit_n=4, seed=0)

@@ -419,10 +419,14 @@ def evaluate_split(
     import torch
 
     from illusions.analyses.warning_signals import SignalCollector
+    from illusions.backends import unembeds_rows
     from illusions.devices import float64_device
 
     device = torch.device(model.cfg.device)
     f64 = float64_device(device)  # KL and JSD are float64: on the CPU for MPS
+    # Stop at the final residual and unembed the scored rows only (no [batch, pos, vocabulary] logits).
+    stop = model.cfg.n_layers if unembeds_rows(model) else None
+    until = {} if stop is None else {"stop_at_layer": stop}
 
     hook_sets = [hook_names_of(p) for p in proxies]
     starts = [start_layer(model, names) for names in hook_sets]
@@ -440,16 +444,16 @@ def evaluate_split(
             if len(batch.scored) == 0:
                 continue
             tokens = torch.as_tensor(batch.tokens, device=device)
-            logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in cache_names)
+            out, cache = model.run_with_cache(tokens, names_filter=lambda name: name in cache_names, **until)
             sc = batch.scored
             seq_t = torch.as_tensor(sc.seq, device=device)
             pos_t = torch.as_tensor(sc.pos, device=device)
-            clean_logits = gather_scored(logits, sc)
-            del logits  # only the scored positions' logits are kept (memory)
+            clean_logits = _scored_logits(model, out, sc, stop)
+            del out  # only the scored positions' logits are kept (memory)
             clean_pred = restricted_argmax(clean_logits, candidates)
             for j, proxy in enumerate(proxies):
                 proxy_logits, captured = _proxy_logits(model, tokens, cache, proxy, hook_sets[j], starts[j],
-                                                       collectors[j].hooks, sc)
+                                                       collectors[j].hooks, sc, stop)
                 jsd = _attention_jsd(cache, captured, proxy, seq_t, pos_t, len(sc), f64)
                 parts[j].append(
                     {
@@ -469,14 +473,31 @@ def evaluate_split(
     return _join_records(parts, split, rows)
 
 
+def _scored_logits(model: LensModel, out: Any, sc: Any, stop: int | None) -> Any:
+    """``[n, d_vocab_out]`` logits at the scored positions ``sc`` of a forward pass's output: the
+    final residual (``stop`` given) unembedded at those rows only, or the logits gathered there."""
+    from illusions.backends import unembed_rows
+
+    return gather_scored(out, sc) if stop is None else unembed_rows(model, gather_scored(out, sc))
+
+
 def _proxy_logits(model: LensModel, tokens: Any, cache: Any, proxy: Proxy, hook_names: list[str],
-                  start: int | None, signal_hooks: Sequence[Any], sc: Any) -> tuple[Any, dict[int, Any]]:
+                  start: int | None, signal_hooks: Sequence[Any], sc: Any,
+                  stop: int | None = None) -> tuple[Any, dict[int, Any]]:
     """One proxy's forward pass on a batch: its logits at the scored positions ``sc`` and the
     attention patterns of the layers it simplifies.
 
     It runs from the tokens when ``start`` is None, else from a copy of the cached residual stream
-    at block ``start``; a hook of ``hook_names`` that never ran is an error.
+    at block ``start``; a hook of ``hook_names`` that never ran is an error. Given ``stop``
+    (``n_layers``), the pass ends at the final residual and only the scored rows are unembedded,
+    unless a hook lies after the blocks (``ln_final.*``, ``unembed.*``), which then needs the whole
+    output head to run inside the pass.
     """
+    from illusions.activations import stop_layer
+
+    if stop is not None and stop_layer(model, [name for name, _ in [*signal_hooks, *proxy.fwd_hooks]]) is None:
+        stop = None
+    until = {} if stop is None else {"stop_at_layer": stop}
     captured: dict[int, Any] = {}
     layers = sorted({layer for layer, _ in proxy.heads})
     capture_hooks = [
@@ -485,18 +506,18 @@ def _proxy_logits(model: LensModel, tokens: Any, cache: Any, proxy: Proxy, hook_
     fired: set[str] = set()
     hooks = [*signal_hooks, *proxy.fwd_hooks, *((n, _mark(fired, n)) for n in hook_names), *capture_hooks]
     if start is None:
-        proxy_logits_full = model.run_with_hooks(tokens, fwd_hooks=hooks)
+        out = model.run_with_hooks(tokens, fwd_hooks=hooks, **until)
     else:
         # A copy: a hook that edits its input in place must not reach the cache that
         # the other proxies start from.
         resid = cache[f"blocks.{start}.hook_resid_pre"].clone()
-        proxy_logits_full = model.run_with_hooks(resid, start_at_layer=start, fwd_hooks=hooks)
+        out = model.run_with_hooks(resid, start_at_layer=start, fwd_hooks=hooks, **until)
     silent = [n for n in hook_names if n not in fired]
     if silent:
         raise IllusionsError(f"hook(s) {', '.join(silent)} never ran in a forward pass of this model "
                              "(a hook point this configuration does not use), so the proxy would "
                              "agree with the model everywhere")
-    return gather_scored(proxy_logits_full, sc), captured
+    return _scored_logits(model, out, sc, stop), captured
 
 
 def _attention_jsd(cache: Any, captured: dict[int, Any], proxy: Proxy, seq_t: Any, pos_t: Any, n: int,
