@@ -578,9 +578,11 @@ TOKEN_BUDGET = 16384
 # Logits (batch tokens x vocabulary) per batch at most: 2**24 float32 logits are 64 MB per tensor, and the
 # evaluation holds about three (the clean and proxy logits at scored positions, the proxy pass's output).
 LOGIT_BUDGET = 2**24
-# Scored positions x vocabulary per float64 KL chunk: 2**21 logits are 16 MB per float64 copy, and the
-# KL holds about five (2**24, the whole batch at a 4,096 vocabulary, took the evaluation from 0.15 to 1.1 GB).
-KL_CHUNK = 2**21
+# Scored positions x vocabulary per float64 KL chunk: 2**19 logits are 4 MB per float64 copy, and the
+# KL holds about five (2**24, the whole batch at a 4,096 vocabulary, took the evaluation from 0.15 to 1.1 GB;
+# 2**21 left 32 MB more than 2**19 at 4 x 256, 64 rows of 64). Rows are computed alone: any chunk gives the
+# same bits, and the bundled tasks' 43-token vocabulary keeps whole batches in one chunk.
+KL_CHUNK = 2**19
 
 
 def batch_tokens(model: LensModel, token_budget: int | None = None) -> int:
