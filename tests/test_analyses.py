@@ -163,6 +163,50 @@ def test_a_hook_after_the_blocks_gets_the_whole_output_head(tiny_model, splits, 
     assert (rec.proxy_pred != rec.original_pred).any()
 
 
+def _random_sae(hook_name: str, d: int, width: int = 16, seed: int = 0):
+    from illusions.simplifiers.base import Proxy
+    from illusions.simplifiers.sae_hooks import SAEHook
+
+    gen = torch.Generator().manual_seed(seed)
+    hook = SAEHook(hook_name=hook_name, heads=None, architecture="standard", top_k=0, normalize="none",
+                   subtract_b_dec=False, W_enc=torch.randn(d, width, generator=gen) / d**0.5,
+                   b_enc=-0.3 * torch.ones(width), W_dec=torch.randn(width, d, generator=gen) / width**0.5,
+                   b_dec=torch.zeros(d), train_active=torch.arange(width) % 3 > 0)
+    return Proxy("sae", {"width": width}, (hook,))
+
+
+def test_dictionary_statistics_come_from_the_clean_pass_without_a_second_one(tiny_model, splits, monkeypatch):
+    import illusions.backends
+    from illusions.analyses.faithfulness import batch_tokens
+    from illusions.analyses.sparse import sparse_stats
+    from illusions.scoring import iter_batches
+
+    proxies = [FakeProxy(0.5), _random_sae("blocks.1.hook_resid_pre", 32),
+               _random_sae("blocks.0.hook_resid_post", 32, seed=1)]
+    evaluated = {name: splits[name] for name in ("iid", "ood")}
+    illusions.backends.runs_from_layer(tiny_model)  # its one-position probe, before counting
+    passes = []
+    forward = tiny_model.forward
+    monkeypatch.setattr(tiny_model, "forward", lambda *a, **k: passes.append(1) or forward(*a, **k))
+    result = analyze(tiny_model, evaluated, proxies, candidates=None, batch_size=5, reference=None)
+    n_batches = sum(len(list(iter_batches(split, 5, max_tokens=batch_tokens(tiny_model))))
+                    for split in evaluated.values())
+    assert len(passes) == n_batches * (1 + len(proxies))  # one clean pass a batch, one per proxy: no other
+    monkeypatch.undo()
+    for name, split in evaluated.items():
+        rows = np.arange(len(split))[::-1].copy()  # not in batch order
+        got = evaluate_split(tiny_model, split, rows, proxies, candidates=None, batch_size=5)
+        want = sparse_stats(tiny_model, split, rows, proxies, batch_size=5)  # a clean pass of its own
+        assert got[0].sparse is None and want[0] is None and result.records[(name, 0)].sparse is None
+        for j in (1, 2):
+            assert got[j].sparse.n_tokens.sum() == split.lengths.sum()
+            for key, value in want[j].arrays().items():
+                np.testing.assert_array_equal(got[j].sparse.arrays()[key], value, err_msg=key)
+                np.testing.assert_array_equal(result.records[(name, j)].sparse.arrays()[key],
+                                              want[j].arrays()[key] if key == "train_active"
+                                              else value[::-1], err_msg=key)
+
+
 def test_summary_rows_breakdowns_and_json(tiny_model, splits):
     result = analyze(tiny_model, splits, [FakeSimplifier(1.0), FakeSimplifier(0.0)], candidates=None,
                      fit_n=4, seed=0)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from illusions.analyses.sparse import sparse_stats
+from illusions.analyses.sparse import CleanPassStats
 from illusions.errors import IllusionsError
 from illusions.metric_table import POSITION_METRICS
 from illusions.metrics import js_divergence, kl_divergence_chunked
@@ -186,10 +186,8 @@ def analyze(
             progress(name, i, len(eval_splits))
         evaluated = evaluate_split(model, splits[name], split_rows[name], proxies, candidates=candidates,
                                    batch_size=batch_size, token_budget=token_budget)
-        # Sparse dictionaries also report their reconstruction and latents on the split.
-        stats = sparse_stats(model, splits[name], split_rows[name], proxies, batch_size=batch_size)
         for j, rec in enumerate(evaluated):
-            records[(name, j)] = rec if stats[j] is None else dataclasses.replace(rec, sparse=stats[j])
+            records[(name, j)] = rec
     if progress:
         progress("done", len(eval_splits), len(eval_splits))
     return AnalysisResult(proxies, _labels(proxies, labels), split_rows, records, fit_rows)
@@ -415,9 +413,12 @@ def evaluate_split(
     (:func:`illusions.backends.runs_from_layer`), runs from the tokens. A hook that never runs in the
     forward pass is an error, not a proxy that agrees with the model everywhere.
     Everything runs on the model's device; only the per-position records come back to the CPU.
+    Sparse dictionaries also get their reconstruction and latent statistics on the split
+    (:attr:`Records.sparse`), read from the same clean pass (:class:`~illusions.analyses.sparse.CleanPassStats`).
     """
     import torch
 
+    from illusions.activations import stop_layer
     from illusions.analyses.warning_signals import SignalCollector
     from illusions.backends import unembeds_rows
     from illusions.devices import float64_device
@@ -426,7 +427,6 @@ def evaluate_split(
     f64 = float64_device(device)  # KL and JSD are float64: on the CPU for MPS
     # Stop at the final residual and unembed the scored rows only (no [batch, pos, vocabulary] logits).
     stop = model.cfg.n_layers if unembeds_rows(model) else None
-    until = {} if stop is None else {"stop_at_layer": stop}
 
     hook_sets = [hook_names_of(p) for p in proxies]
     starts = [start_layer(model, names) for names in hook_sets]
@@ -436,19 +436,29 @@ def evaluate_split(
         f"blocks.{layer}.attn.hook_pattern" for layer in pattern_layers
     ]
     parts: list[list[dict[str, np.ndarray]]] = [[] for _ in proxies]
+    sparse = CleanPassStats(proxies)  # the dictionaries' statistics, from the clean pass
+    clean_stop = stop if stop_layer(model, sparse.names) is not None else None
+    clean_until = {} if clean_stop is None else {"stop_at_layer": clean_stop}
     # Each proxy's warning signals, read by capture hooks in front of its own during its pass.
     collectors = [SignalCollector(p) for p in proxies]
 
     with torch.inference_mode():
         for batch in iter_batches(split, batch_size, rows=rows, max_tokens=batch_tokens(model, token_budget)):
-            if len(batch.scored) == 0:
+            if len(batch.scored) == 0 and not sparse.names:
                 continue
             tokens = torch.as_tensor(batch.tokens, device=device)
-            out, cache = model.run_with_cache(tokens, names_filter=lambda name: name in cache_names, **until)
+            lengths = split.lengths[batch.rows]
+            with model.hooks(fwd_hooks=sparse.hooks(lengths, tokens.shape[1], device)):
+                out, cache = model.run_with_cache(tokens, names_filter=lambda name: name in cache_names,
+                                                  **clean_until)
+            if sparse.names:
+                sparse.add(batch.rows, lengths)
+            if len(batch.scored) == 0:  # read for the dictionaries only
+                continue
             sc = batch.scored
             seq_t = torch.as_tensor(sc.seq, device=device)
             pos_t = torch.as_tensor(sc.pos, device=device)
-            clean_logits = _scored_logits(model, out, sc, stop)
+            clean_logits = _scored_logits(model, out, sc, clean_stop)
             del out  # only the scored positions' logits are kept (memory)
             clean_pred = restricted_argmax(clean_logits, candidates)
             for j, proxy in enumerate(proxies):
@@ -470,7 +480,9 @@ def evaluate_split(
                         **{f"warn:{k}": v for k, v in collectors[j].gather(seq_t, pos_t).items()},
                     }
                 )
-    return _join_records(parts, split, rows)
+    stats = sparse.result(rows)
+    return [rec if got is None else dataclasses.replace(rec, sparse=got)
+            for rec, got in zip(_join_records(parts, split, rows), stats, strict=True)]
 
 
 def _scored_logits(model: LensModel, out: Any, sc: Any, stop: int | None) -> Any:
