@@ -207,6 +207,35 @@ def test_dictionary_statistics_come_from_the_clean_pass_without_a_second_one(tin
                                               else value[::-1], err_msg=key)
 
 
+def test_large_svd_fits_stream_their_activations_and_agree_with_the_held_fit(tiny_model, rng, monkeypatch):
+    import illusions.activations
+    from illusions.analyses import faithfulness
+    from illusions.registry import make_simplifier
+
+    split = make_split("train", rng, n=40)
+    rows = np.arange(len(split))
+    simplifiers = [make_simplifier("svd", rank=2), make_simplifier("svd", rank=5),
+                   make_simplifier("svd", rank=3, basis="joint"), make_simplifier("kmeans", k=4)]
+    calls = []
+    collect = illusions.activations.collect
+    monkeypatch.setattr(illusions.activations, "collect",
+                        lambda model, tokens, *a, **k: calls.append(len(tokens)) or collect(model, tokens, *a, **k))
+    held = faithfulness.fit_proxies(tiny_model, split, rows, simplifiers, batch_size=8)
+    assert max(calls) == len(rows)  # one collection of every fitting row
+    calls.clear()
+    monkeypatch.setattr(faithfulness, "STREAM_FIT_BYTES", 0)
+    streamed = faithfulness.fit_proxies(tiny_model, split, rows, simplifiers, batch_size=8)
+    assert max(calls) == 8  # batch by batch (and the one-row size probe)
+    for a, b in zip(held[:3], streamed[:3], strict=True):
+        assert a.params == b.params and a.info["n_fitted"] == b.info["n_fitted"]
+        for ha, hb in zip(a.hooks, b.hooks, strict=True):
+            torch.testing.assert_close(hb.mean, ha.mean, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(hb._proj, ha._proj, rtol=0.0, atol=1e-5)  # V V^T: signs cancel
+    # k-means cannot stream: it reads the held activations, the same bits as the held path's.
+    for key, value in held[3].hooks[0].tensors().items():
+        assert torch.equal(streamed[3].hooks[0].tensors()[key], value), key
+
+
 def test_summary_rows_breakdowns_and_json(tiny_model, splits):
     result = analyze(tiny_model, splits, [FakeSimplifier(1.0), FakeSimplifier(0.0)], candidates=None,
                      fit_n=4, seed=0)

@@ -325,20 +325,16 @@ def fit_proxies(
     batch_size: int = 64,
 ) -> list[Proxy]:
     """Collect activations once for all simplifiers' hook points, then fit each one (``split`` may be
-    None when every simplifier is data-free)."""
+    None when every simplifier is data-free).
+
+    When the collected activations would take more than :data:`STREAM_FIT_BYTES`, simplifiers that
+    can fit from batches (``stream``: svd) take them batch by batch and only the others' are held
+    (:func:`_collect_streamed`); below it every fit reads the held activations, as always.
+    """
     import torch
 
     from illusions.activations import collect
 
-    names = sorted({name for s in simplifiers for name in s.hook_names(model)})
-    acts: dict[str, Any] = {}
-    if names:
-        # Shortest first, so each collection batch is padded only to its own longest row.
-        rows = rows[np.argsort(split.lengths[rows], kind="stable")]
-        tokens = torch.as_tensor(split.tokens[rows, : int(split.lengths[rows].max())])
-        mask = torch.as_tensor(np.arange(tokens.shape[1])[None, :] < split.lengths[rows][:, None])
-        check_fit_memory(model, split, tokens, mask, names)
-        acts = collect(model, tokens, names, mask, batch_size=batch_size)
     # Methods that fit every value of their swept parameter from shared work (``fit_sweep``: one
     # decomposition for all ranks of svd) do so once per group of simplifiers differing only there.
     groups: dict[Any, list[int]] = {}
@@ -349,14 +345,37 @@ def fit_proxies(
             groups.setdefault(dataclasses.replace(s, **{param: neutral}), []).append(i)
         else:
             groups[("one", i)] = [i]
+    names = sorted({name for s in simplifiers for name in s.hook_names(model)})
+    acts: dict[str, Any] = {}
+    streams: dict[int, Any] = {}  # first member of a group -> its stream
+    if names:
+        # Shortest first, so each collection batch is padded only to its own longest row.
+        rows = rows[np.argsort(split.lengths[rows], kind="stable")]
+        tokens = torch.as_tensor(split.tokens[rows, : int(split.lengths[rows].max())])
+        mask = torch.as_tensor(np.arange(tokens.shape[1])[None, :] < split.lengths[rows][:, None])
+        if _can_stream(simplifiers) and collected_bytes(model, tokens, mask, names) > STREAM_FIT_BYTES:
+            streams = {members[0]: simplifiers[members[0]].stream(model) for members in groups.values()
+                       if hasattr(simplifiers[members[0]], "stream")}
+            held = sorted({name for i, s in enumerate(simplifiers) if not _streamed(i, groups, streams)
+                           for name in s.hook_names(model)})
+            if held:
+                check_fit_memory(model, split, tokens, mask, held)
+            acts = _collect_streamed(model, tokens, mask, names, held, list(streams.values()), batch_size)
+        else:
+            check_fit_memory(model, split, tokens, mask, names)
+            acts = collect(model, tokens, names, mask, batch_size=batch_size)
     proxies: dict[int, Proxy] = {}
     for members in groups.values():
         first = simplifiers[members[0]]
+        values = [getattr(simplifiers[j], first.sweep_param) for j in members] if len(members) > 1 else []
+        if members[0] in streams:
+            fitted = streams[members[0]].fit_sweep(values or [getattr(first, first.sweep_param)])
+            proxies.update({j: fitted[getattr(simplifiers[j], first.sweep_param)] for j in members})
+            continue
         mine = {n: acts[n] for n in first.hook_names(model)}
         if len(members) == 1:
             proxies[members[0]] = first.fit(model, mine)
             continue
-        values = [getattr(simplifiers[j], first.sweep_param) for j in members]
         fitted = first.fit_sweep(model, mine, values)
         proxies.update({j: fitted[v] for j, v in zip(members, values, strict=True)})
     out = [proxies[i] for i in range(len(simplifiers))]
@@ -366,6 +385,48 @@ def fit_proxies(
         # copies its tensors across at every call.
         out = [p.to(device) for p in out]
     return out
+
+
+def _can_stream(simplifiers: Sequence[Simplifier]) -> bool:
+    """Whether any simplifier can fit from batches (``stream``)."""
+    return any(hasattr(s, "stream") for s in simplifiers)
+
+
+def _streamed(i: int, groups: dict[Any, list[int]], streams: dict[int, Any]) -> bool:
+    return any(i in members and members[0] in streams for members in groups.values())
+
+
+def collected_bytes(model: LensModel, tokens: Any, mask: Any, names: list[str]) -> int:
+    """Bytes the activations at ``names`` take for the kept positions of ``mask`` (read from one sequence)."""
+    from illusions.activations import collect
+
+    probe = collect(model, tokens[:1], names, mask[:1])
+    return sum(t[0].numel() * t.element_size() for t in probe.values()) * int(mask.sum())
+
+
+def _collect_streamed(model: LensModel, tokens: Any, mask: Any, names: list[str], held: list[str],
+                      streams: list[Any], batch_size: int) -> dict[str, Any]:
+    """Activations at ``names`` collected ``batch_size`` rows at a time: each batch goes to every
+    stream, and only those at ``held`` are kept (joined in row order, as ``collect`` returns them)."""
+    import torch
+
+    from illusions.activations import collect
+
+    kept: dict[str, list[Any]] = {name: [] for name in held}
+    for start in range(0, int(tokens.shape[0]), batch_size):
+        batch = collect(model, tokens[start : start + batch_size], names, mask[start : start + batch_size],
+                        batch_size=batch_size)
+        for stream in streams:
+            stream.add(batch)
+        for name in held:
+            kept[name].append(batch[name])
+    return {name: torch.cat(parts) for name, parts in kept.items()}
+
+
+# Collected fit activations (bytes) above which simplifiers that can fit from batches (svd) stream them
+# (500 sequences of 1,024 tokens at one 768-wide layer's queries and keys are 3.1 GB, held twice while
+# collecting); the bundled tasks' fits (a few MB) always take the held path, bit for bit as before.
+STREAM_FIT_BYTES = 2**30
 
 
 def refine_proxies(
