@@ -106,6 +106,136 @@ def test_proxy_from_start_at_layer_matches_a_full_hooked_run(tiny_model, splits)
     assert rec.kl.mean() > 0
 
 
+def _unembedded_rows(model, monkeypatch) -> list[tuple[int, ...]]:
+    """The shapes the model's unembedding is called on, recorded as they come."""
+    shapes: list[tuple[int, ...]] = []
+    forward = model.unembed.forward
+
+    def record(residual):
+        shapes.append(tuple(residual.shape))
+        return forward(residual)
+
+    monkeypatch.setattr(model.unembed, "forward", record)
+    return shapes
+
+
+def test_only_scored_positions_are_unembedded_and_no_number_moves(tiny_model, splits, monkeypatch):
+    import illusions.backends
+
+    split = splits["ood"]
+    proxies = [FakeProxy(0.0), FakeProxy(0.5)]
+    illusions.backends.runs_from_layer(tiny_model)  # its one-position probe, before counting
+    shapes = _unembedded_rows(tiny_model, monkeypatch)
+    got = evaluate_split(tiny_model, split, np.arange(len(split)), proxies, candidates=None, batch_size=5)
+    # One [1, n_scored] call per pass (clean + two proxies), never [batch, pos]: 3 x the scored positions.
+    assert all(s[0] == 1 for s in shapes)
+    assert sum(s[1] for s in shapes) == 3 * len(split.scored)
+    shapes.clear()
+    monkeypatch.setattr(illusions.backends, "unembeds_rows", lambda model: False)  # the full-logits path
+    want = evaluate_split(tiny_model, split, np.arange(len(split)), proxies, candidates=None, batch_size=5)
+    assert any(s[0] > 1 for s in shapes)  # that path unembeds whole [batch, pos] batches
+    for a, b in zip(got, want, strict=True):
+        for field in ("rows", "pos", "original_pred", "proxy_pred", "kl", "attention_jsd"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+
+
+def test_a_hook_after_the_blocks_gets_the_whole_output_head(tiny_model, splits, monkeypatch):
+    split = splits["ood"]
+
+    @dataclasses.dataclass(frozen=True)
+    class FinalNormProxy(FakeProxy):
+        @property
+        def fwd_hooks(self):
+            return [("ln_final.hook_normalized", QueryScale(self.scale))]
+
+        heads: tuple = ()
+
+    proxy = FinalNormProxy(-1.0)
+    shapes = _unembedded_rows(tiny_model, monkeypatch)
+    (rec,) = evaluate_split(tiny_model, split, np.arange(len(split)), [proxy], candidates=None, batch_size=50)
+    assert (len(split), int(split.lengths.max())) in [s[:2] for s in shapes]  # the proxy's full pass
+    with torch.no_grad():
+        logits = tiny_model.run_with_hooks(torch.as_tensor(split.tokens), fwd_hooks=proxy.fwd_hooks)
+    order = np.lexsort((rec.pos, rec.rows))
+    ref = np.lexsort((split.scored.pos, split.scored.seq))
+    want = logits[split.scored.seq, split.scored.pos].argmax(-1).numpy()
+    np.testing.assert_array_equal(rec.proxy_pred[order], want[ref])
+    assert (rec.proxy_pred != rec.original_pred).any()
+
+
+def _random_sae(hook_name: str, d: int, width: int = 16, seed: int = 0):
+    from illusions.simplifiers.base import Proxy
+    from illusions.simplifiers.sae_hooks import SAEHook
+
+    gen = torch.Generator().manual_seed(seed)
+    hook = SAEHook(hook_name=hook_name, heads=None, architecture="standard", top_k=0, normalize="none",
+                   subtract_b_dec=False, W_enc=torch.randn(d, width, generator=gen) / d**0.5,
+                   b_enc=-0.3 * torch.ones(width), W_dec=torch.randn(width, d, generator=gen) / width**0.5,
+                   b_dec=torch.zeros(d), train_active=torch.arange(width) % 3 > 0)
+    return Proxy("sae", {"width": width}, (hook,))
+
+
+def test_dictionary_statistics_come_from_the_clean_pass_without_a_second_one(tiny_model, splits, monkeypatch):
+    import illusions.backends
+    from illusions.analyses.faithfulness import batch_tokens
+    from illusions.analyses.sparse import sparse_stats
+    from illusions.scoring import iter_batches
+
+    proxies = [FakeProxy(0.5), _random_sae("blocks.1.hook_resid_pre", 32),
+               _random_sae("blocks.0.hook_resid_post", 32, seed=1)]
+    evaluated = {name: splits[name] for name in ("iid", "ood")}
+    illusions.backends.runs_from_layer(tiny_model)  # its one-position probe, before counting
+    passes = []
+    forward = tiny_model.forward
+    monkeypatch.setattr(tiny_model, "forward", lambda *a, **k: passes.append(1) or forward(*a, **k))
+    result = analyze(tiny_model, evaluated, proxies, candidates=None, batch_size=5, reference=None)
+    n_batches = sum(len(list(iter_batches(split, 5, max_tokens=batch_tokens(tiny_model))))
+                    for split in evaluated.values())
+    assert len(passes) == n_batches * (1 + len(proxies))  # one clean pass a batch, one per proxy: no other
+    monkeypatch.undo()
+    for name, split in evaluated.items():
+        rows = np.arange(len(split))[::-1].copy()  # not in batch order
+        got = evaluate_split(tiny_model, split, rows, proxies, candidates=None, batch_size=5)
+        want = sparse_stats(tiny_model, split, rows, proxies, batch_size=5)  # a clean pass of its own
+        assert got[0].sparse is None and want[0] is None and result.records[(name, 0)].sparse is None
+        for j in (1, 2):
+            assert got[j].sparse.n_tokens.sum() == split.lengths.sum()
+            for key, value in want[j].arrays().items():
+                np.testing.assert_array_equal(got[j].sparse.arrays()[key], value, err_msg=key)
+                np.testing.assert_array_equal(result.records[(name, j)].sparse.arrays()[key],
+                                              want[j].arrays()[key] if key == "train_active"
+                                              else value[::-1], err_msg=key)
+
+
+def test_large_svd_fits_stream_their_activations_and_agree_with_the_held_fit(tiny_model, rng, monkeypatch):
+    import illusions.activations
+    from illusions.analyses import faithfulness
+    from illusions.registry import make_simplifier
+
+    split = make_split("train", rng, n=40)
+    rows = np.arange(len(split))
+    simplifiers = [make_simplifier("svd", rank=2), make_simplifier("svd", rank=5),
+                   make_simplifier("svd", rank=3, basis="joint"), make_simplifier("kmeans", k=4)]
+    calls = []
+    collect = illusions.activations.collect
+    monkeypatch.setattr(illusions.activations, "collect",
+                        lambda model, tokens, *a, **k: calls.append(len(tokens)) or collect(model, tokens, *a, **k))
+    held = faithfulness.fit_proxies(tiny_model, split, rows, simplifiers, batch_size=8)
+    assert max(calls) == len(rows)  # one collection of every fitting row
+    calls.clear()
+    monkeypatch.setattr(faithfulness, "STREAM_FIT_BYTES", 0)
+    streamed = faithfulness.fit_proxies(tiny_model, split, rows, simplifiers, batch_size=8)
+    assert max(calls) == 8  # batch by batch (and the one-row size probe)
+    for a, b in zip(held[:3], streamed[:3], strict=True):
+        assert a.params == b.params and a.info["n_fitted"] == b.info["n_fitted"]
+        for ha, hb in zip(a.hooks, b.hooks, strict=True):
+            torch.testing.assert_close(hb.mean, ha.mean, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(hb._proj, ha._proj, rtol=0.0, atol=1e-5)  # V V^T: signs cancel
+    # k-means cannot stream: it reads the held activations, the same bits as the held path's.
+    for key, value in held[3].hooks[0].tensors().items():
+        assert torch.equal(streamed[3].hooks[0].tensors()[key], value), key
+
+
 def test_summary_rows_breakdowns_and_json(tiny_model, splits):
     result = analyze(tiny_model, splits, [FakeSimplifier(1.0), FakeSimplifier(0.0)], candidates=None,
                      fit_n=4, seed=0)

@@ -322,6 +322,28 @@ def test_pca_golden():
     torch.testing.assert_close(hook(torch.tensor([[[7.0, 6.0]]])), torch.tensor([[[7.0, 0.0]]]))
 
 
+@pytest.mark.parametrize("centered", [True, False])
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_streamed_scatter_equals_the_held_pca(torch_gen, centered, offset):
+    from illusions.simplifiers.svd import ScatterStats
+
+    # Uneven directions (singular values well apart) and a mean far from the origin.
+    x = torch.randn(3000, 8, generator=torch_gen) * torch.linspace(0.2, 3.0, 8) + offset
+    held = pca(x, centered=centered)
+    stats = ScatterStats(centered=centered)
+    for part in x.split(257):  # batches of uneven size
+        stats.add(part)
+    streamed = stats.fit()
+    assert streamed.n == held.n == 3000
+    torch.testing.assert_close(streamed.mean, held.mean, rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(streamed.singular_values, held.singular_values, rtol=1e-5, atol=1e-5)
+    for rank in (1, 4, 8):
+        p_held = held.basis(rank) @ held.basis(rank).T  # the projection: eigenvector signs may differ
+        p_streamed = streamed.basis(rank) @ streamed.basis(rank).T
+        torch.testing.assert_close(p_streamed, p_held, rtol=0.0, atol=1e-5)
+        assert streamed.explained(rank) == pytest.approx(held.explained(rank), rel=1e-6)
+
+
 def test_kmeans_golden():
     a = torch.tensor([[0.0, 0.0], [0.0, 2.0], [2.0, 0.0], [2.0, 2.0]])
     x = torch.cat([a, a + 10])  # two squares, centres (1, 1) and (11, 11)

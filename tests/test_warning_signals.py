@@ -25,6 +25,7 @@ from illusions.analyses.warning_signals import (
 )
 from illusions.metric_table import WARNING_METRICS
 from illusions.metrics import Resampler
+from illusions.simplifiers.base import Targets
 from illusions.simplifiers.kmeans import CentroidHook, cluster_spread
 from illusions.simplifiers.onehot import OneHot, OneHotPatternHook, hard_attention
 from illusions.simplifiers.svd import SVD
@@ -139,6 +140,23 @@ def test_thresholds_are_the_fitting_quantile_and_rows_cover_every_split(tiny_dyc
     assert {r["metric"] for r in rows} == set(WARNING_METRICS)
     pooled = next(r for r in rows if r["split"] == POOLED and r["metric"] == "warning_flagged_share")
     assert pooled["n_positions"] == sum(len(result.records[(s, 0)]) for s in ("iid", "unseen_depth"))
+
+
+def test_calibration_stops_after_the_proxys_last_block(tiny_dyck, monkeypatch):
+    import illusions.activations
+
+    model, task = tiny_dyck.model, tiny_dyck.task
+    splits = task.splits()
+    rows = np.arange(30)
+    proxy = fit_proxies(model, splits["train"], rows, [SVD(rank=2, targets=Targets(layers=(0,)))])[0]
+    ran: list[str] = []
+    monkeypatch.setattr(model.unembed, "forward", lambda x: ran.append("unembed") or x)
+    monkeypatch.setattr(model.blocks[1], "forward", lambda x, **kw: ran.append("block 1") or x)
+    stopped = calibrate(model, splits["train"], rows, [proxy])[0].info[THRESHOLDS]
+    assert ran == []  # neither the later block nor the unembedding ran
+    monkeypatch.undo()
+    monkeypatch.setattr(illusions.activations, "stop_layer", lambda model, names: None)  # the whole model
+    assert calibrate(model, splits["train"], rows, [proxy])[0].info[THRESHOLDS] == stopped
 
 
 def test_no_rows_for_a_proxy_without_signals():

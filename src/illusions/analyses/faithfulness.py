@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from illusions.analyses.sparse import sparse_stats
+from illusions.analyses.sparse import CleanPassStats
 from illusions.errors import IllusionsError
 from illusions.metric_table import POSITION_METRICS
 from illusions.metrics import js_divergence, kl_divergence_chunked
@@ -186,10 +186,8 @@ def analyze(
             progress(name, i, len(eval_splits))
         evaluated = evaluate_split(model, splits[name], split_rows[name], proxies, candidates=candidates,
                                    batch_size=batch_size, token_budget=token_budget)
-        # Sparse dictionaries also report their reconstruction and latents on the split.
-        stats = sparse_stats(model, splits[name], split_rows[name], proxies, batch_size=batch_size)
         for j, rec in enumerate(evaluated):
-            records[(name, j)] = rec if stats[j] is None else dataclasses.replace(rec, sparse=stats[j])
+            records[(name, j)] = rec
     if progress:
         progress("done", len(eval_splits), len(eval_splits))
     return AnalysisResult(proxies, _labels(proxies, labels), split_rows, records, fit_rows)
@@ -327,20 +325,16 @@ def fit_proxies(
     batch_size: int = 64,
 ) -> list[Proxy]:
     """Collect activations once for all simplifiers' hook points, then fit each one (``split`` may be
-    None when every simplifier is data-free)."""
+    None when every simplifier is data-free).
+
+    When the collected activations would take more than :data:`STREAM_FIT_BYTES`, simplifiers that
+    can fit from batches (``stream``: svd) take them batch by batch and only the others' are held
+    (:func:`_collect_streamed`); below it every fit reads the held activations, as always.
+    """
     import torch
 
     from illusions.activations import collect
 
-    names = sorted({name for s in simplifiers for name in s.hook_names(model)})
-    acts: dict[str, Any] = {}
-    if names:
-        # Shortest first, so each collection batch is padded only to its own longest row.
-        rows = rows[np.argsort(split.lengths[rows], kind="stable")]
-        tokens = torch.as_tensor(split.tokens[rows, : int(split.lengths[rows].max())])
-        mask = torch.as_tensor(np.arange(tokens.shape[1])[None, :] < split.lengths[rows][:, None])
-        check_fit_memory(model, split, tokens, mask, names)
-        acts = collect(model, tokens, names, mask, batch_size=batch_size)
     # Methods that fit every value of their swept parameter from shared work (``fit_sweep``: one
     # decomposition for all ranks of svd) do so once per group of simplifiers differing only there.
     groups: dict[Any, list[int]] = {}
@@ -351,14 +345,37 @@ def fit_proxies(
             groups.setdefault(dataclasses.replace(s, **{param: neutral}), []).append(i)
         else:
             groups[("one", i)] = [i]
+    names = sorted({name for s in simplifiers for name in s.hook_names(model)})
+    acts: dict[str, Any] = {}
+    streams: dict[int, Any] = {}  # first member of a group -> its stream
+    if names:
+        # Shortest first, so each collection batch is padded only to its own longest row.
+        rows = rows[np.argsort(split.lengths[rows], kind="stable")]
+        tokens = torch.as_tensor(split.tokens[rows, : int(split.lengths[rows].max())])
+        mask = torch.as_tensor(np.arange(tokens.shape[1])[None, :] < split.lengths[rows][:, None])
+        if _can_stream(simplifiers) and collected_bytes(model, tokens, mask, names) > STREAM_FIT_BYTES:
+            streams = {members[0]: simplifiers[members[0]].stream(model) for members in groups.values()
+                       if hasattr(simplifiers[members[0]], "stream")}
+            held = sorted({name for i, s in enumerate(simplifiers) if not _streamed(i, groups, streams)
+                           for name in s.hook_names(model)})
+            if held:
+                check_fit_memory(model, split, tokens, mask, held)
+            acts = _collect_streamed(model, tokens, mask, names, held, list(streams.values()), batch_size)
+        else:
+            check_fit_memory(model, split, tokens, mask, names)
+            acts = collect(model, tokens, names, mask, batch_size=batch_size)
     proxies: dict[int, Proxy] = {}
     for members in groups.values():
         first = simplifiers[members[0]]
+        values = [getattr(simplifiers[j], first.sweep_param) for j in members] if len(members) > 1 else []
+        if members[0] in streams:
+            fitted = streams[members[0]].fit_sweep(values or [getattr(first, first.sweep_param)])
+            proxies.update({j: fitted[getattr(simplifiers[j], first.sweep_param)] for j in members})
+            continue
         mine = {n: acts[n] for n in first.hook_names(model)}
         if len(members) == 1:
             proxies[members[0]] = first.fit(model, mine)
             continue
-        values = [getattr(simplifiers[j], first.sweep_param) for j in members]
         fitted = first.fit_sweep(model, mine, values)
         proxies.update({j: fitted[v] for j, v in zip(members, values, strict=True)})
     out = [proxies[i] for i in range(len(simplifiers))]
@@ -368,6 +385,48 @@ def fit_proxies(
         # copies its tensors across at every call.
         out = [p.to(device) for p in out]
     return out
+
+
+def _can_stream(simplifiers: Sequence[Simplifier]) -> bool:
+    """Whether any simplifier can fit from batches (``stream``)."""
+    return any(hasattr(s, "stream") for s in simplifiers)
+
+
+def _streamed(i: int, groups: dict[Any, list[int]], streams: dict[int, Any]) -> bool:
+    return any(i in members and members[0] in streams for members in groups.values())
+
+
+def collected_bytes(model: LensModel, tokens: Any, mask: Any, names: list[str]) -> int:
+    """Bytes the activations at ``names`` take for the kept positions of ``mask`` (read from one sequence)."""
+    from illusions.activations import collect
+
+    probe = collect(model, tokens[:1], names, mask[:1])
+    return sum(t[0].numel() * t.element_size() for t in probe.values()) * int(mask.sum())
+
+
+def _collect_streamed(model: LensModel, tokens: Any, mask: Any, names: list[str], held: list[str],
+                      streams: list[Any], batch_size: int) -> dict[str, Any]:
+    """Activations at ``names`` collected ``batch_size`` rows at a time: each batch goes to every
+    stream, and only those at ``held`` are kept (joined in row order, as ``collect`` returns them)."""
+    import torch
+
+    from illusions.activations import collect
+
+    kept: dict[str, list[Any]] = {name: [] for name in held}
+    for start in range(0, int(tokens.shape[0]), batch_size):
+        batch = collect(model, tokens[start : start + batch_size], names, mask[start : start + batch_size],
+                        batch_size=batch_size)
+        for stream in streams:
+            stream.add(batch)
+        for name in held:
+            kept[name].append(batch[name])
+    return {name: torch.cat(parts) for name, parts in kept.items()}
+
+
+# Collected fit activations (bytes) above which simplifiers that can fit from batches (svd) stream them
+# (500 sequences of 1,024 tokens at one 768-wide layer's queries and keys are 3.1 GB, held twice while
+# collecting); the bundled tasks' fits (a few MB) always take the held path, bit for bit as before.
+STREAM_FIT_BYTES = 2**30
 
 
 def refine_proxies(
@@ -415,14 +474,20 @@ def evaluate_split(
     (:func:`illusions.backends.runs_from_layer`), runs from the tokens. A hook that never runs in the
     forward pass is an error, not a proxy that agrees with the model everywhere.
     Everything runs on the model's device; only the per-position records come back to the CPU.
+    Sparse dictionaries also get their reconstruction and latent statistics on the split
+    (:attr:`Records.sparse`), read from the same clean pass (:class:`~illusions.analyses.sparse.CleanPassStats`).
     """
     import torch
 
+    from illusions.activations import stop_layer
     from illusions.analyses.warning_signals import SignalCollector
+    from illusions.backends import unembeds_rows
     from illusions.devices import float64_device
 
     device = torch.device(model.cfg.device)
     f64 = float64_device(device)  # KL and JSD are float64: on the CPU for MPS
+    # Stop at the final residual and unembed the scored rows only (no [batch, pos, vocabulary] logits).
+    stop = model.cfg.n_layers if unembeds_rows(model) else None
 
     hook_sets = [hook_names_of(p) for p in proxies]
     starts = [start_layer(model, names) for names in hook_sets]
@@ -432,24 +497,34 @@ def evaluate_split(
         f"blocks.{layer}.attn.hook_pattern" for layer in pattern_layers
     ]
     parts: list[list[dict[str, np.ndarray]]] = [[] for _ in proxies]
+    sparse = CleanPassStats(proxies)  # the dictionaries' statistics, from the clean pass
+    clean_stop = stop if stop_layer(model, sparse.names) is not None else None
+    clean_until = {} if clean_stop is None else {"stop_at_layer": clean_stop}
     # Each proxy's warning signals, read by capture hooks in front of its own during its pass.
     collectors = [SignalCollector(p) for p in proxies]
 
     with torch.inference_mode():
         for batch in iter_batches(split, batch_size, rows=rows, max_tokens=batch_tokens(model, token_budget)):
-            if len(batch.scored) == 0:
+            if len(batch.scored) == 0 and not sparse.names:
                 continue
             tokens = torch.as_tensor(batch.tokens, device=device)
-            logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in cache_names)
+            lengths = split.lengths[batch.rows]
+            with model.hooks(fwd_hooks=sparse.hooks(lengths, tokens.shape[1], device)):
+                out, cache = model.run_with_cache(tokens, names_filter=lambda name: name in cache_names,
+                                                  **clean_until)
+            if sparse.names:
+                sparse.add(batch.rows, lengths)
+            if len(batch.scored) == 0:  # read for the dictionaries only
+                continue
             sc = batch.scored
             seq_t = torch.as_tensor(sc.seq, device=device)
             pos_t = torch.as_tensor(sc.pos, device=device)
-            clean_logits = gather_scored(logits, sc)
-            del logits  # only the scored positions' logits are kept (memory)
+            clean_logits = _scored_logits(model, out, sc, clean_stop)
+            del out  # only the scored positions' logits are kept (memory)
             clean_pred = restricted_argmax(clean_logits, candidates)
             for j, proxy in enumerate(proxies):
                 proxy_logits, captured = _proxy_logits(model, tokens, cache, proxy, hook_sets[j], starts[j],
-                                                       collectors[j].hooks, sc)
+                                                       collectors[j].hooks, sc, stop)
                 jsd = _attention_jsd(cache, captured, proxy, seq_t, pos_t, len(sc), f64)
                 parts[j].append(
                     {
@@ -466,17 +541,36 @@ def evaluate_split(
                         **{f"warn:{k}": v for k, v in collectors[j].gather(seq_t, pos_t).items()},
                     }
                 )
-    return _join_records(parts, split, rows)
+    stats = sparse.result(rows)
+    return [rec if got is None else dataclasses.replace(rec, sparse=got)
+            for rec, got in zip(_join_records(parts, split, rows), stats, strict=True)]
+
+
+def _scored_logits(model: LensModel, out: Any, sc: Any, stop: int | None) -> Any:
+    """``[n, d_vocab_out]`` logits at the scored positions ``sc`` of a forward pass's output: the
+    final residual (``stop`` given) unembedded at those rows only, or the logits gathered there."""
+    from illusions.backends import unembed_rows
+
+    return gather_scored(out, sc) if stop is None else unembed_rows(model, gather_scored(out, sc))
 
 
 def _proxy_logits(model: LensModel, tokens: Any, cache: Any, proxy: Proxy, hook_names: list[str],
-                  start: int | None, signal_hooks: Sequence[Any], sc: Any) -> tuple[Any, dict[int, Any]]:
+                  start: int | None, signal_hooks: Sequence[Any], sc: Any,
+                  stop: int | None = None) -> tuple[Any, dict[int, Any]]:
     """One proxy's forward pass on a batch: its logits at the scored positions ``sc`` and the
     attention patterns of the layers it simplifies.
 
     It runs from the tokens when ``start`` is None, else from a copy of the cached residual stream
-    at block ``start``; a hook of ``hook_names`` that never ran is an error.
+    at block ``start``; a hook of ``hook_names`` that never ran is an error. Given ``stop``
+    (``n_layers``), the pass ends at the final residual and only the scored rows are unembedded,
+    unless a hook lies after the blocks (``ln_final.*``, ``unembed.*``), which then needs the whole
+    output head to run inside the pass.
     """
+    from illusions.activations import stop_layer
+
+    if stop is not None and stop_layer(model, [name for name, _ in [*signal_hooks, *proxy.fwd_hooks]]) is None:
+        stop = None
+    until = {} if stop is None else {"stop_at_layer": stop}
     captured: dict[int, Any] = {}
     layers = sorted({layer for layer, _ in proxy.heads})
     capture_hooks = [
@@ -485,18 +579,18 @@ def _proxy_logits(model: LensModel, tokens: Any, cache: Any, proxy: Proxy, hook_
     fired: set[str] = set()
     hooks = [*signal_hooks, *proxy.fwd_hooks, *((n, _mark(fired, n)) for n in hook_names), *capture_hooks]
     if start is None:
-        proxy_logits_full = model.run_with_hooks(tokens, fwd_hooks=hooks)
+        out = model.run_with_hooks(tokens, fwd_hooks=hooks, **until)
     else:
         # A copy: a hook that edits its input in place must not reach the cache that
         # the other proxies start from.
         resid = cache[f"blocks.{start}.hook_resid_pre"].clone()
-        proxy_logits_full = model.run_with_hooks(resid, start_at_layer=start, fwd_hooks=hooks)
+        out = model.run_with_hooks(resid, start_at_layer=start, fwd_hooks=hooks, **until)
     silent = [n for n in hook_names if n not in fired]
     if silent:
         raise IllusionsError(f"hook(s) {', '.join(silent)} never ran in a forward pass of this model "
                              "(a hook point this configuration does not use), so the proxy would "
                              "agree with the model everywhere")
-    return gather_scored(proxy_logits_full, sc), captured
+    return _scored_logits(model, out, sc, stop), captured
 
 
 def _attention_jsd(cache: Any, captured: dict[int, Any], proxy: Proxy, seq_t: Any, pos_t: Any, n: int,
@@ -557,9 +651,11 @@ TOKEN_BUDGET = 16384
 # Logits (batch tokens x vocabulary) per batch at most: 2**24 float32 logits are 64 MB per tensor, and the
 # evaluation holds about three (the clean and proxy logits at scored positions, the proxy pass's output).
 LOGIT_BUDGET = 2**24
-# Scored positions x vocabulary per float64 KL chunk: 2**21 logits are 16 MB per float64 copy, and the
-# KL holds about five (2**24, the whole batch at a 4,096 vocabulary, took the evaluation from 0.15 to 1.1 GB).
-KL_CHUNK = 2**21
+# Scored positions x vocabulary per float64 KL chunk: 2**19 logits are 4 MB per float64 copy, and the
+# KL holds about five (2**24, the whole batch at a 4,096 vocabulary, took the evaluation from 0.15 to 1.1 GB;
+# 2**21 left 32 MB more than 2**19 at 4 x 256, 64 rows of 64). Rows are computed alone: any chunk gives the
+# same bits, and the bundled tasks' 43-token vocabulary keeps whole batches in one chunk.
+KL_CHUNK = 2**19
 
 
 def batch_tokens(model: LensModel, token_budget: int | None = None) -> int:

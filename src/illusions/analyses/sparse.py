@@ -1,8 +1,8 @@
 """Per-split statistics of sparse dictionary proxies (``sae``, ``transcoder``), with bootstrap intervals.
 
-For every evaluated sequence of a split, the clean model is run (up to the dictionaries' layers) and
-each dictionary of the proxy encodes the activation it replaces (a transcoder: the MLP's input, with
-the MLP's output as target ``x``). Over the non-PAD token positions ``t`` of the split (every position
+For every evaluated sequence of a split, each dictionary of the proxy encodes the clean activation it
+replaces (a transcoder: the MLP's input, with the MLP's output as target ``x``), read during the
+evaluation's own clean pass (:class:`CleanPassStats`). Over the non-PAD token positions ``t`` of the split (every position
 the proxy acts on, not only the scored ones), with ``x_hat`` the dictionary's output and ``c`` its
 codes; ``T`` is every such position but each sequence's first (position 0: the BOS token, or the first
 token where the tokenizer adds none), ``A`` every one:
@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from illusions.errors import IllusionsError
 from illusions.metric_table import DICTIONARY_METRICS, FIRST_SKIPPED_METRICS
 
 if TYPE_CHECKING:
@@ -144,7 +145,8 @@ def sparse_stats(
     *,
     batch_size: int = 64,
 ) -> list[SparseStats | None]:
-    """:class:`SparseStats` of each proxy on ``rows`` of ``split`` (None for proxies without dictionaries)."""
+    """:class:`SparseStats` of each proxy on ``rows`` of ``split`` (None for proxies without dictionaries),
+    from a clean pass of its own (the engine gathers them from the evaluation's: :class:`CleanPassStats`)."""
     import torch
 
     from illusions.activations import collect
@@ -157,6 +159,67 @@ def sparse_stats(
     tokens = torch.as_tensor(split.tokens[rows, : int(lengths.max())])
     acts = collect(model, tokens, names, torch.as_tensor(lengths), batch_size=batch_size)  # row-major
     return [stats_of(group, acts, lengths) if group else None for group in hooks]
+
+
+class CleanPassStats:
+    """:class:`SparseStats` gathered from the evaluation's own clean pass, batch by batch, so the split
+    is not run a second time (:func:`sparse_stats` does that, and gives the same numbers when its
+    batches are the evaluation's: the bundled tasks' always are).
+
+    Put :meth:`hooks` on each batch's clean forward pass, call :meth:`add` after it, and
+    :meth:`result` once every batch has run.
+    """
+
+    def __init__(self, proxies: Sequence[Proxy]) -> None:
+        self.groups = [dictionary_hooks(p) for p in proxies]
+        self.names = sorted({name for group in self.groups for h in group for name in h.stat_names})
+        self._captured: dict[str, Any] = {}
+        self._parts: list[tuple[np.ndarray, list[SparseStats | None]]] = []
+
+    def hooks(self, lengths: np.ndarray, width: int, device: Any) -> list[tuple[str, Any]]:
+        """Capture hooks for one batch of rows of ``lengths``, padded to ``width``: each keeps the
+        non-PAD positions of its activation in ``collect``'s row-major layout, keyed by the name
+        asked for (as :func:`illusions.activations.collect` does)."""
+        import torch
+
+        keep = torch.as_tensor(np.arange(width)[None, :] < np.asarray(lengths)[:, None], device=device)
+
+        def capture(name: str) -> Any:
+            def hook(activation: Any, hook: Any) -> None:
+                self._captured[name] = activation.detach()[keep]  # [n_batch, ...]
+
+            return hook
+
+        return [(name, capture(name)) for name in self.names]
+
+    def add(self, rows: np.ndarray, lengths: np.ndarray) -> None:
+        """The statistics of the batch of split ``rows`` whose clean pass just ran."""
+        missing = [name for name in self.names if name not in self._captured]
+        if missing:
+            raise IllusionsError(f"hook(s) {', '.join(missing)} did not run in this model's forward pass")
+        acts, self._captured = self._captured, {}
+        self._parts.append((np.asarray(rows), [stats_of(g, acts, lengths) if g else None for g in self.groups]))
+
+    def result(self, rows: np.ndarray) -> list[SparseStats | None]:
+        """Each proxy's :class:`SparseStats` over ``rows`` (in that order; None without dictionaries)."""
+        if not self.names or not self._parts:
+            return [None] * len(self.groups)
+        done = np.concatenate([part_rows for part_rows, _ in self._parts])
+        sorter = np.argsort(rows, kind="stable")
+        where = sorter[np.searchsorted(rows, done, sorter=sorter)]  # [S]: place of each batch row in rows
+        out: list[SparseStats | None] = []
+        for j, group in enumerate(self.groups):
+            if not group:
+                out.append(None)
+                continue
+            parts = [stats[j] for _, stats in self._parts]
+            fields = {}
+            for f in FIELDS[:-1]:  # per-sequence arrays, batch after batch, put back in the order of rows
+                joined = np.concatenate([getattr(p, f) for p in parts])
+                fields[f] = np.empty_like(joined)
+                fields[f][where] = joined
+            out.append(SparseStats(**fields, train_active=parts[0].train_active))
+        return out
 
 
 def stats_of(hooks: Sequence[Any], acts: dict[str, Any], lengths: np.ndarray) -> SparseStats:

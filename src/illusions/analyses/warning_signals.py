@@ -110,6 +110,7 @@ def calibrate(
     sequences) in ``info["warning_thresholds"]``; proxies without signals are returned unchanged."""
     import torch
 
+    from illusions.activations import stop_layer
     from illusions.scoring import iter_batches
 
     device = torch.device(model.cfg.device)
@@ -119,13 +120,18 @@ def calibrate(
         if not collector.sites:
             out.append(proxy)
             continue
+        hooks = collector.hooks + list(proxy.fwd_hooks)
+        # The signals are read at the proxy's hooks: the pass ends after the deepest block they are in
+        # (no logits; a hook after the blocks runs the whole model).
+        stop = stop_layer(model, [name for name, _ in hooks])
+        until = {} if stop is None else {"stop_at_layer": stop}
         seen: dict[str, list[np.ndarray]] = {}
         with torch.inference_mode():
             for batch in iter_batches(split, batch_size, rows=rows):
                 if len(batch.scored) == 0:
                     continue
                 tokens = torch.as_tensor(batch.tokens, device=device)
-                model.run_with_hooks(tokens, fwd_hooks=collector.hooks + list(proxy.fwd_hooks))
+                model.run_with_hooks(tokens, fwd_hooks=hooks, **until)
                 sc = batch.scored
                 got = collector.gather(torch.as_tensor(sc.seq, device=device), torch.as_tensor(sc.pos, device=device))
                 for name, value in got.items():

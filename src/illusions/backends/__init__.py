@@ -118,3 +118,33 @@ def runs_from_layer(model: LensModel) -> bool:
     except TypeError:  # not weak-referenceable: probe again next time
         pass
     return ok
+
+
+def unembeds_rows(model: LensModel) -> bool:
+    """Whether the engine may stop ``model``'s forward pass at the final residual
+    (``stop_at_layer=n_layers``) and apply the final norm and unembedding to chosen rows only
+    (:func:`unembed_rows`).
+
+    True for a ``HookedTransformer``, whose ``forward`` ends with exactly those two modules (and the
+    logit soft cap); False for a ``TransformerBridge``, whose output head is the wrapped Hugging Face
+    module, so the engine computes its logits everywhere and gathers them.
+    """
+    if uses_bridge():
+        return False
+    from transformer_lens import HookedTransformer
+
+    return isinstance(model, HookedTransformer)
+
+
+def unembed_rows(model: LensModel, resid: Any) -> Any:
+    """``[n, d_vocab_out]`` logits of ``[n, d_model]`` final-residual rows: what
+    ``HookedTransformer.forward`` computes at those positions after its last block (final norm,
+    unembedding, soft cap), row by row, so a logit is the same whether or not the other positions
+    were unembedded too (only when :func:`unembeds_rows`)."""
+    from transformer_lens.utilities import apply_softcap
+
+    x = resid[None]  # [1, n, d_model]: the [batch, pos, d_model] shape the modules take
+    if model.cfg.normalization_type is not None:
+        x = model.ln_final(x)  # type: ignore[attr-defined]
+    logits = apply_softcap(model.unembed(x), model.cfg.output_logits_soft_cap)  # type: ignore[attr-defined]
+    return logits[0]

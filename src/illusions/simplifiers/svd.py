@@ -97,13 +97,66 @@ def pca(x: Float[Tensor, "n d"], *, centered: bool = True) -> PCAFit:
     for start in range(0, n, _CHUNK):
         chunk = x[start : start + _CHUNK].to(device, torch.float64) - mean
         scatter += chunk.T @ chunk
+    return _decompose(scatter, mean, n, x)
+
+
+class ScatterStats:
+    """:func:`pca` streamed: the float64 sum and scatter matrix of ``[n, d]`` vectors given batch by
+    batch, so the vectors need never be held together.
+
+    The sums are taken about a shift ``c`` (the first batch's mean): with ``y = x - c``,
+    ``mu = c + sum(y) / n`` and the centred scatter ``sum (x - mu)(x - mu)^T = sum y y^T - n (mu - c)(mu - c)^T``,
+    which keeps the cancellation small while ``c`` is near the mean. The result equals :func:`pca`'s
+    up to float64 rounding (the sums are grouped differently), not bit for bit; the engine streams
+    only fits too large to hold (:data:`illusions.analyses.faithfulness.STREAM_FIT_BYTES`).
+    """
+
+    def __init__(self, *, centered: bool = True) -> None:
+        self.centered = centered
+        self.n = 0
+        self.shift: Tensor | None = None
+        self.total: Tensor | None = None
+        self.scatter: Tensor | None = None
+        self.like: Tensor | None = None
+
+    def add(self, x: Float[Tensor, "n d"]) -> None:
+        from illusions.devices import float64_device
+
+        if x.ndim != 2 or x.shape[0] == 0:
+            return
+        device = float64_device(x.device)
+        if self.shift is None:
+            d = x.shape[1]
+            first = x.to(device, torch.float64)
+            self.shift = first.mean(0) if self.centered else torch.zeros(d, dtype=torch.float64, device=device)
+            self.total = torch.zeros(d, dtype=torch.float64, device=device)
+            self.scatter = torch.zeros(d, d, dtype=torch.float64, device=device)
+            self.like = x[:0]
+        for start in range(0, x.shape[0], _CHUNK):
+            chunk = x[start : start + _CHUNK].to(device, torch.float64) - self.shift
+            self.total += chunk.sum(0)
+            self.scatter += chunk.T @ chunk
+        self.n += int(x.shape[0])
+
+    def fit(self) -> PCAFit:
+        """The :class:`PCAFit` of every vector added so far."""
+        if self.n == 0 or self.scatter is None:
+            raise IllusionsError("cannot fit on 0 activations: need at least one vector")
+        offset = self.total / self.n  # [d] mu - c
+        scatter = self.scatter - self.n * torch.outer(offset, offset) if self.centered else self.scatter
+        return _decompose(scatter, self.shift + offset if self.centered else self.shift, self.n, self.like)
+
+
+def _decompose(scatter: Tensor, mean: Tensor, n: int, like: Tensor) -> PCAFit:
+    """The :class:`PCAFit` of a float64 scatter matrix and mean, float32 on ``like``'s device."""
+    d = scatter.shape[0]
     eigvals, eigvecs = torch.linalg.eigh(scatter)  # ascending
-    order = torch.arange(d - 1, -1, -1, device=device)
+    order = torch.arange(d - 1, -1, -1, device=scatter.device)
     singular = eigvals[order].clamp_min(0).sqrt()
     return PCAFit(
-        mean=mean.to(x.device, torch.float32),
-        singular_values=singular.to(x.device, torch.float32),
-        components=eigvecs[:, order].to(x.device, torch.float32).contiguous(),
+        mean=mean.to(like.device, torch.float32),
+        singular_values=singular.to(like.device, torch.float32),
+        components=eigvecs[:, order].to(like.device, torch.float32).contiguous(),
         n=int(n),
     )
 
@@ -237,6 +290,15 @@ class SVD(SimplifierConfig):
                         name = qk_hook_name(layer, side)
                         fits[(name, head)] = pca(require(activations, name, self.name)[:, head],
                                                  centered=self.centered)
+        return self._proxies(model, fits, ranks)
+
+    def stream(self, model: LensModel) -> SVDStream:
+        """A :class:`SVDStream` that fits this simplifier from activations given batch by batch."""
+        return SVDStream(self, model)
+
+    def _proxies(self, model: LensModel, fits: dict[tuple[str, int], PCAFit], ranks: list[int]) -> dict[int, Proxy]:
+        """``{rank: proxy}`` from the decomposition of each (hook, head)."""
+        targets = self.targets.resolve(model)
         names = [qk_hook_name(layer, side) for layer in targets.layers for side in targets.qk]
         heads = [(layer, head) for layer in targets.layers for head in targets.heads]
         out = {}
@@ -262,3 +324,38 @@ class SVD(SimplifierConfig):
                 info={"n_fitted": fits[(names[0], targets.heads[0])].n, "explained_variance": explained},
             )
         return out
+
+
+class SVDStream:
+    """:meth:`SVD.fit_sweep` from activations given batch by batch (:meth:`add`, each batch in
+    ``collect``'s layout), holding one :class:`ScatterStats` per head and hook instead of the
+    activations; :meth:`fit_sweep` then decomposes. Equal to the held fit up to float64 rounding."""
+
+    def __init__(self, config: SVD, model: LensModel) -> None:
+        self.config = config
+        self.model = model
+        targets = config.targets.resolve(model)
+        self.keys = [(layer, head, side) for layer in targets.layers for head in targets.heads
+                     for side in (("joint",) if config.basis == "joint" else targets.qk)]
+        self.stats = {key: ScatterStats(centered=config.centered) for key in self.keys}
+
+    def add(self, activations: dict[str, Tensor]) -> None:
+        for layer, head, side in self.keys:
+            if side == "joint":  # queries then keys of the batch, as the held fit stacks them
+                for part in ("q", "k"):
+                    self.stats[(layer, head, side)].add(
+                        require(activations, qk_hook_name(layer, part), self.config.name)[:, head])
+            else:
+                self.stats[(layer, head, side)].add(
+                    require(activations, qk_hook_name(layer, side), self.config.name)[:, head])
+
+    def fit_sweep(self, ranks: list[int]) -> dict[int, Proxy]:
+        ranks = list(dict.fromkeys(ranks))
+        self.config._check_rank(self.model, ranks)
+        targets = self.config.targets.resolve(self.model)
+        fits: dict[tuple[str, int], PCAFit] = {}
+        for layer, head, side in self.keys:
+            fit = self.stats[(layer, head, side)].fit()
+            for s in (targets.qk if side == "joint" else (side,)):
+                fits[(qk_hook_name(layer, s), head)] = fit
+        return self.config._proxies(self.model, fits, ranks)
