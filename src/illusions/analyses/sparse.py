@@ -214,7 +214,8 @@ class CleanPassStats:
                 continue
             parts = [stats[j] for _, stats in self._parts]
             fields = {}
-            for f in FIELDS[:-1]:  # per-sequence arrays, batch after batch, put back in the order of rows
+            for f in (f for f in FIELDS if f != "train_active"):  # per-sequence arrays, batch after batch,
+                # put back in the order of rows
                 joined = np.concatenate([getattr(p, f) for p in parts])
                 fields[f] = np.empty_like(joined)
                 fields[f][where] = joined
