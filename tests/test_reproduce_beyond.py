@@ -40,13 +40,14 @@ def test_beyond_claims_are_judged_on_their_recipes_and_render(runs):
     assert verdict in ("reproduced", "partly", "not reproduced")
     assert "signals reach AUROC >= 0.8" in text and "offspace_q" in text and "offspace_k" in text
     verdict, text = judge(circuit, found)
-    assert verdict in ("reproduced", "partly", "not reproduced") and "`dyck-circuit`" in text
+    assert verdict in ("reproduced", "partly", "not reproduced", "not judged") and "`dyck-circuit`" in text
     # the pooled warning rows are no split of their own
     assert found["dyck-warnings-L1"].splits() == ["iid", "unseen_depth", "seen_struct"]
     doc = render(found, loaded, manifest=manifest, figures={})
     for claim in (warnings, circuit):
         row = next(line for line in doc.splitlines() if line.startswith(f"| {claim_number(claim.key)} |"))
-        assert "*(beyond the paper)*" in row and any(v in row for v in ("**holds**", "**partly**", "**does not hold**"))
+        assert "*(beyond the paper)*" in row and any(
+            v in row for v in ("**holds**", "**partly**", "**does not hold**", "**not judged**"))
 
 
 def _rows(seed_values, metric, group_by, group, split):
@@ -76,7 +77,7 @@ def test_warning_claim_asks_every_seed(values, verdict):
 def test_circuit_claim_fails_when_the_circuit_drops_in_every_seed_and_holds_when_it_does_not():
     def runs(gap, control=None, iid_values=(0.99, 0.98)):
         iid = _rows(iid_values, "agreement", "all", "all", "iid")
-        ood = _rows((0.99 + gap[0], 0.98 + gap[0]), "agreement", "all", "all", "unseen_depth")
+        ood = _rows(tuple(v + gap[0] for v in iid_values), "agreement", "all", "all", "unseen_depth")
         for seed in ood:
             ood[seed][0].update(gap_vs_matched=gap[0], gap_vs_matched_low=gap[1], gap_vs_matched_high=gap[2],
                                 gap_vs_ref=gap[0], gap_vs_ref_low=gap[1], gap_vs_ref_high=gap[2])
@@ -96,3 +97,6 @@ def test_circuit_claim_fails_when_the_circuit_drops_in_every_seed_and_holds_when
     # The gate asks every seed, not the mean: 0.99 and 0.93 average 0.96 but fail it.
     verdict, text = judge_circuit([runs((0.0, -0.02, 0.02), iid_values=(0.99, 0.93))])
     assert verdict == "not reproduced" and "not faithful in distribution" in text
+    # A search that could prune nothing leaves the model itself: no evidence either way.
+    verdict, text = judge_circuit([runs((0.0, 0.0, 0.0), iid_values=(1.0, 1.0))])
+    assert verdict == "not judged" and "the circuit is the whole model" in text

@@ -597,7 +597,8 @@ def judge_circuit(all_runs: Sequence[RecipeRuns]) -> tuple[str, str]:
     (the circuit holds) when every gated circuit drops nowhere and no gap is negative in any seed,
     *partly* when some gap is negative only in some seeds, only against one control or only before
     matching, *not reproduced* when some cell drops; *not reproduced* too when a circuit fails the
-    gate (the question does not arise)."""
+    gate. A search that kept every component (the circuit is the model: agreement 1 everywhere) asks
+    nothing and is left out; with no circuit left the claim is *not judged*."""
     verdicts, texts = [], []
     for runs in all_runs:
         proxy = runs.proxies()[0]
@@ -606,6 +607,11 @@ def judge_circuit(all_runs: Sequence[RecipeRuns]) -> tuple[str, str]:
             verdicts.append("not reproduced")
             texts.append(f"`{runs.name}`: not faithful in distribution (iid agreement {iid.fmt()}, "
                          f"below {FAITHFUL_IID} in some seed)")
+            continue
+        if runs.is_model(proxy):
+            # Nothing could be pruned: the circuit is the model itself, so the question does not arise.
+            texts.append(f"`{runs.name}`: the search kept every component in every seed (agreement 1 on "
+                         "every split): the circuit is the whole model, so it asks nothing here")
             continue
         strict = runs.has_control()
         dropped, some = [], []
@@ -628,4 +634,6 @@ def judge_circuit(all_runs: Sequence[RecipeRuns]) -> tuple[str, str]:
                      + (f"; below 0 only in some seeds or against one control on: "
                         f"{', '.join(f'`{n}`' for n in some)}" if some else ""))
     order = ("not reproduced", "partly", "reproduced")  # the claim holds only where every circuit does
+    if not verdicts:
+        return "not judged", "; ".join(texts)
     return min(verdicts, key=order.index), "; ".join(texts)
