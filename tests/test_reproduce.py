@@ -245,7 +245,9 @@ def test_sparse_dictionary_recipe_feeds_its_claims_and_tables(env, tmp_path):
 
     verdict, text = judge(next(c for c in ALL if c.key == "sae_predicts"), one)
     assert verdict == "not run" and "several dictionaries per width" in text
-    assert "| split | explained variance | normalised MSE | L0 (active latents) | dead latents | latents new vs fit data |" in doc
+    assert ("| split | explained variance | explained variance, first position pooled in | normalised MSE | "
+            "normalised MSE, first position pooled in | MSE per token | L0 (active latents) | dead latents | "
+            "latents new vs fit data |") in doc
     assert "iid explained var" in doc
     # Reused as they are: the spec a run records reads back equal.
     assert all(is_current(job) for job in jobs)

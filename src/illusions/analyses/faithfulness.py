@@ -290,21 +290,21 @@ def start_layer(model: LensModel, hook_names: Sequence[str]) -> int | None:
     return min(layers) if runs_from_layer(model) else None  # type: ignore[type-var]
 
 
-def check_fit_memory(model: LensModel, split: Split, tokens: Any, mask: Any, names: list[str]) -> None:
+def check_fit_memory(model: LensModel, split: Split, tokens: Any, mask: Any, names: list[str],
+                     sizes: dict[str, int]) -> None:
     """Refuse a fit whose collected activations cannot fit in memory, before collecting them.
 
-    The bytes a position takes at the hook points are read from one sequence; collecting holds the
+    ``sizes`` holds the bytes a position takes at each hook point (:func:`position_bytes`, read from
+    one sequence, shared with the decision to stream); collecting holds the
     batches and their concatenation (twice the activations), which must fit in the model device's
     whole memory (:func:`illusions.devices.memory_bytes`).
     """
-    from illusions.activations import collect
     from illusions.devices import gigabytes, memory_bytes
 
     have = memory_bytes(model.cfg.device)
     if have is None:
         return
-    probe = collect(model, tokens[:1], names, mask[:1])
-    per_position = sum(t[0].numel() * t.element_size() for t in probe.values())
+    per_position = sum(sizes[name] for name in names)
     lengths = mask.sum(dim=1)  # [batch]
     need = 2 * per_position * int(lengths.sum())
     if need <= have:
@@ -353,16 +353,17 @@ def fit_proxies(
         rows = rows[np.argsort(split.lengths[rows], kind="stable")]
         tokens = torch.as_tensor(split.tokens[rows, : int(split.lengths[rows].max())])
         mask = torch.as_tensor(np.arange(tokens.shape[1])[None, :] < split.lengths[rows][:, None])
-        if _can_stream(simplifiers) and collected_bytes(model, tokens, mask, names) > STREAM_FIT_BYTES:
+        sizes = position_bytes(model, tokens, mask, names)
+        if _can_stream(simplifiers) and sum(sizes.values()) * int(mask.sum()) > STREAM_FIT_BYTES:
             streams = {members[0]: simplifiers[members[0]].stream(model) for members in groups.values()
                        if hasattr(simplifiers[members[0]], "stream")}
             held = sorted({name for i, s in enumerate(simplifiers) if not _streamed(i, groups, streams)
                            for name in s.hook_names(model)})
             if held:
-                check_fit_memory(model, split, tokens, mask, held)
+                check_fit_memory(model, split, tokens, mask, held, sizes)
             acts = _collect_streamed(model, tokens, mask, names, held, list(streams.values()), batch_size)
         else:
-            check_fit_memory(model, split, tokens, mask, names)
+            check_fit_memory(model, split, tokens, mask, names, sizes)
             acts = collect(model, tokens, names, mask, batch_size=batch_size)
     proxies: dict[int, Proxy] = {}
     for members in groups.values():
@@ -396,12 +397,13 @@ def _streamed(i: int, groups: dict[Any, list[int]], streams: dict[int, Any]) -> 
     return any(i in members and members[0] in streams for members in groups.values())
 
 
-def collected_bytes(model: LensModel, tokens: Any, mask: Any, names: list[str]) -> int:
-    """Bytes the activations at ``names`` take for the kept positions of ``mask`` (read from one sequence)."""
+def position_bytes(model: LensModel, tokens: Any, mask: Any, names: list[str]) -> dict[str, int]:
+    """Bytes one position's activation takes at each of ``names``, read from one collected sequence
+    (the one probe the fit's memory checks share)."""
     from illusions.activations import collect
 
     probe = collect(model, tokens[:1], names, mask[:1])
-    return sum(t[0].numel() * t.element_size() for t in probe.values()) * int(mask.sum())
+    return {name: t[0].numel() * t.element_size() for name, t in probe.items()}
 
 
 def _collect_streamed(model: LensModel, tokens: Any, mask: Any, names: list[str], held: list[str],
