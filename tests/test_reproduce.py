@@ -74,6 +74,21 @@ def test_the_shipped_plan_names_bundled_checkpoints_not_where_the_package_lies(t
     assert is_current(job)
 
 
+def test_a_recipe_counting_layers_from_the_end_plans_the_index_its_runs_record(env, tmp_path):
+    # layers = [-1] is resolved against each checkpoint in the plan, as the run writes it into
+    # config.json, so the finished run is reused (it never was while the plan kept -1).
+    _, assets, recipes = env
+    last = tmp_path / "recipes"
+    last.mkdir()
+    (last / "dyck-svd-last.toml").write_text(
+        'name = "dyck-svd-last"\ndescription = "d"\nclaim = "c"\n[analysis]\ntask = "dyck"\n'
+        'simplifier = "svd"\nranks = [1]\nlayers = [-1]\n' + COMMON)
+    jobs = plan(load_recipes(last), tmp_path / "out", seeds=[0], assets=assets)
+    assert [j.spec.layers for j in jobs] == [(1,)]
+    run_all(jobs, tmp_path / "out", report=False)
+    assert is_current(jobs[0])
+
+
 def test_runs_are_reused_results_come_from_the_runs(env, tmp_path):
     _, assets, recipes = env
     loaded = load_recipes(recipes)

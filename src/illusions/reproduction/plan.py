@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from illusions.analyses.run import AnalysisRecipe, load_analysis_recipe
+from illusions.analyses.run import AnalysisRecipe, load_analysis_recipe, resolve_spec_layers
 from illusions.bundled import ASSETS, bundled_model_dir, catalogue, family_checkpoints, family_seeds
 from illusions.errors import IllusionsError
 
@@ -173,7 +173,12 @@ def plan(
                 fitted = spec if spec.model else fit_sweep_to_model(spec, available[seed])
                 if fitted is None:
                     continue
-                jobs.append(Job(recipe, seed, dataclasses.replace(fitted, model=model),
+                job_spec = dataclasses.replace(fitted, model=model)
+                if any(layer < 0 for layer in job_spec.layers):
+                    # Layers from the end (-1) become this checkpoint's indices, as the run records
+                    # them, so a finished run of the recipe counts as current.
+                    job_spec = resolve_spec_layers(job_spec)
+                jobs.append(Job(recipe, seed, job_spec,
                                 Path(out) / run_folder(recipe.name, family, seed, spec.task), family))
     unknown = [f for f in families or () if f not in matched_families]
     if unknown:
