@@ -29,16 +29,14 @@ def seed_models(task: str, assets: Path = ASSETS) -> dict[int, Path]:
     return dict(sorted(family_seeds(task, assets).items()))
 
 
-def _model_reference(family: str, seed: int, task: str, folder: Path, assets: Path) -> str:
+def _model_reference(family: str, seed: int, task: str, folder: Path, names: dict[tuple[str, int], str]) -> str:
     """How a job's spec names a bundled checkpoint: ``""`` for the task's reference model, else its
-    catalogue name (``dyck:seed1``, ``dyck-paperlike``), so a run's spec does not depend on where the
-    package lies and runs stay reusable from another checkout or install; a folder outside the
-    package's own assets (tests pass their own) by its path."""
-    if Path(assets) != ASSETS:
+    catalogue name (``dyck:seed1``, ``dyck-paperlike``; ``names``: by family and seed), so a run's spec
+    does not depend on where the package lies and runs stay reusable from another checkout or install;
+    a folder outside the package's own assets (tests pass their own; ``names`` empty) by its path."""
+    if not names:
         return str(folder)
-    if seed == 0 and family == task:
-        return ""
-    return next(m.name for m in catalogue(assets).values() if m.family == family and m.seed == seed)
+    return "" if seed == 0 and family == task else names[family, seed]
 
 
 def task_families(task: str, assets: Path = ASSETS) -> list[str]:
@@ -132,6 +130,8 @@ def plan(
     """
     jobs = []
     models: dict[str, dict[int, Path]] = {}
+    # The package's own checkpoints go into specs by catalogue name (read once here).
+    bundled_names = {(m.family, m.seed): m.name for m in catalogue(assets).values()} if Path(assets) == ASSETS else {}
     matched_families: set[str] = set()
     for recipe in recipes:
         spec = recipe.spec
@@ -168,7 +168,7 @@ def plan(
                 raise IllusionsError(f"no checkpoint of task {spec.task!r} for seed(s) "
                                      f"{', '.join(str(s) for s in seeds)}; shipped seeds: {have}")
             for seed in wanted:
-                model = spec.model if spec.model else _model_reference(family, seed, spec.task, available[seed], assets)
+                model = spec.model if spec.model else _model_reference(family, seed, spec.task, available[seed], bundled_names)
                 # A recipe's own model is taken as it is (a rank it cannot take is an error there).
                 fitted = spec if spec.model else fit_sweep_to_model(spec, available[seed])
                 if fitted is None:
