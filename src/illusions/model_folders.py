@@ -363,6 +363,19 @@ def _gpt2_fields(hf: Any, arch: str) -> dict[str, Any]:
     }
 
 
+def _rotary_fields(hf: Any, arch: str, d_head: int, rotary_dim: int, eps: float) -> dict[str, Any]:
+    """The fields GPT-NeoX and Llama configs give alike: sizes, context (capped at
+    :data:`ROTARY_MAX_CTX`), activation and rotary positions (halves, not adjacent pairs)."""
+    return {
+        "d_model": hf.hidden_size, "n_heads": hf.num_attention_heads, "d_head": d_head,
+        "d_mlp": hf.intermediate_size, "n_layers": hf.num_hidden_layers,
+        "n_ctx": min(hf.max_position_embeddings, ROTARY_MAX_CTX), "eps": eps,
+        "d_vocab": hf.vocab_size, "act_fn": hf.hidden_act,
+        "positional_embedding_type": "rotary", "rotary_adjacent_pairs": False,
+        "rotary_dim": rotary_dim, "rotary_base": _rope_theta(hf, arch),
+    }
+
+
 def _neox_fields(hf: Any, arch: str) -> dict[str, Any]:
     """The ``HookedTransformerConfig`` fields of a GPT-NeoX config."""
     from transformer_lens.utilities.hf_utils import get_rotary_pct_from_config
@@ -374,13 +387,8 @@ def _neox_fields(hf: Any, arch: str) -> dict[str, Any]:
     if not (isinstance(rotary, int | float) and rotary >= 2 and float(rotary).is_integer() and int(rotary) % 2 == 0):
         raise _unconvertible(arch, f"a rotary width of {rotary} (rotary_pct x head width), not an even whole number")
     return {
-        "d_model": hf.hidden_size, "n_heads": hf.num_attention_heads, "d_head": d_head,
-        "d_mlp": hf.intermediate_size, "n_layers": hf.num_hidden_layers,
-        "n_ctx": min(hf.max_position_embeddings, ROTARY_MAX_CTX), "eps": hf.layer_norm_eps,
-        "d_vocab": hf.vocab_size, "act_fn": hf.hidden_act,
+        **_rotary_fields(hf, arch, d_head, int(rotary), hf.layer_norm_eps),
         "parallel_attn_mlp": getattr(hf, "use_parallel_residual", True),
-        "positional_embedding_type": "rotary", "rotary_adjacent_pairs": False,
-        "rotary_dim": int(rotary), "rotary_base": _rope_theta(hf, arch),
         "normalization_type": "LN",
     }
 
@@ -394,13 +402,9 @@ def _llama_fields(hf: Any, arch: str) -> dict[str, Any]:
     if n_kv is not None and hf.num_attention_heads % n_kv:
         raise _unconvertible(arch, f"{hf.num_attention_heads} query heads that its {n_kv} key/value heads do not divide")
     return {
-        "d_model": hf.hidden_size, "n_heads": hf.num_attention_heads, "d_head": d_head,
-        "d_mlp": hf.intermediate_size, "n_layers": hf.num_hidden_layers,
-        "n_ctx": min(hf.max_position_embeddings, ROTARY_MAX_CTX), "eps": hf.rms_norm_eps,
-        "d_vocab": hf.vocab_size, "act_fn": hf.hidden_act,
+        **_rotary_fields(hf, arch, d_head, d_head, hf.rms_norm_eps),
         "n_key_value_heads": n_kv if n_kv not in (None, hf.num_attention_heads) else None,
-        "normalization_type": "RMS", "positional_embedding_type": "rotary", "rotary_adjacent_pairs": False,
-        "rotary_dim": d_head, "rotary_base": _rope_theta(hf, arch), "final_rms": True, "gated_mlp": True,
+        "normalization_type": "RMS", "final_rms": True, "gated_mlp": True,
         # Grouped-query attention ungrouped: hook_k/hook_v carry one key per query head, the shape
         # every simplifier expects (the same computation: each group's keys repeated).
         "ungroup_grouped_query_attention": n_kv not in (None, hf.num_attention_heads),
