@@ -241,6 +241,24 @@ def test_large_svd_fits_stream_their_activations_and_agree_with_the_held_fit(tin
         assert torch.equal(streamed[3].hooks[0].tensors()[key], value), key
 
 
+def test_the_token_budget_bounds_every_forward_pass_fit_calibration_and_evaluation(tiny_model, rng, monkeypatch):
+    """The fit's collection and the warnings' calibration take the analysis' token budget, as the
+    evaluation does: no forward pass holds more than ``token_budget`` padded positions (a row longer than
+    it goes alone)."""
+    from illusions.registry import make_simplifier
+
+    splits = {"train": make_split("train", rng, n=12), "ood": make_split("ood", rng, n=12)}
+    shapes = []
+    forward = tiny_model.forward
+    monkeypatch.setattr(tiny_model, "forward",
+                        lambda x, *a, **k: shapes.append(tuple(x.shape[:2])) or forward(x, *a, **k))
+    result = analyze(tiny_model, splits, [make_simplifier("svd", rank=2, layers=(1,))], candidates=None,
+                     fit_n=12, batch_size=64, token_budget=20)
+    assert result.proxies[0].info.get("warning_thresholds")  # calibrated: its passes are among those seen
+    assert len(shapes) > 6
+    assert all(rows * width <= 20 or rows == 1 for rows, width in shapes), shapes
+
+
 def test_summary_rows_breakdowns_and_json(tiny_model, splits):
     result = analyze(tiny_model, splits, [FakeSimplifier(1.0), FakeSimplifier(0.0)], candidates=None,
                      fit_n=4, seed=0)

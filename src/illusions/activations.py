@@ -152,8 +152,9 @@ def collect(
             grow with the square of the width: 64 rows of 128 positions make 16 MB tensors that the
             allocator returns to the system after every batch, and taking them again costs page
             faults (a third of a small collection's time on a busy machine). A different batching
-            can change the float rounding of the results in the last bits, so the fit, whose
-            numbers are recorded, keeps the plain ``batch_size`` batches.
+            can change the float rounding of the results in the last bits; the fit passes the
+            analysis' token budget, which the bundled tasks' batches (64 rows of at most 128
+            tokens) never reach, so their recorded numbers keep the plain ``batch_size`` batches.
 
     Returns:
         ``{hook_name: tensor}`` on the model's device (``model.cfg.device``), so that fitting

@@ -176,7 +176,7 @@ def analyze(
     rng = np.random.default_rng(seed)
     fit_rows = select_rows(len(splits[fit_split]), fit_n, rng) if fit_split in splits else np.zeros(0, np.int64)
     proxies = _fit_all(model, splits, simplifiers, fitted, fit_split, fit_rows, candidates=candidates,
-                       batch_size=batch_size)
+                       batch_size=batch_size, token_budget=token_budget)
     for proxy in proxies:
         check_hooks(model, proxy)
     split_rows = {name: select_rows(len(splits[name]), max_seqs, rng) for name in eval_splits}
@@ -222,18 +222,21 @@ def _check_request(
 def _fit_all(
     model: LensModel, splits: Mapping[str, Split], simplifiers: Sequence[Simplifier], fitted: list[bool],
     fit_split: str, fit_rows: np.ndarray, *, candidates: np.ndarray | None, batch_size: int,
+    token_budget: int | None = None,
 ) -> list[Proxy]:
     """The proxies: the simplifiers not yet fitted fitted on ``fit_rows`` of ``fit_split``, refined,
-    and their warning signals calibrated there (when that split exists)."""
+    and their warning signals calibrated there (when that split exists), every forward pass in batches
+    of at most ``batch_size`` rows and :func:`batch_tokens` padded tokens."""
     to_fit = [s for s, done in zip(simplifiers, fitted, strict=True) if not done]
-    fitted_now = iter(fit_proxies(model, splits.get(fit_split), fit_rows, to_fit, batch_size=batch_size)
-                      if to_fit else [])
+    fitted_now = iter(fit_proxies(model, splits.get(fit_split), fit_rows, to_fit, batch_size=batch_size,
+                                  token_budget=token_budget) if to_fit else [])
     proxies = [s if done else next(fitted_now) for s, done in zip(simplifiers, fitted, strict=True)]
     if fit_split in splits:
         proxies = refine_proxies(model, splits[fit_split], fit_rows, simplifiers, proxies, candidates=candidates,
-                                 batch_size=batch_size)
+                                 batch_size=batch_size, token_budget=token_budget)
         # Each warning signal's threshold, fixed on the fitting sequences (its training 99th percentile).
-        proxies = calibrate_warnings(model, splits[fit_split], fit_rows, proxies, batch_size=batch_size)
+        proxies = calibrate_warnings(model, splits[fit_split], fit_rows, proxies, batch_size=batch_size,
+                                     token_budget=token_budget)
     return proxies
 
 
@@ -323,9 +326,13 @@ def fit_proxies(
     simplifiers: Sequence[Simplifier],
     *,
     batch_size: int = 64,
+    token_budget: int | None = None,
 ) -> list[Proxy]:
     """Collect activations once for all simplifiers' hook points, then fit each one (``split`` may be
-    None when every simplifier is data-free).
+    None when every simplifier is data-free). Collection batches hold at most ``batch_size`` rows and
+    ``token_budget`` (default :data:`TOKEN_BUDGET`) padded positions: a fit of long sequences takes
+    fewer rows per forward pass, and the bundled tasks' batches (64 rows of at most 128 tokens) are
+    the plain ``batch_size`` ones, bit for bit as before.
 
     When the collected activations would take more than :data:`STREAM_FIT_BYTES`, simplifiers that
     can fit from batches (``stream``: svd) take them batch by batch and only the others' are held
@@ -354,6 +361,7 @@ def fit_proxies(
         tokens = torch.as_tensor(split.tokens[rows, : int(split.lengths[rows].max())])
         mask = torch.as_tensor(np.arange(tokens.shape[1])[None, :] < split.lengths[rows][:, None])
         sizes = position_bytes(model, tokens, mask, names)
+        positions = TOKEN_BUDGET if token_budget is None else int(token_budget)
         if _can_stream(simplifiers) and sum(sizes.values()) * int(mask.sum()) > STREAM_FIT_BYTES:
             streams = {members[0]: simplifiers[members[0]].stream(model) for members in groups.values()
                        if hasattr(simplifiers[members[0]], "stream")}
@@ -361,10 +369,11 @@ def fit_proxies(
                            for name in s.hook_names(model)})
             if held:
                 check_fit_memory(model, split, tokens, mask, held, sizes)
-            acts = _collect_streamed(model, tokens, mask, names, held, list(streams.values()), batch_size)
+            acts = _collect_streamed(model, tokens, mask, names, held, list(streams.values()), batch_size,
+                                     positions)
         else:
             check_fit_memory(model, split, tokens, mask, names, sizes)
-            acts = collect(model, tokens, names, mask, batch_size=batch_size)
+            acts = collect(model, tokens, names, mask, batch_size=batch_size, max_positions=positions)
     proxies: dict[int, Proxy] = {}
     for members in groups.values():
         first = simplifiers[members[0]]
@@ -407,9 +416,10 @@ def position_bytes(model: LensModel, tokens: Any, mask: Any, names: list[str]) -
 
 
 def _collect_streamed(model: LensModel, tokens: Any, mask: Any, names: list[str], held: list[str],
-                      streams: list[Any], batch_size: int) -> dict[str, Any]:
-    """Activations at ``names`` collected ``batch_size`` rows at a time: each batch goes to every
-    stream, and only those at ``held`` are kept (joined in row order, as ``collect`` returns them)."""
+                      streams: list[Any], batch_size: int, max_positions: int | None = None) -> dict[str, Any]:
+    """Activations at ``names`` collected ``batch_size`` rows (and at most ``max_positions`` padded
+    positions) at a time: each batch goes to every stream, and only those at ``held`` are kept (joined
+    in row order, as ``collect`` returns them)."""
     import torch
 
     from illusions.activations import collect
@@ -417,7 +427,7 @@ def _collect_streamed(model: LensModel, tokens: Any, mask: Any, names: list[str]
     kept: dict[str, list[Any]] = {name: [] for name in held}
     for start in range(0, int(tokens.shape[0]), batch_size):
         batch = collect(model, tokens[start : start + batch_size], names, mask[start : start + batch_size],
-                        batch_size=batch_size)
+                        batch_size=batch_size, max_positions=max_positions)
         for stream in streams:
             stream.add(batch)
         for name in held:
@@ -440,19 +450,22 @@ def refine_proxies(
     *,
     candidates: np.ndarray | None,
     batch_size: int = 64,
+    token_budget: int | None = None,
 ) -> list[Proxy]:
     """Proxies whose simplifier searches on the fitting sequences after fitting (``refine``: the
     circuit search of :mod:`illusions.simplifiers.circuit`) replaced by what the search keeps."""
-    return [s.refine(model, p, split, rows, candidates=candidates, batch_size=batch_size)
+    return [s.refine(model, p, split, rows, candidates=candidates, batch_size=batch_size,
+                     max_tokens=batch_tokens(model, token_budget))
             if hasattr(s, "refine") else p for s, p in zip(simplifiers, proxies, strict=True)]
 
 
 def calibrate_warnings(model: LensModel, split: Split, rows: np.ndarray, proxies: Sequence[Proxy],
-                       *, batch_size: int = 64) -> list[Proxy]:
-    """:func:`illusions.analyses.warning_signals.calibrate`: each signal's threshold on the fitting rows."""
+                       *, batch_size: int = 64, token_budget: int | None = None) -> list[Proxy]:
+    """:func:`illusions.analyses.warning_signals.calibrate`: each signal's threshold on the fitting rows,
+    in the evaluation's batches (:func:`batch_tokens`)."""
     from illusions.analyses.warning_signals import calibrate
 
-    return calibrate(model, split, rows, proxies, batch_size=batch_size)
+    return calibrate(model, split, rows, proxies, batch_size=batch_size, max_tokens=batch_tokens(model, token_budget))
 
 
 def evaluate_split(

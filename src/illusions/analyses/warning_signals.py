@@ -105,9 +105,11 @@ def calibrate(
     *,
     batch_size: int = 64,
     quantile: float = QUANTILE,
+    max_tokens: int | None = None,
 ) -> list[Proxy]:
     """The proxies with each signal's ``quantile`` over the scored positions of ``rows`` (the fitting
-    sequences) in ``info["warning_thresholds"]``; proxies without signals are returned unchanged."""
+    sequences) in ``info["warning_thresholds"]``; proxies without signals are returned unchanged.
+    Batches hold at most ``batch_size`` rows and ``max_tokens`` padded tokens."""
     import torch
 
     from illusions.activations import stop_layer
@@ -127,7 +129,7 @@ def calibrate(
         until = {} if stop is None else {"stop_at_layer": stop}
         seen: dict[str, list[np.ndarray]] = {}
         with torch.inference_mode():
-            for batch in iter_batches(split, batch_size, rows=rows):
+            for batch in iter_batches(split, batch_size, rows=rows, max_tokens=max_tokens):
                 if len(batch.scored) == 0:
                     continue
                 tokens = torch.as_tensor(batch.tokens, device=device)

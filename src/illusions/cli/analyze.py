@@ -89,7 +89,7 @@ OPTIONS = (
     _opt("n_boot", int, SPEC["n_boot"], "--n-boot", "Bootstrap resamples for the 95% intervals.", "n_boot"),
     _opt("batch_size", int, SPEC["batch_size"], "--batch-size", "Sequences per forward pass at most.", "batch_size"),
     _opt("token_budget", int, SPEC["token_budget"], "--token-budget",
-         "Padded tokens (rows x length) per evaluation batch at most; lower it when memory runs out.", "token_budget"),
+         "Padded tokens (rows x length) per forward pass (fit, calibration, evaluation) at most; lower it when memory runs out.", "token_budget"),
     _opt("out", Path | None, None, "--out", "Run directory (default: runs/<name>)."),
     _opt("as_json", bool, False, "--json", "Print one JSON object to stdout instead of tables."),
     _opt("by", str | None, None, "--by",

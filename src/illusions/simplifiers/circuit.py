@@ -264,14 +264,14 @@ class Circuit(SimplifierConfig):
                      info={"kept": list(kept), "ablated": ablated, **(info or {})})
 
     def refine(self, model: HookedTransformer, proxy: Proxy, split: Split, rows: np.ndarray, *,
-               candidates: np.ndarray | None, batch_size: int = 64) -> Proxy:
+               candidates: np.ndarray | None, batch_size: int = 64, max_tokens: int | None = None) -> Proxy:
         """With ``find_circuit``: the circuit the greedy search (module docstring) keeps on the
         fitting ``rows`` of ``split``; otherwise ``proxy`` unchanged."""
         if not self.find_circuit:
             return proxy
         every = ablations_of(model, proxy)
         kept, steps, final = greedy_search(model, self, every, split, rows, candidates=candidates,
-                                           batch_size=batch_size)
+                                           batch_size=batch_size, max_tokens=max_tokens)
         search = {"threshold": self.find_circuit, "order": search_order(model), "steps": steps,
                   "agreement": final, "data": f"{len(rows)} fitting sequences of the fit split"}
         return self.proxy(model, every, kept, info={"circuit_search": search})
@@ -293,8 +293,8 @@ def ablations_of(model: HookedTransformer, proxy: Proxy) -> dict[str, AblationHo
 
 
 def greedy_search(model: HookedTransformer, circuit: Circuit, every: dict[str, AblationHook], split: Split,
-                  rows: np.ndarray, *, candidates: np.ndarray | None, batch_size: int = 64
-                  ) -> tuple[list[str], list[dict[str, Any]], float]:
+                  rows: np.ndarray, *, candidates: np.ndarray | None, batch_size: int = 64,
+                  max_tokens: int | None = None) -> tuple[list[str], list[dict[str, Any]], float]:
     """``(kept, steps, agreement)``: the greedy pruning of the module docstring. ``steps`` lists
     each component tried, the agreement without it and whether it was removed."""
     from illusions.scoring import gather_scored, iter_batches, restricted_argmax
@@ -302,7 +302,7 @@ def greedy_search(model: HookedTransformer, circuit: Circuit, every: dict[str, A
     device = torch.device(model.cfg.device)
     batches = []
     with torch.inference_mode():
-        for batch in iter_batches(split, batch_size, rows=rows):
+        for batch in iter_batches(split, batch_size, rows=rows, max_tokens=max_tokens):
             if len(batch.scored) == 0:
                 continue
             tokens = torch.as_tensor(batch.tokens, device=device)
