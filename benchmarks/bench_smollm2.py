@@ -45,6 +45,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -473,7 +474,12 @@ def run_ours(cmd: list[str], env: dict[str, str]) -> dict:
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:  # stopped (Ctrl-C, SIGTERM): the child goes too, not left running alone
+            proc.kill()
+            proc.wait()
+            raise
         proc.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.perf_counter() - start
         out.seek(0)
@@ -546,6 +552,9 @@ def layers_of(model: Path, given: str) -> list[int]:
 
 
 def main() -> None:
+    # SIGTERM raises SystemExit like Ctrl-C raises KeyboardInterrupt, so the running child is stopped
+    # with this script (subprocess.run kills its child on any exception; run_ours does the same).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scratch", required=True, help="folder for the model, the data and the runs "
                         "(outside this repository)")
