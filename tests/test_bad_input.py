@@ -624,7 +624,7 @@ CASES = [
          ("128,000,000,000 in the positional embedding", "make the recipe's [model] smaller"),
          setup=("recipe_n_ctx_1e9",), absent=("new",), fresh_cache=True),
     Case("train-recipe-n-layers-1e6", ("train", "{tmp}/recipe.toml", "--threads", "1", "--out", "{tmp}/new"), 2,
-         ("in the blocks", "n_layers 1000000"), setup=("recipe_n_layers_1e6",), absent=("new",), fresh_cache=True),
+         ("in the blocks", "n_layers=1,000,000"), setup=("recipe_n_layers_1e6",), absent=("new",), fresh_cache=True),
     Case("analyze-threads-100000", ("analyze", "dyck", "--model", "{model}", "--threads", "100000", "--out",
                                     "{tmp}/new"), 2, ("--threads must be in 1..", "per CPU"), absent=("new",),
          fresh_cache=True),

@@ -164,7 +164,7 @@ def test_size_check_counts_parameters_and_attention_before_allocating(monkeypatc
     assert 8 * 12 * 1024**2 < weights.min_parameters(cfg) < 8 * 13 * 1024**2  # 8 layers of 4d^2 + 8d^2
     weights.check_model_size(cfg)  # ~100M parameters: 0.4 GB for inference
     with pytest.raises(IllusionsError, match=r"recipe r.toml \(n_layers=8, .*\) needs about 1.5 GiB for its "
-                                             r"[0-9,]+\+ parameters and their training state .* 0.9 GiB of memory"):
+                                             r"[0-9,]+\+ parameters \([0-9,]+ in the blocks\) and their training state .* 0.9 GiB of memory"):
         weights.check_model_size(cfg, what="recipe r.toml", training=True)
     wide = cfg.replace(n_layers=1, d_model=64, d_head=8, d_mlp=64, n_ctx=20_000)  # attention, not parameters
     with pytest.raises(IllusionsError, match="the attention of one 20,000-token sequence"):

@@ -67,11 +67,8 @@ from illusions.training_setup import (
     read_trainer_state,
 )
 from illusions.training_setup import RUN_FILES as RUN_FILES
-from illusions.training_setup import TRAINING_BYTES_PER_PARAMETER as TRAINING_BYTES_PER_PARAMETER
 from illusions.training_setup import is_run_dir as is_run_dir
 from illusions.training_setup import load_history as load_history
-from illusions.training_setup import model_parameters as model_parameters
-from illusions.training_setup import torch_device_type as torch_device_type
 
 if TYPE_CHECKING:
     import torch

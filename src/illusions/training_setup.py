@@ -5,7 +5,7 @@
   their formats, :func:`read_trainer_state` and :func:`load_history` that read them back;
 - the checks :func:`illusions.training.train` makes before any work: the output folder
   (:func:`check_out_dir`), the task against the model (:func:`check_task_fits`) and the model's size
-  against the device's memory (:func:`check_model_size`, from :func:`model_parameters`).
+  against the device's memory (:func:`check_model_size`).
 
 The loop itself is :mod:`illusions.training`; the batches it draws, :mod:`illusions.training_batches`.
 """
@@ -157,57 +157,14 @@ def check_task_fits(task: Task, model_cfg: ModelConfig, train_split: Split) -> N
         )
 
 
-# Bytes a parameter takes while training in float32: the weight, its gradient and AdamW's two moments.
-TRAINING_BYTES_PER_PARAMETER = 16
-
-
-def model_parameters(cfg: ModelConfig) -> dict[str, int]:
-    """The parameter count of the ``HookedTransformer`` that ``cfg`` builds, by part, from the config
-    alone (nothing allocated): embedding and unembedding, positional embedding, the blocks.
-
-    TransformerLens 3.9 builds causal masks lazily at the length of the sequences it runs on and
-    caches rotary tables for at most its initial cache size, so neither grows with ``n_ctx`` here.
-    """
-    d, heads = cfg.d_model, cfg.n_heads * cfg.d_head
-    norm = 0 if cfg.normalization in ("none", "LNPre", "RMSPre") else (2 if cfg.normalization == "LN" else 1) * d
-    attention = 4 * heads * d + 3 * heads + d + norm
-    mlp = 0 if cfg.attn_only else 2 * d * cfg.d_mlp + cfg.d_mlp + d + norm
-    if not cfg.attn_only and cfg.act_fn == "solu_ln" and cfg.normalization == "LN":
-        mlp += 2 * cfg.d_mlp  # the LayerNorm inside SoLU
-    learned_positions = cfg.positional_embedding in ("standard", "shortformer")
-    return {
-        "the embedding and unembedding (d_vocab x d_model)": 2 * cfg.d_vocab * d + cfg.d_vocab + norm,
-        "the positional embedding (n_ctx x d_model)": cfg.n_ctx * d if learned_positions else 0,
-        "the blocks (n_layers x (attention + MLP))": cfg.n_layers * (attention + mlp),
-    }
-
-
-def torch_device_type(device: Any) -> str:
-    """``cpu``, ``cuda`` or ``mps`` of a device name or ``torch.device``."""
-    return str(device).split(":")[0]
-
-
 def check_model_size(cfg: ModelConfig, device: Any = "cpu") -> None:
-    """Refuse a model whose training state cannot fit in ``device``'s memory, before allocating it.
+    """Refuse a recipe's model whose training state cannot fit in ``device``'s memory, before allocating
+    it: :func:`illusions.weights.check_model_size` with the training state counted (float32 weights,
+    gradients and AdamW's two moments)."""
+    from illusions.weights import check_model_size as check_size
 
-    Training in float32 with AdamW holds :data:`TRAINING_BYTES_PER_PARAMETER` bytes a parameter; the
-    bound is the device's whole memory (:func:`illusions.devices.memory_bytes`), so a refused size
-    could never train there, while an accepted one may still need less to be running beside it.
-    """
-    from illusions.devices import gigabytes, memory_bytes
-
-    parts = model_parameters(cfg)
-    total = sum(parts.values())
-    need, have = total * TRAINING_BYTES_PER_PARAMETER, memory_bytes(device)
-    if have is not None and need > have:
-        biggest = max(parts, key=lambda k: parts[k])
-        where = "this machine" if torch_device_type(device) == "cpu" else f"device {device}"
-        raise IllusionsError(
-            f"the recipe's model has {total:,} parameters ({parts[biggest]:,} in {biggest}): training it "
-            f"needs {gigabytes(need)} ({TRAINING_BYTES_PER_PARAMETER} bytes a parameter: weight, gradient and "
-            f"AdamW's two moments) but {where} has {gigabytes(have)}; make the recipe's [model] smaller "
-            f"(n_layers {cfg.n_layers}, d_model {cfg.d_model}, n_ctx {cfg.n_ctx}, d_vocab {cfg.d_vocab})"
-        )
+    check_size(cfg, what="the recipe's model", training=True, device=device,
+               remedy="make the recipe's [model] smaller")
 
 
 def read_trainer_state(out_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict[str, Any]:

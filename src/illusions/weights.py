@@ -43,15 +43,20 @@ def _dims(cfg: Any) -> dict[str, Any]:
     }
 
 
+def _parameter_parts(cfg: Any) -> dict[str, int]:
+    """:func:`min_parameters` by part, named for a message."""
+    d = _dims(cfg)
+    attention = d["d_model"] * d["d_head"] * (2 * d["n_heads"] + 2 * d["n_kv"])
+    mlp = d["d_model"] * d["d_mlp"] * (3 if d["gated"] else 2)
+    return {"the blocks": d["n_layers"] * (attention + mlp), "the token embedding": d["d_vocab"] * d["d_model"],
+            "the positional embedding": d["n_ctx"] * d["d_model"] if d["table"] else 0}
+
+
 def min_parameters(cfg: Any) -> int:
     """A lower bound of the values a model of this shape stores: its attention and MLP matrices, the
     token embedding and the position table (not biases, norms or a tied unembedding), so a weight file
     holding fewer values cannot hold the model. Exact integer arithmetic: any size is safe to pass."""
-    d = _dims(cfg)
-    attention = d["d_model"] * d["d_head"] * (2 * d["n_heads"] + 2 * d["n_kv"])
-    mlp = d["d_model"] * d["d_mlp"] * (3 if d["gated"] else 2)
-    return (d["n_layers"] * (attention + mlp) + d["d_vocab"] * d["d_model"]
-            + (d["n_ctx"] * d["d_model"] if d["table"] else 0))
+    return sum(_parameter_parts(cfg).values())
 
 
 def memory_needed(cfg: Any, *, training: bool = False) -> int:
@@ -74,27 +79,38 @@ def memory_available() -> int:
     return (1 << 40) if total is None else total
 
 
-def check_model_size(cfg: Any, *, what: str = "this model", training: bool = False) -> None:
+def check_model_size(cfg: Any, *, what: str = "this model", training: bool = False, device: Any = "cpu",
+                     remedy: str = "") -> None:
     """Refuse, before anything is allocated, a model whose parameters (and attention over one
-    full-context sequence) cannot fit in this machine's memory: the one size check for checkpoints,
-    Hugging Face configs and training recipes.
+    full-context sequence) cannot fit in the memory of ``device`` (this machine's for the CPU, a
+    GPU's own): the one size check for checkpoints, Hugging Face configs and training recipes.
 
     Args:
         cfg: a :class:`ModelConfig` or a ``HookedTransformerConfig``.
-        what: how the message names the model (``model runs/x``, ``recipe r.toml``).
-        training: count gradients and Adam's moments too.
+        what: how the message names the model (``model runs/x``, ``the recipe's model``).
+        training: count gradients and AdamW's two moments too (four float32 copies of each parameter).
+        device: where the model would live.
+        remedy: what the message ends with (``make the recipe's [model] smaller``).
 
     Raises:
-        IllusionsError: one line with the sizes, the bytes needed and the memory there is.
+        IllusionsError: one line with the sizes, the part holding most parameters, the bytes needed
+            and the memory there is.
     """
-    need, have = memory_needed(cfg, training=training), memory_available()
-    if need > have:
-        d = _dims(cfg)
-        shape = ", ".join(f"{k}={_count(d[k])}" for k in ("n_layers", "d_model", "n_heads", "d_mlp", "n_ctx", "d_vocab"))
-        raise IllusionsError(
-            f"{what} ({shape}) needs about {_bytes(need)} for its {_count(min_parameters(cfg))}+ parameters "
-            f"{'and their training state ' if training else ''}and the attention of one {_count(d['n_ctx'])}-token "
-            f"sequence, more than this machine's {_bytes(have)} of memory")
+    from illusions.devices import memory_bytes
+
+    cpu = str(device).split(":")[0] == "cpu"
+    need, have = memory_needed(cfg, training=training), memory_available() if cpu else memory_bytes(device)
+    if have is None or need <= have:
+        return
+    d = _dims(cfg)
+    shape = ", ".join(f"{k}={_count(d[k])}" for k in ("n_layers", "d_model", "n_heads", "d_mlp", "n_ctx", "d_vocab"))
+    part, most = max(_parameter_parts(cfg).items(), key=lambda item: item[1])
+    state = " and their training state (weight, gradient and AdamW's two moments)" if training else ""
+    where = "this machine's" if cpu else f"device {device}'s"
+    raise IllusionsError(
+        f"{what} ({shape}) needs about {_bytes(need)} for its {_count(min_parameters(cfg))}+ parameters ({_count(most)} "
+        f"in {part}){state} and the attention of one {_count(d['n_ctx'])}-token sequence, more than {where} "
+        f"{_bytes(have)} of memory" + (f"; {remedy}" if remedy else ""))
 
 
 def _count(n: int) -> str:
