@@ -69,9 +69,9 @@ def test_grouped_query_attention_is_ungrouped_per_query_head(folders, kind):
 def test_sliding_window_layers_are_those_the_config_gives(folders, kind, windows):
     """The layers ``transformers`` runs in a sliding window are TransformerLens' local ones, with its
     width (the logits above are compared on sequences longer than the window)."""
-    cfg = inspect_model_folder(folders[kind]).hooked
-    assert cfg.attn_types == windows
-    assert cfg.window_size == (hf_model(kind).config.sliding_window if windows else None)
+    cfg = inspect_model_folder(folders[kind]).hooked  # under TransformerLens 4 only the fields given
+    assert getattr(cfg, "attn_types", None) == windows
+    assert getattr(cfg, "window_size", None) == (hf_model(kind).config.sliding_window if windows else None)
 
 
 def test_loading_never_touches_the_network(folders, monkeypatch):
