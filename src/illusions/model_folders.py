@@ -318,7 +318,7 @@ def hf_hooked_config(hf: Any, *, device: str | torch.device = "cpu") -> Any:
     The fields follow TransformerLens' own ``convert_hf_model_config`` for the architecture, read from
     the local config instead of the Hub's, plus what TransformerLens' presets leave out but the config
     says (Qwen2's and Gemma 2's sliding-window layers, Gemma 2's query scale). Variants the conversion
-    would get wrong (rope scaling, Llama/Mistral/Gemma biases, bidirectional attention, NeoX without
+    would get wrong (rope scaling, Llama/Gemma biases, bidirectional attention, NeoX without
     attention biases, GPT-2 cross-attention, heads that do not divide the width, a rotary width that is
     not an even whole number) are refused. Weights are loaded
     unprocessed (no LayerNorm folding or centring), so the model computes what the Hugging Face
@@ -462,8 +462,7 @@ def _llama_fields(hf: Any, arch: str) -> dict[str, Any]:
 
 def _mistral_fields(hf: Any, arch: str) -> dict[str, Any]:
     """The fields of a Mistral config: Llama's, with every layer's attention in a sliding window when
-    the config gives one."""
-    _refuse_variants(hf, arch)
+    the config gives one (its attention and MLP never have biases)."""
     slides = ["sliding_attention"] * hf.num_hidden_layers
     return {**_gated_rms_fields(hf, arch, grouped_keys=True), **_window_fields(hf, arch, slides)}
 
