@@ -15,11 +15,17 @@ import torch
 VOCAB = 40
 N_CTX = 32
 WORDS = ["<pad>", "<bos>", *[f"w{i}" for i in range(VOCAB - 2)]]
+# The Llama-like kinds whose conversion TransformerLens writes for Mistral, Qwen2, Gemma and Gemma 2.
+GATED_KINDS = ("mistral", "qwen2", "gemma", "gemma2")
 
 
 def hf_model(kind: str, *, seed: int = 0) -> Any:
-    """A 2-layer random model of ``kind`` (gpt2, neox, llama-gqa), initialised with a wide enough
-    range that attention is far from uniform (so a low-rank proxy visibly changes it)."""
+    """A 2-layer random model of ``kind`` (gpt2, neox, llama-gqa, mistral, qwen2, gemma, gemma2),
+    initialised with a wide enough range that attention is far from uniform (so a low-rank proxy
+    visibly changes it). The Mistral/Qwen2/Gemma ones have what sets their conversion apart in play:
+    a sliding window shorter than the sequences tested, Qwen2's query/key/value biases and the norm
+    weights moved away from their initial ones and zeros (so a bias or Gemma's ``1 + weight`` left out
+    changes the logits), a head width that is not width / heads, Gemma 2's query scale and soft caps."""
     import transformers as tf
 
     common = {"vocab_size": VOCAB, "initializer_range": 0.3, "bos_token_id": 1, "eos_token_id": 1,
@@ -35,11 +41,31 @@ def hf_model(kind: str, *, seed: int = 0) -> Any:
         cfg = tf.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                              intermediate_size=64, max_position_embeddings=N_CTX, **common)
         cls = tf.LlamaForCausalLM
+    elif kind in GATED_KINDS:
+        sizes = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+                 "max_position_embeddings": N_CTX, **common}
+        cfg, cls = {
+            # every query head with its own key/value head, every layer in a window of 5 positions
+            "mistral": lambda: (tf.MistralConfig(**sizes, num_key_value_heads=4, sliding_window=5),
+                                tf.MistralForCausalLM),
+            # grouped-query attention; the window on the second layer only (layers from max_window_layers)
+            "qwen2": lambda: (tf.Qwen2Config(**sizes, num_key_value_heads=2, use_sliding_window=True,
+                                             sliding_window=5, max_window_layers=1), tf.Qwen2ForCausalLM),
+            "gemma": lambda: (tf.GemmaConfig(**sizes, num_key_value_heads=2, head_dim=16), tf.GemmaForCausalLM),
+            "gemma2": lambda: (tf.Gemma2Config(**sizes, num_key_value_heads=2, head_dim=16, sliding_window=5,
+                                               query_pre_attn_scalar=12, attn_logit_softcapping=4.0,
+                                               final_logit_softcapping=3.0), tf.Gemma2ForCausalLM),
+        }[kind]()
     else:
         raise ValueError(kind)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = cls(cfg)
+        if kind in GATED_KINDS:
+            with torch.no_grad():
+                for name, value in model.named_parameters():
+                    if name.endswith(("norm.weight", "bias")):
+                        value.add_(0.3 * torch.randn_like(value))
     return model.eval()
 
 

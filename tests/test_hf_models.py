@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from hf_fixtures import VOCAB, hf_model, save_hf, write_splits
+from hf_fixtures import GATED_KINDS, VOCAB, hf_model, save_hf, write_splits
 from illusions.cli import app
 from illusions.errors import IllusionsError
 from illusions.model_folders import (
@@ -24,7 +24,7 @@ from illusions.model_folders import (
 from illusions.models import describe, save_model
 
 runner = CliRunner()
-KINDS = ("gpt2", "neox", "llama-gqa")
+KINDS = ("gpt2", "neox", "llama-gqa", *GATED_KINDS)
 
 
 @pytest.fixture(scope="module")
@@ -43,19 +43,35 @@ def test_converted_model_gives_the_transformers_logits(folders, kind):
     with torch.no_grad():
         expected = reference(tokens).logits
         got = model(tokens)
-    torch.testing.assert_close(got, expected)
+    # float32 rounding: the Mistral/Qwen2/Gemma models (norm weights and biases moved, a window, soft
+    # caps) are compared to 1e-4, the others to assert_close's float32 default (1e-5 absolute)
+    tolerance = {"atol": 1e-4, "rtol": 1e-4} if kind in GATED_KINDS else {}
+    torch.testing.assert_close(got, expected, **tolerance)
     assert describe(model).startswith(folder.architecture)
     # Weights are unprocessed: the residual stream is the Hugging Face model's own.
     _, cache = model.run_with_cache(tokens)
     with torch.no_grad():
         hidden = reference(tokens, output_hidden_states=True).hidden_states
-    torch.testing.assert_close(cache["blocks.1.hook_resid_pre"], hidden[1])
+    torch.testing.assert_close(cache["blocks.1.hook_resid_pre"], hidden[1], **tolerance)
 
 
-def test_grouped_query_attention_is_ungrouped_per_query_head(folders):
-    model = load_model_folder(inspect_model_folder(folders["llama-gqa"]))
+@pytest.mark.parametrize("kind", ["llama-gqa", "qwen2", "gemma", "mistral"])
+def test_grouped_query_attention_is_ungrouped_per_query_head(folders, kind):
+    model = load_model_folder(inspect_model_folder(folders[kind]))
     _, cache = model.run_with_cache(torch.tensor([[1, 5, 7, 9]]))
-    assert cache["blocks.0.attn.hook_k"].shape[2] == model.cfg.n_heads == 4
+    assert cache["blocks.0.attn.hook_k"].shape[2] == cache["blocks.0.attn.hook_v"].shape[2] == model.cfg.n_heads == 4
+
+
+@pytest.mark.parametrize(("kind", "windows"), [
+    ("mistral", ["local", "local"]), ("qwen2", ["global", "local"]), ("gemma2", ["local", "global"]),
+    ("gemma", None), ("llama-gqa", None),
+])
+def test_sliding_window_layers_are_those_the_config_gives(folders, kind, windows):
+    """The layers ``transformers`` runs in a sliding window are TransformerLens' local ones, with its
+    width (the logits above are compared on sequences longer than the window)."""
+    cfg = inspect_model_folder(folders[kind]).hooked  # under TransformerLens 4 only the fields given
+    assert getattr(cfg, "attn_types", None) == windows
+    assert getattr(cfg, "window_size", None) == (hf_model(kind).config.sliding_window if windows else None)
 
 
 def test_loading_never_touches_the_network(folders, monkeypatch):
@@ -106,7 +122,9 @@ def test_pickle_only_folder_is_refused(tmp_path):
     ("empty", "has no config.json; expected an illusions checkpoint"),
     ("junk-config", "is neither an illusions model config"),
     ("no-weights", "has a Hugging Face config.json but no model.safetensors"),
-    ("unsupported", "illusions converts GPT2LMHeadModel, GPTNeoXForCausalLM, LlamaForCausalLM"),
+    ("unsupported", "is a BertForMaskedLM model; illusions converts GPT2LMHeadModel, GPTNeoXForCausalLM, "
+                    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GemmaForCausalLM, Gemma2ForCausalLM"),
+    ("gemma3", "is a Gemma3ForCausalLM model; illusions converts GPT2LMHeadModel, GPTNeoXForCausalLM, "),
 ])
 def test_other_folders_are_refused_naming_what_was_expected(tmp_path, setup, message):
     folder = tmp_path / "model"
@@ -114,10 +132,11 @@ def test_other_folders_are_refused_naming_what_was_expected(tmp_path, setup, mes
         folder.mkdir()
     if setup == "junk-config":
         (folder / "config.json").write_text(json.dumps({"hello": 1}))
-    if setup in ("no-weights", "unsupported"):
-        arch, kind = ("GPT2LMHeadModel", "gpt2") if setup == "no-weights" else ("BertForMaskedLM", "bert")
+    if setup in ("no-weights", "unsupported", "gemma3"):
+        arch, kind = {"no-weights": ("GPT2LMHeadModel", "gpt2"), "unsupported": ("BertForMaskedLM", "bert"),
+                      "gemma3": ("Gemma3ForCausalLM", "gemma3_text")}[setup]
         (folder / "config.json").write_text(json.dumps({"model_type": kind, "architectures": [arch]}))
-    if setup == "unsupported":
+    if setup in ("unsupported", "gemma3"):
         (folder / "model.safetensors").write_bytes(b"")
     assert message in _analyze(folder, tmp_path)
 
@@ -131,6 +150,43 @@ def test_rope_scaling_is_refused(tmp_path):
     tf.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
     with pytest.raises(IllusionsError, match="rope scaling 'linear'"):
         inspect_model_folder(tmp_path / "m")
+
+
+@pytest.mark.parametrize(("kind", "change", "message"), [
+    ("gemma", {"attention_bias": True}, "this GemmaForCausalLM model has attention or MLP biases"),
+    ("mistral", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
+     "MistralForCausalLM model has rope scaling"),
+    ("gemma2", {"use_bidirectional_attention": True}, "Gemma2ForCausalLM model has bidirectional attention"),
+    ("qwen2", {"layer_types": ["full_attention", "chunked_attention"]}, "Qwen2ForCausalLM model has layer types "
+                                                                        "['chunked_attention']"),
+])
+def test_variants_the_conversion_would_get_wrong_are_refused(folders, tmp_path, kind, change, message):
+    """Biases where the conversion writes zeros, non-causal attention, attention types TransformerLens
+    has no counterpart for: one line, exit code 2, before any weight is read."""
+    import shutil
+
+    folder = tmp_path / kind
+    shutil.copytree(folders[kind], folder)
+    _edit_config(folder, **change)
+    assert message in _analyze(folder, tmp_path)
+
+
+def test_analyze_custom_on_a_gemma2_folder_end_to_end(folders, tmp_path):
+    """``analyze custom`` on the Gemma 2 folder (sliding window, soft caps, post-norms, grouped keys):
+    the svd proxy at full rank (the head width) agrees everywhere, at rank 1 it does not."""
+    data = write_splits(tmp_path / "data")
+    head = inspect_model_folder(folders["gemma2"]).hooked.d_head
+    args = ["analyze", "custom", "--data", str(data), "--model", str(folders["gemma2"]), "--layer", "0",
+            "--layer", "1", "--no-report", "--json", "--threads", "1", "--n-boot", "50"]
+    agreements = {}
+    for rank in (head, 1):
+        result = runner.invoke(app, [*args, "--rank", str(rank), "--out", str(tmp_path / f"r{rank}")],
+                               catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        doc = json.loads(result.stdout)
+        agreements[rank] = {s: e["agreement"]["value"] for s, e in doc["splits"].items()}
+    assert agreements[head] == {"iid": 1.0, "long": 1.0}
+    assert min(agreements[1].values()) < 1.0
 
 
 def test_hugging_face_model_for_a_bundled_task_is_refused(folders, tmp_path):

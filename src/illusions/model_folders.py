@@ -51,19 +51,32 @@ HF_CONVERSIONS = {
     "GPT2LMHeadModel": "convert_gpt2_weights",
     "GPTNeoXForCausalLM": "convert_neox_weights",
     "LlamaForCausalLM": "convert_llama_weights",
+    "MistralForCausalLM": "convert_mistral_weights",
+    "Qwen2ForCausalLM": "convert_qwen2_weights",
+    "GemmaForCausalLM": "convert_gemma_weights",
+    "Gemma2ForCausalLM": "convert_gemma_weights",
 }
 # The model_type config.json must state for each architecture, and the transformers config class that
 # is built from it (from the JSON alone: transformers never opens the folder).
-HF_MODEL_TYPES = {"GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox", "LlamaForCausalLM": "llama"}
+HF_MODEL_TYPES = {"GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox", "LlamaForCausalLM": "llama",
+                  "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2", "GemmaForCausalLM": "gemma",
+                  "Gemma2ForCausalLM": "gemma2"}
 _HF_CONFIG_CLASSES = {"GPT2LMHeadModel": "GPT2Config", "GPTNeoXForCausalLM": "GPTNeoXConfig",
-                      "LlamaForCausalLM": "LlamaConfig"}
+                      "LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "MistralConfig",
+                      "Qwen2ForCausalLM": "Qwen2Config", "GemmaForCausalLM": "GemmaConfig",
+                      "Gemma2ForCausalLM": "Gemma2Config"}
 # The sizes each architecture's config gives, which must be whole numbers >= 1 (the second tuple: or null).
+_LLAMA_SIZES = (("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers",
+                 "max_position_embeddings", "vocab_size"), ("num_key_value_heads", "head_dim"))
 _HF_SIZES = {
     "GPT2LMHeadModel": (("n_embd", "n_head", "n_layer", "n_positions", "vocab_size"), ("n_inner",)),
     "GPTNeoXForCausalLM": (("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers",
                             "max_position_embeddings", "vocab_size"), ()),
-    "LlamaForCausalLM": (("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers",
-                          "max_position_embeddings", "vocab_size"), ("num_key_value_heads", "head_dim")),
+    "LlamaForCausalLM": _LLAMA_SIZES,
+    "MistralForCausalLM": (_LLAMA_SIZES[0], (*_LLAMA_SIZES[1], "sliding_window")),
+    "Qwen2ForCausalLM": (_LLAMA_SIZES[0], (*_LLAMA_SIZES[1], "sliding_window")),
+    "GemmaForCausalLM": _LLAMA_SIZES,
+    "Gemma2ForCausalLM": (_LLAMA_SIZES[0], (*_LLAMA_SIZES[1], "sliding_window", "query_pre_attn_scalar")),
 }
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 HF_INDEX = "model.safetensors.index.json"
@@ -303,9 +316,11 @@ def hf_hooked_config(hf: Any, *, device: str | torch.device = "cpu") -> Any:
     :data:`HF_CONVERSIONS`: the one place where a Hugging Face config becomes a TransformerLens one.
 
     The fields follow TransformerLens' own ``convert_hf_model_config`` for the architecture, read from
-    the local config instead of the Hub's. Variants the conversion would get wrong (rope scaling,
-    Llama biases, NeoX without attention biases, GPT-2 cross-attention, heads that do not divide the
-    width, a rotary width that is not an even whole number) are refused. Weights are loaded
+    the local config instead of the Hub's, plus what TransformerLens' presets leave out but the config
+    says (Qwen2's and Gemma 2's sliding-window layers, Gemma 2's query scale). Variants the conversion
+    would get wrong (rope scaling, Llama/Gemma biases, bidirectional attention, NeoX without
+    attention biases, GPT-2 cross-attention, heads that do not divide the width, a rotary width that is
+    not an even whole number) are refused. Weights are loaded
     unprocessed (no LayerNorm folding or centring), so the model computes what the Hugging Face
     model computes.
     """
@@ -363,14 +378,15 @@ def _gpt2_fields(hf: Any, arch: str) -> dict[str, Any]:
     }
 
 
-def _rotary_fields(hf: Any, arch: str, d_head: int, rotary_dim: int, eps: float) -> dict[str, Any]:
-    """The fields GPT-NeoX and Llama configs give alike: sizes, context (capped at
+def _rotary_fields(hf: Any, arch: str, d_head: int, rotary_dim: int, eps: float, act_fn: str | None = None
+                   ) -> dict[str, Any]:
+    """The fields every rotary config gives alike (GPT-NeoX, Llama-style): sizes, context (capped at
     :data:`ROTARY_MAX_CTX`), activation and rotary positions (halves, not adjacent pairs)."""
     return {
         "d_model": hf.hidden_size, "n_heads": hf.num_attention_heads, "d_head": d_head,
         "d_mlp": hf.intermediate_size, "n_layers": hf.num_hidden_layers,
         "n_ctx": min(hf.max_position_embeddings, ROTARY_MAX_CTX), "eps": eps,
-        "d_vocab": hf.vocab_size, "act_fn": hf.hidden_act,
+        "d_vocab": hf.vocab_size, "act_fn": act_fn or hf.hidden_act,
         "positional_embedding_type": "rotary", "rotary_adjacent_pairs": False,
         "rotary_dim": rotary_dim, "rotary_base": _rope_theta(hf, arch),
     }
@@ -393,27 +409,94 @@ def _neox_fields(hf: Any, arch: str) -> dict[str, Any]:
     }
 
 
-def _llama_fields(hf: Any, arch: str) -> dict[str, Any]:
-    """The ``HookedTransformerConfig`` fields of a Llama config."""
-    if getattr(hf, "attention_bias", False) or getattr(hf, "mlp_bias", False):
-        raise _unconvertible(arch, "attention or MLP biases")
+def _gated_rms_fields(hf: Any, arch: str, *, act_fn: str | None = None,
+                      grouped_keys: bool = False) -> dict[str, Any]:
+    """The fields Llama, Mistral, Qwen2 and Gemma configs give alike: rotary positions over the whole
+    head, RMSNorm, a gated MLP and grouped-query attention. ``grouped_keys``: the architecture's
+    conversion always writes grouped key/value weights, so ``n_key_value_heads`` is set even when
+    every query head has its own."""
     d_head = getattr(hf, "head_dim", None) or _head_width(arch, hf.hidden_size, hf.num_attention_heads)
+    n_heads = hf.num_attention_heads
     n_kv = getattr(hf, "num_key_value_heads", None)
-    if n_kv is not None and hf.num_attention_heads % n_kv:
-        raise _unconvertible(arch, f"{hf.num_attention_heads} query heads that its {n_kv} key/value heads do not divide")
+    if n_kv is not None and n_heads % n_kv:
+        raise _unconvertible(arch, f"{n_heads} query heads that its {n_kv} key/value heads do not divide")
+    grouped = n_kv not in (None, n_heads)
     return {
-        **_rotary_fields(hf, arch, d_head, d_head, hf.rms_norm_eps),
-        "n_key_value_heads": n_kv if n_kv not in (None, hf.num_attention_heads) else None,
+        **_rotary_fields(hf, arch, d_head, d_head, hf.rms_norm_eps, act_fn),
+        "n_key_value_heads": (n_kv or n_heads) if grouped or grouped_keys else None,
         "normalization_type": "RMS", "final_rms": True, "gated_mlp": True,
         # Grouped-query attention ungrouped: hook_k/hook_v carry one key per query head, the shape
         # every simplifier expects (the same computation: each group's keys repeated).
-        "ungroup_grouped_query_attention": n_kv not in (None, hf.num_attention_heads),
+        "ungroup_grouped_query_attention": grouped,
+    }
+
+
+def _window_fields(hf: Any, arch: str, layer_types: list[str] | None) -> dict[str, Any]:
+    """Sliding-window attention: each layer whose type is ``sliding_attention`` attends to its last
+    ``sliding_window`` positions (itself included), TransformerLens' ``local`` attention; no fields
+    when no layer slides."""
+    window = getattr(hf, "sliding_window", None)
+    layer_types = list(layer_types or ["full_attention"] * hf.num_hidden_layers)
+    unknown = sorted(set(layer_types) - {"sliding_attention", "full_attention"})
+    if unknown or len(layer_types) != hf.num_hidden_layers:
+        raise _unconvertible(arch, f"layer types {str(unknown or layer_types)[:60]}")
+    if window is None or "sliding_attention" not in layer_types:
+        return {}
+    return {"use_local_attn": True, "window_size": window,
+            "attn_types": ["local" if t == "sliding_attention" else "global" for t in layer_types]}
+
+
+def _refuse_variants(hf: Any, arch: str) -> None:
+    """Refuse biases where the conversion writes zeros, and attention that is not causal."""
+    if getattr(hf, "attention_bias", False) or getattr(hf, "mlp_bias", False):
+        raise _unconvertible(arch, "attention or MLP biases")
+    if getattr(hf, "use_bidirectional_attention", False):
+        raise _unconvertible(arch, "bidirectional attention")
+
+
+def _llama_fields(hf: Any, arch: str) -> dict[str, Any]:
+    """The ``HookedTransformerConfig`` fields of a Llama config."""
+    _refuse_variants(hf, arch)
+    return _gated_rms_fields(hf, arch)
+
+
+def _mistral_fields(hf: Any, arch: str) -> dict[str, Any]:
+    """The fields of a Mistral config: Llama's, with every layer's attention in a sliding window when
+    the config gives one (its attention and MLP never have biases)."""
+    slides = ["sliding_attention"] * hf.num_hidden_layers
+    return {**_gated_rms_fields(hf, arch, grouped_keys=True), **_window_fields(hf, arch, slides)}
+
+
+def _qwen2_fields(hf: Any, arch: str) -> dict[str, Any]:
+    """The fields of a Qwen2 config: Llama's with query/key/value biases (which TransformerLens'
+    attention always has), and the sliding-window layers its ``layer_types`` name."""
+    return {**_gated_rms_fields(hf, arch, grouped_keys=True),
+            **_window_fields(hf, arch, getattr(hf, "layer_types", None))}
+
+
+def _gemma_fields(hf: Any, arch: str) -> dict[str, Any]:
+    """The fields of a Gemma or Gemma 2 config. The conversion itself scales the embedding by
+    sqrt(d_model) and turns each ``(1 + weight)`` RMSNorm into a plain one; Gemma 2 adds norms after
+    attention and MLP, soft caps on attention scores and logits, a query scale of its own and
+    sliding-window layers."""
+    _refuse_variants(hf, arch)
+    if arch == "GemmaForCausalLM":
+        return _gated_rms_fields(hf, arch, grouped_keys=True)
+    fields = _gated_rms_fields(hf, arch, act_fn=hf.hidden_activation, grouped_keys=True)
+    return {
+        **fields, **_window_fields(hf, arch, hf.layer_types),
+        "use_normalization_before_and_after": True,
+        "attn_scale": float(hf.query_pre_attn_scalar) ** 0.5,
+        "attn_scores_soft_cap": float(hf.attn_logit_softcapping or -1.0),
+        "output_logits_soft_cap": float(hf.final_logit_softcapping or -1.0),
     }
 
 
 # The HookedTransformerConfig fields of each architecture in HF_CONVERSIONS, from its transformers config.
 _HF_FIELDS: dict[str, Callable[[Any, str], dict[str, Any]]] = {
     "GPT2LMHeadModel": _gpt2_fields, "GPTNeoXForCausalLM": _neox_fields, "LlamaForCausalLM": _llama_fields,
+    "MistralForCausalLM": _mistral_fields, "Qwen2ForCausalLM": _qwen2_fields, "GemmaForCausalLM": _gemma_fields,
+    "Gemma2ForCausalLM": _gemma_fields,
 }
 
 

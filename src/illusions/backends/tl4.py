@@ -161,9 +161,10 @@ def tl_state_dict(model: Any) -> dict[str, torch.Tensor]:
 
 
 def _ungroup(hf: Any) -> Any:
-    """A grouped-query Llama with each key/value head repeated for the query heads it serves (the same
-    computation), so ``hook_k``/``hook_v`` carry one head per query head as every simplifier expects
-    (what TransformerLens 3.9's ``ungroup_grouped_query_attention`` gives)."""
+    """A grouped-query model (Llama-style) with each key/value head repeated for the query heads it
+    serves (the same computation; Qwen2's key/value biases with them), so ``hook_k``/``hook_v`` carry
+    one head per query head as every simplifier expects (what TransformerLens 3.9's
+    ``ungroup_grouped_query_attention`` gives)."""
     import torch
 
     cfg = hf.config
@@ -175,9 +176,11 @@ def _ungroup(hf: Any) -> Any:
     d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
     state = hf.state_dict()
     for key in list(state):
-        if key.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
-            w = state[key]  # [n_kv * d_head, d_model]
-            state[key] = w.view(n_kv, d_head, -1).repeat_interleave(groups, dim=0).reshape(n_heads * d_head, -1)
+        if key.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.k_proj.bias",
+                         "self_attn.v_proj.bias")):
+            w = state[key]  # [n_kv * d_head, d_model] or [n_kv * d_head]
+            wide_w = w.view(n_kv, d_head, -1).repeat_interleave(groups, dim=0)
+            state[key] = wide_w.reshape(n_heads * d_head, *w.shape[1:])
     wide = copy.deepcopy(cfg)
     wide.num_key_value_heads = n_heads
     with torch.random.fork_rng(devices=[]):
