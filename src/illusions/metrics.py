@@ -10,6 +10,7 @@ candidate tokens), ``P_i`` / ``Q_i`` their next-token distributions over the who
     attention JSD     mean_i mean_h JSD(A_ih, B_ih),  JSD(A, B) = 1/2 KL(A || M) + 1/2 KL(B || M),
                       M = (A + B) / 2, in bits (log base 2), so 0 <= JSD <= 1
     KL                mean_i KL(P_i || Q_i) = sum_v P_iv (log P_iv - log Q_iv), in nats
+    cross-entropy     mean_i -log Q_i(y_i) (and -log P_i(y_i)), in nats over the whole vocabulary
 
 Every metric is a mean of per-position values. Positions within one sequence are not independent,
 so intervals come from a bootstrap over *sequences* (cluster bootstrap): each replicate draws the
@@ -67,6 +68,32 @@ def kl_divergence_chunked(
                          logits_q[i : i + rows].to(device or logits_q.device, torch.float64))
            for i in range(0, n, rows)]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64, device=device or logits_p.device)
+
+
+def cross_entropy_chunked(
+    logits: Float[Tensor, "n d_vocab"], target: Any, *, max_elements: int = 2**24, device: Any = None,
+) -> Float[Tensor, " n"]:
+    """``[n]`` cross-entropy in nats of each row's ``target`` token, ``-log softmax(logits)[target]`` over
+    the whole vocabulary in float64, over row chunks of at most ``max_elements`` logits (as
+    :func:`kl_divergence_chunked`: every row is computed alone, so any chunk gives the same bits).
+
+    Args:
+        logits: ``[n, d_vocab]`` logits (any float dtype).
+        target: ``[n]`` token ids (a tensor or an array).
+        max_elements: logits per chunk (rows x vocabulary); at least one row.
+        device: where the float64 work runs (default: where the logits are).
+    """
+    import torch
+
+    n, vocab = logits.shape
+    rows = max(1, max_elements // max(vocab, 1))
+    where = device or logits.device
+    target = torch.as_tensor(target, dtype=torch.long, device=where)
+    out = []
+    for i in range(0, n, rows):
+        logp = torch.log_softmax(logits[i : i + rows].to(where, torch.float64), dim=-1)
+        out.append(-logp.gather(1, target[i : i + rows, None])[:, 0])
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64, device=where)
 
 
 def js_divergence(p: Float[Tensor, "... k"], q: Float[Tensor, "... k"]) -> Float[Tensor, "..."]:

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from illusions.analyses.sparse import CleanPassStats
+from illusions.analyses.sparse import CleanPassStats, ZeroAblation
 from illusions.errors import IllusionsError
 from illusions.metric_table import POSITION_METRICS
-from illusions.metrics import js_divergence_chunked, kl_divergence_chunked
+from illusions.metrics import cross_entropy_chunked, js_divergence_chunked, kl_divergence_chunked
 from illusions.scoring import gather_scored, iter_batches, restricted_argmax
 from illusions.tasks.base import Split
 
@@ -40,6 +40,9 @@ class Records:
     dictionary proxy (:class:`illusions.analyses.sparse.SparseStats`), None for other proxies.
     ``warnings`` holds each unsupervised warning signal of the proxy per position
     (:mod:`illusions.analyses.warning_signals`), empty when its hooks declare none.
+    ``downstream`` holds, for a sparse dictionary proxy, the target's cross-entropy under the original
+    model, the proxy and the replaced activation zero-ablated, and KL(original || ablation), per position
+    (:data:`illusions.analyses.sparse.DOWNSTREAM_FIELDS`); empty for other proxies.
     """
 
     rows: np.ndarray
@@ -53,6 +56,7 @@ class Records:
     meta: Mapping[str, np.ndarray]
     sparse: Any = None
     warnings: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    downstream: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.seq.shape[0])
@@ -477,7 +481,9 @@ def evaluate_split(
     forward pass is an error, not a proxy that agrees with the model everywhere.
     Everything runs on the model's device; only the per-position records come back to the CPU.
     Sparse dictionaries also get their reconstruction and latent statistics on the split
-    (:attr:`Records.sparse`), read from the same clean pass (:class:`~illusions.analyses.sparse.CleanPassStats`).
+    (:attr:`Records.sparse`), read from the same clean pass (:class:`~illusions.analyses.sparse.CleanPassStats`),
+    and their downstream losses (:attr:`Records.downstream`): one more pass per batch with the replaced
+    activations zero-ablated (:class:`~illusions.analyses.sparse.ZeroAblation`), run as the proxy is.
     """
     import torch
 
@@ -504,6 +510,7 @@ def evaluate_split(
     clean_until = {} if clean_stop is None else {"stop_at_layer": clean_stop}
     # Each proxy's warning signals, read by capture hooks in front of its own during its pass.
     collectors = [SignalCollector(p) for p in proxies]
+    ablations = [ZeroAblation.of(p) for p in proxies]  # the downstream baselines of sparse dictionaries
 
     with torch.inference_mode():
         for batch in iter_batches(split, batch_size, rows=rows, max_tokens=batch_tokens(model, token_budget)):
@@ -527,11 +534,17 @@ def evaluate_split(
             clean_logits = _scored_logits(model, out, sc, clean_stop)
             del out  # only the scored positions' logits are kept (memory)
             clean_pred = restricted_argmax(clean_logits, candidates)
+            # The target's cross-entropy (float64, whole vocabulary), for the dictionaries' downstream loss.
+            clean_ce = (cross_entropy_chunked(clean_logits, sc.target, max_elements=KL_CHUNK, device=f64)
+                        if any(ablations) else None)
             for j, proxy in enumerate(proxies):
                 proxy_logits, captured = _proxy_logits(model, tokens, cache, proxy, hook_sets[j], starts[j],
                                                        collectors[j].hooks, sc, stop,
                                                        jsd_against=(clean_rows, seq_t, pos_t, f64))
                 jsd = _attention_jsd(captured, proxy, len(sc), f64)
+                down = {} if ablations[j] is None else _downstream(
+                    model, tokens, cache, ablations[j], starts[j], sc, stop, clean_logits, clean_ce, proxy_logits,
+                    f64)
                 parts[j].append(
                     {
                         "rows": batch.rows[sc.seq],
@@ -545,6 +558,7 @@ def evaluate_split(
                         "meta:seq_len": split.lengths[batch.rows[sc.seq]],
                         **{f"meta:{k}": v for k, v in sc.meta.items()},
                         **{f"warn:{k}": v for k, v in collectors[j].gather(seq_t, pos_t).items()},
+                        **{f"down:{k}": v for k, v in down.items()},
                     }
                 )
             clean_rows.clear()
@@ -603,6 +617,20 @@ def _proxy_logits(model: LensModel, tokens: Any, cache: Any, proxy: Proxy, hook_
                              "(a hook point this configuration does not use), so the proxy would "
                              "agree with the model everywhere")
     return _scored_logits(model, out, sc, stop), per_head
+
+
+def _downstream(model: LensModel, tokens: Any, cache: Any, ablation: ZeroAblation, start: int | None, sc: Any,
+                stop: int | None, clean_logits: Any, clean_ce: Any, proxy_logits: Any, f64: Any) -> dict[str, np.ndarray]:
+    """A dictionary proxy's downstream values at the scored positions (``sparse.DOWNSTREAM_FIELDS``):
+    the target's cross-entropy under the clean, the proxy's and the zero-ablated logits, and
+    KL(clean || ablated); the ablation runs from the proxy's ``start`` on the cached residual."""
+    ablated, _ = _proxy_logits(model, tokens, cache, ablation, hook_names_of(ablation), start, [], sc, stop)
+    return {
+        "ce_original": clean_ce.cpu().numpy(),
+        "ce_proxy": cross_entropy_chunked(proxy_logits, sc.target, max_elements=KL_CHUNK, device=f64).cpu().numpy(),
+        "ce_ablation": cross_entropy_chunked(ablated, sc.target, max_elements=KL_CHUNK, device=f64).cpu().numpy(),
+        "kl_ablation": kl_divergence_chunked(clean_logits, ablated, max_elements=KL_CHUNK, device=f64).cpu().numpy(),
+    }
 
 
 def _attention_jsd(per_head: dict[tuple[int, int], Any], proxy: Proxy, n: int, f64: Any) -> Any:
@@ -707,6 +735,7 @@ def _join_records(parts: list[list[dict[str, np.ndarray]]], split: Split, rows: 
                 kl=joined["kl"],
                 meta={k.removeprefix("meta:"): v for k, v in joined.items() if k.startswith("meta:")},
                 warnings={k.removeprefix("warn:"): v for k, v in joined.items() if k.startswith("warn:")},
+                downstream={k.removeprefix("down:"): v for k, v in joined.items() if k.startswith("down:")},
             )
         )
     return out

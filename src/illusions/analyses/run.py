@@ -500,6 +500,8 @@ def _records_npz(result: Any) -> bytes:
                 arrays[prefix + "sparse/" + k] = v
         for k, v in rec.warnings.items():
             arrays[prefix + "warn/" + k] = _compact(v)
+        for k, v in rec.downstream.items():
+            arrays[prefix + "down/" + k] = v
     for split, rows in result.split_rows.items():
         arrays[f"{split}/evaluated_rows"] = rows
     arrays["fit_rows"] = result.fit_rows
