@@ -156,3 +156,21 @@ def test_chunked_cross_entropy_is_bit_for_bit_the_whole_one(rng):
     for elements in (1, 11, 30):
         np.testing.assert_array_equal(cross_entropy_chunked(logits, target, max_elements=elements).numpy(),
                                       whole.numpy())
+
+
+def test_a_transcoder_is_scored_against_its_mlp_output_zeroed(tiny_dyck):
+    from test_warning_signals import _mlp_transcoder, _relu_model
+
+    model = _relu_model(tiny_dyck)
+    split = tiny_dyck.task.splits()["iid"]
+    exact = Proxy("transcoder", {"width": 64}, (_mlp_transcoder(model),))
+    ablation = ZeroAblation.of(exact)
+    assert [name for name, _ in ablation.fwd_hooks] == ["blocks.1.hook_mlp_out"]
+    zeroed = _mlp_transcoder(model, W_dec=torch.zeros_like(model.blocks[1].mlp.W_out),
+                             b_dec=torch.zeros_like(model.blocks[1].mlp.b_out))
+    dead = Proxy("transcoder", {"width": 64}, (zeroed,))
+    records, rows = _summary(model, split, [exact, dead])
+    assert rows[("p0", "loss_recovered")]["value"] == pytest.approx(1.0, abs=1e-4)
+    assert rows[("p0", "kl_div_score")]["value"] == pytest.approx(1.0, abs=1e-4)
+    np.testing.assert_array_equal(records[1].downstream["ce_proxy"], records[1].downstream["ce_ablation"])
+    assert rows[("p1", "loss_recovered")]["value"] == 0.0
