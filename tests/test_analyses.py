@@ -196,7 +196,8 @@ def test_dictionary_statistics_come_from_the_clean_pass_without_a_second_one(tin
     result = analyze(tiny_model, evaluated, proxies, candidates=None, batch_size=5, reference=None)
     n_batches = sum(len(list(iter_batches(split, 5, max_tokens=batch_tokens(tiny_model))))
                     for split in evaluated.values())
-    assert len(passes) == n_batches * (1 + len(proxies))  # one clean pass a batch, one per proxy: no other
+    # One clean pass a batch, one per proxy and one zero ablation per dictionary (its downstream loss): no other.
+    assert len(passes) == n_batches * (1 + len(proxies) + 2)
     monkeypatch.undo()
     for name, split in evaluated.items():
         rows = np.arange(len(split))[::-1].copy()  # not in batch order

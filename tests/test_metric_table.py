@@ -16,14 +16,15 @@ def test_rows_are_complete_and_keys_unique():
     for m in mt.METRICS:
         assert m.label and m.short and m.tiny and m.decimals >= 0
         assert m.better in ("higher", "lower", "zero", "")
-        assert m.source in (mt.PREDICTIONS, mt.DISTRIBUTIONS, mt.DICTIONARY, mt.WARNINGS)
+        assert m.source in (mt.PREDICTIONS, mt.DISTRIBUTIONS, mt.DICTIONARY, mt.DOWNSTREAM, mt.WARNINGS)
         assert m.proxies in (mt.ALL, mt.ATTENTION, mt.DICTIONARIES, mt.SIGNALS)
-        assert (m.source == mt.DICTIONARY) == (m.proxies == mt.DICTIONARIES)
+        assert (m.source in (mt.DICTIONARY, mt.DOWNSTREAM)) == (m.proxies == mt.DICTIONARIES)
         assert (m.source == mt.WARNINGS) == (m.proxies == mt.SIGNALS)
         assert m.bounds[0] < m.bounds[1] and m.gap_bounds[0] < m.gap_bounds[1]
         # A gap between two values in [lo, hi] lies in [lo - hi, hi - lo].
         assert m.gap_bounds[0] <= m.bounds[0] - m.bounds[1] or math.isinf(m.gap_bounds[0])
-    assert set(mt.POSITION_METRICS) | set(mt.DICTIONARY_METRICS) | set(mt.WARNING_METRICS) == set(keys)
+    assert (set(mt.POSITION_METRICS) | set(mt.DICTIONARY_METRICS) | set(mt.DOWNSTREAM_METRICS)
+            | set(mt.WARNING_METRICS) == set(keys))
     assert set(mt.SUMMARY_METRICS) <= set(mt.POSITION_METRICS) >= set(mt.OVER_TRAINING_METRICS)
 
 
@@ -66,6 +67,11 @@ def test_the_engine_computes_exactly_the_rows_of_the_table_in_order():
     rows = warning_rows({"proxy": "p"}, {"iid": dataclasses.replace(rec, warnings=signal)},
                         {"iid": Resampler.draw(3, np.random.default_rng(0), n_boot=20)}, {"offspace_q": 0.4}, _complete)
     assert tuple(r["metric"] for r in rows) == mt.WARNING_METRICS
+    from illusions.analyses.sparse import DOWNSTREAM_FIELDS, downstream_estimates
+
+    down = {f: np.ones(3) for f in DOWNSTREAM_FIELDS}
+    est = downstream_estimates(down, rec.kl, rec.seq, Resampler.draw(3, np.random.default_rng(0), n_boot=20))
+    assert tuple(est) == mt.DOWNSTREAM_METRICS
 
 
 def test_metric_table_imports_nothing_heavy():

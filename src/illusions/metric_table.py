@@ -7,7 +7,8 @@ and the seed aggregation of the reproduction (:func:`bounds`). Adding a metric i
 row here plus its function: a per-position value in
 :meth:`illusions.analyses.faithfulness.Records.per_position` (``source`` ``predictions`` or
 ``distributions``), a per-split statistic in :meth:`illusions.analyses.sparse.SparseStats.values`
-(``source`` ``dictionary``) or a per-signal statistic in
+(``source`` ``dictionary``), a per-split statistic in
+:func:`illusions.analyses.sparse.downstream_estimates` (``source`` ``downstream``) or a per-signal statistic in
 :func:`illusions.analyses.warning_signals.warning_rows` (``source`` ``warnings``);
 ``tests/test_metric_table.py`` checks that they agree.
 
@@ -32,6 +33,7 @@ PREDICTIONS = "predictions"  # per scored position, from the argmax predictions 
 DISTRIBUTIONS = "distributions"  # per scored position, from next-token or attention distributions
 DICTIONARY = "dictionary"  # per split, from a sparse dictionary's reconstruction over all token positions
 WARNINGS = "warnings"  # per split and warning signal, from the signal and the disagreements (analyses/warning_signals)
+DOWNSTREAM = "downstream"  # per split, from next-token losses at the scored positions against a zero ablation
 # Which proxies have it (``Metric.proxies``).
 ALL = "all"
 ATTENTION = "attention"  # only proxies that change an attention pattern directly (NaN for the others)
@@ -55,7 +57,8 @@ class Metric:
         bounds: the range of the value.
         gap_bounds: the range of its gap between two splits.
         better: ``higher``, ``lower``, ``zero`` (closer to 0 is better) or ``""`` (neither).
-        source: :data:`PREDICTIONS`, :data:`DISTRIBUTIONS`, :data:`DICTIONARY` or :data:`WARNINGS`.
+        source: :data:`PREDICTIONS`, :data:`DISTRIBUTIONS`, :data:`DICTIONARY`, :data:`DOWNSTREAM` or
+            :data:`WARNINGS`.
         proxies: :data:`ALL`, :data:`ATTENTION`, :data:`DICTIONARIES` or :data:`SIGNALS`.
         over_training: kept by the summary over training checkpoints.
         in_summary: a column of the per-split summary tables (console, report.html).
@@ -139,6 +142,22 @@ METRICS: tuple[Metric, ...] = (
            "lower", DICTIONARY, DICTIONARIES),
     Metric("new_latent_fraction", "latents new vs fit data", "latents new vs fit data", "new latents", "", 3,
            _SHARE, _OPEN, "lower", DICTIONARY, DICTIONARIES),
+    # Downstream loss of a sparse dictionary spliced in, as SAELens' evals report it (analyses/sparse.py,
+    # downstream_estimates): next-token cross-entropy of the target at the scored positions under the
+    # original, the proxy and the replaced activation zero-ablated, and the shares of the ablation's
+    # cross-entropy increase and KL the dictionary recovers (1: as the model, 0: no better than zeros).
+    Metric("ce_loss_original", "cross-entropy, original model", "CE original", "CE orig", "nats", 4,
+           (0.0, _INF), _OPEN, "lower", DOWNSTREAM, DICTIONARIES),
+    Metric("ce_loss_proxy", "cross-entropy, proxy", "CE proxy", "CE proxy", "nats", 4, (0.0, _INF), _OPEN,
+           "lower", DOWNSTREAM, DICTIONARIES),
+    Metric("ce_loss_ablation", "cross-entropy, activation zero-ablated", "CE ablated", "CE abl", "nats", 4,
+           (0.0, _INF), _OPEN, "lower", DOWNSTREAM, DICTIONARIES),
+    Metric("loss_recovered", "loss recovered (CE score)", "loss recovered", "loss rec", "", 3, _OPEN, _OPEN,
+           "higher", DOWNSTREAM, DICTIONARIES),
+    Metric("kl_ablation", "KL, activation zero-ablated", "KL ablated", "KL abl", "nats", 4, (0.0, _INF), _OPEN,
+           "lower", DOWNSTREAM, DICTIONARIES),
+    Metric("kl_div_score", "KL score (KL recovered)", "KL score", "KL score", "", 3, (-_INF, 1.0), _OPEN,
+           "higher", DOWNSTREAM, DICTIONARIES),
     # Unsupervised warning signals (analyses/warning_signals.py), one row set per signal: how well the
     # signal ranks the positions where the proxy disagrees with the model (0.5 = chance), and the
     # agreement / share of the positions it flags above its training 99th percentile.
@@ -157,6 +176,8 @@ POSITION_METRICS: tuple[str, ...] = tuple(m.key for m in METRICS if m.source in 
 """Means over scored positions, every proxy, every breakdown (``Records.per_position``)."""
 DICTIONARY_METRICS: tuple[str, ...] = tuple(m.key for m in METRICS if m.source == DICTIONARY)
 """Sparse dictionary statistics over the token positions of a split (``SparseStats.values``)."""
+DOWNSTREAM_METRICS: tuple[str, ...] = tuple(m.key for m in METRICS if m.source == DOWNSTREAM)
+"""Per split of a sparse dictionary proxy, from losses at the scored positions (``sparse.downstream_estimates``)."""
 FIRST_SKIPPED_METRICS: tuple[str, ...] = tuple(m.key for m in METRICS if m.skips_first)
 """Dictionary statistics that leave out each sequence's first position."""
 WARNING_METRICS: tuple[str, ...] = tuple(m.key for m in METRICS if m.source == WARNINGS)

@@ -10,6 +10,7 @@ candidate tokens), ``P_i`` / ``Q_i`` their next-token distributions over the who
     attention JSD     mean_i mean_h JSD(A_ih, B_ih),  JSD(A, B) = 1/2 KL(A || M) + 1/2 KL(B || M),
                       M = (A + B) / 2, in bits (log base 2), so 0 <= JSD <= 1
     KL                mean_i KL(P_i || Q_i) = sum_v P_iv (log P_iv - log Q_iv), in nats
+    cross-entropy     mean_i -log Q_i(y_i) (and -log P_i(y_i)), in nats over the whole vocabulary
 
 Every metric is a mean of per-position values. Positions within one sequence are not independent,
 so intervals come from a bootstrap over *sequences* (cluster bootstrap): each replicate draws the
@@ -69,6 +70,32 @@ def kl_divergence_chunked(
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64, device=device or logits_p.device)
 
 
+def cross_entropy_chunked(
+    logits: Float[Tensor, "n d_vocab"], target: Any, *, max_elements: int = 2**24, device: Any = None,
+) -> Float[Tensor, " n"]:
+    """``[n]`` cross-entropy in nats of each row's ``target`` token, ``-log softmax(logits)[target]`` over
+    the whole vocabulary in float64, over row chunks of at most ``max_elements`` logits (as
+    :func:`kl_divergence_chunked`: every row is computed alone, so any chunk gives the same bits).
+
+    Args:
+        logits: ``[n, d_vocab]`` logits (any float dtype).
+        target: ``[n]`` token ids (a tensor or an array).
+        max_elements: logits per chunk (rows x vocabulary); at least one row.
+        device: where the float64 work runs (default: where the logits are).
+    """
+    import torch
+
+    n, vocab = logits.shape
+    rows = max(1, max_elements // max(vocab, 1))
+    where = device or logits.device
+    target = torch.as_tensor(target, dtype=torch.long, device=where)
+    out = []
+    for i in range(0, n, rows):
+        logp = torch.log_softmax(logits[i : i + rows].to(where, torch.float64), dim=-1)
+        out.append(-logp.gather(1, target[i : i + rows, None])[:, 0])
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64, device=where)
+
+
 def js_divergence(p: Float[Tensor, "... k"], q: Float[Tensor, "... k"]) -> Float[Tensor, "..."]:
     """Jensen-Shannon divergence in bits between probability vectors along the last axis.
 
@@ -84,6 +111,30 @@ def js_divergence(p: Float[Tensor, "... k"], q: Float[Tensor, "... k"]) -> Float
     ent = torch.special.xlogy(p, p).sum(-1) + torch.special.xlogy(q, q).sum(-1)
     cross = torch.special.xlogy(p + q, m).sum(-1)
     return (0.5 * (ent - cross)).clamp(0.0, LOG2) / LOG2
+
+
+def js_divergence_chunked(
+    p: Float[Tensor, "n k"], q: Float[Tensor, "n k"], *, max_elements: int = 2**24, device: Any = None,
+) -> Float[Tensor, " n"]:
+    """:func:`js_divergence` of ``[n, k]`` rows over row chunks of at most ``max_elements`` entries.
+
+    The float64 copies and intermediates then exist for one chunk at a time (16,384 scored query rows
+    x 1,024 keys are 134 MB per float64 copy, about six alive). Every row is computed alone, so the
+    numbers are those of :func:`js_divergence`, bit for bit.
+
+    Args:
+        p, q: ``[n, k]`` probability rows (any float dtype).
+        max_elements: entries per chunk (rows x k); at least one row.
+        device: where the float64 work runs (default: where ``p`` is).
+    """
+    import torch
+
+    n, k = p.shape
+    rows = max(1, max_elements // max(k, 1))
+    where = device or p.device
+    out = [js_divergence(p[i : i + rows].to(where, torch.float64), q[i : i + rows].to(where, torch.float64))
+           for i in range(0, n, rows)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64, device=where)
 
 
 def accuracy(pred: np.ndarray, target: np.ndarray) -> float:

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from illusions.analyses.sparse import CleanPassStats
+from illusions.analyses.sparse import CleanPassStats, ZeroAblation
 from illusions.errors import IllusionsError
 from illusions.metric_table import POSITION_METRICS
-from illusions.metrics import js_divergence, kl_divergence_chunked
+from illusions.metrics import cross_entropy_chunked, js_divergence_chunked, kl_divergence_chunked
 from illusions.scoring import gather_scored, iter_batches, restricted_argmax
 from illusions.tasks.base import Split
 
@@ -40,6 +40,9 @@ class Records:
     dictionary proxy (:class:`illusions.analyses.sparse.SparseStats`), None for other proxies.
     ``warnings`` holds each unsupervised warning signal of the proxy per position
     (:mod:`illusions.analyses.warning_signals`), empty when its hooks declare none.
+    ``downstream`` holds, for a sparse dictionary proxy, the target's cross-entropy under the original
+    model, the proxy and the replaced activation zero-ablated, and KL(original || ablation), per position
+    (:data:`illusions.analyses.sparse.DOWNSTREAM_FIELDS`); empty for other proxies.
     """
 
     rows: np.ndarray
@@ -53,6 +56,7 @@ class Records:
     meta: Mapping[str, np.ndarray]
     sparse: Any = None
     warnings: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    downstream: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.seq.shape[0])
@@ -490,7 +494,9 @@ def evaluate_split(
     forward pass is an error, not a proxy that agrees with the model everywhere.
     Everything runs on the model's device; only the per-position records come back to the CPU.
     Sparse dictionaries also get their reconstruction and latent statistics on the split
-    (:attr:`Records.sparse`), read from the same clean pass (:class:`~illusions.analyses.sparse.CleanPassStats`).
+    (:attr:`Records.sparse`), read from the same clean pass (:class:`~illusions.analyses.sparse.CleanPassStats`),
+    and their downstream losses (:attr:`Records.downstream`): one more pass per batch with the replaced
+    activations zero-ablated (:class:`~illusions.analyses.sparse.ZeroAblation`), run as the proxy is.
     """
     import torch
 
@@ -507,16 +513,17 @@ def evaluate_split(
     hook_sets = [hook_names_of(p) for p in proxies]
     starts = [start_layer(model, names) for names in hook_sets]
     first_layers = sorted({s for s in starts if s is not None})
-    pattern_layers = sorted({layer for p in proxies for layer, _ in p.heads})
-    cache_names = [f"blocks.{layer}.hook_resid_pre" for layer in first_layers] + [
-        f"blocks.{layer}.attn.hook_pattern" for layer in pattern_layers
-    ]
+    cache_names = [f"blocks.{layer}.hook_resid_pre" for layer in first_layers]
+    # The clean attention rows the JSD compares: only the simplified heads' scored query rows, gathered
+    # inside the pattern hook (never a whole [batch, head, query, key] pattern held across passes).
+    clean_rows = PatternRows(sorted({lh for p in proxies for lh in p.heads}))
     parts: list[list[dict[str, np.ndarray]]] = [[] for _ in proxies]
     sparse = CleanPassStats(proxies)  # the dictionaries' statistics, from the clean pass
     clean_stop = stop if stop_layer(model, sparse.names) is not None else None
     clean_until = {} if clean_stop is None else {"stop_at_layer": clean_stop}
     # Each proxy's warning signals, read by capture hooks in front of its own during its pass.
     collectors = [SignalCollector(p) for p in proxies]
+    ablations = [ZeroAblation.of(p) for p in proxies]  # the downstream baselines of sparse dictionaries
 
     with torch.inference_mode():
         for batch in iter_batches(split, batch_size, rows=rows, max_tokens=batch_tokens(model, token_budget)):
@@ -524,23 +531,33 @@ def evaluate_split(
                 continue
             tokens = torch.as_tensor(batch.tokens, device=device)
             lengths = split.lengths[batch.rows]
-            with model.hooks(fwd_hooks=sparse.hooks(lengths, tokens.shape[1], device)):
+            sc = batch.scored
+            seq_t = torch.as_tensor(sc.seq, device=device)
+            pos_t = torch.as_tensor(sc.pos, device=device)
+            clean_hooks = sparse.hooks(lengths, tokens.shape[1], device)
+            if len(sc):
+                clean_hooks += clean_rows.hooks(seq_t, pos_t)
+            with model.hooks(fwd_hooks=clean_hooks):
                 out, cache = model.run_with_cache(tokens, names_filter=lambda name: name in cache_names,
                                                   **clean_until)
             if sparse.names:
                 sparse.add(batch.rows, lengths)
-            if len(batch.scored) == 0:  # read for the dictionaries only
+            if len(sc) == 0:  # read for the dictionaries only
                 continue
-            sc = batch.scored
-            seq_t = torch.as_tensor(sc.seq, device=device)
-            pos_t = torch.as_tensor(sc.pos, device=device)
             clean_logits = _scored_logits(model, out, sc, clean_stop)
             del out  # only the scored positions' logits are kept (memory)
             clean_pred = restricted_argmax(clean_logits, candidates)
+            # The target's cross-entropy (float64, whole vocabulary), for the dictionaries' downstream loss.
+            clean_ce = (cross_entropy_chunked(clean_logits, sc.target, max_elements=KL_CHUNK, device=f64)
+                        if any(ablations) else None)
             for j, proxy in enumerate(proxies):
                 proxy_logits, captured = _proxy_logits(model, tokens, cache, proxy, hook_sets[j], starts[j],
-                                                       collectors[j].hooks, sc, stop)
-                jsd = _attention_jsd(cache, captured, proxy, seq_t, pos_t, len(sc), f64)
+                                                       collectors[j].hooks, sc, stop,
+                                                       jsd_against=(clean_rows, seq_t, pos_t, f64))
+                jsd = _attention_jsd(captured, proxy, len(sc), f64)
+                down = {} if ablations[j] is None else _downstream(
+                    model, tokens, cache, ablations[j], starts[j], sc, stop, clean_logits, clean_ce, proxy_logits,
+                    f64)
                 parts[j].append(
                     {
                         "rows": batch.rows[sc.seq],
@@ -554,8 +571,10 @@ def evaluate_split(
                         "meta:seq_len": split.lengths[batch.rows[sc.seq]],
                         **{f"meta:{k}": v for k, v in sc.meta.items()},
                         **{f"warn:{k}": v for k, v in collectors[j].gather(seq_t, pos_t).items()},
+                        **{f"down:{k}": v for k, v in down.items()},
                     }
                 )
+            clean_rows.clear()
     stats = sparse.result(rows)
     return [rec if got is None else dataclasses.replace(rec, sparse=got)
             for rec, got in zip(_join_records(parts, split, rows), stats, strict=True)]
@@ -571,9 +590,12 @@ def _scored_logits(model: LensModel, out: Any, sc: Any, stop: int | None) -> Any
 
 def _proxy_logits(model: LensModel, tokens: Any, cache: Any, proxy: Proxy, hook_names: list[str],
                   start: int | None, signal_hooks: Sequence[Any], sc: Any,
-                  stop: int | None = None) -> tuple[Any, dict[int, Any]]:
-    """One proxy's forward pass on a batch: its logits at the scored positions ``sc`` and the
-    attention patterns of the layers it simplifies.
+                  stop: int | None = None, jsd_against: tuple[PatternRows, Any, Any, Any] | None = None,
+                  ) -> tuple[Any, dict[tuple[int, int], Any]]:
+    """One proxy's forward pass on a batch: its logits at the scored positions ``sc`` and, given
+    ``jsd_against`` (the clean pass's :class:`PatternRows`, the scored ``seq`` and ``pos`` index
+    tensors, the float64 device), the ``[n]`` attention JSD of each head it simplifies, computed
+    inside the pattern hook from the same gathered rows (the proxy's whole pattern is never kept).
 
     It runs from the tokens when ``start`` is None, else from a copy of the cached residual stream
     at block ``start``; a hook of ``hook_names`` that never ran is an error. Given ``stop``
@@ -586,11 +608,13 @@ def _proxy_logits(model: LensModel, tokens: Any, cache: Any, proxy: Proxy, hook_
     if stop is not None and stop_layer(model, [name for name, _ in [*signal_hooks, *proxy.fwd_hooks]]) is None:
         stop = None
     until = {} if stop is None else {"stop_at_layer": stop}
-    captured: dict[int, Any] = {}
-    layers = sorted({layer for layer, _ in proxy.heads})
-    capture_hooks = [
-        (f"blocks.{layer}.attn.hook_pattern", _capture(captured, layer)) for layer in layers
-    ]
+    per_head: dict[tuple[int, int], Any] = {}
+    capture_hooks = []
+    if jsd_against is not None and proxy.heads:
+        clean, seq_t, pos_t, f64 = jsd_against
+        # After the proxy's own hooks: a hook at hook_pattern (one-hot) is what this one reads.
+        capture_hooks = [(name, _jsd_hook(per_head, clean, heads, seq_t, pos_t, f64))
+                         for name, heads in PatternRows.by_layer(proxy.heads).items()]
     fired: set[str] = set()
     hooks = [*signal_hooks, *proxy.fwd_hooks, *((n, _mark(fired, n)) for n in hook_names), *capture_hooks]
     if start is None:
@@ -605,24 +629,100 @@ def _proxy_logits(model: LensModel, tokens: Any, cache: Any, proxy: Proxy, hook_
         raise IllusionsError(f"hook(s) {', '.join(silent)} never ran in a forward pass of this model "
                              "(a hook point this configuration does not use), so the proxy would "
                              "agree with the model everywhere")
-    return _scored_logits(model, out, sc, stop), captured
+    return _scored_logits(model, out, sc, stop), per_head
 
 
-def _attention_jsd(cache: Any, captured: dict[int, Any], proxy: Proxy, seq_t: Any, pos_t: Any, n: int,
-                   f64: Any) -> Any:
+def _downstream(model: LensModel, tokens: Any, cache: Any, ablation: ZeroAblation, start: int | None, sc: Any,
+                stop: int | None, clean_logits: Any, clean_ce: Any, proxy_logits: Any, f64: Any) -> dict[str, np.ndarray]:
+    """A dictionary proxy's downstream values at the scored positions (``sparse.DOWNSTREAM_FIELDS``):
+    the target's cross-entropy under the clean, the proxy's and the zero-ablated logits, and
+    KL(clean || ablated); the ablation runs from the proxy's ``start`` on the cached residual."""
+    ablated, _ = _proxy_logits(model, tokens, cache, ablation, hook_names_of(ablation), start, [], sc, stop)
+    return {
+        "ce_original": clean_ce.cpu().numpy(),
+        "ce_proxy": cross_entropy_chunked(proxy_logits, sc.target, max_elements=KL_CHUNK, device=f64).cpu().numpy(),
+        "ce_ablation": cross_entropy_chunked(ablated, sc.target, max_elements=KL_CHUNK, device=f64).cpu().numpy(),
+        "kl_ablation": kl_divergence_chunked(clean_logits, ablated, max_elements=KL_CHUNK, device=f64).cpu().numpy(),
+    }
+
+
+def _attention_jsd(per_head: dict[tuple[int, int], Any], proxy: Proxy, n: int, f64: Any) -> Any:
     """``[n]`` float64 JSD between the original and the proxy's attention at the scored positions,
-    averaged over the proxy's heads (NaN when it simplifies none)."""
+    averaged over the proxy's heads (NaN when it simplifies none), from each head's JSD as
+    :func:`_proxy_logits` computed it."""
     import torch
 
-    jsd = torch.full((n,), float("nan"), dtype=torch.float64, device=f64)
-    if proxy.heads:
-        per_head = []
-        for layer, head in proxy.heads:
-            clean_pat = cache[f"blocks.{layer}.attn.hook_pattern"][seq_t, head, pos_t]  # [n, key_pos]
-            proxy_pat = captured[layer][seq_t, head, pos_t]  # [n, key_pos]
-            per_head.append(js_divergence(clean_pat.to(f64), proxy_pat.to(f64)))
-        jsd = torch.stack(per_head, dim=0).mean(0)  # [n]
-    return jsd
+    if not proxy.heads:
+        return torch.full((n,), float("nan"), dtype=torch.float64, device=f64)
+    missing = [f"L{layer}H{head}" for layer, head in proxy.heads if (layer, head) not in per_head]
+    if missing:
+        raise IllusionsError(f"the attention pattern of head(s) {', '.join(missing)} did not run in the "
+                             "proxy's forward pass (a head before the block it starts at)")
+    return torch.stack([per_head[lh] for lh in proxy.heads], dim=0).mean(0)  # [n]
+
+
+class PatternRows:
+    """The attention rows the JSD reads, gathered inside the ``hook_pattern`` hooks of the clean pass.
+
+    For each simplified ``(layer, head)``, the scored query rows ``pattern[seq, head, pos]``
+    (``[n, key_pos]``, a copy): the ``[batch, head_index, query_pos, key_pos]`` pattern itself is
+    dropped as soon as the hook returns (at 16 rows of 1,024 tokens and 12 heads one pattern is
+    805 MB of float32; the rows of one head at the scored positions are what the JSD needs).
+    Put :meth:`hooks` on a batch's clean pass, read :meth:`rows` during the proxies' passes, and
+    :meth:`clear` before the next batch.
+    """
+
+    def __init__(self, heads: Sequence[tuple[int, int]]) -> None:
+        self.heads = list(dict.fromkeys(heads))
+        self._rows: dict[tuple[int, int], Any] = {}
+
+    @staticmethod
+    def by_layer(heads: Sequence[tuple[int, int]]) -> dict[str, list[int]]:
+        """``{"blocks.L.attn.hook_pattern": [head, ...]}`` for ``(layer, head)`` pairs."""
+        out: dict[str, list[int]] = {}
+        for layer, head in heads:
+            out.setdefault(f"blocks.{layer}.attn.hook_pattern", []).append(head)
+        return out
+
+    def hooks(self, seq_t: Any, pos_t: Any) -> list[tuple[str, Callable[..., Any]]]:
+        """One gathering hook per simplified layer for the batch's scored ``(seq, pos)`` pairs."""
+
+        def gather(layer: int, heads: list[int]) -> Callable[..., Any]:
+            def hook(pattern: Any, hook: Any) -> None:
+                for head in heads:
+                    self._rows[(layer, head)] = gather_rows(pattern, head, seq_t, pos_t)
+
+            return hook
+
+        return [(name, gather(int(name.split(".")[1]), heads)) for name, heads in self.by_layer(self.heads).items()]
+
+    def rows(self, layer: int, head: int) -> Any:
+        """``[n, key_pos]`` clean attention of ``head`` at ``layer`` at the scored positions."""
+        return self._rows[(layer, head)]
+
+    def clear(self) -> None:
+        self._rows = {}
+
+
+def gather_rows(pattern: Any, head: int, seq_t: Any, pos_t: Any) -> Any:
+    """``[n, key_pos]`` rows ``pattern[seq, head, pos]`` of a ``[batch, head_index, query_pos, key_pos]``
+    attention pattern (a copy, detached from the pattern)."""
+    return pattern.detach()[seq_t, head, pos_t]
+
+
+def _jsd_hook(store: dict[tuple[int, int], Any], clean: PatternRows, heads: list[int], seq_t: Any, pos_t: Any,
+              f64: Any) -> Callable[..., Any]:
+    """A ``hook_pattern`` hook of a proxy's pass: each head's ``[n]`` float64 JSD between the clean rows
+    and the same rows of this pattern, into ``store``; the pattern passes through unchanged."""
+    def hook(pattern: Any, hook: Any) -> Any:
+        layer = int(hook.name.split(".")[1])
+        for head in heads:
+            proxy_rows = gather_rows(pattern, head, seq_t, pos_t)  # [n, key_pos]
+            store[(layer, head)] = js_divergence_chunked(clean.rows(layer, head), proxy_rows,
+                                                         max_elements=JSD_CHUNK, device=f64)
+        return pattern
+
+    return hook
 
 
 def _join_records(parts: list[list[dict[str, np.ndarray]]], split: Split, rows: np.ndarray) -> list[Records]:
@@ -648,6 +748,7 @@ def _join_records(parts: list[list[dict[str, np.ndarray]]], split: Split, rows: 
                 kl=joined["kl"],
                 meta={k.removeprefix("meta:"): v for k, v in joined.items() if k.startswith("meta:")},
                 warnings={k.removeprefix("warn:"): v for k, v in joined.items() if k.startswith("warn:")},
+                downstream={k.removeprefix("down:"): v for k, v in joined.items() if k.startswith("down:")},
             )
         )
     return out
@@ -671,6 +772,9 @@ LOGIT_BUDGET = 2**24
 # 2**21 left 32 MB more than 2**19 at 4 x 256, 64 rows of 64). Rows are computed alone: any chunk gives the
 # same bits, and the bundled tasks' 43-token vocabulary keeps whole batches in one chunk.
 KL_CHUNK = 2**19
+# Query rows x key positions per float64 JSD chunk (the same rule as the KL's: rows computed alone, so
+# any chunk gives the same bits; the bundled tasks' batches are one chunk).
+JSD_CHUNK = 2**19
 
 
 def batch_tokens(model: LensModel, token_budget: int | None = None) -> int:
@@ -680,12 +784,3 @@ def batch_tokens(model: LensModel, token_budget: int | None = None) -> int:
     token budget)."""
     budget = TOKEN_BUDGET if token_budget is None else int(token_budget)
     return max(1, min(budget, LOGIT_BUDGET // max(int(model.cfg.d_vocab_out), 1)))
-
-
-def _capture(store: dict[int, Any], layer: int) -> Callable[..., Any]:
-    def hook(pattern: Any, hook: Any) -> Any:
-        store[layer] = pattern
-        return pattern
-
-    return hook
-

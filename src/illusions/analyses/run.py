@@ -8,8 +8,8 @@ files of ``runs/<name>/`` atomically (a failed run leaves no directory behind):
     metrics.json    per split: metrics with intervals and gaps; breakdowns; every proxy
     metrics.csv     tidy: one row per split x proxy x parameter x group x metric
     proxies/        each fitted proxy (safetensors + JSON), so a report can be rebuilt
-    records.npz     per-position records (predictions, JSD, KL, meta, warning signals) for reports
-                    and re-analysis
+    records.npz     per-position records (predictions, JSD, KL, meta, warning signals, a dictionary's
+                    downstream losses) for reports and re-analysis
     manifest.json   the sha256 of every file written, marking the folder as a run of ours
 
 An existing run directory is replaced only on request (``overwrite``), never a folder illusions did
@@ -500,6 +500,8 @@ def _records_npz(result: Any) -> bytes:
                 arrays[prefix + "sparse/" + k] = v
         for k, v in rec.warnings.items():
             arrays[prefix + "warn/" + k] = _compact(v)
+        for k, v in rec.downstream.items():
+            arrays[prefix + "down/" + k] = v
     for split, rows in result.split_rows.items():
         arrays[f"{split}/evaluated_rows"] = rows
     arrays["fit_rows"] = result.fit_rows

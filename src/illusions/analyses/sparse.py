@@ -26,6 +26,26 @@ A proxy with several dictionaries (several layers) pools them: the sums run over
 latents are the union of theirs, and ``l0`` adds their active latents. Activations are the clean
 model's, so each dictionary is judged on the inputs it was fitted to reproduce.
 
+Downstream loss, as SAELens' ``evals.get_downstream_reconstruction_metrics`` reports it for a spliced-in
+SAE, over the split's *scored* positions ``i`` (the positions every other per-position metric uses; the
+BOS position is never one), with ``y_i`` the target token and ``P_i``, ``Q_i``, ``Z_i`` the next-token
+distributions (whole vocabulary, float64) of the original model, the proxy and the model with each
+replaced activation zero-ablated (one extra forward pass, :class:`ZeroAblation`):
+
+    ce_loss_original   mean_i -log P_i(y_i)            (SAELens: ce_loss_without_sae)
+    ce_loss_proxy      mean_i -log Q_i(y_i)            (ce_loss_with_sae)
+    ce_loss_ablation   mean_i -log Z_i(y_i)            (ce_loss_with_ablation)
+    loss_recovered     (ce_loss_ablation - ce_loss_proxy) / (ce_loss_ablation - ce_loss_original)
+                                                       (ce_loss_score)
+    kl_ablation        mean_i KL(P_i || Z_i)           (kl_div_with_ablation; kl_div_with_sae is ``kl``)
+    kl_div_score       (kl_ablation - kl) / kl_ablation
+
+As there, each score is a ratio of the means over positions (not a mean of per-position ratios): 1 when
+the proxy is the model, 0 when it does no better than zeros, above 1 or below 0 possible.
+Differences from SAELens: its positions are every position but those whose *input* token is special
+(BOS, EOS, PAD) and it splices the SAE only at those positions; here the positions are the task's
+scored ones and the proxy replaces the activation at every position, as in every other metric.
+
 Intervals: the split's bootstrap replicate weights over sequences (shared with the other metrics)
 resample the per-sequence sums; a latent counts as active in a replicate when it fires in a drawn
 sequence. ``dead_fraction`` is biased upwards in replicates (fewer distinct sequences), which the
@@ -41,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from illusions.errors import IllusionsError
-from illusions.metric_table import DICTIONARY_METRICS, FIRST_SKIPPED_METRICS
+from illusions.metric_table import DICTIONARY_METRICS, DOWNSTREAM_METRICS, FIRST_SKIPPED_METRICS
 
 if TYPE_CHECKING:
     from illusions.backends import LensModel
@@ -280,4 +300,70 @@ def estimates(stats: SparseStats, sampler: Resampler) -> dict[str, tuple[float, 
     for metric in SPARSE_METRICS:
         lo, hi = sampler.intervals(reps[metric])
         out[metric] = (float(point[metric][0]), float(lo), float(hi))
+    return out
+
+
+DOWNSTREAM_FIELDS = ("ce_original", "ce_proxy", "ce_ablation", "kl_ablation")
+"""Per scored position of a dictionary proxy's records (:attr:`~illusions.analyses.faithfulness.Records.downstream`):
+the target's cross-entropy under the original model, the proxy and the zero ablation, and KL(original || ablation)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroHook:
+    """Zero-ablates the activation a dictionary replaces (``heads``: only those heads of a ``hook_z``)."""
+
+    hook_name: str
+    heads: tuple[int, ...] | None
+
+    def __call__(self, activation: Any, hook: Any = None) -> Any:
+        import torch
+
+        from illusions.simplifiers.base import head_rows, replace_heads
+
+        if self.heads is None:
+            return torch.zeros_like(activation)
+        rows = head_rows(self.heads, activation.shape[2])
+        return replace_heads(activation, rows, torch.zeros_like(activation[:, :, rows]), axis=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroAblation:
+    """The baseline of :func:`downstream_estimates`: every activation a proxy's dictionaries replace, set
+    to zero (as SAELens' ``standard_zero_ablate_hook``; a transcoder's MLP output), in a proxy's shape
+    (``fwd_hooks``, no attention heads) so the evaluation runs it as it runs the proxy."""
+
+    hooks: tuple[ZeroHook, ...]
+    heads: tuple[tuple[int, int], ...] = ()
+
+    @classmethod
+    def of(cls, proxy: Proxy) -> ZeroAblation | None:
+        """The zero ablation of ``proxy``'s dictionaries, None for a proxy without any."""
+        hooks = dictionary_hooks(proxy)
+        return cls(tuple(ZeroHook(h.hook_name, h.heads) for h in hooks)) if hooks else None
+
+    @property
+    def fwd_hooks(self) -> list[tuple[str, Any]]:
+        return [(h.hook_name, h) for h in self.hooks]
+
+
+def downstream_estimates(downstream: dict[str, np.ndarray], kl: np.ndarray, seq: np.ndarray,
+                         sampler: Resampler) -> dict[str, tuple[float, float, float]]:
+    """``{metric: (value, ci_low, ci_high)}`` of :data:`~illusions.metric_table.DOWNSTREAM_METRICS` from
+    per-position ``downstream`` arrays (:data:`DOWNSTREAM_FIELDS`) and the proxy's KL, with the split's
+    bootstrap replicates (each replicate's scores are ratios of its own means)."""
+    values = np.stack([*(downstream[f] for f in DOWNSTREAM_FIELDS), kl], axis=1)  # [n, 5]
+    points, reps = sampler.grouped(values, seq, np.zeros(len(seq), np.int64), 1)
+
+    def metrics(m: np.ndarray) -> dict[str, np.ndarray]:  # m [..., 5]: the five means
+        clean, proxy, ablation, kl_ablation, kl_proxy = np.moveaxis(m, -1, 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return {"ce_loss_original": clean, "ce_loss_proxy": proxy, "ce_loss_ablation": ablation,
+                    "loss_recovered": (ablation - proxy) / (ablation - clean), "kl_ablation": kl_ablation,
+                    "kl_div_score": (kl_ablation - kl_proxy) / kl_ablation}
+
+    point, rep = metrics(points[0]), metrics(reps[:, 0])
+    out = {}
+    for metric in DOWNSTREAM_METRICS:
+        lo, hi = sampler.intervals(rep[metric])
+        out[metric] = (float(point[metric]), float(lo), float(hi))
     return out

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from illusions.analyses.faithfulness import METRICS, AnalysisResult, Records, sweep_param
+from illusions.analyses.sparse import downstream_estimates
 from illusions.analyses.sparse import estimates as sparse_estimates
 from illusions.analyses.spec import BREAKDOWNS
 from illusions.analyses.warning_signals import THRESHOLDS, WARNING_GROUP, warning_rows
@@ -188,6 +189,11 @@ def _split_rows(setup: _Setup, refs: tuple[_Reference | None, _Reference | None]
                                    "metric": metric, "value": value, "ci_low": low, "ci_high": high,
                                    "n_positions": rec.sparse.n_positions(metric),
                                    "n_sequences": len(rec.sparse.n_tokens)}))
+    if rec.downstream and len(rec):  # ... and their downstream loss against a zero ablation
+        for metric, (value, low, high) in downstream_estimates(rec.downstream, rec.kl, rec.seq, sampler).items():
+            rows.append(_complete({**base, "group_by": "all", "group": "all", "metric": metric, "value": value,
+                                   "ci_low": low, "ci_high": high, "n_positions": len(rec),
+                                   "n_sequences": n_seqs}))
     for col in setup.breakdowns:
         if not len(rec) or (col != "length" and col not in rec.meta):
             continue

@@ -8,7 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from illusions.metric_table import DICTIONARY_METRICS, SUMMARY_METRICS, metric
+from illusions.metric_table import DICTIONARY_METRICS, DOWNSTREAM_METRICS, SUMMARY_METRICS, metric
 
 
 def _ci(value: float, low: float, high: float, digits: int = 3) -> str:
@@ -68,6 +68,8 @@ def print_summary(run: Any, console: Console | None = None) -> None:
     console.print(f"[dim]{note}[/dim]")
     if any(r["metric"] == "explained_variance" for r in rows):
         print_sparse(rows, proxies, console)
+    if any(r["metric"] == "loss_recovered" for r in rows):
+        print_downstream(rows, proxies, console)
 
 
 def _summary_body(rows: list[dict[str, Any]], grouped: list[dict[str, Any]], proxies: list[str],
@@ -175,6 +177,38 @@ def print_sparse(rows: list[dict[str, Any]], proxies: list[str], console: Consol
                   "sink); pooled: over all positions; MSE/token: residual per position; L0: active latents per "
                   "position; dead: share of latents never "
                   "active on the split; new: share active on the split but never on the fitting data.[/dim]")
+
+
+# (metric, header, decimals) of the downstream loss table: the KL with the proxy sits before the ablation's.
+DOWNSTREAM_COLUMNS = tuple((k, metric(k).tiny, metric(k).console_places)
+                           for k in (*DOWNSTREAM_METRICS[:4], "kl", *DOWNSTREAM_METRICS[4:]))
+
+
+def print_downstream(rows: list[dict[str, Any]], proxies: list[str], console: Console) -> None:
+    """Per split: a sparse dictionary's downstream loss against a zero ablation, as SAELens reports it."""
+    by = {(r["proxy"], r["split"], r["metric"]): r for r in rows}
+    table = Table(title="sparse dictionary downstream (scored positions; nats)", title_justify="left")
+    if len(proxies) > 1:
+        table.add_column("proxy")
+    table.add_column("split")
+    table.add_column("pos", justify="right")
+    for _, header, _ in DOWNSTREAM_COLUMNS:
+        table.add_column(header, justify="right", no_wrap=True)
+    for proxy in proxies:
+        for split in dict.fromkeys(r["split"] for r in rows if r["proxy"] == proxy):
+            m = {key: by.get((proxy, split, key)) for key, _, _ in DOWNSTREAM_COLUMNS}
+            if m["loss_recovered"] is None:
+                continue
+            cells = [split, str(int(m["loss_recovered"]["n_positions"]))]
+            cells += [_ci(m[key]["value"], m[key]["ci_low"], m[key]["ci_high"], digits) for key, _, digits in DOWNSTREAM_COLUMNS]
+            table.add_row(*([proxy] if len(proxies) > 1 else []), *cells)
+        if len(proxies) > 1:
+            table.add_section()
+    console.print(table)
+    console.print("[dim]CE: cross-entropy of the target token (whole vocabulary) with the original model, the proxy "
+                  "and the replaced activation zero-ablated; loss rec = (CE abl - CE proxy) / (CE abl - CE orig); "
+                  "KL(original || proxy) and KL(original || ablated); KL score = (KL abl - KL) / KL abl (SAELens' "
+                  "ce_loss_score and kl_div_score: 1 = as the model, 0 = no better than zeros).[/dim]")
 
 
 def _groups_note(run: Any, grouped: list[dict[str, Any]]) -> str:

@@ -142,6 +142,7 @@ def _records_of(arrays: dict[str, np.ndarray]) -> tuple[dict[tuple[str, int], An
                                             if k.startswith("sparse/")}) if "sparse/err" in f else None,
             # Stored as float32 where that is exact (analyses/run._compact); float64 as the run had them.
             warnings={k.removeprefix("warn/"): v.astype(np.float64) for k, v in f.items() if k.startswith("warn/")},
+            downstream={k.removeprefix("down/"): v for k, v in f.items() if k.startswith("down/")},
         )
     # npz keys come back sorted; the evaluation order is the one metrics.json lists.
     return records, split_rows, arrays["fit_rows"], labels
