@@ -36,7 +36,7 @@ from illusions.simplifiers.kmeans import (
     check_kmeans_fields,
     cluster_spread,
 )
-from illusions.simplifiers.svd import PCAFit, ProjectionHook, pca
+from illusions.simplifiers.svd import PCAFit, ProjectionHook, ScatterStats, pca
 
 if TYPE_CHECKING:
     from illusions.backends import LensModel
@@ -112,13 +112,25 @@ class ResidSVD(SimplifierConfig):
             ``{rank: proxy}``.
         """
         ranks = list(dict.fromkeys(ranks))
-        for rank in ranks:
-            check_positive(rank, "rank", model.cfg.d_model)
-        targets = self.targets.resolve(model)
-        names = resid_hook_names(model, targets)
+        self._check_ranks(model, ranks)
+        names = resid_hook_names(model, self.targets.resolve(model))
         fits: dict[str, PCAFit] = {
             name: pca(require(activations, name, self.name), centered=self.centered) for name in names
         }
+        return self._proxies(model, fits, ranks)
+
+    def stream(self, model: LensModel) -> ResidSVDStream:
+        """A :class:`ResidSVDStream` that fits this simplifier from activations given batch by batch."""
+        return ResidSVDStream(self, model)
+
+    def _check_ranks(self, model: LensModel, ranks: list[int]) -> None:
+        for rank in ranks:
+            check_positive(rank, "rank", model.cfg.d_model)
+
+    def _proxies(self, model: LensModel, fits: dict[str, PCAFit], ranks: list[int]) -> dict[int, Proxy]:
+        """``{rank: proxy}`` from the decomposition at each hook."""
+        targets = self.targets.resolve(model)
+        names = resid_hook_names(model, targets)
         out = {}
         for rank in ranks:
             hooks = tuple(
@@ -136,6 +148,28 @@ class ResidSVD(SimplifierConfig):
                       "explained_variance": {name: fits[name].explained(rank) for name in names}},
             )
         return out
+
+
+class ResidSVDStream:
+    """:meth:`ResidSVD.fit_sweep` from activations given batch by batch (:meth:`add`, each batch in
+    ``collect``'s layout), holding one :class:`~illusions.simplifiers.svd.ScatterStats` (a ``d_model``
+    square float64 matrix) per hook instead of the activations; equal to the held fit up to float64
+    rounding, as :class:`~illusions.simplifiers.svd.SVDStream`."""
+
+    def __init__(self, config: ResidSVD, model: LensModel) -> None:
+        self.config = config
+        self.model = model
+        self.names = resid_hook_names(model, config.targets.resolve(model))
+        self.stats = {name: ScatterStats(centered=config.centered) for name in self.names}
+
+    def add(self, activations: dict[str, Tensor]) -> None:
+        for name in self.names:
+            self.stats[name].add(require(activations, name, self.config.name))
+
+    def fit_sweep(self, ranks: list[int]) -> dict[int, Proxy]:
+        ranks = list(dict.fromkeys(ranks))
+        self.config._check_ranks(self.model, ranks)
+        return self.config._proxies(self.model, {name: self.stats[name].fit() for name in self.names}, ranks)
 
 
 @dataclasses.dataclass(frozen=True)
