@@ -31,7 +31,9 @@ from illusions.simplifiers.base import (
 )
 from illusions.simplifiers.kmeans import (
     MINIBATCH_ABOVE,
+    CentroidFit,
     CentroidHook,
+    CentroidsStream,
     centroids_for,
     check_kmeans_fields,
     cluster_spread,
@@ -202,15 +204,30 @@ class ResidKMeans(SimplifierConfig):
         return resid_hook_names(model, self.targets.resolve(model))
 
     def fit(self, model: LensModel, activations: dict[str, Tensor]) -> Proxy:
+        fits: dict[tuple[str, None], CentroidFit] = {}
+        spreads: dict[tuple[str, None], Tensor] = {}
+        for name in resid_hook_names(model, self.targets.resolve(model)):
+            x = require(activations, name, self.name)
+            fits[(name, None)] = centroids_for(self, x, name)
+            spreads[(name, None)] = cluster_spread(x, fits[(name, None)].centroids)
+        return self._proxy(model, fits, spreads)
+
+    def stream(self, model: LensModel) -> CentroidsStream:
+        """A :class:`~illusions.simplifiers.kmeans.CentroidsStream` that fits this simplifier from
+        activations given batch by batch."""
+        return CentroidsStream(self, model, [(name, None) for name in self.hook_names(model)])
+
+    def _proxy(self, model: LensModel, fits: dict[tuple[str, None], CentroidFit],
+               spreads: dict[tuple[str, None], Tensor]) -> Proxy:
+        """The proxy of each hook's centroids and cluster spreads."""
         targets = self.targets.resolve(model)
         hooks = []
         inertia = {}
         fit = None
         for name in resid_hook_names(model, targets):
-            x = require(activations, name, self.name)
-            fit = centroids_for(self, x, name)
+            fit = fits[(name, None)]
             hooks.append(CentroidHook(hook_name=name, heads=None, centroids=fit.centroids,
-                                      spread=cluster_spread(x, fit.centroids)))
+                                      spread=spreads[(name, None)]))
             inertia[name] = fit.inertia
         assert fit is not None
         return Proxy(
