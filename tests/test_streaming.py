@@ -130,3 +130,114 @@ def test_streamed_kmeans_through_the_engine(tiny_model, rng, monkeypatch, name):
         assert not torch.equal(ha.centroids, hh.centroids)  # a fit of its own, not the held one
     inertia = [np.sum(a.info["inertia"][k]) / np.sum(held.info["inertia"][k]) for k in held.info["inertia"]]
     assert max(inertia) < 1.5, inertia
+
+
+# ---------------------------------------------------------------- sparse dictionaries
+
+
+def _dictionary_stream(model, config, tokens, batch: int = 8):
+    from illusions.activations import collect
+
+    stream = config.stream(model)
+    mask = torch.ones(tokens.shape, dtype=torch.bool)
+    names = config.hook_names(model)
+    for start in range(0, len(tokens), batch):
+        stream.add(collect(model, tokens[start : start + batch], names, mask[start : start + batch]))
+    return stream
+
+
+@pytest.mark.sae
+def test_streamed_dictionary_trains_on_a_seeded_sample_and_is_the_held_fit_when_all_fits(monkeypatch):
+    pytest.importorskip("sae_lens")
+    from illusions.activations import collect
+    from illusions.models import ModelConfig, build_model
+    from illusions.simplifiers import SAE
+
+    model = build_model(ModelConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=24,
+                                    d_vocab=13), seed=0)
+    tokens = torch.randint(0, 13, (48, 16), generator=torch.Generator().manual_seed(0))
+    config = SAE(width=16, sae_steps=20, sae_batch=128, seed=3)
+    everything = collect(model, tokens, config.hook_names(model), torch.ones(tokens.shape, dtype=torch.bool))
+    held = config.fit(model, everything)
+    # A sample that holds every position keeps them all in order: the held fit, bit for bit.
+    whole = _dictionary_stream(model, config, tokens).fit_sweep([16])[16]
+    assert whole.info["streamed"] == {"positions": 48 * 16, "sample": 48 * 16}
+    for key, value in held.hooks[0].tensors().items():
+        assert torch.equal(whole.hooks[0].tensors()[key], value), key
+    # A smaller budget: 200 positions, drawn by the seed; the same seed gives the same dictionary.
+    monkeypatch.setattr(streaming, "SAMPLE_BYTES", 200 * 32 * 4)
+    a, b = (_dictionary_stream(model, config, tokens) for _ in range(2))
+    pa, pb = a.fit_sweep([16])[16], b.fit_sweep([16])[16]
+    assert pa.info["streamed"] == {"positions": 768, "sample": 200} and pa.info["n_fitted"] == 200
+    assert set(pa.info["fit"]) == set(held.info["fit"])
+    for key, value in pa.hooks[0].tensors().items():
+        assert torch.equal(pb.hooks[0].tensors()[key], value), key
+    assert not torch.equal(pa.hooks[0].W_enc, held.hooks[0].W_enc)
+    other = _dictionary_stream(model, SAE(width=16, sae_steps=20, sae_batch=128, seed=4), tokens)
+    assert not torch.equal(other.sample.sample()[config.hook_names(model)[0]],
+                           a.sample.sample()[config.hook_names(model)[0]])
+    with pytest.raises(IllusionsError, match="fits width=16"):
+        a.fit_sweep([32])
+
+
+@pytest.mark.sae
+def test_streamed_transcoder_keeps_its_input_and_target_aligned(monkeypatch):
+    pytest.importorskip("sae_lens")
+    from illusions.models import ModelConfig, build_model
+    from illusions.simplifiers import Transcoder
+
+    model = build_model(ModelConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=24,
+                                    d_vocab=13), seed=0)
+    tokens = torch.randint(0, 13, (48, 16), generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(streaming, "SAMPLE_BYTES", 150 * 2 * 32 * 4)  # 150 positions of input and target
+    config = Transcoder(width=16, sae_steps=20, sae_batch=64)
+    stream = _dictionary_stream(model, config, tokens)
+    sample = stream.sample.sample()
+    inp, out = config.hook_names(model)
+    assert (inp, out) == ("blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out")
+    assert sample[inp].shape == sample[out].shape == (150, 32)
+    with torch.no_grad():  # each kept target is the MLP of the input kept beside it
+        torch.testing.assert_close(model.blocks[1].mlp(sample[inp][:, None])[:, 0], sample[out])
+    proxy = stream.fit_sweep([16])[16]
+    assert proxy.info["n_fitted"] == 150 and [h.hook_name for h in proxy.hooks] == [out]
+
+
+def test_only_held_activations_are_checked_against_memory(tiny_model, rng, monkeypatch):
+    from illusions import devices
+    from illusions.analyses import faithfulness
+    from illusions.registry import make_simplifier
+    from test_analyses import make_split
+
+    split = make_split("train", rng, n=40)
+    rows = np.arange(len(split))
+    monkeypatch.setattr(devices, "memory_bytes", lambda device="cpu": 20_000)  # less than any fit here
+    streams = [make_simplifier("kmeans", k=3), make_simplifier("resid-svd", rank=2)]
+    with pytest.raises(IllusionsError, match="fitting on 40 sequences"):
+        faithfulness.fit_proxies(tiny_model, split, rows, streams, batch_size=8)  # held: refused
+    monkeypatch.setattr(faithfulness, "STREAM_FIT_BYTES", 0)
+    assert len(faithfulness.fit_proxies(tiny_model, split, rows, streams, batch_size=8)) == 2  # streamed: nothing held
+    circuit = make_simplifier("circuit", keep="L0H0")
+    with pytest.raises(IllusionsError) as error:
+        faithfulness.fit_proxies(tiny_model, split, rows, [*streams, circuit], batch_size=8)
+    message = str(error.value)
+    assert "\n" not in message and "blocks.0.attn.hook_z" in message  # the circuit's activations are held
+    assert "hook_q" not in message and "hook_resid" not in message  # the streamed ones are not counted
+
+
+@pytest.mark.sae
+def test_engine_streams_a_dictionary_above_the_threshold(tiny_model, rng, monkeypatch):
+    pytest.importorskip("sae_lens")
+    from illusions.analyses import faithfulness
+    from illusions.registry import make_simplifier
+    from test_analyses import make_split
+
+    split = make_split("train", rng, n=40)
+    rows = np.arange(len(split))
+    sae = make_simplifier("sae", width=16, sae_steps=10, sae_batch=64)
+    held = faithfulness.fit_proxies(tiny_model, split, rows, [sae], batch_size=8)[0]
+    assert "streamed" not in held.info
+    monkeypatch.setattr(faithfulness, "STREAM_FIT_BYTES", 0)
+    monkeypatch.setattr(streaming, "SAMPLE_BYTES", 100 * 32 * 4)
+    proxy = faithfulness.fit_proxies(tiny_model, split, rows, [sae], batch_size=8)[0]
+    assert proxy.info["streamed"] == {"positions": int(split.lengths.sum()), "sample": 100}
+    assert proxy.info["n_fitted"] == 100 and proxy.params == held.params
