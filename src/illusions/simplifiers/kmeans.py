@@ -14,7 +14,8 @@ Fitting uses scikit-learn, seeded through ``random_state=seed`` (the same seed f
 with ``init="k-means++"``: up to ``minibatch_above`` vectors (default 100,000) ``KMeans`` (Lloyd)
 with ``n_init=1`` (k-means++ seeding is already close to a good solution; more restarts multiply
 the time, and sweeps over k matter more than restarts), above it ``MiniBatchKMeans`` with batches
-of 4,096 vectors, which fits 10^6 vectors of width 32 with k=64 in seconds.
+of 4,096 vectors, which fits 10^6 vectors of width 32 with k=64 in seconds. Fits too large to hold
+stream instead (:class:`CentroidsStream`: one ``partial_fit`` pass seeded on the first 12,288 vectors).
 """
 
 from __future__ import annotations
@@ -365,7 +366,7 @@ class OnePassKMeans:
                                          batch_size=MINIBATCH_SIZE, random_state=self.config.seed,
                                          compute_labels=False)
             self.model.partial_fit(first)
-            self.pending = [data[self.init_size :]]
+            self.pending = [data[self.init_size :].copy()]  # not a view keeping ``data`` alive
             self.n_pending = len(self.pending[0])
         if self.n_pending < MINIBATCH_SIZE and not (final and self.n_pending):
             return
@@ -373,7 +374,7 @@ class OnePassKMeans:
         cut = len(data) if final else len(data) - len(data) % MINIBATCH_SIZE
         for start in range(0, cut, MINIBATCH_SIZE):
             self.model.partial_fit(data[start : min(start + MINIBATCH_SIZE, cut)])
-        self.pending = [data[cut:]]
+        self.pending = [data[cut:].copy()]
         self.n_pending = len(data) - cut
 
     def fit(self, sample: Float[Tensor, "m d"]) -> tuple[CentroidFit, Float[Tensor, " k"]]:
