@@ -33,7 +33,8 @@ weights are initialised by SAELens from ``seed`` (inside a forked RNG, so the ca
 left as it was). While training, inputs are scaled to a mean norm of sqrt(d), the scale SAELens'
 hyperparameters assume (a transcoder's input and output each by its own factor); afterwards the
 scales, and TopK's decoder norms, are folded into the weights, so the saved tensors act on raw
-activations.
+activations. Fits too large to hold train the same way on a seeded uniform sample of at most 256 MiB
+of the fitting positions (:class:`DictionaryStream`).
 
 ``sae_from`` loads a dictionary trained elsewhere and saved by SAELens (``cfg.json`` +
 ``sae_weights.safetensors``, read with ``SAE.load_from_disk``) instead of training one. SAEs:
