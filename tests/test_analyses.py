@@ -221,7 +221,8 @@ def test_large_svd_fits_stream_their_activations_and_agree_with_the_held_fit(tin
     split = make_split("train", rng, n=40)
     rows = np.arange(len(split))
     simplifiers = [make_simplifier("svd", rank=2), make_simplifier("svd", rank=5),
-                   make_simplifier("svd", rank=3, basis="joint"), make_simplifier("kmeans", k=4)]
+                   make_simplifier("svd", rank=3, basis="joint"), make_simplifier("resid-svd", rank=3),
+                   make_simplifier("resid-svd", rank=7, layers=[0, 1]), make_simplifier("kmeans", k=4)]
     calls = []
     collect = illusions.activations.collect
     monkeypatch.setattr(illusions.activations, "collect",
@@ -230,16 +231,23 @@ def test_large_svd_fits_stream_their_activations_and_agree_with_the_held_fit(tin
     assert max(calls) == len(rows)  # one collection of every fitting row
     calls.clear()
     monkeypatch.setattr(faithfulness, "STREAM_FIT_BYTES", 0)
+    kept = []
+    streamed_collect = faithfulness._collect_streamed
+    monkeypatch.setattr(faithfulness, "_collect_streamed",
+                        lambda *a: kept.append(a[4]) or streamed_collect(*a))
     streamed = faithfulness.fit_proxies(tiny_model, split, rows, simplifiers, batch_size=8)
     assert max(calls) == 8  # batch by batch (and the one-row size probe)
-    for a, b in zip(held[:3], streamed[:3], strict=True):
+    assert kept == [[]]  # every one of them streams: no activations are held
+    for a, b in zip(held[:5], streamed[:5], strict=True):
         assert a.params == b.params and a.info["n_fitted"] == b.info["n_fitted"]
+        assert len(a.hooks) == len(b.hooks) > 0
         for ha, hb in zip(a.hooks, b.hooks, strict=True):
             torch.testing.assert_close(hb.mean, ha.mean, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(hb._proj, ha._proj, rtol=0.0, atol=1e-5)  # V V^T: signs cancel
-    # k-means cannot stream: it reads the held activations, the same bits as the held path's.
-    for key, value in held[3].hooks[0].tensors().items():
-        assert torch.equal(streamed[3].hooks[0].tensors()[key], value), key
+    # k-means streams, but fewer vectors than its seeding sample are still all there and fitted as
+    # held: the same bits as the held path's (the one-pass fit itself: tests/test_streaming.py).
+    for key, value in held[5].hooks[0].tensors().items():
+        assert torch.equal(streamed[5].hooks[0].tensors()[key], value), key
 
 
 def test_the_token_budget_bounds_every_forward_pass_fit_calibration_and_evaluation(tiny_model, rng, monkeypatch):

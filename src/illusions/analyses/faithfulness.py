@@ -339,8 +339,10 @@ def fit_proxies(
     the plain ``batch_size`` ones, bit for bit as before.
 
     When the collected activations would take more than :data:`STREAM_FIT_BYTES`, simplifiers that
-    can fit from batches (``stream``: svd) take them batch by batch and only the others' are held
-    (:func:`_collect_streamed`); below it every fit reads the held activations, as always.
+    can fit from batches (``stream``: svd and resid-svd from scatter matrices, kmeans and resid-kmeans
+    in one mini-batch pass, sae and transcoder on a seeded sample) take them batch by batch and only
+    the others' are held (:func:`_collect_streamed`), and only those are checked against memory; below
+    it every fit reads the held activations, as always.
     """
     import torch
 
@@ -439,9 +441,10 @@ def _collect_streamed(model: LensModel, tokens: Any, mask: Any, names: list[str]
     return {name: torch.cat(parts) for name, parts in kept.items()}
 
 
-# Collected fit activations (bytes) above which simplifiers that can fit from batches (svd) stream them
-# (500 sequences of 1,024 tokens at one 768-wide layer's queries and keys are 3.1 GB, held twice while
-# collecting); the bundled tasks' fits (a few MB) always take the held path, bit for bit as before.
+# Collected fit activations (bytes) above which simplifiers that can fit from batches (``stream``: svd,
+# resid-svd, kmeans, resid-kmeans, sae, transcoder) stream them (500 sequences of 1,024 tokens at one
+# 768-wide layer's queries and keys are 3.1 GB, held twice while collecting); the bundled tasks' fits
+# (a few MB) always take the held path, bit for bit as before.
 STREAM_FIT_BYTES = 2**30
 
 

@@ -14,7 +14,8 @@ Fitting uses scikit-learn, seeded through ``random_state=seed`` (the same seed f
 with ``init="k-means++"``: up to ``minibatch_above`` vectors (default 100,000) ``KMeans`` (Lloyd)
 with ``n_init=1`` (k-means++ seeding is already close to a good solution; more restarts multiply
 the time, and sweeps over k matter more than restarts), above it ``MiniBatchKMeans`` with batches
-of 4,096 vectors, which fits 10^6 vectors of width 32 with k=64 in seconds.
+of 4,096 vectors, which fits 10^6 vectors of width 32 with k=64 in seconds. Fits too large to hold
+stream instead (:class:`CentroidsStream`: one ``partial_fit`` pass seeded on the first 12,288 vectors).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from illusions.errors import IllusionsError
+from illusions.simplifiers import streaming
 from illusions.simplifiers.base import (
     FittedHook,
     Proxy,
@@ -271,23 +273,39 @@ class KMeans(SimplifierConfig):
 
     def fit(self, model: LensModel, activations: dict[str, Tensor]) -> Proxy:
         targets = self.targets.resolve(model)
+        fits: dict[tuple[str, int], CentroidFit] = {}
+        spreads: dict[tuple[str, int], Tensor] = {}
+        for name in self.hook_names(model):
+            data = require(activations, name, self.name)
+            for head in targets.heads:
+                fits[(name, head)] = self.centroids(data[:, head], f"{name} head {head}")
+                spreads[(name, head)] = cluster_spread(data[:, head], fits[(name, head)].centroids)
+        return self._proxy(model, fits, spreads)
+
+    def stream(self, model: LensModel) -> CentroidsStream:
+        """A :class:`CentroidsStream` that fits this simplifier from activations given batch by batch."""
+        return CentroidsStream(self, model, [(name, head) for name in self.hook_names(model)
+                                             for head in self.targets.resolve(model).heads])
+
+    def _proxy(self, model: LensModel, fits: dict[tuple[str, int], CentroidFit],
+               spreads: dict[tuple[str, int], Tensor]) -> Proxy:
+        """The proxy of each (hook, head)'s centroids and cluster spreads."""
+        targets = self.targets.resolve(model)
         hooks = []
         inertia: dict[str, list[float]] = {}
         algorithms = set()
         n_fitted = 0
         for name in self.hook_names(model):
-            data = require(activations, name, self.name)
-            fits = [self.centroids(data[:, head], f"{name} head {head}") for head in targets.heads]
+            fits_here = [fits[(name, head)] for head in targets.heads]
             hooks.append(CentroidHook(
                 hook_name=name,
                 heads=targets.heads,
-                centroids=torch.stack([f.centroids for f in fits]).contiguous(),  # [heads k d_head]
-                spread=torch.stack([cluster_spread(data[:, head], f.centroids)
-                                    for head, f in zip(targets.heads, fits, strict=True)]),  # [heads k]
+                centroids=torch.stack([f.centroids for f in fits_here]).contiguous(),  # [heads k d_head]
+                spread=torch.stack([spreads[(name, head)] for head in targets.heads]),  # [heads k]
             ))
-            inertia[name] = [f.inertia for f in fits]
-            algorithms.update(f.algorithm for f in fits)
-            n_fitted = fits[0].n
+            inertia[name] = [f.inertia for f in fits_here]
+            algorithms.update(f.algorithm for f in fits_here)
+            n_fitted = fits_here[0].n
         return Proxy(
             simplifier=self.name,
             sweep_param=self.sweep_param,
@@ -297,3 +315,129 @@ class KMeans(SimplifierConfig):
             info={"n_fitted": n_fitted, "inertia": inertia, "algorithm": sorted(algorithms)},
         )
 
+
+
+# A streamed fit (:class:`CentroidsStream`) seeds k-means++ on the first this many vectors (sklearn's
+# default init_size for MiniBatchKMeans, 3 batches), and measures spread and inertia on a seeded
+# sample of at most STREAM_SAMPLE_ROWS positions.
+STREAM_INIT = 3 * MINIBATCH_SIZE
+STREAM_SAMPLE_ROWS = 1 << 14
+
+
+class OnePassKMeans:
+    """k-means of the vectors given to :meth:`add` batch by batch, in one pass (rule in
+    :class:`CentroidsStream`); holds at most ``max(init_size, MINIBATCH_SIZE)`` vectors beside the
+    batch being added."""
+
+    def __init__(self, config: Any, where: str) -> None:
+        self.config = config
+        self.where = where
+        self.init_size = max(STREAM_INIT, 3 * config.k)
+        self.pending: list[Any] = []  # float32 numpy arrays not yet fitted, in order
+        self.n_pending = 0
+        self.n = 0
+        self.model: Any = None  # the MiniBatchKMeans, once seeded
+
+    def add(self, x: Float[Tensor, "n d"]) -> None:
+        import numpy as np
+
+        if x.shape[0] == 0:
+            return
+        self.pending.append(np.array(x.detach().cpu().float().numpy(), copy=True))  # not a view of the batch
+        self.n_pending += int(x.shape[0])
+        self.n += int(x.shape[0])
+        self._steps(final=False)
+
+    def _steps(self, *, final: bool) -> None:
+        import numpy as np
+        from sklearn.cluster import MiniBatchKMeans
+
+        if self.model is None:
+            if self.n_pending < self.init_size:
+                return
+            data = np.concatenate(self.pending)
+            first = data[: self.init_size]
+            distinct = distinct_rows(torch.from_numpy(first), self.config.k)
+            if self.config.k > distinct:
+                raise IllusionsError(
+                    f"k={self.config.k} exceeds the {distinct} distinct vectors among the first {len(first):,} "
+                    f"fitted at {self.where} (a streamed k-means seeds on them); k must be in 1..{distinct}")
+            self.model = MiniBatchKMeans(n_clusters=self.config.k, init="k-means++", n_init=1,
+                                         batch_size=MINIBATCH_SIZE, random_state=self.config.seed,
+                                         compute_labels=False)
+            self.model.partial_fit(first)
+            self.pending = [data[self.init_size :].copy()]  # not a view keeping ``data`` alive
+            self.n_pending = len(self.pending[0])
+        if self.n_pending < MINIBATCH_SIZE and not (final and self.n_pending):
+            return
+        data = np.concatenate(self.pending)
+        cut = len(data) if final else len(data) - len(data) % MINIBATCH_SIZE
+        for start in range(0, cut, MINIBATCH_SIZE):
+            self.model.partial_fit(data[start : min(start + MINIBATCH_SIZE, cut)])
+        self.pending = [data[cut:].copy()]
+        self.n_pending = len(data) - cut
+
+    def fit(self, sample: Float[Tensor, "m d"]) -> tuple[CentroidFit, Float[Tensor, " k"]]:
+        """The centroids and each cluster's spread (:func:`cluster_spread`); ``sample`` is a uniform
+        sample of the vectors added, on which spread and inertia are measured once streamed."""
+        import numpy as np
+
+        if self.model is None:  # never reached init_size: every vector is still here, fit as if held
+            x = torch.from_numpy(np.concatenate(self.pending)) if self.pending else torch.zeros(0, 1)
+            fit = centroids_for(self.config, x, self.where)
+            return fit, cluster_spread(x, fit.centroids)
+        self._steps(final=True)
+        centroids = torch.as_tensor(self.model.cluster_centers_, dtype=torch.float32)
+        x = sample.detach().cpu().float()
+        sq = float(((x - centroids[nearest_index(x, centroids)]) ** 2).sum(-1).double().sum())
+        inertia = sq * self.n / max(1, int(x.shape[0]))  # the sample's inertia scaled to every vector
+        return (CentroidFit(centroids=centroids, inertia=inertia, algorithm="minibatch-stream", n=self.n),
+                cluster_spread(x, centroids))
+
+
+class CentroidsStream:
+    """A centroid simplifier's fit (``kmeans``, ``resid-kmeans``) from activations given batch by
+    batch (:meth:`add`, each batch in ``collect``'s layout), in one pass, for fits too large to hold.
+
+    For each (hook, head) (``head`` None for a residual hook): scikit-learn's ``MiniBatchKMeans``
+    (``random_state=seed``, batches of :data:`MINIBATCH_SIZE`) is seeded by k-means++ on the first
+    ``max(3 x MINIBATCH_SIZE, 3 k)`` vectors it receives, in collection order (the fitting sequences
+    shortest first), with one mini-batch step on them; then every following ``MINIBATCH_SIZE``
+    vectors make one ``partial_fit`` step, the last (partial) batch one more. One pass, no restarts:
+    ``n_init``, ``max_iter`` and ``minibatch_above`` do not apply. Each cluster's spread and the
+    inertia (scaled by ``n / m``) are measured at the final centroids on a uniform sample of ``m``
+    positions (:class:`~illusions.simplifiers.streaming.Reservoir`, seeded by ``seed``, at most
+    :data:`STREAM_SAMPLE_ROWS` positions and :data:`~illusions.simplifiers.streaming.SAMPLE_BYTES`).
+    The same batches in the same order give the same centroids. When fewer vectors than the seeding
+    sample come, they are all still held and fitted as the held path fits them (the same centroids).
+    Memory: the sample, and per (hook, head) at most ``max(init, MINIBATCH_SIZE)`` pending vectors.
+    """
+
+    def __init__(self, config: Any, model: LensModel, keys: list[tuple[str, int | None]]) -> None:
+        self.config = config
+        self.model = model
+        self.keys = keys
+        self.names = list(dict.fromkeys(name for name, _ in keys))
+        self.fits = {(name, head): OnePassKMeans(config, name if head is None else f"{name} head {head}")
+                     for name, head in keys}
+        self.sample = streaming.Reservoir(streaming.SAMPLE_BYTES, config.seed, max_rows=STREAM_SAMPLE_ROWS)
+
+    def add(self, activations: dict[str, Tensor]) -> None:
+        batch = {name: require(activations, name, self.config.name) for name in self.names}
+        self.sample.add(batch)
+        for name, head in self.keys:
+            self.fits[(name, head)].add(batch[name] if head is None else batch[name][:, head])
+
+    def fit_sweep(self, values: list[int]) -> dict[int, Proxy]:
+        if list(values) != [self.config.k]:
+            raise IllusionsError(f"a {self.config.name} stream fits k={self.config.k}, not {values}")
+        sample = self.sample.sample()
+        fits: dict[Any, CentroidFit] = {}
+        spreads: dict[Any, Tensor] = {}
+        for name, head in self.keys:
+            x = sample[name] if head is None else sample[name][:, head]
+            fits[(name, head)], spreads[(name, head)] = self.fits[(name, head)].fit(x)
+        proxy = self.config._proxy(self.model, fits, spreads)
+        info = {**proxy.info, "streamed": {"positions": self.sample.seen, "sample": self.sample.size,
+                                           "init": self.fits[self.keys[0]].init_size}}
+        return {self.config.k: dataclasses.replace(proxy, info=info)}

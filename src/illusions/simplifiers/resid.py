@@ -31,12 +31,14 @@ from illusions.simplifiers.base import (
 )
 from illusions.simplifiers.kmeans import (
     MINIBATCH_ABOVE,
+    CentroidFit,
     CentroidHook,
+    CentroidsStream,
     centroids_for,
     check_kmeans_fields,
     cluster_spread,
 )
-from illusions.simplifiers.svd import PCAFit, ProjectionHook, pca
+from illusions.simplifiers.svd import PCAFit, ProjectionHook, ScatterStats, pca
 
 if TYPE_CHECKING:
     from illusions.backends import LensModel
@@ -112,13 +114,25 @@ class ResidSVD(SimplifierConfig):
             ``{rank: proxy}``.
         """
         ranks = list(dict.fromkeys(ranks))
-        for rank in ranks:
-            check_positive(rank, "rank", model.cfg.d_model)
-        targets = self.targets.resolve(model)
-        names = resid_hook_names(model, targets)
+        self._check_ranks(model, ranks)
+        names = resid_hook_names(model, self.targets.resolve(model))
         fits: dict[str, PCAFit] = {
             name: pca(require(activations, name, self.name), centered=self.centered) for name in names
         }
+        return self._proxies(model, fits, ranks)
+
+    def stream(self, model: LensModel) -> ResidSVDStream:
+        """A :class:`ResidSVDStream` that fits this simplifier from activations given batch by batch."""
+        return ResidSVDStream(self, model)
+
+    def _check_ranks(self, model: LensModel, ranks: list[int]) -> None:
+        for rank in ranks:
+            check_positive(rank, "rank", model.cfg.d_model)
+
+    def _proxies(self, model: LensModel, fits: dict[str, PCAFit], ranks: list[int]) -> dict[int, Proxy]:
+        """``{rank: proxy}`` from the decomposition at each hook."""
+        targets = self.targets.resolve(model)
+        names = resid_hook_names(model, targets)
         out = {}
         for rank in ranks:
             hooks = tuple(
@@ -136,6 +150,28 @@ class ResidSVD(SimplifierConfig):
                       "explained_variance": {name: fits[name].explained(rank) for name in names}},
             )
         return out
+
+
+class ResidSVDStream:
+    """:meth:`ResidSVD.fit_sweep` from activations given batch by batch (:meth:`add`, each batch in
+    ``collect``'s layout), holding one :class:`~illusions.simplifiers.svd.ScatterStats` (a ``d_model``
+    square float64 matrix) per hook instead of the activations; equal to the held fit up to float64
+    rounding, as :class:`~illusions.simplifiers.svd.SVDStream`."""
+
+    def __init__(self, config: ResidSVD, model: LensModel) -> None:
+        self.config = config
+        self.model = model
+        self.names = resid_hook_names(model, config.targets.resolve(model))
+        self.stats = {name: ScatterStats(centered=config.centered) for name in self.names}
+
+    def add(self, activations: dict[str, Tensor]) -> None:
+        for name in self.names:
+            self.stats[name].add(require(activations, name, self.config.name))
+
+    def fit_sweep(self, ranks: list[int]) -> dict[int, Proxy]:
+        ranks = list(dict.fromkeys(ranks))
+        self.config._check_ranks(self.model, ranks)
+        return self.config._proxies(self.model, {name: self.stats[name].fit() for name in self.names}, ranks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,15 +204,30 @@ class ResidKMeans(SimplifierConfig):
         return resid_hook_names(model, self.targets.resolve(model))
 
     def fit(self, model: LensModel, activations: dict[str, Tensor]) -> Proxy:
+        fits: dict[tuple[str, None], CentroidFit] = {}
+        spreads: dict[tuple[str, None], Tensor] = {}
+        for name in resid_hook_names(model, self.targets.resolve(model)):
+            x = require(activations, name, self.name)
+            fits[(name, None)] = centroids_for(self, x, name)
+            spreads[(name, None)] = cluster_spread(x, fits[(name, None)].centroids)
+        return self._proxy(model, fits, spreads)
+
+    def stream(self, model: LensModel) -> CentroidsStream:
+        """A :class:`~illusions.simplifiers.kmeans.CentroidsStream` that fits this simplifier from
+        activations given batch by batch."""
+        return CentroidsStream(self, model, [(name, None) for name in self.hook_names(model)])
+
+    def _proxy(self, model: LensModel, fits: dict[tuple[str, None], CentroidFit],
+               spreads: dict[tuple[str, None], Tensor]) -> Proxy:
+        """The proxy of each hook's centroids and cluster spreads."""
         targets = self.targets.resolve(model)
         hooks = []
         inertia = {}
         fit = None
         for name in resid_hook_names(model, targets):
-            x = require(activations, name, self.name)
-            fit = centroids_for(self, x, name)
+            fit = fits[(name, None)]
             hooks.append(CentroidHook(hook_name=name, heads=None, centroids=fit.centroids,
-                                      spread=cluster_spread(x, fit.centroids)))
+                                      spread=spreads[(name, None)]))
             inertia[name] = fit.inertia
         assert fit is not None
         return Proxy(

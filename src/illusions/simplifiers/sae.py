@@ -33,7 +33,8 @@ weights are initialised by SAELens from ``seed`` (inside a forked RNG, so the ca
 left as it was). While training, inputs are scaled to a mean norm of sqrt(d), the scale SAELens'
 hyperparameters assume (a transcoder's input and output each by its own factor); afterwards the
 scales, and TopK's decoder norms, are folded into the weights, so the saved tensors act on raw
-activations.
+activations. Fits too large to hold train the same way on a seeded uniform sample of at most 256 MiB
+of the fitting positions (:class:`DictionaryStream`).
 
 ``sae_from`` loads a dictionary trained elsewhere and saved by SAELens (``cfg.json`` +
 ``sae_weights.safetensors``, read with ``SAE.load_from_disk``) instead of training one. SAEs:
@@ -248,6 +249,11 @@ class _Dictionary(SimplifierConfig):
             info=info,
         )
 
+    def stream(self, model: LensModel) -> DictionaryStream:
+        """A :class:`DictionaryStream`: this dictionary fitted on a seeded sample of activations
+        given batch by batch."""
+        return DictionaryStream(self, model)
+
     def _check_saved(self, site: dict[str, Any], weights: dict[str, Any], width: int) -> None:
         """Refuse a loaded dictionary that was trained on another hook point or shape."""
         where = f"sae_from {self.sae_from}"
@@ -359,3 +365,46 @@ class Transcoder(_Dictionary):
         params = {**self.to_dict(), "width": width}
         params["targets"] = {"layers": list(targets.layers)}
         return params
+
+
+class DictionaryStream:
+    """An ``sae`` or ``transcoder`` fit from activations given batch by batch (:meth:`add`, each
+    batch in ``collect``'s layout), for fits too large to hold
+    (:data:`illusions.analyses.faithfulness.STREAM_FIT_BYTES`).
+
+    It keeps a uniform random sample of the fitting positions (PAD dropped): Vitter's reservoir
+    (:class:`~illusions.simplifiers.streaming.Reservoir`) seeded by the dictionary's ``seed``, of at
+    most :data:`~illusions.simplifiers.streaming.SAMPLE_BYTES` (256 MiB) of activations at all the
+    dictionary's hook points together: ``SAMPLE_BYTES // (bytes of one position at them)`` positions,
+    every position kept with the same probability, each kept position's vectors at every hook point
+    together (a transcoder's input beside its target). :meth:`fit_sweep` then fits exactly as the held
+    path does (:meth:`_Dictionary.fit`) on the sample instead of on every position: the same
+    ``sae_steps x sae_batch`` vectors drawn in seeded epochs, the input scale and the fit summary
+    (explained variance, L0, dead latents, the latents that fired) read from the sample;
+    ``n_fitted`` is the sample's size and ``info["streamed"]`` gives it beside the positions seen.
+
+    What differs from the held fit: the training vectors are drawn from the sample, not from every
+    position (when ``sae_steps x sae_batch`` exceeds the sample, its vectors come round again as
+    epochs). SAELens' ``ActivationsStore`` instead reruns the model over fresh text whenever its
+    mixing buffer runs low (half the buffer served after a shuffle, half kept to mix with the next
+    activations), so it never trains twice on one position; here the fitting sequences are a fixed
+    set collected once, and a uniform sample of them is what a bounded memory can train on.
+    """
+
+    def __init__(self, config: _Dictionary, model: LensModel) -> None:
+        from illusions.simplifiers import streaming
+
+        self.config = config
+        self.model = model
+        self.names = config.hook_names(model)
+        self.sample = streaming.Reservoir(streaming.SAMPLE_BYTES, config.seed)
+
+    def add(self, activations: dict[str, Tensor]) -> None:
+        self.sample.add({name: require(activations, name, self.config.name) for name in self.names})
+
+    def fit_sweep(self, values: list[int]) -> dict[int, Proxy]:
+        if list(values) != [self.config.width]:
+            raise IllusionsError(f"a {self.config.name} stream fits width={self.config.width}, not {values}")
+        proxy = self.config.fit(self.model, self.sample.sample())
+        info = {**proxy.info, "streamed": {"positions": self.sample.seen, "sample": self.sample.size}}
+        return {self.config.width: dataclasses.replace(proxy, info=info)}

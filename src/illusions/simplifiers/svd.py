@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 BASES = ("separate", "joint")
 # Rows per chunk when accumulating the scatter matrix: bounds the float64 copy to ~16 MB at d=32.
 _CHUNK = 1 << 16
+# Elements per chunk of a streamed fit (:class:`ScatterStats`): 2^20 float64 numbers, 8 MB.
+_STREAM_CHUNK = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,15 +127,19 @@ class ScatterStats:
         if x.ndim != 2 or x.shape[0] == 0:
             return
         device = float64_device(x.device)
+        d = x.shape[1]
+        rows = max(1, _STREAM_CHUNK // d)  # a float64 chunk of at most 8 MB whatever the width
         if self.shift is None:
-            d = x.shape[1]
-            first = x.to(device, torch.float64)
-            self.shift = first.mean(0) if self.centered else torch.zeros(d, dtype=torch.float64, device=device)
+            self.shift = torch.zeros(d, dtype=torch.float64, device=device)
+            if self.centered:
+                for start in range(0, x.shape[0], rows):
+                    self.shift += x[start : start + rows].to(device, torch.float64).sum(0)
+                self.shift /= x.shape[0]
             self.total = torch.zeros(d, dtype=torch.float64, device=device)
             self.scatter = torch.zeros(d, d, dtype=torch.float64, device=device)
-            self.like = x[:0]
-        for start in range(0, x.shape[0], _CHUNK):
-            chunk = x[start : start + _CHUNK].to(device, torch.float64) - self.shift
+            self.like = x.new_zeros(0)  # its device only: a view (x[:0]) would keep the whole batch alive
+        for start in range(0, x.shape[0], rows):
+            chunk = x[start : start + rows].to(device, torch.float64) - self.shift
             self.total += chunk.sum(0)
             self.scatter += chunk.T @ chunk
         self.n += int(x.shape[0])
