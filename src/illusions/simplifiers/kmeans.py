@@ -114,7 +114,8 @@ def fit_centroids(
             random_state=seed,
         )
     model.fit(data)
-    centroids = torch.as_tensor(model.cluster_centers_, dtype=torch.float32)
+    # On the activations' device (scikit-learn ran on the CPU), so the spread is measured there too.
+    centroids = torch.as_tensor(model.cluster_centers_, dtype=torch.float32, device=x.device)
     inertia = float(getattr(model, "inertia_", float("nan")))
     return CentroidFit(centroids=centroids, inertia=inertia, algorithm=algorithm, n=int(n))
 
