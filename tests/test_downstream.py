@@ -174,3 +174,30 @@ def test_a_transcoder_is_scored_against_its_mlp_output_zeroed(tiny_dyck):
     assert rows[("p0", "kl_div_score")]["value"] == pytest.approx(1.0, abs=1e-4)
     np.testing.assert_array_equal(records[1].downstream["ce_proxy"], records[1].downstream["ce_ablation"])
     assert rows[("p1", "loss_recovered")]["value"] == 0.0
+
+
+def test_gap_to_the_reference_is_the_difference_with_an_interval_from_both_splits_replicates(rng):
+    from illusions.analyses.sparse import downstream_gaps, downstream_replicates
+
+    n_seqs, per_seq = 40, 5
+    seq = np.repeat(np.arange(n_seqs), per_seq)
+    clean = rng.uniform(0.5, 1.0, size=len(seq))
+    down = {"ce_original": clean, "ce_proxy": clean + rng.uniform(0.0, 0.4, size=len(seq)),
+            "ce_ablation": clean + rng.uniform(1.5, 2.5, size=len(seq)), "kl_ablation": rng.uniform(1, 2, len(seq))}
+    kl = rng.uniform(0.0, 0.3, size=len(seq))
+    ref_sampler, split_sampler = (Resampler.draw(n_seqs, np.random.default_rng(s), n_boot=200) for s in (1, 2))
+    reference = downstream_replicates(down, kl, seq, ref_sampler)
+    # The same positions resampled independently: no gap, and an interval that holds 0.
+    same = downstream_gaps(downstream_replicates(down, kl, seq, split_sampler), reference, split_sampler)
+    assert tuple(same) == DOWNSTREAM_METRICS
+    for gap, low, high in same.values():
+        assert gap == pytest.approx(0.0, abs=1e-12) and low < 0 < high
+    # A proxy a whole nat worse (and its KL too): loss recovered and KL score fall, beyond noise.
+    worse = dict(down, ce_proxy=down["ce_proxy"] + 1.0)
+    split = downstream_replicates(worse, kl + 0.5, seq, split_sampler)
+    gaps = downstream_gaps(split, reference, split_sampler)
+    for key in ("loss_recovered", "kl_div_score"):
+        gap, low, high = gaps[key]
+        assert gap == pytest.approx(split[0][key] - reference[0][key])
+        assert low <= gap <= high < 0
+    assert gaps["ce_loss_original"][0] == pytest.approx(0.0, abs=1e-12)

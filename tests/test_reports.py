@@ -143,6 +143,7 @@ def test_report_is_written_with_png_figures_and_every_section(run_dir):
     assert idents == ["summary", "examples", "geometry", "warnings", "key-depth", "configuration"]
     pngs = sorted(p.name for p in run_dir.glob("fig_*.png"))
     assert pngs == ["fig_accuracy.png", "fig_key_depth.png", "fig_warnings.png"]
+    assert "Sparse dictionary" not in page  # neither dictionary table for a proxy without one
     for name in pngs:
         assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f'<figure id="{name[:-4]}"><svg' in page
@@ -581,12 +582,17 @@ def test_warning_section_is_drawn_in_a_real_browser(run_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def sae_dir(tmp_path_factory) -> Path:
+def sae_run() -> RunResult:
     pytest.importorskip("sae_lens", reason="the sae simplifier needs sae-lens (pip install '.[sae]')")
     from illusions.simplifiers import SAE
 
-    sae = make_run(simplifiers=[SAE(width=16, top_k=2, sae_steps=30, sae_batch=256)],
-                   spec_fields={"simplifier": "sae", "widths": (16,)})
+    return make_run(simplifiers=[SAE(width=16, top_k=2, sae_steps=30, sae_batch=256)],
+                    spec_fields={"simplifier": "sae", "widths": (16,)})
+
+
+@pytest.fixture(scope="module")
+def sae_dir(sae_run, tmp_path_factory) -> Path:
+    sae = sae_run
     out = tmp_path_factory.mktemp("runs") / "brackets-sae"
     write_run(sae, out, extra_files=lambda stage: write_report_files(sae, stage))
     return out
@@ -603,6 +609,83 @@ def test_sae_report_has_a_latent_table_and_no_subspace(sae_dir):
     details = re.findall(r'<div class="latent"><h4>(blocks\.1\.hook_resid_pre#\d+)', page)
     assert 1 <= len(details) <= 6
     assert "Top promoted tokens (W_dec · W_U): <code>" in page
+
+
+def _downstream_part(page: str) -> str:
+    """The downstream block of the summary section: from its heading to the end of its note."""
+    start = page.index("<h3>Sparse dictionary downstream")
+    return page[start:page.index("</p>", page.index("<p class=note>", start))]
+
+
+def test_sae_report_shows_downstream_loss_as_metrics_csv_says(sae_dir):
+    """The downstream table's estimates and gaps are metrics.csv's, in the summary section after the
+    sparse dictionary table, with one sentence per split but iid."""
+    from illusions.analyses.run import read_rows
+    from illusions.metric_table import DOWNSTREAM_METRICS, DOWNSTREAM_TABLE, metric
+    from illusions.reports.html import fmt_ci, fmt_gap
+
+    page = (sae_dir / "report.html").read_text(encoding="utf-8")
+    summary = _section(page, "summary")
+    assert summary.index("<h3>Sparse dictionary on each split") < summary.index("<h3>Sparse dictionary downstream")
+    part = _downstream_part(summary)
+    rows = {(r["split"], r["metric"]): r for r in read_rows(sae_dir) if r["group_by"] == "all"}
+    for split in ("iid", "deep"):
+        row = [m.group(0) for m in re.finditer(rf"<tr><td class=l>{split}</td>.*?</tr>", part)]
+        assert len(row) == 1 + (split != "iid")  # its estimates, and its gaps but on iid
+        cells = [fmt_ci(rows[(split, k)], metric(k).decimals) for k in DOWNSTREAM_TABLE]
+        assert row[0] == (f"<tr><td class=l>{split}</td><td>{int(rows[(split, 'loss_recovered')]['n_positions'])}"
+                          "</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        for k in DOWNSTREAM_METRICS:  # the engine's gaps: split minus iid, none on iid itself
+            gap = rows[(split, k)]["gap_vs_ref"]
+            assert np.isnan(gap) if split == "iid" else gap == pytest.approx(
+                rows[(split, k)]["value"] - rows[("iid", k)]["value"], abs=1e-9)  # CSV: 10 places
+    gaps = [fmt_gap(rows[("deep", k)], "gap_vs_ref") for k in ("loss_recovered", "kl_div_score", "agreement")]
+    assert "<tr><td class=l>deep</td>" + "".join(f"<td>{c}</td>" for c in gaps) + "</tr>" in part
+    lr = rows[("deep", "loss_recovered")]
+    sentence = re.findall(r'<li data-split="(\w+)">(.*?)</li>', part)
+    assert [s for s, _ in sentence] == ["deep"]
+    assert (f"the loss recovered (CE score) of sae(width=16) is {lr['value']:.3f} [{lr['ci_low']:.3f}, "
+            f"{lr['ci_high']:.3f}] against {rows[('iid', 'loss_recovered')]['value']:.3f} on iid (gap "
+            f"{lr['gap_vs_ref']:+.3f} [{lr['gap_vs_ref_low']:+.3f}, {lr['gap_vs_ref_high']:+.3f}])") in sentence[0][1]
+
+
+def test_downstream_sentences_follow_the_numbers(sae_run, run):
+    """Loss recovered 'falls alongside agreement' only when both gaps' intervals exclude 0 below it; a gap
+    whose interval holds 0 is said to be within noise."""
+    from illusions.reports.verdict import downstream_sentences
+
+    rows = [dict(r) for r in sae_run.rows]
+    label = sae_run.analysis.labels[0]
+
+    def cell(metric):
+        return next(r for r in rows if r["group_by"] == "all" and r["split"] == "deep" and r["metric"] == metric)
+
+    down, noise, up = (-0.2, -0.3, -0.1), (-0.02, -0.05, 0.01), (0.1, 0.05, 0.2)
+    for lr, agree, words in ((down, down, "<b>falls</b> out of distribution alongside agreement"),
+                             (up, up, "<b>rises</b> out of distribution alongside agreement"),
+                             (noise, noise, "neither changes beyond noise"),
+                             (noise, down, "agreement falls but the loss recovered's gap is within noise, "
+                                           "so no evidence that it falls with agreement"),
+                             (down, noise, "<b>falls</b> while agreement's gap is within noise"),
+                             (up, down, "<b>rises</b> while agreement falls")):
+        for metric, (v, lo, hi) in (("loss_recovered", lr), ("agreement", agree)):
+            cell(metric).update(gap_vs_ref=v, gap_vs_ref_low=lo, gap_vs_ref_high=hi)
+        (split, text), = downstream_sentences(rows, label, ["iid", "deep"])
+        assert split == "deep" and text.endswith(words + "."), (words, text)
+        assert f"(gap {lr[0]:+.3f} [{lr[1]:+.3f}, {lr[2]:+.3f}]), agreement's gap {agree[0]:+.3f}" in text
+    cell("loss_recovered")["gap_vs_ref_low"] = float("nan")
+    (_, text), = downstream_sentences(rows, label, ["iid", "deep"])
+    assert "no comparison with agreement" in text and "alongside" not in text
+    # Only dictionary proxies have the rows: none for an svd run.
+    assert downstream_sentences(run.rows, run.analysis.labels[0], ["iid", "deep"]) == []
+
+
+def test_sae_report_rebuilds_from_its_folder_to_the_same_bytes(sae_run, sae_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(sae_dir, copy)
+    (copy / "report.html").unlink()
+    assert rebuild_report(copy, task=sae_run.task, model=sae_run.model).read_bytes() == (
+        sae_dir / "report.html").read_bytes()
 
 
 @pytest.mark.browser

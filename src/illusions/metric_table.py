@@ -178,6 +178,8 @@ DICTIONARY_METRICS: tuple[str, ...] = tuple(m.key for m in METRICS if m.source =
 """Sparse dictionary statistics over the token positions of a split (``SparseStats.values``)."""
 DOWNSTREAM_METRICS: tuple[str, ...] = tuple(m.key for m in METRICS if m.source == DOWNSTREAM)
 """Per split of a sparse dictionary proxy, from losses at the scored positions (``sparse.downstream_estimates``)."""
+DOWNSTREAM_TABLE: tuple[str, ...] = (*DOWNSTREAM_METRICS[:4], "kl", *DOWNSTREAM_METRICS[4:])
+"""The columns of the downstream tables (console, report.html): the proxy's KL beside the ablation's."""
 FIRST_SKIPPED_METRICS: tuple[str, ...] = tuple(m.key for m in METRICS if m.skips_first)
 """Dictionary statistics that leave out each sequence's first position."""
 WARNING_METRICS: tuple[str, ...] = tuple(m.key for m in METRICS if m.source == WARNINGS)

@@ -346,11 +346,12 @@ class ZeroAblation:
         return [(h.hook_name, h) for h in self.hooks]
 
 
-def downstream_estimates(downstream: dict[str, np.ndarray], kl: np.ndarray, seq: np.ndarray,
-                         sampler: Resampler) -> dict[str, tuple[float, float, float]]:
-    """``{metric: (value, ci_low, ci_high)}`` of :data:`~illusions.metric_table.DOWNSTREAM_METRICS` from
-    per-position ``downstream`` arrays (:data:`DOWNSTREAM_FIELDS`) and the proxy's KL, with the split's
-    bootstrap replicates (each replicate's scores are ratios of its own means)."""
+def downstream_replicates(downstream: dict[str, np.ndarray], kl: np.ndarray, seq: np.ndarray,
+                          sampler: Resampler) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Point estimates and bootstrap replicates (``[n_boot]``) of each of
+    :data:`~illusions.metric_table.DOWNSTREAM_METRICS`, from per-position ``downstream`` arrays
+    (:data:`DOWNSTREAM_FIELDS`) and the proxy's KL, with the split's replicate weights (each
+    replicate's scores are ratios of its own means)."""
     values = np.stack([*(downstream[f] for f in DOWNSTREAM_FIELDS), kl], axis=1)  # [n, 5]
     points, reps = sampler.grouped(values, seq, np.zeros(len(seq), np.int64), 1)
 
@@ -362,8 +363,30 @@ def downstream_estimates(downstream: dict[str, np.ndarray], kl: np.ndarray, seq:
                     "kl_div_score": (kl_ablation - kl_proxy) / kl_ablation}
 
     point, rep = metrics(points[0]), metrics(reps[:, 0])
+    return {k: float(point[k]) for k in DOWNSTREAM_METRICS}, {k: rep[k] for k in DOWNSTREAM_METRICS}
+
+
+def downstream_estimates(downstream: dict[str, np.ndarray], kl: np.ndarray, seq: np.ndarray,
+                         sampler: Resampler) -> dict[str, tuple[float, float, float]]:
+    """``{metric: (value, ci_low, ci_high)}`` of :func:`downstream_replicates`."""
+    point, rep = downstream_replicates(downstream, kl, seq, sampler)
     out = {}
     for metric in DOWNSTREAM_METRICS:
         lo, hi = sampler.intervals(rep[metric])
-        out[metric] = (float(point[metric]), float(lo), float(hi))
+        out[metric] = (point[metric], float(lo), float(hi))
+    return out
+
+
+def downstream_gaps(split: tuple[dict[str, float], dict[str, np.ndarray]],
+                    reference: tuple[dict[str, float], dict[str, np.ndarray]],
+                    sampler: Resampler) -> dict[str, tuple[float, float, float]]:
+    """``{metric: (gap, low, high)}``: each of :func:`downstream_replicates`' metrics on a split minus the
+    reference split's, with the interval of the differences of their (independent) replicates, as the
+    per-position metrics' ``gap_vs_ref`` (:func:`illusions.analyses.summary._gaps`). No length-matched
+    gap: a score is a ratio of means over the whole split."""
+    (point, rep), (ref_point, ref_rep) = split, reference
+    out = {}
+    for metric in DOWNSTREAM_METRICS:
+        lo, hi = sampler.intervals(rep[metric] - ref_rep[metric])
+        out[metric] = (point[metric] - ref_point[metric], float(lo), float(hi))
     return out

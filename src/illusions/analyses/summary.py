@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from illusions.analyses.faithfulness import METRICS, AnalysisResult, Records, sweep_param
-from illusions.analyses.sparse import downstream_estimates
+from illusions.analyses.sparse import downstream_gaps, downstream_replicates
 from illusions.analyses.sparse import estimates as sparse_estimates
 from illusions.analyses.spec import BREAKDOWNS
 from illusions.analyses.warning_signals import THRESHOLDS, WARNING_GROUP, warning_rows
@@ -129,8 +129,11 @@ def summarize(
         ref_rec, ref_sampler = result.records.get((reference, j)), samplers.get(reference)
         refs = (_reference(ref_rec, ref_sampler, setup.by_length),
                 _reference(ref_rec, ref_sampler, by_match) if by_match is not None else None)
+        ref_down = (downstream_replicates(ref_rec.downstream, ref_rec.kl, ref_rec.seq, ref_sampler)
+                    if refs[0] is not None and ref_rec.downstream else None)
         for split in splits:
-            rows += _split_rows(setup, refs, {**base, "split": split}, result.records[(split, j)], samplers[split])
+            rows += _split_rows(setup, refs, {**base, "split": split}, result.records[(split, j)], samplers[split],
+                                ref_down)
         # Unsupervised warning signals: how well each ranks the proxy's disagreements, per split and pooled.
         rows += warning_rows(base, {s: result.records[(s, j)] for s in splits}, samplers,
                              getattr(proxy, "info", {}).get(THRESHOLDS, {}), _complete)
@@ -170,8 +173,10 @@ def _edges(all_records: Sequence[Records], breakdowns: Sequence[str], discrete: 
 
 
 def _split_rows(setup: _Setup, refs: tuple[_Reference | None, _Reference | None], base: dict[str, Any],
-                rec: Records, sampler: Resampler) -> list[dict[str, Any]]:
-    """One split's rows for one proxy: overall (with gaps), sparse, breakdowns, position groups."""
+                rec: Records, sampler: Resampler, ref_down: Any = None) -> list[dict[str, Any]]:
+    """One split's rows for one proxy: overall (with gaps), sparse, downstream (with their gaps to the
+    reference's, ``ref_down``: its :func:`~illusions.analyses.sparse.downstream_replicates`), breakdowns,
+    position groups."""
     split = base["split"]
     ref, ref_control = refs
     values = _matrix(rec)
@@ -190,10 +195,15 @@ def _split_rows(setup: _Setup, refs: tuple[_Reference | None, _Reference | None]
                                    "n_positions": rec.sparse.n_positions(metric),
                                    "n_sequences": len(rec.sparse.n_tokens)}))
     if rec.downstream and len(rec):  # ... and their downstream loss against a zero ablation
-        for metric, (value, low, high) in downstream_estimates(rec.downstream, rec.kl, rec.seq, sampler).items():
-            rows.append(_complete({**base, "group_by": "all", "group": "all", "metric": metric, "value": value,
-                                   "ci_low": low, "ci_high": high, "n_positions": len(rec),
-                                   "n_sequences": n_seqs}))
+        point, rep = down = downstream_replicates(rec.downstream, rec.kl, rec.seq, sampler)
+        gaps = downstream_gaps(down, ref_down, sampler) if ref_down is not None and split != setup.reference else {}
+        for metric in point:
+            low, high = sampler.intervals(rep[metric])
+            gap = dict(zip(("gap_vs_ref", "gap_vs_ref_low", "gap_vs_ref_high"), gaps[metric], strict=True)
+                       ) if gaps else {}
+            rows.append(_complete({**base, "group_by": "all", "group": "all", "metric": metric,
+                                   "value": point[metric], "ci_low": float(low), "ci_high": float(high),
+                                   "n_positions": len(rec), "n_sequences": n_seqs, **gap}))
     for col in setup.breakdowns:
         if not len(rec) or (col != "length" and col not in rec.meta):
             continue

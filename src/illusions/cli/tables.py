@@ -8,7 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from illusions.metric_table import DICTIONARY_METRICS, DOWNSTREAM_METRICS, SUMMARY_METRICS, metric
+from illusions.metric_table import DICTIONARY_METRICS, DOWNSTREAM_TABLE, SUMMARY_METRICS, metric
 
 
 def _ci(value: float, low: float, high: float, digits: int = 3) -> str:
@@ -179,9 +179,8 @@ def print_sparse(rows: list[dict[str, Any]], proxies: list[str], console: Consol
                   "active on the split; new: share active on the split but never on the fitting data.[/dim]")
 
 
-# (metric, header, decimals) of the downstream loss table: the KL with the proxy sits before the ablation's.
-DOWNSTREAM_COLUMNS = tuple((k, metric(k).tiny, metric(k).console_places)
-                           for k in (*DOWNSTREAM_METRICS[:4], "kl", *DOWNSTREAM_METRICS[4:]))
+# (metric, header, decimals) of the downstream loss table.
+DOWNSTREAM_COLUMNS = tuple((k, metric(k).tiny, metric(k).console_places) for k in DOWNSTREAM_TABLE)
 
 
 def print_downstream(rows: list[dict[str, Any]], proxies: list[str], console: Console) -> None:

@@ -295,6 +295,7 @@ def _summary_section(inputs: ReportInputs, label: str, splits: list[str], all_sp
     defs = "".join(f"<li><b>{html.esc(s)}</b>: {html.esc(all_splits[s].description or 'no description')}</li>"
                    for s in splits if s in all_splits)
     words = verdict.sentences(inputs.rows, label, splits)
+    down = verdict.downstream_sentences(inputs.rows, label, splits)
     return html.Section("summary", "Summary", (
         interactive.verdict_list(words)
         + "<p class=note>Agreement: share of scored positions where the proxy predicts what the model predicts; "
@@ -302,6 +303,7 @@ def _summary_section(inputs: ReportInputs, label: str, splits: list[str], all_sp
         f"distribution when its iid agreement is at least {verdict.FAITHFUL}; only then does a significant "
         "change of accuracy against iid say whether it under- or over-states the model's generalization.</p>"
         + html.summary_tables(inputs.rows, splits, inputs.labels)
+        + html.downstream_tables(inputs.rows, splits, inputs.labels, interactive.verdict_list(down) if down else "")
         + html.figure(acc, f"Original accuracy, proxy accuracy and agreement of {html.esc(label)} per split.")
         + (f"<h3>Split definitions</h3><ul>{defs}</ul>" if defs else "")))
 

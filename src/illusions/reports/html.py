@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from illusions.metric_table import DICTIONARY_METRICS, SUMMARY_METRICS, metric
+from illusions.metric_table import DICTIONARY_METRICS, DOWNSTREAM_TABLE, SUMMARY_METRICS, metric
 from illusions.reports.interactive import SCRIPT, STYLE
 from illusions.reports.plots import StaticFigure
 
@@ -202,6 +202,47 @@ def sparse_table(cell: dict[tuple[str, str, str], dict[str, Any]], splits: Seque
             "<i>pooled</i>: the same over all positions (tokens: all positions); L0: "
             "active latents per position; dead: share of latents never active on the split; new: share of "
             "latents active on the split but never on the data the dictionary was fitted on.</p>")
+
+
+# The downstream gap table's columns: the two scores, then agreement's gap beside them for comparison.
+_DOWNSTREAM_GAPS = ("loss_recovered", "kl_div_score", "agreement")
+
+
+def downstream_tables(rows: Sequence[dict[str, Any]], splits: Sequence[str], proxies: Sequence[str],
+                      sentences: str = "", reference: str = "iid") -> str:
+    """A sparse dictionary's downstream loss per split (only for runs of ``sae``/``transcoder``; empty
+    otherwise): estimates with intervals, then the gaps of loss recovered and KL score to ``reference``
+    beside agreement's; ``sentences`` (HTML) go between the heading and the tables."""
+    cell = {(r["proxy"], r["split"], r["metric"]): r for r in rows if r["group_by"] == "all"}
+    many = len(proxies) > 1
+    lead = ["proxy"] if many else []
+    est_body, gap_body = [], []
+    for proxy in proxies:
+        for split in splits:
+            m = {k: cell.get((proxy, split, k)) for k in (*DOWNSTREAM_TABLE, *_DOWNSTREAM_GAPS)}
+            if m["loss_recovered"] is None:
+                continue
+            first = [esc(proxy)] if many else []
+            est_body.append(first + [esc(split), str(int(m["loss_recovered"]["n_positions"]))]
+                            + [fmt_ci(m[k] or {}, metric(k).decimals) for k in DOWNSTREAM_TABLE])
+            if split != reference:
+                gap_body.append(first + [esc(split)] + [fmt_gap(m[k], "gap_vs_ref") for k in _DOWNSTREAM_GAPS])
+    if not est_body:
+        return ""
+    est = _table(lead + ["split", "positions", *(metric(k).header for k in DOWNSTREAM_TABLE)], est_body,
+                 left=len(lead) + 1)
+    gaps = _table(lead + ["split", *(f"Δ{metric(k).short} vs {reference}" for k in _DOWNSTREAM_GAPS)], gap_body,
+                  left=len(lead) + 1) if gap_body else ""
+    return ("<h3>Sparse dictionary downstream: loss recovered and KL score (95% bootstrap intervals)</h3>"
+            + sentences + est + gaps
+            + "<p class=note>At the scored positions: the target's cross-entropy (whole vocabulary) with the "
+            "original model, the proxy and the replaced activation zero-ablated; loss recovered = (CE ablated - "
+            "CE proxy) / (CE ablated - CE original); KL(original || proxy) and KL(original || ablated); KL score "
+            "= (KL ablated - KL) / KL ablated (SAELens' ce_loss_score and kl_div_score: 1 = as the model, 0 = no "
+            "better than zeros; ratios of means over the split). Gaps: split minus "
+            f"{esc(reference)}, raw (not length-matched), with the 95% interval of the difference of the two "
+            "splits' bootstrap replicates; agreement's is the summary table's raw gap. Red: the interval "
+            "excludes 0.</p>")
 
 
 def figure(fig: StaticFigure, caption: str) -> str:

@@ -129,3 +129,61 @@ def sentences(rows: Sequence[dict[str, Any]], proxy: str, splits: Sequence[str],
                      "that the proxy misstates the model's generalization here.")
         out.append((name, text))
     return out
+
+
+
+def _raw_gap(row: dict[str, Any] | None) -> tuple[float, float, float] | None:
+    """``(value, low, high)`` of a row's raw gap to the reference (``gap_vs_ref``), None without an interval."""
+    if row is None:
+        return None
+    v, lo, hi = (row.get(k) for k in ("gap_vs_ref", "gap_vs_ref_low", "gap_vs_ref_high"))
+    return (float(v), float(lo), float(hi)) if _finite(v) and _finite(lo) and _finite(hi) else None
+
+
+# What a gap whose interval excludes 0 says a metric does out of distribution.
+_MOVES = {-1: "falls", 1: "rises"}
+
+
+def downstream_sentences(rows: Sequence[dict[str, Any]], proxy: str, splits: Sequence[str], *,
+                         reference: str = "iid") -> list[tuple[str, str]]:
+    """``(split, sentence)`` for each split but ``reference`` where ``proxy`` (a sparse dictionary) has a
+    loss recovered: its value, its gap to ``reference`` and whether it falls (or rises) out of distribution
+    alongside agreement. Both gaps are the raw ones (``gap_vs_ref``; a score is a ratio of means over the
+    split and has no length-matched gap); a metric moves only when its gap's interval excludes 0."""
+    from illusions.metric_table import metric
+
+    key = "loss_recovered"
+    cell = {(r["split"], r["metric"]): r for r in rows
+            if r["proxy"] == proxy and r["group_by"] == "all" and r["metric"] in (key, "agreement")}
+    name, short = metric_words(key), metric(key).short
+    ref = cell.get((reference, key))
+    where = html.escape(reference)
+    out = []
+    for split in splits:
+        lr = cell.get((split, key))
+        if split == reference or lr is None:
+            continue
+        text = f"On <b>{html.escape(split)}</b>, the {name} of {html.escape(proxy.split('@')[0])} is {_ci(lr)}"
+        if ref is not None and _finite(ref.get("value")):
+            text += f" against {ref['value']:.3f} on {where}"
+        gaps = _raw_gap(lr), _raw_gap(cell.get((split, "agreement")))
+        if None in gaps:
+            out.append((split, text + f"; without both gaps to {where} and their intervals, no comparison with "
+                               "agreement."))
+            continue
+        (g, lo, hi), (a, a_lo, a_hi) = gaps
+        text += f" (gap {g:+.3f} [{lo:+.3f}, {hi:+.3f}]), agreement's gap {a:+.3f} [{a_lo:+.3f}, {a_hi:+.3f}]"
+        moves = [(-1 if v < 0 else 1) if _excludes_zero(low, high) else 0 for v, low, high in gaps]
+        if moves[0] and moves[0] == moves[1]:
+            text += f": the {short} <b>{_MOVES[moves[0]]}</b> out of distribution alongside agreement."
+        elif moves[0] == moves[1]:
+            text += ": neither changes beyond noise."
+        elif not moves[0]:
+            text += (f": agreement {_MOVES[moves[1]]} but the {short}'s gap is within noise, so no evidence that "
+                     f"it {_MOVES[moves[1]]} with agreement.")
+        elif not moves[1]:
+            text += f": the {short} <b>{_MOVES[moves[0]]}</b> while agreement's gap is within noise."
+        else:
+            text += f": the {short} <b>{_MOVES[moves[0]]}</b> while agreement {_MOVES[moves[1]]}."
+        out.append((split, text))
+    return out
