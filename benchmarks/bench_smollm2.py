@@ -23,7 +23,8 @@ are not used: the package is never imported, only its GGUF file is located). The
    loaded the same way, a forward pass over the fitting sequences, then per batch of evaluated
    sequences a clean pass and one with identity hooks on the simplifier's hook points, keeping only the
    argmax) in another. Printed: wall time, CPU seconds (user + system; steadier than wall time on a
-   shared machine) and peak RSS of each whole process and their ratios, then the per-split table (agreement, KL, explained variance where the simplifier reports it).
+   shared machine) and peak RSS of each whole process and their ratios, then the per-split table (agreement, KL, explained variance, loss recovered and KL score where the
+   simplifier reports them).
 
 Every folder the script writes holds ``bench_smollm2.json`` naming the files it wrote; a folder without
 it is never written into (one line, exit code 2). Run folders are ``SCRATCH/runs/<method>-L<layer>-<settings>``
@@ -508,14 +509,17 @@ def method_params(method: str, opts: argparse.Namespace) -> tuple[list[str], dic
 
 METRICS = ("original_accuracy", "proxy_accuracy", "agreement", "kl", "attention_jsd")
 LABELS = {"original_accuracy": "original acc", "proxy_accuracy": "proxy acc", "attention_jsd": "attn JSD",
-          "kl": "KL", "explained_variance": "explained var"}
+          "kl": "KL", "explained_variance": "explained var", "explained_variance_pooled": "expl var pooled",
+          "loss_recovered": "loss recovered", "kl_div_score": "KL score"}
+# A sparse dictionary's downstream scores (SAELens' ce_loss_score and kl_div_score), where the run has them.
+DOWNSTREAM = ("loss_recovered", "kl_div_score")
 
 
 def table(document: dict) -> list[str]:
     """The per-split rows of one run: each metric's value and, in brackets, its gap to iid (``*``: the
     gap's 95% bootstrap interval excludes 0)."""
     splits = document["splits"]
-    extra = sorted({k for s in splits.values() for k in s if k.startswith("explained_variance")})
+    extra = [*sorted({k for s in splits.values() for k in s if k.startswith("explained_variance")}), *DOWNSTREAM]
     metrics = [m for m in (*METRICS, *extra) if any(m in s for s in splits.values())]
     head = f"    {'split':<8} {'seqs':>5} {'positions':>9} " + " ".join(f"{LABELS.get(m, m)[:17]:>17}" for m in metrics)
     rows = [head]
