@@ -63,7 +63,8 @@ def main() -> None:
         env["OMP_NUM_THREADS"] = str(int(args.threads))
     out = Path(tempfile.mkdtemp(prefix="bench-analyze-"))
     threads = [] if auto else ["--threads", str(int(args.threads))]
-    main_job = ILLUSIONS + ["analyze", "dyck", "--simplify", "svd", "--rank", "4", *threads, "--out", str(out / "main")]
+    main_job = ILLUSIONS + ["analyze", "dyck", "--simplify", "svd", "--rank", "4", *threads, "--overwrite",
+                            "--out", str(out / "main")]
     jobs = {"this checkout": (main_job, env)}
     if args.baseline is not None:
         base_env = {**env, "PYTHONPATH": str(args.baseline.resolve())}

@@ -15,6 +15,7 @@ sends its error as one line, which the parent raises as :class:`~illusions.error
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -111,6 +112,7 @@ def start(spec: Any, task: Any, model: Any, result: Any) -> ReportWorker | None:
         return None
     sys.stdout.flush()
     sys.stderr.flush()
+    gc.freeze()  # the child's collections then never touch (and copy) the parent's objects
     to_child_r, to_child_w = os.pipe()
     from_child_r, from_child_w = os.pipe()
     pid = os.fork()
