@@ -73,9 +73,11 @@ def model_dir(tiny_dyck) -> Path:
     return tiny_dyck.root / "model"
 
 
-def _analyze(model_dir: Path, out: Path, threads: int):
-    args = ["analyze", "dyck", "--simplify", "svd", "--rank", "2", "--model", str(model_dir), "--fit-n", "50",
-            "--max-seqs", "40", "--n-boot", "50", "--threads", str(threads), "--out", str(out), "--json"]
+def _analyze(model_dir: Path, out: Path, threads: int, *values: str):
+    command = ["sweep", "dyck", "--simplify", "svd", *values] if values else ["analyze", "dyck", "--simplify", "svd",
+                                                                           "--rank", "2"]
+    args = [*command, "--model", str(model_dir), "--fit-n", "50", "--max-seqs", "40", "--n-boot", "50",
+            "--threads", str(threads), "--out", str(out), "--json"]
     return CliRunner().invoke(app, args, catch_exceptions=False)
 
 
@@ -104,3 +106,12 @@ def test_cli_report_process_failure_is_one_line_exit_2_and_no_run(model_dir, tmp
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: building the report failed: RuntimeError: boom"
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_sweep_report_from_the_worker_is_the_serial_one(model_dir, tmp_path):
+    # Several proxies: the worker needs the rows first (the proxy drawn in detail is chosen from them).
+    one = _analyze(model_dir, tmp_path / "one", 1, "--ranks", "1,4")
+    two = _analyze(model_dir, tmp_path / "two", 2, "--ranks", "1,4")
+    assert one.exit_code == 0 and two.exit_code == 0, one.output + two.output
+    a, b = _files(tmp_path / "one"), _files(tmp_path / "two")
+    assert "fig_sweep.png" in a and a == b
