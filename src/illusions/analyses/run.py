@@ -99,24 +99,17 @@ def load_task_and_model(spec: AnalysisSpec, *, device: Any = "cpu") -> tuple[Any
         return _custom_task_and_model(spec, task_cls, device)
     model_dir, name = model_folder(spec)
     shown = f"bundled model {name}" if name else f"model {model_dir}"
-    prefetched = _prefetch_splits(spec, task_cls, model_dir)
-    try:
-        model, meta = load_model(model_dir, device=device)
-    except Exception:
-        if prefetched is not None:
-            prefetched[2].join()  # never leave the data cache half written behind an error
-        raise
+    model, meta = load_model(model_dir, device=device)
     task_meta = meta.get("task") or {}
     trained_on = task_meta.get("task")
     if trained_on is not None and trained_on != spec.task:
         raise IllusionsError(f"{shown} was trained on task {trained_on!r}, not {spec.task!r}")
     # Splits are defined relative to the training set, so the task is rebuilt exactly as trained.
-    if prefetched is not None:
-        prefetched[2].join()
-    if prefetched is not None and prefetched[0] == task_meta:
-        task = prefetched[1]
+    if hasattr(task_cls, "from_meta"):
+        task = task_cls.from_meta(task_meta)
     else:
-        task = _task_of(task_cls, task_meta, model_dir)
+        config = task_cls.Config.from_dict(task_meta.get("config", {}), source=str(model_dir / "config.json"))
+        task = task_cls(config)
     saved_vocab = task_meta.get("vocab")
     if saved_vocab is not None and list(saved_vocab) != list(task.vocab.tokens):
         raise IllusionsError(f"{shown} was trained with a different {spec.task} vocabulary")
@@ -127,49 +120,6 @@ def load_task_and_model(spec: AnalysisSpec, *, device: Any = "cpu") -> tuple[Any
         )
     source = "bundled" if not spec.model else f"bundled {name}" if name else str(model_dir)
     return task, model, source, describe(model)
-
-
-def _task_of(task_cls: Any, task_meta: dict[str, Any], model_dir: Path) -> Any:
-    """The task configured as the model's ``meta`` says it was trained."""
-    if hasattr(task_cls, "from_meta"):
-        return task_cls.from_meta(task_meta)
-    config = task_cls.Config.from_dict(task_meta.get("config", {}), source=str(model_dir / "config.json"))
-    return task_cls(config)
-
-
-def _prefetch_splits(spec: AnalysisSpec, task_cls: Any, model_dir: Path) -> tuple[dict[str, Any], Any, Any] | None:
-    """``(task meta, task, thread)``: the task as the model folder's ``config.json`` describes it, its
-    splits loading (the data cache's sha256 checked, or generated) in a thread while the model loads
-    (the TransformerLens import is one core's work; hashing and reading release the interpreter
-    lock). Only when torch may use two or more threads (``--threads``), and None where anything about
-    the folder is off: the model's loading then says what, and the task is built after it as before.
-    """
-    import threading
-
-    import torch
-
-    from illusions.models import read_checkpoint_config
-
-    if torch.get_num_threads() < 2:
-        return None
-    try:
-        _, meta = read_checkpoint_config(model_dir)
-        task_meta = meta.get("task") or {}
-        if task_meta.get("task", spec.task) != spec.task:
-            return None
-        task = _task_of(task_cls, task_meta, model_dir)
-    except Exception:  # noqa: BLE001  (load_model reports it, in the order it always has)
-        return None
-
-    def load() -> None:
-        try:
-            task.splits()
-        except BaseException:  # noqa: BLE001  (task.splits() runs again in the caller and raises there)
-            pass
-
-    thread = threading.Thread(target=load, name="illusions-splits", daemon=True)
-    thread.start()
-    return task_meta, task, thread
 
 
 def model_folder(spec: AnalysisSpec) -> tuple[Path, str | None]:
