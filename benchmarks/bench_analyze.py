@@ -7,7 +7,14 @@
     ``--repeats`` pairs, medians;
 (c) peak resident memory of the main job's process.
 
-Usage: python benchmarks/bench_analyze.py [--threads 2] [--repeats 3] [--parts abc]
+``--baseline SRC`` times another checkout's main job too (``PYTHONPATH=SRC``, e.g. ``/work/main/src``),
+interleaved with this one's, so a change is measured against what it changes in one run; ``--busy``
+measures part (a) once more with one CPU-bound process (``while True: pass``) running beside, started
+``--busy-warmup`` seconds before so that the load average (which ``--threads auto`` reads) has risen.
+``--threads auto`` passes no ``--threads`` (the command's default: the free cores).
+
+Usage: python benchmarks/bench_analyze.py [--threads 2|auto] [--repeats 3] [--parts abc]
+       [--baseline SRC] [--busy] [--busy-warmup 60]
 """
 
 from __future__ import annotations
@@ -41,37 +48,62 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", default="2", help="--threads of the main job, or 'auto' (none given)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--parts", default="abc", help="which measurements to run, e.g. 'a' or 'ac'")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="src folder of another checkout whose main job is timed too, interleaved")
+    parser.add_argument("--busy", action="store_true", help="part (a) again with one CPU-bound process beside")
+    parser.add_argument("--busy-warmup", type=float, default=60.0,
+                        help="seconds the busy process runs before the measurement (the load average lags)")
     args = parser.parse_args()
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    auto = args.threads == "auto"
+    env = {k: v for k, v in os.environ.items() if not (auto and k == "OMP_NUM_THREADS")}
+    if not auto:
+        env["OMP_NUM_THREADS"] = str(int(args.threads))
     out = Path(tempfile.mkdtemp(prefix="bench-analyze-"))
-    main_job = ILLUSIONS + ["analyze", "dyck", "--simplify", "svd", "--rank", "4", "--threads",
-                            str(args.threads), "--out", str(out / "main")]
-    wall(main_job, env)  # warm the data cache and the OS file cache
+    threads = [] if auto else ["--threads", str(int(args.threads))]
+    main_job = ILLUSIONS + ["analyze", "dyck", "--simplify", "svd", "--rank", "4", *threads, "--overwrite",
+                            "--out", str(out / "main")]
+    jobs = {"this checkout": (main_job, env)}
+    if args.baseline is not None:
+        base_env = {**env, "PYTHONPATH": str(args.baseline.resolve())}
+        jobs["baseline " + str(args.baseline)] = (main_job[:-1] + [str(out / "baseline")], base_env)
+    for job, job_env in jobs.values():
+        wall(job, job_env)  # warm the data cache and the OS file cache
 
     if "a" in args.parts:
-        part_a(main_job, env, args.repeats)
+        part_a(jobs, env, args.repeats)
+        if args.busy:
+            busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            try:
+                time.sleep(args.busy_warmup)
+                print(f"    with one busy process beside (load average {os.getloadavg()[0]:.2f}):")
+                part_a(jobs, env, args.repeats)
+            finally:
+                busy.kill()
+                busy.wait()
     if "c" in args.parts:
         part_c(main_job, env)
     if "b" in args.parts:
-        part_b(args.threads, args.repeats)
+        part_b(1 if auto else int(args.threads), args.repeats)
 
 
-def part_a(main_job: list[str], env: dict[str, str], repeats: int) -> None:
-    # Interleave the two commands so both see the same machine load.
-    job, imp = [], []
+def part_a(jobs: dict[str, tuple[list[str], dict[str, str]]], env: dict[str, str], repeats: int) -> None:
+    """Each main job against ``import transformer_lens``, interleaved so that all see the same load."""
+    imp: list[tuple[float, float]] = []
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in jobs}
     for _ in range(repeats):
         imp.append(timed([sys.executable, "-c", "import transformer_lens"], env))
-        job.append(timed(main_job, env))
-    j, i = statistics.median(w for w, _ in job), statistics.median(w for w, _ in imp)
-    ratios = ", ".join(f"{a[0] / b[0]:.2f}" for a, b in zip(job, imp, strict=True))
-    print(f"(a) main job: {j:.2f} s median of {repeats}; import transformer_lens: {i:.2f} s; "
-          f"ratio {j / i:.2f}x (target <= 2x; pairwise {ratios})")
-    # CPU seconds move less than wall seconds with the machine's other load: a cross-check.
-    jc, ic = statistics.median(c for _, c in job), statistics.median(c for _, c in imp)
-    print(f"    CPU seconds (user + system): main job {jc:.2f}, import {ic:.2f}, ratio {jc / ic:.2f}x")
+        for name, (job, job_env) in jobs.items():
+            times[name].append(timed(job, job_env))
+    i, ic = statistics.median(w for w, _ in imp), statistics.median(c for _, c in imp)
+    print(f"(a) import transformer_lens: {i:.2f} s wall, {ic:.2f} s CPU (medians of {repeats})")
+    for name, job in times.items():
+        j, jc = statistics.median(w for w, _ in job), statistics.median(c for _, c in job)
+        ratios = ", ".join(f"{a[0] / b[0]:.2f}" for a, b in zip(job, imp, strict=True))
+        print(f"    main job ({name}): {j:.2f} s wall, ratio {j / i:.2f}x (target <= 1.4x; pairwise {ratios}); "
+              f"CPU (user + system) {jc:.2f} s, ratio {jc / ic:.2f}x")
 
 
 def part_c(main_job: list[str], env: dict[str, str]) -> None:

@@ -10,7 +10,7 @@ tidy rows of ``metrics.csv``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -62,6 +62,7 @@ def measure(
     match: Sequence[str] = DEFAULT_MATCH,
     labels: Sequence[str | None] | None = None,
     progress: Progress | None = None,
+    evaluated: Callable[[AnalysisResult], None] | None = None,
 ) -> Measurement:
     """Fit the simplifiers among ``proxies``, evaluate every proxy on every split, summarise.
 
@@ -78,6 +79,8 @@ def measure(
         breakdowns, n_boot, group_names, discrete, position_groups, match: as for
             :func:`~illusions.analyses.summary.summarize`.
         labels: one name per proxy (None: named from its simplifier, e.g. ``svd(rank=4)``).
+        evaluated: called with the engine's result once every split is evaluated, before the summary
+            (the CLI starts the report's work there, beside the summary).
 
     Returns:
         The :class:`Measurement`.
@@ -85,6 +88,8 @@ def measure(
     result = analyze(model, splits, proxies, candidates=candidates, fit_split=fit_split, fit_n=fit_n,
                      eval_splits=eval_splits, max_seqs=max_seqs, seed=seed, batch_size=batch_size,
                      token_budget=token_budget, progress=progress, reference=reference, labels=labels)
+    if evaluated is not None:
+        evaluated(result)
     rows = summarize(result, reference=reference if reference is not None else "", breakdowns=breakdowns,
                      n_boot=n_boot, seed=seed, group_names=group_names, discrete=discrete,
                      position_groups=position_groups, match=match)

@@ -15,6 +15,7 @@ import math
 import os
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -245,35 +246,53 @@ def focus_proxy(rows: list[dict[str, Any]], labels: list[str]) -> int:
     return int(np.argmax(spread))
 
 
-def build_report(inputs: ReportInputs) -> tuple[str, list[Any]]:
+def build_report(inputs: ReportInputs,
+                 later: Callable[[], tuple[list[dict[str, Any]], dict[str, Any]]] | None = None) -> tuple[str, list[Any]]:
     """The report page and its static figures.
+
+    Args:
+        inputs: what the report is drawn from.
+        later: when given, ``inputs.rows`` and ``inputs.config`` are not known yet: the parts drawn from
+            the model, the proxies and the records alone are built first, then ``later()`` returns
+            ``(rows, config)`` for the rest (:mod:`illusions.reports.worker` builds a report this way
+            beside the summary). The page is the same either way.
 
     Returns:
         ``(html, figures)``; each figure also goes beside the page as ``<name>.png``.
     """
-    from illusions.reports import attention, html, interactive, plots
+    from illusions.reports import attention, html, interactive, plots, signals
+
+    def known() -> None:
+        nonlocal later
+        if later is not None:
+            inputs.rows, inputs.config = later()
+            later = None
 
     spec = inputs.spec
     splits = list(inputs.split_rows)
     all_splits = inputs.task.splits()
+    if len(inputs.labels) > 1:
+        known()  # the proxy drawn in detail is chosen from the rows
     j = focus_proxy(inputs.rows, inputs.labels)
     label = inputs.labels[j]
     proxy = inputs.proxies[j]
-    figures: list[Any] = []
-    sections: list[Any] = []
     colours = {spec.fit_split: interactive.FIT_COLOUR, **plots.split_colors(splits)}
 
-    # The verdict in words first, then the tables it is read from.
-    sections.append(_summary_section(inputs, label, splits, all_splits, figures))
-    if len(inputs.labels) > 1:
-        sections.append(_sweep_section(inputs, splits, figures))
+    # The parts drawn from the model, the proxy and the records first, then those that need the rows.
     examples, example_data = _examples_section(inputs, j, label, proxy, splits, all_splits)
-    sections.append(examples)
     row_ids, drawn = _drawn_rows(inputs, splits, all_splits)
     geometry_section, geo_data = _geometry_section(inputs, label, proxy, row_ids, drawn, all_splits)
-    sections.append(geometry_section)
-    sections += _latents_sections(inputs, label, proxy, row_ids, drawn)
-    sections += _warning_sections(inputs, j, label, proxy, splits, figures)
+    latents_sections = _latents_sections(inputs, label, proxy, row_ids, drawn)
+    signals_figure = _signals_figure(inputs, j, label, proxy, splits)
+    known()
+    figures: list[Any] = []
+    # The verdict in words first, then the tables it is read from.
+    sections: list[Any] = [_summary_section(inputs, label, splits, all_splits, figures)]
+    if len(inputs.labels) > 1:
+        sections.append(_sweep_section(inputs, splits, figures))
+    sections += [examples, geometry_section, *latents_sections]
+    if signals.warning_cells(inputs.rows):
+        sections += _warning_sections(inputs, label, splits, figures, signals_figure)
     sections += _breakdown_sections(inputs, label, splits, figures)
     sections.append(html.Section("configuration", "Configuration", (
         "<p>The fully resolved run configuration (<code>config.json</code>), collapsed.</p>"
@@ -406,17 +425,20 @@ def _latents_sections(inputs: ReportInputs, label: str, proxy: Any, row_ids: dic
         + interactive.latents_section(found_latents, groups, fit_name)))]
 
 
-def _warning_sections(inputs: ReportInputs, j: int, label: str, proxy: Any, splits: list[str],
-                      figures: list[Any]) -> list[Any]:
-    """The warning signals of the run's proxies (none when no proxy has any): sentences and table from the
-    rows, the figure of proxy ``j`` (added to ``figures``) from its records' per-position signals."""
+def _signals_figure(inputs: ReportInputs, j: int, label: str, proxy: Any, splits: list[str]) -> Any:
+    """The figure of proxy ``j``'s per-position warning signals, from its records (None without any)."""
     from illusions.analyses.warning_signals import THRESHOLDS
+    from illusions.reports import signals
+
+    records = {s: inputs.records[(s, j)] for s in splits if (s, j) in inputs.records}
+    return signals.figure(records, label, splits, (getattr(proxy, "info", None) or {}).get(THRESHOLDS, {}))
+
+
+def _warning_sections(inputs: ReportInputs, label: str, splits: list[str], figures: list[Any], fig: Any) -> list[Any]:
+    """The warning signals of the run's proxies (the caller checked that some proxy has any): sentences
+    and table from the rows, ``fig`` (:func:`_signals_figure`, added to ``figures``) beside them."""
     from illusions.reports import html, signals
 
-    if not signals.warning_cells(inputs.rows):
-        return []
-    records = {s: inputs.records[(s, j)] for s in splits if (s, j) in inputs.records}
-    fig = signals.figure(records, label, splits, (getattr(proxy, "info", None) or {}).get(THRESHOLDS, {}))
     if fig is not None:
         figures.append(fig)
     return [html.Section("warnings", "Warning signals: do the activations flag the failures?",
