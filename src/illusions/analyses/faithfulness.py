@@ -503,84 +503,130 @@ def evaluate_split(
     """
     import torch
 
-    from illusions.activations import stop_layer
-    from illusions.analyses.warning_signals import SignalCollector
-    from illusions.backends import unembeds_rows
-    from illusions.devices import float64_device
-
-    device = torch.device(model.cfg.device)
-    f64 = float64_device(device)  # KL and JSD are float64: on the CPU for MPS
-    # Stop at the final residual and unembed the scored rows only (no [batch, pos, vocabulary] logits).
-    stop = model.cfg.n_layers if unembeds_rows(model) else None
-
-    hook_sets = [hook_names_of(p) for p in proxies]
-    starts = [start_layer(model, names) for names in hook_sets]
-    first_layers = sorted({s for s in starts if s is not None})
-    cache_names = [f"blocks.{layer}.hook_resid_pre" for layer in first_layers]
-    # The clean attention rows the JSD compares: only the simplified heads' scored query rows, gathered
-    # inside the pattern hook (never a whole [batch, head, query, key] pattern held across passes).
-    clean_rows = PatternRows(sorted({lh for p in proxies for lh in p.heads}))
+    setup = _Setup.of(model, proxies)
     parts: list[list[dict[str, np.ndarray]]] = [[] for _ in proxies]
-    sparse = CleanPassStats(proxies)  # the dictionaries' statistics, from the clean pass
-    clean_stop = stop if stop_layer(model, sparse.names) is not None else None
-    clean_until = {} if clean_stop is None else {"stop_at_layer": clean_stop}
-    # Each proxy's warning signals, read by capture hooks in front of its own during its pass.
-    collectors = [SignalCollector(p) for p in proxies]
-    ablations = [ZeroAblation.of(p) for p in proxies]  # the downstream baselines of sparse dictionaries
-
     with torch.inference_mode():
         for batch in iter_batches(split, batch_size, rows=rows, max_tokens=batch_tokens(model, token_budget)):
-            if len(batch.scored) == 0 and not sparse.names:
+            if len(batch.scored) == 0 and not setup.sparse.names:
                 continue
-            tokens = torch.as_tensor(batch.tokens, device=device)
-            lengths = split.lengths[batch.rows]
-            sc = batch.scored
-            seq_t = torch.as_tensor(sc.seq, device=device)
-            pos_t = torch.as_tensor(sc.pos, device=device)
-            clean_hooks = sparse.hooks(lengths, tokens.shape[1], device)
-            if len(sc):
-                clean_hooks += clean_rows.hooks(seq_t, pos_t)
-            with model.hooks(fwd_hooks=clean_hooks):
-                out, cache = model.run_with_cache(tokens, names_filter=lambda name: name in cache_names,
-                                                  **clean_until)
-            if sparse.names:
-                sparse.add(batch.rows, lengths)
-            if len(sc) == 0:  # read for the dictionaries only
+            clean = _clean_pass(model, split, batch, setup, candidates)
+            if clean is None:  # read for the dictionaries only
                 continue
-            clean_logits = _scored_logits(model, out, sc, clean_stop)
-            del out  # only the scored positions' logits are kept (memory)
-            clean_pred = restricted_argmax(clean_logits, candidates)
-            # The target's cross-entropy (float64, whole vocabulary), for the dictionaries' downstream loss.
-            clean_ce = (cross_entropy_chunked(clean_logits, sc.target, max_elements=KL_CHUNK, device=f64)
-                        if any(ablations) else None)
             for j, proxy in enumerate(proxies):
-                proxy_logits, captured = _proxy_logits(model, tokens, cache, proxy, hook_sets[j], starts[j],
-                                                       collectors[j].hooks, sc, stop,
-                                                       jsd_against=(clean_rows, seq_t, pos_t, f64))
-                jsd = _attention_jsd(captured, proxy, len(sc), f64)
-                down = {} if ablations[j] is None else _downstream(
-                    model, tokens, cache, ablations[j], starts[j], sc, stop, clean_logits, clean_ce, proxy_logits,
-                    f64)
-                parts[j].append(
-                    {
-                        "rows": batch.rows[sc.seq],
-                        "pos": sc.pos,
-                        "target": sc.target,
-                        "original_pred": clean_pred.cpu().numpy(),
-                        "proxy_pred": restricted_argmax(proxy_logits, candidates).cpu().numpy(),
-                        "attention_jsd": jsd.cpu().numpy(),
-                        "kl": kl_divergence_chunked(clean_logits, proxy_logits, max_elements=KL_CHUNK,
-                                                    device=f64).cpu().numpy(),
-                        "meta:seq_len": split.lengths[batch.rows[sc.seq]],
-                        **{f"meta:{k}": v for k, v in sc.meta.items()},
-                        **{f"warn:{k}": v for k, v in collectors[j].gather(seq_t, pos_t).items()},
-                        **{f"down:{k}": v for k, v in down.items()},
-                    }
-                )
-            clean_rows.clear()
-    stats = sparse.result(rows)
+                parts[j].append(_proxy_part(model, split, batch, setup, j, proxy, clean, candidates))
+            setup.clean_rows.clear()
+    stats = setup.sparse.result(rows)
     return [rec if got is None else dataclasses.replace(rec, sparse=got)
             for rec, got in zip(_join_records(parts, split, rows), stats, strict=True)]
+
+
+@dataclasses.dataclass
+class _Setup:
+    """What :func:`evaluate_split` works out once per split for its proxies."""
+
+    device: Any
+    f64: Any  # KL and JSD are float64: on the CPU for MPS
+    stop: int | None  # n_layers: stop at the final residual and unembed the scored rows only
+    hook_sets: list[list[str]]
+    starts: list[int | None]  # the block each proxy starts from (None: the tokens)
+    cache_names: list[str]  # the residual streams cached for those starts
+    # The clean attention rows the JSD compares: only the simplified heads' scored query rows, gathered
+    # inside the pattern hook (never a whole [batch, head, query, key] pattern held across passes).
+    clean_rows: PatternRows
+    sparse: CleanPassStats  # the dictionaries' statistics, from the clean pass
+    clean_stop: int | None
+    collectors: list[Any]  # each proxy's warning signals, read by capture hooks in front of its own
+    ablations: list[ZeroAblation | None]  # the downstream baselines of sparse dictionaries
+
+    @classmethod
+    def of(cls, model: LensModel, proxies: Sequence[Proxy]) -> _Setup:
+        import torch
+
+        from illusions.activations import stop_layer
+        from illusions.analyses.warning_signals import SignalCollector
+        from illusions.backends import unembeds_rows
+        from illusions.devices import float64_device
+
+        device = torch.device(model.cfg.device)
+        stop = model.cfg.n_layers if unembeds_rows(model) else None
+        hook_sets = [hook_names_of(p) for p in proxies]
+        starts = [start_layer(model, names) for names in hook_sets]
+        sparse = CleanPassStats(proxies)
+        return cls(
+            device=device, f64=float64_device(device), stop=stop, hook_sets=hook_sets, starts=starts,
+            cache_names=[f"blocks.{layer}.hook_resid_pre" for layer in sorted({s for s in starts if s is not None})],
+            clean_rows=PatternRows(sorted({lh for p in proxies for lh in p.heads})), sparse=sparse,
+            clean_stop=stop if stop_layer(model, sparse.names) is not None else None,
+            collectors=[SignalCollector(p) for p in proxies], ablations=[ZeroAblation.of(p) for p in proxies],
+        )
+
+
+@dataclasses.dataclass
+class _Clean:
+    """One batch's clean pass: what every proxy is compared against."""
+
+    tokens: Any
+    cache: Any  # the residual streams the proxies start from
+    seq: Any  # [n] the scored positions' rows and positions in the batch, on the device
+    pos: Any
+    logits: Any  # [n, vocabulary] at the scored positions
+    pred: Any
+    ce: Any  # the target's cross-entropy (float64, whole vocabulary), for dictionaries' downstream loss
+
+
+def _clean_pass(model: LensModel, split: Split, batch: Any, setup: _Setup,
+                candidates: np.ndarray | None) -> _Clean | None:
+    """The original model's pass over a batch, feeding the dictionaries' statistics and keeping the
+    clean attention rows; None when the batch has no scored position (read for the dictionaries only)."""
+    import torch
+
+    tokens = torch.as_tensor(batch.tokens, device=setup.device)
+    lengths = split.lengths[batch.rows]
+    sc = batch.scored
+    seq_t = torch.as_tensor(sc.seq, device=setup.device)
+    pos_t = torch.as_tensor(sc.pos, device=setup.device)
+    clean_hooks = setup.sparse.hooks(lengths, tokens.shape[1], setup.device)
+    if len(sc):
+        clean_hooks += setup.clean_rows.hooks(seq_t, pos_t)
+    until = {} if setup.clean_stop is None else {"stop_at_layer": setup.clean_stop}
+    with model.hooks(fwd_hooks=clean_hooks):
+        out, cache = model.run_with_cache(tokens, names_filter=lambda name: name in setup.cache_names, **until)
+    if setup.sparse.names:
+        setup.sparse.add(batch.rows, lengths)
+    if len(sc) == 0:
+        return None
+    logits = _scored_logits(model, out, sc, setup.clean_stop)
+    del out  # only the scored positions' logits are kept (memory)
+    ce = (cross_entropy_chunked(logits, sc.target, max_elements=KL_CHUNK, device=setup.f64)
+          if any(setup.ablations) else None)
+    return _Clean(tokens, cache, seq_t, pos_t, logits, restricted_argmax(logits, candidates), ce)
+
+
+def _proxy_part(model: LensModel, split: Split, batch: Any, setup: _Setup, j: int, proxy: Proxy, clean: _Clean,
+                candidates: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Proxy ``j``'s pass over a batch and its per-position values against the clean pass."""
+    sc = batch.scored
+    proxy_logits, captured = _proxy_logits(model, clean.tokens, clean.cache, proxy, setup.hook_sets[j],
+                                           setup.starts[j], setup.collectors[j].hooks, sc, setup.stop,
+                                           jsd_against=(setup.clean_rows, clean.seq, clean.pos, setup.f64))
+    jsd = _attention_jsd(captured, proxy, len(sc), setup.f64)
+    down = {} if setup.ablations[j] is None else _downstream(
+        model, clean.tokens, clean.cache, setup.ablations[j], setup.starts[j], sc, setup.stop, clean.logits,
+        clean.ce, proxy_logits, setup.f64)
+    return {
+        "rows": batch.rows[sc.seq],
+        "pos": sc.pos,
+        "target": sc.target,
+        "original_pred": clean.pred.cpu().numpy(),
+        "proxy_pred": restricted_argmax(proxy_logits, candidates).cpu().numpy(),
+        "attention_jsd": jsd.cpu().numpy(),
+        "kl": kl_divergence_chunked(clean.logits, proxy_logits, max_elements=KL_CHUNK,
+                                    device=setup.f64).cpu().numpy(),
+        "meta:seq_len": split.lengths[batch.rows[sc.seq]],
+        **{f"meta:{k}": v for k, v in sc.meta.items()},
+        **{f"warn:{k}": v for k, v in setup.collectors[j].gather(clean.seq, clean.pos).items()},
+        **{f"down:{k}": v for k, v in down.items()},
+    }
 
 
 def _scored_logits(model: LensModel, out: Any, sc: Any, stop: int | None) -> Any:
