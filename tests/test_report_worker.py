@@ -40,32 +40,26 @@ def test_worker_writes_the_bytes_the_serial_path_writes(tmp_path):
     assert worker.pid == 0  # reaped
 
 
-def test_a_failure_in_the_report_process_is_one_error(tmp_path, monkeypatch):
+def _broken(inputs, later=None):
+    later()  # it got the rows, then failed
+    raise RuntimeError("boom\non two lines")
+
+
+def _refused(inputs, later=None):
+    raise IllusionsError("the data changed")
+
+
+@pytest.mark.parametrize(("build", "words"), [(_broken, r"^building the report failed: RuntimeError: boom on two lines$"),
+                                              (_refused, r"^the data changed$")])
+def test_a_failure_in_the_report_process_is_one_error_and_writes_nothing(tmp_path, monkeypatch, build, words):
+    """Any exception is one line; an IllusionsError keeps its own words."""
     run = make_run()
-
-    def broken(inputs, later=None):
-        later()  # it got the rows, then failed
-        raise RuntimeError("boom\non two lines")
-
-    monkeypatch.setattr("illusions.reports.build.build_report", broken)
+    monkeypatch.setattr("illusions.reports.build.build_report", build)
     worker = report_worker.start(run.spec, run.task, run.model, run.analysis)
     worker.send(run)
-    with pytest.raises(IllusionsError, match=r"^building the report failed: RuntimeError: boom on two lines$"):
+    with pytest.raises(IllusionsError, match=words):
         worker.write(tmp_path)
     assert list(tmp_path.iterdir()) == [] and worker.pid == 0
-
-
-def test_an_illusions_error_in_the_report_process_keeps_its_words(tmp_path, monkeypatch):
-    run = make_run()
-
-    def refused(inputs, later=None):
-        raise IllusionsError("the data changed")
-
-    monkeypatch.setattr("illusions.reports.build.build_report", refused)
-    worker = report_worker.start(run.spec, run.task, run.model, run.analysis)
-    worker.send(run)
-    with pytest.raises(IllusionsError, match=r"^the data changed$"):
-        worker.write(tmp_path)
 
 
 @pytest.fixture(scope="module")

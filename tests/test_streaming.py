@@ -146,16 +146,22 @@ def _dictionary_stream(model, config, tokens, batch: int = 8):
     return stream
 
 
+def _tiny_model_and_tokens(seed: int):
+    """A 2-layer, 32-wide model and 48 token rows of 16 drawn with ``seed``."""
+    from illusions.models import ModelConfig, build_model
+
+    model = build_model(ModelConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=24,
+                                    d_vocab=13), seed=0)
+    return model, torch.randint(0, 13, (48, 16), generator=torch.Generator().manual_seed(seed))
+
+
 @pytest.mark.sae
 def test_streamed_dictionary_trains_on_a_seeded_sample_and_is_the_held_fit_when_all_fits(monkeypatch):
     pytest.importorskip("sae_lens")
     from illusions.activations import collect
-    from illusions.models import ModelConfig, build_model
     from illusions.simplifiers import SAE
 
-    model = build_model(ModelConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=24,
-                                    d_vocab=13), seed=0)
-    tokens = torch.randint(0, 13, (48, 16), generator=torch.Generator().manual_seed(0))
+    model, tokens = _tiny_model_and_tokens(0)
     config = SAE(width=16, sae_steps=20, sae_batch=128, seed=3)
     everything = collect(model, tokens, config.hook_names(model), torch.ones(tokens.shape, dtype=torch.bool))
     held = config.fit(model, everything)
@@ -183,12 +189,9 @@ def test_streamed_dictionary_trains_on_a_seeded_sample_and_is_the_held_fit_when_
 @pytest.mark.sae
 def test_streamed_transcoder_keeps_its_input_and_target_aligned(monkeypatch):
     pytest.importorskip("sae_lens")
-    from illusions.models import ModelConfig, build_model
     from illusions.simplifiers import Transcoder
 
-    model = build_model(ModelConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=24,
-                                    d_vocab=13), seed=0)
-    tokens = torch.randint(0, 13, (48, 16), generator=torch.Generator().manual_seed(1))
+    model, tokens = _tiny_model_and_tokens(1)
     monkeypatch.setattr(streaming, "SAMPLE_BYTES", 150 * 2 * 32 * 4)  # 150 positions of input and target
     config = Transcoder(width=16, sae_steps=20, sae_batch=64)
     stream = _dictionary_stream(model, config, tokens)
