@@ -152,31 +152,41 @@ SPARSE_COLUMNS = tuple((k, metric(k).tiny, metric(k).console_places) for k in DI
 
 def print_sparse(rows: list[dict[str, Any]], proxies: list[str], console: Console) -> None:
     """Per split: the sparse dictionary's reconstruction of the replaced activation and its latents."""
+    _split_table(rows, proxies, console, SPARSE_COLUMNS, ("tokens", "l0"),
+                 "sparse dictionary on each split (token positions: all; explained var, norm. MSE and "
+                 "MSE/token leave out each sequence's first)",
+                 "[dim]explained variance of the replaced activation (1 - residual / variance on the split) and "
+                 "norm. MSE = residual / |x|^2 over every position but each sequence's first (the BOS / attention "
+                 "sink); pooled: over all positions; MSE/token: residual per position; L0: active latents per "
+                 "position; dead: share of latents never "
+                 "active on the split; new: share active on the split but never on the fitting data.[/dim]")
+
+
+def _split_table(rows: list[dict[str, Any]], proxies: list[str], console: Console,
+                 columns: tuple[tuple[str, str, int], ...], count: tuple[str, str], title: str, note: str) -> None:
+    """A table of per-split ``columns`` (metric, header, decimals) with intervals, one section per proxy
+    when there are several, the positions counted from the ``count`` (header, metric) row; a split
+    without the first column's metric is left out. ``note`` is printed under it."""
     by = {(r["proxy"], r["split"], r["metric"]): r for r in rows}
-    table = Table(title="sparse dictionary on each split (token positions: all; explained var, norm. MSE and "
-                  "MSE/token leave out each sequence's first)", title_justify="left")
+    table = Table(title=title, title_justify="left")
     if len(proxies) > 1:
         table.add_column("proxy")
     table.add_column("split")
-    table.add_column("tokens", justify="right")
-    for _, header, _ in SPARSE_COLUMNS:
+    table.add_column(count[0], justify="right")
+    for _, header, _ in columns:
         table.add_column(header, justify="right", no_wrap=True)
     for proxy in proxies:
         for split in dict.fromkeys(r["split"] for r in rows if r["proxy"] == proxy):
-            m = {key: by.get((proxy, split, key)) for key, _, _ in SPARSE_COLUMNS}
-            if m["explained_variance"] is None:
+            m = {key: by.get((proxy, split, key)) for key, _, _ in columns}
+            if m[columns[0][0]] is None:
                 continue
-            cells = [split, str(int(m["l0"]["n_positions"]))]
-            cells += [_ci(m[key]["value"], m[key]["ci_low"], m[key]["ci_high"], digits) for key, _, digits in SPARSE_COLUMNS]
+            cells = [split, str(int(by[(proxy, split, count[1])]["n_positions"]))]
+            cells += [_ci(m[key]["value"], m[key]["ci_low"], m[key]["ci_high"], digits) for key, _, digits in columns]
             table.add_row(*([proxy] if len(proxies) > 1 else []), *cells)
         if len(proxies) > 1:
             table.add_section()
     console.print(table)
-    console.print("[dim]explained variance of the replaced activation (1 - residual / variance on the split) and "
-                  "norm. MSE = residual / |x|^2 over every position but each sequence's first (the BOS / attention "
-                  "sink); pooled: over all positions; MSE/token: residual per position; L0: active latents per "
-                  "position; dead: share of latents never "
-                  "active on the split; new: share active on the split but never on the fitting data.[/dim]")
+    console.print(note)
 
 
 # (metric, header, decimals) of the downstream loss table.
@@ -185,29 +195,12 @@ DOWNSTREAM_COLUMNS = tuple((k, metric(k).tiny, metric(k).console_places) for k i
 
 def print_downstream(rows: list[dict[str, Any]], proxies: list[str], console: Console) -> None:
     """Per split: a sparse dictionary's downstream loss against a zero ablation, as SAELens reports it."""
-    by = {(r["proxy"], r["split"], r["metric"]): r for r in rows}
-    table = Table(title="sparse dictionary downstream (scored positions; nats)", title_justify="left")
-    if len(proxies) > 1:
-        table.add_column("proxy")
-    table.add_column("split")
-    table.add_column("pos", justify="right")
-    for _, header, _ in DOWNSTREAM_COLUMNS:
-        table.add_column(header, justify="right", no_wrap=True)
-    for proxy in proxies:
-        for split in dict.fromkeys(r["split"] for r in rows if r["proxy"] == proxy):
-            m = {key: by.get((proxy, split, key)) for key, _, _ in DOWNSTREAM_COLUMNS}
-            if m["loss_recovered"] is None:
-                continue
-            cells = [split, str(int(m["loss_recovered"]["n_positions"]))]
-            cells += [_ci(m[key]["value"], m[key]["ci_low"], m[key]["ci_high"], digits) for key, _, digits in DOWNSTREAM_COLUMNS]
-            table.add_row(*([proxy] if len(proxies) > 1 else []), *cells)
-        if len(proxies) > 1:
-            table.add_section()
-    console.print(table)
-    console.print("[dim]CE: cross-entropy of the target token (whole vocabulary) with the original model, the proxy "
-                  "and the replaced activation zero-ablated; loss rec = (CE abl - CE proxy) / (CE abl - CE orig); "
-                  "KL(original || proxy) and KL(original || ablated); KL score = (KL abl - KL) / KL abl (SAELens' "
-                  "ce_loss_score and kl_div_score: 1 = as the model, 0 = no better than zeros).[/dim]")
+    _split_table(rows, proxies, console, DOWNSTREAM_COLUMNS, ("pos", "loss_recovered"),
+                 "sparse dictionary downstream (scored positions; nats)",
+                 "[dim]CE: cross-entropy of the target token (whole vocabulary) with the original model, the proxy "
+                 "and the replaced activation zero-ablated; loss rec = (CE abl - CE proxy) / (CE abl - CE orig); "
+                 "KL(original || proxy) and KL(original || ablated); KL score = (KL abl - KL) / KL abl (SAELens' "
+                 "ce_loss_score and kl_div_score: 1 = as the model, 0 = no better than zeros).[/dim]")
 
 
 def _groups_note(run: Any, grouped: list[dict[str, Any]]) -> str:
