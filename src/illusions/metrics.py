@@ -60,14 +60,21 @@ def kl_divergence_chunked(
         max_elements: logits per chunk (rows x vocabulary); at least one row.
         device: where the float64 work runs (default: where the logits are).
     """
+    return _by_row_chunks(kl_divergence, (logits_p, logits_q), max_elements, device)
+
+
+def _by_row_chunks(fn: Any, tensors: tuple[Any, ...], max_elements: int, device: Any) -> Any:
+    """``[n]`` float64 values of ``fn`` (row-wise) over ``[n, k]`` ``tensors`` taken a chunk of at most
+    ``max_elements`` entries (at least one row) at a time, each chunk moved to ``device`` (default:
+    where the first tensor is), floats as float64; rows are computed alone, so any chunk gives the same bits."""
     import torch
 
-    n, vocab = logits_p.shape
-    rows = max(1, max_elements // max(vocab, 1))
-    out = [kl_divergence(logits_p[i : i + rows].to(device or logits_p.device, torch.float64),
-                         logits_q[i : i + rows].to(device or logits_q.device, torch.float64))
+    n, k = tensors[0].shape
+    rows = max(1, max_elements // max(k, 1))
+    where = device or tensors[0].device
+    out = [fn(*(t[i : i + rows].to(where, torch.float64 if t.is_floating_point() else t.dtype) for t in tensors))
            for i in range(0, n, rows)]
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64, device=device or logits_p.device)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64, device=where)
 
 
 def cross_entropy_chunked(
@@ -85,15 +92,12 @@ def cross_entropy_chunked(
     """
     import torch
 
-    n, vocab = logits.shape
-    rows = max(1, max_elements // max(vocab, 1))
-    where = device or logits.device
-    target = torch.as_tensor(target, dtype=torch.long, device=where)
-    out = []
-    for i in range(0, n, rows):
-        logp = torch.log_softmax(logits[i : i + rows].to(where, torch.float64), dim=-1)
-        out.append(-logp.gather(1, target[i : i + rows, None])[:, 0])
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64, device=where)
+    ids = torch.as_tensor(target, dtype=torch.long, device=logits.device)[:, None]
+
+    def ce(chunk: Any, chunk_ids: Any) -> Any:
+        return -torch.log_softmax(chunk, dim=-1).gather(1, chunk_ids)[:, 0]
+
+    return _by_row_chunks(ce, (logits, ids), max_elements, device)
 
 
 def js_divergence(p: Float[Tensor, "... k"], q: Float[Tensor, "... k"]) -> Float[Tensor, "..."]:
@@ -127,14 +131,7 @@ def js_divergence_chunked(
         max_elements: entries per chunk (rows x k); at least one row.
         device: where the float64 work runs (default: where ``p`` is).
     """
-    import torch
-
-    n, k = p.shape
-    rows = max(1, max_elements // max(k, 1))
-    where = device or p.device
-    out = [js_divergence(p[i : i + rows].to(where, torch.float64), q[i : i + rows].to(where, torch.float64))
-           for i in range(0, n, rows)]
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64, device=where)
+    return _by_row_chunks(js_divergence, (p, q), max_elements, device)
 
 
 def accuracy(pred: np.ndarray, target: np.ndarray) -> float:
