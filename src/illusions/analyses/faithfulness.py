@@ -743,7 +743,9 @@ class PatternRows:
 
             return hook
 
-        return [(name, gather(int(name.split(".")[1]), heads)) for name, heads in self.by_layer(self.heads).items()]
+        from illusions.activations import hook_layer
+
+        return [(name, gather(hook_layer(name), heads)) for name, heads in self.by_layer(self.heads).items()]
 
     def rows(self, layer: int, head: int) -> Any:
         """``[n, key_pos]`` clean attention of ``head`` at ``layer`` at the scored positions."""
