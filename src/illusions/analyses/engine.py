@@ -80,7 +80,7 @@ def measure(
             :func:`~illusions.analyses.summary.summarize`.
         labels: one name per proxy (None: named from its simplifier, e.g. ``svd(rank=4)``).
         evaluated: called with the engine's result once every split is evaluated, before the summary
-            (the CLI starts the report's work there, beside the summary).
+            (the CLI freezes the garbage collector there).
 
     Returns:
         The :class:`Measurement`.

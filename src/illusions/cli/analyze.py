@@ -311,38 +311,23 @@ def _run(spec: Any, out: Path | None, as_json: bool, by: str | None, threads: in
         return
     if slurm is not None:
         _local_only(slurm)
-    # With two or more cores, the report is drawn in a forked process beside the summary.
-    worker = None
 
     def evaluated(spec: Any, task: Any, model: Any, result: Any) -> None:
-        nonlocal worker
         import gc
 
         # What the imports, the model and the records hold lives until the command ends: the collector
-        # stops walking it (a full collection took 0.3-0.4 s here), and a forked report process does not
-        # copy the pages it would touch.
+        # stops walking it (a full collection took 0.3-0.4 s here).
         gc.freeze()
-        if report and threads >= 2:
-            from illusions.reports.worker import start
 
-            worker = start(spec, task, model, result)
+    run = _with_progress(spec, as_json, local_device(device), allow_tf32, evaluated=evaluated)
+    extra = None
+    if report:
+        from illusions.reports import write_report_files
 
-    try:
-        run = _with_progress(spec, as_json, local_device(device), allow_tf32, evaluated=evaluated)
-        extra = None
-        if worker is not None:
-            worker.send(run)
-            extra = worker.write
-        elif report:
-            from illusions.reports import write_report_files
+        def extra(stage: Path) -> None:
+            write_report_files(run, stage)
 
-            def extra(stage: Path) -> None:
-                write_report_files(run, stage)
-
-        write_run(run, out, extra_files=extra, overwrite=overwrite)
-    finally:
-        if worker is not None:
-            worker.close(kill=True)  # only when the run failed: write() has reaped it
+    write_run(run, out, extra_files=extra, overwrite=overwrite)
     _print_run(run, out, as_json, by, report)
 
 

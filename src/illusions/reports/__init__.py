@@ -8,10 +8,9 @@ Modules: :mod:`.build` gathers a run's data, :mod:`.verdict` states it in senten
 picks the example sequences and computes their attention, :mod:`.geometry` places queries and keys
 relative to the proxy's kept subspace, :mod:`.latents` finds a sparse dictionary's out-of-distribution
 latents, :mod:`.signals` shows whether the warning signals flag the proxy's failures, :mod:`.plots` draws
-static figures, :mod:`.interactive` holds the page's scripts and the HTML they act on, :mod:`.html`
-writes the page, and :mod:`.worker` builds it in a forked process beside the summary (the CLI with 2+ threads). Heavy libraries (torch, matplotlib, circuitsvis) load on
-first use. This package holds per-run reports only: the reproduction's document
-(``docs/RESULTS.md``) is :mod:`illusions.reproduction`.
+static figures, :mod:`.interactive` holds the page's scripts and the HTML they act on, and :mod:`.html`
+writes the page. Heavy libraries (torch, matplotlib, circuitsvis) load on first use. This package holds
+per-run reports only: the reproduction's document (``docs/RESULTS.md``) is :mod:`illusions.reproduction`.
 """
 
 from illusions.reports.build import (

@@ -15,7 +15,6 @@ import math
 import os
 import zipfile
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -246,45 +245,27 @@ def focus_proxy(rows: list[dict[str, Any]], labels: list[str]) -> int:
     return int(np.argmax(spread))
 
 
-def build_report(inputs: ReportInputs,
-                 later: Callable[[], tuple[list[dict[str, Any]], dict[str, Any]]] | None = None) -> tuple[str, list[Any]]:
+def build_report(inputs: ReportInputs) -> tuple[str, list[Any]]:
     """The report page and its static figures.
-
-    Args:
-        inputs: what the report is drawn from.
-        later: when given, ``inputs.rows`` and ``inputs.config`` are not known yet: the parts drawn from
-            the model, the proxies and the records alone are built first, then ``later()`` returns
-            ``(rows, config)`` for the rest (:mod:`illusions.reports.worker` builds a report this way
-            beside the summary). The page is the same either way.
 
     Returns:
         ``(html, figures)``; each figure also goes beside the page as ``<name>.png``.
     """
     from illusions.reports import attention, html, interactive, plots, signals
 
-    def known() -> None:
-        nonlocal later
-        if later is not None:
-            inputs.rows, inputs.config = later()
-            later = None
-
     spec = inputs.spec
     splits = list(inputs.split_rows)
     all_splits = inputs.task.splits()
-    if len(inputs.labels) > 1:
-        known()  # the proxy drawn in detail is chosen from the rows
     j = focus_proxy(inputs.rows, inputs.labels)
     label = inputs.labels[j]
     proxy = inputs.proxies[j]
     colours = {spec.fit_split: interactive.FIT_COLOUR, **plots.split_colors(splits)}
 
-    # The parts drawn from the model, the proxy and the records first, then those that need the rows.
     examples, example_data = _examples_section(inputs, j, label, proxy, splits, all_splits)
     row_ids, drawn = _drawn_rows(inputs, splits, all_splits)
     geometry_section, geo_data = _geometry_section(inputs, label, proxy, row_ids, drawn, all_splits)
     latents_sections = _latents_sections(inputs, label, proxy, row_ids, drawn)
     signals_figure = _signals_figure(inputs, j, label, proxy, splits)
-    known()
     figures: list[Any] = []
     # The verdict in words first, then the tables it is read from.
     sections: list[Any] = [_summary_section(inputs, label, splits, all_splits, figures)]
