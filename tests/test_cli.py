@@ -90,6 +90,31 @@ def test_default_threads_fit_the_free_cores(monkeypatch):
     assert machine(2, None) == 2  # no load average: the cores we may use
 
 
+def test_threads_govern_every_cpu_pool_and_numpy_blas_runs_single_threaded():
+    """--threads reaches the OpenMP pools of libraries loaded later (scikit-learn's k-means), not only
+    torch's; numpy's BLAS runs on one thread (left alone, both start a thread per core)."""
+    import json
+    import os
+
+    code = (
+        "import json, sys, torch\n"
+        "from illusions.cli.app import set_threads\n"
+        "assert set_threads(3) == 3\n"
+        "import numpy, sklearn.cluster\n"
+        "from threadpoolctl import threadpool_info\n"
+        "print(json.dumps({'torch': torch.get_num_threads(), 'numpy': numpy.__file__, 'pools': threadpool_info()}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    got = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                    env=env).stdout)
+    assert got["torch"] == 3
+    openmp = [p for p in got["pools"] if p["user_api"] == "openmp"]  # torch's and scikit-learn's
+    assert len(openmp) >= 2 and all(p["num_threads"] == 3 for p in openmp), got["pools"]
+    numpy_dir = os.path.dirname(got["numpy"])
+    blas = [p for p in got["pools"] if p["user_api"] == "blas" and p["filepath"].startswith(numpy_dir)]
+    assert blas and all(p["num_threads"] == 1 for p in blas), got["pools"]
+
+
 def test_process_entry_point_lets_idle_openmp_threads_sleep_unless_told_otherwise():
     import os
 

@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from illusions.devices import set_cpu_threads
 from illusions.errors import IllusionsError
 
 
@@ -125,7 +126,7 @@ class LocalEngine:
             from concurrent.futures import ProcessPoolExecutor, as_completed
 
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=set_torch_threads,
+            with ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=set_cpu_threads,
                                      initargs=(self.threads,)) as pool:
                 futures = {pool.submit(fn, *args): key for key, fn, args in work}
                 for i, future in enumerate(as_completed(futures)):
@@ -137,12 +138,6 @@ class LocalEngine:
         """Nothing outlives :meth:`wait` here (the pool shuts down with it)."""
 
 
-def set_torch_threads(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
 def error_line(exc: BaseException) -> str:
     """``Type: last line of the message``: why a piece of work failed, in one line."""
     text = str(exc).strip().splitlines()
@@ -150,12 +145,12 @@ def error_line(exc: BaseException) -> str:
 
 
 def run_in_job(threads: int, fn: Callable[..., Any], *args: Any) -> tuple[str, Any]:
-    """What a Slurm job runs: ``fn(*args)`` with ``threads`` torch threads.
+    """What a Slurm job runs: ``fn(*args)`` with ``threads`` CPU threads (:func:`~illusions.devices.set_cpu_threads`).
 
     Returns ``("ok", value)``, or ``("error", "Type: message")`` for an exception raised by ``fn``, so
     that the reason a run failed reaches the submitting side as one line.
     """
-    set_torch_threads(threads)
+    set_cpu_threads(threads)
     try:
         return "ok", fn(*args)
     except Exception as exc:  # noqa: BLE001 - reported, and the work retried, by the submitting side

@@ -124,14 +124,15 @@ def auto_threads(cap: int = MAX_AUTO_THREADS) -> int:
 
 
 def set_threads(threads: int | None) -> int:
-    """Set torch's intra-op thread count (None: :func:`auto_threads`) and return it; OpenMP collapses
-    when threads outnumber free cores."""
+    """Set the process's CPU thread count (None: :func:`auto_threads`; see
+    :func:`illusions.devices.set_cpu_threads`) and return it; OpenMP collapses when threads outnumber
+    free cores."""
     if threads is None:
         threads = auto_threads()
     if not 1 <= threads <= max_threads():
         fail(f"--threads must be in 1..{max_threads()} ({THREADS_PER_CPU} per CPU of this machine's "
              f"{os.cpu_count() or 1}), got {threads}")
-    import torch
+    from illusions.devices import set_cpu_threads
 
-    torch.set_num_threads(threads)
+    set_cpu_threads(threads)
     return threads
