@@ -268,6 +268,37 @@ def test_the_token_budget_bounds_every_forward_pass_fit_calibration_and_evaluati
     assert all(rows * width <= 20 or rows == 1 for rows, width in shapes), shapes
 
 
+def test_evaluation_runs_rows_only_up_to_their_last_scored_position_and_no_number_moves(tiny_model, rng, monkeypatch):
+    """Rows without a scored position are not run and the others stop after their last scored position
+    (a causal model's outputs there cannot depend on later tokens): the same predictions, the values to
+    float32 rounding, and the records in the order of the rows, whatever the batches."""
+    import illusions.analyses.faithfulness as faithfulness
+
+    split = make_split("ood", rng, n=12)
+    keep = (split.scored.pos < 4) & (split.scored.seq % 3 != 0)  # rows 0, 3, 6, 9: nothing scored
+    split = dataclasses.replace(split, scored=split.scored.subset(np.flatnonzero(keep)))
+    proxies = [FakeProxy(0.5)]
+    shapes = []
+    forward = tiny_model.forward
+    monkeypatch.setattr(tiny_model, "forward",
+                        lambda x, *a, **k: shapes.append(tuple(x.shape[:2])) or forward(x, *a, **k))
+    got = evaluate_split(tiny_model, split, np.arange(len(split)), proxies, candidates=None, batch_size=64)
+    assert shapes and all(width <= 4 for _, width in shapes)  # scored positions end at 3
+    assert max(rows for rows, _ in shapes) == 8  # the 8 rows with something to score, in one batch
+    whole = faithfulness.iter_batches
+    monkeypatch.setattr(faithfulness, "iter_batches", lambda *a, **k: whole(*a, **{**k, "scored_only": False}))
+    for budget in (None, 20):
+        want = evaluate_split(tiny_model, split, np.arange(len(split)), proxies, candidates=None, batch_size=64,
+                              token_budget=budget)
+        for a, b in zip(got, want, strict=True):
+            order = np.lexsort((a.pos, a.seq))
+            np.testing.assert_array_equal(order, np.arange(len(order)))  # rows, then positions
+            for field in ("rows", "pos", "target", "original_pred", "proxy_pred"):
+                np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+            for field in ("kl", "attention_jsd"):
+                np.testing.assert_allclose(getattr(a, field), getattr(b, field), rtol=1e-5, atol=1e-6)
+
+
 def test_summary_rows_breakdowns_and_json(tiny_model, splits):
     result = analyze(tiny_model, splits, [FakeSimplifier(1.0), FakeSimplifier(0.0)], candidates=None,
                      fit_n=4, seed=0)

@@ -45,6 +45,20 @@ def test_token_budget_cuts_batches_by_rows_times_width():
     assert [len(b.rows) for b in iter_batches(split, 3)] == [3, 1]
 
 
+def test_scored_only_leaves_out_rows_without_scored_positions_and_cuts_after_the_last_one():
+    split = _split()  # row 3 has no scored position; the last scored positions: row 0 at 2, 1 at 1, 2 at 4
+    batches = list(iter_batches(split, 64, scored_only=True))
+    assert [b.rows.tolist() for b in batches] == [[1, 0, 2]]  # by width: 2, 3, 5
+    assert batches[0].tokens.shape == (3, 5)  # row 2's length is 6
+    np.testing.assert_array_equal(batches[0].tokens, split.tokens[[1, 0, 2], :5])
+    np.testing.assert_array_equal(batches[0].scored.target, split.scored.target[batches[0].index])
+    widths = [(len(b.rows), b.tokens.shape[1]) for b in iter_batches(split, 64, max_tokens=6, scored_only=True)]
+    assert widths == [(2, 3), (1, 5)]
+    assert sorted(i for b in iter_batches(split, 2, scored_only=True) for i in b.index.tolist()) == list(range(6))
+    # the selection given is kept to (row 3 asked for, but it has nothing to score)
+    assert [b.rows.tolist() for b in iter_batches(split, 64, rows=np.array([3, 2]), scored_only=True)] == [[2]]
+
+
 def test_restricted_argmax_ignores_non_candidates():
     logits = torch.tensor([[0.0, 9.0, 1.0, 2.0], [0.0, 9.0, 3.0, 2.0]])
     assert restricted_argmax(logits, None).tolist() == [1, 1]

@@ -34,24 +34,37 @@ class Batch:
 
 
 def iter_batches(split: Split, batch_size: int, *, rows: np.ndarray | None = None,
-                 max_tokens: int | None = None) -> Iterator[Batch]:
+                 max_tokens: int | None = None, scored_only: bool = False) -> Iterator[Batch]:
     """Batches of a split in row order (or of the given ``rows``), each trimmed to its longest row.
 
-    Rows are sorted by length within the selection so that padding stays small; every scored position
+    Rows are sorted by width (length) within the selection so that padding stays small; every scored position
     of the selected rows appears in exactly one batch, and ``Batch.index`` maps it back. A batch holds
     at most ``batch_size`` rows and, given ``max_tokens``, at most that many padded tokens (rows x its
     width; a row longer than that goes alone), so long sequences come in fewer rows per batch.
+
+    ``scored_only``: for work that reads a causal model at the scored positions only, rows without a
+    scored position are left out and each row's width is its last scored position + 1 (tokens after it
+    cannot change what a causal model computes there), so batches are narrower.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
     rows = np.arange(len(split)) if rows is None else np.asarray(rows, dtype=np.int64)
-    rows = rows[np.argsort(split.lengths[rows], kind="stable")]
     order = np.argsort(split.scored.seq, kind="stable")
     seq_sorted = split.scored.seq[order]
-    for chunk in _row_chunks(split.lengths[rows], rows, batch_size, max_tokens):
-        width = int(split.lengths[chunk].max())
+    widths = np.zeros(len(split), dtype=np.int64)  # a row's width: its length, or its last scored position + 1
+    widths[rows] = split.lengths[rows]
+    if scored_only:
+        last = np.full(len(split), -1, dtype=np.int64)  # each row's last scored position (-1: none)
+        if seq_sorted.size:
+            starts = np.flatnonzero(np.r_[True, seq_sorted[1:] != seq_sorted[:-1]])
+            last[seq_sorted[starts]] = np.maximum.reduceat(split.scored.pos[order], starts)
+        rows = rows[last[rows] >= 0]
+        widths[rows] = last[rows] + 1
+    rows = rows[np.argsort(widths[rows], kind="stable")]
+    for chunk in _row_chunks(widths[rows], rows, batch_size, max_tokens):
+        width = int(widths[chunk].max())
         local = np.full(len(split), -1, dtype=np.int64)
         local[chunk] = np.arange(chunk.shape[0])
         # Scored entries of these rows, found through the seq-sorted order without a full scan per row.

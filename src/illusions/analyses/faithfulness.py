@@ -506,9 +506,9 @@ def evaluate_split(
     setup = _Setup.of(model, proxies)
     parts: list[list[dict[str, np.ndarray]]] = [[] for _ in proxies]
     with torch.inference_mode():
-        for batch in iter_batches(split, batch_size, rows=rows, max_tokens=batch_tokens(model, token_budget)):
-            if len(batch.scored) == 0 and not setup.sparse.names:
-                continue
+        # The dictionaries' statistics read every position; everything else only the scored ones.
+        for batch in iter_batches(split, batch_size, rows=rows, max_tokens=batch_tokens(model, token_budget),
+                                  scored_only=not setup.sparse.names):
             clean = _clean_pass(model, split, batch, setup, candidates)
             if clean is None:  # read for the dictionaries only
                 continue
@@ -777,12 +777,16 @@ def _jsd_hook(store: dict[tuple[int, int], Any], clean: PatternRows, heads: list
 
 
 def _join_records(parts: list[list[dict[str, np.ndarray]]], split: Split, rows: np.ndarray) -> list[Records]:
-    """Each proxy's batches of per-position values joined into its :class:`Records`."""
+    """Each proxy's batches of per-position values joined into its :class:`Records`, in the order of
+    ``rows`` and then of positions, whatever order the batches ran in."""
     local_seq = np.full(len(split), -1, dtype=np.int64)
     local_seq[rows] = np.arange(rows.shape[0])
     out = []
     for chunks in parts:
         joined = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
+        if joined:
+            order = np.lexsort((joined["pos"], local_seq[joined["rows"]]))
+            joined = {k: v[order] for k, v in joined.items()}
         if not joined:
             empty = np.zeros(0, dtype=np.int64)
             out.append(Records(empty, empty, empty, empty, empty, empty, np.zeros(0), np.zeros(0), {}))

@@ -129,9 +129,7 @@ def calibrate(
         until = {} if stop is None else {"stop_at_layer": stop}
         seen: dict[str, list[np.ndarray]] = {}
         with torch.inference_mode():
-            for batch in iter_batches(split, batch_size, rows=rows, max_tokens=max_tokens):
-                if len(batch.scored) == 0:
-                    continue
+            for batch in iter_batches(split, batch_size, rows=rows, max_tokens=max_tokens, scored_only=True):
                 tokens = torch.as_tensor(batch.tokens, device=device)
                 model.run_with_hooks(tokens, fwd_hooks=hooks, **until)
                 sc = batch.scored
