@@ -158,7 +158,8 @@ def test_a_hook_after_the_blocks_gets_the_whole_output_head(tiny_model, splits, 
     proxy = FinalNormProxy(-1.0)
     shapes = _unembedded_rows(tiny_model, monkeypatch)
     (rec,) = evaluate_split(tiny_model, split, np.arange(len(split)), [proxy], candidates=None, batch_size=50)
-    assert (len(split), int(split.lengths.max())) in [s[:2] for s in shapes]  # the proxy's full pass
+    # the proxy's full pass (rows run up to their last scored position)
+    assert (len(split), int(split.scored.pos.max()) + 1) in [s[:2] for s in shapes]
     with torch.no_grad():
         logits = tiny_model.run_with_hooks(torch.as_tensor(split.tokens), fwd_hooks=proxy.fwd_hooks)
     order = np.lexsort((rec.pos, rec.rows))

@@ -83,7 +83,7 @@ def test_the_clean_pass_keeps_only_the_scored_rows_of_the_simplified_heads(tiny_
     monkeypatch.setattr(faithfulness, "gather_rows", record_rows)
     evaluate_split(tiny_model, split, np.arange(len(split)), proxies, candidates=None, batch_size=4)
     assert cached and not [name for name in cached if "pattern" in name]  # only the residual is cached
-    batches = list(iter_batches(split, 4))
+    batches = list(iter_batches(split, 4, scored_only=True))  # the evaluation's batches
     n_heads = tiny_model.cfg.n_heads
     for batch in batches:
         width, n = batch.tokens.shape[1], len(batch.scored)
