@@ -153,6 +153,38 @@ def test_the_search_collects_the_fitting_activations_once_and_finds_what_a_fresh
     assert rows_to_csv(summarize(fresh, n_boot=30)) == rows_to_csv(summarize(result, n_boot=30))
 
 
+def test_the_search_unembeds_only_the_scored_rows_of_rows_with_any_and_finds_what_full_logits_find(
+        fitted, tiny_dyck, monkeypatch):
+    """Each pass of the search ends at the final residual and unembeds the scored positions only (never a
+    ``[batch, pos, vocabulary]`` block), on rows cut after their last scored position; the steps and the
+    circuit are those of whole passes with full logits."""
+    import illusions.backends
+    import illusions.scoring
+    from illusions.backends import uses_bridge
+    from illusions.simplifiers.circuit import greedy_search
+
+    if uses_bridge():
+        pytest.skip("a TransformerBridge computes its logits everywhere (backends.unembeds_rows)")
+    model, splits, _ = fitted
+    split, rows = splits["train"], np.arange(40)
+    circuit = Circuit(find_circuit=0.5, ablation="resample", seed=1)
+    every = {h.hook_name: h for h in fit_proxies(model, split, rows, [circuit])[0].hooks}
+    shapes = []
+    forward = model.unembed.forward
+    monkeypatch.setattr(model.unembed, "forward", lambda x: shapes.append(tuple(x.shape)) or forward(x))
+    got = greedy_search(model, circuit, every, split, rows, candidates=tiny_dyck.task.candidates)
+    assert shapes and all(s[0] == 1 for s in shapes), shapes  # [1, n_scored, d_model] rows only
+    n_scored = int(np.isin(split.scored.seq, rows).sum())
+    passes = 1 + len(got[1]) + 1  # the clean pass, one per component tried, the final agreement
+    assert sum(s[1] for s in shapes) == passes * n_scored
+    # The whole-pass path: full logits of whole rows, gathered afterwards.
+    whole = illusions.scoring.iter_batches
+    monkeypatch.setattr(illusions.backends, "unembeds_rows", lambda model: False)
+    monkeypatch.setattr(illusions.scoring, "iter_batches", lambda *a, **k: whole(*a, **{**k, "scored_only": False}))
+    want = greedy_search(model, circuit, every, split, rows, candidates=tiny_dyck.task.candidates)
+    assert got == want and 0 < len(got[0]) < len(components(model))
+
+
 def test_a_search_needs_the_fitted_proxy_that_ablates_everything(fitted, tiny_dyck):
     model, splits, rows = fitted
     partial = fit_proxies(model, splits["train"], rows, [Circuit(keep=("L1H0",))])[0]

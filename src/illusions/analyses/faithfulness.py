@@ -20,7 +20,7 @@ from illusions.analyses.sparse import CleanPassStats, ZeroAblation
 from illusions.errors import IllusionsError
 from illusions.metric_table import POSITION_METRICS
 from illusions.metrics import cross_entropy_chunked, js_divergence_chunked, kl_divergence_chunked
-from illusions.scoring import gather_scored, iter_batches, restricted_argmax
+from illusions.scoring import iter_batches, restricted_argmax, scored_logits, unembed_stop
 from illusions.tasks.base import Split
 
 if TYPE_CHECKING:
@@ -544,11 +544,10 @@ class _Setup:
 
         from illusions.activations import stop_layer
         from illusions.analyses.warning_signals import SignalCollector
-        from illusions.backends import unembeds_rows
         from illusions.devices import float64_device
 
         device = torch.device(model.cfg.device)
-        stop = model.cfg.n_layers if unembeds_rows(model) else None
+        stop = unembed_stop(model)
         hook_sets = [hook_names_of(p) for p in proxies]
         starts = [start_layer(model, names) for names in hook_sets]
         sparse = CleanPassStats(proxies)
@@ -595,7 +594,7 @@ def _clean_pass(model: LensModel, split: Split, batch: Any, setup: _Setup,
         setup.sparse.add(batch.rows, lengths)
     if len(sc) == 0:
         return None
-    logits = _scored_logits(model, out, sc, setup.clean_stop)
+    logits = scored_logits(model, out, sc, setup.clean_stop)
     del out  # only the scored positions' logits are kept (memory)
     ce = (cross_entropy_chunked(logits, sc.target, max_elements=KL_CHUNK, device=setup.f64)
           if any(setup.ablations) else None)
@@ -627,14 +626,6 @@ def _proxy_part(model: LensModel, split: Split, batch: Any, setup: _Setup, j: in
         **{f"warn:{k}": v for k, v in setup.collectors[j].gather(clean.seq, clean.pos).items()},
         **{f"down:{k}": v for k, v in down.items()},
     }
-
-
-def _scored_logits(model: LensModel, out: Any, sc: Any, stop: int | None) -> Any:
-    """``[n, d_vocab_out]`` logits at the scored positions ``sc`` of a forward pass's output: the
-    final residual (``stop`` given) unembedded at those rows only, or the logits gathered there."""
-    from illusions.backends import unembed_rows
-
-    return gather_scored(out, sc) if stop is None else unembed_rows(model, gather_scored(out, sc))
 
 
 def _proxy_logits(model: LensModel, tokens: Any, cache: Any, proxy: Proxy, hook_names: list[str],
@@ -678,7 +669,7 @@ def _proxy_logits(model: LensModel, tokens: Any, cache: Any, proxy: Proxy, hook_
         raise IllusionsError(f"hook(s) {', '.join(silent)} never ran in a forward pass of this model "
                              "(a hook point this configuration does not use), so the proxy would "
                              "agree with the model everywhere")
-    return _scored_logits(model, out, sc, stop), per_head
+    return scored_logits(model, out, sc, stop), per_head
 
 
 def _downstream(model: LensModel, tokens: Any, cache: Any, ablation: ZeroAblation, start: int | None, sc: Any,

@@ -297,16 +297,18 @@ def greedy_search(model: HookedTransformer, circuit: Circuit, every: dict[str, A
                   max_tokens: int | None = None) -> tuple[list[str], list[dict[str, Any]], float]:
     """``(kept, steps, agreement)``: the greedy pruning of the module docstring. ``steps`` lists
     each component tried, the agreement without it and whether it was removed."""
-    from illusions.scoring import gather_scored, iter_batches, restricted_argmax
+    from illusions.scoring import iter_batches, restricted_argmax, scored_logits, unembed_stop
 
     device = torch.device(model.cfg.device)
+    # The ablations' hooks lie inside the blocks: each pass ends at the final residual and only the
+    # scored rows are unembedded; rows run up to their last scored position.
+    stop = unembed_stop(model)
+    until = {} if stop is None else {"stop_at_layer": stop}
     batches = []
     with torch.inference_mode():
-        for batch in iter_batches(split, batch_size, rows=rows, max_tokens=max_tokens):
-            if len(batch.scored) == 0:
-                continue
+        for batch in iter_batches(split, batch_size, rows=rows, max_tokens=max_tokens, scored_only=True):
             tokens = torch.as_tensor(batch.tokens, device=device)
-            clean = restricted_argmax(gather_scored(model(tokens), batch.scored), candidates)
+            clean = restricted_argmax(scored_logits(model, model(tokens, **until), batch.scored, stop), candidates)
             batches.append((tokens, batch.scored, clean))
     n = sum(len(sc) for _, sc, _ in batches)
     if n == 0:
@@ -317,8 +319,8 @@ def greedy_search(model: HookedTransformer, circuit: Circuit, every: dict[str, A
         same = 0
         with torch.inference_mode():
             for tokens, sc, clean in batches:
-                logits = model.run_with_hooks(tokens, fwd_hooks=proxy.fwd_hooks)
-                same += int((restricted_argmax(gather_scored(logits, sc), candidates) == clean).sum())
+                out = model.run_with_hooks(tokens, fwd_hooks=proxy.fwd_hooks, **until)
+                same += int((restricted_argmax(scored_logits(model, out, sc, stop), candidates) == clean).sum())
         return same / n
 
     kept = circuit.kept(model)
