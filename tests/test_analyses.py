@@ -34,6 +34,7 @@ class QueryScale:
     scale: float
     layer: int = 1
     hook_name: str = "blocks.1.attn.hook_q"
+    causal = True  # position by position: the evaluation may cut rows (illusions.simplifiers.base.causal)
 
     def __call__(self, activation: torch.Tensor, hook: Any) -> torch.Tensor:
         return activation * self.scale
@@ -286,6 +287,16 @@ def test_evaluation_runs_rows_only_up_to_their_last_scored_position_and_no_numbe
     got = evaluate_split(tiny_model, split, np.arange(len(split)), proxies, candidates=None, batch_size=64)
     assert shapes and all(width <= 4 for _, width in shapes)  # scored positions end at 3
     assert max(rows for rows, _ in shapes) == 8  # the 8 rows with something to score, in one batch
+    # A hook function not declared causal (it might flip or average over positions) gets whole rows.
+    @dataclasses.dataclass(frozen=True)
+    class PlainHookProxy(FakeProxy):
+        @property
+        def fwd_hooks(self):
+            return [("blocks.1.attn.hook_q", lambda x, hook: x * self.scale)]
+
+    shapes.clear()
+    evaluate_split(tiny_model, split, np.arange(len(split)), [PlainHookProxy(0.5)], candidates=None, batch_size=64)
+    assert (len(split), int(split.lengths.max())) in shapes
     whole = faithfulness.iter_batches
     monkeypatch.setattr(faithfulness, "iter_batches", lambda *a, **k: whole(*a, **{**k, "scored_only": False}))
     for budget in (None, 20):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -98,24 +98,6 @@ def gather_scored(logits: Float[Tensor, "batch pos d_vocab"], scored: Scored) ->
     seq = torch.as_tensor(scored.seq, device=logits.device)
     pos = torch.as_tensor(scored.pos, device=logits.device)
     return logits[seq, pos]
-
-
-def scored_logits(model: Any, out: Tensor, scored: Scored, stop: int | None) -> Float[Tensor, "n d_vocab"]:
-    """``[n, d_vocab_out]`` logits at the scored positions of a forward pass's output ``out``: given
-    ``stop`` (``n_layers``, where :func:`illusions.backends.unembeds_rows`), ``out`` is the final residual
-    (``stop_at_layer=stop``) and only those rows go through the final norm and unembedding; else ``out``
-    is the logits, gathered there. A logit is the same either way (tests/test_analyses.py)."""
-    from illusions.backends import unembed_rows
-
-    return gather_scored(out, scored) if stop is None else unembed_rows(model, gather_scored(out, scored))
-
-
-def unembed_stop(model: Any) -> int | None:
-    """The ``stop_at_layer`` that ends a pass at the final residual for :func:`scored_logits` (None: the
-    backend computes its logits everywhere), for passes whose hooks all lie inside the blocks."""
-    from illusions.backends import unembeds_rows
-
-    return model.cfg.n_layers if unembeds_rows(model) else None
 
 
 def restricted_argmax(

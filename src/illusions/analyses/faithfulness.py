@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from illusions.analyses.sparse import CleanPassStats, ZeroAblation
+from illusions.backends import scored_logits, unembed_stop
 from illusions.errors import IllusionsError
 from illusions.metric_table import POSITION_METRICS
 from illusions.metrics import cross_entropy_chunked, js_divergence_chunked, kl_divergence_chunked
-from illusions.scoring import iter_batches, restricted_argmax, scored_logits, unembed_stop
+from illusions.scoring import iter_batches, restricted_argmax
+from illusions.simplifiers.base import causal
 from illusions.tasks.base import Split
 
 if TYPE_CHECKING:
@@ -506,9 +508,13 @@ def evaluate_split(
     setup = _Setup.of(model, proxies)
     parts: list[list[dict[str, np.ndarray]]] = [[] for _ in proxies]
     with torch.inference_mode():
-        # The dictionaries' statistics read every position; everything else only the scored ones.
+        # Rows run up to their last scored position when that cannot change a number: the dictionaries'
+        # statistics read every position, and hooks not known to be causal get whole rows.
+        scored_only = not setup.sparse.names and all(causal(p) for p in proxies)
         for batch in iter_batches(split, batch_size, rows=rows, max_tokens=batch_tokens(model, token_budget),
-                                  scored_only=not setup.sparse.names):
+                                  scored_only=scored_only):
+            if len(batch.scored) == 0 and not setup.sparse.names:
+                continue
             clean = _clean_pass(model, split, batch, setup, candidates)
             if clean is None:  # read for the dictionaries only
                 continue

@@ -114,6 +114,7 @@ def calibrate(
 
     from illusions.activations import stop_layer
     from illusions.scoring import iter_batches
+    from illusions.simplifiers.base import causal
 
     device = torch.device(model.cfg.device)
     out = []
@@ -129,7 +130,10 @@ def calibrate(
         until = {} if stop is None else {"stop_at_layer": stop}
         seen: dict[str, list[np.ndarray]] = {}
         with torch.inference_mode():
-            for batch in iter_batches(split, batch_size, rows=rows, max_tokens=max_tokens, scored_only=True):
+            for batch in iter_batches(split, batch_size, rows=rows, max_tokens=max_tokens,
+                                      scored_only=causal(proxy)):  # signals are read at scored positions
+                if len(batch.scored) == 0:
+                    continue
                 tokens = torch.as_tensor(batch.tokens, device=device)
                 model.run_with_hooks(tokens, fwd_hooks=hooks, **until)
                 sc = batch.scored

@@ -148,3 +148,19 @@ def unembed_rows(model: LensModel, resid: Any) -> Any:
         x = model.ln_final(x)  # type: ignore[attr-defined]
     logits = apply_softcap(model.unembed(x), model.cfg.output_logits_soft_cap)  # type: ignore[attr-defined]
     return logits[0]
+
+
+def scored_logits(model: LensModel, out: Any, scored: Any, stop: int | None) -> Any:
+    """``[n, d_vocab_out]`` logits at the scored positions of a forward pass's output ``out``: given
+    ``stop`` (``n_layers``, where :func:`unembeds_rows`), ``out`` is the final residual
+    (``stop_at_layer=stop``) and only those rows go through the final norm and unembedding; else ``out``
+    is the logits, gathered there. A logit is the same either way (tests/test_analyses.py)."""
+    from illusions.scoring import gather_scored
+
+    return gather_scored(out, scored) if stop is None else unembed_rows(model, gather_scored(out, scored))
+
+
+def unembed_stop(model: LensModel) -> int | None:
+    """The ``stop_at_layer`` that ends a pass at the final residual for :func:`scored_logits` (None: the
+    backend computes its logits everywhere), for passes whose hooks all lie inside the blocks."""
+    return model.cfg.n_layers if unembeds_rows(model) else None

@@ -242,6 +242,11 @@ class FittedHook:
     """
 
     hook_name: str
+    # Whether what the hook returns at a position reads the activations at that position and earlier
+    # ones only, so that the evaluation may run a row up to its last scored position and no further
+    # (:func:`causal`). Every fitted hook of the package sets it; a subclass that mixes in later
+    # positions (a mean over the sequence) keeps False and gets whole rows.
+    causal: ClassVar[bool] = False
 
     def __call__(self, activation: Tensor, hook: Any = None) -> Tensor:
         raise NotImplementedError
@@ -340,6 +345,15 @@ def register_hook_kind(cls: type) -> type:
     """Class decorator: make a fitted-hook class loadable by :meth:`Proxy.load`."""
     HOOK_KINDS[cls.__name__] = cls
     return cls
+
+
+def causal(proxy: Any) -> bool:
+    """Whether every forward hook of ``proxy`` declares itself causal (a ``causal = True`` attribute, as
+    :attr:`FittedHook.causal`): its output at a position reads that position and earlier ones only. Then
+    the evaluation runs each row up to its last scored position; hook functions of your own are not
+    assumed to be causal (one that flips or averages over positions would see a shorter row), so a
+    proxy with any of them runs whole rows, unless the callable carries ``causal = True``."""
+    return all(getattr(getattr(fn, "__self__", fn), "causal", False) is True for _, fn in proxy.fwd_hooks)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -114,6 +114,8 @@ class AblationHook(FittedHook):
     ``[batch, pos, d_model]``): the whole output, ``value`` ``[d_model]``, ``bank`` ``[n_ctx, d_model]``.
     """
 
+    causal: ClassVar[bool] = True  # position by position (FittedHook.causal)
+
     hook_name: str
     heads: tuple[int, ...] | None
     ablation: str
@@ -297,7 +299,8 @@ def greedy_search(model: HookedTransformer, circuit: Circuit, every: dict[str, A
                   max_tokens: int | None = None) -> tuple[list[str], list[dict[str, Any]], float]:
     """``(kept, steps, agreement)``: the greedy pruning of the module docstring. ``steps`` lists
     each component tried, the agreement without it and whether it was removed."""
-    from illusions.scoring import iter_batches, restricted_argmax, scored_logits, unembed_stop
+    from illusions.backends import scored_logits, unembed_stop
+    from illusions.scoring import iter_batches, restricted_argmax
 
     device = torch.device(model.cfg.device)
     # The ablations' hooks lie inside the blocks: each pass ends at the final residual and only the

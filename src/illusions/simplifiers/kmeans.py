@@ -142,6 +142,8 @@ class CentroidHook(FittedHook):
     ``[batch, pos, d_model]``) it is ``[k, d_model]``.
     """
 
+    causal: ClassVar[bool] = True  # position by position (FittedHook.causal)
+
     hook_name: str
     heads: tuple[int, ...] | None
     centroids: Tensor = dataclasses.field(repr=False)

@@ -48,6 +48,8 @@ def hard_attention(
 class OneHotPatternHook(FittedHook):
     """Hard attention for ``heads`` at one ``hook_pattern``; other heads pass through."""
 
+    causal: ClassVar[bool] = True  # a query row attends to earlier keys only (FittedHook.causal)
+
     hook_name: str
     heads: tuple[int, ...]
 

@@ -40,6 +40,8 @@ class DictionaryHook(FittedHook):
     ``normalize``: ``none`` or one of SAELens' run-time input normalisations.
     """
 
+    causal: ClassVar[bool] = True  # position by position (FittedHook.causal)
+
     hook_name: str
     heads: tuple[int, ...] | None
     architecture: str

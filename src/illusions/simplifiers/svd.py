@@ -178,6 +178,8 @@ class ProjectionHook(FittedHook):
     ``basis`` ``[d_model, rank]``.
     """
 
+    causal: ClassVar[bool] = True  # position by position (FittedHook.causal)
+
     hook_name: str
     heads: tuple[int, ...] | None
     mean: Tensor = dataclasses.field(repr=False)

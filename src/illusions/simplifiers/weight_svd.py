@@ -93,6 +93,8 @@ class LinearMapHook(FittedHook):
     """``x -> x M`` per head at a ``[batch, pos, head_index, d_head]`` hook; ``matrix`` is
     ``[len(heads), d_head, d_head]`` and other heads pass through."""
 
+    causal: ClassVar[bool] = True  # position by position (FittedHook.causal)
+
     hook_name: str
     heads: tuple[int, ...]
     matrix: Tensor = dataclasses.field(repr=False)
