@@ -113,6 +113,23 @@ def test_auroc_agrees_with_scikit_learn_and_its_unit_weight_replicate():
     assert auroc(scores, labels, weights) == pytest.approx(roc_auc_score(labels, scores, sample_weight=weights))
 
 
+def test_replicates_sum_over_runs_of_one_class_and_match_the_weighted_auroc_of_every_score():
+    from illusions.analyses.warning_signals import _rank_groups
+
+    rng = np.random.default_rng(5)
+    n_seqs = 60
+    seq = np.sort(rng.integers(0, n_seqs, 900))
+    sampler = Resampler.draw(n_seqs, np.random.default_rng(2), n_boot=50)
+    for scores in (rng.normal(size=900), rng.integers(0, 12, 900).astype(float)):  # continuous; many ties
+        labels = rng.random(900) < 0.25 + 0.5 * (scores > np.median(scores))
+        want = auroc(scores, labels, sampler.weights[:, seq])  # one group per distinct score
+        np.testing.assert_allclose(auroc_replicates(scores, labels, seq, sampler), want, rtol=1e-12, atol=0)
+    # runs: all negatives below all positives are two groups; a tie of both classes stays its own
+    group, n = _rank_groups(np.array([1.0, 2.0, 3.0, 4.0, 4.0, 5.0, 6.0]),
+                            np.array([False, False, False, True, False, True, True]))
+    assert n == 3 and group.tolist() == [0, 0, 0, 1, 1, 2, 2]
+
+
 def test_collector_adds_hooks_that_change_nothing(tiny_dyck):
     model, task = tiny_dyck.model, tiny_dyck.task
     split = task.splits()["iid"]

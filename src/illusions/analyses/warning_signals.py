@@ -171,13 +171,13 @@ def auroc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray | None =
 
 def auroc_replicates(scores: np.ndarray, positive: np.ndarray, seq: np.ndarray, sampler: Resampler) -> np.ndarray:
     """``[n_boot]`` AUROC of each bootstrap replicate (positions weighted by their sequence's draws),
-    from per-(sequence, score) sums so a replicate costs one product, in chunks of replicates."""
+    from per-(sequence, score run) sums (:func:`_rank_groups`) so a replicate costs one product, in
+    chunks of replicates."""
     from scipy import sparse
 
     scores = np.asarray(scores, dtype=np.float64)
     positive = np.asarray(positive, dtype=bool)
-    _, group = np.unique(scores, return_inverse=True)
-    n_groups = int(group.max()) + 1 if group.size else 0
+    group, n_groups = _rank_groups(scores, positive)
     shape = (sampler.n_seqs, n_groups)
     pos = sparse.csr_matrix((positive.astype(np.float64), (seq, group)), shape=shape)
     neg = sparse.csr_matrix(((~positive).astype(np.float64), (seq, group)), shape=shape)
@@ -192,6 +192,21 @@ def auroc_replicates(scores: np.ndarray, positive: np.ndarray, seq: np.ndarray, 
             area = (p * (below + 0.5 * n)).sum(1) / (tp * tn)
         out.append(np.where((tp > 0) & (tn > 0), area, np.nan))
     return np.concatenate(out) if out else np.zeros(0)
+
+
+def _rank_groups(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, int]:
+    """``(group of each position, number of groups)``: positions of tied scores in one group, in ascending
+    score order, and each run of consecutive groups that hold only positives (or only negatives) merged
+    into one. No (positive, negative) pair changes its comparison, so the AUROC is the same, and a
+    replicate's sums run over the runs (a few thousand) instead of every distinct score."""
+    _, group = np.unique(scores, return_inverse=True)
+    if not group.size:
+        return group, 0
+    n = int(group.max()) + 1
+    kind = ((np.bincount(group, weights=positive, minlength=n) > 0).astype(np.int8)
+            + 2 * (np.bincount(group, weights=~positive, minlength=n) > 0).astype(np.int8))  # 1, 2 or 3 (tied)
+    run = np.cumsum(np.r_[True, (kind[1:] != kind[:-1]) | (kind[1:] == 3)]) - 1
+    return run[group], int(run[-1]) + 1
 
 
 @dataclasses.dataclass(frozen=True)
