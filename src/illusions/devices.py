@@ -63,10 +63,11 @@ def set_cpu_threads(threads: int) -> None:
     # numpy's own BLAS only (its wheel's library, or one inside its folder): torch's BLAS, and a BLAS
     # another package shares with numpy (conda's MKL), keep what torch set.
     where = os.path.dirname(np.__file__)
-    numpy_blas = [lib["filepath"] for lib in ThreadpoolController().select(user_api="blas").info()
+    pools = ThreadpoolController()
+    numpy_blas = [lib["filepath"] for lib in pools.select(user_api="blas").info()
                   if lib["filepath"].startswith((where + os.sep, where + ".libs" + os.sep))]
     if numpy_blas:
-        ThreadpoolController().select(filepath=numpy_blas).limit(limits=NUMPY_BLAS_THREADS)
+        pools.select(filepath=numpy_blas).limit(limits=NUMPY_BLAS_THREADS)
 
 
 def check_device_name(name: str) -> str:

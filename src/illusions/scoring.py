@@ -37,8 +37,8 @@ def iter_batches(split: Split, batch_size: int, *, rows: np.ndarray | None = Non
                  max_tokens: int | None = None, scored_only: bool = False) -> Iterator[Batch]:
     """Batches of a split in row order (or of the given ``rows``), each trimmed to its longest row.
 
-    Rows are sorted by width (length) within the selection so that padding stays small; every scored position
-    of the selected rows appears in exactly one batch, and ``Batch.index`` maps it back. A batch holds
+    Rows are sorted by width (length) within the selection so that padding stays small; every scored
+    position of the selected rows appears in exactly one batch, and ``Batch.index`` maps it back. A batch holds
     at most ``batch_size`` rows and, given ``max_tokens``, at most that many padded tokens (rows x its
     width; a row longer than that goes alone), so long sequences come in fewer rows per batch.
 
@@ -53,8 +53,7 @@ def iter_batches(split: Split, batch_size: int, *, rows: np.ndarray | None = Non
     rows = np.arange(len(split)) if rows is None else np.asarray(rows, dtype=np.int64)
     order = np.argsort(split.scored.seq, kind="stable")
     seq_sorted = split.scored.seq[order]
-    widths = np.zeros(len(split), dtype=np.int64)  # a row's width: its length, or its last scored position + 1
-    widths[rows] = split.lengths[rows]
+    widths = split.lengths.astype(np.int64)  # a row's width: its length, or its last scored position + 1
     if scored_only:
         last = np.full(len(split), -1, dtype=np.int64)  # each row's last scored position (-1: none)
         if seq_sorted.size:

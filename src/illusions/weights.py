@@ -104,11 +104,12 @@ def check_model_size(cfg: Any, *, what: str = "this model", training: bool = Fal
         return
     d = _dims(cfg)
     shape = ", ".join(f"{k}={_count(d[k])}" for k in ("n_layers", "d_model", "n_heads", "d_mlp", "n_ctx", "d_vocab"))
-    part, most = max(_parameter_parts(cfg).items(), key=lambda item: item[1])
+    parts = _parameter_parts(cfg)
+    part, most = max(parts.items(), key=lambda item: item[1])
     state = " and their training state (weight, gradient and AdamW's two moments)" if training else ""
     where = "this machine's" if cpu else f"device {device}'s"
     raise IllusionsError(
-        f"{what} ({shape}) needs about {_bytes(need)} for its {_count(min_parameters(cfg))}+ parameters ({_count(most)} "
+        f"{what} ({shape}) needs about {_bytes(need)} for its {_count(sum(parts.values()))}+ parameters ({_count(most)} "
         f"in {part}){state} and the attention of one {_count(d['n_ctx'])}-token sequence, more than {where} "
         f"{_bytes(have)} of memory" + (f"; {remedy}" if remedy else ""))
 

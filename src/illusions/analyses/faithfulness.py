@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from illusions.analyses.sparse import CleanPassStats, ZeroAblation
-from illusions.backends import scored_logits, unembed_stop
+from illusions.backends import scored_logits, stop_at, unembed_stop
 from illusions.errors import IllusionsError
 from illusions.metric_table import POSITION_METRICS
 from illusions.metrics import cross_entropy_chunked, js_divergence_chunked, kl_divergence_chunked
@@ -593,7 +593,7 @@ def _clean_pass(model: LensModel, split: Split, batch: Any, setup: _Setup,
     clean_hooks = setup.sparse.hooks(lengths, tokens.shape[1], setup.device)
     if len(sc):
         clean_hooks += setup.clean_rows.hooks(seq_t, pos_t)
-    until = {} if setup.clean_stop is None else {"stop_at_layer": setup.clean_stop}
+    until = stop_at(setup.clean_stop)
     with model.hooks(fwd_hooks=clean_hooks):
         out, cache = model.run_with_cache(tokens, names_filter=lambda name: name in setup.cache_names, **until)
     if setup.sparse.names:
@@ -649,17 +649,17 @@ def _proxy_logits(model: LensModel, tokens: Any, cache: Any, proxy: Proxy, hook_
     unless a hook lies after the blocks (``ln_final.*``, ``unembed.*``), which then needs the whole
     output head to run inside the pass.
     """
-    from illusions.activations import stop_layer
+    from illusions.activations import hook_layer, stop_layer
 
     if stop is not None and stop_layer(model, [name for name, _ in [*signal_hooks, *proxy.fwd_hooks]]) is None:
         stop = None
-    until = {} if stop is None else {"stop_at_layer": stop}
+    until = stop_at(stop)
     per_head: dict[tuple[int, int], Any] = {}
     capture_hooks = []
     if jsd_against is not None and proxy.heads:
         clean, seq_t, pos_t, f64 = jsd_against
         # After the proxy's own hooks: a hook at hook_pattern (one-hot) is what this one reads.
-        capture_hooks = [(name, _jsd_hook(per_head, clean, heads, seq_t, pos_t, f64))
+        capture_hooks = [(name, _jsd_hook(per_head, clean, hook_layer(name), heads, seq_t, pos_t, f64))
                          for name, heads in PatternRows.by_layer(proxy.heads).items()]
     fired: set[str] = set()
     hooks = [*signal_hooks, *proxy.fwd_hooks, *((n, _mark(fired, n)) for n in hook_names), *capture_hooks]
@@ -758,12 +758,12 @@ def gather_rows(pattern: Any, head: int, seq_t: Any, pos_t: Any) -> Any:
     return pattern.detach()[seq_t, head, pos_t]
 
 
-def _jsd_hook(store: dict[tuple[int, int], Any], clean: PatternRows, heads: list[int], seq_t: Any, pos_t: Any,
-              f64: Any) -> Callable[..., Any]:
-    """A ``hook_pattern`` hook of a proxy's pass: each head's ``[n]`` float64 JSD between the clean rows
-    and the same rows of this pattern, into ``store``; the pattern passes through unchanged."""
+def _jsd_hook(store: dict[tuple[int, int], Any], clean: PatternRows, layer: int, heads: list[int], seq_t: Any,
+              pos_t: Any, f64: Any) -> Callable[..., Any]:
+    """A hook for layer ``layer``'s ``hook_pattern`` in a proxy's pass: each head's ``[n]`` float64 JSD
+    between the clean rows and the same rows of this pattern, into ``store``; the pattern passes through
+    unchanged."""
     def hook(pattern: Any, hook: Any) -> Any:
-        layer = int(hook.name.split(".")[1])
         for head in heads:
             proxy_rows = gather_rows(pattern, head, seq_t, pos_t)  # [n, key_pos]
             store[(layer, head)] = js_divergence_chunked(clean.rows(layer, head), proxy_rows,

@@ -187,15 +187,15 @@ def _custom_task_and_model(spec: AnalysisSpec, task_cls: Any, device: Any = "cpu
 
 def run_analysis(spec: AnalysisSpec, *, progress: Callable[[str, int, int], None] | None = None,
                  device: Any = "cpu", allow_tf32: bool = False,
-                 evaluated: Callable[[AnalysisSpec, Any, Any, Any], None] | None = None) -> RunResult:
+                 evaluated: Callable[[Any], None] | None = None) -> RunResult:
     """Load, fit, evaluate and summarise: the whole analysis for one spec.
 
     ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``, ``auto`` or a ``torch.device``) is where the
     model, the activations, the fits and the metrics live; only the per-position records come back to
     the CPU for the summary. It is not part of the spec: the run records it in ``runtime``.
     ``allow_tf32`` lets CUDA run float32 matmuls in TF32 (see :mod:`illusions.devices`).
-    ``evaluated(spec, task, model, result)`` is called once every split is evaluated, before the
-    summary (the spec with its layers resolved, the :class:`~illusions.analyses.faithfulness.AnalysisResult`).
+    ``evaluated(result)`` is called once every split is evaluated, before the summary, with the
+    :class:`~illusions.analyses.faithfulness.AnalysisResult`.
     """
     from illusions.devices import describe_device, matmul_precision, resolve_device
 
@@ -230,7 +230,7 @@ def out_of_memory_as_error(spec: AnalysisSpec) -> Iterator[None]:
 
 
 def _run_on(spec: AnalysisSpec, device: Any, progress: Callable[[str, int, int], None] | None,
-            evaluated: Callable[[AnalysisSpec, Any, Any, Any], None] | None = None) -> RunResult:
+            evaluated: Callable[[Any], None] | None = None) -> RunResult:
     from illusions.analyses.engine import measure
 
     spec = resolve_spec_layers(spec)  # -1 -> the last layer's index, checked before any weight loads
@@ -258,7 +258,7 @@ def _run_on(spec: AnalysisSpec, device: Any, progress: Callable[[str, int, int],
             reference=REFERENCE if REFERENCE in eval_splits else None, breakdowns=breakdowns, n_boot=spec.n_boot,
             group_names=names, discrete=task_meta.get("discrete", DISCRETE),
             position_groups=task.position_groups() if isinstance(task, DataSupport) else None, match=spec.match,
-            evaluated=None if evaluated is None else lambda result: evaluated(spec, task, model, result),
+            evaluated=evaluated,
         )
     result, rows = measured.result, measured.rows
     proxies = [{"label": label, "simplifier": p.simplifier, "params": p.params}

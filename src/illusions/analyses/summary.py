@@ -195,7 +195,8 @@ def _split_rows(setup: _Setup, refs: tuple[_Reference | None, _Reference | None]
                                    "n_positions": rec.sparse.n_positions(metric),
                                    "n_sequences": len(rec.sparse.n_tokens)}))
     if rec.downstream and len(rec):  # ... and their downstream loss against a zero ablation
-        point, rep = down = downstream_replicates(rec.downstream, rec.kl, rec.seq, sampler)
+        point, rep = down = (ref_down if split == setup.reference and ref_down is not None
+                             else downstream_replicates(rec.downstream, rec.kl, rec.seq, sampler))
         gaps = downstream_gaps(down, ref_down, sampler) if ref_down is not None and split != setup.reference else {}
         for metric in point:
             low, high = sampler.intervals(rep[metric])

@@ -113,6 +113,7 @@ def calibrate(
     import torch
 
     from illusions.activations import stop_layer
+    from illusions.backends import stop_at
     from illusions.scoring import iter_batches
     from illusions.simplifiers.base import causal
 
@@ -127,7 +128,7 @@ def calibrate(
         # The signals are read at the proxy's hooks: the pass ends after the deepest block they are in
         # (no logits; a hook after the blocks runs the whole model).
         stop = stop_layer(model, [name for name, _ in hooks])
-        until = {} if stop is None else {"stop_at_layer": stop}
+        until = stop_at(stop)
         seen: dict[str, list[np.ndarray]] = {}
         with torch.inference_mode():
             for batch in iter_batches(split, batch_size, rows=rows, max_tokens=max_tokens,

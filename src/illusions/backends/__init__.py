@@ -164,3 +164,8 @@ def unembed_stop(model: LensModel) -> int | None:
     """The ``stop_at_layer`` that ends a pass at the final residual for :func:`scored_logits` (None: the
     backend computes its logits everywhere), for passes whose hooks all lie inside the blocks."""
     return model.cfg.n_layers if unembeds_rows(model) else None
+
+
+def stop_at(stop: int | None) -> dict[str, int]:
+    """The keyword arguments of a forward pass that ends before block ``stop`` (none for a whole pass)."""
+    return {} if stop is None else {"stop_at_layer": stop}

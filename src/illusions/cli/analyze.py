@@ -312,7 +312,7 @@ def _run(spec: Any, out: Path | None, as_json: bool, by: str | None, threads: in
     if slurm is not None:
         _local_only(slurm)
 
-    def evaluated(spec: Any, task: Any, model: Any, result: Any) -> None:
+    def evaluated(result: Any) -> None:
         import gc
 
         # What the imports, the model and the records hold lives until the command ends: the collector

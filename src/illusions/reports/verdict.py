@@ -131,7 +131,6 @@ def sentences(rows: Sequence[dict[str, Any]], proxy: str, splits: Sequence[str],
     return out
 
 
-
 def _raw_gap(row: dict[str, Any] | None) -> tuple[float, float, float] | None:
     """``(value, low, high)`` of a row's raw gap to the reference (``gap_vs_ref``), None without an interval."""
     if row is None:

@@ -299,14 +299,14 @@ def greedy_search(model: HookedTransformer, circuit: Circuit, every: dict[str, A
                   max_tokens: int | None = None) -> tuple[list[str], list[dict[str, Any]], float]:
     """``(kept, steps, agreement)``: the greedy pruning of the module docstring. ``steps`` lists
     each component tried, the agreement without it and whether it was removed."""
-    from illusions.backends import scored_logits, unembed_stop
+    from illusions.backends import scored_logits, stop_at, unembed_stop
     from illusions.scoring import iter_batches, restricted_argmax
 
     device = torch.device(model.cfg.device)
     # The ablations' hooks lie inside the blocks: each pass ends at the final residual and only the
     # scored rows are unembedded; rows run up to their last scored position.
     stop = unembed_stop(model)
-    until = {} if stop is None else {"stop_at_layer": stop}
+    until = stop_at(stop)
     batches = []
     with torch.inference_mode():
         for batch in iter_batches(split, batch_size, rows=rows, max_tokens=max_tokens, scored_only=True):

@@ -197,11 +197,18 @@ class CentroidHook(FittedHook):
         return {f"centroid_distance_{signal_site(self.hook_name)}": dist.amax(-1)}
 
 
-def cluster_spread(x: Float[Tensor, "n d"], centroids: Float[Tensor, "k d"]) -> Float[Tensor, " k"]:
-    """Each cluster's RMS distance of its fitted vectors to its centroid; a cluster with none (or
-    all on its centroid) gets the RMS over all clusters (1 if that is 0 too), so no spread is 0."""
+def nearest_squares(x: Float[Tensor, "n d"], centroids: Float[Tensor, "k d"]) -> tuple[Tensor, Tensor]:
+    """``(index, sq)``: each row's nearest centroid and its float64 squared distance to it."""
     index = nearest_index(x, centroids)
-    sq = ((x - centroids[index]) ** 2).sum(-1).double()  # [n]
+    return index, ((x - centroids[index]) ** 2).sum(-1).double()
+
+
+def cluster_spread(x: Float[Tensor, "n d"], centroids: Float[Tensor, "k d"],
+                   nearest: tuple[Tensor, Tensor] | None = None) -> Float[Tensor, " k"]:
+    """Each cluster's RMS distance of its fitted vectors to its centroid; a cluster with none (or
+    all on its centroid) gets the RMS over all clusters (1 if that is 0 too), so no spread is 0.
+    ``nearest``: :func:`nearest_squares` of ``x``, when the caller has it already."""
+    index, sq = nearest if nearest is not None else nearest_squares(x, centroids)  # [n], [n]
     k = centroids.shape[0]
     total = torch.zeros(k, dtype=torch.float64, device=x.device).index_add_(0, index, sq)
     count = torch.zeros(k, dtype=torch.float64, device=x.device).index_add_(0, index, torch.ones_like(sq))
@@ -392,10 +399,10 @@ class OnePassKMeans:
         self._steps(final=True)
         centroids = torch.as_tensor(self.model.cluster_centers_, dtype=torch.float32)
         x = sample.detach().cpu().float()
-        sq = float(((x - centroids[nearest_index(x, centroids)]) ** 2).sum(-1).double().sum())
-        inertia = sq * self.n / max(1, int(x.shape[0]))  # the sample's inertia scaled to every vector
+        nearest = nearest_squares(x, centroids)
+        inertia = float(nearest[1].sum()) * self.n / max(1, int(x.shape[0]))  # the sample's, scaled to every vector
         return (CentroidFit(centroids=centroids, inertia=inertia, algorithm="minibatch-stream", n=self.n),
-                cluster_spread(x, centroids))
+                cluster_spread(x, centroids, nearest))
 
 
 class CentroidsStream:
