@@ -7,10 +7,18 @@
     ``--repeats`` pairs, medians;
 (c) peak resident memory of the main job's process.
 
+Part (a) also times a bare TransformerLens loop on the same work: every forward pass the main job makes
+(recorded once by a spy on ``HookedTransformer.forward``: the fit's collection, the warnings' calibration,
+each split's clean and proxy passes, the report's), replayed in a fresh process that imports
+TransformerLens, builds the same model from its weights and calls ``model(input, start_at_layer=...,
+stop_at_layer=...)`` on the same shapes without hooks, metrics, bootstrap or report. It is the least any
+implementation of the job's passes takes; its ratio to the import says how much of the target it leaves.
+
 ``--baseline SRC`` times another checkout's main job too (``PYTHONPATH=SRC``, e.g. ``/work/main/src``),
 interleaved with this one's, so a change is measured against what it changes in one run; ``--busy``
 measures part (a) once more with one CPU-bound process (``while True: pass``) running beside, started
-``--busy-warmup`` seconds before so that the load average (which ``--threads auto`` reads) has risen.
+``--busy-warmup`` seconds before (the default thread count reads other processes' CPU use since the
+command started; code that read the 1-minute load average instead needs ``--busy-warmup 60``).
 ``--threads auto`` passes no ``--threads`` (the command's default: the free cores).
 
 Usage: python benchmarks/bench_analyze.py [--threads 2|auto] [--repeats 3] [--parts abc]
@@ -20,6 +28,7 @@ Usage: python benchmarks/bench_analyze.py [--threads 2|auto] [--repeats 3] [--pa
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import statistics
@@ -30,6 +39,69 @@ import time
 from pathlib import Path
 
 ILLUSIONS = [sys.executable, "-m", "illusions"]
+
+# Run in a child: the main job in-process with every HookedTransformer.forward recorded (token inputs
+# whole, residual inputs by shape), then the model's config and weights, for the bare replay.
+RECORD = r"""
+import json, sys, warnings
+import numpy as np
+import torch
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+from transformer_lens import HookedTransformer
+folder, argv = sys.argv[1], json.loads(sys.argv[2])
+calls, tokens, seen = [], [], {}
+forward = HookedTransformer.forward
+def spy(self, input, *args, **kwargs):
+    seen["model"] = self
+    call = {k: kwargs.get(k) for k in ("start_at_layer", "stop_at_layer")}
+    if input.dtype in (torch.int64, torch.int32):
+        call["tokens"] = len(tokens)
+        tokens.append(input.detach().cpu().numpy())
+    else:
+        call["shape"] = list(input.shape)
+    calls.append(call)
+    return forward(self, input, *args, **kwargs)
+HookedTransformer.forward = spy
+from illusions.cli import app
+try:
+    app(argv, prog_name="illusions")
+except SystemExit as exit:
+    if exit.code:
+        raise
+from safetensors.torch import save_file
+model = seen["model"]
+save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder + "/weights.safetensors")
+np.savez(folder + "/tokens.npz", *tokens)
+cfg = {k: v for k, v in model.cfg.to_dict().items() if isinstance(v, (int, float, str, bool, type(None), list))}
+json.dump({"calls": calls, "cfg": cfg}, open(folder + "/calls.json", "w"))
+"""
+
+# The bare loop: the recorded passes, plainly, in a fresh process.
+BARE = r"""
+import json, sys, warnings
+import numpy as np
+import torch
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from safetensors.torch import load_file
+import os
+folder, threads = sys.argv[1], sys.argv[2]
+# "auto": the main job's default rule (illusions.cli.app.auto_threads), the free cores, at most 2.
+cores = len(os.sched_getaffinity(0))
+torch.set_num_threads(max(1, min(2, cores, int(cores - os.getloadavg()[0] + 0.5))) if threads == "auto" else int(threads))
+record = json.load(open(folder + "/calls.json"))
+known = HookedTransformerConfig.__dataclass_fields__
+cfg = HookedTransformerConfig(**{k: v for k, v in record["cfg"].items() if k in known and k != "seed"})
+model = HookedTransformer(cfg).eval()
+model.load_state_dict(load_file(folder + "/weights.safetensors"))
+tokens = np.load(folder + "/tokens.npz")
+with torch.inference_mode():
+    for call in record["calls"]:
+        kw = {k: call[k] for k in ("start_at_layer", "stop_at_layer") if call[k] is not None}
+        x = (torch.as_tensor(tokens[f"arr_{call['tokens']}"]) if "tokens" in call
+             else torch.zeros(call["shape"], dtype=torch.float32))
+        model(x, **kw)
+"""
 
 
 def wall(cmd: list[str], env: dict[str, str]) -> float:
@@ -54,8 +126,8 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, default=None,
                         help="src folder of another checkout whose main job is timed too, interleaved")
     parser.add_argument("--busy", action="store_true", help="part (a) again with one CPU-bound process beside")
-    parser.add_argument("--busy-warmup", type=float, default=60.0,
-                        help="seconds the busy process runs before the measurement (the load average lags)")
+    parser.add_argument("--busy-warmup", type=float, default=5.0,
+                        help="seconds the busy process runs before the measurement (60: for the load average to rise)")
     args = parser.parse_args()
     auto = args.threads == "auto"
     env = {k: v for k, v in os.environ.items() if not (auto and k == "OMP_NUM_THREADS")}
@@ -73,6 +145,17 @@ def main() -> None:
         wall(job, job_env)  # warm the data cache and the OS file cache
 
     if "a" in args.parts:
+        record = out / "record"
+        record.mkdir()
+        subprocess.run([sys.executable, "-c", RECORD, str(record), json.dumps(main_job[3:-1] + [str(record / "run")])],
+                       check=True, env=env, stdout=subprocess.DEVNULL)
+        calls = json.loads((record / "calls.json").read_text())["calls"]
+        bare_threads = "auto" if auto else str(int(args.threads))
+        print(f"    bare loop: the main job's {len(calls)} forward passes replayed "
+              f"({sum(1 for c in calls if 'tokens' in c)} from tokens, the others from a residual), "
+              f"{bare_threads} thread(s)")
+        jobs["bare TransformerLens loop, same passes"] = (
+            [sys.executable, "-c", BARE, str(record), bare_threads], env)
         part_a(jobs, env, args.repeats)
         if args.busy:
             busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
