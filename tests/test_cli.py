@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from illusions import __version__
@@ -88,6 +89,46 @@ def test_default_threads_fit_the_free_cores(monkeypatch):
     assert machine(16, 0.0) == MAX_AUTO_THREADS  # capped; --threads N asks for more
     assert machine(16, 15.2) == 1
     assert machine(2, None) == 2  # no load average: the cores we may use
+
+
+def test_other_cores_is_the_cores_busy_time_less_this_process_own_over_the_wall_time():
+    from illusions.devices import MIN_WINDOW, CpuUse, other_cores
+
+    start = CpuUse(wall=100.0, busy=50.0, own=3.0)
+    # 2 s: the cores were busy 3.5 s, 1.5 s of it this process's: others held 1 core on average.
+    assert other_cores(start, CpuUse(102.0, 53.5, 4.5)) == 1.0
+    assert other_cores(start, CpuUse(102.0, 51.0, 5.0)) == 0.0  # never below 0 (ticks vs process clock)
+    assert other_cores(start, CpuUse(100.0 + MIN_WINDOW / 2, 50.1, 3.0)) is None  # too short to tell
+    assert other_cores(CpuUse(100.0, None, 3.0), CpuUse(102.0, None, 4.0)) is None  # no /proc/stat
+
+
+def test_default_threads_see_a_process_that_started_seconds_ago_which_the_load_average_does_not(monkeypatch):
+    """A CPU-bound process started just before the command holds one of its two cores: the default
+    takes one thread, though the load average (a one-minute mean, here forced to 0) has not risen."""
+    import importlib
+    import os
+    import time
+
+    from illusions.devices import cpu_use
+
+    cli_app = importlib.import_module("illusions.cli.app")  # the module (illusions.cli.app is the Typer app)
+
+    if cpu_use().busy is None or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs Linux /proc/stat and two cores")
+    two = sorted(os.sched_getaffinity(0))[:2]
+    busy = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{two[0]}}})\nwhile True: pass"])
+    try:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(two))
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+        monkeypatch.setattr(cli_app, "_started", None)
+        assert cli_app.auto_threads() == 2  # no reading from the start: the load average decides
+        time.sleep(0.5)  # the busy process is running
+        cli_app.mark_process_start()
+        time.sleep(1.0)  # a command's imports
+        assert cli_app.auto_threads() == 1
+    finally:
+        busy.kill()
+        busy.wait()
 
 
 def test_threads_govern_every_cpu_pool_and_numpy_blas_runs_single_threaded():

@@ -19,17 +19,20 @@ the duration of a run and restores the previous setting afterwards.
 CPU threads: :func:`set_cpu_threads` gives every thread pool of the process one count (torch's and
 the OpenMP pools of libraries loaded later, such as scikit-learn's k-means), except numpy's BLAS, which
 runs single-threaded: the package's numpy products are small (bootstrap replicate weights times
-per-sequence sums), where BLAS threads cost more than they save.
+per-sequence sums), where BLAS threads cost more than they save. :func:`other_cores` measures how many
+of this process's cores other processes kept busy since a :func:`cpu_use` reading (Linux), which the
+command line's default thread count subtracts.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from illusions.errors import IllusionsError
 
@@ -68,6 +71,60 @@ def set_cpu_threads(threads: int) -> None:
                   if lib["filepath"].startswith((where + os.sep, where + ".libs" + os.sep))]
     if numpy_blas:
         pools.select(filepath=numpy_blas).limit(limits=NUMPY_BLAS_THREADS)
+
+
+class CpuUse(NamedTuple):
+    """One reading of CPU time: :func:`cpu_use`."""
+
+    wall: float  # time.monotonic()
+    busy: float | None  # seconds the cores this process may run on were busy since boot (None: unknown)
+    own: float  # this process's CPU seconds, every thread, user and system
+
+
+# /proc/stat's per-core fields: user nice system idle iowait irq softirq steal (guest time is inside user).
+_PROC_STAT = Path("/proc/stat")
+_IDLE_FIELDS = (3, 4)
+# Shorter readings are too coarse (the kernel counts in ticks of 10 ms) to say how busy the cores are.
+MIN_WINDOW = 0.2
+
+
+def cpu_use() -> CpuUse:
+    """The busy seconds of the cores this process may run on (Linux ``/proc/stat``) and its own CPU
+    seconds, now; ``busy`` is None where that file or the affinity is not there."""
+    return CpuUse(time.monotonic(), _busy_seconds(), time.process_time())
+
+
+def _busy_seconds() -> float | None:
+    try:
+        cores = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+        lines = _PROC_STAT.read_text().splitlines()
+        tick = os.sysconf("SC_CLK_TCK")
+    except (AttributeError, OSError, ValueError):
+        return None
+    busy = 0
+    seen = 0
+    for line in lines:
+        name, *fields = line.split()
+        if name in cores and len(fields) >= 8:
+            ticks = [int(f) for f in fields[:8]]
+            busy += sum(ticks) - sum(ticks[i] for i in _IDLE_FIELDS)
+            seen += 1
+    return busy / tick if seen == len(cores) and tick > 0 else None
+
+
+def other_cores(since: CpuUse, now: CpuUse | None = None) -> float | None:
+    """How many of this process's cores other processes kept busy, on average, from ``since`` to
+    ``now`` (default: now): the cores' busy time less this process's own, over the wall time between.
+    None when it cannot be told: no ``/proc/stat`` (not Linux), or under :data:`MIN_WINDOW` apart.
+
+    Unlike the load average (a one-minute moving average of runnable processes), it sees a process
+    that started a second ago and forgets one that ended a second ago.
+    """
+    now = cpu_use() if now is None else now
+    window = now.wall - since.wall
+    if since.busy is None or now.busy is None or window < MIN_WINDOW:
+        return None
+    return max(0.0, (now.busy - since.busy - (now.own - since.own)) / window)
 
 
 def check_device_name(name: str) -> str:

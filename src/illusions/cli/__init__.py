@@ -28,6 +28,9 @@ def run() -> None:
     import gc
     import os
 
+    from illusions.cli.app import mark_process_start
+
+    mark_process_start()  # what other processes use from now on sets the default thread count
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         app(prog_name="illusions")

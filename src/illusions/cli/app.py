@@ -11,6 +11,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import typer
 
 from illusions import __version__
+from illusions.devices import CpuUse, cpu_use, other_cores
 from illusions.errors import IllusionsError
 
 app = typer.Typer(
@@ -99,16 +100,31 @@ def max_threads() -> int:
 # The most threads the automatic choice takes (the earlier fixed default); --threads N asks for more.
 MAX_AUTO_THREADS = 2
 AUTO_THREADS_HELP = (f"CPU threads for torch (default: the free cores, at most {MAX_AUTO_THREADS}: the cores this "
-                     "process may use less the 1-minute load average).")
+                     "process may use less those other processes kept busy since it started).")
+
+# The CPU reading taken when the process started (illusions.cli.run), which auto_threads measures from.
+_started: CpuUse | None = None
+
+
+def mark_process_start() -> None:
+    """Take the CPU reading :func:`auto_threads` measures other processes' use from (the entry point
+    calls it first; in-process callers, which started long before, fall back to the load average)."""
+    global _started
+    _started = cpu_use()
 
 
 def auto_threads(cap: int = MAX_AUTO_THREADS) -> int:
     """Threads that fit the free cores: the cores this process may run on (``os.sched_getaffinity``)
-    less the 1-minute load average (rounded), at least 1 and at most ``cap``.
+    less those other processes kept busy since the process started (:func:`illusions.devices.other_cores`,
+    Linux, over the imports and checks before the first thread is needed, seconds), rounded, at least 1
+    and at most ``cap``. Without that reading, or where it cannot be taken, the 1-minute load average
+    stands in for the busy cores.
 
     OpenMP's threads wait for each other at every operation; one of them on a core another process
     holds makes every step wait for the scheduler (on 2 busy cores, 2 threads took 3x the CPU time and
-    2.5x the wall time of 1 thread for the main job), so a busy machine gets fewer threads.
+    2.5x the wall time of 1 thread for the main job), so a busy machine gets fewer threads. The load
+    average lags by about a minute both ways: a job started right after another saw a load of 1 on
+    idle cores, and a job started beside a process that had just begun saw none.
     """
     import os
 
@@ -116,11 +132,13 @@ def auto_threads(cap: int = MAX_AUTO_THREADS) -> int:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        load = 0.0
-    return max(1, min(cap, cores, int(cores - load + 0.5)))
+    busy = other_cores(_started) if _started is not None else None
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            busy = 0.0
+    return max(1, min(cap, cores, int(cores - busy + 0.5)))
 
 
 def set_threads(threads: int | None) -> int:
