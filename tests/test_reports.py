@@ -445,6 +445,41 @@ def test_geometry_of_a_full_rank_projection_removes_nothing(run):
     assert {len(p.points["deep"]) for p in low} <= {50} and set(low[0].points) == {"train", "deep"}
 
 
+def test_geometry_draws_residual_proxies_which_have_no_head(run):
+    """resid-svd and resid-kmeans replace whole residual vectors (no head): their panels are drawn
+    (the report of `analyze --simplify resid-svd` used to stop with a traceback from numpy's seeding)."""
+    from illusions.analyses.faithfulness import fit_proxies
+    from illusions.reports.geometry import panels, sample_rows
+    from illusions.simplifiers.resid import ResidKMeans, ResidSVD
+
+    splits = run.task.splits()
+    fit = sample_rows(splits["train"], run.analysis.fit_rows, 40)
+    drawn = {"train": fit, "deep": sample_rows(splits["deep"], run.analysis.split_rows["deep"], 20)}
+    for simplifier, kind in ((ResidSVD(rank=4), "subspace"), (ResidKMeans(k=4), "centroid")):
+        (proxy,) = fit_proxies(run.model, splits["train"], run.analysis.fit_rows, [simplifier])
+        found = panels(run.model, proxy, fit, drawn, max_points=50)
+        assert [(p.title, p.kind) for p in found] == [("L1 resid_pre", kind)]
+        assert {len(p.points["deep"]) for p in found} == {50}  # sampled down to max_points
+
+
+@pytest.mark.parametrize(("name", "params", "spec_fields"), [
+    ("kmeans", {"k": 3}, {"clusters": (3,)}),
+    ("onehot", {}, {}),
+    ("resid-svd", {"rank": 4}, {"ranks": (4,)}),
+    ("resid-kmeans", {"k": 4}, {"clusters": (4,)}),
+    ("weight-svd", {"rank": 2}, {"ranks": (2,)}),
+])
+def test_every_query_key_and_residual_method_gets_its_report(name, params, spec_fields, tmp_path):
+    """The whole report, geometry included, for the methods the other report tests do not draw
+    (svd, sae, the circuit and sweeps have their own)."""
+    from illusions.registry import make_simplifier
+
+    run = make_run(simplifiers=[make_simplifier(name, **params)], spec_fields={"simplifier": name, **spec_fields})
+    write_report_files(run, tmp_path)
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert re.findall(r'<section id="([\w-]+)">', page)[:3] == ["summary", "examples", "geometry"]
+
+
 def test_rebuild_refuses_a_directory_that_is_not_a_run(tmp_path):
     with pytest.raises(IllusionsError, match="not an analysis run directory"):
         rebuild_report(tmp_path)

@@ -39,6 +39,9 @@ MAX_POINTS = 250
 # drawn): the forward passes collecting their vectors are most of this section's time, and a longer
 # split (unseen_depth: ~12 scored positions per sequence) reaches it in a fifth of the sequences.
 ENOUGH_POSITIONS = 2 * MAX_POINTS
+# The head word of a panel's sampling seed for a hook on whole vectors (resid-svd, resid-kmeans): numpy's
+# SeedSequence takes non-negative words only, and no head index reaches this one.
+_NO_HEAD = 2**32 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +176,7 @@ def panels(
             points, medians, label = {}, {}, ""
             for tag, split in groups.items():
                 seq, pos, colour, label = _points(split, side)
-                rng = np.random.default_rng([seed, layer, -1 if head is None else head, len(out), len(points)])
+                rng = np.random.default_rng([seed, layer, _NO_HEAD if head is None else head, len(out), len(points)])
                 keep = np.arange(seq.shape[0]) if seq.shape[0] <= max_points else np.sort(
                     rng.choice(seq.shape[0], size=max_points, replace=False))
                 x = vectors(tag, offsets[tag][seq[keep]] + pos[keep])  # [m, d]
