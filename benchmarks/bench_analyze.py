@@ -78,17 +78,20 @@ json.dump({"calls": calls, "cfg": cfg}, open(folder + "/calls.json", "w"))
 
 # The bare loop: the recorded passes, plainly, in a fresh process.
 BARE = r"""
-import json, sys, warnings
+import json, os, sys, warnings
+from illusions.devices import cpu_use, other_cores
+started = cpu_use()
 import numpy as np
 import torch
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from safetensors.torch import load_file
-import os
 folder, threads = sys.argv[1], sys.argv[2]
 # "auto": the main job's default rule (illusions.cli.app.auto_threads), the free cores, at most 2.
 cores = len(os.sched_getaffinity(0))
-torch.set_num_threads(max(1, min(2, cores, int(cores - os.getloadavg()[0] + 0.5))) if threads == "auto" else int(threads))
+busy = other_cores(started)
+busy = os.getloadavg()[0] if busy is None else busy
+torch.set_num_threads(max(1, min(2, cores, int(cores - busy + 0.5))) if threads == "auto" else int(threads))
 record = json.load(open(folder + "/calls.json"))
 known = HookedTransformerConfig.__dataclass_fields__
 cfg = HookedTransformerConfig(**{k: v for k, v in record["cfg"].items() if k in known and k != "seed"})
