@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from illusions.analyses.faithfulness import evaluate_split
-from illusions.analyses.sparse import DOWNSTREAM_FIELDS, ZeroAblation, downstream_estimates
+from illusions.analyses.sparse import (
+    DOWNSTREAM_FIELDS,
+    ZeroAblation,
+    downstream_estimates,
+    downstream_replicates,
+)
 from illusions.analyses.summary import overall, summarize
 from illusions.metric_table import DOWNSTREAM_METRICS
 from illusions.metrics import Resampler, cross_entropy_chunked
@@ -115,7 +120,7 @@ def test_scores_are_ratios_of_means_as_saelens_computes_them():
     kl = np.array([0.1, 0.3, 0.2])
     seq = np.array([0, 0, 1])
     sampler = Resampler.draw(2, np.random.default_rng(0), n_boot=20)
-    est = downstream_estimates(down, kl, seq, sampler)
+    est = downstream_estimates(downstream_replicates(down, kl, seq, sampler), sampler)
     assert tuple(est) == DOWNSTREAM_METRICS
     assert est["ce_loss_original"][0] == pytest.approx(1.0)
     assert est["ce_loss_proxy"][0] == pytest.approx(1.5)
@@ -177,7 +182,7 @@ def test_a_transcoder_is_scored_against_its_mlp_output_zeroed(tiny_dyck):
 
 
 def test_gap_to_the_reference_is_the_difference_with_an_interval_from_both_splits_replicates(rng):
-    from illusions.analyses.sparse import downstream_gaps, downstream_replicates
+    from illusions.analyses.sparse import downstream_gaps
 
     n_seqs, per_seq = 40, 5
     seq = np.repeat(np.arange(n_seqs), per_seq)
