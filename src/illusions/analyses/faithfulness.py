@@ -20,7 +20,12 @@ from illusions.analyses.sparse import CleanPassStats, ZeroAblation
 from illusions.backends import scored_logits, stop_at, unembed_stop
 from illusions.errors import IllusionsError
 from illusions.metric_table import POSITION_METRICS
-from illusions.metrics import cross_entropy_chunked, js_divergence_chunked, kl_divergence_chunked
+from illusions.metrics import (
+    cross_entropy_chunked,
+    js_divergence_chunked,
+    kl_and_cross_entropy_chunked,
+    kl_divergence_chunked,
+)
 from illusions.scoring import iter_batches, restricted_argmax
 from illusions.simplifiers.base import causal
 from illusions.tasks.base import Split
@@ -615,9 +620,14 @@ def _proxy_part(model: LensModel, split: Split, batch: Any, setup: _Setup, j: in
                                            setup.starts[j], setup.collectors[j].hooks, sc, setup.stop,
                                            jsd_against=(setup.clean_rows, clean.seq, clean.pos, setup.f64))
     jsd = _attention_jsd(captured, proxy, len(sc), setup.f64)
-    down = {} if setup.ablations[j] is None else _downstream(
-        model, clean.tokens, clean.cache, setup.ablations[j], setup.starts[j], sc, setup.stop, clean.logits,
-        clean.ce, proxy_logits, setup.f64)
+    if setup.ablations[j] is None:
+        kl = kl_divergence_chunked(clean.logits, proxy_logits, max_elements=KL_CHUNK, device=setup.f64)
+        down = {}
+    else:  # a dictionary's downstream loss also needs the proxy's cross-entropy: one log-softmax for both
+        kl, ce_proxy = kl_and_cross_entropy_chunked(clean.logits, proxy_logits, sc.target, max_elements=KL_CHUNK,
+                                                    device=setup.f64)
+        down = _downstream(model, clean.tokens, clean.cache, setup.ablations[j], setup.starts[j], sc, setup.stop,
+                           clean.logits, clean.ce, ce_proxy, setup.f64)
     return {
         "rows": batch.rows[sc.seq],
         "pos": sc.pos,
@@ -625,8 +635,7 @@ def _proxy_part(model: LensModel, split: Split, batch: Any, setup: _Setup, j: in
         "original_pred": clean.pred.cpu().numpy(),
         "proxy_pred": restricted_argmax(proxy_logits, candidates).cpu().numpy(),
         "attention_jsd": jsd.cpu().numpy(),
-        "kl": kl_divergence_chunked(clean.logits, proxy_logits, max_elements=KL_CHUNK,
-                                    device=setup.f64).cpu().numpy(),
+        "kl": kl.cpu().numpy(),
         "meta:seq_len": split.lengths[batch.rows[sc.seq]],
         **{f"meta:{k}": v for k, v in sc.meta.items()},
         **{f"warn:{k}": v for k, v in setup.collectors[j].gather(clean.seq, clean.pos).items()},
@@ -679,16 +688,19 @@ def _proxy_logits(model: LensModel, tokens: Any, cache: Any, proxy: Proxy, hook_
 
 
 def _downstream(model: LensModel, tokens: Any, cache: Any, ablation: ZeroAblation, start: int | None, sc: Any,
-                stop: int | None, clean_logits: Any, clean_ce: Any, proxy_logits: Any, f64: Any) -> dict[str, np.ndarray]:
+                stop: int | None, clean_logits: Any, clean_ce: Any, proxy_ce: Any, f64: Any) -> dict[str, np.ndarray]:
     """A dictionary proxy's downstream values at the scored positions (``sparse.DOWNSTREAM_FIELDS``):
-    the target's cross-entropy under the clean, the proxy's and the zero-ablated logits, and
-    KL(clean || ablated); the ablation runs from the proxy's ``start`` on the cached residual."""
+    the target's cross-entropy under the clean logits (``clean_ce``), the proxy's (``proxy_ce``) and the
+    zero-ablated ones, and KL(clean || ablated); the ablation runs from the proxy's ``start`` on the
+    cached residual."""
     ablated, _ = _proxy_logits(model, tokens, cache, ablation, hook_names_of(ablation), start, [], sc, stop)
+    kl_ablation, ce_ablation = kl_and_cross_entropy_chunked(clean_logits, ablated, sc.target, max_elements=KL_CHUNK,
+                                                            device=f64)
     return {
         "ce_original": clean_ce.cpu().numpy(),
-        "ce_proxy": cross_entropy_chunked(proxy_logits, sc.target, max_elements=KL_CHUNK, device=f64).cpu().numpy(),
-        "ce_ablation": cross_entropy_chunked(ablated, sc.target, max_elements=KL_CHUNK, device=f64).cpu().numpy(),
-        "kl_ablation": kl_divergence_chunked(clean_logits, ablated, max_elements=KL_CHUNK, device=f64).cpu().numpy(),
+        "ce_proxy": proxy_ce.cpu().numpy(),
+        "ce_ablation": ce_ablation.cpu().numpy(),
+        "kl_ablation": kl_ablation.cpu().numpy(),
     }
 
 
