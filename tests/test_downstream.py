@@ -206,3 +206,30 @@ def test_gap_to_the_reference_is_the_difference_with_an_interval_from_both_split
         assert gap == pytest.approx(split[0][key] - reference[0][key])
         assert low <= gap <= high < 0
     assert gaps["ce_loss_original"][0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_proxies_zeroing_the_same_activation_share_one_ablation_pass_per_batch(tiny_model, split, monkeypatch):
+    from illusions.analyses import faithfulness
+
+    other = "blocks.0.hook_resid_pre"
+    gen = torch.Generator().manual_seed(2)
+    elsewhere = _dictionary(torch.randn(D, 16, generator=gen), torch.randn(16, D, generator=gen) / 4, other)
+    proxies = [random_dictionary(), identity_dictionary(), elsewhere, zero_dictionary()]
+    rows = np.arange(len(split))
+    alone = [evaluate_split(tiny_model, split, rows, [p], candidates=None, batch_size=5)[0] for p in proxies]
+    passes = []
+    run = faithfulness._proxy_logits
+
+    def counting(model, tokens, cache, proxy, *args, **kwargs):
+        if isinstance(proxy, ZeroAblation):
+            passes.append(proxy.fwd_hooks[0][0])
+        return run(model, tokens, cache, proxy, *args, **kwargs)
+
+    monkeypatch.setattr(faithfulness, "_proxy_logits", counting)
+    together = evaluate_split(tiny_model, split, rows, proxies, candidates=None, batch_size=5)
+    n_batches = len(list(iter_batches(split, 5)))
+    assert sorted(passes) == sorted([HOOK] * n_batches + [other] * n_batches)  # not one per proxy
+    for one, rec in zip(alone, together, strict=True):
+        assert list(rec.downstream) == list(one.downstream) == list(DOWNSTREAM_FIELDS)
+        for field in DOWNSTREAM_FIELDS:
+            np.testing.assert_array_equal(rec.downstream[field], one.downstream[field], err_msg=field)

@@ -506,7 +506,8 @@ def evaluate_split(
     Sparse dictionaries also get their reconstruction and latent statistics on the split
     (:attr:`Records.sparse`), read from the same clean pass (:class:`~illusions.analyses.sparse.CleanPassStats`),
     and their downstream losses (:attr:`Records.downstream`): one more pass per batch with the replaced
-    activations zero-ablated (:class:`~illusions.analyses.sparse.ZeroAblation`), run as the proxy is.
+    activations zero-ablated (:class:`~illusions.analyses.sparse.ZeroAblation`), run as the proxy is
+    (one for all the proxies that zero the same activations from the same block, as a sweep's widths).
     """
     import torch
 
@@ -582,6 +583,8 @@ class _Clean:
     logits: Any  # [n, vocabulary] at the scored positions
     pred: Any
     ce: Any  # the target's cross-entropy (float64, whole vocabulary), for dictionaries' downstream loss
+    # The zero ablations' downstream values by (ablation, start): proxies sharing both share one pass.
+    ablated: dict[tuple[ZeroAblation, int | None], dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
 
 
 def _clean_pass(model: LensModel, split: Split, batch: Any, setup: _Setup,
@@ -626,8 +629,7 @@ def _proxy_part(model: LensModel, split: Split, batch: Any, setup: _Setup, j: in
     else:  # a dictionary's downstream loss also needs the proxy's cross-entropy: one log-softmax for both
         kl, ce_proxy = kl_and_cross_entropy_chunked(clean.logits, proxy_logits, sc.target, max_elements=KL_CHUNK,
                                                     device=setup.f64)
-        down = _downstream(model, clean.tokens, clean.cache, setup.ablations[j], setup.starts[j], sc, setup.stop,
-                           clean.logits, clean.ce, ce_proxy, setup.f64)
+        down = _downstream(model, clean, setup.ablations[j], setup.starts[j], sc, setup.stop, ce_proxy, setup.f64)
     return {
         "rows": batch.rows[sc.seq],
         "pos": sc.pos,
@@ -687,21 +689,21 @@ def _proxy_logits(model: LensModel, tokens: Any, cache: Any, proxy: Proxy, hook_
     return scored_logits(model, out, sc, stop), per_head
 
 
-def _downstream(model: LensModel, tokens: Any, cache: Any, ablation: ZeroAblation, start: int | None, sc: Any,
-                stop: int | None, clean_logits: Any, clean_ce: Any, proxy_ce: Any, f64: Any) -> dict[str, np.ndarray]:
+def _downstream(model: LensModel, clean: _Clean, ablation: ZeroAblation, start: int | None, sc: Any,
+                stop: int | None, proxy_ce: Any, f64: Any) -> dict[str, np.ndarray]:
     """A dictionary proxy's downstream values at the scored positions (``sparse.DOWNSTREAM_FIELDS``):
-    the target's cross-entropy under the clean logits (``clean_ce``), the proxy's (``proxy_ce``) and the
-    zero-ablated ones, and KL(clean || ablated); the ablation runs from the proxy's ``start`` on the
-    cached residual."""
-    ablated, _ = _proxy_logits(model, tokens, cache, ablation, hook_names_of(ablation), start, [], sc, stop)
-    kl_ablation, ce_ablation = kl_and_cross_entropy_chunked(clean_logits, ablated, sc.target, max_elements=KL_CHUNK,
-                                                            device=f64)
-    return {
-        "ce_original": clean_ce.cpu().numpy(),
-        "ce_proxy": proxy_ce.cpu().numpy(),
-        "ce_ablation": ce_ablation.cpu().numpy(),
-        "kl_ablation": kl_ablation.cpu().numpy(),
-    }
+    the target's cross-entropy under the clean logits, the proxy's (``proxy_ce``) and the zero-ablated
+    ones, and KL(clean || ablated). The ablation runs from the proxy's ``start`` on the cached residual,
+    once per batch for every proxy with the same ablation and start (an SAE sweep's widths at one
+    hook): its values depend on nothing else, and are kept in ``clean.ablated``."""
+    key = (ablation, start)
+    if key not in clean.ablated:
+        ablated, _ = _proxy_logits(model, clean.tokens, clean.cache, ablation, hook_names_of(ablation), start, [], sc,
+                                   stop)
+        kl_ablation, ce_ablation = kl_and_cross_entropy_chunked(clean.logits, ablated, sc.target,
+                                                                max_elements=KL_CHUNK, device=f64)
+        clean.ablated[key] = {"ce_ablation": ce_ablation.cpu().numpy(), "kl_ablation": kl_ablation.cpu().numpy()}
+    return {"ce_original": clean.ce.cpu().numpy(), "ce_proxy": proxy_ce.cpu().numpy(), **clean.ablated[key]}
 
 
 def _attention_jsd(per_head: dict[tuple[int, int], Any], proxy: Proxy, n: int, f64: Any) -> Any:

@@ -339,7 +339,9 @@ class ZeroAblation:
     def of(cls, proxy: Proxy) -> ZeroAblation | None:
         """The zero ablation of ``proxy``'s dictionaries, None for a proxy without any."""
         hooks = dictionary_hooks(proxy)
-        return cls(tuple(ZeroHook(h.hook_name, h.heads) for h in hooks)) if hooks else None
+        # Heads as a tuple: equal ablations are equal keys (the evaluation runs each once per batch).
+        return cls(tuple(ZeroHook(h.hook_name, None if h.heads is None else tuple(h.heads)) for h in hooks)
+                   ) if hooks else None
 
     @property
     def fwd_hooks(self) -> list[tuple[str, Any]]:
