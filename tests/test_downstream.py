@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from illusions.analyses.faithfulness import evaluate_split
-from illusions.analyses.sparse import DOWNSTREAM_FIELDS, ZeroAblation, downstream_estimates
+from illusions.analyses.sparse import (
+    DOWNSTREAM_FIELDS,
+    ZeroAblation,
+    downstream_estimates,
+    downstream_replicates,
+)
 from illusions.analyses.summary import overall, summarize
 from illusions.metric_table import DOWNSTREAM_METRICS
 from illusions.metrics import Resampler, cross_entropy_chunked
@@ -115,7 +120,7 @@ def test_scores_are_ratios_of_means_as_saelens_computes_them():
     kl = np.array([0.1, 0.3, 0.2])
     seq = np.array([0, 0, 1])
     sampler = Resampler.draw(2, np.random.default_rng(0), n_boot=20)
-    est = downstream_estimates(down, kl, seq, sampler)
+    est = downstream_estimates(downstream_replicates(down, kl, seq, sampler), sampler)
     assert tuple(est) == DOWNSTREAM_METRICS
     assert est["ce_loss_original"][0] == pytest.approx(1.0)
     assert est["ce_loss_proxy"][0] == pytest.approx(1.5)
@@ -177,7 +182,7 @@ def test_a_transcoder_is_scored_against_its_mlp_output_zeroed(tiny_dyck):
 
 
 def test_gap_to_the_reference_is_the_difference_with_an_interval_from_both_splits_replicates(rng):
-    from illusions.analyses.sparse import downstream_gaps, downstream_replicates
+    from illusions.analyses.sparse import downstream_gaps
 
     n_seqs, per_seq = 40, 5
     seq = np.repeat(np.arange(n_seqs), per_seq)
@@ -201,3 +206,30 @@ def test_gap_to_the_reference_is_the_difference_with_an_interval_from_both_split
         assert gap == pytest.approx(split[0][key] - reference[0][key])
         assert low <= gap <= high < 0
     assert gaps["ce_loss_original"][0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_proxies_zeroing_the_same_activation_share_one_ablation_pass_per_batch(tiny_model, split, monkeypatch):
+    from illusions.analyses import faithfulness
+
+    other = "blocks.0.hook_resid_pre"
+    gen = torch.Generator().manual_seed(2)
+    elsewhere = _dictionary(torch.randn(D, 16, generator=gen), torch.randn(16, D, generator=gen) / 4, other)
+    proxies = [random_dictionary(), identity_dictionary(), elsewhere, zero_dictionary()]
+    rows = np.arange(len(split))
+    alone = [evaluate_split(tiny_model, split, rows, [p], candidates=None, batch_size=5)[0] for p in proxies]
+    passes = []
+    run = faithfulness._proxy_logits
+
+    def counting(model, tokens, cache, proxy, *args, **kwargs):
+        if isinstance(proxy, ZeroAblation):
+            passes.append(proxy.fwd_hooks[0][0])
+        return run(model, tokens, cache, proxy, *args, **kwargs)
+
+    monkeypatch.setattr(faithfulness, "_proxy_logits", counting)
+    together = evaluate_split(tiny_model, split, rows, proxies, candidates=None, batch_size=5)
+    n_batches = len(list(iter_batches(split, 5)))
+    assert sorted(passes) == sorted([HOOK] * n_batches + [other] * n_batches)  # not one per proxy
+    for one, rec in zip(alone, together, strict=True):
+        assert list(rec.downstream) == list(one.downstream) == list(DOWNSTREAM_FIELDS)
+        for field in DOWNSTREAM_FIELDS:
+            np.testing.assert_array_equal(rec.downstream[field], one.downstream[field], err_msg=field)

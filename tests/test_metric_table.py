@@ -67,10 +67,15 @@ def test_the_engine_computes_exactly_the_rows_of_the_table_in_order():
     rows = warning_rows({"proxy": "p"}, {"iid": dataclasses.replace(rec, warnings=signal)},
                         {"iid": Resampler.draw(3, np.random.default_rng(0), n_boot=20)}, {"offspace_q": 0.4}, _complete)
     assert tuple(r["metric"] for r in rows) == mt.WARNING_METRICS
-    from illusions.analyses.sparse import DOWNSTREAM_FIELDS, downstream_estimates
+    from illusions.analyses.sparse import (
+        DOWNSTREAM_FIELDS,
+        downstream_estimates,
+        downstream_replicates,
+    )
 
     down = {f: np.ones(3) for f in DOWNSTREAM_FIELDS}
-    est = downstream_estimates(down, rec.kl, rec.seq, Resampler.draw(3, np.random.default_rng(0), n_boot=20))
+    sampler = Resampler.draw(3, np.random.default_rng(0), n_boot=20)
+    est = downstream_estimates(downstream_replicates(down, rec.kl, rec.seq, sampler), sampler)
     assert tuple(est) == mt.DOWNSTREAM_METRICS
 
 

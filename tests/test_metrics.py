@@ -10,7 +10,9 @@ from illusions.metrics import (
     Resampler,
     accuracy,
     agreement,
+    cross_entropy_chunked,
     js_divergence,
+    kl_and_cross_entropy_chunked,
     kl_divergence,
     kl_divergence_chunked,
 )
@@ -24,6 +26,19 @@ def test_chunked_kl_is_the_whole_kl_bit_for_bit():
     for max_elements in (1, 101, 250, 101 * 37, 10**9):  # one row per chunk ... all rows at once
         assert torch.equal(kl_divergence_chunked(p, q, max_elements=max_elements), whole)
     assert kl_divergence_chunked(p[:0], q[:0]).shape == (0,)
+
+
+def test_kl_and_cross_entropy_together_are_each_alone_bit_for_bit():
+    gen = torch.Generator().manual_seed(1)
+    p = torch.randn(37, 101, generator=gen) * 4
+    q = torch.randn(37, 101, generator=gen) * 4
+    target = torch.randint(0, 101, (37,), generator=gen).numpy()
+    for max_elements in (1, 250, 10**9):
+        kl, ce = kl_and_cross_entropy_chunked(p, q, target, max_elements=max_elements)
+        assert torch.equal(kl, kl_divergence_chunked(p, q, max_elements=max_elements))
+        assert torch.equal(ce, cross_entropy_chunked(q, target, max_elements=max_elements))
+    kl, ce = kl_and_cross_entropy_chunked(p[:0], q[:0], target[:0])
+    assert kl.shape == ce.shape == (0,) and kl.dtype == ce.dtype == torch.float64
 
 
 def test_kl_against_hand_computed_value():

@@ -40,8 +40,11 @@ def kl_divergence(
     """KL(P || Q) in nats between the softmax distributions of two logit tensors, per row."""
     import torch
 
-    logp = torch.log_softmax(logits_p.double(), dim=-1)
-    logq = torch.log_softmax(logits_q.double(), dim=-1)
+    return _kl_of_logs(torch.log_softmax(logits_p.double(), dim=-1), torch.log_softmax(logits_q.double(), dim=-1))
+
+
+def _kl_of_logs(logp: Any, logq: Any) -> Any:
+    """``[n]`` KL(P || Q) in nats from the rows' log-probabilities."""
     return (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)
 
 
@@ -74,6 +77,8 @@ def _by_row_chunks(fn: Any, tensors: tuple[Any, ...], max_elements: int, device:
     where = device or tensors[0].device
     out = [fn(*(t[i : i + rows].to(where, torch.float64 if t.is_floating_point() else t.dtype) for t in tensors))
            for i in range(0, n, rows)]
+    if out and isinstance(out[0], tuple):  # several values per row: each joined on its own
+        return tuple(torch.cat(parts) for parts in zip(*out, strict=True))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64, device=where)
 
 
@@ -98,6 +103,36 @@ def cross_entropy_chunked(
         return -torch.log_softmax(chunk, dim=-1).gather(1, chunk_ids)[:, 0]
 
     return _by_row_chunks(ce, (logits, ids), max_elements, device)
+
+
+def kl_and_cross_entropy_chunked(
+    logits_p: Float[Tensor, "n d_vocab"], logits_q: Float[Tensor, "n d_vocab"], target: Any, *,
+    max_elements: int = 2**24, device: Any = None,
+) -> tuple[Float[Tensor, " n"], Float[Tensor, " n"]]:
+    """:func:`kl_divergence_chunked` of ``logits_p`` and ``logits_q`` and :func:`cross_entropy_chunked`
+    of ``logits_q`` together, from one float64 ``log_softmax`` of each chunk of ``logits_q`` (the two
+    take it alike, so the bits are theirs). A chunk holds what the KL's alone does.
+
+    Args:
+        logits_p, logits_q: ``[n, d_vocab]`` logits (any float dtype).
+        target: ``[n]`` token ids (a tensor or an array).
+        max_elements: logits per chunk (rows x vocabulary); at least one row.
+        device: where the float64 work runs (default: where ``logits_p`` is).
+
+    Returns:
+        ``[n]`` KL(P || Q) and ``[n]`` ``-log Q(target)``, in nats.
+    """
+    import torch
+
+    ids = torch.as_tensor(target, dtype=torch.long, device=logits_q.device)[:, None]
+
+    def both(chunk_p: Any, chunk_q: Any, chunk_ids: Any) -> tuple[Any, Any]:
+        logq = torch.log_softmax(chunk_q, dim=-1)
+        return _kl_of_logs(torch.log_softmax(chunk_p, dim=-1), logq), -logq.gather(1, chunk_ids)[:, 0]
+
+    if len(ids) == 0:  # no chunk to take the pair from
+        return (torch.zeros(0, dtype=torch.float64, device=device or logits_p.device),) * 2
+    return _by_row_chunks(both, (logits_p, logits_q, ids), max_elements, device)
 
 
 def js_divergence(p: Float[Tensor, "... k"], q: Float[Tensor, "... k"]) -> Float[Tensor, "..."]:

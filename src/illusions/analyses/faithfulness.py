@@ -20,7 +20,12 @@ from illusions.analyses.sparse import CleanPassStats, ZeroAblation
 from illusions.backends import scored_logits, stop_at, unembed_stop
 from illusions.errors import IllusionsError
 from illusions.metric_table import POSITION_METRICS
-from illusions.metrics import cross_entropy_chunked, js_divergence_chunked, kl_divergence_chunked
+from illusions.metrics import (
+    cross_entropy_chunked,
+    js_divergence_chunked,
+    kl_and_cross_entropy_chunked,
+    kl_divergence_chunked,
+)
 from illusions.scoring import iter_batches, restricted_argmax
 from illusions.simplifiers.base import causal
 from illusions.tasks.base import Split
@@ -501,7 +506,8 @@ def evaluate_split(
     Sparse dictionaries also get their reconstruction and latent statistics on the split
     (:attr:`Records.sparse`), read from the same clean pass (:class:`~illusions.analyses.sparse.CleanPassStats`),
     and their downstream losses (:attr:`Records.downstream`): one more pass per batch with the replaced
-    activations zero-ablated (:class:`~illusions.analyses.sparse.ZeroAblation`), run as the proxy is.
+    activations zero-ablated (:class:`~illusions.analyses.sparse.ZeroAblation`), run as the proxy is
+    (one for all the proxies that zero the same activations from the same block, as a sweep's widths).
     """
     import torch
 
@@ -577,6 +583,8 @@ class _Clean:
     logits: Any  # [n, vocabulary] at the scored positions
     pred: Any
     ce: Any  # the target's cross-entropy (float64, whole vocabulary), for dictionaries' downstream loss
+    # The zero ablations' downstream values by (ablation, start): proxies sharing both share one pass.
+    ablated: dict[tuple[ZeroAblation, int | None], dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
 
 
 def _clean_pass(model: LensModel, split: Split, batch: Any, setup: _Setup,
@@ -615,9 +623,13 @@ def _proxy_part(model: LensModel, split: Split, batch: Any, setup: _Setup, j: in
                                            setup.starts[j], setup.collectors[j].hooks, sc, setup.stop,
                                            jsd_against=(setup.clean_rows, clean.seq, clean.pos, setup.f64))
     jsd = _attention_jsd(captured, proxy, len(sc), setup.f64)
-    down = {} if setup.ablations[j] is None else _downstream(
-        model, clean.tokens, clean.cache, setup.ablations[j], setup.starts[j], sc, setup.stop, clean.logits,
-        clean.ce, proxy_logits, setup.f64)
+    if setup.ablations[j] is None:
+        kl = kl_divergence_chunked(clean.logits, proxy_logits, max_elements=KL_CHUNK, device=setup.f64)
+        down = {}
+    else:  # a dictionary's downstream loss also needs the proxy's cross-entropy: one log-softmax for both
+        kl, ce_proxy = kl_and_cross_entropy_chunked(clean.logits, proxy_logits, sc.target, max_elements=KL_CHUNK,
+                                                    device=setup.f64)
+        down = _downstream(model, clean, setup.ablations[j], setup.starts[j], sc, setup.stop, ce_proxy, setup.f64)
     return {
         "rows": batch.rows[sc.seq],
         "pos": sc.pos,
@@ -625,8 +637,7 @@ def _proxy_part(model: LensModel, split: Split, batch: Any, setup: _Setup, j: in
         "original_pred": clean.pred.cpu().numpy(),
         "proxy_pred": restricted_argmax(proxy_logits, candidates).cpu().numpy(),
         "attention_jsd": jsd.cpu().numpy(),
-        "kl": kl_divergence_chunked(clean.logits, proxy_logits, max_elements=KL_CHUNK,
-                                    device=setup.f64).cpu().numpy(),
+        "kl": kl.cpu().numpy(),
         "meta:seq_len": split.lengths[batch.rows[sc.seq]],
         **{f"meta:{k}": v for k, v in sc.meta.items()},
         **{f"warn:{k}": v for k, v in setup.collectors[j].gather(clean.seq, clean.pos).items()},
@@ -678,18 +689,21 @@ def _proxy_logits(model: LensModel, tokens: Any, cache: Any, proxy: Proxy, hook_
     return scored_logits(model, out, sc, stop), per_head
 
 
-def _downstream(model: LensModel, tokens: Any, cache: Any, ablation: ZeroAblation, start: int | None, sc: Any,
-                stop: int | None, clean_logits: Any, clean_ce: Any, proxy_logits: Any, f64: Any) -> dict[str, np.ndarray]:
+def _downstream(model: LensModel, clean: _Clean, ablation: ZeroAblation, start: int | None, sc: Any,
+                stop: int | None, proxy_ce: Any, f64: Any) -> dict[str, np.ndarray]:
     """A dictionary proxy's downstream values at the scored positions (``sparse.DOWNSTREAM_FIELDS``):
-    the target's cross-entropy under the clean, the proxy's and the zero-ablated logits, and
-    KL(clean || ablated); the ablation runs from the proxy's ``start`` on the cached residual."""
-    ablated, _ = _proxy_logits(model, tokens, cache, ablation, hook_names_of(ablation), start, [], sc, stop)
-    return {
-        "ce_original": clean_ce.cpu().numpy(),
-        "ce_proxy": cross_entropy_chunked(proxy_logits, sc.target, max_elements=KL_CHUNK, device=f64).cpu().numpy(),
-        "ce_ablation": cross_entropy_chunked(ablated, sc.target, max_elements=KL_CHUNK, device=f64).cpu().numpy(),
-        "kl_ablation": kl_divergence_chunked(clean_logits, ablated, max_elements=KL_CHUNK, device=f64).cpu().numpy(),
-    }
+    the target's cross-entropy under the clean logits, the proxy's (``proxy_ce``) and the zero-ablated
+    ones, and KL(clean || ablated). The ablation runs from the proxy's ``start`` on the cached residual,
+    once per batch for every proxy with the same ablation and start (an SAE sweep's widths at one
+    hook): its values depend on nothing else, and are kept in ``clean.ablated``."""
+    key = (ablation, start)
+    if key not in clean.ablated:
+        ablated, _ = _proxy_logits(model, clean.tokens, clean.cache, ablation, hook_names_of(ablation), start, [], sc,
+                                   stop)
+        kl_ablation, ce_ablation = kl_and_cross_entropy_chunked(clean.logits, ablated, sc.target,
+                                                                max_elements=KL_CHUNK, device=f64)
+        clean.ablated[key] = {"ce_ablation": ce_ablation.cpu().numpy(), "kl_ablation": kl_ablation.cpu().numpy()}
+    return {"ce_original": clean.ce.cpu().numpy(), "ce_proxy": proxy_ce.cpu().numpy(), **clean.ablated[key]}
 
 
 def _attention_jsd(per_head: dict[tuple[int, int], Any], proxy: Proxy, n: int, f64: Any) -> Any:

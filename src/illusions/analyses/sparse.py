@@ -339,7 +339,9 @@ class ZeroAblation:
     def of(cls, proxy: Proxy) -> ZeroAblation | None:
         """The zero ablation of ``proxy``'s dictionaries, None for a proxy without any."""
         hooks = dictionary_hooks(proxy)
-        return cls(tuple(ZeroHook(h.hook_name, h.heads) for h in hooks)) if hooks else None
+        # Heads as a tuple: equal ablations are equal keys (the evaluation runs each once per batch).
+        return cls(tuple(ZeroHook(h.hook_name, None if h.heads is None else tuple(h.heads)) for h in hooks)
+                   ) if hooks else None
 
     @property
     def fwd_hooks(self) -> list[tuple[str, Any]]:
@@ -366,10 +368,12 @@ def downstream_replicates(downstream: dict[str, np.ndarray], kl: np.ndarray, seq
     return {k: float(point[k]) for k in DOWNSTREAM_METRICS}, {k: rep[k] for k in DOWNSTREAM_METRICS}
 
 
-def downstream_estimates(downstream: dict[str, np.ndarray], kl: np.ndarray, seq: np.ndarray,
+def downstream_estimates(replicates: tuple[dict[str, float], dict[str, np.ndarray]],
                          sampler: Resampler) -> dict[str, tuple[float, float, float]]:
-    """``{metric: (value, ci_low, ci_high)}`` of :func:`downstream_replicates`."""
-    point, rep = downstream_replicates(downstream, kl, seq, sampler)
+    """``{metric: (value, ci_low, ci_high)}`` of :func:`downstream_replicates`' point estimates and
+    replicates (taken as they are, so a split's can also serve as the reference of
+    :func:`downstream_gaps`)."""
+    point, rep = replicates
     out = {}
     for metric in DOWNSTREAM_METRICS:
         lo, hi = sampler.intervals(rep[metric])

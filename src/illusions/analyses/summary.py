@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from illusions.analyses.faithfulness import METRICS, AnalysisResult, Records, sweep_param
-from illusions.analyses.sparse import downstream_gaps, downstream_replicates
+from illusions.analyses.sparse import downstream_estimates, downstream_gaps, downstream_replicates
 from illusions.analyses.sparse import estimates as sparse_estimates
 from illusions.analyses.spec import BREAKDOWNS
 from illusions.analyses.warning_signals import THRESHOLDS, WARNING_GROUP, warning_rows
@@ -195,15 +195,14 @@ def _split_rows(setup: _Setup, refs: tuple[_Reference | None, _Reference | None]
                                    "n_positions": rec.sparse.n_positions(metric),
                                    "n_sequences": len(rec.sparse.n_tokens)}))
     if rec.downstream and len(rec):  # ... and their downstream loss against a zero ablation
-        point, rep = down = (ref_down if split == setup.reference and ref_down is not None
-                             else downstream_replicates(rec.downstream, rec.kl, rec.seq, sampler))
+        down = (ref_down if split == setup.reference and ref_down is not None
+                else downstream_replicates(rec.downstream, rec.kl, rec.seq, sampler))
         gaps = downstream_gaps(down, ref_down, sampler) if ref_down is not None and split != setup.reference else {}
-        for metric in point:
-            low, high = sampler.intervals(rep[metric])
+        for metric, (value, low, high) in downstream_estimates(down, sampler).items():
             gap = dict(zip(("gap_vs_ref", "gap_vs_ref_low", "gap_vs_ref_high"), gaps[metric], strict=True)
                        ) if gaps else {}
             rows.append(_complete({**base, "group_by": "all", "group": "all", "metric": metric,
-                                   "value": point[metric], "ci_low": float(low), "ci_high": float(high),
+                                   "value": value, "ci_low": low, "ci_high": high,
                                    "n_positions": len(rec), "n_sequences": n_seqs, **gap}))
     for col in setup.breakdowns:
         if not len(rec) or (col != "length" and col not in rec.meta):

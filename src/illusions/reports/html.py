@@ -175,25 +175,29 @@ def _coverage_cell(cov: Any) -> str:
     return f"{cov:.0%}" + (f" ({excluded:.1%} excluded)" if excluded >= 0.0005 else "")
 
 
-SPARSE_COLUMNS = tuple((k, metric(k).header, metric(k).decimals) for k in DICTIONARY_METRICS)
+def _estimates_table(cell: dict[tuple[str, str, str], dict[str, Any]], splits: Sequence[str],
+                     proxies: Sequence[str], keys: Sequence[str], count: str,
+                     count_label: str) -> tuple[str, list[tuple[str, str]]]:
+    """The table of ``keys``' estimates with intervals, a row per proxy and split that has a ``count``
+    row (whose ``n_positions`` fills the ``count_label`` column), and those (proxy, split) pairs; an
+    empty table when there is none."""
+    many = len(proxies) > 1
+    lead = ["proxy"] if many else []
+    pairs = [(proxy, split) for proxy in proxies for split in splits if cell.get((proxy, split, count)) is not None]
+    body = [([esc(proxy)] if many else []) + [esc(split), str(int(cell[(proxy, split, count)]["n_positions"]))]
+            + [fmt_ci(cell.get((proxy, split, k)) or {}, metric(k).decimals) for k in keys] for proxy, split in pairs]
+    if not body:
+        return "", pairs
+    return _table(lead + ["split", count_label, *(metric(k).header for k in keys)], body, left=len(lead) + 1), pairs
 
 
 def sparse_table(cell: dict[tuple[str, str, str], dict[str, Any]], splits: Sequence[str],
                  proxies: Sequence[str]) -> str:
     """The sparse dictionary table (only for runs of ``sae``/``transcoder``; empty otherwise)."""
-    many = len(proxies) > 1
-    body = []
-    for proxy in proxies:
-        for split in splits:
-            m = {k: cell.get((proxy, split, k)) for k, _, _ in SPARSE_COLUMNS}
-            if m["explained_variance"] is None:
-                continue
-            body.append(([esc(proxy)] if many else []) + [esc(split), str(int(m["l0"]["n_positions"]))]
-                        + [fmt_ci(m[k], digits) for k, _, digits in SPARSE_COLUMNS])
-    if not body:
+    # "tokens": l0's positions, every one (explained variance leaves each sequence's first out).
+    table, _ = _estimates_table(cell, splits, proxies, DICTIONARY_METRICS, "l0", "tokens")
+    if not table:
         return ""
-    table = _table((["proxy"] if many else []) + ["split", "tokens"] + [h for _, h, _ in SPARSE_COLUMNS], body,
-                   left=2 if many else 1)
     return ("<h3>Sparse dictionary on each split (95% bootstrap intervals)</h3>" + table
             + "<p class=note>Explained variance of the replaced activation on the split (1 - residual sum of "
             "squares / the split's variance about its own mean), normalised MSE = residual / sum of |x|^2 and MSE "
@@ -214,23 +218,13 @@ def downstream_tables(rows: Sequence[dict[str, Any]], splits: Sequence[str], pro
     otherwise): estimates with intervals, then the gaps of loss recovered and KL score to ``reference``
     beside agreement's; ``sentences`` (HTML) go between the heading and the tables."""
     cell = {(r["proxy"], r["split"], r["metric"]): r for r in rows if r["group_by"] == "all"}
-    many = len(proxies) > 1
-    lead = ["proxy"] if many else []
-    est_body, gap_body = [], []
-    for proxy in proxies:
-        for split in splits:
-            m = {k: cell.get((proxy, split, k)) for k in (*DOWNSTREAM_TABLE, *_DOWNSTREAM_GAPS)}
-            if m["loss_recovered"] is None:
-                continue
-            first = [esc(proxy)] if many else []
-            est_body.append(first + [esc(split), str(int(m["loss_recovered"]["n_positions"]))]
-                            + [fmt_ci(m[k] or {}, metric(k).decimals) for k in DOWNSTREAM_TABLE])
-            if split != reference:
-                gap_body.append(first + [esc(split)] + [fmt_gap(m[k], "gap_vs_ref") for k in _DOWNSTREAM_GAPS])
-    if not est_body:
+    est, pairs = _estimates_table(cell, splits, proxies, DOWNSTREAM_TABLE, "loss_recovered", "positions")
+    if not est:
         return ""
-    est = _table(lead + ["split", "positions", *(metric(k).header for k in DOWNSTREAM_TABLE)], est_body,
-                 left=len(lead) + 1)
+    lead = ["proxy"] if len(proxies) > 1 else []
+    gap_body = [([esc(proxy)] if lead else []) + [esc(split)]
+                + [fmt_gap(cell.get((proxy, split, k)), "gap_vs_ref") for k in _DOWNSTREAM_GAPS]
+                for proxy, split in pairs if split != reference]
     gaps = _table(lead + ["split", *(f"Δ{metric(k).short} vs {reference}" for k in _DOWNSTREAM_GAPS)], gap_body,
                   left=len(lead) + 1) if gap_body else ""
     return ("<h3>Sparse dictionary downstream: loss recovered and KL score (95% bootstrap intervals)</h3>"
