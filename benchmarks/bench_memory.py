@@ -106,6 +106,10 @@ def measure(kind: str, args: dict[str, int], child: str = CHILD) -> dict[str, fl
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# What the bare loop's columns hold under --no-bare.
+NOT_RUN = "not run"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="64,128")
@@ -127,14 +131,16 @@ def main() -> None:
                 "fit": opts.fit, "eval": opts.eval, "threads": opts.threads}
         t = time.perf_counter()
         ours = measure("ours", args)
-        bare = {"peak_mb": float("nan"), "seconds": float("nan")} if opts.no_bare else measure("bare", args)
-        ratio = ours["peak_mb"] / bare["peak_mb"]
-        bare_mb, bare_s, ratio_x = (("-", "-", "-") if opts.no_bare else
-                                    (f"{bare['peak_mb']:.0f}", f"{bare['seconds']:.1f}", f"{ratio:.2f}x"))
+        bare = None if opts.no_bare else measure("bare", args)
+        if bare is None:  # --no-bare: its columns say so instead of holding a number
+            bare_mb, bare_s, ratio_x = NOT_RUN, NOT_RUN, "-"
+        else:
+            bare_mb, bare_s = f"{bare['peak_mb']:.0f}", f"{bare['seconds']:.1f}"
+            ratio_x = f"{ours['peak_mb'] / bare['peak_mb']:.2f}x"
         print(f"{length:>7} {ours['peak_mb']:>9.0f} {bare_mb:>9} {ratio_x:>6} {ours['seconds']:>7.1f} "
               f"{bare_s:>7}  ({time.perf_counter() - t:.0f} s)", flush=True)
         for kind, got in (("ours", ours), ("bare", bare)):
-            if "error" in got:
+            if got is not None and "error" in got:
                 print(f"        {kind} failed: {got['error']}")
 
 

@@ -54,7 +54,6 @@ class FakeProxy:
     def fwd_hooks(self):
         return [("blocks.1.attn.hook_q", QueryScale(self.scale))]
 
-    first_layer: int = 1
     heads: tuple = ((1, 0), (1, 1), (1, 2), (1, 3))
 
 

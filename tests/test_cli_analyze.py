@@ -90,9 +90,8 @@ def test_full_rank_svd_agrees_everywhere(dyck_env):
         (["sweep", "dyck", "--ranks", "1,x"], "--ranks must be comma-separated integers"),
         (["sweep", "dyck"], "give --ranks, --clusters or --widths (the values to sweep)"),
         (["sweep", "dyck", "--simplify", "sae", "--ranks", "4"], "--ranks does not apply to sae"),
-        # The SAE's top-k is --top-k (--k still works, a deprecated alias); messages name --top-k.
+        # The SAE's top-k is --top-k (--k still works, a deprecated alias).
         (["analyze", "dyck", "--top-k", "4"], "--top-k does not apply to svd"),
-        (["analyze", "dyck", "--k", "4"], "--top-k does not apply to svd"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_run_dir(dyck_env, tmp_path, args, message):
@@ -105,6 +104,24 @@ def test_bad_input_is_one_line_exit_2_and_no_run_dir(dyck_env, tmp_path, args, m
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")], "staging folder left behind"
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--k", "4"], "--k"),
+        (["--k=4"], "--k"),
+        (["--top-k", "4"], "--top-k"),
+        (["--k", "4", "--top-k", "4"], "--top-k"),  # the current flag given too: the message names it
+    ],
+)
+def test_messages_name_a_deprecated_alias_as_typed(dyck_env, tmp_path, flags, named):
+    """The message names the flag the command received (not the test runner's own sys.argv)."""
+    _, _, root = dyck_env
+    result = runner.invoke(app, ["analyze", "dyck", *flags, "--model", str(root / "model"), "--out",
+                                 str(tmp_path / "run"), "--no-report"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == f"error: {named} does not apply to svd", result.stderr
 
 
 def test_model_dir_that_is_not_a_checkpoint(tmp_path):

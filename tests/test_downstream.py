@@ -11,6 +11,7 @@ from illusions.analyses.faithfulness import evaluate_split
 from illusions.analyses.sparse import (
     DOWNSTREAM_FIELDS,
     ZeroAblation,
+    dictionary_hooks,
     downstream_estimates,
     downstream_replicates,
 )
@@ -149,7 +150,7 @@ def test_zero_ablation_of_chosen_heads_leaves_the_others():
     assert (out[:, :, [1, 3]] == 0).all()
     torch.testing.assert_close(out[:, :, [0, 2]], z[:, :, [0, 2]])
     assert (ZeroHook("blocks.0.hook_resid_pre", None)(z) == 0).all()
-    assert ZeroAblation.of(FakeProxy(1.0)) is None
+    assert ZeroAblation.of(dictionary_hooks(FakeProxy(1.0))) is None
 
 
 def test_chunked_cross_entropy_is_bit_for_bit_the_whole_one(rng):
@@ -169,7 +170,7 @@ def test_a_transcoder_is_scored_against_its_mlp_output_zeroed(tiny_dyck):
     model = _relu_model(tiny_dyck)
     split = tiny_dyck.task.splits()["iid"]
     exact = Proxy("transcoder", {"width": 64}, (_mlp_transcoder(model),))
-    ablation = ZeroAblation.of(exact)
+    ablation = ZeroAblation.of(dictionary_hooks(exact))
     assert [name for name, _ in ablation.fwd_hooks] == ["blocks.1.hook_mlp_out"]
     zeroed = _mlp_transcoder(model, W_dec=torch.zeros_like(model.blocks[1].mlp.W_out),
                              b_dec=torch.zeros_like(model.blocks[1].mlp.b_out))

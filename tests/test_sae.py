@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from illusions.activations import collect
-from illusions.analyses.faithfulness import proxy_label
+from illusions.analyses.faithfulness import hook_names_of, proxy_label, start_layer
 from illusions.analyses.sparse import SPARSE_METRICS, SparseStats, stats_of
 from illusions.errors import IllusionsError
 from illusions.metrics import Resampler
@@ -61,7 +61,7 @@ def test_wide_dictionary_without_sparsity_reconstructs_almost_exactly(model, tok
 
 def test_sparse_dictionary_changes_the_model_and_leaves_upstream_alone(model, tokens):
     proxy = fit_proxy(model, SAE(width=16, top_k=2, **QUICK), tokens, LENGTHS)  # resid_pre of layer 1
-    assert proxy_label(proxy) == "sae(width=16)" and proxy.first_layer == 1
+    assert proxy_label(proxy) == "sae(width=16)" and start_layer(model, hook_names_of(proxy)) == 1
     assert proxy.heads == [(1, h) for h in range(4)]
     _, clean = model.run_with_cache(tokens)
     with model.hooks(fwd_hooks=proxy.fwd_hooks):

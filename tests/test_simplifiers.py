@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from illusions.activations import collect, mask_from_lengths
+from illusions.analyses.faithfulness import hook_names_of, start_layer
 from illusions.simplifiers import (
     SVD,
     KMeans,
@@ -205,7 +206,8 @@ def test_save_load_round_trip_gives_identical_logits(tiny_model, tiny_tokens, si
     proxy.save(tmp_path / "proxy")
     loaded = Proxy.load(tmp_path / "proxy")
     assert loaded.simplifier == proxy.simplifier and loaded.params == proxy.params
-    assert loaded.heads == proxy.heads and loaded.first_layer == proxy.first_layer
+    assert loaded.heads == proxy.heads
+    assert start_layer(tiny_model, hook_names_of(loaded)) == start_layer(tiny_model, hook_names_of(proxy))
     assert loaded.info == proxy.info
     assert [repr(h) for h in loaded.hooks] == [repr(h) for h in proxy.hooks]
     a = tiny_model.run_with_hooks(tiny_tokens, fwd_hooks=proxy.fwd_hooks)
@@ -232,7 +234,8 @@ def test_no_hook_is_left_behind_and_reprs_are_short(tiny_model, tiny_tokens, sim
 @pytest.mark.parametrize("simplifier", EACH, ids=IDS)
 def test_start_at_layer_on_the_clean_residual_matches_the_full_run(tiny_model, tiny_tokens, simplifier):
     proxy = _fit(tiny_model, tiny_tokens, simplifier)
-    start = proxy.first_layer
+    start = start_layer(tiny_model, hook_names_of(proxy))
+    assert start is not None
     full = tiny_model.run_with_hooks(tiny_tokens, fwd_hooks=proxy.fwd_hooks)
     _, cache = tiny_model.run_with_cache(tiny_tokens, names_filter=f"blocks.{start}.hook_resid_pre")
     resid = cache[f"blocks.{start}.hook_resid_pre"]
@@ -240,15 +243,15 @@ def test_start_at_layer_on_the_clean_residual_matches_the_full_run(tiny_model, t
     torch.testing.assert_close(partial, full)
 
 
-def test_heads_and_first_layer(tiny_model, tiny_tokens):
+def test_heads_and_start_layer(tiny_model, tiny_tokens):
     assert _fit(tiny_model, tiny_tokens, EACH[1]).heads == [(0, 1), (0, 3)]
-    assert _fit(tiny_model, tiny_tokens, EACH[1]).first_layer == 0
+    assert start_layer(tiny_model, hook_names_of(_fit(tiny_model, tiny_tokens, EACH[1]))) == 0
     assert _fit(tiny_model, tiny_tokens, EACH[3]).heads == [(1, 0), (1, 2)]
     every = [(1, h) for h in range(4)]
     assert _fit(tiny_model, tiny_tokens, ResidSVD(rank=2)).heads == every  # resid_pre of layer 1
     assert _fit(tiny_model, tiny_tokens, EACH[5]).heads == every  # resid_post of layer 0 feeds layer 1
     assert _fit(tiny_model, tiny_tokens, EACH[4]).heads == []  # resid_mid of the last layer
-    assert _fit(tiny_model, tiny_tokens, EACH[6]).first_layer == 0
+    assert start_layer(tiny_model, hook_names_of(_fit(tiny_model, tiny_tokens, EACH[6]))) == 0
 
 
 @pytest.mark.parametrize("simplifier", EACH, ids=IDS)

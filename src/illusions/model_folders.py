@@ -3,7 +3,7 @@ config alone and then loaded.
 
 ``--model`` takes an illusions checkpoint (:mod:`illusions.models`) or a Hugging Face model folder
 (what ``save_pretrained`` writes: ``config.json`` + ``model.safetensors``, a tokenizer optionally) of
-an architecture in :data:`HF_CONVERSIONS`: :func:`inspect_model_folder` reads either kind of folder
+an architecture in :data:`HF_ARCHITECTURES`: :func:`inspect_model_folder` reads either kind of folder
 from its config alone, and :func:`load_model_folder` loads the weights, converting a Hugging Face
 model with TransformerLens' own per-architecture weight conversion. Nothing here touches the network
 or runs code from a model folder: a folder is read only as JSON (its configs; one with an ``auto_map``
@@ -45,39 +45,30 @@ if TYPE_CHECKING:
 
 ILLUSIONS = "illusions"
 HUGGINGFACE = "huggingface"
-# Hugging Face architecture (config.json "architectures"[0]) -> TransformerLens' weight conversion in
-# transformer_lens.pretrained.weight_conversions that turns a locally loaded model into its state dict.
-HF_CONVERSIONS = {
-    "GPT2LMHeadModel": "convert_gpt2_weights",
-    "GPTNeoXForCausalLM": "convert_neox_weights",
-    "LlamaForCausalLM": "convert_llama_weights",
-    "MistralForCausalLM": "convert_mistral_weights",
-    "Qwen2ForCausalLM": "convert_qwen2_weights",
-    "GemmaForCausalLM": "convert_gemma_weights",
-    "Gemma2ForCausalLM": "convert_gemma_weights",
-}
-# The model_type config.json must state for each architecture, and the transformers config class that
-# is built from it (from the JSON alone: transformers never opens the folder).
-HF_MODEL_TYPES = {"GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox", "LlamaForCausalLM": "llama",
-                  "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2", "GemmaForCausalLM": "gemma",
-                  "Gemma2ForCausalLM": "gemma2"}
-_HF_CONFIG_CLASSES = {"GPT2LMHeadModel": "GPT2Config", "GPTNeoXForCausalLM": "GPTNeoXConfig",
-                      "LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "MistralConfig",
-                      "Qwen2ForCausalLM": "Qwen2Config", "GemmaForCausalLM": "GemmaConfig",
-                      "Gemma2ForCausalLM": "Gemma2Config"}
-# The sizes each architecture's config gives, which must be whole numbers >= 1 (the second tuple: or null).
-_LLAMA_SIZES = (("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers",
-                 "max_position_embeddings", "vocab_size"), ("num_key_value_heads", "head_dim"))
-_HF_SIZES = {
-    "GPT2LMHeadModel": (("n_embd", "n_head", "n_layer", "n_positions", "vocab_size"), ("n_inner",)),
-    "GPTNeoXForCausalLM": (("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers",
-                            "max_position_embeddings", "vocab_size"), ()),
-    "LlamaForCausalLM": _LLAMA_SIZES,
-    "MistralForCausalLM": (_LLAMA_SIZES[0], (*_LLAMA_SIZES[1], "sliding_window")),
-    "Qwen2ForCausalLM": (_LLAMA_SIZES[0], (*_LLAMA_SIZES[1], "sliding_window")),
-    "GemmaForCausalLM": _LLAMA_SIZES,
-    "Gemma2ForCausalLM": (_LLAMA_SIZES[0], (*_LLAMA_SIZES[1], "sliding_window", "query_pre_attn_scalar")),
-}
+
+
+@dataclasses.dataclass(frozen=True)
+class HFArchitecture:
+    """What illusions knows of one Hugging Face architecture it reads (a row of :data:`HF_ARCHITECTURES`).
+
+    Attributes:
+        model_type: the ``model_type`` its ``config.json`` must state.
+        config_class: the ``transformers`` config class built from that JSON alone (transformers never
+            opens the folder).
+        conversion: TransformerLens' weight conversion in ``transformer_lens.pretrained.weight_conversions``
+            that turns a locally loaded model into its state dict.
+        sizes: the sizes its config gives, which must be whole numbers >= 1 (the second tuple: or null).
+        fields: the ``HookedTransformerConfig`` fields of its ``transformers`` config
+            (``fields(hf, architecture)``), read by :func:`hf_hooked_config`.
+    """
+
+    model_type: str
+    config_class: str
+    conversion: str
+    sizes: tuple[tuple[str, ...], tuple[str, ...]]
+    fields: Callable[[Any, str], dict[str, Any]]
+
+
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 HF_INDEX = "model.safetensors.index.json"
 # The one tokenizer file read (JSON, by the tokenizers library); other tokenizer formats are not read.
@@ -160,15 +151,15 @@ def _inspect_hf(path: Path, data: dict[str, Any], device: str | torch.device) ->
     archs = data.get("architectures")
     arch = archs[0] if isinstance(archs, list) and len(archs) == 1 and isinstance(archs[0], str) else ""
     model_type = data.get("model_type")
-    if arch not in HF_CONVERSIONS:
+    if arch not in HF_ARCHITECTURES:
         named = arch or (str(archs)[:60] if archs else "") or (str(model_type)[:40] if model_type else "Hugging Face")
         raise IllusionsError(
             f"model {path} is a {named} model; illusions converts "
-            f"{', '.join(HF_CONVERSIONS)} (the architectures TransformerLens converts offline)")
-    if model_type != HF_MODEL_TYPES[arch]:
+            f"{', '.join(HF_ARCHITECTURES)} (the architectures TransformerLens converts offline)")
+    if model_type != HF_ARCHITECTURES[arch].model_type:
         said = f"model_type {str(model_type)[:40]!r}" if model_type is not None else "no model_type"
         raise IllusionsError(f"{path / CONFIG_FILE} gives {said} for architecture {arch}, whose model_type is "
-                             f"{HF_MODEL_TYPES[arch]!r}; a config whose two disagree is not read")
+                             f"{HF_ARCHITECTURES[arch].model_type!r}; a config whose two disagree is not read")
     if not files & set(HF_WEIGHTS):
         other = sorted(f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")))
         if other:
@@ -205,14 +196,14 @@ def _refuse_code(path: Path, data: dict[str, Any], files: set[str]) -> None:
         if isinstance(config, dict) and "auto_map" in config:
             raise IllusionsError(f"model {path}: {name} names code of the folder's own to run (auto_map); "
                                  "illusions never runs code from a model folder, it reads "
-                                 f"{', '.join(HF_CONVERSIONS)} from JSON and safetensors only")
+                                 f"{', '.join(HF_ARCHITECTURES)} from JSON and safetensors only")
 
 
 def _hf_config(path: Path, data: dict[str, Any], arch: str) -> Any:
     """The ``transformers`` config of ``arch`` built from the JSON already read (no file is opened)."""
     import transformers
 
-    required, optional = _HF_SIZES[arch]
+    required, optional = HF_ARCHITECTURES[arch].sizes
     for key in (*required, *optional):
         value = data.get(key)
         if key not in data or (value is None and key in optional):
@@ -229,7 +220,7 @@ def _hf_config(path: Path, data: dict[str, Any], arch: str) -> Any:
         pass
     with _quiet_transformers():
         try:
-            return getattr(transformers, _HF_CONFIG_CLASSES[arch]).from_dict(data)
+            return getattr(transformers, HF_ARCHITECTURES[arch].config_class).from_dict(data)
         except tuple(errors) as exc:
             raise IllusionsError(f"{path / CONFIG_FILE} is not a readable {arch} config "
                                  f"({' '.join(str(exc).split())[:200]})") from None
@@ -313,7 +304,7 @@ def _first_line(exc: BaseException) -> str:
 
 def hf_hooked_config(hf: Any, *, device: str | torch.device = "cpu") -> Any:
     """The ``HookedTransformerConfig`` of a Hugging Face config of an architecture in
-    :data:`HF_CONVERSIONS`: the one place where a Hugging Face config becomes a TransformerLens one.
+    :data:`HF_ARCHITECTURES`: the one place where a Hugging Face config becomes a TransformerLens one.
 
     The fields follow TransformerLens' own ``convert_hf_model_config`` for the architecture, read from
     the local config instead of the Hub's, plus what TransformerLens' presets leave out but the config
@@ -331,9 +322,9 @@ def hf_hooked_config(hf: Any, *, device: str | torch.device = "cpu") -> Any:
     from transformer_lens.utilities.activation_functions import SUPPORTED_ACTIVATIONS
 
     arch = hf.architectures[0]
-    if arch not in _HF_FIELDS:  # inspect_model_folder admits only HF_CONVERSIONS
-        raise IllusionsError(f"no TransformerLens conversion for {arch}; supported: {', '.join(HF_CONVERSIONS)}")
-    kw = _HF_FIELDS[arch](hf, arch)
+    if arch not in HF_ARCHITECTURES:  # inspect_model_folder admits only these
+        raise IllusionsError(f"no TransformerLens conversion for {arch}; supported: {', '.join(HF_ARCHITECTURES)}")
+    kw = HF_ARCHITECTURES[arch].fields(hf, arch)
     if kw["act_fn"] not in SUPPORTED_ACTIVATIONS:
         raise _unconvertible(arch, f"activation {kw['act_fn']!r}")
     if HookedTransformerConfig is None:  # TransformerLens 4: the same fields, read by backends.tl4
@@ -475,13 +466,16 @@ def _qwen2_fields(hf: Any, arch: str) -> dict[str, Any]:
 
 
 def _gemma_fields(hf: Any, arch: str) -> dict[str, Any]:
-    """The fields of a Gemma or Gemma 2 config. The conversion itself scales the embedding by
-    sqrt(d_model) and turns each ``(1 + weight)`` RMSNorm into a plain one; Gemma 2 adds norms after
-    attention and MLP, soft caps on attention scores and logits, a query scale of its own and
-    sliding-window layers."""
+    """The fields of a Gemma config: Llama's, with keys always grouped. The conversion itself scales the
+    embedding by sqrt(d_model) and turns each ``(1 + weight)`` RMSNorm into a plain one."""
     _refuse_variants(hf, arch)
-    if arch == "GemmaForCausalLM":
-        return _gated_rms_fields(hf, arch, grouped_keys=True)
+    return _gated_rms_fields(hf, arch, grouped_keys=True)
+
+
+def _gemma2_fields(hf: Any, arch: str) -> dict[str, Any]:
+    """The fields of a Gemma 2 config: Gemma's (the same conversion) with norms after attention and MLP,
+    soft caps on attention scores and logits, a query scale of its own and sliding-window layers."""
+    _refuse_variants(hf, arch)
     fields = _gated_rms_fields(hf, arch, act_fn=hf.hidden_activation, grouped_keys=True)
     return {
         **fields, **_window_fields(hf, arch, hf.layer_types),
@@ -492,11 +486,30 @@ def _gemma_fields(hf: Any, arch: str) -> dict[str, Any]:
     }
 
 
-# The HookedTransformerConfig fields of each architecture in HF_CONVERSIONS, from its transformers config.
-_HF_FIELDS: dict[str, Callable[[Any, str], dict[str, Any]]] = {
-    "GPT2LMHeadModel": _gpt2_fields, "GPTNeoXForCausalLM": _neox_fields, "LlamaForCausalLM": _llama_fields,
-    "MistralForCausalLM": _mistral_fields, "Qwen2ForCausalLM": _qwen2_fields, "GemmaForCausalLM": _gemma_fields,
-    "Gemma2ForCausalLM": _gemma_fields,
+# The sizes of a Llama-style config (GPT-NeoX's required ones are the same; Mistral, Qwen2 and Gemma 2 add
+# optional ones).
+_LLAMA_SIZES = (("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers",
+                 "max_position_embeddings", "vocab_size"), ("num_key_value_heads", "head_dim"))
+# The Hugging Face architectures illusions reads (config.json "architectures"[0]), each with all it needs
+# of it, in the order messages list them.
+HF_ARCHITECTURES: dict[str, HFArchitecture] = {
+    "GPT2LMHeadModel": HFArchitecture(
+        "gpt2", "GPT2Config", "convert_gpt2_weights",
+        (("n_embd", "n_head", "n_layer", "n_positions", "vocab_size"), ("n_inner",)), _gpt2_fields),
+    "GPTNeoXForCausalLM": HFArchitecture(
+        "gpt_neox", "GPTNeoXConfig", "convert_neox_weights",
+        (_LLAMA_SIZES[0], ()), _neox_fields),
+    "LlamaForCausalLM": HFArchitecture("llama", "LlamaConfig", "convert_llama_weights", _LLAMA_SIZES, _llama_fields),
+    "MistralForCausalLM": HFArchitecture(
+        "mistral", "MistralConfig", "convert_mistral_weights",
+        (_LLAMA_SIZES[0], (*_LLAMA_SIZES[1], "sliding_window")), _mistral_fields),
+    "Qwen2ForCausalLM": HFArchitecture(
+        "qwen2", "Qwen2Config", "convert_qwen2_weights",
+        (_LLAMA_SIZES[0], (*_LLAMA_SIZES[1], "sliding_window")), _qwen2_fields),
+    "GemmaForCausalLM": HFArchitecture("gemma", "GemmaConfig", "convert_gemma_weights", _LLAMA_SIZES, _gemma_fields),
+    "Gemma2ForCausalLM": HFArchitecture(
+        "gemma2", "Gemma2Config", "convert_gemma_weights",
+        (_LLAMA_SIZES[0], (*_LLAMA_SIZES[1], "sliding_window", "query_pre_attn_scalar")), _gemma2_fields),
 }
 
 
@@ -558,7 +571,7 @@ def load_model_folder(folder: ModelFolder, *, device: str | torch.device = "cpu"
     from transformer_lens import HookedTransformer
     from transformer_lens.pretrained import weight_conversions
 
-    convert = getattr(weight_conversions, HF_CONVERSIONS[arch])
+    convert = getattr(weight_conversions, HF_ARCHITECTURES[arch].conversion)
     with torch.no_grad():
         converted = convert(hf, folder.hooked)
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():

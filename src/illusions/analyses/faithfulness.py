@@ -374,7 +374,7 @@ def fit_proxies(
         tokens = torch.as_tensor(split.tokens[rows, : int(split.lengths[rows].max())])
         mask = torch.as_tensor(np.arange(tokens.shape[1])[None, :] < split.lengths[rows][:, None])
         sizes = position_bytes(model, tokens, mask, names)
-        positions = TOKEN_BUDGET if token_budget is None else int(token_budget)
+        positions = _token_budget(token_budget)
         if _can_stream(simplifiers) and sum(sizes.values()) * int(mask.sum()) > STREAM_FIT_BYTES:
             streams = {members[0]: simplifiers[members[0]].stream(model) for members in groups.values()
                        if hasattr(simplifiers[members[0]], "stream")}
@@ -568,7 +568,7 @@ class _Setup:
             cache_names=[f"blocks.{layer}.hook_resid_pre" for layer in sorted({s for s in starts if s is not None})],
             clean_rows=PatternRows(sorted({lh for p in proxies for lh in p.heads})), sparse=sparse,
             clean_stop=stop if stop_layer(model, sparse.names) is not None else None,
-            collectors=[SignalCollector(p) for p in proxies], ablations=[ZeroAblation.of(p) for p in proxies],
+            collectors=[SignalCollector(p) for p in proxies], ablations=[ZeroAblation.of(g) for g in sparse.groups],
         )
 
 
@@ -843,10 +843,15 @@ KL_CHUNK = 2**19
 JSD_CHUNK = 2**19
 
 
+def _token_budget(token_budget: int | None) -> int:
+    """``token_budget``, or :data:`TOKEN_BUDGET` when None: the one place the fit's and the evaluation's
+    forward passes take their default from."""
+    return TOKEN_BUDGET if token_budget is None else int(token_budget)
+
+
 def batch_tokens(model: LensModel, token_budget: int | None = None) -> int:
     """Padded tokens one evaluation batch may hold: ``token_budget`` (default :data:`TOKEN_BUDGET`),
     and no more than :data:`LOGIT_BUDGET` logits over the model's vocabulary (a 50,257-token
     vocabulary: 333 tokens, 5 rows of 64; the bundled tasks' 43-token vocabulary: no limit below the
     token budget)."""
-    budget = TOKEN_BUDGET if token_budget is None else int(token_budget)
-    return max(1, min(budget, LOGIT_BUDGET // max(int(model.cfg.d_vocab_out), 1)))
+    return max(1, min(_token_budget(token_budget), LOGIT_BUDGET // max(int(model.cfg.d_vocab_out), 1)))

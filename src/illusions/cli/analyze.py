@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
 from illusions.analyses.spec import BREAKDOWNS, CUSTOM_TASK, SWEEPS, SWEPT_FIELDS, AnalysisSpec
 from illusions.cli.app import AUTO_THREADS_HELP, MAX_AUTO_THREADS, command, fail, set_threads
@@ -193,8 +194,9 @@ def _field_value(option: Option, value: Any, sweep: bool) -> Any:
     return value
 
 
-def _spec(task: str, given: dict[str, Any], values: tuple[Option, ...], sweep: bool) -> Any:
-    """The AnalysisSpec of the options; its errors are rewritten with the flags the user typed."""
+def _spec(task: str, given: dict[str, Any], values: tuple[Option, ...], sweep: bool, args: tuple[str, ...]) -> Any:
+    """The AnalysisSpec of the options; its errors are rewritten with the flags the user typed (``args``: the
+    command's arguments)."""
     from illusions.errors import InvalidOption
 
     options = values + OPTIONS
@@ -208,18 +210,27 @@ def _spec(task: str, given: dict[str, Any], values: tuple[Option, ...], sweep: b
     except InvalidOption as exc:
         if exc.whole:
             fail(exc.detail)
-        fail(f"{_typed(flags.get(exc.option, exc.option))} {exc.detail}")
+        fail(f"{_typed(flags.get(exc.option, exc.option), args)} {exc.detail}")
 
 
 # Deprecated spellings a user may still type (the message names the flag as typed).
 ALIASES = {"--top-k": ("--k",)}
+# Where :class:`_Command` keeps the arguments the command received (the context's meta).
+ARGS_KEY = "illusions.analyze.args"
 
 
-def _typed(flag: str) -> str:
-    """``flag`` as the user typed it: a deprecated alias when that is what the command line holds."""
-    import sys
+class _Command(TyperCommand):
+    """A Typer command that keeps the arguments it received, so :func:`_typed` can name a deprecated alias:
+    click parses ``--top-k`` and ``--k`` into one value and does not say which was typed. These are the
+    command's own arguments, also under CliRunner or an in-process call (``sys.argv`` is the caller's)."""
 
-    args = sys.argv[1:]
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        ctx.meta[ARGS_KEY] = tuple(args)
+        return super().parse_args(ctx, args)
+
+
+def _typed(flag: str, args: tuple[str, ...]) -> str:
+    """``flag`` as the user typed it in ``args``: a deprecated alias when that is what the command received."""
     typed = [a for a in ALIASES.get(flag, ()) if any(x == a or x.startswith(a + "=") for x in args)]
     return typed[0] if typed and not any(x == flag or x.startswith(flag + "=") for x in args) else flag
 
@@ -235,14 +246,15 @@ def _recipe(path: str, given: dict[str, Any], values: tuple[Option, ...]) -> tup
     return recipe.spec, recipe.name
 
 
-def _analysis(sweep: bool, given: dict[str, Any]) -> None:
-    """The body both commands share: build the spec, run it, write the run directory, print."""
+def _analysis(sweep: bool, given: dict[str, Any], args: tuple[str, ...]) -> None:
+    """The body both commands share: build the spec, run it, write the run directory, print (``args``: the
+    command's arguments, for messages)."""
     values = SWEEP_VALUES if sweep else ANALYZE_VALUES
     task = given["task"]
     if task.endswith(".toml"):
         spec, name = _recipe(task, given, values)
     else:
-        spec, name = _spec(task, given, values, sweep), None
+        spec, name = _spec(task, given, values, sweep, args), None
     by = given["by"]
     if by is not None and by not in BY_CHOICES:
         if spec.task != CUSTOM_TASK:
@@ -447,17 +459,18 @@ def _define(name: str, sweep: bool, doc: str) -> None:
     """Register one of the two commands from the shared options (Typer reads ``__signature__``)."""
     values = SWEEP_VALUES if sweep else ANALYZE_VALUES
     ordered = (OPTIONS[0], *values, *OPTIONS[1:], *(SLURM_OPTIONS if sweep else ()))
-    params = [inspect.Parameter("task", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=TASK_ARG)]
+    params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+              inspect.Parameter("task", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=TASK_ARG)]
     params += [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default,
                                  annotation=o.annotation) for o in ordered]
 
-    def body(**given: Any) -> None:
-        _analysis(sweep, given)
+    def body(ctx: typer.Context, **given: Any) -> None:
+        _analysis(sweep, given, ctx.meta[ARGS_KEY])
 
     body.__name__ = name
     body.__doc__ = doc
     body.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    command(name)(body)
+    command(name, cls=_Command)(body)
 
 
 _define("analyze", False, "Fit a simplifier on training data and measure its faithfulness on every split.")

@@ -395,14 +395,6 @@ class Proxy:
                 for pair in (h.hook_pairs() if hasattr(h, "hook_pairs") else [(h.hook_name, h)])]
 
     @property
-    def first_layer(self) -> int:
-        """The earliest block any hook acts in: run ``model(resid, start_at_layer=first_layer)``
-        with the *clean* ``blocks.{first_layer}.hook_resid_pre`` and every hook still fires."""
-        if not self.hooks:
-            raise ValueError("this proxy has no hooks")
-        return min(h.layer for h in self.hooks)
-
-    @property
     def heads(self) -> list[tuple[int, int]]:
         """``(layer, head)`` pairs whose attention the proxy changes directly.
 
