@@ -393,7 +393,11 @@ class OnePassKMeans:
         if self.model is None:
             if self.n_pending < self.init_size:
                 return
-            data = np.concatenate(self.pending)
+        elif self.n_pending < MINIBATCH_SIZE and not (final and self.n_pending):
+            return
+        data = np.concatenate(self.pending)
+        done = 0  # rows of ``data`` fitted
+        if self.model is None:
             first = data[: self.init_size]
             distinct = distinct_rows(torch.from_numpy(first), self.config.k)
             if self.config.k > distinct:
@@ -404,15 +408,12 @@ class OnePassKMeans:
                                          batch_size=MINIBATCH_SIZE, random_state=self.config.seed,
                                          compute_labels=False)
             self.model.partial_fit(first)
-            self.pending = [data[self.init_size :].copy()]  # not a view keeping ``data`` alive
-            self.n_pending = len(self.pending[0])
-        if self.n_pending < MINIBATCH_SIZE and not (final and self.n_pending):
-            return
-        data = np.concatenate(self.pending)
-        cut = len(data) if final else len(data) - len(data) % MINIBATCH_SIZE
-        for start in range(0, cut, MINIBATCH_SIZE):
+            done = self.init_size
+        rest = len(data) - done
+        cut = done + (rest if final else rest - rest % MINIBATCH_SIZE)
+        for start in range(done, cut, MINIBATCH_SIZE):
             self.model.partial_fit(data[start : min(start + MINIBATCH_SIZE, cut)])
-        self.pending = [data[cut:].copy()]
+        self.pending = [data[cut:].copy()]  # not a view keeping ``data`` alive
         self.n_pending = len(data) - cut
 
     def fit(self, sample: Float[Tensor, "m d"]) -> Clusters:
