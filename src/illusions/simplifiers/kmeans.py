@@ -377,11 +377,9 @@ class OnePassKMeans:
         self.model: Any = None  # the MiniBatchKMeans, once seeded
 
     def add(self, x: Float[Tensor, "n d"]) -> None:
-        import numpy as np
-
         if x.shape[0] == 0:
             return
-        self.pending.append(np.array(x.detach().cpu().float().numpy(), copy=True))  # not a view of the batch
+        self.pending.append(x.detach().to("cpu", torch.float32, copy=True).numpy())  # one copy, not a view of the batch
         self.n_pending += int(x.shape[0])
         self.n += int(x.shape[0])
         self._steps(final=False)
