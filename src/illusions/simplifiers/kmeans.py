@@ -464,12 +464,11 @@ class CentroidsStream:
             self.fits[(name, head)].add(group_vectors(batch[name], head))
 
     def fit_sweep(self, values: list[int]) -> dict[int, Proxy]:
-        if list(values) != [self.config.k]:
-            raise IllusionsError(f"a {self.config.name} stream fits k={self.config.k}, not {values}")
-        sample = self.sample.sample()
+        return streaming.fit_own_value(self.config, values, self.sample, self._fit_sample,
+                                       init=self.fits[self.keys[0]].init_size)
+
+    def _fit_sample(self, sample: dict[str, Tensor]) -> Proxy:
+        """The proxy of every group's one-pass centroids, spread and inertia measured on ``sample``."""
         fits = {(name, head): self.fits[(name, head)].fit(group_vectors(sample[name], head))
                 for name, head in self.keys}
-        proxy = self.config._proxy(self.model, fits)
-        info = {**proxy.info, "streamed": {"positions": self.sample.seen, "sample": self.sample.size,
-                                           "init": self.fits[self.keys[0]].init_size}}
-        return {self.config.k: dataclasses.replace(proxy, info=info)}
+        return self.config._proxy(self.model, fits)
