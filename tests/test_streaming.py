@@ -77,9 +77,10 @@ def test_one_pass_kmeans_is_seeded_bounded_and_close_to_the_held_fit(monkeypatch
     pending = []
     a = _one_pass(x, config, sizes, monkeypatch, pending)
     assert max(pending) < 768 and max(pending[8:]) < 256  # never more than the seeding sample or a batch
-    fa, spread = a.fit(x[::7])
-    fb, _ = _one_pass(x, config, sizes, monkeypatch).fit(x[::7])
-    fc, _ = _one_pass(x, KMeans(k=8, seed=1), sizes, monkeypatch).fit(x[::7])
+    clusters = a.fit(x[::7])
+    fa, spread = clusters.fit, clusters.spread
+    fb = _one_pass(x, config, sizes, monkeypatch).fit(x[::7]).fit
+    fc = _one_pass(x, KMeans(k=8, seed=1), sizes, monkeypatch).fit(x[::7]).fit
     assert fa.algorithm == "minibatch-stream" and fa.n == len(x)
     assert torch.equal(fa.centroids, fb.centroids) and not torch.equal(fa.centroids, fc.centroids)
     assert spread.shape == (8,) and bool((spread > 0).all())
@@ -91,7 +92,7 @@ def test_one_pass_kmeans_is_seeded_bounded_and_close_to_the_held_fit(monkeypatch
 
 def test_one_pass_kmeans_below_its_seeding_sample_is_the_held_fit(monkeypatch):
     x = _blobs(n=500)
-    fit, spread = _one_pass(x, KMeans(k=5, seed=0), [200, 300], monkeypatch).fit(x[:10])
+    fit = _one_pass(x, KMeans(k=5, seed=0), [200, 300], monkeypatch).fit(x[:10]).fit
     held = fit_centroids(x, 5, seed=0)
     assert torch.equal(fit.centroids, held.centroids) and fit.inertia == held.inertia and fit.n == 500
 

@@ -245,6 +245,41 @@ def centroids_for(config: Any, x: Float[Tensor, "n d"], where: str) -> CentroidF
     )
 
 
+# A centroid simplifier fits one set of clusters per group: (hook, head), head None for a residual hook.
+Group = tuple[str, int | None]
+
+
+def group_vectors(data: Tensor, head: int | None) -> Tensor:
+    """A group's vectors in its hook's ``[n, ...]`` activations: one head's ``[n, d_head]``, or all of a residual's."""
+    return data if head is None else data[:, head]
+
+
+def group_where(name: str, head: int | None) -> str:
+    """A group as error messages name it."""
+    return name if head is None else f"{name} head {head}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Clusters:
+    """One group's fitted clusters: the k-means fit and each cluster's spread (:func:`cluster_spread`)."""
+
+    fit: CentroidFit
+    spread: Float[Tensor, " k"]
+
+
+def held_clusters(config: Any, x: Float[Tensor, "n d"], where: str) -> Clusters:
+    """A centroid simplifier's fit of one group's held vectors ``x``, its spread measured on all of them."""
+    fit = centroids_for(config, x, where)
+    return Clusters(fit, cluster_spread(x, fit.centroids))
+
+
+def fit_groups(config: Any, activations: dict[str, Tensor], groups: list[Group]) -> dict[Group, Clusters]:
+    """:func:`held_clusters` of each group, from ``collect``'s activations at the groups' hooks."""
+    return {(name, head): held_clusters(config, group_vectors(require(activations, name, config.name), head),
+                                        group_where(name, head))
+            for name, head in groups}
+
+
 @dataclasses.dataclass(frozen=True)
 class KMeans(SimplifierConfig):
     """Queries/keys replaced by the nearest of ``k`` centroids, per head.
@@ -278,27 +313,19 @@ class KMeans(SimplifierConfig):
         targets = self.targets.resolve(model)
         return [qk_hook_name(layer, side) for layer in targets.layers for side in targets.qk]
 
-    def centroids(self, x: Float[Tensor, "n d"], where: str) -> CentroidFit:
-        return centroids_for(self, x, where)
+    def groups(self, model: LensModel) -> list[Group]:
+        """Each targeted (hook, head), hook by hook."""
+        heads = self.targets.resolve(model).heads
+        return [(name, head) for name in self.hook_names(model) for head in heads]
 
     def fit(self, model: LensModel, activations: dict[str, Tensor]) -> Proxy:
-        targets = self.targets.resolve(model)
-        fits: dict[tuple[str, int], CentroidFit] = {}
-        spreads: dict[tuple[str, int], Tensor] = {}
-        for name in self.hook_names(model):
-            data = require(activations, name, self.name)
-            for head in targets.heads:
-                fits[(name, head)] = self.centroids(data[:, head], f"{name} head {head}")
-                spreads[(name, head)] = cluster_spread(data[:, head], fits[(name, head)].centroids)
-        return self._proxy(model, fits, spreads)
+        return self._proxy(model, fit_groups(self, activations, self.groups(model)))
 
     def stream(self, model: LensModel) -> CentroidsStream:
         """A :class:`CentroidsStream` that fits this simplifier from activations given batch by batch."""
-        return CentroidsStream(self, model, [(name, head) for name in self.hook_names(model)
-                                             for head in self.targets.resolve(model).heads])
+        return CentroidsStream(self, model, self.groups(model))
 
-    def _proxy(self, model: LensModel, fits: dict[tuple[str, int], CentroidFit],
-               spreads: dict[tuple[str, int], Tensor]) -> Proxy:
+    def _proxy(self, model: LensModel, fits: dict[Group, Clusters]) -> Proxy:
         """The proxy of each (hook, head)'s centroids and cluster spreads."""
         targets = self.targets.resolve(model)
         hooks = []
@@ -306,12 +333,13 @@ class KMeans(SimplifierConfig):
         algorithms = set()
         n_fitted = 0
         for name in self.hook_names(model):
-            fits_here = [fits[(name, head)] for head in targets.heads]
+            clusters = [fits[(name, head)] for head in targets.heads]
+            fits_here = [c.fit for c in clusters]
             hooks.append(CentroidHook(
                 hook_name=name,
                 heads=targets.heads,
                 centroids=torch.stack([f.centroids for f in fits_here]).contiguous(),  # [heads k d_head]
-                spread=torch.stack([spreads[(name, head)] for head in targets.heads]),  # [heads k]
+                spread=torch.stack([c.spread for c in clusters]),  # [heads k]
             ))
             inertia[name] = [f.inertia for f in fits_here]
             algorithms.update(f.algorithm for f in fits_here)
@@ -349,11 +377,9 @@ class OnePassKMeans:
         self.model: Any = None  # the MiniBatchKMeans, once seeded
 
     def add(self, x: Float[Tensor, "n d"]) -> None:
-        import numpy as np
-
         if x.shape[0] == 0:
             return
-        self.pending.append(np.array(x.detach().cpu().float().numpy(), copy=True))  # not a view of the batch
+        self.pending.append(x.detach().to("cpu", torch.float32, copy=True).numpy())  # one copy, not a view of the batch
         self.n_pending += int(x.shape[0])
         self.n += int(x.shape[0])
         self._steps(final=False)
@@ -365,7 +391,11 @@ class OnePassKMeans:
         if self.model is None:
             if self.n_pending < self.init_size:
                 return
-            data = np.concatenate(self.pending)
+        elif self.n_pending < MINIBATCH_SIZE and not (final and self.n_pending):
+            return
+        data = np.concatenate(self.pending)
+        done = 0  # rows of ``data`` fitted
+        if self.model is None:
             first = data[: self.init_size]
             distinct = distinct_rows(torch.from_numpy(first), self.config.k)
             if self.config.k > distinct:
@@ -376,33 +406,29 @@ class OnePassKMeans:
                                          batch_size=MINIBATCH_SIZE, random_state=self.config.seed,
                                          compute_labels=False)
             self.model.partial_fit(first)
-            self.pending = [data[self.init_size :].copy()]  # not a view keeping ``data`` alive
-            self.n_pending = len(self.pending[0])
-        if self.n_pending < MINIBATCH_SIZE and not (final and self.n_pending):
-            return
-        data = np.concatenate(self.pending)
-        cut = len(data) if final else len(data) - len(data) % MINIBATCH_SIZE
-        for start in range(0, cut, MINIBATCH_SIZE):
+            done = self.init_size
+        rest = len(data) - done
+        cut = done + (rest if final else rest - rest % MINIBATCH_SIZE)
+        for start in range(done, cut, MINIBATCH_SIZE):
             self.model.partial_fit(data[start : min(start + MINIBATCH_SIZE, cut)])
-        self.pending = [data[cut:].copy()]
+        self.pending = [data[cut:].copy()]  # not a view keeping ``data`` alive
         self.n_pending = len(data) - cut
 
-    def fit(self, sample: Float[Tensor, "m d"]) -> tuple[CentroidFit, Float[Tensor, " k"]]:
+    def fit(self, sample: Float[Tensor, "m d"]) -> Clusters:
         """The centroids and each cluster's spread (:func:`cluster_spread`); ``sample`` is a uniform
         sample of the vectors added, on which spread and inertia are measured once streamed."""
         import numpy as np
 
         if self.model is None:  # never reached init_size: every vector is still here, fit as if held
             x = torch.from_numpy(np.concatenate(self.pending)) if self.pending else torch.zeros(0, 1)
-            fit = centroids_for(self.config, x, self.where)
-            return fit, cluster_spread(x, fit.centroids)
+            return held_clusters(self.config, x, self.where)
         self._steps(final=True)
         centroids = torch.as_tensor(self.model.cluster_centers_, dtype=torch.float32)
         x = sample.detach().cpu().float()
         nearest = nearest_squares(x, centroids)
         inertia = float(nearest[1].sum()) * self.n / max(1, int(x.shape[0]))  # the sample's, scaled to every vector
-        return (CentroidFit(centroids=centroids, inertia=inertia, algorithm="minibatch-stream", n=self.n),
-                cluster_spread(x, centroids, nearest))
+        return Clusters(CentroidFit(centroids=centroids, inertia=inertia, algorithm="minibatch-stream", n=self.n),
+                        cluster_spread(x, centroids, nearest))
 
 
 class CentroidsStream:
@@ -423,31 +449,26 @@ class CentroidsStream:
     Memory: the sample, and per (hook, head) at most ``max(init, MINIBATCH_SIZE)`` pending vectors.
     """
 
-    def __init__(self, config: Any, model: LensModel, keys: list[tuple[str, int | None]]) -> None:
+    def __init__(self, config: Any, model: LensModel, keys: list[Group]) -> None:
         self.config = config
         self.model = model
         self.keys = keys
         self.names = list(dict.fromkeys(name for name, _ in keys))
-        self.fits = {(name, head): OnePassKMeans(config, name if head is None else f"{name} head {head}")
-                     for name, head in keys}
+        self.fits = {(name, head): OnePassKMeans(config, group_where(name, head)) for name, head in keys}
         self.sample = streaming.Reservoir(streaming.SAMPLE_BYTES, config.seed, max_rows=STREAM_SAMPLE_ROWS)
 
     def add(self, activations: dict[str, Tensor]) -> None:
         batch = {name: require(activations, name, self.config.name) for name in self.names}
         self.sample.add(batch)
         for name, head in self.keys:
-            self.fits[(name, head)].add(batch[name] if head is None else batch[name][:, head])
+            self.fits[(name, head)].add(group_vectors(batch[name], head))
 
     def fit_sweep(self, values: list[int]) -> dict[int, Proxy]:
-        if list(values) != [self.config.k]:
-            raise IllusionsError(f"a {self.config.name} stream fits k={self.config.k}, not {values}")
-        sample = self.sample.sample()
-        fits: dict[Any, CentroidFit] = {}
-        spreads: dict[Any, Tensor] = {}
-        for name, head in self.keys:
-            x = sample[name] if head is None else sample[name][:, head]
-            fits[(name, head)], spreads[(name, head)] = self.fits[(name, head)].fit(x)
-        proxy = self.config._proxy(self.model, fits, spreads)
-        info = {**proxy.info, "streamed": {"positions": self.sample.seen, "sample": self.sample.size,
-                                           "init": self.fits[self.keys[0]].init_size}}
-        return {self.config.k: dataclasses.replace(proxy, info=info)}
+        return streaming.fit_own_value(self.config, values, self.sample, self._fit_sample,
+                                       init=self.fits[self.keys[0]].init_size)
+
+    def _fit_sample(self, sample: dict[str, Tensor]) -> Proxy:
+        """The proxy of every group's one-pass centroids, spread and inertia measured on ``sample``."""
+        fits = {(name, head): self.fits[(name, head)].fit(group_vectors(sample[name], head))
+                for name, head in self.keys}
+        return self.config._proxy(self.model, fits)

@@ -31,12 +31,12 @@ from illusions.simplifiers.base import (
 )
 from illusions.simplifiers.kmeans import (
     MINIBATCH_ABOVE,
-    CentroidFit,
     CentroidHook,
     CentroidsStream,
-    centroids_for,
+    Clusters,
+    Group,
     check_kmeans_fields,
-    cluster_spread,
+    fit_groups,
 )
 from illusions.simplifiers.svd import PCAFit, ProjectionHook, ScatterStats, pca
 
@@ -203,31 +203,28 @@ class ResidKMeans(SimplifierConfig):
     def hook_names(self, model: LensModel) -> list[str]:
         return resid_hook_names(model, self.targets.resolve(model))
 
+    def groups(self, model: LensModel) -> list[Group]:
+        """Each targeted hook, whole (head None)."""
+        return [(name, None) for name in self.hook_names(model)]
+
     def fit(self, model: LensModel, activations: dict[str, Tensor]) -> Proxy:
-        fits: dict[tuple[str, None], CentroidFit] = {}
-        spreads: dict[tuple[str, None], Tensor] = {}
-        for name in resid_hook_names(model, self.targets.resolve(model)):
-            x = require(activations, name, self.name)
-            fits[(name, None)] = centroids_for(self, x, name)
-            spreads[(name, None)] = cluster_spread(x, fits[(name, None)].centroids)
-        return self._proxy(model, fits, spreads)
+        return self._proxy(model, fit_groups(self, activations, self.groups(model)))
 
     def stream(self, model: LensModel) -> CentroidsStream:
         """A :class:`~illusions.simplifiers.kmeans.CentroidsStream` that fits this simplifier from
         activations given batch by batch."""
-        return CentroidsStream(self, model, [(name, None) for name in self.hook_names(model)])
+        return CentroidsStream(self, model, self.groups(model))
 
-    def _proxy(self, model: LensModel, fits: dict[tuple[str, None], CentroidFit],
-               spreads: dict[tuple[str, None], Tensor]) -> Proxy:
+    def _proxy(self, model: LensModel, fits: dict[Group, Clusters]) -> Proxy:
         """The proxy of each hook's centroids and cluster spreads."""
         targets = self.targets.resolve(model)
         hooks = []
         inertia = {}
         fit = None
         for name in resid_hook_names(model, targets):
-            fit = fits[(name, None)]
+            fit = fits[(name, None)].fit
             hooks.append(CentroidHook(hook_name=name, heads=None, centroids=fit.centroids,
-                                      spread=spreads[(name, None)]))
+                                      spread=fits[(name, None)].spread))
             inertia[name] = fit.inertia
         assert fit is not None
         return Proxy(

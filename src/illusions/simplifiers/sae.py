@@ -60,6 +60,7 @@ import torch
 from torch import Tensor
 
 from illusions.errors import IllusionsError
+from illusions.simplifiers import streaming
 from illusions.simplifiers.base import (
     Proxy,
     ResolvedTargets,
@@ -392,8 +393,6 @@ class DictionaryStream:
     """
 
     def __init__(self, config: _Dictionary, model: LensModel) -> None:
-        from illusions.simplifiers import streaming
-
         self.config = config
         self.model = model
         self.names = config.hook_names(model)
@@ -403,8 +402,5 @@ class DictionaryStream:
         self.sample.add({name: require(activations, name, self.config.name) for name in self.names})
 
     def fit_sweep(self, values: list[int]) -> dict[int, Proxy]:
-        if list(values) != [self.config.width]:
-            raise IllusionsError(f"a {self.config.name} stream fits width={self.config.width}, not {values}")
-        proxy = self.config.fit(self.model, self.sample.sample())
-        info = {**proxy.info, "streamed": {"positions": self.sample.seen, "sample": self.sample.size}}
-        return {self.config.width: dataclasses.replace(proxy, info=info)}
+        return streaming.fit_own_value(self.config, values, self.sample,
+                                       lambda sample: self.config.fit(self.model, sample))

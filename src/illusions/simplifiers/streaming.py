@@ -10,8 +10,17 @@ measure their clusters' spread and inertia on one, and ``sae`` and ``transcoder`
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import Tensor
+
+from illusions.errors import IllusionsError
+
+if TYPE_CHECKING:
+    from illusions.simplifiers.base import Proxy
 
 # Bytes a stream's sample may hold (all its hook points together): 256 MiB is 87,381 positions of a
 # 768-wide residual stream, about SAELens' default buffer (20 batches of 32 prompts of 128 tokens).
@@ -86,3 +95,17 @@ class Reservoir:
     @property
     def size(self) -> int:
         return min(self.seen, self.capacity)
+
+
+def fit_own_value(config: Any, values: list[int], sample: Reservoir, fit: Callable[[dict[str, Tensor]], Proxy],
+                  **streamed: Any) -> dict[int, Proxy]:
+    """``fit_sweep`` of a stream that fits at the end on its ``sample`` (``kmeans``, ``resid-kmeans``,
+    ``sae``, ``transcoder``): one proxy, at ``config``'s own value of its sweep parameter (the stream
+    was made for that one config; any other ``values`` is an error). ``fit`` makes the proxy from the
+    sampled rows; ``info["streamed"]`` adds the positions seen and the sample's size, then ``streamed``."""
+    value = getattr(config, config.sweep_param)
+    if list(values) != [value]:
+        raise IllusionsError(f"a {config.name} stream fits {config.sweep_param}={value}, not {values}")
+    proxy = fit(sample.sample())
+    info = {**proxy.info, "streamed": {"positions": sample.seen, "sample": sample.size, **streamed}}
+    return {value: dataclasses.replace(proxy, info=info)}

@@ -88,13 +88,7 @@ def pca(x: Float[Tensor, "n d"], *, centered: bool = True) -> PCAFit:
     n, d = x.shape
     # On x's device (the CPU for MPS, which has no float64); the fit comes back on x's device.
     device = float64_device(x.device)
-    if centered:
-        mean = torch.zeros(d, dtype=torch.float64, device=device)
-        for start in range(0, n, _CHUNK):
-            mean += x[start : start + _CHUNK].to(device, torch.float64).sum(dim=0)
-        mean /= n
-    else:
-        mean = torch.zeros(d, dtype=torch.float64, device=device)
+    mean = _mean(x, device, _CHUNK) if centered else torch.zeros(d, dtype=torch.float64, device=device)
     scatter = torch.zeros(d, d, dtype=torch.float64, device=device)
     for start in range(0, n, _CHUNK):
         chunk = x[start : start + _CHUNK].to(device, torch.float64) - mean
@@ -130,11 +124,7 @@ class ScatterStats:
         d = x.shape[1]
         rows = max(1, _STREAM_CHUNK // d)  # a float64 chunk of at most 8 MB whatever the width
         if self.shift is None:
-            self.shift = torch.zeros(d, dtype=torch.float64, device=device)
-            if self.centered:
-                for start in range(0, x.shape[0], rows):
-                    self.shift += x[start : start + rows].to(device, torch.float64).sum(0)
-                self.shift /= x.shape[0]
+            self.shift = _mean(x, device, rows) if self.centered else torch.zeros(d, dtype=torch.float64, device=device)
             self.total = torch.zeros(d, dtype=torch.float64, device=device)
             self.scatter = torch.zeros(d, d, dtype=torch.float64, device=device)
             self.like = x.new_zeros(0)  # its device only: a view (x[:0]) would keep the whole batch alive
@@ -151,6 +141,16 @@ class ScatterStats:
         offset = self.total / self.n  # [d] mu - c
         scatter = self.scatter - self.n * torch.outer(offset, offset) if self.centered else self.scatter
         return _decompose(scatter, self.shift + offset if self.centered else self.shift, self.n, self.like)
+
+
+def _mean(x: Float[Tensor, "n d"], device: torch.device, rows: int) -> Float[Tensor, " d"]:
+    """The float64 mean of the rows of ``x`` on ``device``, summed ``rows`` rows at a time (a float64 copy
+    of one chunk at most)."""
+    mean = torch.zeros(x.shape[1], dtype=torch.float64, device=device)
+    for start in range(0, x.shape[0], rows):
+        mean += x[start : start + rows].to(device, torch.float64).sum(0)
+    mean /= x.shape[0]
+    return mean
 
 
 def _decompose(scatter: Tensor, mean: Tensor, n: int, like: Tensor) -> PCAFit:
