@@ -152,3 +152,35 @@ def test_table_and_report_show_the_control_beside_the_length_matched_one(result)
         assert (f"coverage: {coverage:.1%} of ood" in text) if present else coverage is None
         page = summary_tables(rows, ["iid", "ood"], result.labels)
         assert ("Δagreement vs matched" in page) == present
+
+
+def test_a_proxy_equal_to_the_model_has_gaps_of_exactly_0_that_no_interval_excludes(result):
+    """FakeSimplifier(1.0) is the model itself: agreement is 1 at every position of every split, so its
+    gaps are 0. The matched controls are weighted sums of strata (1 - 2.2e-16 in float), which left
+    gaps of -2.2e-16 with zero-width intervals, marked significant."""
+    rows = summarize(result, n_boot=50, match=MATCH)
+    same = [r for r in rows if r["group_by"] == "all" and r["metric"] == "agreement" and r["split"] == "ood"
+            and r["proxy"] == result.labels[0]]
+    assert len(same) == 1
+    row = same[0]
+    for gap in ("gap_vs_ref", "gap_vs_matched", "gap_vs_control"):
+        assert (row[gap], row[f"{gap}_low"], row[f"{gap}_high"]) == (0.0, 0.0, 0.0), gap
+
+
+def test_an_estimate_from_one_sequence_has_no_interval(tiny_model, rng):
+    """Resampling one sequence always gives it back: its zero-width interval would mark any gap
+    significant, so a split (or group) with positions from one sequence gets none, nor do its gaps;
+    with a one-sequence reference, no gap has one."""
+    splits = {name: make_split(name, rng, n=n) for name, n in (("train", 24), ("iid", 24), ("ood", 1))}
+    rows = summarize(analyze(tiny_model, splits, [FakeSimplifier(0.3)], candidates=None, fit_n=4, seed=0), n_boot=50)
+    ood = [r for r in rows if r["split"] == "ood" and r["group_by"] == "all"]
+    assert ood and all(r["n_sequences"] == 1 for r in ood)
+    for r in ood:
+        assert math.isfinite(r["value"]) and math.isfinite(r["gap_vs_ref"])
+        assert all(math.isnan(r[k]) for k in ("ci_low", "ci_high", "gap_vs_ref_low", "gap_vs_ref_high")), r
+    iid = [r for r in rows if r["split"] == "iid" and r["group_by"] == "all" and r["metric"] == "agreement"]
+    assert iid[0]["n_sequences"] > 1 and iid[0]["ci_low"] < iid[0]["ci_high"]
+    swapped = summarize(analyze(tiny_model, {"train": splits["train"], "iid": splits["ood"], "ood": splits["iid"]},
+                                [FakeSimplifier(0.3)], candidates=None, fit_n=4, seed=0), n_boot=50)
+    gaps = [r for r in swapped if r["split"] == "ood" and r["group_by"] == "all"]
+    assert gaps and all(math.isnan(r["gap_vs_ref_low"]) and math.isnan(r["gap_vs_matched_low"]) for r in gaps)

@@ -190,6 +190,20 @@ class Estimate:
     n_seqs: int
 
 
+# An interval needs positions from at least this many sequences: the bootstrap resamples sequences, and
+# one sequence resampled is always itself (a zero-width interval that would mark any gap significant).
+MIN_INTERVAL_SEQS = 2
+# Differences within this of 0 are the float rounding of equal estimates (a matched control's weighted
+# sum of strata that are all 1 comes to 0.9999999999999998): they are 0, so their interval holds 0.
+ROUNDING = 1e-12
+
+
+def snap_rounding(x: Any) -> Any:
+    """``x`` (a float or an array) with every value within :data:`ROUNDING` of 0 set to 0."""
+    snapped = np.where(np.abs(np.asarray(x, dtype=np.float64)) <= ROUNDING, 0.0, x)
+    return float(snapped) if np.ndim(snapped) == 0 else snapped
+
+
 @dataclasses.dataclass(frozen=True)
 class Resampler:
     """Bootstrap replicate weights over the sequences of one split.

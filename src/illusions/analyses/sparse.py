@@ -62,6 +62,7 @@ import numpy as np
 
 from illusions.errors import IllusionsError
 from illusions.metric_table import DICTIONARY_METRICS, DOWNSTREAM_METRICS, FIRST_SKIPPED_METRICS
+from illusions.metrics import snap_rounding
 
 if TYPE_CHECKING:
     from illusions.backends import LensModel
@@ -392,5 +393,7 @@ def downstream_gaps(split: tuple[dict[str, float], dict[str, np.ndarray]],
     out = {}
     for metric in DOWNSTREAM_METRICS:
         lo, hi = sampler.intervals(rep[metric] - ref_rep[metric])
-        out[metric] = (point[metric] - ref_point[metric], float(lo), float(hi))
+        # Equal scores' differences within float rounding of 0 are 0 (metrics.snap_rounding).
+        out[metric] = (snap_rounding(point[metric] - ref_point[metric]), snap_rounding(float(lo)),
+                       snap_rounding(float(hi)))
     return out

@@ -36,7 +36,7 @@ from illusions.analyses.sparse import downstream_estimates, downstream_gaps, dow
 from illusions.analyses.sparse import estimates as sparse_estimates
 from illusions.analyses.spec import BREAKDOWNS
 from illusions.analyses.warning_signals import THRESHOLDS, WARNING_GROUP, warning_rows
-from illusions.metrics import Resampler
+from illusions.metrics import MIN_INTERVAL_SEQS, Resampler, snap_rounding
 from illusions.tasks.base import PositionGroup
 
 # ``group_by`` of the rows of a task's named position groups (beside the whole split).
@@ -285,7 +285,7 @@ def _overall_rows(base: dict[str, Any], points: np.ndarray, lo: np.ndarray, hi: 
     for k, metric in enumerate(METRICS):
         row = {**base, "metric": metric, "value": points[k], "ci_low": lo[k], "ci_high": hi[k],
                "n_positions": n_positions, "n_sequences": n_sequences}
-        row.update({name: float(v[k]) if np.ndim(v) else v for name, v in gaps.items()})
+        row = _no_interval({**row, **{name: float(v[k]) if np.ndim(v) else v for name, v in gaps.items()}})
         extra = {f: row[f] for f in CONTROL_FIELDS if f in row}
         out.append({**_complete(row), **{f: v.item() if isinstance(v, np.generic) else v for f, v in extra.items()}})
     return out
@@ -334,6 +334,7 @@ class _Reference:
     keys: np.ndarray  # [n_strata, n_columns] the codes of the strata the reference has positions in (sorted)
     strata_points: np.ndarray  # [n_strata, m]
     strata_reps: np.ndarray  # [n_boot, n_strata, m]
+    n_seqs: int  # sequences with a position: below MIN_INTERVAL_SEQS no gap to it has an interval
 
     def ids(self, codes: np.ndarray) -> np.ndarray:
         """``[n]`` each position's stratum among :attr:`keys` (-1 where the reference has none)."""
@@ -354,7 +355,7 @@ def _reference(rec: Records | None, sampler: Resampler | None, strata: _Strata) 
     keys, ids = np.unique(strata.codes(rec), axis=0, return_inverse=True)
     ids = np.asarray(ids).reshape(-1)
     s_points, s_reps = sampler.grouped(values, rec.seq, ids, len(keys))
-    return _Reference(points[0], reps[:, 0], keys, s_points, s_reps)
+    return _Reference(points[0], reps[:, 0], keys, s_points, s_reps, int(np.unique(rec.seq).shape[0]))
 
 
 def _gaps(
@@ -367,12 +368,12 @@ def _gaps(
     matched gap compares like with like: those positions are excluded from the split's side as they
     are from the control's.
     """
-    gap_lo, gap_hi = sampler.intervals(reps - ref.reps)
+    gap_lo, gap_hi = _gap_interval(sampler, reps - ref.reps, ref)
     covered = ids >= 0  # [n] the position's stratum occurs in the reference
     weight = np.bincount(ids[covered], minlength=len(ref.keys)).astype(np.float64)
     weight /= float(len(ids))
     coverage = float(weight.sum())
-    out: dict[str, Any] = {"gap_vs_ref": points - ref.points, "gap_vs_ref_low": gap_lo,
+    out: dict[str, Any] = {"gap_vs_ref": snap_rounding(points - ref.points), "gap_vs_ref_low": gap_lo,
                            "gap_vs_ref_high": gap_hi, "matched_coverage": coverage}
     if coverage == 0:
         return out
@@ -385,18 +386,41 @@ def _gaps(
     used = np.flatnonzero(weight)
     control = (weight[used, None] * ref.strata_points[used]).sum(0)  # [m]
     control_reps = (weight[None, used, None] * ref.strata_reps[:, used]).sum(1)  # [n_boot, m]
-    m_lo, m_hi = sampler.intervals(own_reps - control_reps)
-    out.update(gap_vs_matched=own_points - control, gap_vs_matched_low=m_lo, gap_vs_matched_high=m_hi)
+    m_lo, m_hi = _gap_interval(sampler, own_reps - control_reps, ref)
+    out.update(gap_vs_matched=snap_rounding(own_points - control), gap_vs_matched_low=m_lo, gap_vs_matched_high=m_hi)
     return out
 
 
+def _gap_interval(sampler: Resampler, reps: np.ndarray, ref: _Reference) -> tuple[np.ndarray, np.ndarray]:
+    """The interval of a gap's replicates, differences within float rounding of 0 counted as 0 (equal
+    estimates); NaN when the reference has fewer than MIN_INTERVAL_SEQS sequences (the split's own
+    count is checked on its row, :func:`_no_interval`)."""
+    lo, hi = sampler.intervals(reps)
+    if ref.n_seqs < MIN_INTERVAL_SEQS:
+        return np.full_like(lo, np.nan), np.full_like(hi, np.nan)
+    return snap_rounding(lo), snap_rounding(hi)
+
+
 def _complete(row: dict[str, Any]) -> dict[str, Any]:
-    """Every field present (NaN / "" where not applicable), numpy scalars as plain Python values."""
+    """Every field present (NaN / "" where not applicable), numpy scalars as plain Python values, and
+    no interval from fewer than :data:`~illusions.metrics.MIN_INTERVAL_SEQS` sequences (:func:`_no_interval`)."""
+    row = _no_interval(row)
     out = {}
     for field in ROW_FIELDS:
         value = row.get(field, float("nan") if field not in ("param", "param_value") else "")
         out[field] = value.item() if isinstance(value, np.generic) else value
     return out
+
+
+def _no_interval(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with its interval bounds (``ci_low``, ``ci_high``, every gap's ``_low``/``_high``) NaN when
+    its positions come from fewer than :data:`~illusions.metrics.MIN_INTERVAL_SEQS` sequences: resampling
+    one sequence always gives it back, so its zero-width interval says nothing (and would mark its gaps
+    significant)."""
+    n = row.get("n_sequences")
+    if n is None or not n < MIN_INTERVAL_SEQS:
+        return row
+    return {k: float("nan") if k.endswith(("_low", "_high")) else v for k, v in row.items()}
 
 
 def overall(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
