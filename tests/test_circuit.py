@@ -2,7 +2,7 @@
 
 Keeping everything is the identity; keeping nothing is the mean-ablated model (every head output and
 MLP output replaced by its fitting mean, checked against a hand-written ablation); the greedy search
-is deterministic and keeps the agreement it promises on the fitting data.
+is deterministic and keeps the agreement it promises on the fitting data, or says it could not.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def test_search_is_deterministic_keeps_its_threshold_and_is_what_it_reports(fitt
     proxy = runs[0].proxies[0]
     assert proxy.params == runs[1].proxies[0].params
     search = proxy.info["circuit_search"]
-    assert search["agreement"] >= 0.9 and search["order"] == search_order(model)
+    assert search["agreement"] >= 0.9 and search["reached"] and search["order"] == search_order(model)
     assert [s["component"] for s in search["steps"]] == search_order(model)
     removed = {s["component"] for s in search["steps"] if s["removed"]}
     assert set(proxy.info["ablated"]) == removed
@@ -264,3 +264,33 @@ def test_cli_prints_the_found_circuit_and_its_table(tiny_dyck, tmp_path):
     keep = json.loads((out / "metrics.json").read_text())["params"]["keep"]
     assert f"circuit: keeps {0 if keep == ['none'] else len(keep)} of 6 components" in result.output
     assert "found by greedy pruning" in result.output and "iid" in result.output
+
+
+def test_a_search_that_cannot_reach_its_target_says_so(tiny_dyck, tmp_path):
+    """Starting from a circuit below the target, nothing can be pruned: the proxy is the starting circuit,
+    recorded as short of the target, and the CLI says it did not reach it (it printed '0.055 >= 1.0')."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from illusions.cli import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["analyze", "dyck", "--model", str(tiny_dyck.root / "model"), "--simplify",
+                                      "circuit", "--keep", "none", "--find-circuit", "1.0", "--out", str(out),
+                                      "--threads", "1", "--max-seqs", "5", "--fit-n", "20", "--no-report",
+                                      "--split", "iid"])
+    assert result.exit_code == 0, result.output
+    search = json.loads((out / "proxies" / "00" / "proxy.json").read_text())["info"]["circuit_search"]
+    assert search["agreement"] < 1.0 and search["reached"] is False and search["steps"] == []
+    said = " ".join(result.output.split())
+    assert "found by greedy pruning" not in said and ">= 1.0" not in said
+    assert (f"did not reach agreement 1.0: the circuit it starts from (--keep) agrees {search['agreement']:.3f} "
+            "with the model and it has no component to remove") in said
+
+
+def test_an_agreement_is_printed_on_its_side_of_the_target():
+    from illusions.cli.tables import _beside
+
+    assert _beside(0.8996, 0.9) == "0.8996" and _beside(0.064, 0.9) == "0.064" and _beside(0.9, 0.9) == "0.900"
+    assert _beside(0.90004, 0.90001) == "0.90004"  # 0.900 would print it short of the target it reached

@@ -459,3 +459,25 @@ def test_a_dictionary_whose_weights_do_not_fit_its_cfg_is_one_line(model, tokens
     with pytest.raises(IllusionsError, match="SAELens could not load it") as caught:
         fit_proxy(model, SAE(sae_from=str(tmp_path / "saved")), tokens, LENGTHS)
     assert "\n" not in str(caught.value) and "size mismatch" in str(caught.value)
+
+
+@pytest.mark.parametrize("kind, tensor, value, simplifier", [
+    ("standard", "W_dec", float("nan"), SAE),
+    ("jumprelu_transcoder", "threshold", float("inf"), Transcoder),
+])
+def test_a_dictionary_with_non_finite_weights_is_refused(model, tokens, tmp_path, kind, tensor, value, simplifier):
+    # Once a weight is NaN every reconstruction is NaN, and the metrics looked like a weak but real proxy.
+    from safetensors.torch import load_file, save_file
+
+    lens = _lens_sae(kind, 32, 8, "blocks.1.hook_resid_pre" if simplifier is SAE else "blocks.1.ln2.hook_normalized")
+    if simplifier is Transcoder:
+        lens.cfg.metadata.hook_name_out = "blocks.1.hook_mlp_out"
+    lens.save_model(tmp_path / "saved")
+    weights = tmp_path / "saved" / "sae_weights.safetensors"
+    state = load_file(weights)
+    state[tensor].view(-1)[0] = value
+    save_file(state, weights)
+    with pytest.raises(IllusionsError, match=f"tensor {tensor} holds 1 NaN or infinite value.*a dictionary with "
+                                             "non-finite weights") as caught:
+        fit_proxy(model, simplifier(sae_from=str(tmp_path / "saved")), tokens, LENGTHS)
+    assert "\n" not in str(caught.value)

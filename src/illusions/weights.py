@@ -250,9 +250,11 @@ def check_tensors(path: Path, found: dict[str, TensorEntry], expected: dict[str,
                                  "floating-point type; illusions does not load quantised or integer weights")
 
 
-def check_finite(path: Path, state: dict[str, torch.Tensor], parameters: Collection[str] | None = None) -> None:
+def check_finite(path: Path, state: dict[str, torch.Tensor], parameters: Collection[str] | None = None, *,
+                 what: str = "a model") -> None:
     """Refuse weights holding NaN or infinite values, naming the first such tensor (of ``parameters``
-    only, when given: a fixed buffer such as TransformerLens' ``IGNORE`` is -inf by design)."""
+    only, when given: a fixed buffer such as TransformerLens' ``IGNORE`` is -inf by design). ``what``
+    names the weights' owner in the message (``"a dictionary"`` for one saved by SAELens)."""
     import torch
 
     for name, tensor in state.items():
@@ -260,7 +262,7 @@ def check_finite(path: Path, state: dict[str, torch.Tensor], parameters: Collect
             bad = int((~torch.isfinite(tensor)).sum())
             if bad:
                 raise IllusionsError(f"{path}: tensor {name} holds {bad:,} NaN or infinite value(s) of "
-                                     f"{tensor.numel():,}; a model with non-finite weights gives meaningless results")
+                                     f"{tensor.numel():,}; {what} with non-finite weights gives meaningless results")
 
 
 def read_weights(path: Path) -> tuple[bytes, str]:

@@ -124,7 +124,8 @@ OPTIONS = (
          "ablation"),
     _opt("find_circuit", float, SPEC["find_circuit"], "--find-circuit",
          "circuit: find the circuit by greedy pruning on the fitting data, keeping agreement >= this "
-         "(e.g. 0.95); starts from --keep (default: every component).", "find_circuit"),
+         "(e.g. 0.95); starts from --keep (default: every component), and says so when that start is below "
+         "it and no removal reaches it.", "find_circuit"),
 )
 
 # Where a sweep runs (sweep only): this machine, or one Slurm job for the whole sweep.

@@ -389,7 +389,27 @@ def print_circuits(run: Any, console: Console | None = None) -> None:
         console.print(f"{label}: keeps {len(kept)} of {len(kept) + len(ablated)} components: "
                       f"{', '.join(kept) or 'none'}; {proxy.params['ablation']}-ablated: {', '.join(ablated) or 'none'}")
         search = proxy.info.get("circuit_search")
-        if search:
+        if not search:
+            continue
+        threshold, agreement = search["threshold"], search["agreement"]
+        shown = _beside(agreement, threshold)
+        if search.get("reached", agreement >= threshold):  # a proxy saved before "reached" was recorded
             console.print(f"[dim]found by greedy pruning on {search['data']}: agreement with the model "
-                          f"{search['agreement']:.3f} >= {search['threshold']} (tried last layer first, MLP "
-                          f"before heads, heads from the highest index)[/dim]")
+                          f"{shown} >= {threshold} (tried last layer first, MLP before heads, heads from the "
+                          "highest index)[/dim]")
+        else:
+            tried = "removing any one of its components does not reach it either" if search["steps"] else \
+                "it has no component to remove"
+            console.print(f"[yellow]greedy pruning on {search['data']} did not reach agreement {threshold}: the "
+                          f"circuit it starts from (--keep) agrees {shown} with the model and {tried}, so nothing "
+                          "was pruned; this proxy is that starting circuit, below the target[/yellow]")
+
+
+def _beside(value: float, bound: float) -> str:
+    """``value`` to 3 decimals, or to as many more as it takes to print it on its side of ``bound`` (0.8996
+    short of 0.9 is 0.8996, not 0.900)."""
+    for digits in range(3, 10):
+        text = f"{value:.{digits}f}"
+        if (float(text) >= bound) == (value >= bound):
+            return text
+    return repr(value)

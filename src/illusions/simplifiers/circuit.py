@@ -31,7 +31,10 @@ to the lowest (the output end first). A component is removed (ablated) for good 
 without it still agrees with the original model's prediction (argmax over the task's candidates) on
 at least a share ``t`` of the fitting sequences' scored positions. One pass, no randomness: the same
 model, data and ``t`` give the same circuit. The circuit found is the proxy's ``keep`` parameter;
-the search (order, agreement after each try) is in ``proxy.info["circuit_search"]``. The fitting
+the search (order, agreement after each try) is in ``proxy.info["circuit_search"]``. The search can
+fail to reach ``t``: when the circuit it starts from agrees less and removing any one of its
+components does not bring it to ``t``, nothing is removed and the proxy is the starting circuit;
+``circuit_search["reached"]`` (final agreement >= ``t``) is then false, and the CLI says so. The fitting
 activations are collected once, by the fit: with ``find_circuit`` the fitted proxy ablates every
 component (its hooks hold every component's ablation), and the search (``refine``) reads the
 ablations back from those hooks instead of running the fitting sequences through the model again.
@@ -274,8 +277,10 @@ class Circuit(SimplifierConfig):
         every = ablations_of(model, proxy)
         kept, steps, final = greedy_search(model, self, every, split, rows, candidates=candidates,
                                            batch_size=batch_size, max_tokens=max_tokens)
+        # Below the threshold only when nothing was removed (each removal keeps it): the start is short of it.
         search = {"threshold": self.find_circuit, "order": search_order(model), "steps": steps,
-                  "agreement": final, "data": f"{len(rows)} fitting sequences of the fit split"}
+                  "agreement": final, "reached": final >= self.find_circuit,
+                  "data": f"{len(rows)} fitting sequences of the fit split"}
         return self.proxy(model, every, kept, info={"circuit_search": search})
 
 

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from illusions.errors import IllusionsError
 from illusions.simplifiers.sae_hooks import ARCHITECTURES, RUNTIME_NORMALIZE
+from illusions.weights import check_finite
 
 # SAELens architectures that --sae-from reads, and the activation each one uses.
 SAVED_SAES = {"standard": "standard", "topk": "topk", "jumprelu": "jumprelu"}
@@ -240,6 +241,7 @@ def load_saved(path: str, *, transcoder: bool) -> dict[str, Any]:
     """
     require_sae_lens()
     from sae_lens import SAE as LensSAE
+    from sae_lens.constants import SAE_WEIGHTS_FILENAME
 
     directory = Path(path)
     saved_metadata(path)  # a missing or unreadable cfg.json is one clear error
@@ -249,6 +251,8 @@ def load_saved(path: str, *, transcoder: bool) -> dict[str, Any]:
         # One line: a state-dict mismatch's message spans several (one per missing or misshapen tensor).
         detail = " ".join(f"{type(exc).__name__}: {exc}".split())
         raise IllusionsError(f"sae_from {path}: SAELens could not load it ({detail[:300]})") from None
+    # A NaN weight would turn every reconstruction into NaN and the metrics into plausible chance-level numbers.
+    check_finite(directory / SAE_WEIGHTS_FILENAME, dict(lens.named_parameters()), what="a dictionary")
     arch = lens.cfg.architecture()
     known = SAVED_TRANSCODERS if transcoder else SAVED_SAES
     if arch not in known:
