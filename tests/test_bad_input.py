@@ -104,6 +104,10 @@ def _user_report(tmp: Path, env: Env) -> None:
     (tmp / "run" / "report.html").write_text("<p>my own report, edited by hand</p>\n")
 
 
+def _user_figure(tmp: Path, env: Env) -> None:
+    (tmp / "run" / "fig_accuracy.png").write_bytes(b"my own figure\n")
+
+
 def _user_results(tmp: Path, env: Env) -> None:
     (tmp / "docs").mkdir()
     (tmp / "docs" / "RESULTS.md").write_text("# My results\n\nWritten by me.\n")
@@ -326,6 +330,7 @@ SETUPS: dict[str, Callable[[Path, Env], None]] = {
     "user_folder": _user_folder,
     "notes_in_run": _notes_in_run,
     "user_report": _user_report,
+    "user_figure": _user_figure,
     "user_results": _user_results,
     "stale_reproduction": _stale_reproduction,
     "bad_row": _bad_row,
@@ -437,6 +442,9 @@ CASES = [
          fresh_cache=True),
     Case("report-over-a-user-report", ("report", "{run}", "--threads", "1"), 2, ("report.html", "--overwrite"),
          ("run/report.html",), ("user_report",), fresh_cache=True),
+    Case("report-over-report-files-without-manifest", ("report", "{run}", "--threads", "1"), 2,
+         ("fig_accuracy.png", "no manifest.json", "--overwrite"), ("run/report.html", "run/fig_accuracy.png"),
+         ("user_report", "user_figure", "no_manifest"), fresh_cache=True),
     Case("reproduce-out-user-folder", ("reproduce", *RECIPES, "--out", "{tmp}/out", "--results",
                                        "{tmp}/docs/RESULTS.md"), 2,
          ("--out", "holds no reproduction"), ("out/thesis.tex",), ("user_folder",), absent=("docs",),

@@ -537,9 +537,9 @@ def check_report_dir(run_dir: Path, *, overwrite: bool = False, overwrite_option
     """Fail before any work unless a report can be rebuilt in ``run_dir``.
 
     It must be an analysis run of ours whose result files are as illusions wrote them, and a
-    ``report.html`` or ``fig_*.png`` there that illusions did not write (or that changed since) is
-    replaced only with ``overwrite`` (named ``overwrite_option`` in the message); the folder must be
-    writable.
+    ``report.html`` or ``fig_*.png`` there that illusions did not write (or that changed since; in a
+    run without a manifest, which cannot tell, any of them) is replaced only with ``overwrite`` (named
+    ``overwrite_option`` in the message); the folder must be writable.
 
     Raises:
         IllusionsError: naming the folder or file in the way.
@@ -562,6 +562,14 @@ def check_report_dir(run_dir: Path, *, overwrite: bool = False, overwrite_option
     if in_way and not overwrite:
         raise IllusionsError(f"{run_dir / in_way[0]} was not written by illusions or was changed since; "
                              f"pass {overwrite_option} to replace it")
+    if own.kind is None and not overwrite:
+        # A run without a manifest (from before manifests, or the manifest was removed): nothing
+        # records which report files illusions wrote, so any there may be the user's.
+        unknown = sorted(p.name for p in run_dir.iterdir()
+                         if (p.is_file() or p.is_symlink()) and _is_report_file(p.name))
+        if unknown:
+            raise IllusionsError(f"{run_dir / unknown[0]} may not have been written by illusions (the run has no "
+                                 f"{MANIFEST_FILE} to tell); pass {overwrite_option} to replace it")
     _run_config(run_dir)
     check_creatable(run_dir)
 
