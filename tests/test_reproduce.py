@@ -129,6 +129,21 @@ def test_runs_are_reused_results_come_from_the_runs(env, tmp_path):
     assert f"{stat.mean:.3f}" in doc
     assert "`onehot@L1H0`" in doc and "![dyck-svd-L1](figures/dyck-svd-L1.png)" in doc
     assert "recipes `dyck-kmeans-L1`, `dyck-kmeans-L0` were not run" in doc
+    # The settings it states are the recipes' (TINY_RECIPE_SETTINGS), not the defaults.
+    assert "fits its proxy on 40 training sequences" in doc and "up to 20 sequences per split" in doc
+    assert "(20 resamples of sequences" in doc and "1,000 training" not in doc and "1,000 resamples" not in doc
+
+
+def test_the_document_states_each_setting_the_recipes_use():
+    from types import SimpleNamespace
+
+    from illusions.reproduction.document import _setting
+
+    specs = [SimpleNamespace(fit_n=1000, max_seqs=500), SimpleNamespace(fit_n=1000, max_seqs=200),
+             SimpleNamespace(fit_n=1000, max_seqs=None)]
+    assert _setting(specs, "fit_n") == "1,000"
+    assert _setting(specs, "max_seqs") == "500 or 200 or all"
+    assert _setting([], "n_boot") == "1,000"  # no run: the default
 
 
 def _runs(gap_rows):

@@ -209,9 +209,9 @@ def render(
     family of a task, shown beside them: its own column in the claims table (judged by the same rules),
     its model table, per-head tables and recipe sections.
     """
-    lines = _front_matter(runs, manifest, others)
-    lines += ["", "## Claims", ""]
     training = training or {}
+    lines = _front_matter(runs, manifest, others, training)
+    lines += ["", "## Claims", ""]
     lines += _claims_table(runs, training, others)
 
     lines += ["## The models", ""]
@@ -243,11 +243,14 @@ def render(
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _front_matter(runs: dict[str, RecipeRuns], manifest: dict[str, Any], others: Sequence[Family]) -> list[str]:
+def _front_matter(runs: dict[str, RecipeRuns], manifest: dict[str, Any], others: Sequence[Family],
+                  training: dict[str, Training]) -> list[str]:
     """The title, what was run and in how long, and how to read the document."""
     entries = manifest.get("runs", {})
     computed = [e for e in entries.values() if not e["reused"]]
     families = [runs, *(f.runs for f in others)]
+    # The settings the runs used, as their recipes give them (not the defaults).
+    specs = [r.recipe.spec for group in [*families, training, *(f.training for f in others)] for r in group.values()]
     seeds = sorted({s for group in families for r in group.values() for s in r.seeds})
     n_recipes = len({e["recipe"] for e in entries.values() if "recipe" in e}
                     | {name for group in families for name in group})
@@ -268,13 +271,15 @@ def _front_matter(runs: dict[str, RecipeRuns], manifest: dict[str, Any], others:
         "",
         "## How to read this",
         "",
-        "- Each run fits its proxy on 1,000 training sequences of one checkpoint and evaluates it on up to "
-        "500 sequences per split (`max_seqs` in the recipe). Metrics: *agreement* (proxy and original make "
+        f"- Each run fits its proxy on {_setting(specs, 'fit_n')} training sequences (`fit_n` in the recipe) of "
+        f"one checkpoint and evaluates it on up to {_setting(specs, 'max_seqs')} sequences per split (`max_seqs`). "
+        "Metrics: *agreement* (proxy and original make "
         "the same prediction), *accuracy* of each, *attention JSD* (bits, simplified heads, scored queries), "
         "*accuracy change* (proxy minus original accuracy, same positions).",
         f"- Cells read `mean [95% interval]` **across training seeds** (t-interval over {len(seeds)} "
         "checkpoints of the same recipe). A gap cell ends in `(k/n)`: the number of seeds whose own 95% "
-        "bootstrap interval (1,000 resamples of sequences) excludes 0 in the gap's direction.",
+        f"bootstrap interval ({_setting(specs, 'n_boot')} resamples of sequences, `n_boot`) excludes 0 in the "
+        "gap's direction.",
         "- *Δ vs len-matched* compares a split with an in-distribution control re-weighted to the split's "
         "length distribution: the splits differ in length as well as in what they are named for. Length bins "
         f"that iid lacks are left out on both sides; {_excluded_text(runs)}.",
@@ -323,6 +328,16 @@ def _front_matter(runs: dict[str, RecipeRuns], manifest: dict[str, Any], others:
                         "models were chosen to train well, not to match the paper."
                         if any(f.name == PAPERLIKE for f in others) else ""))
     return lines
+
+
+def _setting(specs: Sequence[Any], field: str) -> str:
+    """One setting of the runs' specs as the document states it: its value (``max_seqs`` unset: all),
+    or each value when the recipes differ (``500 or 200``); the default when there is no run."""
+    from illusions.analyses.spec import AnalysisSpec
+
+    values = {getattr(spec, field) for spec in specs or [AnalysisSpec()]}
+    texts = [f"{v:,}" for v in sorted((v for v in values if v is not None), reverse=True)]
+    return " or ".join(texts + (["all"] if None in values else []))
 
 
 def _claim_cells(claim: Claim, runs: dict[str, RecipeRuns], training: dict[str, Training]) -> tuple[str, str]:
