@@ -497,6 +497,9 @@ CASES = [
                                                  "--check", DEEP), 0, stdout_words=("max depth 11", "unseen_depth")),
     Case("data-check-depth-16", ("data", "dyck", "--check", TOO_DEEP), 2, ("too deep", "ood_depth_max=15"),
          fresh_cache=True),
+    *[Case(f"data-custom-cache-dir{'-json' * json}", ("data", "custom", "--cache-dir", "{tmp}/c1", *("--json",) * json),
+           2, ("task 'custom' keeps no cache on disk; --cache-dir does not apply to it",), absent=("c1",),
+           fresh_cache=True) for json in (False, True)],
     Case("train-bad-device", ("train", "dyck", "--out", "{tmp}/new", "--device", "nosuchdevice"), 2,
          ("unknown device 'nosuchdevice'",), absent=("new",), fresh_cache=True),
     # 4 and 6: options the spec refuses before any work (the spec owns every analysis option)
