@@ -640,6 +640,10 @@ CASES = [
                                        "{model}", "--threads", "1", "--out", "{tmp}/new"), 2,
          ("--top-k must be in 1..16 (the dictionary width), got 32",), absent=("new",), not_words=("top_k",),
          fresh_cache=True),
+    Case("analyze-default-k-above-the-width", ("analyze", "dyck", "--simplify", "sae", "--width", "8", "--model",
+                                               "{model}", "--threads", "1", "--out", "{tmp}/new"), 2,
+         ("--top-k must be in 1..8 (the dictionary width), got 16 (its default); set it to at most 8, or make the "
+          "dictionary at least 16 wide",), absent=("new",), fresh_cache=True),
     Case("analyze-width-1e9", ("analyze", "dyck", "--simplify", "sae", "--width", "1000000000", "--sae-steps", "5",
                                *FAST, "--out", "{tmp}/new"), 2,
          ("a dictionary of width 1,000,000,000", "the width can be at most"), absent=("new",)),
