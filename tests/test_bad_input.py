@@ -269,6 +269,19 @@ def _recipe_named(name: str) -> Callable[[Path, Env], None]:
     return setup
 
 
+def _analysis_recipe(table: str) -> Callable[[Path, Env], None]:
+    """An analysis recipe of ``table`` (an ``[analysis]`` table) on the tiny model: ``{tmp}/recipes/r.toml``
+    and ``{tmp}/r.toml``."""
+
+    def setup(tmp: Path, env: Env) -> None:
+        text = f"{table}model = {json.dumps(str(tmp / 'model'))}\n"
+        (tmp / "recipes").mkdir()
+        (tmp / "recipes" / "r.toml").write_text(text)
+        (tmp / "r.toml").write_text(text)
+
+    return setup
+
+
 def _tiny_recipe(tmp: Path, env: Env) -> None:
     fields = "\n".join(f"{k} = {v}" for k, v in SMALL_DYCK.to_dict().items())
     (tmp / "tiny.toml").write_text(TINY_RECIPE.format(task=fields, n_ctx=SMALL_DYCK.max_len))
@@ -353,6 +366,9 @@ SETUPS: dict[str, Callable[[Path, Env], None]] = {
     "recipe_named_absolute": _recipe_named("{tmp}/elsewhere"),
     "recipe_named_dotdot": _recipe_named(".."),
     "recipe_named_hidden": _recipe_named(".hidden"),
+    "dyck_recipe": _analysis_recipe(ANALYSIS_TABLE),
+    "per_head_resid_svd_recipe": _analysis_recipe(
+        ANALYSIS_TABLE.replace('"onehot"', '"resid-svd"\nranks = [2]\nper_head = true')),
     "tiny_recipe": _tiny_recipe,
     "training_recipe_with_a_name": _training_recipe_with_a_name,
     "user_folder_at_the_default_out": _user_folder_at_the_default_out,
@@ -639,6 +655,23 @@ CASES = [
     Case("analyze-k-above-the-width", ("analyze", "dyck", "--simplify", "sae", "--width", "16", "--top-k", "32", "--model",
                                        "{model}", "--threads", "1", "--out", "{tmp}/new"), 2,
          ("--top-k must be in 1..16 (the dictionary width), got 32",), absent=("new",), not_words=("top_k",),
+         fresh_cache=True),
+    # a refusal says something true: no empty list, no option the user did not give
+    *[Case(f"analyze-circuit-{flag[2:]}", ("analyze", "dyck", "--simplify", "circuit", "--keep", "L1H0", flag, value,
+                                          *FAST, "--out", "{tmp}/new"), 2,
+           (f"{flag} does not apply to circuit (it targets no layers, heads, queries/keys or residual hook)",),
+           absent=("new",), not_words=("targets )",), fresh_cache=True)
+      for flag, value in (("--layer", "0"), ("--heads", "1"), ("--target", "q"))],
+    Case("reproduce-family-of-a-task-no-recipe-is-for", ("reproduce", "--recipes", "{tmp}/recipes", "--family", "dyck",
+                                                         "--task", "code", "--seeds", "0", "--threads", "1",
+                                                         "--no-report", "--out", "{tmp}/rep", "--results",
+                                                         "{tmp}/docs/R.md"), 2,
+         ("no recipe is for task 'code'; the recipes' tasks: dyck",), setup=("dyck_recipe",),
+         absent=("rep", "docs"), not_words=("families: \n",), fresh_cache=True),
+    Case("analyze-recipe-per-head-resid-svd", ("analyze", "{tmp}/r.toml", "--threads", "1", "--no-report", "--out",
+                                               "{tmp}/new"), 2,
+         ("per_head does not apply to resid-svd: it has no heads to place a proxy on (it targets layers, resid)",),
+         setup=("per_head_resid_svd_recipe",), absent=("new",), not_words=("does not take heads",),
          fresh_cache=True),
     Case("analyze-default-k-above-the-width", ("analyze", "dyck", "--simplify", "sae", "--width", "8", "--model",
                                                "{model}", "--threads", "1", "--out", "{tmp}/new"), 2,
