@@ -673,6 +673,13 @@ CASES = [
          ("per_head does not apply to resid-svd: it has no heads to place a proxy on (it targets layers, resid)",),
          setup=("per_head_resid_svd_recipe",), absent=("new",), not_words=("does not take heads",),
          fresh_cache=True),
+    # a column the task's positions lack (dyck has no category): refused once the splits are read, before the fit
+    *[Case(f"analyze-{option[2:]}-a-column-the-task-lacks{'-json' * bool(json)}",
+           ("analyze", "dyck", "--simplify", "svd", "--rank", "2", option, "category", *FAST, "--out", "{tmp}/new",
+            *json), 2,
+           (f"cannot {doing} 'category': the scored positions have no such meta column (they have depth,",),
+           absent=("new",))
+      for option, doing in (("--by", "break down by"), ("--match", "match on")) for json in ((), ("--json",))],
     Case("analyze-default-k-above-the-width", ("analyze", "dyck", "--simplify", "sae", "--width", "8", "--model",
                                                "{model}", "--threads", "1", "--out", "{tmp}/new"), 2,
          ("--top-k must be in 1..8 (the dictionary width), got 16 (its default); set it to at most 8, or make the "
@@ -1058,3 +1065,21 @@ def test_fit_n_beyond_memory_is_one_line_before_collecting(env, tmp_path, monkey
     assert "fit on fewer sequences (fit_n at most about" in lines[0]
     assert collected == [1], collected  # only the one-sequence probe ran
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("option", ["--by", "--match"])
+def test_a_column_the_task_lacks_is_refused_before_the_fit(env, tmp_path, monkeypatch, option):
+    """--by category / --match category on dyck (whose positions have no category): one line once the splits are
+    read; nothing is fitted or evaluated (the engine is never reached)."""
+    from illusions.analyses import engine
+
+    measured = []
+    monkeypatch.setattr(engine, "measure", lambda *a, **kw: measured.append(1))
+    shutil.copytree(env.root / "model", tmp_path / "model")
+    argv = _fill(("analyze", "dyck", "--simplify", "svd", "--rank", "2", option, "category", *FAST, "--out",
+                  "{tmp}/new"), tmp_path, env.root)
+    result = CliRunner().invoke(app, argv, env={"ILLUSIONS_CACHE": str(env.root / "cache")})
+    assert result.exit_code == 2, (result.output, repr(result.exception))
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "'category': the scored positions have no such meta column" in lines[0], result.stderr
+    assert measured == [] and result.stdout == "" and not (tmp_path / "new").exists()
