@@ -273,6 +273,19 @@ def _recipe_named(name: str) -> Callable[[Path, Env], None]:
     return setup
 
 
+def _analysis_recipe(table: str) -> Callable[[Path, Env], None]:
+    """An analysis recipe of ``table`` (an ``[analysis]`` table) on the tiny model: ``{tmp}/recipes/r.toml``
+    and ``{tmp}/r.toml``."""
+
+    def setup(tmp: Path, env: Env) -> None:
+        text = f"{table}model = {json.dumps(str(tmp / 'model'))}\n"
+        (tmp / "recipes").mkdir()
+        (tmp / "recipes" / "r.toml").write_text(text)
+        (tmp / "r.toml").write_text(text)
+
+    return setup
+
+
 def _tiny_recipe(tmp: Path, env: Env) -> None:
     fields = "\n".join(f"{k} = {v}" for k, v in SMALL_DYCK.to_dict().items())
     (tmp / "tiny.toml").write_text(TINY_RECIPE.format(task=fields, n_ctx=SMALL_DYCK.max_len))
@@ -358,6 +371,9 @@ SETUPS: dict[str, Callable[[Path, Env], None]] = {
     "recipe_named_absolute": _recipe_named("{tmp}/elsewhere"),
     "recipe_named_dotdot": _recipe_named(".."),
     "recipe_named_hidden": _recipe_named(".hidden"),
+    "dyck_recipe": _analysis_recipe(ANALYSIS_TABLE),
+    "per_head_resid_svd_recipe": _analysis_recipe(
+        ANALYSIS_TABLE.replace('"onehot"', '"resid-svd"\nranks = [2]\nper_head = true')),
     "tiny_recipe": _tiny_recipe,
     "training_recipe_with_a_name": _training_recipe_with_a_name,
     "user_folder_at_the_default_out": _user_folder_at_the_default_out,
@@ -505,6 +521,9 @@ CASES = [
                                                  "--check", DEEP), 0, stdout_words=("max depth 11", "unseen_depth")),
     Case("data-check-depth-16", ("data", "dyck", "--check", TOO_DEEP), 2, ("too deep", "ood_depth_max=15"),
          fresh_cache=True),
+    *[Case(f"data-custom-cache-dir{'-json' * json}", ("data", "custom", "--cache-dir", "{tmp}/c1", *("--json",) * json),
+           2, ("task 'custom' keeps no cache on disk; --cache-dir does not apply to it",), absent=("c1",),
+           fresh_cache=True) for json in (False, True)],
     Case("train-bad-device", ("train", "dyck", "--out", "{tmp}/new", "--device", "nosuchdevice"), 2,
          ("unknown device 'nosuchdevice'",), absent=("new",), fresh_cache=True),
     # 4 and 6: options the spec refuses before any work (the spec owns every analysis option)
@@ -645,6 +664,34 @@ CASES = [
                                        "{model}", "--threads", "1", "--out", "{tmp}/new"), 2,
          ("--top-k must be in 1..16 (the dictionary width), got 32",), absent=("new",), not_words=("top_k",),
          fresh_cache=True),
+    # a refusal says something true: no empty list, no option the user did not give
+    *[Case(f"analyze-circuit-{flag[2:]}", ("analyze", "dyck", "--simplify", "circuit", "--keep", "L1H0", flag, value,
+                                          *FAST, "--out", "{tmp}/new"), 2,
+           (f"{flag} does not apply to circuit (it targets no layers, heads, queries/keys or residual hook)",),
+           absent=("new",), not_words=("targets )",), fresh_cache=True)
+      for flag, value in (("--layer", "0"), ("--heads", "1"), ("--target", "q"))],
+    Case("reproduce-family-of-a-task-no-recipe-is-for", ("reproduce", "--recipes", "{tmp}/recipes", "--family", "dyck",
+                                                         "--task", "code", "--seeds", "0", "--threads", "1",
+                                                         "--no-report", "--out", "{tmp}/rep", "--results",
+                                                         "{tmp}/docs/R.md"), 2,
+         ("no recipe is for task 'code'; the recipes' tasks: dyck",), setup=("dyck_recipe",),
+         absent=("rep", "docs"), not_words=("families: \n",), fresh_cache=True),
+    Case("analyze-recipe-per-head-resid-svd", ("analyze", "{tmp}/r.toml", "--threads", "1", "--no-report", "--out",
+                                               "{tmp}/new"), 2,
+         ("per_head does not apply to resid-svd: it has no heads to place a proxy on (it targets layers, resid)",),
+         setup=("per_head_resid_svd_recipe",), absent=("new",), not_words=("does not take heads",),
+         fresh_cache=True),
+    # a column the task's positions lack (dyck has no category): refused once the splits are read, before the fit
+    *[Case(f"analyze-{option[2:]}-a-column-the-task-lacks{'-json' * bool(json)}",
+           ("analyze", "dyck", "--simplify", "svd", "--rank", "2", option, "category", *FAST, "--out", "{tmp}/new",
+            *json), 2,
+           (f"cannot {doing} 'category': the scored positions have no such meta column (they have depth,",),
+           absent=("new",))
+      for option, doing in (("--by", "break down by"), ("--match", "match on")) for json in ((), ("--json",))],
+    Case("analyze-default-k-above-the-width", ("analyze", "dyck", "--simplify", "sae", "--width", "8", "--model",
+                                               "{model}", "--threads", "1", "--out", "{tmp}/new"), 2,
+         ("--top-k must be in 1..8 (the dictionary width), got 16 (its default); set it to at most 8, or make the "
+          "dictionary at least 16 wide",), absent=("new",), fresh_cache=True),
     Case("analyze-width-1e9", ("analyze", "dyck", "--simplify", "sae", "--width", "1000000000", "--sae-steps", "5",
                                *FAST, "--out", "{tmp}/new"), 2,
          ("a dictionary of width 1,000,000,000", "the width can be at most"), absent=("new",)),
@@ -1026,3 +1073,21 @@ def test_fit_n_beyond_memory_is_one_line_before_collecting(env, tmp_path, monkey
     assert "fit on fewer sequences (fit_n at most about" in lines[0]
     assert collected == [1], collected  # only the one-sequence probe ran
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("option", ["--by", "--match"])
+def test_a_column_the_task_lacks_is_refused_before_the_fit(env, tmp_path, monkeypatch, option):
+    """--by category / --match category on dyck (whose positions have no category): one line once the splits are
+    read; nothing is fitted or evaluated (the engine is never reached)."""
+    from illusions.analyses import engine
+
+    measured = []
+    monkeypatch.setattr(engine, "measure", lambda *a, **kw: measured.append(1))
+    shutil.copytree(env.root / "model", tmp_path / "model")
+    argv = _fill(("analyze", "dyck", "--simplify", "svd", "--rank", "2", option, "category", *FAST, "--out",
+                  "{tmp}/new"), tmp_path, env.root)
+    result = CliRunner().invoke(app, argv, env={"ILLUSIONS_CACHE": str(env.root / "cache")})
+    assert result.exit_code == 2, (result.output, repr(result.exception))
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "'category': the scored positions have no such meta column" in lines[0], result.stderr
+    assert measured == [] and result.stdout == "" and not (tmp_path / "new").exists()

@@ -224,7 +224,8 @@ def test_cli_writes_results_and_refuses_bad_input(env, tmp_path):
         (["--recipes", str(tmp_path / "nope")], "recipe folder"),
         (["--recipes", str(own), "--seeds", "x"], "--seeds must be comma-separated integers"),
         (["--recipes", str(own), "--seeds", "3"], "no checkpoint of task 'dyck' for seed(s) 3"),
-        (["--recipes", str(own), "--task", "code"], "no recipe in"),
+        (["--recipes", str(own), "--task", "code"], "no recipe is for task 'code'; the recipes' tasks: dyck"),
+        (["--recipes", str(own), "--task", "code", "--family", "dyck"], "no recipe is for task 'code'"),
         (["--recipes", str(own), "--family", "nope"], "no bundled model family 'nope' for these recipes; families: dyck"),
     ]:
         bad = runner.invoke(app, ["reproduce", *args, "--out", str(tmp_path / "bad"),

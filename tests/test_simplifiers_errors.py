@@ -118,8 +118,10 @@ def test_make_simplifier_by_name():
         ("svd", {"targets": {"head": [1]}}, r"unknown Targets key\(s\) head"),
         ("kmeans", {"centered": False}, r"unknown KMeans key\(s\) centered"),
         ("onehot", {"rank": 3}, r"unknown OneHot key\(s\) rank; known keys: targets"),
-        ("onehot", {"qk": "q"}, r"onehot does not take qk \(its targets are layers, heads\)"),
-        ("resid-svd", {"heads": (1,)}, r"resid-svd does not take heads \(its targets are layers, resid\)"),
+        ("onehot", {"qk": "q"}, r"onehot does not take qk \(it targets layers, heads\)"),
+        ("resid-svd", {"heads": (1,)}, r"resid-svd does not take heads \(it targets layers, resid\)"),
+        ("circuit", {"layers": (0,), "keep": ("L1H0",)},
+         r"circuit does not take layers \(it targets no layers, heads, queries/keys or residual hook\)"),
     ],
 )
 def test_make_simplifier_errors(name, params, message):

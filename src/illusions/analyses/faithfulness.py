@@ -572,6 +572,16 @@ class _Setup:
         )
 
 
+# The meta column every record carries beside its split's own: the length of the position's sequence.
+SEQ_LEN = "seq_len"
+
+
+def record_meta_columns(split: Split) -> set[str]:
+    """The meta columns the records of ``split``'s scored positions carry (its own and :data:`SEQ_LEN`),
+    known before anything is evaluated."""
+    return {*split.scored.meta, SEQ_LEN}
+
+
 @dataclasses.dataclass
 class _Clean:
     """One batch's clean pass: what every proxy is compared against."""
@@ -638,7 +648,7 @@ def _proxy_part(model: LensModel, split: Split, batch: Any, setup: _Setup, j: in
         "proxy_pred": restricted_argmax(proxy_logits, candidates).cpu().numpy(),
         "attention_jsd": jsd.cpu().numpy(),
         "kl": kl.cpu().numpy(),
-        "meta:seq_len": split.lengths[batch.rows[sc.seq]],
+        f"meta:{SEQ_LEN}": split.lengths[batch.rows[sc.seq]],
         **{f"meta:{k}": v for k, v in sc.meta.items()},
         **{f"warn:{k}": v for k, v in setup.collectors[j].gather(clean.seq, clean.pos).items()},
         **{f"down:{k}": v for k, v in down.items()},

@@ -23,7 +23,7 @@ import csv
 import dataclasses
 import io
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +187,7 @@ def _custom_task_and_model(spec: AnalysisSpec, task_cls: Any, device: Any = "cpu
 
 def run_analysis(spec: AnalysisSpec, *, progress: Callable[[str, int, int], None] | None = None,
                  device: Any = "cpu", allow_tf32: bool = False,
-                 evaluated: Callable[[Any], None] | None = None) -> RunResult:
+                 evaluated: Callable[[Any], None] | None = None, by: Sequence[str] = ()) -> RunResult:
     """Load, fit, evaluate and summarise: the whole analysis for one spec.
 
     ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``, ``auto`` or a ``torch.device``) is where the
@@ -195,7 +195,9 @@ def run_analysis(spec: AnalysisSpec, *, progress: Callable[[str, int, int], None
     the CPU for the summary. It is not part of the spec: the run records it in ``runtime``.
     ``allow_tf32`` lets CUDA run float32 matmuls in TF32 (see :mod:`illusions.devices`).
     ``evaluated(result)`` is called once every split is evaluated, before the summary, with the
-    :class:`~illusions.analyses.faithfulness.AnalysisResult`.
+    :class:`~illusions.analyses.faithfulness.AnalysisResult`. ``by`` names meta columns the caller will
+    show a breakdown by (the CLI's ``--by``; not part of the spec): like ``spec.match``'s, each must be a
+    column of the evaluated splits' scored positions, checked once the splits are read, before the fit.
     """
     from illusions.devices import describe_device, matmul_precision, resolve_device
 
@@ -204,7 +206,7 @@ def run_analysis(spec: AnalysisSpec, *, progress: Callable[[str, int, int], None
                              "illusions.analyses.checkpoints.run_over_checkpoints (`illusions sweep --over-checkpoints`)")
     where = resolve_device(device)
     with matmul_precision(where, allow_tf32):
-        run = _run_on(spec, where, progress, evaluated)
+        run = _run_on(spec, where, progress, evaluated, by)
     run.runtime = {"device": describe_device(where), "allow_tf32": bool(allow_tf32) and where.type == "cuda"}
     return run
 
@@ -230,8 +232,10 @@ def out_of_memory_as_error(spec: AnalysisSpec) -> Iterator[None]:
 
 
 def _run_on(spec: AnalysisSpec, device: Any, progress: Callable[[str, int, int], None] | None,
-            evaluated: Callable[[Any], None] | None = None) -> RunResult:
+            evaluated: Callable[[Any], None] | None = None, by: Sequence[str] = ()) -> RunResult:
     from illusions.analyses.engine import measure
+    from illusions.analyses.faithfulness import record_meta_columns
+    from illusions.analyses.summary import check_meta_columns
 
     spec = resolve_spec_layers(spec)  # -1 -> the last layer's index, checked before any weight loads
     task, model, source, desc = load_task_and_model(spec, device=device)
@@ -243,6 +247,10 @@ def _run_on(spec: AnalysisSpec, device: Any, progress: Callable[[str, int, int],
     unknown = [s for s in eval_splits if s not in splits]
     if unknown:
         raise IllusionsError(f"unknown split(s) {', '.join(unknown)}; {spec.task} splits: {', '.join(splits)}")
+    # A column the positions lack is refused now, not after the fit and the evaluation.
+    have = [record_meta_columns(splits[s]) for s in eval_splits]
+    check_meta_columns(spec.match, have, "match on")
+    check_meta_columns(by, have, "break down by")
     task_meta = task.meta()
     names = {"category": task_meta["categories"]} if "categories" in task_meta else {}
     names.update(task_meta.get("group_names") or {})

@@ -223,6 +223,8 @@ class AnalysisSpec(Config):
         if unknown:
             raise InvalidOption("breakdowns", f"has unknown value(s) {', '.join(unknown)}; known: {', '.join(BREAKDOWNS)}")
         self._check_match(custom)
+        from illusions.simplifiers.base import targets_read
+
         cls = registry.get_simplifier(self.simplifier)
         swept_field = SWEEP_FIELDS.get(cls.sweep_param)
         for name in SWEPT_FIELDS:
@@ -236,8 +238,11 @@ class AnalysisSpec(Config):
                 raise InvalidOption(name, f"does not apply to {self.simplifier}")
         for name, key in TARGET_FIELDS.items():
             if key not in cls.target_keys and getattr(self, name) != default[name]:
-                raise InvalidOption(name, f"does not apply to {self.simplifier} (it targets "
-                                    f"{', '.join(cls.target_keys)})")
+                raise InvalidOption(name, f"does not apply to {self.simplifier} ({targets_read(cls.target_keys)})")
+        if self.per_head and "heads" not in cls.target_keys:
+            # Checked here: per_head_simplifiers would otherwise place heads on it once the model loads.
+            raise InvalidOption("per_head", f"does not apply to {self.simplifier}: it has no heads to place a proxy "
+                                f"on ({targets_read(cls.target_keys)})")
         try:
             _ = self.simplifiers  # built once, here: the method's own range checks, before any model is loaded
         except InvalidOption as exc:

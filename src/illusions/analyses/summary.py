@@ -297,6 +297,19 @@ def _matrix(rec: Records) -> np.ndarray:
     return np.stack([per[m] for m in METRICS], axis=1) if len(rec) else np.zeros((0, len(METRICS)))
 
 
+def check_meta_columns(columns: Sequence[str], have: Sequence[set[str]], doing: str) -> None:
+    """Refuse a column of ``columns`` (``length`` aside: every position has one) that the meta columns of
+    some split's scored positions (``have``, one set per split) lack, saying what the positions have:
+    ``cannot {doing} 'x': the scored positions have no such meta column (they have ...)``."""
+    from illusions.errors import IllusionsError
+
+    for col in columns:
+        if col != "length" and any(col not in h for h in have):
+            known = sorted(set().union(*have)) if have else []
+            raise IllusionsError(f"cannot {doing} {col!r}: the scored positions have no such meta column "
+                                 f"(they have {', '.join(known) or 'none'})")
+
+
 class _Strata:
     """Codes positions by the bins of the matched columns: one integer per column and position
     (discrete columns by value, ``length`` and the other columns by the bin of ``edges`` they fall in)."""
@@ -307,13 +320,7 @@ class _Strata:
         self.edges = edges
 
     def check(self, records: Sequence[Records]) -> None:
-        from illusions.errors import IllusionsError
-
-        for col in self.columns:
-            if col != "length" and any(col not in r.meta for r in records):
-                have = sorted(set().union(*(r.meta for r in records))) if records else []
-                raise IllusionsError(f"cannot match on {col!r}: the scored positions have no such meta column "
-                                     f"(they have {', '.join(have) or 'none'})")
+        check_meta_columns(self.columns, [set(r.meta) for r in records], "match on")
 
     def codes(self, rec: Records) -> np.ndarray:
         """``[n, n_columns]`` int64 codes of the positions' strata."""

@@ -332,7 +332,7 @@ def _run(spec: Any, out: Path | None, as_json: bool, by: str | None, threads: in
         # stops walking it (a full collection took 0.3-0.4 s here).
         gc.freeze()
 
-    run = _with_progress(spec, as_json, local_device(device), allow_tf32, evaluated=evaluated)
+    run = _with_progress(spec, as_json, local_device(device), allow_tf32, evaluated=evaluated, by=by)
     extra = None
     if report:
         from illusions.reports import write_report_files
@@ -435,15 +435,16 @@ def _on_slurm(spec: Any, out: Path, report: bool, threads: int, device: str, all
 
 
 def _with_progress(spec: Any, quiet: bool, device: str = "cpu", allow_tf32: bool = False,
-                   evaluated: Any = None) -> Any:
+                   evaluated: Any = None, by: str | None = None) -> Any:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from illusions.analyses.run import run_analysis
 
     console = Console(stderr=True)
+    shown = (by,) if by else ()  # --by: a column the positions lack is refused before the fit
     if quiet or not console.is_terminal:
-        return run_analysis(spec, device=device, allow_tf32=allow_tf32, evaluated=evaluated)
+        return run_analysis(spec, device=device, allow_tf32=allow_tf32, evaluated=evaluated, by=shown)
     # The split count joins the description once it is known, so the bar never reads "0/None".
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
                   transient=True) as bar:
@@ -453,7 +454,8 @@ def _with_progress(spec: Any, quiet: bool, device: str = "cpu", allow_tf32: bool
             text = f"evaluating {stage} ({done}/{total} splits)" if stage != "done" else "summarising"
             bar.update(tid, description=text, completed=done, total=total)
 
-        return run_analysis(spec, progress=progress, device=device, allow_tf32=allow_tf32, evaluated=evaluated)
+        return run_analysis(spec, progress=progress, device=device, allow_tf32=allow_tf32, evaluated=evaluated,
+                            by=shown)
 
 
 def _define(name: str, sweep: bool, doc: str) -> None:

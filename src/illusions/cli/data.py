@@ -144,7 +144,11 @@ def _make_task(task: str, options: dict[str, Any], shared: dict[str, Any], cache
             raise IllusionsError(f"{', '.join(given)} can only be used with the {owner.name} task")
         overrides.update({opt.name: options.get(opt.name) for opt in owner.data_options if opt.config_field})
     config = _config(task_cls, overrides)
-    return task_cls(config, cache_dir=cache_dir) if cache_dir is not None else task_cls(config)
+    if cache_dir is None:
+        return task_cls(config)
+    if not task_cls.takes_cache_dir:
+        raise IllusionsError(f"task {task_cls.name!r} keeps no cache on disk; --cache-dir does not apply to it")
+    return task_cls(config, cache_dir=cache_dir)
 
 
 def _split_stats(t: Any, splits: dict[str, Any], sampling: dict[str, Any]) -> dict[str, dict[str, Any]]:

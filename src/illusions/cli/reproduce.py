@@ -67,7 +67,9 @@ def reproduce(
     all_recipes = load_recipes(recipes)
     planned = plan(all_recipes, out, seeds=seed_list, tasks=task, families=family)
     if not planned:
-        fail(f"no recipe in {recipes} matches --task {', '.join(task or [])}")
+        # plan refuses a task no recipe is for: here no shipped checkpoint fits the recipes it kept.
+        of_task = f" for --task {', '.join(task)}" if task else ""
+        fail(f"the recipes in {recipes}{of_task} give no run on the shipped checkpoints")
     if jobs < 1:
         fail(f"--jobs must be at least 1, got {jobs}")
     check_outputs(planned, out, results, force=force, overwrite=overwrite,

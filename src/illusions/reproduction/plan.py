@@ -126,8 +126,12 @@ def plan(
     A recipe that names its own ``model`` runs on that model only, as seed 0 of its task's family.
 
     Raises:
-        IllusionsError: a seed or family that no recipe's task ships, or a checkpoints recipe.
+        IllusionsError: a task no recipe is for, a seed or family that no recipe's task ships, or a
+            checkpoints recipe.
     """
+    if tasks and not any(r.spec.task in tasks for r in recipes):
+        raise IllusionsError(f"no recipe is for task {', '.join(map(repr, tasks))}; the recipes' tasks: "
+                             f"{', '.join(sorted({r.spec.task for r in recipes}))}")
     jobs = []
     models: dict[str, dict[int, Path]] = {}
     # The package's own checkpoints go into specs by catalogue name (read once here).

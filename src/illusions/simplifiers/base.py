@@ -164,8 +164,7 @@ class SimplifierConfig(Config):
         unread = [key for key in ("layers", "heads", "qk", "resid")
                   if key not in self.target_keys and getattr(targets, key) != getattr(default, key)]
         if unread:
-            raise IllusionsError(f"{self.name} does not take {', '.join(unread)} (its targets are "
-                                 f"{', '.join(self.target_keys)})")
+            raise IllusionsError(f"{self.name} does not take {', '.join(unread)} ({targets_read(self.target_keys)})")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str | None = None) -> Self:
@@ -184,6 +183,12 @@ class SimplifierConfig(Config):
             "resid": targets.resid,
         }
         return params
+
+
+def targets_read(keys: tuple[str, ...]) -> str:
+    """What a message says a simplifier targets, from its ``target_keys``: ``it targets layers, heads``,
+    or for a method that reads none (circuit names whole components instead) a sentence that is not empty."""
+    return f"it targets {', '.join(keys)}" if keys else "it targets no layers, heads, queries/keys or residual hook"
 
 
 def check_positive(value: int, what: str, upper: int | None = None, upper_is: str = "") -> None:

@@ -231,6 +231,9 @@ class DataSupport:
     #: What a split's length counts, for the ``data`` table's caption ("len: length in <unit>").
     length_unit: ClassVar[str] = "tokens"
 
+    #: Whether the constructor takes ``cache_dir`` (the folder its splits are cached in); ``data --cache-dir``
+    #: is refused for a task that does not.
+    takes_cache_dir: ClassVar[bool] = False
     #: Where the splits are cached (None: not cached on disk).
     cache_path: Any = None
 

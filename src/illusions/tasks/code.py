@@ -166,6 +166,7 @@ class CodeTask(DataSupport):
         DataOption("corpus", str, "'machine' (this machine's Python stdlib, JDK src.zip, npm) or a CodeSearchNet JSONL "
                    "file or folder (.jsonl / .jsonl.gz); default: the pinned corpus shipped with illusions."),
     )
+    takes_cache_dir: ClassVar[bool] = True
 
     def __init__(self, config: CodeConfig | None = None, *, cache_dir: Path | str | None = None) -> None:
         self.config = config if config is not None else CodeConfig()

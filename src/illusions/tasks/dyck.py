@@ -177,6 +177,7 @@ class DyckTask(DataSupport):
         DataOption("min_distance", int, "Score closers at least this far from their opener (1: every closer)."),
     )
     length_unit: ClassVar[str] = "brackets"
+    takes_cache_dir: ClassVar[bool] = True
 
     def __init__(self, config: DyckConfig = DyckConfig(), *, cache_dir: Path | None = None) -> None:
         if not isinstance(config, DyckConfig):
