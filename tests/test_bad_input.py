@@ -258,30 +258,33 @@ def _deep_config(tmp: Path, env: Env) -> None:
 
 def _link_to_run(tmp: Path, env: Env) -> None:
     (tmp / "link").symlink_to(tmp / "run", target_is_directory=True)
+
+
 ANALYSIS_TABLE = '[analysis]\ntask = "dyck"\nsimplifier = "onehot"\nfit_n = 50\nn_boot = 20\nmax_seqs = 20\n'
 
 
+def _write_recipe(tmp: Path, text: str) -> None:
+    """An analysis recipe of ``text`` on the tiny model, as ``{tmp}/recipes/r.toml`` and ``{tmp}/r.toml``."""
+    text += f"model = {json.dumps(str(tmp / 'model'))}\n"
+    (tmp / "recipes").mkdir()
+    (tmp / "recipes" / "r.toml").write_text(text)
+    (tmp / "r.toml").write_text(text)
+
+
 def _recipe_named(name: str) -> Callable[[Path, Env], None]:
-    """An analysis recipe ``{tmp}/recipes/r.toml`` (also ``{tmp}/r.toml``) whose name is ``name``."""
+    """An analysis recipe (:func:`_write_recipe`) whose name is ``name``."""
 
     def setup(tmp: Path, env: Env) -> None:
-        text = f"name = {json.dumps(name.format(tmp=tmp))}\n{ANALYSIS_TABLE}model = {json.dumps(str(tmp / 'model'))}\n"
-        (tmp / "recipes").mkdir()
-        (tmp / "recipes" / "r.toml").write_text(text)
-        (tmp / "r.toml").write_text(text)
+        _write_recipe(tmp, f"name = {json.dumps(name.format(tmp=tmp))}\n{ANALYSIS_TABLE}")
 
     return setup
 
 
 def _analysis_recipe(table: str) -> Callable[[Path, Env], None]:
-    """An analysis recipe of ``table`` (an ``[analysis]`` table) on the tiny model: ``{tmp}/recipes/r.toml``
-    and ``{tmp}/r.toml``."""
+    """An analysis recipe (:func:`_write_recipe`) of ``table`` (an ``[analysis]`` table)."""
 
     def setup(tmp: Path, env: Env) -> None:
-        text = f"{table}model = {json.dumps(str(tmp / 'model'))}\n"
-        (tmp / "recipes").mkdir()
-        (tmp / "recipes" / "r.toml").write_text(text)
-        (tmp / "r.toml").write_text(text)
+        _write_recipe(tmp, table)
 
     return setup
 
