@@ -78,8 +78,8 @@ json.dump({"calls": calls, "cfg": cfg}, open(folder + "/calls.json", "w"))
 
 # The bare loop: the recorded passes, plainly, in a fresh process.
 BARE = r"""
-import json, os, sys, warnings
-from illusions.devices import cpu_use, other_cores
+import json, sys, warnings
+from illusions.devices import cpu_use, free_cores
 started = cpu_use()
 import numpy as np
 import torch
@@ -88,10 +88,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from safetensors.torch import load_file
 folder, threads = sys.argv[1], sys.argv[2]
 # "auto": the main job's default rule (illusions.cli.app.auto_threads), the free cores, at most 2.
-cores = len(os.sched_getaffinity(0))
-busy = other_cores(started)
-busy = os.getloadavg()[0] if busy is None else busy
-torch.set_num_threads(max(1, min(2, cores, int(cores - busy + 0.5))) if threads == "auto" else int(threads))
+torch.set_num_threads(free_cores(started, 2) if threads == "auto" else int(threads))
 record = json.load(open(folder + "/calls.json"))
 known = HookedTransformerConfig.__dataclass_fields__
 cfg = HookedTransformerConfig(**{k: v for k, v in record["cfg"].items() if k in known and k != "seed"})
@@ -150,7 +147,7 @@ def main() -> None:
     if "a" in args.parts:
         record = out / "record"
         record.mkdir()
-        subprocess.run([sys.executable, "-c", RECORD, str(record), json.dumps(main_job[3:-1] + [str(record / "run")])],
+        subprocess.run([sys.executable, "-c", RECORD, str(record), json.dumps(main_job[len(ILLUSIONS):-1] + [str(record / "run")])],
                        check=True, env=env, stdout=subprocess.DEVNULL)
         calls = json.loads((record / "calls.json").read_text())["calls"]
         bare_threads = "auto" if auto else str(int(args.threads))

@@ -127,6 +127,24 @@ def other_cores(since: CpuUse, now: CpuUse | None = None) -> float | None:
     return max(0.0, (now.busy - since.busy - (now.own - since.own)) / window)
 
 
+def free_cores(since: CpuUse | None, cap: int) -> int:
+    """Threads that fit the free cores: the cores this process may run on (``os.sched_getaffinity``)
+    less those other processes kept busy since ``since`` (:func:`other_cores`), rounded, at least 1 and
+    at most ``cap``. Without that reading (``since`` None, not Linux, too short a window), the 1-minute
+    load average stands in for the busy cores."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    busy = other_cores(since) if since is not None else None
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            busy = 0.0
+    return max(1, min(cap, cores, int(cores - busy + 0.5)))
+
+
 def check_device_name(name: str) -> str:
     """The normalised device name, checked for spelling only (not whether this machine has it).
 

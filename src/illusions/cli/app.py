@@ -11,7 +11,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import typer
 
 from illusions import __version__
-from illusions.devices import CpuUse, cpu_use, other_cores
+from illusions.devices import CpuUse, cpu_use, free_cores
 from illusions.errors import IllusionsError
 
 app = typer.Typer(
@@ -126,19 +126,7 @@ def auto_threads(cap: int = MAX_AUTO_THREADS) -> int:
     average lags by about a minute both ways: a job started right after another saw a load of 1 on
     idle cores, and a job started beside a process that had just begun saw none.
     """
-    import os
-
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    busy = other_cores(_started) if _started is not None else None
-    if busy is None:
-        try:
-            busy = os.getloadavg()[0]
-        except (AttributeError, OSError):
-            busy = 0.0
-    return max(1, min(cap, cores, int(cores - busy + 0.5)))
+    return free_cores(_started, cap)
 
 
 def set_threads(threads: int | None) -> int:

@@ -228,7 +228,7 @@ def data(
     err = Console(stderr=True)
     out = Console(highlight=False)
     cached = t.is_cached()
-    if not cached and getattr(t, "cache_dir", None) is not None:
+    if not cached and t.takes_cache_dir:
         from illusions.io import check_creatable
 
         check_creatable(t.cache_dir)  # the cache is what this command makes: refuse before building

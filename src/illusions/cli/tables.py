@@ -393,7 +393,7 @@ def print_circuits(run: Any, console: Console | None = None) -> None:
             continue
         threshold, agreement = search["threshold"], search["agreement"]
         shown = _beside(agreement, threshold)
-        if search.get("reached", agreement >= threshold):  # a proxy saved before "reached" was recorded
+        if agreement >= threshold:
             console.print(f"[dim]found by greedy pruning on {search['data']}: agreement with the model "
                           f"{shown} >= {threshold} (tried last layer first, MLP before heads, heads from the "
                           "highest index)[/dim]")

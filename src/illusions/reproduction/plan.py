@@ -129,7 +129,8 @@ def plan(
         IllusionsError: a task no recipe is for, a seed or family that no recipe's task ships, or a
             checkpoints recipe.
     """
-    if tasks and not any(r.spec.task in tasks for r in recipes):
+    chosen = [r for r in recipes if not tasks or r.spec.task in tasks]
+    if not chosen:
         raise IllusionsError(f"no recipe is for task {', '.join(map(repr, tasks))}; the recipes' tasks: "
                              f"{', '.join(sorted({r.spec.task for r in recipes}))}")
     jobs = []
@@ -137,10 +138,8 @@ def plan(
     # The package's own checkpoints go into specs by catalogue name (read once here).
     bundled_names = {(m.family, m.seed): m.name for m in catalogue(assets).values()} if Path(assets) == ASSETS else {}
     matched_families: set[str] = set()
-    for recipe in recipes:
+    for recipe in chosen:
         spec = recipe.spec
-        if tasks and spec.task not in tasks:
-            continue
         if spec.checkpoints:
             raise IllusionsError(f"recipe {recipe.source} analyses training checkpoints ({spec.checkpoints}); "
                                  f"run it with `illusions sweep {recipe.source}`, or set over_training = true "
@@ -186,7 +185,7 @@ def plan(
                                 Path(out) / run_folder(recipe.name, family, seed, spec.task), family))
     unknown = [f for f in families or () if f not in matched_families]
     if unknown:
-        known = sorted({f for r in recipes if not tasks or r.spec.task in tasks
+        known = sorted({f for r in chosen
                         for f in ([r.spec.task] if r.spec.model else task_families(r.spec.task, assets))})
         raise IllusionsError(f"no bundled model family {', '.join(map(repr, unknown))} for these recipes; "
                              f"families: {', '.join(known)}")
