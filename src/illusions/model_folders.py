@@ -490,6 +490,8 @@ def _gemma2_fields(hf: Any, arch: str) -> dict[str, Any]:
 # optional ones).
 _LLAMA_SIZES = (("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers",
                  "max_position_embeddings", "vocab_size"), ("num_key_value_heads", "head_dim"))
+# Mistral, Qwen2 and Gemma 2 also read their sliding window.
+_WINDOWED_SIZES = (_LLAMA_SIZES[0], (*_LLAMA_SIZES[1], "sliding_window"))
 # The Hugging Face architectures illusions reads (config.json "architectures"[0]), each with all it needs
 # of it, in the order messages list them.
 HF_ARCHITECTURES: dict[str, HFArchitecture] = {
@@ -502,14 +504,14 @@ HF_ARCHITECTURES: dict[str, HFArchitecture] = {
     "LlamaForCausalLM": HFArchitecture("llama", "LlamaConfig", "convert_llama_weights", _LLAMA_SIZES, _llama_fields),
     "MistralForCausalLM": HFArchitecture(
         "mistral", "MistralConfig", "convert_mistral_weights",
-        (_LLAMA_SIZES[0], (*_LLAMA_SIZES[1], "sliding_window")), _mistral_fields),
+        _WINDOWED_SIZES, _mistral_fields),
     "Qwen2ForCausalLM": HFArchitecture(
         "qwen2", "Qwen2Config", "convert_qwen2_weights",
-        (_LLAMA_SIZES[0], (*_LLAMA_SIZES[1], "sliding_window")), _qwen2_fields),
+        _WINDOWED_SIZES, _qwen2_fields),
     "GemmaForCausalLM": HFArchitecture("gemma", "GemmaConfig", "convert_gemma_weights", _LLAMA_SIZES, _gemma_fields),
     "Gemma2ForCausalLM": HFArchitecture(
         "gemma2", "Gemma2Config", "convert_gemma_weights",
-        (_LLAMA_SIZES[0], (*_LLAMA_SIZES[1], "sliding_window", "query_pre_attn_scalar")), _gemma2_fields),
+        (_WINDOWED_SIZES[0], (*_WINDOWED_SIZES[1], "query_pre_attn_scalar")), _gemma2_fields),
 }
 
 

@@ -340,9 +340,7 @@ class ZeroAblation:
     def of(cls, hooks: Sequence[Any]) -> ZeroAblation | None:
         """The zero ablation of a proxy's dictionary ``hooks`` (:func:`dictionary_hooks`; the engine passes
         :attr:`CleanPassStats.groups`, already found), None for a proxy without any."""
-        # Heads as a tuple: equal ablations are equal keys (the evaluation runs each once per batch).
-        return cls(tuple(ZeroHook(h.hook_name, None if h.heads is None else tuple(h.heads)) for h in hooks)
-                   ) if hooks else None
+        return cls(tuple(ZeroHook(h.hook_name, h.heads) for h in hooks)) if hooks else None
 
     @property
     def fwd_hooks(self) -> list[tuple[str, Any]]:

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from illusions.analyses.faithfulness import METRICS, AnalysisResult, Records, sweep_param
+from illusions.analyses.faithfulness import METRICS, SEQ_LEN, AnalysisResult, Records, sweep_param
 from illusions.analyses.sparse import downstream_estimates, downstream_gaps, downstream_replicates
 from illusions.analyses.sparse import estimates as sparse_estimates
 from illusions.analyses.spec import BREAKDOWNS
@@ -72,7 +72,7 @@ def bin_labels(edges: np.ndarray) -> list[str]:
 
 
 def _length(rec: Records) -> np.ndarray:
-    return rec.meta["length"] if "length" in rec.meta else rec.meta["seq_len"]
+    return rec.meta["length"] if "length" in rec.meta else rec.meta[SEQ_LEN]
 
 
 def _resampler(split: str, n_seqs: int, seed: int, n_boot: int, level: float) -> Resampler:
@@ -285,9 +285,7 @@ def _overall_rows(base: dict[str, Any], points: np.ndarray, lo: np.ndarray, hi: 
     for k, metric in enumerate(METRICS):
         row = {**base, "metric": metric, "value": points[k], "ci_low": lo[k], "ci_high": hi[k],
                "n_positions": n_positions, "n_sequences": n_sequences}
-        row = _no_interval({**row, **{name: float(v[k]) if np.ndim(v) else v for name, v in gaps.items()}})
-        extra = {f: row[f] for f in CONTROL_FIELDS if f in row}
-        out.append({**_complete(row), **{f: v.item() if isinstance(v, np.generic) else v for f, v in extra.items()}})
+        out.append(_complete({**row, **{name: float(v[k]) if np.ndim(v) else v for name, v in gaps.items()}}))
     return out
 
 
@@ -409,13 +407,18 @@ def _gap_interval(sampler: Resampler, reps: np.ndarray, ref: _Reference) -> tupl
 
 
 def _complete(row: dict[str, Any]) -> dict[str, Any]:
-    """Every field present (NaN / "" where not applicable), numpy scalars as plain Python values, and
-    no interval from fewer than :data:`~illusions.metrics.MIN_INTERVAL_SEQS` sequences (:func:`_no_interval`)."""
+    """Every field present (NaN / "" where not applicable), then the matched control's fields the row
+    has (overall rows with a ``match`` control), numpy scalars as plain Python values, and no interval
+    from fewer than :data:`~illusions.metrics.MIN_INTERVAL_SEQS` sequences (:func:`_no_interval`)."""
     row = _no_interval(row)
     out = {}
     for field in ROW_FIELDS:
         value = row.get(field, float("nan") if field not in ("param", "param_value") else "")
         out[field] = value.item() if isinstance(value, np.generic) else value
+    for field in CONTROL_FIELDS:
+        if field in row:
+            value = row[field]
+            out[field] = value.item() if isinstance(value, np.generic) else value
     return out
 
 

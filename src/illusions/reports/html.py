@@ -181,13 +181,12 @@ def _estimates_table(cell: dict[tuple[str, str, str], dict[str, Any]], splits: S
     """The table of ``keys``' estimates with intervals, a row per proxy and split that has a ``count``
     row (whose ``n_positions`` fills the ``count_label`` column), and those (proxy, split) pairs; an
     empty table when there is none."""
-    many = len(proxies) > 1
-    lead = ["proxy"] if many else []
+    lead = ["proxy"] if len(proxies) > 1 else []
     pairs = [(proxy, split) for proxy in proxies for split in splits if cell.get((proxy, split, count)) is not None]
-    body = [([esc(proxy)] if many else []) + [esc(split), str(int(cell[(proxy, split, count)]["n_positions"]))]
-            + [fmt_ci(cell.get((proxy, split, k)) or {}, metric(k).decimals) for k in keys] for proxy, split in pairs]
-    if not body:
+    if not pairs:
         return "", pairs
+    body = [([esc(proxy)] if lead else []) + [esc(split), str(int(cell[(proxy, split, count)]["n_positions"]))]
+            + [fmt_ci(cell.get((proxy, split, k)) or {}, metric(k).decimals) for k in keys] for proxy, split in pairs]
     return _table(lead + ["split", count_label, *(metric(k).header for k in keys)], body, left=len(lead) + 1), pairs
 
 

@@ -191,9 +191,9 @@ def targets_read(keys: tuple[str, ...]) -> str:
     return f"it targets {', '.join(keys)}" if keys else "it targets no layers, heads, queries/keys or residual hook"
 
 
-def check_positive(value: int, what: str, upper: int | None = None, upper_is: str = "") -> None:
+def check_positive(value: int, what: str, upper: int | None = None, upper_is: str = "", hint: str = "") -> None:
     """Raise unless ``1 <= value`` (and ``value <= upper`` when given), stating the valid range
-    (and what the upper end is, ``upper_is``).
+    (and what the upper end is, ``upper_is``), then ``hint`` when it is out of range.
 
     The error is an :class:`InvalidOption` naming ``what``, the parameter, so that the analysis spec
     and the CLI can name the option or flag the user set.
@@ -202,7 +202,7 @@ def check_positive(value: int, what: str, upper: int | None = None, upper_is: st
         raise InvalidOption(what, f"must be an integer, got {value!r}")
     if value < 1 or (upper is not None and value > upper):
         valid = f"be in 1..{upper}{f' ({upper_is})' if upper_is else ''}" if upper is not None else "be at least 1"
-        raise InvalidOption(what, f"must {valid}, got {value}")
+        raise InvalidOption(what, f"must {valid}, got {value}{hint}")
 
 
 def qk_hook_name(layer: int, side: str) -> str:

@@ -222,9 +222,9 @@ class ResidKMeans(SimplifierConfig):
         inertia = {}
         fit = None
         for name in resid_hook_names(model, targets):
-            fit = fits[(name, None)].fit
-            hooks.append(CentroidHook(hook_name=name, heads=None, centroids=fit.centroids,
-                                      spread=fits[(name, None)].spread))
+            clusters = fits[(name, None)]
+            fit = clusters.fit
+            hooks.append(CentroidHook(hook_name=name, heads=None, centroids=fit.centroids, spread=clusters.spread))
             inertia[name] = fit.inertia
         assert fit is not None
         return Proxy(

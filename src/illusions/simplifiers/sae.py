@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
-from illusions.errors import IllusionsError, InvalidOption
+from illusions.errors import IllusionsError
 from illusions.simplifiers import streaming
 from illusions.simplifiers.base import (
     Proxy,
@@ -162,12 +162,10 @@ class _Dictionary(SimplifierConfig):
             self._check_saved_kind()  # fail before any work when there is nothing (fitting) to load
             return
         if self.architecture == "topk":
-            if self.top_k == defaults["top_k"] and self.width < self.top_k:
-                # Nothing tells the default from the same value given: say it may be the default.
-                raise InvalidOption("top_k", f"must be in 1..{self.width} (the dictionary width), got {self.top_k} "
-                                    f"(its default); set it to at most {self.width}, or make the dictionary at "
-                                    f"least {self.top_k} wide")
-            check_positive(self.top_k, "top_k", self.width, "the dictionary width")
+            # Nothing tells the default from the same value given: say it may be the default.
+            default = (f" (its default); set it to at most {self.width}, or make the dictionary at least "
+                       f"{self.top_k} wide") if self.top_k == defaults["top_k"] else ""
+            check_positive(self.top_k, "top_k", self.width, "the dictionary width", hint=default)
             if self.l1 != defaults["l1"]:
                 raise IllusionsError(f"l1 is the sparsity coefficient of standard and jumprelu; topk's sparsity is "
                                      f"top_k (got l1={self.l1})")

@@ -88,7 +88,7 @@ def pca(x: Float[Tensor, "n d"], *, centered: bool = True) -> PCAFit:
     n, d = x.shape
     # On x's device (the CPU for MPS, which has no float64); the fit comes back on x's device.
     device = float64_device(x.device)
-    mean = _mean(x, device, _CHUNK) if centered else torch.zeros(d, dtype=torch.float64, device=device)
+    mean = _mean(x, device, _CHUNK, centered)
     scatter = torch.zeros(d, d, dtype=torch.float64, device=device)
     for start in range(0, n, _CHUNK):
         chunk = x[start : start + _CHUNK].to(device, torch.float64) - mean
@@ -124,7 +124,7 @@ class ScatterStats:
         d = x.shape[1]
         rows = max(1, _STREAM_CHUNK // d)  # a float64 chunk of at most 8 MB whatever the width
         if self.shift is None:
-            self.shift = _mean(x, device, rows) if self.centered else torch.zeros(d, dtype=torch.float64, device=device)
+            self.shift = _mean(x, device, rows, self.centered)
             self.total = torch.zeros(d, dtype=torch.float64, device=device)
             self.scatter = torch.zeros(d, d, dtype=torch.float64, device=device)
             self.like = x.new_zeros(0)  # its device only: a view (x[:0]) would keep the whole batch alive
@@ -143,10 +143,12 @@ class ScatterStats:
         return _decompose(scatter, self.shift + offset if self.centered else self.shift, self.n, self.like)
 
 
-def _mean(x: Float[Tensor, "n d"], device: torch.device, rows: int) -> Float[Tensor, " d"]:
+def _mean(x: Float[Tensor, "n d"], device: torch.device, rows: int, centered: bool = True) -> Float[Tensor, " d"]:
     """The float64 mean of the rows of ``x`` on ``device``, summed ``rows`` rows at a time (a float64 copy
-    of one chunk at most)."""
+    of one chunk at most); zeros when not ``centered``."""
     mean = torch.zeros(x.shape[1], dtype=torch.float64, device=device)
+    if not centered:
+        return mean
     for start in range(0, x.shape[0], rows):
         mean += x[start : start + rows].to(device, torch.float64).sum(0)
     mean /= x.shape[0]

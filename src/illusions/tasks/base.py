@@ -155,15 +155,6 @@ def id_problem(
     return None
 
 
-def split_id_problem(split: Split, vocab_size: int) -> str | None:
-    """:func:`id_problem` of a split held in memory (reads all its arrays)."""
-    arrays = {"tokens": split.tokens, "lengths": split.lengths, "seq": split.scored.seq,
-              "pos": split.scored.pos, "target": split.scored.target}
-    ranges = {k: (int(v.min()), int(v.max())) for k, v in arrays.items() if v.size}
-    return id_problem(split.name, ranges, n_rows=split.tokens.shape[0], width=split.tokens.shape[1],
-                      vocab_size=vocab_size)
-
-
 @runtime_checkable
 class Task(Protocol):
     """A task: vocabulary, splits and scoring.
